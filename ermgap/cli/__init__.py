@@ -1,0 +1,1 @@
+"""The `ermgap` command line: thin wrappers over the library API."""

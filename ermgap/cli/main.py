@@ -1,0 +1,52 @@
+"""Entry point: assembles the command groups. Each group lives in its own module under ermgap/cli/."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+from rich.console import Console
+
+from ermgap.errors import ErmgapError
+
+app = typer.Typer(
+    name="ermgap",
+    help="Fairness-aware (ERM-MinMaxGAP) fine-tuning and evaluation of speech LLMs for emotion recognition.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# (module, attribute, name): a Typer sub-app registered as a group, or a function registered as a command.
+_GROUPS: list[tuple[str, str, str]] = [
+    ("ermgap.cli.config_cmd", "app", "config"),
+]
+_COMMANDS: list[tuple[str, str, str]] = []
+
+for module, attr, name in _GROUPS:
+    app.add_typer(getattr(importlib.import_module(module), attr), name=name)
+for module, attr, name in _COMMANDS:
+    app.command(name=name)(getattr(importlib.import_module(module), attr))
+
+
+def main() -> None:
+    """Run the CLI; user errors are printed as one clear message with a non-zero exit."""
+    try:
+        app(standalone_mode=False)
+    except ErmgapError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as err:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

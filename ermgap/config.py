@@ -1,0 +1,304 @@
+"""One typed config tree for a training run, loaded from YAML with dotted-key overrides.
+
+Paper defaults (section 3.2) are the defaults. Every value is validated at load time;
+errors name the file, the dotted key and what is allowed.
+
+    cfg = load_config("configs/tiny.yaml", ["objective.p=1", "lambda.eta=0.25"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ermgap.errors import ConfigError
+from ermgap.labels import EMOTIONS
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class DataConfig(_Section):
+    manifest: str = Field("data/synth/manifest.csv", description="Canonical manifest CSV (see `ermgap data validate`).")
+    modality: Literal["uni", "multi"] = Field("uni", description="uni: speech + instruction; multi: + ground-truth transcript.")
+    languages: list[str] | None = Field(None, description="Restrict to these language codes (default: all in the manifest).")
+    sample_rate: int = Field(16000, gt=0, description="Audio is resampled to this rate (Hz).")
+    max_audio_s: float | None = Field(None, gt=0, description="Crop audio longer than this (default: the feature extractor's window).")
+    num_loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray Train worker.")
+
+
+class ModelConfig(_Section):
+    name_or_path: str = Field("Qwen/Qwen2-Audio-7B-Instruct", description="Hub id or local directory of a Qwen2-Audio checkpoint.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
+
+
+DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling alpha.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_LORA_TARGETS),
+                                      description="Module-name suffixes in the language model to adapt.")
+    train_audio_encoder: bool = Field(False, description="Also adapt the audio encoder (frozen by default).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("must list at least one module name")
+        return v
+
+
+class PromptConfig(_Section):
+    instruction: str = Field(
+        "Recognize the emotion of the speaker in the audio. Answer with exactly one of: {labels}.",
+        description="Task instruction; {labels} is replaced by the comma-separated label list.")
+    multimodal_instruction: str = Field(
+        "Recognize the emotion of the speaker in the audio. The transcript is: \"{transcript}\". "
+        "Answer with exactly one of: {labels}.",
+        description="Instruction for multimodal input; {transcript} and {labels} are filled in.")
+    verbalizers: dict[str, str] = Field(default_factory=lambda: {e: e for e in EMOTIONS},
+                                        description="Emotion -> answer string the model is trained to produce.")
+
+    @field_validator("verbalizers")
+    @classmethod
+    def _all_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        missing = [e for e in EMOTIONS if e not in v]
+        extra = [k for k in v if k not in EMOTIONS]
+        if missing or extra:
+            raise ValueError(f"must map exactly the 7 emotions {list(EMOTIONS)}; missing {missing}, unknown {extra}")
+        if len(set(v.values())) != len(v):
+            raise ValueError("answer strings must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> PromptConfig:
+        if "{transcript}" not in self.multimodal_instruction:
+            raise ValueError("multimodal_instruction must contain {transcript}")
+        return self
+
+
+class ObjectiveConfig(_Section):
+    p: float = Field(2.0, gt=0, description="Exponent of the worst-language gap (paper: 1 or 2).")
+    stratum: Literal["language", "language_modality"] = Field("language", description="Group within which the gender gap is measured.")
+
+
+class LambdaConfig(_Section):
+    mode: Literal["adaptive", "fixed"] = Field("adaptive", description="adaptive: Lagrangian update after each dev evaluation; fixed: λ stays at init.")
+    init: float = Field(0.0, ge=0, description="λ0.")
+    eta: float = Field(0.5, ge=0, description="Update rate η.")
+    epsilon: float = Field(0.02, ge=0, description="Target tolerance ε for the dev gap.")
+    lam_max: float = Field(10.0, ge=0, description="Upper clip λmax.")
+    dev_gap: Literal["loss_gap", "avg_metric_gap"] = Field("loss_gap", description="Which dev gap drives the update (loss units or AVG metric gap as a fraction).")
+
+    @model_validator(mode="after")
+    def _init_le_max(self) -> LambdaConfig:
+        if self.mode == "adaptive" and self.init > self.lam_max:
+            raise ValueError(f"init ({self.init}) must not exceed lam_max ({self.lam_max})")
+        return self
+
+
+class OptimConfig(_Section):
+    lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    epochs: int = Field(20, gt=0, description="Maximum epochs.")
+    effective_batch_size: int = Field(64, gt=0, description="Global batch per optimizer step = micro × accumulation × workers.")
+    micro_batch_size: int = Field(4, gt=0, description="Per-worker micro-batch.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warm-up.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Learning-rate schedule after warm-up.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping (0 disables).")
+    seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
+
+
+class EvalConfig(_Section):
+    every_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps (default: once per epoch).")
+    patience: int = Field(5, ge=0, description="Early-stopping patience in evaluations (0 disables).")
+    metric: str = Field("w_f1", description="Dev metric for early stopping and best checkpoint.")
+    metric_mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better.")
+    predict: Literal["score", "generate"] = Field("score", description="Label scoring or free generation for predictions.")
+    batch_size: int = Field(8, gt=0, description="Per-worker evaluation batch size.")
+
+
+class DistributedConfig(_Section):
+    num_workers: int = Field(2, gt=0, description="Ray Train workers.")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db).")
+    experiment: str = Field("ermgap", description="MLflow experiment name.")
+    run_name: str | None = Field(None, description="MLflow run name (default: generated).")
+    storage_path: str = Field("runs/ray", description="Ray Train/Tune storage (local dir, or s3:// / gs:// / NFS on a cluster).")
+
+
+class RunConfig(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
+    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
+    lam: LambdaConfig = Field(default_factory=LambdaConfig, alias="lambda")
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> RunConfig:
+        per_step = self.optim.micro_batch_size * self.distributed.num_workers
+        if self.optim.effective_batch_size % per_step:
+            raise ValueError(
+                f"optim.effective_batch_size ({self.optim.effective_batch_size}) must be divisible by "
+                f"optim.micro_batch_size × distributed.num_workers ({self.optim.micro_batch_size} × "
+                f"{self.distributed.num_workers} = {per_step})")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.optim.effective_batch_size // (self.optim.micro_batch_size * self.distributed.num_workers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict with YAML key names (`lambda`, not `lam`)."""
+        return self.model_dump(mode="json", by_alias=True)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_scalar(text: str) -> Any:
+    """Parse an override value with YAML rules (`1` → int, `true` → bool, `[a, b]` → list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        keys.append(key)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_known_keys(ann, key + "."))
+    return keys
+
+
+def _did_you_mean(key: str, model: type[BaseModel]) -> str:
+    close = difflib.get_close_matches(key, _known_keys(model), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str], *, source: str = "command line") -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides to a nested dict (in place) and return it."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{source}: override '{item}' must look like key=value (e.g. objective.p=1)")
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"{source}: override '{item}' has an empty key")
+        set_dotted(tree, key, _parse_scalar(raw))
+    return tree
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{key}': '{part}' is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_errors(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+    lines = [f"{source}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
+    for e in err.errors():
+        key = ".".join(str(x) for x in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key{_did_you_mean(key, model)}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def validate_tree(tree: dict[str, Any], source: str, model: type[BaseModel] = RunConfig) -> Any:
+    try:
+        return model.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source, model)) from None
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    if tree is None:
+        return {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load and validate a run config; relative `data.manifest` stays relative to the CWD."""
+    tree = read_yaml(path) if path is not None else {}
+    source = str(path) if path is not None else "<defaults>"
+    if overrides:
+        apply_overrides(tree, overrides, source=f"{source} (overrides)")
+        source = f"{source} + overrides"
+    return validate_tree(tree, source)
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    return validate_tree(dict(tree), source)
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} → {'a.b': 1}; lists are kept as values (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def default_tracking_uri(cfg: RunConfig) -> str:
+    """Config value, then $MLFLOW_TRACKING_URI, then a sqlite store under ./runs."""
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path('runs/mlflow.db').resolve()}"

@@ -1,0 +1,29 @@
+"""User-facing errors. The CLI prints their message (no traceback) and exits non-zero."""
+
+from __future__ import annotations
+
+
+class ErmgapError(Exception):
+    """Base class: an error caused by the user's input, with a message that says what to fix."""
+
+    exit_code = 2
+
+
+class ConfigError(ErmgapError):
+    """A config or sweep spec is invalid (names the file, the dotted key and what is allowed)."""
+
+
+class ManifestError(ErmgapError):
+    """A manifest or audio file is invalid (names the file, row and column)."""
+
+
+class PredictionsError(ErmgapError):
+    """A predictions CSV is invalid (names the file, row and column)."""
+
+
+class OutputExistsError(ErmgapError):
+    """Refusing to overwrite an existing result without --force."""
+
+
+class TrainingError(ErmgapError):
+    """Training cannot continue (NaN loss, missing checkpoint, ...)."""
