@@ -1,0 +1,71 @@
+# ermgap — set-up, tests and the demo. `make demo` and `make test` work on a fresh Debian machine.
+#
+#   make setup   venv + pinned torch + package + DeepSpeed + system packages (idempotent; seconds when done)
+#   make test    setup, then the test suite
+#   make demo    setup, synthetic corpus + tiny model (cached), the ERM vs ERM-MinMaxGAP demo sweep
+#   make bench   all benchmarks (prints ratios; JSON in bench/results/)
+
+PYTHON     ?= python3
+VENV       ?= .venv
+# Override for CUDA machines, e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+TORCH_SPEC ?= torch==2.13.0
+DEEPSPEED_SPEC ?= deepspeed==0.19.8
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+STAMP       := $(VENV)/.ermgap-setup
+PYTEST_ARGS ?=
+
+# Commands the project needs from Debian: espeak-ng (the synthetic corpus), sox (audio tools),
+# chromium (the MLflow UI screenshot test; optional for non-root users).
+REQUIRED_CMDS := espeak-ng sox
+OPTIONAL_CMDS := chromium
+
+.PHONY: setup system-deps test demo bench clean-demo help
+
+help:
+	@sed -n '1,8p' Makefile
+
+setup: system-deps $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q $(TORCH_SPEC)
+	# DeepSpeed's build imports torch, so it goes after torch and without build isolation.
+	$(PIP) install -q --no-build-isolation $(DEEPSPEED_SPEC)
+	$(PIP) install -q -e '.[dev]'
+	$(PY) -c "import torch, ray, deepspeed, transformers, peft, mlflow; print('ermgap setup ok: torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"
+	@touch $(STAMP)
+
+system-deps:
+	@missing=""; for c in $(REQUIRED_CMDS) $(OPTIONAL_CMDS); do command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing system packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+		for c in $(REQUIRED_CMDS); do case " $$missing " in *" $$c "*) \
+			echo "error: '$$c' is missing; install it as root: apt-get install -y$$missing" >&2; exit 1;; esac; done; \
+		echo "note: optional '$$missing' missing (the MLflow UI screenshot test will be skipped): apt-get install -y$$missing" >&2; \
+	fi
+
+test: setup
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+DEMO_CORPUS := data/synth/manifest.csv
+DEMO_MODEL  := models/tiny/config.json
+
+$(DEMO_CORPUS): | setup
+	$(VENV)/bin/ermgap data synth --out data/synth
+
+$(DEMO_MODEL): | setup
+	$(VENV)/bin/ermgap model tiny --out models/tiny
+
+demo: setup $(DEMO_CORPUS) $(DEMO_MODEL)
+	$(VENV)/bin/ermgap sweep sweeps/demo.yaml
+
+bench: setup
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean-demo:
+	rm -rf data/synth models/tiny runs

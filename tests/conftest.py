@@ -1,0 +1,42 @@
+"""Shared, session-scoped fixtures: a small synthetic corpus and a tiny Qwen2-Audio, built once per test run.
+
+Both are expensive enough (espeak-ng synthesis, tokenizer training) that every area reuses them.
+Tests must not modify them; copy first if you need to mutate.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+# Keep Ray, tokenizers and BLAS from oversubscribing the 2 cores CI has.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory) -> Path:
+    """A small biased synthetic corpus (manifest path); deu-F prosody partly neutralised."""
+    from ermgap.data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("corpus") / "synth"
+    return synthesize(out, per_cell=4, bias={("deu", "F"): 0.7}, seed=0, lexical_cue_rate=0.0, workers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny randomly initialised Qwen2-Audio saved in the standard layout (directory path)."""
+    from ermgap.model import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
