@@ -302,3 +302,24 @@ def default_tracking_uri(cfg: RunConfig) -> str:
     if env:
         return env
     return f"sqlite:///{Path('runs/mlflow.db').resolve()}"
+
+
+def reference_markdown(model: type[BaseModel] = RunConfig, prefix: str = "") -> str:
+    """A Markdown table of every config key with its default and description (the README's config reference)."""
+    rows: list[str] = []
+    if not prefix:
+        rows += ["| key | default | description |", "| --- | --- | --- |"]
+    instance = model()
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append(reference_markdown(ann, key + "."))
+            continue
+        default = getattr(instance, name)
+        shown = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | `{shown}` | {desc} |")
+    return "\n".join(rows)

@@ -24,3 +24,11 @@ def show(
 def defaults() -> None:
     """Print the default config (the paper's hyperparameters)."""
     typer.echo(dump_yaml(load_config(None)), nl=False)
+
+
+@app.command("reference")
+def reference() -> None:
+    """Print every config key with its default and description, as Markdown."""
+    from ermgap.config import reference_markdown
+
+    typer.echo(reference_markdown())
