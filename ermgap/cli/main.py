@@ -22,7 +22,9 @@ app = typer.Typer(
 _GROUPS: list[tuple[str, str, str]] = [
     ("ermgap.cli.config_cmd", "app", "config"),
 ]
-_COMMANDS: list[tuple[str, str, str]] = []
+_COMMANDS: list[tuple[str, str, str]] = [
+    ("ermgap.cli.metrics_cmd", "metrics", "metrics"),
+]
 
 for module, attr, name in _GROUPS:
     app.add_typer(getattr(importlib.import_module(module), attr), name=name)
