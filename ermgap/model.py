@@ -1,0 +1,232 @@
+"""The speech-LLM backbone: Qwen2-Audio loading, LoRA wrapping, and tiny / random-weight builders.
+
+One loading path for everything: `load_backbone` calls `from_pretrained` on a hub id
+(`Qwen/Qwen2-Audio-7B-Instruct`) or on a local directory — including the tiny model that
+`build_tiny` writes in the standard layout (config, safetensors, tokenizer, feature extractor,
+processor with the Instruct chat template).
+
+Losses and label scores live in `ermgap.scoring` and are re-exported here
+(`per_sample_loss`, `score_labels`, `generate`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ermgap.config import LoraConfig, ModelConfig
+from ermgap.errors import ConfigError
+from ermgap.io import atomic_dir
+from ermgap.scoring import generate, per_sample_loss, score_labels  # noqa: F401  (re-exported API)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
+
+# Qwen2-Audio-7B(-Instruct), written out from the public config.json (they equal transformers'
+# Qwen2AudioConfig defaults for the encoder; the text side is Qwen-7B: MHA, 11008 MLP, 156032 vocab).
+QWEN2_AUDIO_7B: dict[str, Any] = {
+    "audio_config": {"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+                     "num_mel_bins": 128, "max_source_positions": 1500, "activation_function": "gelu",
+                     "scale_embedding": False},
+    "text_config": {"vocab_size": 156032, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                    "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 8192,
+                    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                    "hidden_act": "silu"},
+    "audio_token_index": 151646,
+}
+ARCHS = {"qwen2-audio-7b": QWEN2_AUDIO_7B}
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """`auto` → bf16 on CUDA, fp32 elsewhere (CPU bf16 matmuls are slow and lossy for training)."""
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_backbone(model_cfg: ModelConfig, *, device: str | torch.device = "cpu"):
+    """Load (Qwen2AudioForConditionalGeneration, processor) from a hub id or a local directory.
+
+    The model is returned in eval mode on `device` in the configured dtype; with
+    `gradient_checkpointing` it is enabled (non-reentrant, so frozen inputs need no grad hooks).
+    """
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    src = model_cfg.name_or_path
+    local = Path(src).expanduser()
+    looks_local = src.startswith((".", "/", "~")) or src.count("/") != 1
+    if local.exists() or looks_local:
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {src} is not a saved Qwen2-Audio model directory (no config.json); "
+                              "build a local one with `ermgap model tiny --out DIR`")
+        path = str(local)
+    else:
+        path = src  # a hub id such as Qwen/Qwen2-Audio-7B-Instruct
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(
+            path, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+    except OSError as err:
+        raise ConfigError(f"model.name_or_path: cannot load {src!r}: {err}") from None
+    model.to(device)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.eval()
+    return model, processor
+
+
+def lora_target_regex(lora_cfg: LoraConfig) -> str:
+    """A peft `target_modules` regex matching the given projection names in the language model only.
+
+    The Whisper-style audio encoder also has q_proj/k_proj/v_proj; a bare suffix list would adapt it too.
+    """
+    towers = "language_model|audio_tower" if lora_cfg.train_audio_encoder else "language_model"
+    names = "|".join(sorted(set(lora_cfg.target_modules)))
+    return rf".*\.({towers})\..*\.({names})$"
+
+
+def apply_lora(model, lora_cfg: LoraConfig):
+    """Wrap with peft LoRA; only the LoRA matrices require grad. Seed torch before calling for a fixed init."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                              target_modules=lora_target_regex(lora_cfg), bias="none")
+    try:
+        wrapped = get_peft_model(model, peft_cfg)
+    except ValueError as err:
+        raise ConfigError(f"lora.target_modules {lora_cfg.target_modules}: {err}") from None
+    return wrapped
+
+
+def load_adapter(model, adapter_dir: str | os.PathLike, *, trainable: bool = False):
+    """Attach a saved peft adapter (plain `PeftModel.from_pretrained`)."""
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter_dir}: no adapter_config.json; not a peft adapter directory")
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def count_parameters(model) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+# --------------------------------------------------------------------------- tiny local model
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny BPE is trained on: chat scaffolding, instructions, labels, synonyms, sample sentences."""
+    from ermgap.config import PromptConfig
+    from ermgap.labels import EMOTIONS
+    from ermgap.prompts import SYNONYMS
+
+    pc = PromptConfig()
+    labels = ", ".join(EMOTIONS)
+    lines = ["system\nYou are a helpful assistant.\n", "user\nAudio 1: \n", "assistant\n",
+             pc.instruction.format(labels=labels),
+             pc.multimodal_instruction.format(labels=labels, transcript="I can't believe it, this is great news.")]
+    lines += list(EMOTIONS) + [s for forms in SYNONYMS.values() for s in forms]
+    lines += [
+        "The weather is nice today.", "I did not expect to see you here.", "Please close the door.",
+        "We are going to the station tomorrow morning.", "What time is it?", "That is not what I said.",
+        "Das Wetter ist heute schön.", "Ich habe dich hier nicht erwartet.", "Bitte schließ die Tür.",
+        "Wir fahren morgen früh zum Bahnhof.", "Wie spät ist es?", "Das habe ich nicht gesagt.",
+        "今日はいい天気ですね。", "ここで会うとは思わなかった。", "ドアを閉めてください。",
+        "明日の朝、駅に行きます。", "今何時ですか？", "そんなことは言っていない。",
+    ]
+    return lines * 4
+
+
+def _build_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE with Qwen2's pre-tokenizer, trained locally, wrapped as transformers' Qwen2Tokenizer."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    state = json.loads(tok.to_str())
+    vocab = state["model"]["vocab"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["model"]["merges"]]
+    qtok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, eos_token="<|im_end|>",
+                          pad_token="<|endoftext|>", errors="replace",
+                          additional_special_tokens=SPECIAL_TOKENS[1:])
+    qtok.model_max_length = 2048
+    return qtok
+
+
+def tiny_config(vocab_size: int, audio_token_index: int, *, d_model: int = 128, layers: int = 2,
+                max_source_positions: int = 200):
+    """Qwen2-Audio in miniature: same module structure, 4 s audio window (2×max_source_positions mel frames)."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2Config
+
+    audio = Qwen2AudioEncoderConfig(d_model=d_model, encoder_layers=layers, encoder_attention_heads=4,
+                                    encoder_ffn_dim=2 * d_model, num_mel_bins=128,
+                                    max_source_positions=max_source_positions)
+    text = Qwen2Config(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, tie_word_embeddings=False, rope_theta=10000.0)
+    return Qwen2AudioConfig(audio_config=audio, text_config=text, audio_token_index=audio_token_index)
+
+
+def build_tiny(out_dir: str | os.PathLike, *, force: bool = False, seed: int = 0, d_model: int = 128,
+               layers: int = 2, chunk_length_s: int = 4) -> Path:
+    """Build and save a tiny randomly initialised Qwen2-Audio (model, tokenizer, feature extractor, processor).
+
+    Deterministic given `seed`. The audio window is `chunk_length_s` seconds (the real model: 30 s);
+    longer audio is cropped by the feature extractor. Returns `out_dir`.
+    """
+    from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
+
+    tokenizer = _build_tokenizer()
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=chunk_length_s,
+                                 n_fft=400, padding_value=0.0, return_attention_mask=True)
+    # 100 mel frames per second; the encoder's conv stride 2 → max_source_positions = 50 per second.
+    cfg = tiny_config(len(tokenizer), tokenizer.convert_tokens_to_ids("<|AUDIO|>"), d_model=d_model, layers=layers,
+                      max_source_positions=50 * chunk_length_s)
+    cfg.text_config.pad_token_id = tokenizer.pad_token_id
+    cfg.text_config.eos_token_id = tokenizer.eos_token_id
+    torch.manual_seed(seed)
+    model = Qwen2AudioForConditionalGeneration(cfg)
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tokenizer)
+    with atomic_dir(out_dir, force=force) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def build_random(arch: str = "qwen2-audio-7b", *, device: str | torch.device = "meta",
+                 dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa"):
+    """The real architecture with random weights (no download). `device="meta"` allocates nothing."""
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    if arch not in ARCHS:
+        raise ConfigError(f"--arch {arch!r} is unknown; choose one of {sorted(ARCHS)}")
+    cfg = Qwen2AudioConfig(**ARCHS[arch])
+    cfg._attn_implementation = attn_implementation
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2AudioForConditionalGeneration(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return model

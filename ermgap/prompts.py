@@ -1,0 +1,153 @@
+"""Prompts, label verbalisers and free-text answer parsing (paper section 3.3).
+
+Unimodal input is speech + task instruction; multimodal adds the ground-truth transcript.
+Prompts go through the processor's chat template (the real Qwen2-Audio-Instruct template), so
+the same code serves the tiny local model and the 7B checkpoint:
+
+    <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n
+    <|im_start|>user\\nAudio 1: <|audio_bos|><|AUDIO|><|audio_eos|>\\n{instruction}<|im_end|>\\n
+    <|im_start|>assistant\\n
+
+The answer the model is trained to produce (and that label scoring scores) is the verbaliser's
+token sequence followed by the end-of-turn token `<|im_end|>`. The terminator is what makes
+scoring well defined when one answer string is a prefix of another ("sad" / "sadness").
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Any
+
+from ermgap.config import PromptConfig
+from ermgap.errors import ConfigError
+from ermgap.labels import EMOTIONS, INVALID
+
+END_OF_TURN = "<|im_end|>"
+
+
+def label_list(prompt_cfg: PromptConfig) -> str:
+    """The answer strings in EMOTIONS order, comma-separated (what `{labels}` expands to)."""
+    return ", ".join(prompt_cfg.verbalizers[e] for e in EMOTIONS)
+
+
+def instruction_text(prompt_cfg: PromptConfig, modality: str, transcript: str | None = None) -> str:
+    """The user instruction for one utterance; multimodal needs a non-empty transcript."""
+    if modality == "uni":
+        return prompt_cfg.instruction.format(labels=label_list(prompt_cfg))
+    if modality == "multi":
+        if transcript is None or not str(transcript).strip():
+            raise ConfigError("multimodal prompts need a transcript, but this utterance has an empty one")
+        return prompt_cfg.multimodal_instruction.format(labels=label_list(prompt_cfg), transcript=str(transcript).strip())
+    raise ConfigError(f"modality must be 'uni' or 'multi', got {modality!r}")
+
+
+def chat_messages(prompt_cfg: PromptConfig, modality: str, transcript: str | None = None) -> list[dict[str, Any]]:
+    """One user turn: the audio placeholder, then the instruction (the order Qwen2-Audio-Instruct was tuned on)."""
+    return [{"role": "user", "content": [
+        {"type": "audio", "audio": "<audio>"},
+        {"type": "text", "text": instruction_text(prompt_cfg, modality, transcript)},
+    ]}]
+
+
+def prompt_text(processor, prompt_cfg: PromptConfig, modality: str, transcript: str | None = None) -> str:
+    """The chat-templated prompt ending with the assistant header, with ONE `<|AUDIO|>` placeholder."""
+    return processor.apply_chat_template(chat_messages(prompt_cfg, modality, transcript),
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def label_token_ids(tokenizer, prompt_cfg: PromptConfig, *, terminator: bool = True) -> list[list[int]]:
+    """Answer token ids per emotion (EMOTIONS order); with `terminator`, `<|im_end|>` is appended.
+
+    Raises ConfigError when a verbaliser tokenizes to nothing, or when one label's sequence is a
+    prefix of another's (with the terminator this only happens for identical tokenizations).
+    """
+    seqs: list[list[int]] = []
+    end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN) if terminator else None
+    if terminator and (end_id is None or end_id == tokenizer.unk_token_id):
+        raise ConfigError(f"the tokenizer has no {END_OF_TURN} token; this is not a Qwen2-Audio chat tokenizer")
+    for emotion in EMOTIONS:
+        ids = list(tokenizer(prompt_cfg.verbalizers[emotion], add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ConfigError(f"prompt.verbalizers.{emotion}: the answer string tokenizes to no tokens")
+        seqs.append(ids + ([end_id] if terminator else []))
+    check_no_prefix(seqs, prompt_cfg)
+    return seqs
+
+
+def check_no_prefix(seqs: list[list[int]], prompt_cfg: PromptConfig) -> None:
+    """ConfigError naming the two labels when one token sequence is a prefix of (or equal to) another."""
+    for i, a in enumerate(seqs):
+        for j, b in enumerate(seqs):
+            if i != j and len(a) <= len(b) and b[: len(a)] == a:
+                ea, eb = EMOTIONS[i], EMOTIONS[j]
+                raise ConfigError(
+                    f"prompt.verbalizers: the answer for '{ea}' ({prompt_cfg.verbalizers[ea]!r}, tokens {a}) is a "
+                    f"prefix of the answer for '{eb}' ({prompt_cfg.verbalizers[eb]!r}, tokens {b}); label scoring "
+                    f"could not tell them apart. Choose answer strings that differ in their tokens.")
+
+
+# --------------------------------------------------------------------------- free-text answers
+
+# Lower-cased surface forms per emotion in English, German and Japanese (stems where inflection varies).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "neutral": ("neutral", "neutrality", "calm", "no emotion", "neutrale", "neutraler", "ruhig", "sachlich",
+                "keine emotion", "中立", "ニュートラル", "平静", "普通", "無感情", "感情なし"),
+    "joy": ("joy", "happy", "happiness", "joyful", "glad", "delighted", "cheerful", "excited", "freude", "fröhlich",
+            "froh", "glücklich", "glück", "heiter", "喜び", "喜", "嬉しい", "うれしい", "嬉し", "楽しい", "幸せ", "幸福", "歓喜"),
+    "sadness": ("sadness", "sad", "unhappy", "sorrow", "depressed", "grief", "traurigkeit", "traurig", "trauer",
+                "betrübt", "悲しみ", "悲しい", "悲し", "悲", "哀しみ", "寂しい", "落ち込"),
+    "anger": ("anger", "angry", "mad", "furious", "annoyed", "irritated", "rage", "wut", "wütend", "ärger", "ärgerlich",
+              "verärgert", "zorn", "zornig", "怒り", "怒って", "怒", "腹立", "イライラ", "憤"),
+    "fear": ("fear", "afraid", "scared", "frightened", "anxious", "anxiety", "terrified", "angst", "ängstlich",
+             "furcht", "verängstigt", "恐怖", "怖い", "恐れ", "不安", "怯え", "こわい"),
+    "disgust": ("disgust", "disgusted", "disgusting", "revulsion", "ekel", "angeekelt", "ekelhaft", "abscheu",
+                "嫌悪", "嫌悪感", "気持ち悪い", "うんざり"),
+    "surprise": ("surprise", "surprised", "astonished", "amazed", "shocked", "überraschung", "überrascht", "erstaunt",
+                 "erstaunen", "驚き", "驚いて", "驚", "びっくり", "意外"),
+}
+# Negated mentions ("not happy", "nicht traurig") must not count as the label.
+_NEGATIONS = ("not ", "no ", "n't ", "nicht ", "kein ", "keine ", "weder ")
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff]")
+
+
+def _normalise(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+def _find_all(text: str, form: str) -> list[int]:
+    """Start offsets of `form` in `text`: word-bounded for Latin script, substring for Japanese."""
+    if _CJK.search(form):
+        return [m.start() for m in re.finditer(re.escape(form), text)]
+    return [m.start() for m in re.finditer(rf"(?<![\w]){re.escape(form)}(?![\w])", text)]
+
+
+def parse_answer(text: str | None, verbalizers: dict[str, str] | None = None) -> str:
+    """Map a free-text answer (en/de/ja) to an emotion, or INVALID.
+
+    Rules, in order: the whole answer (stripped of punctuation) is a label or a synonym; otherwise
+    the label mentioned FIRST in the text wins (negated mentions such as "not happy" are skipped).
+    Nothing recognisable → INVALID.
+    """
+    if text is None:
+        return INVALID
+    norm = _normalise(text).strip()
+    bare = norm.strip(" \t\n\r.,;:!?。、！？\"'「」『』()[]*")
+    table: dict[str, tuple[str, ...]] = {}
+    for emotion in EMOTIONS:
+        extra = (_normalise(verbalizers[emotion]),) if verbalizers else ()
+        table[emotion] = extra + SYNONYMS[emotion]
+    for emotion, forms in table.items():
+        if bare in forms:
+            return emotion
+    best: tuple[int, int, str] | None = None  # (offset, -length, emotion): earliest, then longest form
+    for emotion, forms in table.items():
+        for form in forms:
+            for start in _find_all(norm, form):
+                before = norm[max(0, start - 8):start]
+                if any(before.endswith(neg) for neg in _NEGATIONS):
+                    continue
+                key = (start, -len(form), emotion)
+                if best is None or key < best:
+                    best = key
+    return best[2] if best else INVALID

@@ -1,0 +1,90 @@
+"""Per-sample answer losses, label scoring and greedy generation on an EmotionCollator batch.
+
+See `ermgap.batching.EmotionCollator` for the batch layout. All functions accept the plain
+Qwen2AudioForConditionalGeneration, a peft wrapper of it, or anything whose forward takes the same
+keyword arguments (a DeepSpeed engine).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding (RoPE positions of real tokens start at 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def per_sample_loss(model, batch: dict) -> torch.Tensor:
+    """Mean cross-entropy over each example's answer tokens → Tensor[B] (grad flows to trainable params).
+
+    Uses `input_ids` / `attention_mask` / `labels` (right-padded; `labels` is -100 outside the answer)
+    and the audio features. Padding and prompt tokens never enter the loss.
+    """
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"],
+                use_cache=False)
+    labels = batch["labels"].to(out.logits.device)[:, 1:]
+    logits = out.logits[:, :-1]
+    keep = labels != IGNORE
+    # CE only where there is a target: the vocab-sized logits of prompt positions are never materialised twice.
+    token_ce = F.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=token_ce.dtype, device=token_ce.device).index_add(0, rows, token_ce)
+    counts = keep.sum(-1)
+    if bool((counts == 0).any()):
+        raise ValueError(f"{int((counts == 0).sum())} example(s) in the batch have no answer tokens (labels all -100)")
+    return sums / counts
+
+
+def score_labels(model, batch: dict) -> torch.Tensor:
+    """Log-likelihood of each label's answer tokens given the prompt → Tensor[B, num_labels].
+
+    One forward over the (left-padded) prompts with audio, whose KV cache is then repeated for
+    every label, and one forward over all B×K answer continuations. Each score is the SUM of the
+    answer tokens' log-probabilities (the terminator included). Call under torch.no_grad() in eval mode.
+    """
+    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    label_ids, label_mask = batch["label_input_ids"], batch["label_attention_mask"]
+    device = prompt_ids.device
+    label_ids, label_mask = label_ids.to(device), label_mask.to(device)
+    b, k = prompt_ids.shape[0], label_ids.shape[0]
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+                input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"],
+                use_cache=True)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: the answer's first token
+    scores = first[:, label_ids[:, 0]]  # [B, K]
+    if label_ids.shape[1] == 1:
+        return scores
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    if cache is None:
+        raise RuntimeError("score_labels needs the KV cache; call it with the model in eval mode "
+                           "(gradient checkpointing disables the cache in train mode)")
+    cache.batch_repeat_interleave(k)
+    cont_ids = label_ids[:, :-1].repeat(b, 1)  # [B*K, La-1], row b*K + j = label j of example b
+    cont_mask = label_mask[:, :-1].repeat(b, 1)
+    prompt_len = prompt_mask.long().sum(-1).repeat_interleave(k)  # [B*K]
+    positions = prompt_len[:, None] + torch.arange(cont_ids.shape[1], device=device)[None, :]
+    attn = torch.cat([prompt_mask.repeat_interleave(k, 0), cont_mask], dim=1)
+    out2 = model(input_ids=cont_ids, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True)
+    logp = torch.log_softmax(out2.logits.float(), dim=-1)  # [B*K, La-1, V]
+    targets = label_ids[:, 1:].repeat(b, 1)
+    tok = logp.gather(-1, targets[..., None])[..., 0] * label_mask[:, 1:].repeat(b, 1)
+    return scores + tok.sum(-1).view(b, k)
+
+
+def generate(model, batch: dict, tokenizer, *, max_new_tokens: int = 16) -> list[str]:
+    """Greedy decoding from the left-padded prompts; returns the decoded answers (special tokens removed)."""
+    prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+    end_ids = [i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id,
+                           tokenizer.pad_token_id} if i is not None]
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
+                         input_features=batch["input_features"],
+                         feature_attention_mask=batch["feature_attention_mask"],
+                         max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                         eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
+    new = out[:, prompt_ids.shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
