@@ -24,6 +24,8 @@ _GROUPS: list[tuple[str, str, str]] = [
 ]
 _COMMANDS: list[tuple[str, str, str]] = [
     ("ermgap.cli.metrics_cmd", "metrics", "metrics"),
+    ("ermgap.cli.sweep_cmd", "sweep", "sweep"),
+    ("ermgap.cli.sweep_cmd", "ui", "ui"),
 ]
 
 for module, attr, name in _GROUPS:

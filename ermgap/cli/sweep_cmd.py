@@ -1,0 +1,65 @@
+"""`ermgap sweep SPEC.yaml` (Ray Tune sweep, MLflow parent/child runs) and `ermgap ui` (MLflow UI)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from ermgap.errors import ConfigError
+
+_OVERRIDES_HELP = (
+    "Spec overrides: base.<config key>=V edits the base training config (e.g. base.optim.epochs=2); "
+    "space.<config key>=[a, b] replaces a search dimension (a list is a grid; or a mapping like {choice: [a, b]}); "
+    "variants.<name>.<config key>=V edits one variant; any other dotted spec key sets it "
+    "(e.g. max_concurrent_trials=1, scheduler.grace_period=2, seeds=[1,2]).")
+
+
+def sweep(
+    spec: Path = typer.Argument(..., help="Sweep spec YAML (see sweeps/)."),
+    overrides: list[str] = typer.Argument(None, help=_OVERRIDES_HELP),
+    address: str = typer.Option(None, "--address", help="Join this Ray cluster (default: start a local one on 127.0.0.1)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the sweep after its driver died; finished trials are kept."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and the resource plan; start nothing."),
+    force: bool = typer.Option(False, "--force", help="Delete a previous sweep of the same name and start over."),
+) -> None:
+    """Run a hyperparameter sweep: one Ray Train run per trial, a leaderboard and Pareto front at the end."""
+    from ermgap.sweep import run_sweep
+
+    run_sweep(spec, overrides=overrides or [], address=address, resume=resume, dry_run=dry_run, force=force)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def ui(
+    port: int = typer.Option(5000, "--port", help="Port of the MLflow UI."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; anything else exposes the UI)."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri",
+                                     help="Backend store (default: $MLFLOW_TRACKING_URI, then sqlite:///runs/mlflow.db)."),
+) -> None:
+    """Start the MLflow UI on the project's run store (Ctrl-C stops it)."""
+    from ermgap.config import RunConfig, default_tracking_uri
+
+    uri = tracking_uri or default_tracking_uri(RunConfig())
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise ConfigError(f"--tracking-uri {uri}: no MLflow store there yet (run `ermgap train` or `ermgap sweep` first)")
+    if not _is_loopback(host):
+        typer.secho(f"warning: binding {host} exposes the MLflow UI (no authentication) to the network; "
+                    "use the default 127.0.0.1 and an SSH tunnel unless you trust that network", err=True, fg="yellow")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    typer.echo(f"MLflow UI on http://{host}:{port}  (store {uri})")
+    try:
+        raise typer.Exit(subprocess.call(cmd, env=dict(os.environ)))
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
