@@ -1,0 +1,289 @@
+"""ermgap.metrics against independent oracles: fairlearn MetricFrame / scikit-learn per group, hand-computed cases."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+from fairlearn.metrics import MetricFrame, false_positive_rate, true_positive_rate
+from sklearn.metrics import accuracy_score, f1_score
+
+from ermgap.errors import PredictionsError
+from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES
+from ermgap.metrics import (
+    METRIC_KEYS,
+    bootstrap_ci,
+    compute_metrics,
+    confusion_by_gender,
+    encode,
+    metrics_from_counts,
+    paired_bootstrap,
+    pareto_front,
+    read_predictions,
+    validate_predictions,
+)
+
+
+def random_preds(n: int, seed: int, *, invalid_rate: float = 0.1, skill: float = 0.4) -> pd.DataFrame:
+    """Random predictions: correct with prob `skill`, otherwise a random label or (invalid_rate) 'invalid'."""
+    rng = np.random.default_rng(seed)
+    gold = rng.choice(EMOTIONS, n, p=[0.4, 0.15, 0.1, 0.1, 0.05, 0.05, 0.15])
+    pred = np.where(rng.random(n) < skill, gold, rng.choice(EMOTIONS, n))
+    pred = np.where(rng.random(n) < invalid_rate, "invalid", pred)
+    return pd.DataFrame({
+        "utt_id": [f"u{i:05d}" for i in range(n)],
+        "language": rng.choice(LANGUAGES, n),
+        "gender": rng.choice(GENDERS, n),
+        "gold": gold,
+        "pred": pred,
+    })
+
+
+def oracle(df: pd.DataFrame) -> dict[str, float]:
+    """The paper's metrics via fairlearn MetricFrame on the string labels (invalid = its own never-gold label)."""
+    y, p, g = df["gold"].to_numpy(), df["pred"].to_numpy(), df["gender"].to_numpy()
+    wf1 = functools.partial(f1_score, labels=list(EMOTIONS), average="weighted", zero_division=0)
+    frame = MetricFrame(metrics={"w_f1": wf1, "acc": accuracy_score}, y_true=y, y_pred=p, sensitive_features=g)
+    tpr_gaps, fpr_gaps = [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in EMOTIONS:
+            rates = MetricFrame(metrics={"tpr": true_positive_rate, "fpr": false_positive_rate},
+                                y_true=(y == c).astype(int), y_pred=(p == c).astype(int), sensitive_features=g)
+            diff = rates.difference(method="between_groups")
+            tpr_gaps.append(diff["tpr"])
+            fpr_gaps.append(diff["fpr"])
+    gaps = frame.difference(method="between_groups")
+    out = {
+        "w_f1": 100 * wf1(y, p),
+        "acc": 100 * accuracy_score(y, p),
+        "tpr_gap": 100 * np.mean(tpr_gaps),
+        "fpr_gap": 100 * np.mean(fpr_gaps),
+        "w_f1_gap": 100 * gaps["w_f1"],
+        "acc_gap": 100 * gaps["acc"],
+    }
+    out["avg_gap"] = np.mean([out["tpr_gap"], out["fpr_gap"], out["w_f1_gap"], out["acc_gap"]])
+    return out
+
+
+def counts_of(df: pd.DataFrame) -> np.ndarray:
+    """[2, 7, 8] confusion counts built with pandas crosstab (independent of the module's encoder)."""
+    out = np.zeros((2, 7, 8), dtype=np.int64)
+    cols = (*EMOTIONS, "invalid")
+    for gi, g in enumerate(GENDERS):
+        sub = df[df["gender"] == g]
+        tab = pd.crosstab(sub["gold"], sub["pred"]).reindex(index=list(EMOTIONS), columns=list(cols), fill_value=0)
+        out[gi] = tab.to_numpy()
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_match_fairlearn_overall_and_per_language(seed):
+    df = random_preds(1500, seed, invalid_rate=0.05 * seed)
+    got = compute_metrics(df)
+    for key, want in oracle(df).items():
+        assert got["overall"][key] == pytest.approx(want, abs=1e-9), key
+    for lang in LANGUAGES:
+        sub = df[df["language"] == lang]
+        block = got["per_language"][lang]
+        assert block["n"] == len(sub)
+        assert block["invalid_rate"] == pytest.approx(np.mean(sub["pred"] == "invalid"))
+        for key, want in oracle(sub).items():
+            assert block[key] == pytest.approx(want, abs=1e-9), (lang, key)
+    assert got["overall"]["tpr_classes"] == list(EMOTIONS)
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_vectorised_metrics_match_fairlearn(seed):
+    df = random_preds(800, seed)
+    got = metrics_from_counts(counts_of(df))
+    for key, want in oracle(df).items():
+        assert float(got[key]) == pytest.approx(want, abs=1e-9), key
+    # a stack of two subsets is computed elementwise
+    a, b = df.iloc[:400], df.iloc[400:]
+    stacked = metrics_from_counts(np.stack([counts_of(a), counts_of(b)]))
+    assert stacked["w_f1"] == pytest.approx([oracle(a)["w_f1"], oracle(b)["w_f1"]])
+
+
+def test_valid_false_counts_as_invalid():
+    df = random_preds(600, 5, invalid_rate=0.0, skill=0.9)
+    df["valid"] = ["false" if i % 5 == 0 else "true" for i in range(len(df))]
+    as_invalid = df.assign(pred=np.where(df["valid"] == "false", "invalid", df["pred"])).drop(columns="valid")
+    got = compute_metrics(validate_predictions(df))["overall"]
+    for key, want in oracle(as_invalid).items():
+        assert got[key] == pytest.approx(want, abs=1e-9), key
+    assert got["invalid_rate"] == pytest.approx(0.2)
+
+
+def test_hand_computed_case_with_class_missing_in_one_group():
+    # F: neutral→neutral, neutral→joy, joy→joy, sadness→invalid ; M: neutral→neutral, joy→neutral, joy→joy
+    rows = [("F", "neutral", "neutral"), ("F", "neutral", "joy"), ("F", "joy", "joy"), ("F", "sadness", "invalid"),
+            ("M", "neutral", "neutral"), ("M", "joy", "neutral"), ("M", "joy", "joy")]
+    df = pd.DataFrame([(f"u{i}", "eng", g, y, p) for i, (g, y, p) in enumerate(rows)],
+                      columns=["utt_id", "language", "gender", "gold", "pred"])
+    m = compute_metrics(df)["overall"]
+    # TPR: neutral F 1/2, M 1/1; joy F 1/1, M 1/2; sadness has no male positive → left out.
+    assert m["tpr_classes"] == ["neutral", "joy"]
+    assert m["tpr_gap"] == pytest.approx(100 * (0.5 + 0.5) / 2)
+    # FPR: negatives exist for all 7 classes in both groups.
+    # neutral: F 0/2, M 1/2; joy: F 1/3 (neutral→joy), M 0/1; all others 0 → mean of (1/2, 1/3, 0, 0, 0, 0, 0)
+    assert m["fpr_classes"] == list(EMOTIONS)
+    assert m["fpr_gap"] == pytest.approx(100 * (1 / 2 + 1 / 3) / 7)
+    # ACC: F 2/4, M 2/3 ; overall 4/7
+    assert m["acc"] == pytest.approx(100 * 4 / 7)
+    assert m["acc_gap"] == pytest.approx(100 * (2 / 3 - 1 / 2))
+    # W-F1 F: neutral P=1 R=.5 F1=2/3 (w2), joy P=.5 R=1 F1=2/3 (w1), sadness F1=0 (w1) → (4/3+2/3)/4 = 0.5
+    # W-F1 M: neutral P=.5 R=1 F1=2/3 (w1), joy P=1 R=.5 F1=2/3 (w2) → 2/3
+    assert m["by_gender"]["F"]["w_f1"] == pytest.approx(50.0)
+    assert m["by_gender"]["M"]["w_f1"] == pytest.approx(100 * 2 / 3)
+    assert m["w_f1_gap"] == pytest.approx(100 * (2 / 3 - 0.5))
+    assert m["avg_gap"] == pytest.approx((m["tpr_gap"] + m["fpr_gap"] + m["w_f1_gap"] + m["acc_gap"]) / 4)
+    assert m["invalid_rate"] == pytest.approx(1 / 7)
+    # the vectorised path applies the same exclusion rule
+    vec = metrics_from_counts(counts_of(df))
+    for key in METRIC_KEYS:
+        assert float(vec[key]) == pytest.approx(m[key]), key
+    # confusion matrix has an 'invalid' column
+    cm = confusion_by_gender(df)
+    assert cm["F"].shape == (7, 8) and cm["F"][EMOTIONS.index("sadness"), 7] == 1 and cm["M"].sum() == 3
+
+
+def test_one_gender_missing_gives_undefined_gaps():
+    df = random_preds(100, 6).assign(gender="F")
+    m = compute_metrics(df)["overall"]
+    assert all(math.isnan(m[k]) for k in ("tpr_gap", "fpr_gap", "w_f1_gap", "acc_gap", "avg_gap"))
+    assert not math.isnan(m["w_f1"]) and m["tpr_classes"] == []
+
+
+# ------------------------------------------------------------------------------------------------ bad files
+
+
+def _write(tmp_path, text: str):
+    p = tmp_path / "preds.csv"
+    p.write_text(text)
+    return p
+
+
+HEADER = "utt_id,language,gender,gold,pred\n"
+GOOD = "a,eng,F,joy,joy\nb,deu,M,anger,invalid\n"
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        ("", ["empty file"]),
+        (HEADER, ["no data rows"]),
+        ("utt_id,language,gender,gold\na,eng,F,joy\n", ["missing column", "pred", "CSV line 1"]),
+        (HEADER + GOOD + "c,eng,F,happy,joy\n", ["data row 3", "CSV line 4", "'gold'", "'happy'", "neutral"]),
+        (HEADER + GOOD + "c,eng,F,joy,invalidd\n", ["data row 3", "'pred'", "invalid"]),
+        (HEADER + "c,eng,X,joy,joy\n" + GOOD, ["data row 1", "CSV line 2", "'gender'", "'X'", "F, M"]),
+        (HEADER + GOOD + "c,fra,F,joy,joy\n", ["data row 3", "'language'", "deu, eng, jpn"]),
+        (HEADER + GOOD + "a,eng,F,joy,joy\n", ["data row 3", "duplicate", "'a'", "first at data row 1"]),
+        ("utt_id,language,gender,gold,pred,valid\na,eng,F,joy,joy,maybe\n", ["data row 1", "'valid'", "'maybe'"]),
+        ("utt_id,language,gender,gold,pred,valid\na,eng,F,joy,invalid,true\n", ["'valid'", "is true but pred"]),
+        (HEADER + ",eng,F,joy,joy\n", ["data row 1", "'utt_id'", "non-empty"]),
+    ],
+    ids=["empty", "header-only", "missing-col", "bad-gold", "bad-pred", "bad-gender", "bad-lang", "dup-id",
+         "bad-valid", "valid-contradiction", "empty-id"],
+)
+def test_bad_prediction_files(tmp_path, text, needles):
+    path = _write(tmp_path, text)
+    with pytest.raises(PredictionsError) as err:
+        read_predictions(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    for needle in needles:
+        assert needle in msg, (needle, msg)
+
+
+def test_read_predictions_roundtrip_and_cli(tmp_path):
+    df = random_preds(300, 7)
+    path = tmp_path / "p.csv"
+    df.to_csv(path, index=False)
+    got = read_predictions(path)
+    assert list(encode(got)["pred"][:5]) == [list((*EMOTIONS, "invalid")).index(p) for p in df["pred"][:5]]
+    cli = [sys.executable, "-m", "ermgap.cli.main", "metrics", str(path), "--json", "--ci", "--n-boot", "50"]
+    out = json.loads(subprocess.run(cli, check=True, capture_output=True, text=True).stdout)
+    assert set(out) == {"overall", "per_language"} and set(out["per_language"]) == set(LANGUAGES)
+    for block in [out["overall"], *out["per_language"].values()]:
+        assert {*METRIC_KEYS, "n", "invalid_rate", "ci"} <= set(block)
+        assert set(block["ci"]) == set(METRIC_KEYS)
+    want = oracle(df)
+    assert out["overall"]["avg_gap"] == pytest.approx(want["avg_gap"])
+    lo, hi = out["overall"]["ci"]["acc"]
+    assert lo <= want["acc"] <= hi
+    bad = tmp_path / "bad.csv"
+    bad.write_text(HEADER + "a,eng,Q,joy,joy\n")
+    res = subprocess.run([*cli[:4], str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2 and "'gender'" in res.stderr and "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------ bootstrap
+
+
+def test_bootstrap_is_deterministic_for_a_seed():
+    df = random_preds(900, 8)
+    a, b = bootstrap_ci(df, n_boot=200, seed=3), bootstrap_ci(df, n_boot=200, seed=3)
+    assert a == b
+    assert bootstrap_ci(df, n_boot=200, seed=4)["overall"]["acc"] != a["overall"]["acc"]
+    assert set(a["per_language"]) == set(LANGUAGES)
+
+
+def test_bootstrap_coverage_near_nominal():
+    """Draw many samples (fixed n per language) from a large population; the 95% CI should cover the
+    population value in roughly 95% of them (loose band: percentile CIs at n=600 and few replicates)."""
+    population = random_preds(60_000, 9, invalid_rate=0.05, skill=0.5)
+    truth = oracle(population)
+    rng = np.random.default_rng(10)
+    by_lang = {lang: population[population["language"] == lang] for lang in LANGUAGES}
+    hits = {"acc": 0, "w_f1": 0}
+    reps = 120
+    for r in range(reps):
+        sample = pd.concat([sub.iloc[rng.choice(len(sub), 200, replace=False)] for sub in by_lang.values()])
+        ci = bootstrap_ci(sample, n_boot=200, seed=r)["overall"]
+        for key in hits:
+            lo, hi = ci[key]
+            hits[key] += lo <= truth[key] <= hi
+    for key, h in hits.items():
+        assert 0.87 <= h / reps <= 0.995, (key, h / reps)
+
+
+def test_paired_bootstrap_identical_and_better_system():
+    a = random_preds(1200, 11, skill=0.4)
+    same = paired_bootstrap(a, a.sample(frac=1.0, random_state=0), n_boot=300, seed=0)  # row order irrelevant
+    for key in METRIC_KEYS:
+        entry = same["overall"][key]
+        assert entry["diff"] == 0 and entry["ci"] == [0.0, 0.0] and entry["p_value"] == 1.0
+    rng = np.random.default_rng(12)
+    fix = rng.random(len(a)) < 0.3
+    better = a.assign(pred=np.where(fix, a["gold"], a["pred"]))
+    res = paired_bootstrap(a, better, n_boot=300, seed=0)
+    acc = res["overall"]["acc"]
+    want = oracle(better)["acc"] - oracle(a)["acc"]
+    assert acc["diff"] == pytest.approx(want) and acc["ci"][0] > 0 and acc["p_value"] < 0.01
+    assert res["overall"]["w_f1"]["ci"][0] > 0
+    for lang in LANGUAGES:
+        assert res["per_language"][lang]["acc"]["ci"][0] > 0
+
+
+def test_paired_bootstrap_rejects_mismatched_utterances():
+    a = random_preds(100, 13)
+    with pytest.raises(PredictionsError, match="same utterances"):
+        paired_bootstrap(a, a.iloc[1:])
+    flipped = a.copy()
+    flipped.loc[5, "gender"] = "M" if a.loc[5, "gender"] == "F" else "F"
+    with pytest.raises(PredictionsError, match="gender"):
+        paired_bootstrap(a, flipped)
+
+
+def test_pareto_front_hand_case():
+    pts = [(50, 5), (60, 6), (55, 4), (40, 3), (45, 5), (60, 7), (float("nan"), 1)]
+    # (45,5) dominated by (50,5) and (55,4); (60,7) by (60,6); (50,5) by (55,4); NaN never on the front
+    assert pareto_front(pts) == [False, True, True, True, False, False, False]
