@@ -21,8 +21,12 @@ app = typer.Typer(
 # (module, attribute, name): a Typer sub-app registered as a group, or a function registered as a command.
 _GROUPS: list[tuple[str, str, str]] = [
     ("ermgap.cli.config_cmd", "app", "config"),
+    ("ermgap.cli.model_cmd", "app", "model"),
+    ("ermgap.cli.submit_cmd", "jobs_app", "jobs"),
 ]
 _COMMANDS: list[tuple[str, str, str]] = [
+    ("ermgap.cli.evaluate_cmd", "evaluate", "evaluate"),
+    ("ermgap.cli.submit_cmd", "submit", "submit"),
     ("ermgap.cli.metrics_cmd", "metrics", "metrics"),
     ("ermgap.cli.sweep_cmd", "sweep", "sweep"),
     ("ermgap.cli.sweep_cmd", "ui", "ui"),
