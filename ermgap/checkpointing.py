@@ -1,0 +1,156 @@
+"""What a training checkpoint holds and how each worker writes and reads its part.
+
+Layout of one checkpoint directory (Ray Train merges every worker's files into it):
+
+    deepspeed/            engine.save_checkpoint: trainable weights, optimizer (ZeRO partitions: one
+                          file per rank) and LR-scheduler state, tag "state"
+    best_adapter/         the best-so-far LoRA adapter in plain peft format (rank 0)
+    trainer_state.json    epoch, step, eval round, λ state, best-metric tracker, MLflow run id (rank 0)
+    rng/rank<R>.pt        this rank's torch / numpy / python RNG states (tensors and ints only,
+                          so it loads with torch.load(weights_only=True))
+
+Frozen backbone weights are never written (`exclude_frozen_parameters`): a 7B checkpoint is the
+LoRA weights plus their Adam moments, not 15 GB.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+DS_TAG = "state"
+
+
+@dataclass
+class TrainerState:
+    """Everything besides tensors that a resumed run needs to continue exactly where it stopped."""
+
+    epoch: int = 0                 # epoch in progress (0-based)
+    step_in_epoch: int = 0         # optimizer steps already done in `epoch`
+    global_step: int = 0           # optimizer steps done in total
+    eval_round: int = 0            # evaluations done
+    best_score: float | None = None
+    best_round: int = 0
+    bad_rounds: int = 0            # evaluations since the last improvement (early-stopping counter)
+    done: bool = False             # training finished (early stop or max epochs); only final predictions remain
+    mlflow_run_id: str | None = None
+    lam: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluation
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        return cls(**json.loads(text))
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    random.setstate(_tuples(state["python"]))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _tuples(x: Any) -> Any:
+    """weights_only loading returns lists for some tuples; random.setstate needs tuples."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@contextlib.contextmanager
+def gathered(params: list[torch.nn.Parameter], zero_stage: int):
+    """Full parameter values inside the block (ZeRO-3 partitions them; other stages already hold them)."""
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+def adapter_state(peft_model, zero_stage: int) -> dict[str, torch.Tensor]:
+    """A CPU copy of the LoRA weights in peft's saved-adapter key format."""
+    from peft import get_peft_model_state_dict
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    with gathered(params, zero_stage):
+        sd = get_peft_model_state_dict(peft_model)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+
+
+def save_adapter(peft_model, state: dict[str, torch.Tensor], out_dir: Path) -> None:
+    """Write `state` (from adapter_state) as a plain peft adapter directory."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    peft_model.peft_config["default"].save_pretrained(str(out_dir))
+    save_file(state, str(out_dir / "adapter_model.safetensors"))
+
+
+def load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def apply_adapter_state(peft_model, state: dict[str, torch.Tensor], zero_stage: int) -> None:
+    """Overwrite the model's LoRA weights with `state` (same format as adapter_state)."""
+    from peft import set_peft_model_state_dict
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+            set_peft_model_state_dict(peft_model, state)
+    else:
+        with torch.no_grad():
+            result = set_peft_model_state_dict(peft_model, state)
+        missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+        if missing:
+            raise RuntimeError(f"adapter state does not fit the model: unexpected keys {missing[:5]}")
+
+
+def save(out_dir: Path, *, engine, rank: int, zero_stage: int, state: TrainerState,
+         best_adapter: dict[str, torch.Tensor] | None) -> None:
+    """Write this rank's part of a checkpoint into out_dir (a per-rank local temp dir)."""
+    engine.save_checkpoint(str(out_dir / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
+    (out_dir / "rng").mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), out_dir / "rng" / f"rank{rank}.pt")
+    if rank == 0:
+        if best_adapter is not None:
+            save_adapter(engine.module, best_adapter, out_dir / "best_adapter")
+        (out_dir / "trainer_state.json").write_text(state.to_json())
+
+
+def load(ckpt_dir: Path, *, engine, rank: int) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
+    """Restore engine (weights, optimizer, scheduler) and this rank's RNG; return the trainer state."""
+    engine.load_checkpoint(str(ckpt_dir / "deepspeed"), tag=DS_TAG, load_module_strict=False,
+                           load_optimizer_states=True, load_lr_scheduler_states=True)
+    state = TrainerState.from_json((ckpt_dir / "trainer_state.json").read_text())
+    rng_file = ckpt_dir / "rng" / f"rank{rank}.pt"
+    if rng_file.is_file():  # absent when the world size changed: keep the fresh seed
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    best_dir = ckpt_dir / "best_adapter"
+    best = load_adapter_state(best_dir) if best_dir.is_dir() else None
+    return state, best

@@ -1,0 +1,60 @@
+"""Start or join the Ray cluster a training run or sweep uses.
+
+Local clusters bind 127.0.0.1 and keep the dashboard on: Ray 2.60's Train V2 placement-group
+cleaner queries actor state through the dashboard, and without it a finished run's resources are
+not released (the next worker group then times out on a small machine).
+"""
+
+from __future__ import annotations
+
+import socket
+
+DEFAULT_DASHBOARD_PORT = 8265
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Join the cluster at `address`, or start a local one on 127.0.0.1 (no-op if Ray is already up).
+
+    `num_cpus` caps a local cluster's CPUs (default: all cores); it is ignored when joining.
+    Token authentication stays at Ray's default (on in 2.60).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+    )
+
+
+def shutdown_ray() -> None:
+    """Shut down the Ray connection this process holds (stops a local cluster it started)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
