@@ -34,7 +34,7 @@ QWEN2_AUDIO_7B: dict[str, Any] = {
     "text_config": {"vocab_size": 156032, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                     "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 8192,
                     "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
-                    "hidden_act": "silu"},
+                    "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645},
     "audio_token_index": 151646,
 }
 ARCHS = {"qwen2-audio-7b": QWEN2_AUDIO_7B}

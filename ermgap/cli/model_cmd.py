@@ -1,0 +1,77 @@
+"""`ermgap model tiny|random|info`: build the tiny local Qwen2-Audio, the 7B architecture with random weights, inspect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Build and inspect backbones (Qwen2-Audio).", no_args_is_help=True)
+
+
+@app.command("tiny")
+def tiny(
+    out: Path = typer.Option(..., "--out", help="Directory to write (standard from_pretrained layout)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
+    seed: int = typer.Option(0, "--seed", help="Weight-initialisation seed."),
+    d_model: int = typer.Option(128, "--d-model", min=16, help="Hidden size of encoder and decoder."),
+    layers: int = typer.Option(2, "--layers", min=1, help="Encoder and decoder layers."),
+    audio_seconds: int = typer.Option(4, "--audio-seconds", min=1, help="Audio window (longer audio is cropped)."),
+) -> None:
+    """A tiny randomly initialised Qwen2-Audio with a locally trained BPE tokenizer (no download)."""
+    from ermgap.model import build_tiny, count_parameters
+
+    path = build_tiny(out, force=force, seed=seed, d_model=d_model, layers=layers, chunk_length_s=audio_seconds)
+    Console().print(f"wrote {path} ({_describe(path)})")
+
+
+@app.command("random")
+def random(
+    arch: str = typer.Option("qwen2-audio-7b", "--arch", help="Architecture (qwen2-audio-7b)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build on the meta device (no memory) and print the size."),
+    device: str = typer.Option("cuda", "--device", help="Where to materialise the random weights."),
+) -> None:
+    """The real architecture with random weights, for GPU benchmarks without a download."""
+    import torch
+
+    from ermgap.model import build_random, count_parameters
+
+    dev = "meta" if dry_run else device
+    if dev.startswith("cuda") and not torch.cuda.is_available():
+        from ermgap.errors import ConfigError
+        raise ConfigError("no CUDA device: use --dry-run (meta device) or --device cpu")
+    model = build_random(arch, device=dev, dtype=torch.bfloat16)
+    n = count_parameters(model)["total"]
+    c = model.config
+    Console().print(f"{arch}: {n / 1e9:.3f} B parameters ({n:,}) on {dev}; text {c.text_config.num_hidden_layers}×"
+                    f"{c.text_config.hidden_size}, audio {c.audio_config.encoder_layers}×{c.audio_config.d_model}")
+
+
+@app.command("info")
+def info(path: str = typer.Argument(..., help="Local model directory (or hub id if cached).")) -> None:
+    """Architecture, parameter count, audio window and label tokenization of a saved model."""
+    Console().print(_describe(path, verbose=True))
+
+
+def _describe(path, verbose: bool = False) -> str:
+    from ermgap.config import ModelConfig, PromptConfig
+    from ermgap.model import count_parameters, load_backbone
+    from ermgap.prompts import label_token_ids
+
+    model, processor = load_backbone(ModelConfig(name_or_path=str(path)))
+    n = count_parameters(model)["total"]
+    fe = processor.feature_extractor
+    window = fe.n_samples / fe.sampling_rate
+    text = f"{n:,} parameters, audio window {window:g} s, vocab {len(processor.tokenizer)}"
+    if not verbose:
+        return text
+    c = model.config
+    labels = label_token_ids(processor.tokenizer, PromptConfig())
+    return json.dumps({"path": str(path), "parameters": n, "audio_window_s": window,
+                       "audio_tokens": (2 * c.audio_config.max_source_positions) // 4,
+                       "text": {"layers": c.text_config.num_hidden_layers, "hidden": c.text_config.hidden_size,
+                                "vocab": c.text_config.vocab_size},
+                       "audio": {"layers": c.audio_config.encoder_layers, "d_model": c.audio_config.d_model},
+                       "label_tokens": labels}, indent=2)
