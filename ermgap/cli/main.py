@@ -28,6 +28,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("ermgap.cli.evaluate_cmd", "evaluate", "evaluate"),
     ("ermgap.cli.submit_cmd", "submit", "submit"),
     ("ermgap.cli.metrics_cmd", "metrics", "metrics"),
+    ("ermgap.cli.report_cmd", "report", "report"),
     ("ermgap.cli.sweep_cmd", "sweep", "sweep"),
     ("ermgap.cli.sweep_cmd", "ui", "ui"),
 ]

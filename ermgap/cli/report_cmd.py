@@ -1,0 +1,58 @@
+"""`ermgap report`: the paper's Tables 2/3 and fairness plots from prediction files or MLflow runs."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from ermgap.errors import ConfigError
+
+
+def report(
+    out: Path = typer.Option(..., "--out", help="Report folder to create (replaced only with --force)."),
+    preds: list[str] = typer.Option(None, "--preds", help="NAME:MODALITY:PATH of a PREDS.csv (repeatable)."),
+    systems: Path = typer.Option(None, "--systems", help="YAML listing systems (name, modality, preds, group, lambda)."),
+    mlflow_parent: str = typer.Option(None, "--mlflow-parent", help="A sweep's parent run id: report its child runs."),
+    runs: list[str] = typer.Option(None, "--runs", help="MLflow run id to report (repeatable)."),
+    tracking_uri: str = typer.Option(None, "--tracking-uri",
+                                     help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db)."),
+    log_to: str = typer.Option(None, "--log-to", help="MLflow run to log the report to (default: --mlflow-parent)."),
+    no_log: bool = typer.Option(False, "--no-log", help="Do not log the report to MLflow."),
+    ci: bool = typer.Option(False, "--ci", help="Bootstrap CIs in the CSVs and paired.csv (uni→multi, vs baseline)."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=10, help="Bootstrap resamples (with --ci)."),
+    seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
+    baseline: str = typer.Option(None, "--baseline", help="System name to compare every other system with (--ci)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
+) -> None:
+    """Write table2/table3 (.md/.csv/.tex), metrics.json and PNG plots for the given systems."""
+    from ermgap import report as R
+
+    console = Console()
+    chosen: list = []
+    for spec in preds or []:
+        chosen.append(R.parse_preds_spec(spec))
+    if systems:
+        chosen += R.load_systems_yaml(systems)
+    uri = None
+    if mlflow_parent or runs:
+        import os
+
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
+        with tempfile.TemporaryDirectory(prefix="ermgap-report-") as tmp:
+            found, skipped = R.systems_from_mlflow(uri, parent_run_id=mlflow_parent, run_ids=runs or [],
+                                                   download_dir=tmp)
+        for note in skipped:
+            console.print(f"[yellow]skipped[/] {note}")
+        chosen += found
+    if not chosen:
+        raise ConfigError("nothing to report: give --preds, --systems, --mlflow-parent or --runs")
+    paths = R.build_report(chosen, out, force=force, n_boot=n_boot if ci else 0, seed=seed, baseline=baseline)
+    target = log_to or mlflow_parent
+    if target and not no_log:
+        R.log_report_to_mlflow(out, tracking_uri=uri or tracking_uri, run_id=target)
+        console.print(f"logged the report to MLflow run {target} (artifacts/report)")
+    typer.echo(paths["table2_md"].read_text(), nl=False)
+    console.print(f"wrote {len(paths)} files to {out}")

@@ -1,0 +1,444 @@
+"""The paper's result tables (Table 2: models × {uni, multi} × {multilingual, DEU, ENG, JPN}; Table 3: ablations)
+and fairness plots, from prediction files or from MLflow runs.
+
+A *system* is one model's test predictions in one modality. Systems sharing a name are one table row with a
+unimodal and a multimodal block; the last column is the uni→multi change of the AVG gap (↓ = smaller gap
+with the transcript). `build_report` writes everything into one folder atomically:
+
+    table2.{md,csv,tex}  table3.{md,csv,tex}  metrics.json  [paired.csv]
+    fairness_accuracy.png  gender_gaps.png  [lambda_trajectory.png]  confusion/<model>_<modality>.png
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from ermgap import metrics as M
+from ermgap import plots
+from ermgap.errors import ConfigError, PredictionsError
+from ermgap.io import atomic_dir
+from ermgap.labels import LANGUAGES, MODALITIES
+
+SUBSETS: tuple[str, ...] = ("multilingual", *LANGUAGES)
+SUBSET_TITLES = {"multilingual": "Multilingual", **{lang: lang.upper() for lang in LANGUAGES}}
+MODALITY_TITLES = {"uni": "Unimodal (Speech only)", "multi": "Multimodal (Speech + Transcription)"}
+HEADERS = {"w_f1": "W-F1↑", "acc": "ACC↑", "tpr_gap": "TPR↓", "fpr_gap": "FPR↓", "w_f1_gap": "W-F1 gap↓",
+           "acc_gap": "ACC gap↓", "avg_gap": "AVG↓"}
+HIGHER_IS_BETTER = {"w_f1", "acc"}
+DEFAULT_GROUP = "Systems"
+PREDS_ARTIFACT = "predictions/test_preds.csv"
+
+
+@dataclass
+class System:
+    """One model's predictions in one modality. `group` is its Table 3 section; `lambda_history` is
+    [(step, λ)] over training when known."""
+
+    name: str
+    modality: str
+    preds: pd.DataFrame
+    group: str | None = None
+    source: str = ""
+    lambda_history: list[tuple[float, float]] | None = None
+    params: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.modality})"
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def load_system(name: str, modality: str, path: str | os.PathLike, *, group: str | None = None,
+                lambda_path: str | os.PathLike | None = None) -> System:
+    """A System from a PREDS.csv (validated) and optionally a λ history file (see read_lambda_history)."""
+    if modality not in MODALITIES:
+        raise ConfigError(f"system {name!r}: modality {modality!r}; allowed: {', '.join(MODALITIES)}")
+    preds = M.read_predictions(path)
+    if "modality" in preds.columns and not preds["modality"].eq(modality).all():
+        found = sorted(set(preds["modality"]))
+        raise PredictionsError(f"{path}: column 'modality' holds {found} but the system is declared {modality!r}")
+    lam = read_lambda_history(lambda_path) if lambda_path else None
+    return System(name=name, modality=modality, preds=preds, group=group, source=str(path), lambda_history=lam)
+
+
+def parse_preds_spec(text: str) -> System:
+    """`NAME:MODALITY:PATH` (the CLI's --preds) → System."""
+    parts = text.split(":", 2)
+    if len(parts) != 3 or not parts[0] or not parts[2]:
+        raise ConfigError(f"--preds {text!r}: expected NAME:MODALITY:PATH, e.g. 'Qwen2-Audio:uni:preds/zs_uni.csv'")
+    return load_system(parts[0], parts[1], parts[2])
+
+
+def load_systems_yaml(path: str | os.PathLike) -> list[System]:
+    """Systems from YAML; paths are relative to the file::
+
+        systems:
+          - {name: Qwen2-Audio, modality: uni, preds: zs_uni.csv, group: Main components}
+          - {name: ERM-MinMaxGAP, modality: uni, preds: ours_uni.csv, lambda: runs/ours/metrics.json}
+    """
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read systems YAML: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("systems"), list) or not doc["systems"]:
+        raise ConfigError(f"{path}: expected a mapping with a non-empty list 'systems'")
+    allowed = {"name", "modality", "preds", "group", "lambda"}
+    out = []
+    for i, entry in enumerate(doc["systems"]):
+        key = f"{path}:systems[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{key}: expected a mapping with name, modality, preds")
+        unknown = set(entry) - allowed
+        missing = {"name", "modality", "preds"} - set(entry)
+        if unknown or missing:
+            raise ConfigError(f"{key}: unknown key(s) {sorted(unknown)} / missing {sorted(missing)}; "
+                              f"allowed: {', '.join(sorted(allowed))}")
+
+        def rel(p):
+            return p if p is None or Path(p).is_absolute() else path.parent / p
+
+        out.append(load_system(str(entry["name"]), str(entry["modality"]), rel(entry["preds"]),
+                               group=entry.get("group"), lambda_path=rel(entry.get("lambda"))))
+    return out
+
+
+def read_lambda_history(path: str | os.PathLike) -> list[tuple[float, float]]:
+    """[(step, λ)] from a CSV with columns step, lambda, or a training run's metrics.json
+    (its `lambda_history` of [eval_round, dev_gap, λ] rows; the step is then the evaluation round)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: λ history file not found")
+    if path.suffix == ".json":
+        hist = json.loads(path.read_text()).get("lambda_history")
+        if not isinstance(hist, list):
+            raise ConfigError(f"{path}: no 'lambda_history' list")
+        return [(float(h[0]), float(h[-1])) for h in hist]
+    frame = pd.read_csv(path)
+    if not {"step", "lambda"} <= set(frame.columns):
+        raise ConfigError(f"{path}: expected columns step, lambda; found {', '.join(frame.columns)}")
+    return list(zip(frame["step"].astype(float), frame["lambda"].astype(float)))
+
+
+def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, run_ids: Sequence[str] = (),
+                        download_dir: str | os.PathLike) -> tuple[list[System], list[str]]:
+    """Systems from MLflow training runs (the children of a sweep's parent run, or explicit run ids).
+
+    Each run contributes its `predictions/test_preds.csv` artifact, its modality (param `data.modality`),
+    its λ metric history and a name: the sweep variant tag `ermgap.param.variant` or a description of the
+    objective params, plus the sweep params that differ between runs. Fixed-λ runs go to the Table 3 section
+    "Lambda effect", others to "Main components". Returns (systems, skipped) where skipped says which runs
+    had no predictions (e.g. trials stopped early by ASHA).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    try:
+        if parent_run_id:
+            parent = client.get_run(parent_run_id)
+            runs = client.search_runs([parent.info.experiment_id],
+                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+                                      order_by=["attributes.start_time ASC"], max_results=10_000)
+            if not runs:
+                raise ConfigError(f"MLflow run {parent_run_id} at {tracking_uri} has no child runs")
+        else:
+            runs = [client.get_run(r) for r in run_ids]
+    except MlflowException as err:
+        raise ConfigError(f"MLflow ({tracking_uri}): {err.message}") from None
+    if not runs:
+        raise ConfigError("no MLflow runs given (use a parent run id or run ids)")
+
+    sweep_keys = sorted({k[len("ermgap.param."):] for r in runs for k in r.data.tags if k.startswith("ermgap.param.")}
+                        - {"variant", "data.modality"})
+    varying = [k for k in sweep_keys if len({r.data.tags.get(f"ermgap.param.{k}") for r in runs}) > 1]
+    systems, skipped = [], []
+    for run in runs:
+        rid, params, tags = run.info.run_id, run.data.params, run.data.tags
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=PREDS_ARTIFACT,
+                                                        dst_path=str(Path(download_dir) / rid),
+                                                        tracking_uri=tracking_uri)
+        except (MlflowException, OSError):
+            skipped.append(f"{run.info.run_name or rid} ({rid}): no {PREDS_ARTIFACT} artifact")
+            continue
+        preds = M.read_predictions(local)
+        modality = params.get("data.modality") or (preds["modality"].iloc[0] if "modality" in preds else "uni")
+        name = tags.get("ermgap.param.variant") or _describe_objective(params)
+        extras = [f"{k}={tags.get(f'ermgap.param.{k}')}" for k in varying]
+        if extras:
+            name = f"{name} [{', '.join(extras)}]"
+        history = [(float(m.step), float(m.value)) for m in client.get_metric_history(rid, "lambda")]
+        group = "Lambda effect" if params.get("lambda.mode") == "fixed" else "Main components"
+        systems.append(System(name=name, modality=modality, preds=preds, group=group, source=f"mlflow:{rid}",
+                              lambda_history=history or None, params=dict(params)))
+    seen: dict[tuple[str, str], int] = {}
+    for s in systems:  # same description twice (e.g. seeds not tagged): keep both rows apart
+        key = (s.name, s.modality)
+        seen[key] = seen.get(key, 0) + 1
+        if seen[key] > 1:
+            s.name = f"{s.name} #{seen[key]}"
+    return systems, skipped
+
+
+def _describe_objective(params: dict) -> str:
+    mode, init, p = params.get("lambda.mode"), params.get("lambda.init"), params.get("objective.p")
+    if mode == "fixed":
+        return "ERM (SFT)" if init is not None and float(init) == 0 else f"λ = {float(init):g}" if init else "fixed λ"
+    if mode == "adaptive":
+        return f"ERM-MinMaxGAP (p={float(p):g})" if p else "ERM-MinMaxGAP"
+    return "run"
+
+
+# ----------------------------------------------------------------------------------------------- tables
+
+
+def evaluate_systems(systems: Sequence[System], *, n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
+    """Long results: one row per (model, modality, subset) with the 7 metrics (percent), n, invalid_rate,
+    and `<metric>_lo` / `<metric>_hi` bootstrap bounds when n_boot > 0."""
+    keys = [(s.name, s.modality) for s in systems]
+    dup = {k for k in keys if keys.count(k) > 1}
+    if dup:
+        raise ConfigError(f"systems given twice (name, modality): {sorted(dup)}")
+    rows = []
+    for s in systems:
+        res = M.compute_metrics(s.preds)
+        cis = M.bootstrap_ci(s.preds, n_boot=n_boot, seed=seed) if n_boot else None
+        blocks = {"multilingual": (res["overall"], cis and cis["overall"])}
+        blocks.update({lang: (b, cis and cis["per_language"][lang]) for lang, b in res["per_language"].items()})
+        for subset, (block, ci) in blocks.items():
+            row = {"model": s.name, "modality": s.modality, "group": s.group or DEFAULT_GROUP, "subset": subset,
+                   **{k: block[k] for k in M.METRIC_KEYS}, "n": block["n"], "invalid_rate": block["invalid_rate"]}
+            if ci:
+                for k in M.METRIC_KEYS:
+                    row[f"{k}_lo"], row[f"{k}_hi"] = ci[k]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def wide_table(results: pd.DataFrame, subsets: Iterable[str]) -> pd.DataFrame:
+    """Paper layout: one row per (subset, model); columns `<modality>_<metric>` for the modalities present,
+    and `delta_avg` = multi AVG − uni AVG when both are."""
+    mods = [m for m in MODALITIES if (results["modality"] == m).any()]
+    value_cols = [c for c in results.columns if c not in ("model", "modality", "group", "subset")]
+    rows = []
+    models = list(dict.fromkeys(results["model"]))
+    for subset in subsets:
+        for model in models:
+            row = {"subset": subset, "model": model,
+                   "group": results.loc[results["model"] == model, "group"].iloc[0]}
+            found = False
+            for mod in mods:
+                hit = results[(results["model"] == model) & (results["modality"] == mod) & (results["subset"] == subset)]
+                for c in value_cols:
+                    row[f"{mod}_{c}"] = float(hit[c].iloc[0]) if len(hit) else math.nan
+                found |= len(hit) > 0
+            if len(mods) == 2:
+                row["delta_avg"] = row["multi_avg_gap"] - row["uni_avg_gap"]
+            if found:
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.2f}" if math.isfinite(v) else "–"
+
+
+def _delta(v: float, latex: bool) -> str:
+    if not math.isfinite(v):
+        return "–"
+    arrow = "↓" if v < 0 else "↑" if v > 0 else "="
+    if latex:
+        arrow = {"↓": r"$\downarrow$", "↑": r"$\uparrow$", "=": "="}[arrow]
+    return f"{arrow}{abs(v):.2f}"
+
+
+def _marks(block: pd.DataFrame, col: str, higher: bool) -> dict[int, str]:
+    """Top two of a column within a block (the paper's bold / underline)."""
+    vals = block[col].dropna()
+    ranked = vals.sort_values(ascending=not higher).index.tolist()
+    return {i: ("best", "second")[r] for r, i in enumerate(ranked[:2])} if len(vals) > 2 else {}
+
+
+def _render(wide: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], latex: bool) -> str:
+    mods = [m for m in MODALITIES if f"{m}_w_f1" in wide.columns]
+    delta = "delta_avg" in wide.columns
+    metric_cols = [f"{m}_{k}" for m in mods for k in M.METRIC_KEYS]
+    ncols = 1 + len(metric_cols) + delta
+    if latex:
+        esc = _latex_escape
+        arrows = {"↑": r"$\uparrow$", "↓": r"$\downarrow$"}
+        heads = [re.sub("[↑↓]", lambda m: arrows[m.group()], HEADERS[c.split("_", 1)[1]]) for c in metric_cols]
+        lines = [r"\begin{tabular}{l" + "r" * (ncols - 1) + "}", r"\toprule",
+                 " & ".join(["", *(rf"\multicolumn{{7}}{{c}}{{{MODALITY_TITLES[m]}}}" for m in mods)]
+                            + ([r"$\Delta$AVG"] if delta else [])) + r" \\",
+                 " & ".join(["Model", *heads] + ([r"uni$\to$multi"] if delta else [])) + r" \\", r"\midrule"]
+    else:
+        esc = _md_escape
+        head = ["Model", *(f"{c.split('_', 1)[0].capitalize()} {HEADERS[c.split('_', 1)[1]]}" for c in metric_cols)]
+        head += ["Δ AVG (uni→multi)"] if delta else []
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for title, block in sections:
+        lines.append(rf"\multicolumn{{{ncols}}}{{l}}{{\textit{{{esc(title)}}}}} \\" if latex
+                     else "| *" + esc(title) + "* |" + " |" * (ncols - 1))
+        marks = {c: _marks(block, c, c.split("_", 1)[1] in HIGHER_IS_BETTER) for c in metric_cols}
+        for idx, row in block.iterrows():
+            cells = [esc(row["model"])]
+            for c in metric_cols:
+                text, mark = _fmt(row[c]), marks[c].get(idx)
+                if mark == "best":
+                    text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
+                elif mark == "second":
+                    text = rf"\underline{{{text}}}" if latex else f"<u>{text}</u>"
+                cells.append(text)
+            if delta:
+                cells.append(_delta(row["delta_avg"], latex))
+            lines.append(" & ".join(cells) + r" \\" if latex else "| " + " | ".join(cells) + " |")
+    if latex:
+        lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", r"\|")
+
+
+def _latex_escape(text: str) -> str:
+    return re.sub(r"([&%$#_{}])", r"\\\1", str(text)).replace("λ", r"$\lambda$")
+
+
+def table2(results: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
+    """(wide frame, Markdown, LaTeX) of Table 2: every model, blocks Multilingual, DEU, ENG, JPN."""
+    wide = wide_table(results, [s for s in SUBSETS if (results["subset"] == s).any()])
+    sections = [(SUBSET_TITLES[s], wide[wide["subset"] == s]) for s in SUBSETS if (wide["subset"] == s).any()]
+    return wide, _render(wide, sections, latex=False), _render(wide, sections, latex=True)
+
+
+def table3(results: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
+    """(wide frame, Markdown, LaTeX) of Table 3: multilingual rows, one section per system group."""
+    wide = wide_table(results, ["multilingual"])
+    groups = list(dict.fromkeys(wide["group"]))
+    sections = [(g, wide[wide["group"] == g]) for g in groups]
+    return wide, _render(wide, sections, latex=False), _render(wide, sections, latex=True)
+
+
+def paired_comparisons(systems: Sequence[System], *, n_boot: int, seed: int = 0,
+                       baseline: str | None = None) -> pd.DataFrame:
+    """Paired bootstrap rows (comparison, model, modality, subset, metric, diff, lo, hi, p_value) for
+    uni→multi of each model with both, and each system vs `baseline` in the same modality. Pairs whose
+    utterance sets differ are skipped (they cannot be paired)."""
+    by_key = {(s.name, s.modality): s for s in systems}
+    pairs = [(f"{name}: uni→multi", name, "multi", by_key[(name, "uni")], s)
+             for (name, mod), s in by_key.items() if mod == "multi" and (name, "uni") in by_key]
+    if baseline:
+        pairs += [(f"{baseline}→{s.name}", s.name, s.modality, by_key[(baseline, s.modality)], s)
+                  for s in systems if s.name != baseline and (baseline, s.modality) in by_key]
+    rows = []
+    for comparison, model, modality, a, b in pairs:
+        if set(a.preds["utt_id"]) != set(b.preds["utt_id"]):
+            continue
+        res = M.paired_bootstrap(a.preds, b.preds, n_boot=n_boot, seed=seed)
+        blocks = {"multilingual": res["overall"], **res["per_language"]}
+        for subset, block in blocks.items():
+            for k, e in block.items():
+                rows.append({"comparison": comparison, "model": model, "modality": modality, "subset": subset,
+                             "metric": k, "diff": e["diff"], "lo": e["ci"][0], "hi": e["ci"][1],
+                             "p_value": e["p_value"]})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "system"
+
+
+def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force: bool = False, n_boot: int = 0,
+                 seed: int = 0, baseline: str | None = None) -> dict[str, Path]:
+    """Compute every system's metrics and write tables, metrics.json and plots into `out_dir` (atomically:
+    all or nothing; an existing folder is replaced only with force=True). Returns {artifact name: path}.
+
+    n_boot > 0 adds bootstrap CI columns to the CSVs and metrics.json, and paired.csv (uni→multi and
+    vs `baseline`)."""
+    if not systems:
+        raise ConfigError("no systems to report")
+    out_dir = Path(out_dir)
+    if baseline and baseline not in {s.name for s in systems}:
+        raise ConfigError(f"--baseline {baseline!r} is not one of the systems: {sorted({s.name for s in systems})}")
+    results = evaluate_systems(systems, n_boot=n_boot, seed=seed)
+    wide2, md2, tex2 = table2(results)
+    wide3, md3, tex3 = table3(results)
+    paired = paired_comparisons(systems, n_boot=n_boot, seed=seed, baseline=baseline) if n_boot else None
+    names: dict[str, str] = {}
+    with atomic_dir(out_dir, force=force) as tmp:
+        def put(key: str, rel: str, text: str) -> None:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_text(text, encoding="utf-8")
+            names[key] = rel
+
+        put("table2_md", "table2.md", md2)
+        put("table2_tex", "table2.tex", tex2)
+        put("table2_csv", "table2.csv", wide2.to_csv(index=False))
+        put("table3_md", "table3.md", md3)
+        put("table3_tex", "table3.tex", tex3)
+        put("table3_csv", "table3.csv", wide3.to_csv(index=False))
+        put("results_csv", "results.csv", results.to_csv(index=False))
+        if paired is not None and len(paired):
+            put("paired_csv", "paired.csv", paired.to_csv(index=False))
+        put("metrics_json", "metrics.json", json.dumps(_metrics_doc(systems, results), indent=1, allow_nan=False)
+            + "\n")
+
+        multi = results[results["subset"] == "multilingual"]
+        labels = [f"{m} ({mod})" for m, mod in zip(multi["model"], multi["modality"])]
+        plots.fairness_accuracy_scatter(list(zip(multi["w_f1"], multi["avg_gap"])), labels,
+                                        tmp / "fairness_accuracy.png")
+        names["fairness_accuracy_png"] = "fairness_accuracy.png"
+        gaps = {f"{m} ({mod})": {SUBSET_TITLES[s]: v for s, v in zip(g["subset"], g["avg_gap"])}
+                for (m, mod), g in results.groupby(["model", "modality"], sort=False)}
+        plots.gender_gap_bars(gaps, tmp / "gender_gaps.png")
+        names["gender_gaps_png"] = "gender_gaps.png"
+        series = {s.label: s.lambda_history for s in systems if s.lambda_history}
+        if series:
+            plots.lambda_trajectories(series, tmp / "lambda_trajectory.png")
+            names["lambda_trajectory_png"] = "lambda_trajectory.png"
+        (tmp / "confusion").mkdir()
+        for s in systems:
+            rel = f"confusion/{_slug(s.name)}_{s.modality}.png"
+            plots.confusion_matrices(M.confusion_by_gender(s.preds), tmp / rel, title=s.label)
+            names[f"confusion_{_slug(s.name)}_{s.modality}"] = rel
+    return {k: out_dir / rel for k, rel in names.items()}
+
+
+def _metrics_doc(systems: Sequence[System], results: pd.DataFrame) -> dict:
+    def clean(v):
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    doc = {"systems": []}
+    for s in systems:
+        rows = results[(results["model"] == s.name) & (results["modality"] == s.modality)]
+        subsets = {r["subset"]: {k: clean(v) for k, v in r.items() if k not in ("model", "modality", "group", "subset")}
+                   for r in rows.to_dict("records")}
+        doc["systems"].append({"name": s.name, "modality": s.modality, "group": s.group, "source": s.source,
+                               "overall": subsets.pop("multilingual"), "per_language": subsets})
+    return doc
+
+
+def log_report_to_mlflow(out_dir: str | os.PathLike, *, tracking_uri: str, run_id: str,
+                         artifact_path: str = "report") -> None:
+    """Log the whole report folder (tables and PNGs) as artifacts of `run_id` under `artifact_path`."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=tracking_uri).log_artifacts(run_id, str(out_dir), artifact_path)
