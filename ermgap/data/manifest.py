@@ -1,0 +1,251 @@
+"""The canonical manifest: one CSV row per utterance, validated once at the boundary.
+
+Columns (CSV header, any order; extra columns are kept):
+
+    utt_id      unique id (string)
+    split       train | dev | test
+    language    deu | eng | jpn
+    emotion     neutral | joy | sadness | anger | fear | disgust | surprise
+    speaker     speaker id (string; speakers should not cross splits)
+    gender      F | M
+    transcript  text in the utterance's language (may be empty unless modality is "multi")
+    audio       path of the wav, relative to the manifest's folder (absolute paths also work)
+    duration_s  optional, seconds (speeds up length-grouped batching)
+
+Problems are reported with the CSV row (1 = first data row) and line (header = line 1), the column,
+the offending value and what is allowed; `validate_manifest` returns all of them at once and
+`read_manifest` raises one ManifestError listing them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ermgap.errors import ManifestError
+from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, MODALITIES, SPLITS
+
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "utt_id", "split", "language", "emotion", "speaker", "gender", "transcript", "audio",
+)
+OPTIONAL_COLUMNS: tuple[str, ...] = ("duration_s",)
+ALLOWED_VALUES: dict[str, tuple[str, ...]] = {
+    "split": SPLITS, "language": LANGUAGES, "emotion": EMOTIONS, "gender": GENDERS,
+}
+EXPECTED_SAMPLE_RATE = 16000
+# Columns that identify an utterance and must never be blank (transcript may be, in unimodal use).
+_NONEMPTY = ("utt_id", "speaker", "audio")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a manifest. `row` is the 1-based data row (None: file-level problem)."""
+
+    file: str
+    message: str
+    row: int | None = None
+    column: str | None = None
+    value: str | None = None
+    kind: str = "error"
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.row is not None:
+            where += f" row {self.row} (line {self.row + 1})"
+        if self.column is not None:
+            where += f", column '{self.column}'"
+        shown = f": value {self.value!r}" if self.value is not None else ""
+        return f"{where}{shown}: {self.message}"
+
+
+def _load_csv(path: Path, problems: list[Problem]) -> pd.DataFrame | None:
+    name = str(path)
+    if not path.exists():
+        problems.append(Problem(name, "manifest file does not exist"))
+        return None
+    if path.is_dir():
+        problems.append(Problem(name, "is a directory; expected a manifest CSV file"))
+        return None
+    if path.stat().st_size == 0:
+        problems.append(Problem(name, "file is empty; expected a CSV header "
+                                      f"({', '.join(REQUIRED_COLUMNS)}) and one row per utterance"))
+        return None
+    try:
+        # dtype=str and no NA parsing: ids like "007" and transcripts like "NA" stay as written.
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    except UnicodeDecodeError as err:
+        problems.append(Problem(name, f"is not UTF-8 text ({err.reason} at byte {err.start})"))
+        return None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+        problems.append(Problem(name, f"is not a valid CSV file ({str(err).strip()})"))
+        return None
+    df.columns = [str(c).strip() for c in df.columns]
+    return df
+
+
+def _check_rows(df: pd.DataFrame, name: str, modality: str | None, problems: list[Problem]) -> None:
+    for col in _NONEMPTY:
+        for i in df.index[df[col].str.strip() == ""]:
+            problems.append(Problem(name, "must not be empty", row=i + 1, column=col, value=""))
+    for col, allowed in ALLOWED_VALUES.items():
+        bad = ~df[col].isin(allowed)
+        for i in df.index[bad]:
+            problems.append(Problem(name, f"expected one of {', '.join(allowed)}", row=i + 1, column=col,
+                                    value=df.at[i, col]))
+    if modality == "multi":
+        for i in df.index[df["transcript"].str.strip() == ""]:
+            problems.append(Problem(name, "transcript is empty but modality 'multi' feeds it to the model",
+                                    row=i + 1, column="transcript", value=""))
+    if "duration_s" in df.columns:
+        dur = pd.to_numeric(df["duration_s"], errors="coerce")
+        for i in df.index[~(dur > 0) & (df["duration_s"].str.strip() != "")]:
+            problems.append(Problem(name, "expected a positive number of seconds (or leave it empty)",
+                                    row=i + 1, column="duration_s", value=df.at[i, "duration_s"]))
+    first_row: dict[str, int] = {}
+    for i, uid in zip(df.index, df["utt_id"]):
+        if uid in first_row and uid.strip():
+            problems.append(Problem(name, f"duplicate utt_id (first used in row {first_row[uid]}); ids must be unique",
+                                    row=i + 1, column="utt_id", value=uid))
+        else:
+            first_row.setdefault(uid, i + 1)
+
+
+def _check_coverage(df: pd.DataFrame, name: str, require_splits: Sequence[str], problems: list[Problem]) -> None:
+    ok = df[df["split"].isin(SPLITS) & df["language"].isin(LANGUAGES) & df["gender"].isin(GENDERS)]
+    for split in require_splits:
+        if not (ok["split"] == split).any():
+            problems.append(Problem(name, f"split '{split}' is empty; a manifest needs rows in each of "
+                                          f"{', '.join(require_splits)}", column="split"))
+    counts = Counter(zip(ok["split"], ok["language"], ok["gender"]))
+    languages = [lang for lang in LANGUAGES if (ok["language"] == lang).any()]
+    for split in SPLITS:
+        if not (ok["split"] == split).any():
+            continue
+        for lang in languages:
+            missing = [g for g in GENDERS if counts[(split, lang, g)] == 0]
+            if missing:
+                problems.append(Problem(
+                    name, f"split '{split}', language '{lang}' has no {' or '.join(missing)} rows; gender gaps "
+                          f"need both {' and '.join(GENDERS)} in every (split, language)", column="gender"))
+
+
+def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: int | None,
+                 problems: list[Problem]) -> Counter:
+    import soundfile as sf
+
+    rates: Counter = Counter()
+    base = path.parent
+    for i, rel in zip(df.index, df["audio"]):
+        if not rel.strip():
+            continue
+        p = Path(rel) if os.path.isabs(rel) else base / rel
+        row = dict(row=i + 1, column="audio", value=rel)
+        if not p.is_file():
+            problems.append(Problem(name, f"audio file not found (looked for {p})", **row))
+            continue
+        try:
+            info = sf.info(str(p))
+            if info.frames > 0:  # read a little: a valid header over garbage data must fail here
+                sf.read(str(p), frames=min(info.frames, 1600), dtype="float32")
+        except Exception as err:
+            msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            problems.append(Problem(name, f"audio file cannot be decoded ({msg})", **row))
+            continue
+        rates[int(info.samplerate)] += 1
+        if info.channels != 1:
+            problems.append(Problem(name, f"audio has {info.channels} channels; expected mono (1 channel)", **row))
+        if info.frames == 0:
+            problems.append(Problem(name, "audio file is empty (0 samples)", **row))
+        if expected_sample_rate is not None and info.samplerate != expected_sample_rate:
+            problems.append(Problem(name, f"sample rate is {info.samplerate} Hz; expected {expected_sample_rate} Hz",
+                                    **row))
+    return rates
+
+
+def validate_manifest(
+    path: str | os.PathLike,
+    *,
+    modality: str | None = None,
+    check_audio: bool = True,
+    require_splits: Sequence[str] = SPLITS,
+    expected_sample_rate: int | None = EXPECTED_SAMPLE_RATE,
+    sample_rates: Counter | None = None,
+) -> list[Problem]:
+    """Check a manifest CSV and return every problem found (empty list: valid).
+
+    modality: "multi" also requires non-empty transcripts. check_audio: open every audio file
+    (present, decodable, mono, non-empty, `expected_sample_rate` Hz unless None). require_splits:
+    splits that must have rows. sample_rates: if given, filled with {rate_hz: file_count}.
+    """
+    if modality is not None and modality not in MODALITIES:
+        raise ManifestError(f"modality {modality!r} is not allowed; expected one of {', '.join(MODALITIES)}")
+    path = Path(path)
+    name = str(path)
+    problems: list[Problem] = []
+    df = _load_csv(path, problems)
+    if df is None:
+        return problems
+    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    for col in missing:
+        problems.append(Problem(name, f"required column is missing (header has: {', '.join(df.columns)}; "
+                                      f"required: {', '.join(REQUIRED_COLUMNS)})", column=col))
+    if missing:
+        return problems
+    if len(df) == 0:
+        problems.append(Problem(name, "manifest has a header but no rows"))
+        return problems
+    _check_rows(df, name, modality, problems)
+    _check_coverage(df, name, require_splits, problems)
+    if check_audio:
+        rates = _check_audio(df, path, name, expected_sample_rate, problems)
+        if sample_rates is not None:
+            sample_rates.update(rates)
+    return problems
+
+
+def format_problems(problems: Sequence[Problem], limit: int | None = None) -> str:
+    """One line per problem (at most `limit`, then a count of the rest)."""
+    shown = problems if limit is None else problems[:limit]
+    lines = [f"  - {p}" for p in shown]
+    if len(problems) > len(shown):
+        lines.append(f"  ... and {len(problems) - len(shown)} more")
+    return "\n".join(lines)
+
+
+def read_manifest(
+    path: str | os.PathLike,
+    *,
+    check_audio: bool = False,
+    modality: str | None = None,
+    require_splits: Sequence[str] = SPLITS,
+) -> pd.DataFrame:
+    """Read and validate a manifest; raises ManifestError listing all problems.
+
+    Returns the rows as a DataFrame of strings (duration_s as float when present) with an added
+    column `audio_path`: the absolute path of each audio file. Sample rates other than 16 kHz are
+    not an error here (load_audio resamples); `ermgap data validate` reports them.
+    """
+    problems = validate_manifest(path, modality=modality, check_audio=check_audio,
+                                 require_splits=require_splits, expected_sample_rate=None)
+    if problems:
+        raise ManifestError(f"manifest {path} has {len(problems)} problem(s):\n{format_problems(problems, 50)}")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    df.columns = [str(c).strip() for c in df.columns]
+    base = Path(path).resolve().parent
+    df["audio_path"] = [a if os.path.isabs(a) else str(base / a) for a in df["audio"]]
+    if "duration_s" in df.columns:
+        df["duration_s"] = pd.to_numeric(df["duration_s"], errors="coerce")
+    return df
+
+
+def write_manifest(df: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Write the canonical columns first (then any extras) as UTF-8 CSV; the caller handles atomicity."""
+    cols = [c for c in (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS) if c in df.columns]
+    cols += [c for c in df.columns if c not in cols and c != "audio_path"]
+    df[cols].to_csv(path, index=False, encoding="utf-8")
+    return Path(path)

@@ -1,0 +1,370 @@
+"""A synthetic multilingual emotional speech corpus (espeak-ng), optionally with an injected gender bias.
+
+What it is: English, German and Japanese sentences spoken by espeak-ng voice variants (several
+female and male "speakers" per language, disjoint across train/dev/test), the 7 MELD emotions
+rendered through prosody only: base pitch (`-p`), pitch range (SSML `<prosody range>`), speaking
+rate (`-s`), word gap (`-g`) and amplitude (`-a`), with per-speaker offsets and per-utterance
+Gaussian jitter so classes overlap (learnable, not trivial). Pitch, range and rate carry most of
+the signal because Whisper-style log-mel features normalise loudness per utterance.
+
+Sentences are neutral unless `lexical_cue_rate` > 0, in which case that fraction of utterances
+uses a sentence that states the emotion ("I am so happy about this!").
+
+Bias: `bias={("deu", "F"): 0.7}` gives 70 % of the non-neutral deu-F utterances of each
+(split, emotion) cell neutral prosody while keeping their emotional label, so that group's label
+is simply not in the audio (an irreducible gap; see NOTES.md "A quick learnability experiment").
+
+Sizes: `per_cell` utterances per (language, gender, emotion) in train, `eval_per_cell`
+(default per_cell // 2, at least 1) in dev and in test. The default per_cell=16 gives
+42 × (16 + 8 + 8) = 1,344 utterances (a demo-sized corpus, ~15 s on 2 cores); per_cell=36
+gives 3,024.
+
+Output (written atomically): `manifest.csv` (canonical columns + `prosody_neutralised`,
+`lexical_cue`), `wavs/<split>/<language>/<utt_id>.wav` (16 kHz mono PCM-16) and `corpus.json`
+(all generation parameters and counts). Same seed and parameters → byte-identical files,
+whatever the number of workers: every random choice is drawn in the parent process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+
+from ermgap.errors import ConfigError, ErmgapError
+from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, SPLITS
+
+SAMPLE_RATE = 16000
+DEFAULT_PER_CELL = 16
+DEMO_BIAS: dict[tuple[str, str], float] = {("deu", "F"): 0.7}
+ESPEAK_LANG = {"deu": "de", "eng": "en-us", "jpn": "ja"}
+
+# espeak-ng variant file names (`espeak-ng --voices=variant`), checked by ear and F0: the f*/female
+# ones have median F0 ~170-270 Hz, the m* ones ~85-105 Hz. The same variant in different languages
+# is a different speaker id, but a variant never crosses splits, so test voices are never heard in training.
+VOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "F": {"train": ("f1", "f2", "Annie", "belinda"), "dev": ("f4", "Andrea"), "test": ("f5", "Alicia")},
+    "M": {"train": ("m1", "m2", "m3", "m6"), "dev": ("m4", "paul"), "test": ("m5", "m7")},
+}
+
+
+@dataclass(frozen=True)
+class Prosody:
+    """espeak-ng controls: pitch 0-99 (-p), pitch range in % change (SSML), rate ×175 wpm (-s),
+    amplitude 0-200 (-a), extra word gap in 10 ms units (-g)."""
+
+    pitch: float
+    range_pct: float
+    rate: float
+    amplitude: float
+    word_gap: float
+
+
+# Centres per emotion, loosely after the vocal-affect literature (joy/surprise high and wide, sadness
+# low, narrow and slow, anger fast and loud, fear high, narrow and fast, disgust low and slow).
+EMOTION_PROSODY: dict[str, Prosody] = {
+    "neutral": Prosody(pitch=50, range_pct=0, rate=1.00, amplitude=100, word_gap=0),
+    "joy": Prosody(pitch=64, range_pct=60, rate=1.15, amplitude=115, word_gap=0),
+    "sadness": Prosody(pitch=36, range_pct=-65, rate=0.72, amplitude=80, word_gap=3),
+    "anger": Prosody(pitch=54, range_pct=35, rate=1.35, amplitude=140, word_gap=0),
+    "fear": Prosody(pitch=72, range_pct=-45, rate=1.25, amplitude=90, word_gap=1),
+    "disgust": Prosody(pitch=38, range_pct=25, rate=0.82, amplitude=105, word_gap=2),
+    "surprise": Prosody(pitch=80, range_pct=100, rate=0.95, amplitude=120, word_gap=0),
+}
+# Per-utterance Gaussian jitter (standard deviations) and per-speaker offsets.
+JITTER = Prosody(pitch=5, range_pct=15, rate=0.07, amplitude=10, word_gap=0.7)
+SPEAKER_JITTER = Prosody(pitch=4, range_pct=8, rate=0.05, amplitude=0, word_gap=0)
+
+SENTENCES: dict[str, tuple[str, ...]] = {
+    "eng": (
+        "The train leaves at seven in the morning.", "I put the keys on the kitchen table.",
+        "We need to buy bread and milk.", "The meeting is on the second floor.",
+        "She called me yesterday after work.", "The book is on the shelf by the window.",
+        "He will arrive on Thursday afternoon.", "Turn left at the next corner.",
+        "The shop closes at six today.", "I wrote the numbers on a piece of paper.",
+        "They moved to a new apartment last month.", "The coffee is in the blue cup.",
+        "We walked to the station together.", "The letter came this morning.",
+        "My brother works at the hospital.", "The door to the garden is open.",
+        "I will send you the file tonight.", "The bus stops in front of the bank.",
+        "There are four chairs in the room.", "She is reading the newspaper.",
+        "The car is parked outside.", "We talked about the plan for next week.",
+        "He painted the fence on Saturday.", "The phone is on the desk.",
+    ),
+    "deu": (
+        "Der Zug fährt um sieben Uhr morgens ab.", "Ich habe die Schlüssel auf den Küchentisch gelegt.",
+        "Wir müssen Brot und Milch kaufen.", "Das Treffen ist im zweiten Stock.",
+        "Sie hat mich gestern nach der Arbeit angerufen.", "Das Buch liegt im Regal am Fenster.",
+        "Er kommt am Donnerstagnachmittag an.", "Biegen Sie an der nächsten Ecke links ab.",
+        "Der Laden schließt heute um sechs.", "Ich habe die Zahlen auf ein Blatt Papier geschrieben.",
+        "Sie sind letzten Monat in eine neue Wohnung gezogen.", "Der Kaffee ist in der blauen Tasse.",
+        "Wir sind zusammen zum Bahnhof gegangen.", "Der Brief kam heute Morgen.",
+        "Mein Bruder arbeitet im Krankenhaus.", "Die Tür zum Garten ist offen.",
+        "Ich schicke dir die Datei heute Abend.", "Der Bus hält vor der Bank.",
+        "Im Zimmer stehen vier Stühle.", "Sie liest die Zeitung.",
+        "Das Auto steht draußen.", "Wir haben über den Plan für nächste Woche gesprochen.",
+        "Er hat am Samstag den Zaun gestrichen.", "Das Telefon liegt auf dem Schreibtisch.",
+    ),
+    # Kana only: espeak-ng's Japanese voice reads hiragana/katakana but spells kanji out as
+    # "Chinese letter". The topic particle は is avoided (espeak-ng reads it "ha", not "wa").
+    "jpn": (
+        "でんしゃがあさしちじにでます。", "かぎをだいどころのテーブルにおきました。",
+        "パンとぎゅうにゅうをかわなければなりません。", "かいぎがにかいであります。",
+        "きのうしごとのあとでかのじょからでんわがありました。", "ほんがまどのそばのたなにあります。",
+        "かれがもくようびのごごにつきます。", "つぎのかどをひだりにまがってください。",
+        "みせがきょうろくじにしまります。", "かみにすうじをかきました。",
+        "かれらがせんげつあたらしいアパートにひっこしました。", "コーヒーがあおいカップにはいっています。",
+        "いっしょにえきまであるきました。", "てがみがけさとどきました。",
+        "あにがびょういんではたらいています。", "にわのドアがあいています。",
+        "こんばんファイルをおくります。", "バスがぎんこうのまえでとまります。",
+        "へやにいすがよっつあります。", "かのじょがしんぶんをよんでいます。",
+        "くるまがそとにとめてあります。", "らいしゅうのけいかくについてはなしました。",
+        "かれがどようびにへいをぬりました。", "でんわがつくえのうえにあります。",
+    ),
+}
+
+# Sentences that give the label away (used at rate `lexical_cue_rate`).
+CUE_SENTENCES: dict[str, dict[str, tuple[str, ...]]] = {
+    "eng": {
+        "neutral": ("I have no strong feelings about it.", "It is just an ordinary day.", "Fine, that is all."),
+        "joy": ("I am so happy about this!", "This is wonderful news!", "I love it, what a great day!"),
+        "sadness": ("I feel so sad today.", "This makes me want to cry.", "I miss her so much."),
+        "anger": ("I am furious with you!", "Stop it, this makes me so angry!", "How dare you do that!"),
+        "fear": ("I am really scared.", "Please help me, I am afraid!", "Something terrible is going to happen."),
+        "disgust": ("That is absolutely disgusting.", "Ugh, this smells revolting.", "That makes me feel sick."),
+        "surprise": ("Wow, I did not expect that!", "Really? What a surprise!", "No way, are you serious?"),
+    },
+    "deu": {
+        "neutral": ("Dazu habe ich keine besondere Meinung.", "Es ist ein ganz normaler Tag.", "Gut, das ist alles."),
+        "joy": ("Ich freue mich so sehr darüber!", "Das sind wunderbare Neuigkeiten!", "Was für ein schöner Tag!"),
+        "sadness": ("Ich bin heute so traurig.", "Da möchte ich am liebsten weinen.", "Ich vermisse sie so sehr."),
+        "anger": ("Ich bin wütend auf dich!", "Hör auf, das macht mich so sauer!", "Wie kannst du es wagen!"),
+        "fear": ("Ich habe große Angst.", "Hilfe, ich fürchte mich!", "Gleich passiert etwas Schreckliches."),
+        "disgust": ("Das ist absolut ekelhaft.", "Igitt, das riecht widerlich.", "Davon wird mir schlecht."),
+        "surprise": ("Wow, damit habe ich nicht gerechnet!", "Wirklich? Was für eine Überraschung!",
+                     "Nein, ist das dein Ernst?"),
+    },
+    "jpn": {
+        "neutral": ("とくになにもかんじません。", "ふつうのいちにちです。", "それだけです。"),
+        "joy": ("とてもうれしいです！", "すばらしいニュースですね！", "ほんとうにたのしいです！"),
+        "sadness": ("とてもかなしいです。", "なきたいきもちです。", "さびしくてたまりません。"),
+        "anger": ("ほんとうにおこっています！", "いいかげんにしてください！", "ふざけないでください！"),
+        "fear": ("とてもこわいです。", "たすけてください、こわいです！", "なにかおそろしいことがおきそうです。"),
+        "disgust": ("きもちわるいです。", "このにおいがいやです。", "ほんとうにうんざりです。"),
+        "surprise": ("えっ、ほんとうですか！", "びっくりしました！", "まさか、しんじられません！"),
+    },
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """One utterance to render (everything random already decided)."""
+
+    rel_path: str
+    voice: str
+    text: str
+    prosody: Prosody
+
+
+def parse_bias(spec: str) -> tuple[tuple[str, str], float]:
+    """Parse 'LANG:GENDER:STRENGTH' (e.g. 'deu:F:0.7') into ((lang, gender), strength); ConfigError if bad."""
+    parts = spec.split(":")
+    where = f"--bias {spec!r}"
+    if len(parts) != 3:
+        raise ConfigError(f"{where}: expected LANG:GENDER:STRENGTH, e.g. deu:F:0.7")
+    lang, gender, strength_s = (p.strip() for p in parts)
+    if lang not in LANGUAGES:
+        raise ConfigError(f"{where}: language {lang!r} is not allowed; expected one of {', '.join(LANGUAGES)}")
+    if gender not in GENDERS:
+        raise ConfigError(f"{where}: gender {gender!r} is not allowed; expected one of {', '.join(GENDERS)}")
+    try:
+        strength = float(strength_s)
+    except ValueError:
+        raise ConfigError(f"{where}: strength {strength_s!r} is not a number; expected 0 <= STRENGTH <= 1") from None
+    if not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"{where}: strength {strength} is out of range; expected 0 <= STRENGTH <= 1")
+    return (lang, gender), strength
+
+
+def _check_args(per_cell: int, eval_per_cell: int, bias: Mapping, lexical_cue_rate: float, workers: int) -> None:
+    if per_cell < 1:
+        raise ConfigError(f"per_cell={per_cell} is out of range; expected an integer >= 1")
+    if eval_per_cell < 1:
+        raise ConfigError(f"eval_per_cell={eval_per_cell} is out of range; expected an integer >= 1")
+    if not 0.0 <= lexical_cue_rate <= 1.0:
+        raise ConfigError(f"lexical_cue_rate={lexical_cue_rate} is out of range; expected 0 <= rate <= 1")
+    if workers < 1:
+        raise ConfigError(f"workers={workers} is out of range; expected an integer >= 1")
+    for key, strength in bias.items():
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] in LANGUAGES and key[1] in GENDERS):
+            raise ConfigError(f"bias key {key!r} is not allowed; expected (language, gender) with language in "
+                              f"{', '.join(LANGUAGES)} and gender in {', '.join(GENDERS)}")
+        if not 0.0 <= float(strength) <= 1.0:
+            raise ConfigError(f"bias strength {strength} for {key} is out of range; expected 0 <= STRENGTH <= 1")
+
+
+def _jittered(centre: Prosody, speaker: Prosody, rng: np.random.Generator) -> Prosody:
+    z = rng.standard_normal(5)
+    return Prosody(
+        pitch=float(np.clip(centre.pitch + speaker.pitch + JITTER.pitch * z[0], 0, 99)),
+        range_pct=float(np.clip(centre.range_pct + speaker.range_pct + JITTER.range_pct * z[1], -90, 150)),
+        rate=float(np.clip(centre.rate * (1 + speaker.rate) * (1 + JITTER.rate * z[2]), 0.5, 2.0)),
+        amplitude=float(np.clip(centre.amplitude + JITTER.amplitude * z[3], 20, 200)),
+        word_gap=float(np.clip(centre.word_gap + JITTER.word_gap * z[4], 0, 10)),
+    )
+
+
+def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, str], float], seed: int,
+                lexical_cue_rate: float) -> tuple[list[dict], list[Job]]:
+    """Decide every utterance (rows of the manifest + render jobs) from `seed`; pure, no I/O."""
+    rng = np.random.default_rng(seed)
+    speaker_offset: dict[str, Prosody] = {}
+    rows: list[dict] = []
+    jobs: list[Job] = []
+    for split in SPLITS:
+        n = per_cell if split == "train" else eval_per_cell
+        for lang in LANGUAGES:
+            for gender in GENDERS:
+                voices = VOICES[gender][split]
+                strength = float(bias.get((lang, gender), 0.0))
+                for emotion in EMOTIONS:
+                    # Exactly round(strength * n) utterances of the cell are neutralised (not a coin flip),
+                    # so a small corpus still carries the requested bias.
+                    neutralised = set(rng.permutation(n)[: int(round(strength * n))].tolist())
+                    for k in range(n):
+                        variant = voices[k % len(voices)]
+                        speaker = f"{lang}_{variant}"
+                        if speaker not in speaker_offset:
+                            z = rng.standard_normal(3)
+                            speaker_offset[speaker] = Prosody(
+                                pitch=SPEAKER_JITTER.pitch * z[0], range_pct=SPEAKER_JITTER.range_pct * z[1],
+                                rate=SPEAKER_JITTER.rate * z[2], amplitude=0, word_gap=0)
+                        flat = emotion != "neutral" and k in neutralised
+                        cue = bool(rng.random() < lexical_cue_rate)
+                        pool = CUE_SENTENCES[lang][emotion] if cue else SENTENCES[lang]
+                        text = pool[int(rng.integers(len(pool)))]
+                        centre = EMOTION_PROSODY["neutral" if flat else emotion]
+                        prosody = _jittered(centre, speaker_offset[speaker], rng)
+                        utt_id = f"syn_{split}_{lang}_{len(rows):05d}"
+                        rel = f"wavs/{split}/{lang}/{utt_id}.wav"
+                        rows.append(dict(utt_id=utt_id, split=split, language=lang, emotion=emotion,
+                                         speaker=speaker, gender=gender, transcript=text, audio=rel,
+                                         prosody_neutralised=int(flat), lexical_cue=int(cue)))
+                        jobs.append(Job(rel, f"{ESPEAK_LANG[lang]}+{variant}", text, prosody))
+    return rows, jobs
+
+
+def espeak_command(job: Job) -> list[str]:
+    """The espeak-ng command line that renders `job` as a 22.05 kHz wav on stdout."""
+    p = job.prosody
+    ssml = f'<speak><prosody range="{p.range_pct:+.0f}%">{escape(job.text)}</prosody></speak>'
+    return ["espeak-ng", "--stdout", "-m", "-z", "-v", job.voice, "-p", f"{p.pitch:.0f}",
+            "-s", f"{175 * p.rate:.0f}", "-a", f"{p.amplitude:.0f}", "-g", f"{p.word_gap:.0f}", ssml]
+
+
+def render(job: Job, out_dir: str) -> float:
+    """Synthesise one utterance into out_dir/job.rel_path (16 kHz mono PCM-16); returns its duration (s)."""
+    import soundfile as sf
+
+    from ermgap.data.audio import resample
+
+    proc = subprocess.run(espeak_command(job), capture_output=True, check=False)
+    if proc.returncode != 0 or not proc.stdout:
+        raise ErmgapError(f"espeak-ng failed for voice {job.voice!r}, text {job.text!r}: "
+                          f"{proc.stderr.decode(errors='replace').strip() or 'no audio produced'}")
+    x, sr = sf.read(io.BytesIO(proc.stdout), dtype="float32")
+    y = np.clip(resample(x, int(sr), SAMPLE_RATE), -1.0, 1.0)
+    path = Path(out_dir) / job.rel_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), y, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    return round(len(y) / SAMPLE_RATE, 4)
+
+
+def _render_chunk(jobs: list[Job], out_dir: str) -> list[float]:
+    return [render(job, out_dir) for job in jobs]
+
+
+def espeak_version() -> str:
+    """The installed espeak-ng version line; ErmgapError with an install hint when missing."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise ErmgapError("espeak-ng is not installed; install it (Debian/Ubuntu: `sudo apt-get install espeak-ng`, "
+                          "or `make setup` as root) to generate the synthetic corpus")
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False).stdout
+    return out.strip().split(":")[1].strip().split()[0] if ":" in out else out.strip()
+
+
+def synthesize(
+    out_dir: str | os.PathLike,
+    *,
+    per_cell: int = DEFAULT_PER_CELL,
+    eval_per_cell: int | None = None,
+    bias: Mapping[tuple[str, str], float] | None = None,
+    seed: int = 0,
+    lexical_cue_rate: float = 0.0,
+    force: bool = False,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Generate the corpus into `out_dir` (atomically; refuses an existing dir unless force) and return
+    the manifest path. bias: {(language, gender): strength in [0, 1]}; None means DEMO_BIAS, {} none.
+    workers: processes (default: CPU count). progress(done, total) is called as utterances finish."""
+    from ermgap.data.manifest import format_problems, validate_manifest, write_manifest
+    from ermgap.io import atomic_dir, check_writable
+
+    bias = dict(DEMO_BIAS if bias is None else bias)
+    eval_per_cell = max(1, per_cell // 2) if eval_per_cell is None else eval_per_cell
+    workers = workers or os.cpu_count() or 1
+    _check_args(per_cell, eval_per_cell, bias, lexical_cue_rate, workers)
+    check_writable(out_dir, force)
+    version = espeak_version()
+    rows, jobs = plan_corpus(per_cell=per_cell, eval_per_cell=eval_per_cell, bias=bias, seed=seed,
+                             lexical_cue_rate=lexical_cue_rate)
+    total = len(jobs)
+    with atomic_dir(out_dir, force=force) as tmp:
+        # Chunks keep process overhead low; order of results is the order of jobs, so output is
+        # independent of scheduling.
+        size = max(1, min(32, total // (workers * 4) or 1))
+        chunks = [jobs[i:i + size] for i in range(0, total, size)]
+        durations: list[float] = []
+        if workers == 1:
+            for chunk in chunks:
+                durations += _render_chunk(chunk, str(tmp))
+                if progress:
+                    progress(len(durations), total)
+        else:
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_render_chunk, chunk, str(tmp)) for chunk in chunks]
+                for fut in futures:
+                    durations += fut.result()
+                    if progress:
+                        progress(len(durations), total)
+        import pandas as pd
+
+        df = pd.DataFrame(rows)
+        df["duration_s"] = durations
+        manifest = tmp / "manifest.csv"
+        write_manifest(df, manifest)
+        problems = validate_manifest(manifest, modality="multi")
+        if problems:  # a bug here, not a user error: fail loudly before anything is published
+            raise RuntimeError(f"generated manifest is invalid:\n{format_problems(problems, 20)}")
+        meta = {
+            "generator": "ermgap.data.synth", "espeak_ng": version, "seed": seed, "per_cell": per_cell,
+            "eval_per_cell": eval_per_cell, "lexical_cue_rate": lexical_cue_rate,
+            "bias": [{"language": k[0], "gender": k[1], "strength": v} for k, v in sorted(bias.items())],
+            "sample_rate": SAMPLE_RATE, "voices": VOICES, "espeak_language": ESPEAK_LANG,
+            "emotion_prosody": {e: asdict(p) for e, p in EMOTION_PROSODY.items()},
+            "jitter_sd": asdict(JITTER), "speaker_jitter_sd": asdict(SPEAKER_JITTER),
+            "num_utterances": total, "num_prosody_neutralised": int(df["prosody_neutralised"].sum()),
+            "num_lexical_cue": int(df["lexical_cue"].sum()), "total_duration_s": round(float(sum(durations)), 2),
+        }
+        (tmp / "corpus.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return Path(out_dir) / "manifest.csv"
