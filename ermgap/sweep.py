@@ -120,6 +120,21 @@ def check_resources(spec: SweepSpec, available: dict[str, float], where: str) ->
                     f"resources.num_workers / resources.cpus_per_worker / resources.gpus_per_worker")
 
 
+def check_trial_inputs(spec: SweepSpec) -> None:
+    """Run the training module's pre-flight checks (manifest, model dir, batch vs data size, GPU) once
+    per distinct set of inputs among the trials, so a bad path fails the sweep before any trial."""
+    from ermgap.train import check_inputs
+
+    seen: set[str] = set()
+    for params in spec.example_trials():
+        cfg = spec.trial_config(params)
+        key = json.dumps([cfg.data.model_dump(), cfg.model.name_or_path, cfg.eval.metric,
+                          cfg.optim.effective_batch_size, cfg.distributed.use_gpu], default=str)
+        if key not in seen:
+            seen.add(key)
+            check_inputs(cfg)
+
+
 def local_resources() -> dict[str, float]:
     """What a local Ray cluster started here would have."""
     gpus = 0
@@ -204,7 +219,9 @@ def _scheduler(spec: SweepSpec):
         return None
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(time_attr=s.time_attr, metric=s.metric, mode=s.mode, max_t=s.max_t,
+    # max_t + 1: a run's final report (test metrics, done=True) repeats its last eval_round; a
+    # scheduler stop at exactly max_t would cut that report off. The rungs stay those of max_t.
+    return ASHAScheduler(time_attr=s.time_attr, metric=s.metric, mode=s.mode, max_t=s.max_t + 1,
                          grace_period=s.grace_period, reduction_factor=s.reduction_factor)
 
 
@@ -359,8 +376,7 @@ def build_leaderboard(spec: SweepSpec, runs: pd.DataFrame, tune_rows: dict[str, 
         child = children[-1] if children else None
         row["mlflow_run_id"] = None if child is None else child["run_id"]
         for m in DEV_METRICS + TEST_METRICS:
-            v = None if child is None else child.get(f"metrics.{m}")
-            row[m] = None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+            row[m] = _final_metric(child, m)
         rows.append(row)
     board = pd.DataFrame(rows)
     if board.empty:
@@ -375,6 +391,18 @@ def build_leaderboard(spec: SweepSpec, runs: pd.DataFrame, tune_rows: dict[str, 
     if best is not None:
         board.loc[board["trial"] == best, "best"] = True
     return board
+
+
+def _final_metric(child: pd.Series | None, name: str) -> float | None:
+    """A finished run logs `final/<name>` (dev metrics of the best checkpoint, test metrics); a stopped
+    run only has its last evaluation's `<name>` (test metrics absent)."""
+    if child is None:
+        return None
+    for key in (f"metrics.final/{name}", f"metrics.{name}"):
+        v = child.get(key)
+        if v is not None and not (isinstance(v, float) and math.isnan(v)):
+            return float(v)
+    return None
 
 
 def select_best(board: pd.DataFrame, spec: SweepSpec) -> str | None:
@@ -407,10 +435,9 @@ def leaderboard_markdown(board: pd.DataFrame) -> str:
 
 
 def print_leaderboard(board: pd.DataFrame, spec: SweepSpec, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or _console()
     sel = spec.model.selection
     table = Table(title=f"sweep {spec.name}: {len(board)} trials  (★ best: {sel.metric} {sel.mode} among "
                         f"{sel.gap_metric} ≤ min + {sel.tolerance:g};  ◆ Pareto: dev W-F1 ↑ / dev AVG gap ↓)")
@@ -486,14 +513,24 @@ def _log_parent_artifacts(client, parent_id: str, spec: SweepSpec, paths: SweepP
 
 def _pareto_artifacts(board: pd.DataFrame, out: Path) -> dict[str, Path]:
     """The Pareto plot (dev W-F1 vs dev AVG gap, one point per trial)."""
-    from ermgap.plots import pareto_plot
-
+    try:
+        from ermgap.plots import pareto_plot
+    except ImportError:
+        return {}
     ok = board[board["dev_w_f1"].notna() & board["dev_avg_gap"].notna()]
     if ok.empty:
         return {}
     path = out / "pareto.png"
     pareto_plot(ok, path, x="dev_avg_gap", y="dev_w_f1", label="trial")
     return {"pareto_plot": path}
+
+
+def _console():
+    """A console wide enough for the leaderboard even when stdout is a pipe or a CI log."""
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal and c.width >= 160 else Console(width=200)
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -509,9 +546,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
     this machine before starting a local Ray cluster, against the cluster after joining `address`.
     `trainer_factory` ("module:function") must have `ermgap.train.build_trainer`'s signature.
     """
-    from rich.console import Console
-
-    console = console or Console()
+    console = console or _console()
     t0 = time.perf_counter()
     if not isinstance(spec, SweepSpec):
         spec = load_sweep_spec(spec, overrides)
@@ -541,6 +576,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
 
     if address is None:
         check_resources(spec, local_resources(), "this machine")
+        check_trial_inputs(spec)
     from ermgap.ray_runtime import ensure_ray
 
     import ray
@@ -551,6 +587,8 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
     outcome.ray_start_s = time.perf_counter() - t_ray
     try:
         check_resources(spec, ray.cluster_resources(), "the Ray cluster")
+        if address is not None:
+            check_trial_inputs(spec)
         client = _client(tracking_uri)
         if resume:
             parent_id = state["parent_run_id"]

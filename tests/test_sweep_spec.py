@@ -1,0 +1,224 @@
+"""Sweep specs: validation before Ray starts, shipped specs, dry-run, selection rule (no Ray, seconds)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ermgap.config import load_config
+from ermgap.errors import ConfigError, OutputExistsError
+from ermgap.sweep_spec import load_sweep_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEPS = ROOT / "sweeps"
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def _spec(tmp_path: Path, **changes) -> Path:
+    """A small valid spec file (inline base) with top-level keys replaced by `changes`."""
+    tree = {
+        "name": "t",
+        "base": {"data": {"manifest": "x.csv"}, "model": {"name_or_path": "m"},
+                 "optim": {"effective_batch_size": 16, "micro_batch_size": 4}},
+        "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0},
+                     "adaptive": {"lambda.mode": "adaptive"}},
+        "space": {"optim.lr": {"grid": [1e-4, 3e-4]}},
+        "resources": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "storage_path": str(tmp_path / "sweeps"),
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    tree.update(changes)
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def _error(path: Path, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_sweep_spec(path, overrides)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_unknown_search_key_is_named_with_suggestion(tmp_path):
+    msg = _error(_spec(tmp_path, space={"lambda.epsilonn": {"grid": [0.01]}}))
+    assert "spec.yaml" in msg and "space" in msg and "'lambda.epsilonn'" in msg
+    assert "did you mean 'lambda.epsilon'" in msg
+
+
+def test_section_instead_of_value_is_refused(tmp_path):
+    msg = _error(_spec(tmp_path, space={"optim": {"grid": [1]}}))
+    assert "'optim' is a config section" in msg
+
+
+def test_unknown_spec_key_and_unknown_variant_key(tmp_path):
+    assert "schedular: unknown key (did you mean 'scheduler'?)" in _error(_spec(tmp_path, schedular={}))
+    msg = _error(_spec(tmp_path, variants={"a": {"lambda.eat": 1}}))
+    assert "variants.a" in msg and "did you mean 'lambda.eta'" in msg
+
+
+def test_empty_grid_and_empty_seeds(tmp_path):
+    msg = _error(_spec(tmp_path, space={"optim.lr": {"grid": []}}))
+    assert "space.optim.lr" in msg and "at least one value" in msg
+    assert "seeds" in _error(_spec(tmp_path, seeds=[]))
+
+
+def test_invalid_value_names_trial_and_key(tmp_path):
+    msg = _error(_spec(tmp_path, space={"lambda.eta": {"grid": [0.5, -1.0]}}))
+    assert "lambda.eta" in msg and "-1.0" in msg and "greater than or equal to 0" in msg
+
+
+def test_every_grid_point_is_validated(tmp_path):
+    # Each value is valid alone; only the combination micro_batch=3 (16 % 3 != 0) fails the cross-field check.
+    msg = _error(_spec(tmp_path, space={"optim.micro_batch_size": {"grid": [4, 3]}}))
+    assert "optim.micro_batch_size=3" in msg and "divisible" in msg
+
+
+def test_sampled_ranges_are_probed_at_both_ends(tmp_path):
+    msg = _error(_spec(tmp_path, algorithm="random", space={"lora.dropout": {"uniform": [0.1, 1.5]}}))
+    assert "lora.dropout" in msg and "1.5" in msg
+    assert "low < high" in _error(_spec(tmp_path, algorithm="random", space={"optim.lr": {"uniform": [1.0, 0.1]}}))
+    assert "low > 0" in _error(_spec(tmp_path, algorithm="random", space={"optim.lr": {"loguniform": [0, 1]}}))
+
+
+def test_algorithm_consistency(tmp_path):
+    assert "use `choice`" in _error(_spec(tmp_path, algorithm="optuna_tpe"))
+    assert "grid dimensions only" in _error(_spec(tmp_path, space={"optim.lr": {"choice": [1e-4]}}))
+    assert "two or more objectives" in _error(
+        _spec(tmp_path, algorithm="optuna_multi", space={"optim.lr": {"loguniform": [1e-5, 1e-3]}}))
+    assert "unknown metric" in _error(_spec(tmp_path, selection={"metric": "dev_f1"}))
+
+
+def test_impossible_resources_refused_before_ray_starts(tmp_path):
+    import ray
+
+    from ermgap.sweep import run_sweep
+
+    path = _spec(tmp_path, resources={"num_workers": 2, "cpus_per_worker": 4096})
+    with pytest.raises(ConfigError, match=r"needs 8192\.1 CPU.*this machine has"):
+        run_sweep(path)
+    assert not ray.is_initialized()
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_gpu_trial_refused_on_machine_without_gpu(tmp_path):
+    import torch
+
+    from ermgap.sweep import run_sweep
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="GPU"):
+        run_sweep(_spec(tmp_path, resources={"num_workers": 1, "gpus_per_worker": 1}))
+
+
+def test_existing_sweep_needs_resume_or_force_and_resume_needs_state(tmp_path):
+    from ermgap.sweep import run_sweep
+
+    path = _spec(tmp_path)
+    with pytest.raises(ConfigError, match="no sweep to resume"):
+        run_sweep(path, resume=True)
+    (tmp_path / "sweeps" / "t").mkdir(parents=True)
+    with pytest.raises(OutputExistsError, match="--resume .* or --force"):
+        run_sweep(path)
+
+
+# --------------------------------------------------------------------------- expansion
+
+
+def test_trial_config_equals_independently_loaded_config():
+    """Oracle: config.load_config(base, dotted overrides) built by hand for one demo trial."""
+    spec = load_sweep_spec(SWEEPS / "demo.yaml")
+    got = spec.trial_config({"variant": "adaptive_p1"})
+    want = load_config(TINY, ["optim.epochs=6", "eval.patience=0", "distributed.num_workers=1",
+                              "distributed.cpus_per_worker=0.9", "distributed.use_gpu=false",
+                              "lambda.mode=adaptive", "lambda.init=0.0", "objective.p=1"])
+    assert got.to_dict() == want.to_dict()
+
+
+def test_grid_is_the_cartesian_product(tmp_path):
+    spec = load_sweep_spec(_spec(tmp_path, seeds=[1, 2, 3]))
+    points = spec.example_trials()
+    want = [{"variant": v, "optim.lr": lr, "optim.seed": s}
+            for v, lr, s in itertools.product(["erm", "adaptive"], [1e-4, 3e-4], [1, 2, 3])]
+    assert points == want
+    assert spec.trial_config(points[-1]).optim.seed == 3
+
+
+def test_cli_overrides(tmp_path):
+    path = _spec(tmp_path)
+    spec = load_sweep_spec(path, ["base.optim.epochs=2", "space.lambda.eta=[0.25, 0.5, 1.0]",
+                                  "max_concurrent_trials=1", "variants.erm.lambda.init=0.5"])
+    assert spec.num_trials() == 2 * 2 * 3
+    assert spec.model.max_concurrent_trials == 1
+    cfg = spec.trial_config({"variant": "erm", "optim.lr": 1e-4, "lambda.eta": 1.0})
+    assert (cfg.optim.epochs, cfg.lam.eta, cfg.lam.init) == (2, 1.0, 0.5)
+    assert "did you mean 'optim.epochs'" in _error(path, ["base.optim.epoch=2"])
+
+
+def test_spec_hash_changes_with_overrides(tmp_path):
+    path = _spec(tmp_path)
+    assert load_sweep_spec(path).hash() == load_sweep_spec(path).hash()
+    assert load_sweep_spec(path).hash() != load_sweep_spec(path, ["base.optim.epochs=2"]).hash()
+
+
+# --------------------------------------------------------------------------- shipped specs
+
+
+@pytest.mark.parametrize("name,trials", [("demo", 4), ("paper_main", 2 * 2), ("paper_ablation", 5 * 2 * 2),
+                                         ("fairness_grid", 3 * 3 * 3)])
+def test_shipped_specs_validate_and_dry_run(name, trials):
+    from typer.testing import CliRunner
+
+    from ermgap.cli.main import app
+
+    spec = load_sweep_spec(SWEEPS / f"{name}.yaml")
+    assert spec.num_trials() == trials
+    result = CliRunner().invoke(app, ["sweep", str(SWEEPS / f"{name}.yaml"), "--dry-run"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"{trials} trials" in result.output and "resources:" in result.output
+
+
+def test_paper_specs_use_paper_hyperparameters():
+    spec = load_sweep_spec(SWEEPS / "paper_main.yaml")
+    cfg = spec.trial_config({"variant": "erm_minmaxgap", "data.modality": "multi"})
+    assert cfg.model.name_or_path == "Qwen/Qwen2-Audio-7B-Instruct"
+    assert (cfg.optim.epochs, cfg.optim.effective_batch_size, cfg.optim.lr, cfg.optim.weight_decay) == (20, 64, 5e-5, 0.01)
+    assert (cfg.eval.patience, cfg.optim.seed, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (5, 42, 16, 32, 0.05)
+    assert (cfg.objective.p, cfg.lam.mode, cfg.lam.init, cfg.lam.epsilon, cfg.lam.eta, cfg.lam.lam_max) == \
+        (2, "adaptive", 0.0, 0.02, 0.5, 10.0)
+    assert cfg.distributed.use_gpu
+    abl = load_sweep_spec(SWEEPS / "paper_ablation.yaml")
+    lams = sorted({(abl.trial_config(p).lam.mode, abl.trial_config(p).lam.init) for p in abl.example_trials()})
+    assert lams == [("adaptive", 0.0), ("fixed", 0.0), ("fixed", 1.0), ("fixed", 5.0), ("fixed", 10.0)]
+
+
+# --------------------------------------------------------------------------- selection rule
+
+
+def test_selection_rule_hand_case():
+    from ermgap.sweep import select_best
+
+    spec = load_sweep_spec(SWEEPS / "demo.yaml")  # tolerance 2.0 points on dev_avg_gap
+    board = pd.DataFrame({
+        "trial": ["a", "b", "c", "d", "e"],
+        "dev_w_f1": [60.0, 55.0, 50.0, 70.0, 80.0],
+        "dev_avg_gap": [4.0, 2.5, 2.0, 4.1, 1.0],
+        "test_w_f1": [1.0, 1.0, 1.0, 1.0, math.nan],  # e never finished (stopped): not eligible
+    })
+    # Finished trials' lowest gap is 2.0 → admissible gap ≤ 4.0: a, b, c → best W-F1 is a (d's 4.1 is out).
+    assert select_best(board, spec) == "a"
+
+
+def test_ui_host_check():
+    from ermgap.cli.sweep_cmd import _is_loopback
+
+    assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
+    assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")
