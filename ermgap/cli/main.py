@@ -21,6 +21,7 @@ app = typer.Typer(
 # (module, attribute, name): a Typer sub-app registered as a group, or a function registered as a command.
 _GROUPS: list[tuple[str, str, str]] = [
     ("ermgap.cli.config_cmd", "app", "config"),
+    ("ermgap.cli.data_cmd", "app", "data"),
     ("ermgap.cli.model_cmd", "app", "model"),
     ("ermgap.cli.submit_cmd", "jobs_app", "jobs"),
 ]

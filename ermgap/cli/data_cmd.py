@@ -1,0 +1,140 @@
+"""`ermgap data validate|stats|synth|import-meld-st`: prepare and inspect manifests."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ermgap.errors import ManifestError
+
+app = typer.Typer(help="Prepare and inspect datasets (canonical manifests).", no_args_is_help=True)
+
+
+@app.command("validate")
+def validate(
+    manifest: Path = typer.Argument(..., help="Manifest CSV."),
+    modality: str = typer.Option(None, "--modality", help="uni | multi (multi also requires transcripts)."),
+    no_audio: bool = typer.Option(False, "--no-audio", help="Skip opening the audio files."),
+    sample_rate: int = typer.Option(16000, "--sample-rate", help="Expected sample rate (Hz); 0 accepts any."),
+    max_problems: int = typer.Option(200, "--max-problems", help="Print at most this many problems (0: all)."),
+) -> None:
+    """Check columns, values, unique ids, splits, both genders per (split, language) and every audio file.
+
+    Lists all problems with row and column; exits 2 when there is any."""
+    from ermgap.data.manifest import format_problems, validate_manifest
+
+    rates: Counter = Counter()
+    problems = validate_manifest(manifest, modality=modality, check_audio=not no_audio,
+                                 expected_sample_rate=sample_rate or None, sample_rates=rates)
+    if rates:
+        typer.echo("sample rates: " + ", ".join(f"{r} Hz × {n}" for r, n in sorted(rates.items())))
+    if problems:
+        raise ManifestError(f"{manifest}: {len(problems)} problem(s):\n"
+                            f"{format_problems(problems, max_problems or None)}")
+    import pandas as pd
+
+    n = len(pd.read_csv(manifest, dtype=str, keep_default_na=False))
+    typer.echo(f"{manifest}: OK ({n} utterances" + ("" if no_audio else ", audio checked") + ")")
+
+
+@app.command("stats")
+def stats(
+    manifest: Path = typer.Argument(..., help="Manifest CSV."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """Print the paper's Table 1 (language × gender × split) and the emotion distribution."""
+    from ermgap.data.manifest import read_manifest
+    from ermgap.data.stats import OVERALL, TOTAL, corpus_stats, emotion_distribution, language_label, table1
+    from ermgap.labels import EMOTIONS
+
+    df = read_manifest(manifest, require_splits=())
+    if as_json:
+        typer.echo(json.dumps(corpus_stats(df), indent=2))
+        return
+    console = Console()
+    t1 = table1(df)
+    table = Table(title=f"Table 1 layout: {manifest}")
+    for col in ("Language", "Gender", "Train", "Dev", "Test", "Total"):
+        table.add_column(col, justify="left" if col in ("Language", "Gender") else "right")
+    prev = None
+    for (lang, gender), row in t1.iterrows():
+        name = lang if lang == OVERALL else language_label(lang)
+        table.add_row(name if lang != prev else "", {"F": "Female", "M": "Male"}.get(gender, gender),
+                      *(str(row[c]) for c in ("train", "dev", "test", "total")),
+                      end_section=gender == TOTAL)
+        prev = lang
+    console.print(table)
+    em = emotion_distribution(df)
+    table = Table(title="Emotions per language and gender (all splits)",
+                  caption=", ".join(f"{e[:3]} = {e}" for e in EMOTIONS))
+    for col in ("Lang", "Gender", *(e[:3] for e in EMOTIONS), "Total"):
+        table.add_column(col, justify="left" if col in ("Lang", "Gender") else "right", no_wrap=True)
+    for (lang, gender), row in em.iterrows():
+        table.add_row(lang, gender, *(str(row[e]) for e in EMOTIONS), str(row["total"]))
+    console.print(table)
+
+
+@app.command("synth")
+def synth(
+    out: Path = typer.Option(..., "--out", help="Output folder (manifest.csv, wavs/, corpus.json)."),
+    per_cell: int = typer.Option(16, "--per-cell", help="Train utterances per (language, gender, emotion)."),
+    eval_per_cell: int = typer.Option(None, "--eval-per-cell",
+                                      help="Dev and test utterances per cell (default: per-cell // 2)."),
+    bias: list[str] = typer.Option(None, "--bias", help="LANG:GENDER:STRENGTH, repeatable "
+                                   "(default deu:F:0.7; 'none' for an unbiased corpus)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed: byte-identical corpus)."),
+    lexical_cue_rate: float = typer.Option(0.0, "--lexical-cue-rate",
+                                           help="Fraction of sentences that state the emotion (0..1)."),
+    workers: int = typer.Option(None, "--workers", help="Processes (default: CPU count)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+) -> None:
+    """Generate the synthetic multilingual emotional speech corpus with espeak-ng."""
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ermgap.data.synth import DEMO_BIAS, parse_bias, synthesize
+
+    if not bias:
+        biases = dict(DEMO_BIAS)
+    elif [b.strip().lower() for b in bias] == ["none"]:
+        biases = {}
+    else:
+        biases = dict(parse_bias(b) for b in bias)
+    start = time.perf_counter()
+    with Progress(TextColumn("synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("synth", total=None)
+        manifest = synthesize(out, per_cell=per_cell, eval_per_cell=eval_per_cell, bias=biases, seed=seed,
+                              lexical_cue_rate=lexical_cue_rate, workers=workers, force=force,
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+    meta = json.loads((Path(out) / "corpus.json").read_text(encoding="utf-8"))
+    shown = ", ".join(f"{k[0]}:{k[1]}:{v}" for k, v in biases.items()) or "none"
+    typer.echo(f"wrote {manifest} ({meta['num_utterances']} utterances, {meta['total_duration_s'] / 60:.1f} min "
+               f"of audio, bias {shown}) in {time.perf_counter() - start:.1f} s")
+
+
+@app.command("import-meld-st")
+def import_meld_st_cmd(
+    root: Path = typer.Argument(..., help="MELD-ST release folder (holds ENG_JPN/ and ENG_DEU/)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (manifest.csv, import_summary.json)."),
+    genders: Path = typer.Option(None, "--genders", help="speaker,gender CSV (default: the shipped table)."),
+    audio_pattern: str = typer.Option("{pair}/{split}/{lang_name}/{id}.wav", "--audio-pattern",
+                                      help="Audio path under ROOT; placeholders {pair} {split} {lang} "
+                                           "{lang_name} {id} {dia_id} {utt_id} {season} {episode}."),
+    require_audio: bool = typer.Option(True, "--require-audio/--no-require-audio",
+                                       help="Exclude rows whose audio file is missing."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+) -> None:
+    """Convert the MELD-ST release to a canonical manifest (valid → dev), excluding unattributable rows."""
+    from ermgap.data.meld_st import DEFAULT_SPEAKERS, import_meld_st
+
+    manifest, summary = import_meld_st(root, out, genders=genders or DEFAULT_SPEAKERS, audio_pattern=audio_pattern,
+                                       require_audio=require_audio, force=force)
+    typer.echo(summary.format())
+    typer.echo(f"wrote {manifest}")
