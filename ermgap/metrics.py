@@ -39,7 +39,6 @@ METRIC_KEYS: tuple[str, ...] = ("w_f1", "acc", "tpr_gap", "fpr_gap", "w_f1_gap",
 K = len(EMOTIONS)  # gold classes; prediction index K means "invalid"
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
-_MAX_PROBLEMS = 20
 
 
 # ----------------------------------------------------------------------------------------------- input
@@ -50,7 +49,8 @@ def read_predictions(path: str | Path) -> pd.DataFrame:
 
     Returns a DataFrame with string columns and ``valid`` as bool (True when the column is absent and the
     prediction is a label). Raises PredictionsError naming the file, the data row (1-based, with its CSV
-    line = row + 1 for the header) and the column of every problem found (up to 20).
+    line = row + 1 for the header) and the column of each problem: one line per column and kind,
+    with the first offending rows.
     """
     path = Path(path)
     if not path.is_file():
@@ -82,10 +82,12 @@ def validate_predictions(df: pd.DataFrame, *, source: str = "predictions") -> pd
     problems: list[str] = []
 
     def bad(mask: np.ndarray, column: str, allowed: str) -> None:
-        for i in np.flatnonzero(mask)[:_MAX_PROBLEMS]:
-            problems.append(
-                f"data row {i + 1} (CSV line {i + 2}), column {column!r}: value {out[column].iloc[i]!r}; {allowed}"
-            )
+        # One line per column and kind: a wholly wrong column should not bury the message in repeats.
+        rows = np.flatnonzero(mask)
+        if rows.size:
+            shown = ", ".join(f"data row {i + 1} (CSV line {i + 2}) {out[column].iloc[i]!r}" for i in rows[:3])
+            more = f" and {rows.size - 3} more" if rows.size > 3 else ""
+            problems.append(f"column {column!r}: {rows.size} bad value(s) at {shown}{more}; {allowed}")
 
     for col in (*REQUIRED_COLUMNS, *(c for c in ("valid", "modality") if c in out.columns)):
         out[col] = out[col].astype(str).str.strip()
@@ -104,16 +106,19 @@ def validate_predictions(df: pd.DataFrame, *, source: str = "predictions") -> pd
         out["valid"] = low.isin(_TRUE)
     else:
         out["valid"] = out["pred"] != INVALID
-    dup = out["utt_id"].duplicated(keep="first").to_numpy() & (out["utt_id"] != "").to_numpy()
-    for i in np.flatnonzero(dup)[:_MAX_PROBLEMS]:
+    dup = np.flatnonzero(out["utt_id"].duplicated(keep="first").to_numpy() & (out["utt_id"] != "").to_numpy())
+    if dup.size:
+        i = int(dup[0])
         first = int(np.flatnonzero((out["utt_id"] == out["utt_id"].iloc[i]).to_numpy())[0])
+        more = f" ({dup.size} duplicate rows in all)" if dup.size > 1 else ""
         problems.append(
-            f"data row {i + 1} (CSV line {i + 2}), column 'utt_id': duplicate id {out['utt_id'].iloc[i]!r} "
-            f"(first at data row {first + 1}); ids must be unique"
+            f"column 'utt_id': duplicate id {out['utt_id'].iloc[i]!r} at data row {i + 1} (CSV line {i + 2}), "
+            f"first at data row {first + 1}{more}; ids must be unique"
         )
+    if len(problems) == 1:
+        raise PredictionsError(f"{source}: {problems[0]}")
     if problems:
-        more = " (showing the first ones)" if len(problems) >= _MAX_PROBLEMS else ""
-        raise PredictionsError(f"{source}: {len(problems)} problem(s){more}:\n  " + "\n  ".join(problems))
+        raise PredictionsError(f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems))
     return out
 
 

@@ -30,7 +30,7 @@ def report(
     """Write table2/table3 (.md/.csv/.tex), metrics.json and PNG plots for the given systems."""
     from ermgap import report as R
 
-    console = Console()
+    console = Console(soft_wrap=True)
     chosen: list = []
     for spec in preds or []:
         chosen.append(R.parse_preds_spec(spec))
@@ -40,6 +40,7 @@ def report(
     if mlflow_parent or runs:
         import os
 
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in the CLI output
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
         with tempfile.TemporaryDirectory(prefix="ermgap-report-") as tmp:
             found, skipped = R.systems_from_mlflow(uri, parent_run_id=mlflow_parent, run_ids=runs or [],

@@ -1,0 +1,189 @@
+"""ermgap.report / ermgap.plots: tables checked against independently computed numbers, real PNGs, real MLflow."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from metrics_oracle import oracle, random_preds
+
+from ermgap import plots
+from ermgap.errors import ConfigError, OutputExistsError, PredictionsError
+from ermgap.labels import LANGUAGES
+from ermgap.report import System, build_report, load_systems_yaml, parse_preds_spec
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_systems() -> dict[tuple[str, str], pd.DataFrame]:
+    """Two models × two modalities on the same 900 utterances (same gold/gender/language)."""
+    base = random_preds(900, 21)
+    rng = np.random.default_rng(22)
+    out = {}
+    for name, skill in (("Base_1", 0.3), ("Ours", 0.6)):
+        for mod, bonus in (("uni", 0.0), ("multi", 0.1)):
+            hit = rng.random(len(base)) < skill + bonus
+            out[(name, mod)] = base.assign(pred=np.where(hit, base["gold"], base["pred"]))
+    return out
+
+
+def as_systems(frames, **kw) -> list[System]:
+    return [System(name=n, modality=m, preds=df, **kw) for (n, m), df in frames.items()]
+
+
+def parse_markdown(text: str) -> tuple[list[str], list[list[str]]]:
+    """(header cells, body rows as cells), with the bold/underline marks removed."""
+    lines = [ln for ln in text.strip().splitlines() if ln.startswith("|")]
+    cells = [[re.sub(r"\*\*|</?u>", "", c).strip() for c in ln.strip("|").split(" | ")] for ln in lines]
+    return cells[0], cells[2:]
+
+
+def test_table2_markdown_has_expected_rows_and_numbers(tmp_path):
+    frames = fake_systems()
+    paths = build_report(as_systems(frames), tmp_path / "rep")
+    header, rows = parse_markdown(paths["table2_md"].read_text())
+    assert header[0] == "Model" and header[1] == "Uni W-F1↑" and header[8] == "Multi W-F1↑"
+    assert header[-1] == "Δ AVG (uni→multi)" and len(header) == 16
+    assert [r[0] for r in rows] == ["*Multilingual*", "Base_1", "Ours", "*DEU*", "Base_1", "Ours",
+                                    "*ENG*", "Base_1", "Ours", "*JPN*", "Base_1", "Ours"]
+    keys = ("w_f1", "acc", "tpr_gap", "fpr_gap", "w_f1_gap", "acc_gap", "avg_gap")
+    subset_of_row = {1: None, 2: None, 4: "deu", 5: "deu", 7: "eng", 8: "eng", 10: "jpn", 11: "jpn"}
+    for i, lang in subset_of_row.items():
+        name = rows[i][0]
+        want = {}
+        for mod in ("uni", "multi"):
+            df = frames[(name, mod)]
+            want[mod] = oracle(df if lang is None else df[df["language"] == lang])
+        expected = [f"{want[m][k]:.2f}" for m in ("uni", "multi") for k in keys]
+        assert rows[i][1:15] == expected, (name, lang)
+        delta = want["multi"]["avg_gap"] - want["uni"]["avg_gap"]
+        assert rows[i][15] == ("↓" if delta < 0 else "↑") + f"{abs(delta):.2f}"
+    # the CSV keeps full precision
+    csv = pd.read_csv(paths["table2_csv"])
+    ours = csv[(csv["subset"] == "multilingual") & (csv["model"] == "Ours")].iloc[0]
+    assert ours["multi_avg_gap"] == pytest.approx(oracle(frames[("Ours", "multi")])["avg_gap"])
+    # Table 3: multilingual only, one section per group
+    _, rows3 = parse_markdown(paths["table3_md"].read_text())
+    assert [r[0] for r in rows3] == ["*Systems*", "Base_1", "Ours"]
+    tex = paths["table2_tex"].read_text()
+    assert tex.startswith(r"\begin{tabular}") and r"Base\_1" in tex and r"\textbf{" not in tex  # top-2 of 2: no marks
+    doc = json.loads(paths["metrics_json"].read_text())
+    assert [(s["name"], s["modality"]) for s in doc["systems"]] == list(frames)
+    assert set(doc["systems"][0]["per_language"]) == set(LANGUAGES)
+
+
+def test_report_pngs_and_ci_outputs(tmp_path):
+    frames = fake_systems()
+    systems = as_systems(frames)
+    systems[2].lambda_history = [(0, 0.0), (10, 0.4), (20, 0.9)]
+    paths = build_report(systems, tmp_path / "rep", n_boot=100, seed=1, baseline="Base_1")
+    pngs = [p for p in paths.values() if p.suffix == ".png"]
+    assert {p.name for p in pngs} >= {"fairness_accuracy.png", "gender_gaps.png", "lambda_trajectory.png",
+                                      "Ours_uni.png", "Base_1_multi.png"}
+    for p in pngs:
+        data = p.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 2000, p
+    csv = pd.read_csv(paths["table2_csv"])
+    assert (csv["uni_w_f1_lo"] <= csv["uni_w_f1"]).all() and (csv["uni_w_f1"] <= csv["uni_w_f1_hi"]).all()
+    paired = pd.read_csv(paths["paired_csv"])
+    # Ours is clearly more accurate than Base_1 in both modalities: the paired CI excludes 0
+    vs = paired[(paired["comparison"] == "Base_1→Ours") & (paired["subset"] == "multilingual")
+                & (paired["metric"] == "acc")]
+    assert len(vs) == 2 and (vs["lo"] > 0).all()
+    assert set(paired["comparison"]) == {"Base_1: uni→multi", "Ours: uni→multi", "Base_1→Ours"}
+
+
+def test_plot_functions_write_pngs(tmp_path):
+    out = plots.fairness_accuracy_scatter([(50, 4), (55, 5), (40, 6)], ["a", "b", "c"], tmp_path / "s.png")
+    out2 = plots.lambda_trajectories({"run": [(1, 0.0), (2, 0.5)]}, tmp_path / "l.png")
+    out3 = plots.pareto_plot(pd.DataFrame({"trial": ["t1", "t2"], "dev_w_f1": [40.0, 50.0],
+                                           "dev_avg_gap": [3.0, 2.0]}), tmp_path / "p.png",
+                             x="dev_avg_gap", y="dev_w_f1", label="trial")
+    for p in (out, out2, out3):
+        assert p.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(OutputExistsError):
+        plots.lambda_trajectories({"run": [(1, 0.0)]}, tmp_path / "l.png")
+
+
+def test_bad_inputs_give_clear_errors_and_write_nothing(tmp_path):
+    frames = fake_systems()
+    out = tmp_path / "rep"
+    dup = as_systems(frames)
+    dup.append(dup[0])
+    with pytest.raises(ConfigError, match="given twice"):
+        build_report(dup, out)
+    with pytest.raises(ConfigError, match="baseline"):
+        build_report(as_systems(frames), out, baseline="nope")
+    with pytest.raises(ConfigError, match="NAME:MODALITY:PATH"):
+        parse_preds_spec("just-a-path.csv")
+    good = tmp_path / "good.csv"
+    frames[("Ours", "uni")].to_csv(good, index=False)
+    with pytest.raises(ConfigError, match="modality 'audio'"):
+        parse_preds_spec(f"Ours:audio:{good}")
+    bad = tmp_path / "bad.csv"
+    frames[("Ours", "uni")].assign(gold="happy").to_csv(bad, index=False)
+    with pytest.raises(PredictionsError, match=r"bad\.csv: column 'gold': 900 bad value\(s\) at data row 1 \(CSV line 2\)"):
+        parse_preds_spec(f"Ours:uni:{bad}")
+    spec = tmp_path / "systems.yaml"
+    spec.write_text("systems:\n  - {name: A, modality: uni, preds: good.csv, colour: red}\n")
+    with pytest.raises(ConfigError, match=r"systems\[0\].*colour"):
+        load_systems_yaml(spec)
+    assert not out.exists()
+    # CLI: clear message, exit 2, nothing written
+    res = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "report", "--out", str(out),
+                          "--preds", f"A:uni:{good}", "--preds", f"B:uni:{bad}"], capture_output=True, text=True)
+    assert res.returncode == 2 and "column 'gold'" in res.stderr and "Traceback" not in res.stderr
+    assert not out.exists()
+    # an existing report is kept unless --force
+    spec.write_text("systems:\n  - {name: A, modality: uni, preds: good.csv, group: Main}\n")
+    build_report(load_systems_yaml(spec), out)
+    before = (out / "table2.md").read_text()
+    with pytest.raises(OutputExistsError):
+        build_report(as_systems(frames), out)
+    assert (out / "table2.md").read_text() == before
+    build_report(as_systems(frames), out, force=True)
+    assert "Base_1" in (out / "table2.md").read_text()
+
+
+def test_report_from_mlflow_parent_run(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    frames = fake_systems()
+    children = {}
+    for (mode, init), (name, mod) in zip([("fixed", "0.0"), ("adaptive", "0.0"), ("fixed", "1.0")],
+                                         [("Base_1", "uni"), ("Ours", "uni"), ("Ours", "multi")]):
+        run = client.create_run(exp, tags={"mlflow.parentRunId": parent}).info.run_id
+        for k, v in {"data.modality": mod, "lambda.mode": mode, "lambda.init": init, "objective.p": "2.0"}.items():
+            client.log_param(run, k, v)
+        for step, lam in enumerate([0.0, 0.5, 1.0]):
+            client.log_metric(run, "lambda", lam, step=step * 10)
+        csv = tmp_path / f"{run}" / "test_preds.csv"
+        csv.parent.mkdir()
+        frames[(name, mod)].to_csv(csv, index=False)
+        client.log_artifact(run, str(csv), "predictions")
+        children[run] = (name, mod, mode, init)
+    client.create_run(exp, tags={"mlflow.parentRunId": parent})  # a trial stopped before predicting
+    out = tmp_path / "rep"
+    res = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "report", "--mlflow-parent", parent,
+                          "--tracking-uri", uri, "--out", str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "skipped" in res.stdout and "no predictions/test_preds.csv" in res.stdout
+    doc = json.loads((out / "metrics.json").read_text())
+    got = {(s["name"], s["modality"]): s for s in doc["systems"]}
+    assert set(got) == {("ERM (SFT)", "uni"), ("ERM-MinMaxGAP (p=2)", "uni"), ("λ = 1", "multi")}
+    assert got[("λ = 1", "multi")]["overall"]["avg_gap"] == pytest.approx(oracle(frames[("Ours", "multi")])["avg_gap"])
+    _, rows3 = parse_markdown((out / "table3.md").read_text())
+    assert [r[0] for r in rows3] == ["*Lambda effect*", "ERM (SFT)", "λ = 1", "*Main components*",
+                                     "ERM-MinMaxGAP (p=2)"]
+    assert (out / "lambda_trajectory.png").read_bytes()[:8] == PNG_MAGIC
+    logged = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/table2.md", "report/fairness_accuracy.png", "report/lambda_trajectory.png"} <= logged
