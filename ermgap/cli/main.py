@@ -32,6 +32,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("ermgap.cli.report_cmd", "report", "report"),
     ("ermgap.cli.sweep_cmd", "sweep", "sweep"),
     ("ermgap.cli.sweep_cmd", "ui", "ui"),
+    ("ermgap.cli.train_cmd", "train", "train"),
 ]
 
 for module, attr, name in _GROUPS:

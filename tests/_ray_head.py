@@ -1,0 +1,129 @@
+"""A real single-node Ray head for tests, started with cluster/start-local-head.sh and stopped safely.
+
+`ray stop` would stop every Ray process on the machine (other engineers' and CI jobs' clusters too),
+so it is never used here. Instead the head runs as `ray start --head --block` in its own session:
+SIGTERM to that one process drains the node and shuts down the processes it started. As a safety
+net, every process that carries this head's unique marker in its environment (all of the head's
+descendants inherit it: GCS, raylet, dashboard, workers, job drivers) is killed by pid afterwards.
+Nothing that lacks the marker is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "cluster" / "start-local-head.sh"
+VENV_BIN = ROOT / ".venv" / "bin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pids_with_marker(marker: str) -> list[int]:
+    needle = f"ERMGAP_TEST_HEAD={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+class LocalHead:
+    """`with LocalHead(token="...") as head:` → head.address (http://127.0.0.1:PORT) on a fresh cluster."""
+
+    def __init__(self, *, token: str | None, num_cpus: int = 2, extra_env: dict[str, str] | None = None):
+        self.token = token
+        self.num_cpus = num_cpus
+        self.extra_env = extra_env or {}
+        self.marker = uuid.uuid4().hex
+        self.dashboard_port = free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.temp_dir = tempfile.mkdtemp(prefix="egr-", dir="/tmp")  # short: Unix socket paths are limited
+        self.log_path = Path(self.temp_dir) / "head.log"
+        self.proc: subprocess.Popen | None = None
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_API_SERVER_ADDRESS"):
+            env.pop(k, None)
+        env.update(self.extra_env)
+        env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # like an activated venv / the image
+        env["ERMGAP_TEST_HEAD"] = self.marker
+        env["DASHBOARD_PORT"] = str(self.dashboard_port)
+        env["GCS_PORT"] = str(free_port())
+        if self.token is None:
+            env["RAY_AUTH_MODE"] = "disabled"
+        else:
+            env["RAY_AUTH_MODE"] = "token"
+            env["RAY_AUTH_TOKEN"] = self.token  # the head uses it; nothing is written to ~/.ray
+        return env
+
+    def start(self, timeout_s: float = 90) -> LocalHead:
+        from ray.job_submission import JobSubmissionClient
+
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [str(SCRIPT), "--block", f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}",
+                 # Ray's fixed defaults (agent 52365, client server 10001) would collide with another
+                 # cluster on this machine: its job agent then never comes up ("No available agent").
+                 f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"],
+                env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray head exited ({self.proc.returncode}):\n{self.log_path.read_text()[-3000:]}")
+            try:
+                JobSubmissionClient(self.address, headers=headers).list_jobs()
+                return self
+            except Exception:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"ray head not ready after {timeout_s} s:\n{self.log_path.read_text()[-3000:]}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        for _ in range(20):
+            left = _pids_with_marker(self.marker)
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.25)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def leftover_pids(self) -> list[int]:
+        return _pids_with_marker(self.marker)
+
+    def __enter__(self) -> LocalHead:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
