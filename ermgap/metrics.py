@@ -97,7 +97,9 @@ def validate_predictions(df: pd.DataFrame, *, source: str = "predictions") -> pd
     bad(~out["gold"].isin(EMOTIONS).to_numpy(), "gold", f"allowed: {', '.join(EMOTIONS)}")
     bad(~out["pred"].isin((*EMOTIONS, INVALID)).to_numpy(), "pred", f"allowed: {', '.join(EMOTIONS)}, {INVALID}")
     if "modality" in out.columns:
-        bad(~out["modality"].isin(MODALITIES).to_numpy(), "modality", f"allowed: {', '.join(MODALITIES)}")
+        # empty = not recorded (predictions_frame(modality=None))
+        bad(~out["modality"].isin((*MODALITIES, "")).to_numpy(), "modality",
+            f"allowed: {', '.join(MODALITIES)} or empty")
     if "valid" in out.columns:
         low = out["valid"].str.lower()
         bad(~low.isin(_TRUE | _FALSE).to_numpy(), "valid", "allowed: true/false (or 1/0)")

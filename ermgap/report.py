@@ -65,8 +65,9 @@ def load_system(name: str, modality: str, path: str | os.PathLike, *, group: str
     if modality not in MODALITIES:
         raise ConfigError(f"system {name!r}: modality {modality!r}; allowed: {', '.join(MODALITIES)}")
     preds = M.read_predictions(path)
-    if "modality" in preds.columns and not preds["modality"].eq(modality).all():
-        found = sorted(set(preds["modality"]))
+    recorded = set(preds["modality"]) - {""} if "modality" in preds.columns else set()
+    if recorded - {modality}:
+        found = sorted(recorded)
         raise PredictionsError(f"{path}: column 'modality' holds {found} but the system is declared {modality!r}")
     lam = read_lambda_history(lambda_path) if lambda_path else None
     return System(name=name, modality=modality, preds=preds, group=group, source=str(path), lambda_history=lam)
@@ -175,7 +176,8 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
             skipped.append(f"{run.info.run_name or rid} ({rid}): no {PREDS_ARTIFACT} artifact")
             continue
         preds = M.read_predictions(local)
-        modality = params.get("data.modality") or (preds["modality"].iloc[0] if "modality" in preds else "uni")
+        recorded = sorted(set(preds["modality"]) - {""}) if "modality" in preds.columns else []
+        modality = params.get("data.modality") or (recorded[0] if recorded else "uni")
         name = tags.get("ermgap.param.variant") or _describe_objective(params)
         extras = [f"{k}={tags.get(f'ermgap.param.{k}')}" for k in varying]
         if extras:

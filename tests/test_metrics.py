@@ -242,3 +242,19 @@ def test_pareto_front_hand_case():
     pts = [(50, 5), (60, 6), (55, 4), (40, 3), (45, 5), (60, 7), (float("nan"), 1)]
     # (45,5) dominated by (50,5) and (55,4); (60,7) by (60,6); (50,5) by (55,4); NaN never on the front
     assert pareto_front(pts) == [False, True, True, True, False, False, False]
+
+
+def test_accepts_evaluate_predictions_frame():
+    """The contract with ermgap.evaluate: index inputs, bool `valid`, empty `modality`, score columns."""
+    from ermgap.evaluate import predictions_frame
+
+    rng = np.random.default_rng(14)
+    n = 500
+    pred = rng.integers(-1, 7, n)  # -1 = invalid
+    frame = predictions_frame([f"u{i}" for i in range(n)], rng.integers(0, 3, n), rng.integers(0, 2, n),
+                              rng.integers(0, 7, n), pred, scores=rng.random((n, 7)))
+    got = compute_metrics(frame)["overall"]
+    want = oracle(frame[["utt_id", "language", "gender", "gold", "pred"]])
+    for key in METRIC_KEYS:
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+    assert got["invalid_rate"] == pytest.approx(np.mean(pred < 0))
