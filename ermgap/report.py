@@ -198,7 +198,9 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
 def _describe_objective(params: dict) -> str:
     mode, init, p = params.get("lambda.mode"), params.get("lambda.init"), params.get("objective.p")
     if mode == "fixed":
-        return "ERM (SFT)" if init is not None and float(init) == 0 else f"λ = {float(init):g}" if init else "fixed λ"
+        if init is None:
+            return "fixed λ"
+        return "ERM (SFT)" if float(init) == 0 else f"λ = {float(init):g}"  # the paper's Table 3 rows
     if mode == "adaptive":
         return f"ERM-MinMaxGAP (p={float(p):g})" if p else "ERM-MinMaxGAP"
     return "run"
@@ -444,3 +446,21 @@ def log_report_to_mlflow(out_dir: str | os.PathLike, *, tracking_uri: str, run_i
     from mlflow import MlflowClient
 
     MlflowClient(tracking_uri=tracking_uri).log_artifacts(run_id, str(out_dir), artifact_path)
+
+
+def report_from_mlflow(tracking_uri: str, out_dir: str | os.PathLike, *, parent_run_id: str | None = None,
+                       run_ids: Sequence[str] = (), force: bool = False, n_boot: int = 0, seed: int = 0,
+                       log_to: str | None = None) -> tuple[dict[str, Path], list[str]]:
+    """systems_from_mlflow → build_report → (optionally) log the folder to `log_to` (e.g. the sweep's parent
+    run) under artifacts/report. Returns ({artifact name: path}, skipped-run notes)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ermgap-report-") as tmp:
+        systems, skipped = systems_from_mlflow(tracking_uri, parent_run_id=parent_run_id, run_ids=run_ids,
+                                               download_dir=tmp)
+    if not systems:
+        raise ConfigError(f"no MLflow run has a {PREDS_ARTIFACT} artifact: " + "; ".join(skipped))
+    paths = build_report(systems, out_dir, force=force, n_boot=n_boot, seed=seed)
+    if log_to:
+        log_report_to_mlflow(out_dir, tracking_uri=tracking_uri, run_id=log_to)
+    return paths, skipped

@@ -187,3 +187,10 @@ def test_report_from_mlflow_parent_run(tmp_path):
     assert (out / "lambda_trajectory.png").read_bytes()[:8] == PNG_MAGIC
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/table2.md", "report/fairness_accuracy.png", "report/lambda_trajectory.png"} <= logged
+    # explicit run ids through the library entry point the sweep uses
+    from ermgap.report import report_from_mlflow
+
+    paths, skipped = report_from_mlflow(uri, tmp_path / "rep2", run_ids=list(children)[:2])
+    assert skipped == []
+    _, rows3 = parse_markdown(paths["table3_md"].read_text())
+    assert [r[0] for r in rows3] == ["*Lambda effect*", "ERM (SFT)", "*Main components*", "ERM-MinMaxGAP (p=2)"]

@@ -47,6 +47,8 @@ def report(
                                                    download_dir=tmp)
         for note in skipped:
             console.print(f"[yellow]skipped[/] {note}")
+        if not found:
+            raise ConfigError("no MLflow run has a predictions/test_preds.csv artifact")
         chosen += found
     if not chosen:
         raise ConfigError("nothing to report: give --preds, --systems, --mlflow-parent or --runs")
