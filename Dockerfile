@@ -74,13 +74,14 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends espeak-ng wget \
  && rm -rf /var/lib/apt/lists/*
 
-COPY --from=builder /opt/venv /opt/venv
+# Non-root; uid 1000 as in Ray's own images (KubeRay examples run as 1000).
+RUN (useradd --create-home --uid 1000 --shell /bin/bash ray || useradd --create-home --shell /bin/bash ray)
+# Owned by `ray` (like the conda env of Ray's images) so a cluster's setup_commands can add a
+# provider SDK (boto3 for the AWS autoscaler) without root.
+COPY --from=builder --chown=ray:ray /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     RAY_USAGE_STATS_ENABLED=0
-
-# Non-root; uid 1000 as in Ray's own images (KubeRay examples run as 1000).
-RUN (useradd --create-home --uid 1000 --shell /bin/bash ray || useradd --create-home --shell /bin/bash ray)
 USER ray
 WORKDIR /home/ray/ermgap
 # What jobs started from the image refer to (RayJob entrypoints); data/, runs/, models/ come from volumes.
