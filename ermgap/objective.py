@@ -103,11 +103,15 @@ def _check_inputs(losses, stratum, attribute, num_strata: int, num_attrs: int) -
         raise ValueError(f"num_strata must be an int >= 1, got {num_strata!r}")
     if not isinstance(num_attrs, int) or num_attrs < 2:
         raise ValueError(f"num_attrs must be an int >= 2 (a gap needs two groups), got {num_attrs!r}")
-    for name, t, n in (("stratum", stratum, num_strata), ("attribute", attribute, num_attrs)):
-        bad = (t < 0) | (t >= n)
-        if t.numel() and bool(bad.any()):
-            values = sorted(set(t[bad].tolist()))
-            raise ValueError(f"{name} has {int(bad.sum())} value(s) outside [0, {n - 1}]: {values[:10]}")
+    if not losses.numel():
+        return
+    out_of_range = (stratum < 0) | (stratum >= num_strata) | (attribute < 0) | (attribute >= num_attrs)
+    if bool(out_of_range.any()):  # one host sync on the happy path; details only when raising
+        for name, t, n in (("stratum", stratum, num_strata), ("attribute", attribute, num_attrs)):
+            bad = (t < 0) | (t >= n)
+            if bool(bad.any()):
+                values = sorted(set(t[bad].tolist()))
+                raise ValueError(f"{name} has {int(bad.sum())} value(s) outside [0, {n - 1}]: {values[:10]}")
 
 
 def _describe(x) -> str:
