@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -37,11 +38,12 @@ def report(
     if systems:
         chosen += R.load_systems_yaml(systems)
     uri = None
-    if mlflow_parent or runs:
-        import os
+    if mlflow_parent or runs or log_to:
+        from ermgap.config import RunConfig, default_tracking_uri
 
+        uri = tracking_uri or default_tracking_uri(RunConfig())
+    if mlflow_parent or runs:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in the CLI output
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/mlflow.db').resolve()}"
         with tempfile.TemporaryDirectory(prefix="ermgap-report-") as tmp:
             found, skipped = R.systems_from_mlflow(uri, parent_run_id=mlflow_parent, run_ids=runs or [],
                                                    download_dir=tmp)
@@ -55,7 +57,7 @@ def report(
     paths = R.build_report(chosen, out, force=force, n_boot=n_boot if ci else 0, seed=seed, baseline=baseline)
     target = log_to or mlflow_parent
     if target and not no_log:
-        R.log_report_to_mlflow(out, tracking_uri=uri or tracking_uri, run_id=target)
+        R.log_report_to_mlflow(out, tracking_uri=uri, run_id=target)
         console.print(f"logged the report to MLflow run {target} (artifacts/report)")
     typer.echo(paths["table2_md"].read_text(), nl=False)
     console.print(f"wrote {len(paths)} files to {out}")
