@@ -17,8 +17,10 @@ Two exact ways to get it:
   2. two passes: `sample_weights` on the detached losses of all micro-batches (forward under no_grad),
      then per micro-batch backward of `(weights_m * losses_m).sum()` (memory of one micro-batch; exact if
      the second forward reproduces the first, i.e. same dropout RNG or dropout off).
-Calling the objective per micro-batch is *not* the effective-batch estimate (the max of per-micro-batch
-gaps differs from the gap of the union) — avoid it when exactness matters.
+With variant 1 the engine sees one backward per optimizer step (DeepSpeed: gradient_accumulation_steps=1,
+micro-batch = the whole local batch of the step). Calling the objective per micro-batch is *not* the
+effective-batch estimate (the max of per-micro-batch gaps differs from the gap of the union) — avoid it
+when exactness matters.
 """
 
 from __future__ import annotations
@@ -197,8 +199,13 @@ def erm_minmaxgap_loss(losses: torch.Tensor, stratum: torch.Tensor, attribute: t
     after the engine's gradient AVERAGING the parameters hold the single-process gradient (see
     `all_reduce_sum`). λ and p must be the same on all ranks.
 
-    Raises TrainingError when any loss (on any rank) is NaN/inf, naming how many; ValueError for
-    shape/dtype/index mistakes or an empty global batch.
+    A rank with no examples passes empty tensors; its `losses` should still come from the model (e.g. the
+    per-sample loss of an empty batch) so that `total.backward()` reaches the parameters with zero
+    gradients, as data-parallel engines expect every rank to backward. The default `process_group=None`
+    is the world group, which is the data-parallel group for DDP and for DeepSpeed without model parallelism.
+
+    Raises TrainingError when any loss (on any rank) is NaN/inf, naming how many — on every rank, so
+    none is left waiting in a collective; ValueError for shape/dtype/index mistakes or an empty global batch.
     """
     lam, p = _check_lam_p(lam, p)
     _check_inputs(losses, stratum, attribute, num_strata, num_attrs)

@@ -144,7 +144,6 @@ def test_distributed_matches_single_process(world, tmp_path):
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     refs = {p: _reference(p) for p in PS}
-    _, _, stratum, attr = global_batch()
     # The test is only meaningful if the worst stratum is split across ranks: check it is stratum 0.
     assert refs[2.0][3][0] == pytest.approx(refs[2.0][2]) and refs[2.0][3][0] > max(refs[2.0][3][1:3])
     for key, p in [("step_p1.0", 1.0), ("step_p2.0", 2.0), ("accum_concat", 2.0), ("accum_two_pass", 2.0)]:
