@@ -104,6 +104,7 @@ class LoRARecipe:
 
     # ----------------------------------------------------------------------------- setup
     def setup(self, loop_config: dict[str, Any]) -> None:
+        t_setup = time.perf_counter()
         import deepspeed
         import ray.train
 
@@ -163,6 +164,7 @@ class LoRARecipe:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
+        t_ds = time.perf_counter()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         # Dropout masks differ across ranks (a checkpoint restores each rank's own RNG state).
@@ -172,7 +174,8 @@ class LoRARecipe:
         self.state = TrainerState()
         self.best_adapter: dict[str, torch.Tensor] | None = None
         self.logger = None
-        self.timing = {"train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
+        self.timing = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0,
+                       "deepspeed_init_s": time.perf_counter() - t_ds}
 
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
@@ -197,6 +200,7 @@ class LoRARecipe:
                     self.logger.log_artifact(cfg_file)
         # Every rank reports the same run id.
         self.state.mlflow_run_id = self._broadcast(self.state.mlflow_run_id)
+        self.timing["setup_s"] = time.perf_counter() - t_setup
 
     # ----------------------------------------------------------------------------- helpers
     def _broadcast(self, obj: Any) -> Any:
@@ -219,9 +223,6 @@ class LoRARecipe:
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> None:
-        from ermgap.batching import to_device
-        from ermgap.objective import erm_minmaxgap_loss
-
         cfg, st = self.cfg, self.state
         fault_step = self.loop_config.get("fault", {}).get("kill_at_step")
         fault_marker = Path(self.loop_config.get("fault", {}).get("marker", self.run_dir / ".fault_fired"))
@@ -230,25 +231,7 @@ class LoRARecipe:
             loader = iter(self._loader(self.splits["train"][2], [mb for step in steps for mb in step]))
             for _ in steps:
                 t0 = time.perf_counter()
-                self.engine.train()
-                losses, stratum, attribute, utt_ids = [], [], [], []
-                for _ in range(self.accum):
-                    batch = next(loader)
-                    dev_batch = to_device(batch, self.device)
-                    losses.append(_per_sample_loss(self.engine, dev_batch))
-                    s, num_strata = _stratum(dev_batch, cfg)
-                    stratum.append(s)
-                    attribute.append(dev_batch["gender"])
-                    utt_ids += batch["utt_id"]
-                losses_t = torch.cat(losses)
-                try:
-                    res = erm_minmaxgap_loss(losses_t, torch.cat(stratum), torch.cat(attribute),
-                                             lam=self.lam.value, p=cfg.objective.p, num_strata=num_strata,
-                                             num_attrs=len(GENDERS))
-                except TrainingError:  # raised on every rank alike: the bad-loss count is all-reduced
-                    self._non_finite(losses_t, utt_ids)
-                self.engine.backward(res.total)
-                self.engine.step()
+                res = self.optimizer_step([next(loader) for _ in range(self.accum)])
                 st.global_step += 1
                 st.step_in_epoch += 1
                 self.timing["train_s"] += time.perf_counter() - t0
@@ -272,6 +255,38 @@ class LoRARecipe:
                                             and st.global_step % cfg.eval.every_steps):
                 self.evaluate_and_checkpoint()
         st.done = True
+
+    def optimizer_step(self, micro_batches: list[dict], *, plain_mean: bool = False):
+        """One optimizer step over this worker's micro-batches (the objective sees all of them at once).
+
+        plain_mean=True backpropagates the local mean loss instead of the objective (benchmark baseline).
+        """
+        from ermgap.batching import to_device
+        from ermgap.objective import erm_minmaxgap_loss
+
+        self.engine.train()
+        losses, stratum, attribute, utt_ids = [], [], [], []
+        for batch in micro_batches:
+            dev_batch = to_device(batch, self.device)
+            losses.append(_per_sample_loss(self.engine, dev_batch))
+            s, num_strata = _stratum(dev_batch, self.cfg)
+            stratum.append(s)
+            attribute.append(dev_batch["gender"])
+            utt_ids += batch["utt_id"]
+        losses_t = torch.cat(losses)
+        if plain_mean:
+            loss = losses_t.mean()
+            self.engine.backward(loss)
+            self.engine.step()
+            return loss
+        try:
+            res = erm_minmaxgap_loss(losses_t, torch.cat(stratum), torch.cat(attribute), lam=self.lam.value,
+                                     p=self.cfg.objective.p, num_strata=num_strata, num_attrs=len(GENDERS))
+        except TrainingError:  # raised on every rank alike: the bad-loss count is all-reduced
+            self._non_finite(losses_t, utt_ids)
+        self.engine.backward(res.total)
+        self.engine.step()
+        return res
 
     def _non_finite(self, losses: torch.Tensor, utt_ids: list[str]) -> None:
         """Stop every rank together, naming the step and the utterances whose loss is NaN/inf."""

@@ -1,0 +1,52 @@
+"""`ermgap train CONFIG.yaml [key=value ...]`: one training run on Ray Train + DeepSpeed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if math.isfinite(value) else "–"
+    return str(value)
+
+
+def train(
+    config: Path = typer.Argument(None, help="Run config YAML (see configs/tiny.yaml); omit with --resume."),
+    overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. objective.p=1 lambda.eta=0.25."),
+    address: str = typer.Option(None, "--address", help="Join this Ray cluster (default: start one on 127.0.0.1)."),
+    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
+    run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: <tracking.storage_path>/<time>-<name>)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
+) -> None:
+    """Fine-tune with ERM-MinMaxGAP (or ERM, λ fixed at 0): dev evaluation, adaptive λ, early stopping,
+    checkpoints, MLflow logging, and dev/test predictions of the best checkpoint."""
+    from ermgap.config import load_config
+    from ermgap.errors import ConfigError
+    from ermgap.train import run_training
+
+    if resume is None and config is None:
+        raise ConfigError("give a CONFIG.yaml, or --resume RUN_DIR to continue a run")
+    if resume is not None and (config is not None or overrides):
+        # The run's own config.yaml is authoritative: a resumed run must continue the same experiment.
+        raise ConfigError("--resume uses the run's saved config.yaml; do not pass a config or overrides")
+    cfg = load_config(config, overrides or []) if resume is None else None
+    final = run_training(cfg, address=address, resume_dir=resume, run_dir=run_dir, force=force)
+
+    console = Console()
+    table = Table(title="ermgap train: best checkpoint", show_lines=False)
+    table.add_column("metric")
+    table.add_column("dev", justify="right")
+    table.add_column("test", justify="right")
+    for key in ("w_f1", "acc", "avg_gap", "worst_lang_gap", "loss", "loss_gap"):
+        table.add_row(key, _fmt(final.get(f"dev_{key}", float("nan"))), _fmt(final.get(f"test_{key}", float("nan"))))
+    console.print(table)
+    console.print(f"λ final {final['lambda']:.4f} · steps {final['step']} · evaluations {final['eval_round']} · "
+                  f"best round {final.get('best_eval_round')}" + (" · stopped early" if final.get("stopped_early") else ""))
+    console.print(f"run directory: {final['run_dir']}  (predictions: dev_preds.csv, test_preds.csv; adapter/)")
+    console.print(f"MLflow run {final['mlflow_run_id']} in {final['tracking_uri']}  (open with `ermgap ui`)")

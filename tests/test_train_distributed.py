@@ -1,0 +1,217 @@
+"""End-to-end training on a real local Ray cluster with DeepSpeed (CPU, gloo), the tiny model and a
+small slice of the synthetic biased corpus.
+
+Oracles: a 1-worker run for the 2-worker run (same seed, same effective batch); an uninterrupted
+run for runs that lose a worker or their driver; an ERM run for ERM-MinMaxGAP. LoRA dropout is 0
+in the equivalence runs: dropout masks are drawn per rank, so with dropout the two runs would
+(legitimately) see different masks.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from ermgap.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from conftest import free_port
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def small_manifest(synth_corpus, tmp_path_factory) -> Path:
+    """8 train / 4 dev / 4 test rows per (language, gender): 48 / 24 / 24 utterances."""
+    df = pd.read_csv(synth_corpus, dtype=str, keep_default_na=False)
+    df["audio"] = [str(Path(synth_corpus).parent / a) for a in df["audio"]]
+    parts = [g.head(8 if split == "train" else 4) for (split, _, _), g in df.groupby(["split", "language", "gender"])]
+    out = tmp_path_factory.mktemp("small") / "manifest.csv"
+    pd.concat(parts).to_csv(out, index=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(small_manifest, tiny_model, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    overrides = [
+        f"data.manifest={small_manifest}", f"model.name_or_path={tiny_model}", "model.dtype=fp32",
+        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.storage_path={root}/runs",
+        "optim.lr=5e-4", "optim.scheduler=constant", "optim.epochs=2", "optim.effective_batch_size=8",
+        "optim.micro_batch_size=4", "lora.dropout=0", "eval.every_steps=3", "eval.batch_size=12",
+        "eval.patience=0", "lambda.mode=adaptive", "lambda.eta=20", "objective.p=2",
+        "distributed.num_workers=2", "distributed.cpus_per_worker=1", "distributed.zero_stage=2",
+    ]
+    return {"root": root, "overrides": overrides}
+
+
+def _train(base, name, extra=(), **kw):
+    from ermgap.train import run_training
+
+    cfg = load_config(None, base["overrides"] + list(extra))
+    return run_training(cfg, run_dir=base["root"] / "runs" / name, **kw)
+
+
+def _history(final, key):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(final["tracking_uri"])
+    return [(m.step, m.value) for m in client.get_metric_history(final["mlflow_run_id"], key)]
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _assert_same_run(a, b, *, tol=1e-5):
+    """Same per-step training losses, λ trajectory, dev/test metrics and best adapter."""
+    la, lb = dict(_history(a, "train/loss")), dict(_history(b, "train/loss"))
+    assert sorted(la) == sorted(lb) == list(range(1, 13))
+    for step in la:
+        assert la[step] == pytest.approx(lb[step], abs=tol, rel=tol), f"train loss differs at step {step}"
+    assert len(a["lambda_history"]) == len(b["lambda_history"]) == 4
+    for (ia, ga, va), (ib, gb, vb) in zip(a["lambda_history"], b["lambda_history"]):
+        assert ia == ib and ga == pytest.approx(gb, abs=tol) and va == pytest.approx(vb, abs=1e-4)
+    for key in ("dev_loss", "dev_loss_gap", "test_loss", "test_loss_gap", "dev_w_f1", "test_w_f1"):
+        assert a[key] == pytest.approx(b[key], abs=1e-4), key
+    wa, wb = _adapter(Path(a["run_dir"])), _adapter(Path(b["run_dir"]))
+    assert sorted(wa) == sorted(wb) and wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def reference(ray_cluster, base):
+    """The uninterrupted 2-worker run (12 optimizer steps, evaluation every 3 steps)."""
+    return _train(base, "reference")
+
+
+def test_reference_run_outputs(reference):
+    from mlflow import MlflowClient
+
+    from ermgap.metrics import compute_metrics, read_predictions
+
+    run_dir = Path(reference["run_dir"])
+    for key in ("eval_round", "epoch", "step", "lambda", "dev_w_f1", "dev_acc", "dev_avg_gap", "dev_loss_gap",
+                "dev_worst_lang_gap", "dev_loss", "mlflow_run_id", "done", "test_w_f1", "test_acc",
+                "test_avg_gap", "test_worst_lang_gap", "best_dev_w_f1"):
+        assert key in reference, key
+    assert reference["done"] is True and reference["step"] == 12 and reference["eval_round"] == 4
+    # The reported test metrics are those of the written predictions (metrics module as the oracle).
+    test = read_predictions(run_dir / "test_preds.csv")
+    assert len(test) == 24 and set(test["utt_id"]) == set(pd.read_csv(run_dir / "test_preds.csv")["utt_id"])
+    assert reference["test_w_f1"] == pytest.approx(compute_metrics(test)["overall"]["w_f1"])
+    assert len(read_predictions(run_dir / "dev_preds.csv")) == 24
+    # λ follows the adaptive rule on the reported dev loss gaps.
+    lam = 0.0
+    for _, gap, value in reference["lambda_history"]:
+        lam = min(max(lam + 20 * (gap - 0.02), 0.0), 10.0)
+        assert value == pytest.approx(lam, abs=1e-9)
+    client = MlflowClient(reference["tracking_uri"])
+    run = client.get_run(reference["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.0005"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
+    assert arts == {"predictions/dev_preds.csv", "predictions/test_preds.csv"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"adapter", "config.yaml"}
+    assert len(_history(reference, "dev_w_f1")) == 4 and len(_history(reference, "train/gap")) == 12
+
+
+def test_two_workers_equal_one_worker(reference, base):
+    """The all-reduce in the objective + DeepSpeed's gradient averaging give the single-process result:
+    1 worker × 2 accumulation steps of 4 == 2 workers × 1 step of 4."""
+    one = _train(base, "one_worker", ["distributed.num_workers=1"])
+    _assert_same_run(reference, one)
+
+
+def test_worker_killed_mid_epoch_resumes_to_the_same_result(reference, base, monkeypatch):
+    """Rank 1 dies (os._exit) after step 5; the group restarts from the step-3 checkpoint."""
+    monkeypatch.setenv("ERMGAP_FAULT_KILL_AT_STEP", "5")
+    final = _train(base, "fault")
+    run_dir = Path(final["run_dir"])
+    assert (run_dir / ".fault_fired").is_file()
+    _assert_same_run(reference, final)
+    # Same MLflow run across the restart; the re-done work is steps 4-5 (< one evaluation interval of 3).
+    steps = [s for s, _ in _history(final, "train/loss")]
+    redone = len(steps) - len(set(steps))
+    assert 1 <= redone <= 3
+
+
+def test_driver_sigkill_then_resume(reference, base, ray_cluster):
+    """SIGKILL the `ermgap train` driver after its first checkpoint, then `--resume` the run directory."""
+    run_dir = base["root"] / "runs" / "killed"
+    cfg_file = base["root"] / "killed.yaml"
+    cfg_file.write_text("{}\n")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    env.pop("ERMGAP_FAULT_KILL_AT_STEP", None)
+    proc = subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "train", str(cfg_file), *base["overrides"],
+                             "--run-dir", str(run_dir), "--address", ray_cluster],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(run_dir.glob("checkpoint_*/trainer_state.json")):
+            assert proc.poll() is None, "the driver ended before its first checkpoint"
+            time.sleep(0.5)
+        assert list(run_dir.glob("checkpoint_*/trainer_state.json")), "no checkpoint within 240 s"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run_dir / "metrics.json").exists()
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+
+    from ermgap.train import run_training
+
+    final = run_training(None, resume_dir=run_dir)
+    assert final["mlflow_run_id"] == run_id
+    _assert_same_run(reference, final)
+    steps = [s for s, _ in _history(final, "train/loss")]
+    assert len(steps) - len(set(steps)) <= 3  # at most one evaluation interval re-done
+
+
+def test_early_stopping_on_a_plateau(ray_cluster, base):
+    """lr ≈ 0: the dev metric never improves after the first evaluation → stop after `patience` more."""
+    final = _train(base, "plateau", ["optim.lr=1e-12", "optim.epochs=6", "eval.patience=1",
+                                     "eval.metric=loss", "eval.metric_mode=min", "distributed.num_workers=1",
+                                     "optim.micro_batch_size=8", "lambda.mode=fixed"])
+    assert final["stopped_early"] is True
+    assert final["eval_round"] == 2 and final["step"] == 6 and final["best_eval_round"] == 1
+    hist = json.loads((Path(final["run_dir"]) / "metrics.json").read_text())["history"]
+    assert hist[1]["dev_loss"] >= hist[0]["dev_loss"] - 1e-6
+
+
+def test_minmaxgap_shrinks_the_train_gap_relative_to_erm(ray_cluster, base):
+    """Same seed and data; a large fixed λ must shrink the train-batch worst-language gender loss gap."""
+    common = ["distributed.num_workers=1", "optim.micro_batch_size=8", "optim.epochs=3", "objective.p=1",
+              "lambda.mode=fixed", "eval.every_steps=6"]
+    erm = _train(base, "erm", common + ["lambda.init=0"])
+    mmg = _train(base, "minmaxgap", common + ["lambda.init=5"])
+    gap_erm = [v for s, v in _history(erm, "train/gap") if s > 6]
+    gap_mmg = [v for s, v in _history(mmg, "train/gap") if s > 6]
+    mean_erm, mean_mmg = sum(gap_erm) / len(gap_erm), sum(gap_mmg) / len(gap_mmg)
+    assert math.isfinite(mean_erm) and mean_erm > 0.05
+    assert mean_mmg < 0.5 * mean_erm, (mean_mmg, mean_erm)
