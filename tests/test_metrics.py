@@ -210,6 +210,30 @@ def test_bootstrap_coverage_near_nominal():
         assert 0.87 <= h / reps <= 0.995, (key, h / reps)
 
 
+def test_bootstrap_matches_naive_index_resampling():
+    """The count-based bootstrap gives the same intervals (up to Monte-Carlo noise) as resampling row
+    indices within language and recomputing with scikit-learn / numpy on each resample."""
+    from sklearn.metrics import f1_score
+
+    df = random_preds(900, 15, skill=0.5)
+    ours = bootstrap_ci(df, n_boot=2000, seed=0)["overall"]
+    rng = np.random.default_rng(1)
+    groups = [np.flatnonzero(df["language"].to_numpy() == lang) for lang in LANGUAGES]
+    gold, pred, female = df["gold"].to_numpy(), df["pred"].to_numpy(), df["gender"].to_numpy() == "F"
+    samples = {"w_f1": [], "acc": [], "acc_gap": []}
+    for _ in range(400):
+        idx = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        y, p, f = gold[idx], pred[idx], female[idx]
+        samples["w_f1"].append(100 * f1_score(y, p, labels=list(EMOTIONS), average="weighted", zero_division=0))
+        samples["acc"].append(100 * np.mean(y == p))
+        samples["acc_gap"].append(100 * abs(np.mean(y[f] == p[f]) - np.mean(y[~f] == p[~f])))
+    for key, vals in samples.items():
+        lo, hi = np.percentile(vals, [2.5, 97.5])
+        width = hi - lo
+        assert ours[key][0] == pytest.approx(lo, abs=0.2 * width), key
+        assert ours[key][1] == pytest.approx(hi, abs=0.2 * width), key
+
+
 def test_paired_bootstrap_identical_and_better_system():
     a = random_preds(1200, 11, skill=0.4)
     same = paired_bootstrap(a, a.sample(frac=1.0, random_state=0), n_boot=300, seed=0)  # row order irrelevant
