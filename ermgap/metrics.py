@@ -104,7 +104,7 @@ def validate_predictions(df: pd.DataFrame, *, source: str = "predictions") -> pd
         low = out["valid"].str.lower()
         bad(~low.isin(_TRUE | _FALSE).to_numpy(), "valid", "allowed: true/false (or 1/0)")
         contradiction = low.isin(_TRUE).to_numpy() & (out["pred"] == INVALID).to_numpy()
-        bad(contradiction, "valid", f"is true but pred is {INVALID!r}")
+        bad(contradiction, "valid", f"must be false where pred is {INVALID!r}")
         out["valid"] = low.isin(_TRUE)
     else:
         out["valid"] = out["pred"] != INVALID

@@ -142,7 +142,7 @@ GOOD = "a,eng,F,joy,joy\nb,deu,M,anger,invalid\n"
         (HEADER + GOOD + "c,fra,F,joy,joy\n", ["data row 3", "'language'", "deu, eng, jpn"]),
         (HEADER + GOOD + "a,eng,F,joy,joy\n", ["data row 3", "duplicate", "'a'", "first at data row 1"]),
         ("utt_id,language,gender,gold,pred,valid\na,eng,F,joy,joy,maybe\n", ["data row 1", "'valid'", "'maybe'"]),
-        ("utt_id,language,gender,gold,pred,valid\na,eng,F,joy,invalid,true\n", ["'valid'", "is true but pred"]),
+        ("utt_id,language,gender,gold,pred,valid\na,eng,F,joy,invalid,true\n", ["'valid'", "must be false where pred is"]),
         (HEADER + ",eng,F,joy,joy\n", ["data row 1", "'utt_id'", "non-empty"]),
     ],
     ids=["empty", "header-only", "missing-col", "bad-gold", "bad-pred", "bad-gender", "bad-lang", "dup-id",
