@@ -194,3 +194,19 @@ def test_report_from_mlflow_parent_run(tmp_path):
     assert skipped == []
     _, rows3 = parse_markdown(paths["table3_md"].read_text())
     assert [r[0] for r in rows3] == ["*Lambda effect*", "ERM (SFT)", "*Main components*", "ERM-MinMaxGAP (p=2)"]
+
+
+def test_top_two_marks_follow_the_metric_direction():
+    from ermgap.report import table2
+
+    rows = []
+    for name, score, gap in (("a", 50.0, 3.0), ("b", 60.0, 1.0), ("c", 55.0, 2.0)):
+        rows.append({"model": name, "modality": "uni", "group": "G", "subset": "multilingual",
+                     **{k: score for k in ("w_f1", "acc")},
+                     **{k: gap for k in ("tpr_gap", "fpr_gap", "w_f1_gap", "acc_gap", "avg_gap")},
+                     "n": 10, "invalid_rate": 0.0})
+    _, md, tex = table2(pd.DataFrame(rows))
+    body = {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines()[3:])}
+    assert body["b"][0] == "**60.00**" and body["c"][0] == "<u>55.00</u>" and body["a"][0] == "50.00"
+    assert body["b"][6] == "**1.00**" and body["c"][6] == "<u>2.00</u>" and body["a"][6] == "3.00"
+    assert r"\textbf{60.00}" in tex and r"\underline{2.00}" in tex
