@@ -1,8 +1,7 @@
 """Per-sample answer losses, label scoring and greedy generation on an EmotionCollator batch.
 
 See `ermgap.batching.EmotionCollator` for the batch layout. All functions accept the plain
-Qwen2AudioForConditionalGeneration, a peft wrapper of it, or anything whose forward takes the same
-keyword arguments (a DeepSpeed engine).
+Qwen2AudioForConditionalGeneration or a peft / DeepSpeed / DDP wrapper of it.
 """
 
 from __future__ import annotations
@@ -18,25 +17,53 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def causal_lm(model):
+    """The Qwen2AudioForConditionalGeneration inside peft / DeepSpeed / DDP wrappers (LoRA layers stay injected)."""
+    m = model
+    for _ in range(8):
+        if isinstance(getattr(m, "module", None), torch.nn.Module):  # DeepSpeed engine, DDP
+            m = m.module
+        elif hasattr(m, "get_base_model"):  # peft
+            m = m.get_base_model()
+        else:
+            break
+    return m
+
+
+def _run(model, **inputs):
+    """Forward pass → (states [B, T, ·], project, output); `project(states[...])` gives logits.
+
+    For a plain or peft model, states are the decoder's last hidden states and `project` is the LM head,
+    so only the positions that are scored are projected onto the vocabulary (the full [B, T, vocab]
+    logits are 2 GB in fp32 for 8 × 800 tokens on the 7B model). A DeepSpeed engine or DDP module is
+    called through its own forward: it registers gradient-sync and accumulation-scaling hooks there.
+    """
+    if isinstance(getattr(model, "module", None), torch.nn.Module):
+        out = model(**inputs)
+        return out.logits, (lambda x: x), out
+    lm = causal_lm(model)
+    out = lm.model(**inputs)
+    return out.last_hidden_state, lm.lm_head, out
+
+
 def per_sample_loss(model, batch: dict) -> torch.Tensor:
     """Mean cross-entropy over each example's answer tokens → Tensor[B] (grad flows to trainable params).
 
     Uses `input_ids` / `attention_mask` / `labels` (right-padded; `labels` is -100 outside the answer)
     and the audio features. Padding and prompt tokens never enter the loss.
     """
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"],
-                use_cache=False)
-    labels = batch["labels"].to(out.logits.device)[:, 1:]
-    logits = out.logits[:, :-1]
+    states, project, _ = _run(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              input_features=batch["input_features"],
+                              feature_attention_mask=batch["feature_attention_mask"], use_cache=False)
+    labels = batch["labels"].to(states.device)[:, 1:]  # position t predicts token t+1
     keep = labels != IGNORE
-    # CE only where there is a target: the vocab-sized logits of prompt positions are never materialised twice.
-    token_ce = F.cross_entropy(logits[keep].float(), labels[keep], reduction="none")
-    rows = keep.nonzero()[:, 0]
-    sums = torch.zeros(labels.shape[0], dtype=token_ce.dtype, device=token_ce.device).index_add(0, rows, token_ce)
     counts = keep.sum(-1)
     if bool((counts == 0).any()):
         raise ValueError(f"{int((counts == 0).sum())} example(s) in the batch have no answer tokens (labels all -100)")
+    logits = project(states[:, :-1][keep])  # [N_answer_tokens, V]
+    token_ce = F.cross_entropy(logits.float(), labels[keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=token_ce.dtype, device=token_ce.device).index_add(0, rows, token_ce)
     return sums / counts
 
 
@@ -48,14 +75,13 @@ def score_labels(model, batch: dict) -> torch.Tensor:
     answer tokens' log-probabilities (the terminator included). Call under torch.no_grad() in eval mode.
     """
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-    label_ids, label_mask = batch["label_input_ids"], batch["label_attention_mask"]
     device = prompt_ids.device
-    label_ids, label_mask = label_ids.to(device), label_mask.to(device)
+    label_ids, label_mask = batch["label_input_ids"].to(device), batch["label_attention_mask"].to(device)
     b, k = prompt_ids.shape[0], label_ids.shape[0]
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
-                input_features=batch["input_features"], feature_attention_mask=batch["feature_attention_mask"],
-                use_cache=True)
-    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: the answer's first token
+    states, project, out = _run(model, input_ids=prompt_ids, attention_mask=prompt_mask,
+                                position_ids=_positions(prompt_mask), input_features=batch["input_features"],
+                                feature_attention_mask=batch["feature_attention_mask"], use_cache=True)
+    first = torch.log_softmax(project(states[:, -1]).float(), dim=-1)  # [B, V]: the answer's first token
     scores = first[:, label_ids[:, 0]]  # [B, K]
     if label_ids.shape[1] == 1:
         return scores
@@ -69,8 +95,9 @@ def score_labels(model, batch: dict) -> torch.Tensor:
     prompt_len = prompt_mask.long().sum(-1).repeat_interleave(k)  # [B*K]
     positions = prompt_len[:, None] + torch.arange(cont_ids.shape[1], device=device)[None, :]
     attn = torch.cat([prompt_mask.repeat_interleave(k, 0), cont_mask], dim=1)
-    out2 = model(input_ids=cont_ids, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True)
-    logp = torch.log_softmax(out2.logits.float(), dim=-1)  # [B*K, La-1, V]
+    states2, project, _ = _run(model, input_ids=cont_ids, attention_mask=attn, position_ids=positions, cache=cache,
+                               use_cache=True)
+    logp = torch.log_softmax(project(states2).float(), dim=-1)  # [B*K, La-1, V]
     targets = label_ids[:, 1:].repeat(b, 1)
     tok = logp.gather(-1, targets[..., None])[..., 0] * label_mask[:, 1:].repeat(b, 1)
     return scores + tok.sum(-1).view(b, k)

@@ -75,6 +75,12 @@ def test_tiny_reloads_and_lora_trains_only_language_model(backbone, tiny_model, 
     reloaded.eval()
     with torch.no_grad():
         assert torch.equal(reloaded(**inputs).logits, logits)
+        # Through the peft wrapper, the per-sample loss (LM head on answer positions only) equals CE on full logits.
+        labels = batch["labels"][:, 1:]
+        keep = labels != -100
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1][keep], labels[keep], reduction="none")
+        manual = torch.stack([ce[keep.nonzero()[:, 0] == i].mean() for i in range(2)])
+        assert torch.allclose(per_sample_loss(reloaded, batch), manual, atol=1e-5)
 
 
 def test_audio_encoder_lora_only_when_asked(tiny_model):
@@ -199,3 +205,22 @@ def test_random_7b_architecture_on_meta_device():
     n = sum(p.numel() for p in model.parameters())
     assert 8.3e9 < n < 8.5e9  # Qwen2-Audio-7B has ~8.4 B parameters (7.7 B LM + 0.64 B Whisper encoder)
     assert model.config.text_config.vocab_size == 156032
+
+
+def test_ddp_wrapped_model_goes_through_its_own_forward(tiny_model, tmp_path):
+    """A DDP module (one gloo process) gives the same losses and scores as the bare model."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, processor = load_backbone(ModelConfig(name_or_path=str(tiny_model)))  # fresh: DDP hooks stay on params
+    batch = EmotionCollator(processor, PromptConfig(), "uni")(_examples(2))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DistributedDataParallel(model)
+        losses = per_sample_loss(ddp, batch)
+        losses.sum().backward()
+        with torch.no_grad():
+            assert torch.allclose(losses, per_sample_loss(model, batch), atol=1e-5)
+            assert torch.allclose(score_labels(ddp, batch), score_labels(model, batch), atol=1e-4)
+    finally:
+        dist.destroy_process_group()
