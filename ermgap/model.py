@@ -68,8 +68,10 @@ def load_backbone(model_cfg: ModelConfig, *, device: str | torch.device = "cpu")
     dtype = resolve_dtype(model_cfg.dtype, device)
     try:
         processor = AutoProcessor.from_pretrained(path)
+        # On a GPU, load the weights straight onto it (a 7B model would otherwise pass through host memory).
+        placement = {} if torch.device(device).type == "cpu" else {"device_map": str(device)}
         model = Qwen2AudioForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+            path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, **placement)
     except OSError as err:
         raise ConfigError(f"model.name_or_path: cannot load {src!r}: {err}") from None
     model.to(device)

@@ -219,3 +219,29 @@ def test_cli_evaluate_tiny_model_score_and_generate(manifest, tiny_model, tmp_pa
     assert res.exit_code == 0, res.output
     gen = read_predictions(tmp_path / "g.csv")
     assert len(gen) == 8 and "answer" in gen.columns
+
+
+def test_cli_evaluate_with_adapter_changes_scores(manifest, tiny_model, tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from ermgap.cli.main import app
+    from ermgap.config import LoraConfig, ModelConfig
+    from ermgap.model import apply_lora, load_backbone
+
+    torch.manual_seed(0)
+    peft_model = apply_lora(load_backbone(ModelConfig(name_or_path=str(tiny_model)))[0], LoraConfig(r=4))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    runner = CliRunner()
+    args = ["evaluate", "--model", str(tiny_model), "--manifest", str(manifest), "--limit", "3", "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--out", str(tmp_path / "base.csv")]).exit_code == 0
+    res = runner.invoke(app, [*args, "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "lora.csv")])
+    assert res.exit_code == 0, res.output
+    cols = [f"score_{e}" for e in EMOTIONS]
+    base = pd.read_csv(tmp_path / "base.csv")[cols].to_numpy()
+    lora = pd.read_csv(tmp_path / "lora.csv")[cols].to_numpy()
+    assert base.shape == lora.shape == (3, 7) and np.abs(base - lora).max() > 1e-3
