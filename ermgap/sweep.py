@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from ermgap.config import default_tracking_uri, flatten
-from ermgap.errors import ConfigError, OutputExistsError, TrainingError
+from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
 from ermgap.io import atomic_write_text
 from ermgap.sweep_spec import SEED_KEY, TRIAL_DRIVER_CPU, VARIANT_PARAM, SweepSpec, dump_spec_yaml, load_sweep_spec
 
@@ -42,6 +42,12 @@ PARENT_TAG = "mlflow.parentRunId"
 # Leaderboard columns read from each child run (final logged values).
 DEV_METRICS = ("dev_w_f1", "dev_acc", "dev_avg_gap", "dev_worst_lang_gap")
 TEST_METRICS = ("test_w_f1", "test_acc", "test_avg_gap", "test_worst_lang_gap")
+
+
+class SweepInterrupted(ErmgapError):
+    """The sweep stopped before every trial ended; it can be resumed."""
+
+    exit_code = 130
 
 
 @dataclass
@@ -204,7 +210,8 @@ def _search_alg(spec: SweepSpec):
     if m.algorithm in ("grid", "random"):
         from ray.tune.search.basic_variant import BasicVariantGenerator
 
-        return BasicVariantGenerator(random_state=m.search_seed)
+        # Tune's max_concurrent_trials does not reach a generator passed in explicitly: set it here.
+        return BasicVariantGenerator(max_concurrent=m.max_concurrent_trials or 0, random_state=m.search_seed)
     from ray.tune.search.optuna import OptunaSearch
 
     metrics, modes = list(m.objectives), list(m.objectives.values())
@@ -457,13 +464,21 @@ def print_leaderboard(board: pd.DataFrame, spec: SweepSpec, console=None) -> Non
 # --------------------------------------------------------------------------- the sweep
 
 
+def _trial_states(results) -> dict[str, str]:
+    """Tune's own status per trial id (TERMINATED, ERROR, or PENDING/RUNNING/PAUSED when interrupted)."""
+    return {t.trial_id: t.status for t in results._experiment_analysis.trials}
+
+
 def _tune_rows(results) -> dict[str, dict[str, Any]]:
     rows = {}
+    states = _trial_states(results)
     for res in results:
         trial_id = Path(res.path).name
         metrics = res.metrics or {}
         if res.error is not None:
             status = "ERROR"
+        elif states.get(trial_id, "TERMINATED") != "TERMINATED":
+            status = "interrupted"
         elif metrics.get("test_w_f1") is not None:
             status = "done"
         else:
@@ -607,6 +622,13 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
             client.set_terminated(parent_id, status="KILLED")
             raise
         tune_rows = _tune_rows(results)
+        unfinished = [t for t, r in tune_rows.items() if r["status"] == "interrupted"]
+        if unfinished:
+            # Ctrl-C (or a stop) ended Tune early: keep everything resumable, claim no result.
+            client.set_terminated(parent_id, status="KILLED")
+            raise SweepInterrupted(
+                f"sweep {spec.name} interrupted with {len(unfinished)} unfinished trial(s); continue it with "
+                f"`ermgap sweep {spec.source.removesuffix(' + overrides')} --resume` (same overrides)")
         board = build_leaderboard(spec, child_runs(tracking_uri, experiment, parent_id), tune_rows)
         _close_stopped_children(client, board)
         outcome.leaderboard = board

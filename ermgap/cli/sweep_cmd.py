@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -59,7 +60,44 @@ def ui(
                     "use the default 127.0.0.1 and an SSH tunnel unless you trust that network", err=True, fg="yellow")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
     typer.echo(f"MLflow UI on http://{host}:{port}  (store {uri})")
+    raise typer.Exit(_run_group(cmd))
+
+
+def _run_group(cmd: list[str]) -> int:
+    """Run `cmd` in its own process group and take the whole group down with us: `mlflow ui` starts
+    uvicorn workers and job consumers that would otherwise outlive a SIGTERM to this process."""
+    proc = subprocess.Popen(cmd, env=dict(os.environ), start_new_session=True)
+
+    def _stop(signum, frame):  # SIGTERM behaves like Ctrl-C
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        raise typer.Exit(subprocess.call(cmd, env=dict(os.environ)))
+        return proc.wait()
     except KeyboardInterrupt:
-        raise typer.Exit(0) from None
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        _reap_group(proc.pid)
+
+
+def _reap_group(pgid: int) -> None:
+    """Kill what is left of the group (children exit a moment after the server)."""
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)

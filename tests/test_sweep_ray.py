@@ -1,0 +1,209 @@
+"""Real sweeps with the tiny model on a local Ray cluster: MLflow parent/child runs, leaderboard, ASHA,
+and resume after the driver is SIGKILLed. Slow (a few minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _base(manifest: Path, model: Path, tmp: Path) -> dict:
+    return {
+        "data": {"manifest": str(manifest), "modality": "uni"},
+        "model": {"name_or_path": str(model), "dtype": "fp32"},
+        "optim": {"lr": 1e-3, "epochs": 2, "effective_batch_size": 16, "micro_batch_size": 4,
+                  "scheduler": "constant"},
+        "eval": {"patience": 0, "batch_size": 16},
+        "distributed": {"num_workers": 1, "cpus_per_worker": 0.9, "zero_stage": 2},
+    }
+
+
+def _write(tmp: Path, spec: dict) -> Path:
+    path = tmp / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _children(uri: str, experiment: str, parent: str):
+    from ermgap.sweep import child_runs
+
+    return child_runs(uri, experiment, parent)
+
+
+def _dominated(i: int, pts: list[tuple[float, float]]) -> bool:
+    """Brute-force oracle: another point at least as good on both and better on one."""
+    a = pts[i]
+    return any(b[0] >= a[0] and b[1] <= a[1] and (b[0] > a[0] or b[1] < a[1]) for j, b in enumerate(pts) if j != i)
+
+
+def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny_model):
+    """3 trials, 2 at a time: two that learn (lr 1e-3) and one that cannot (lr 1e-9). ASHA on dev loss
+    with a rung after the first evaluation stops the frozen one: it starts after a learning trial has
+    passed that rung, so its dev loss is above the cutoff."""
+    from mlflow import MlflowClient
+
+    from ermgap.sweep import run_sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = _write(tmp_path, {
+        "name": "t_asha",
+        "base": _base(synth_corpus, tiny_model, tmp_path),
+        "overrides": {"optim.epochs": 3},
+        "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0},
+                     "adaptive": {"lambda.mode": "adaptive", "lambda.eta": 2.0},
+                     "frozen": {"lambda.mode": "fixed", "lambda.init": 0.0, "optim.lr": 1e-9}},
+        "scheduler": {"metric": "dev_loss", "mode": "min", "grace_period": 1, "reduction_factor": 2, "max_t": 3},
+        "max_concurrent_trials": 2,
+        "storage_path": str(tmp_path / "sweeps"),
+        "mlflow": {"experiment": "t", "tracking_uri": uri},
+    })
+    out = run_sweep(spec)
+    board = out.leaderboard.set_index("variant")
+    runs = _children(uri, "t", out.parent_run_id)
+
+    # Every trial has exactly one child run, tagged with its trial id.
+    assert len(board) == 3 and len(runs) == 3
+    assert sorted(runs["tags.ermgap.trial_id"]) == sorted(board["trial"])
+    assert (board["n_child_runs"] == 1).all()
+
+    # ASHA stopped the frozen trial after its first evaluation; the others ran to the end.
+    assert board.loc["frozen", "status"] == "stopped" and board.loc["frozen", "eval_rounds"] == 1
+    assert list(board.loc[["erm", "adaptive"], "status"]) == ["done", "done"]
+    client = MlflowClient(uri)
+    frozen_run = client.get_run(board.loc["frozen", "mlflow_run_id"])
+    assert frozen_run.info.status == "KILLED"
+    assert "final/test_w_f1" not in frozen_run.data.metrics
+    # Compute a stopped trial still burnt: evaluations its workers logged after Tune's stop decision.
+    extra = len(client.get_metric_history(frozen_run.info.run_id, "dev_w_f1")) - 1
+    assert 0 <= extra <= 1
+
+    # The leaderboard equals what the training runs wrote themselves (metrics.json in each run dir).
+    for variant in ("erm", "adaptive"):
+        row = board.loc[variant]
+        written = json.loads((out.root / "runs" / row["trial"] / "metrics.json").read_text())
+        for key in ("dev_w_f1", "dev_acc", "dev_avg_gap", "dev_worst_lang_gap",
+                    "test_w_f1", "test_acc", "test_avg_gap", "test_worst_lang_gap"):
+            assert row[key] == pytest.approx(written[key], rel=1e-9, abs=1e-9), (variant, key)
+        child = client.get_run(row["mlflow_run_id"])
+        assert child.info.status == "FINISHED"
+        assert child.data.tags["mlflow.parentRunId"] == out.parent_run_id
+        assert {"final/test_w_f1", "final/dev_avg_gap", "dev_w_f1", "lambda"} <= set(child.data.metrics)
+
+    # Pareto marks and the best trial follow the documented rules (oracles written here).
+    done = out.leaderboard[out.leaderboard["dev_w_f1"].notna()].reset_index(drop=True)
+    pts = list(zip(done["dev_w_f1"], done["dev_avg_gap"]))
+    assert list(done["pareto"]) == [not _dominated(i, pts) for i in range(len(pts))]
+    finished = done[done["status"] == "done"]
+    admissible = finished[finished["dev_avg_gap"] <= finished["dev_avg_gap"].min() + 2.0]
+    assert out.best_trial == admissible.sort_values("dev_w_f1", ascending=False).iloc[0]["trial"]
+
+    # The parent run carries the spec, the search space and the leaderboard.
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["ermgap.sweep"] == "t_asha"
+    arts = {a.path for a in client.list_artifacts(out.parent_run_id)}
+    assert {"sweep.yaml", "search_space.json", "leaderboard.csv", "leaderboard.md"} <= arts
+
+
+def _pids_with_marker(marker: str) -> list[int]:
+    needle = f"ERMGAP_TEST_SWEEP={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _kill_marked(marker: str) -> None:
+    for pid in _pids_with_marker(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _cli(spec: Path, marker: str, *args: str) -> subprocess.Popen:
+    env = dict(os.environ, ERMGAP_TEST_SWEEP=marker, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "sweep", str(spec), *args], cwd=spec.parent,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
+    """Kill the sweep driver (SIGKILL) while trial 2 runs; `--resume` keeps trial 1 as it was and finishes."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = _write(tmp_path, {
+        "name": "t_resume",
+        "base": _base(synth_corpus, tiny_model, tmp_path),
+        "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0},
+                     "adaptive": {"lambda.mode": "adaptive"}},
+        "max_concurrent_trials": 1,
+        "storage_path": str(tmp_path / "sweeps"),
+        "mlflow": {"experiment": "r", "tracking_uri": uri},
+    })
+    state_file = tmp_path / "sweeps" / "t_resume" / "sweep_state.json"
+    marker = uuid.uuid4().hex
+    proc = _cli(spec, marker)
+    try:
+        # Wait until trial 2's run has logged its first dev evaluation (so trial 1 is complete and
+        # trial 2 has a checkpoint), then kill the driver and, with it, the Ray processes it started.
+        deadline = time.monotonic() + 420
+        first = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(2)
+            if not state_file.exists():
+                continue
+            parent = json.loads(state_file.read_text())["parent_run_id"]
+            runs = _children(uri, "r", parent)
+            if len(runs) == 2 and "metrics.dev_w_f1" in runs and runs["metrics.dev_w_f1"].notna().all():
+                first = runs[runs["status"] == "FINISHED"]
+                break
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert first is not None and len(first) == 1, "trial 1 never finished before the deadline"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        _kill_marked(marker)  # the driver's local Ray node dies with it, as when the driver's machine is lost
+        before = {r["run_id"]: r["start_time"] for _, r in _children(uri, "r", parent).iterrows()}
+        first_id = first.iloc[0]["run_id"]
+
+        proc = _cli(spec, marker, "--resume")
+        output, _ = proc.communicate(timeout=420)
+        assert proc.returncode == 0, output[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _kill_marked(marker)
+
+    after = _children(uri, "r", parent)
+    # Same parent, the same two child runs (trial 2 continued its run), trial 1 untouched.
+    assert json.loads(state_file.read_text())["parent_run_id"] == parent
+    assert set(after["run_id"]) == set(before)
+    row1 = after.set_index("run_id").loc[first_id]
+    assert row1["start_time"] == before[first_id] and row1["status"] == "FINISHED"
+    assert (after["status"] == "FINISHED").all()
+    client = MlflowClient(uri)
+    assert client.get_run(parent).info.status == "FINISHED"
+    # Trial 2 went on from its checkpoint: each evaluation logged once (2 epochs → 2 dev evaluations).
+    second = next(r for r in after["run_id"] if r != first_id)
+    steps = [m.step for m in client.get_metric_history(second, "dev_w_f1")]
+    assert len(steps) == 2 and steps == sorted(set(steps)), steps
+    assert "best trial:" in output and not math.isnan(after["metrics.final/test_w_f1"].astype(float).max())

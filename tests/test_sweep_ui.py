@@ -1,0 +1,123 @@
+"""`ermgap ui` serves the MLflow UI on 127.0.0.1 and shows a sweep's parent run with its child runs
+(headless Chromium renders the React app; we read the rendered DOM and keep a screenshot)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = [
+    pytest.mark.chromium,
+    pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed "
+                                               "(apt-get install -y chromium; `make setup` does it as root)"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _marked(marker: str) -> list[int]:
+    needle = f"ERMGAP_TEST_UI={marker}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def _chromium(url: str, profile: Path, *extra: str) -> str:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={profile}",
+           "--virtual-time-budget=20000", "--window-size=1400,900", *extra, url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False).stdout
+
+
+def _sweep_like_runs(uri: str) -> tuple[str, str, list[str]]:
+    """A parent run and two children exactly as a sweep leaves them (tags included)."""
+    from mlflow import MlflowClient
+
+    from ermgap.sweep import PARENT_TAG, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
+
+    c = MlflowClient(uri)
+    exp = c.create_experiment("ermgap-demo")
+    parent = c.create_run(exp, run_name="demo", tags={TAG_SWEEP: "demo", TAG_ROLE: "sweep"}).info.run_id
+    names = ["demo/trial_0000a", "demo/trial_0000b"]
+    for i, name in enumerate(names):
+        run = c.create_run(exp, run_name=name, tags={PARENT_TAG: parent, TAG_SWEEP: "demo", TAG_TRIAL: name[-5:]})
+        c.log_metric(run.info.run_id, "final/dev_w_f1", 40.0 + i)
+        c.set_terminated(run.info.run_id)
+    c.set_terminated(parent)
+    return exp, parent, names
+
+
+def test_ui_shows_parent_with_children(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp, parent, children = _sweep_like_runs(uri)
+    port, marker = _free_port(), uuid.uuid4().hex
+    env = dict(os.environ, ERMGAP_TEST_UI=marker)
+    ui = subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "ui", "--port", str(port), "--tracking-uri", uri],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert ui.poll() is None, ui.stdout.read()[-2000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "MLflow UI did not come up"
+            time.sleep(1)
+        profile = tmp_path / "chromium"
+        # The experiment's runs table lists the parent (children are folded under it) ...
+        runs_dom = _chromium(f"{base}/#/experiments/{exp}/runs", profile, "--dump-dom")
+        assert ">demo<" in runs_dom and f"#/experiments/{exp}/runs/{parent}" in runs_dom
+        # ... and the parent run's page lists its child runs.
+        parent_url = f"{base}/#/experiments/{exp}/runs/{parent}"
+        parent_dom = _chromium(parent_url, profile, "--dump-dom")
+        assert "Child runs" in parent_dom
+        assert all(name in parent_dom for name in children), "child runs missing from the parent's page"
+        shot = tmp_path / "parent_run.png"
+        _chromium(parent_url, profile, f"--screenshot={shot}")
+        assert shot.is_file() and shot.stat().st_size > 10_000
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        try:
+            ui.wait(30)
+        except subprocess.TimeoutExpired:
+            ui.kill()
+        leftover = _marked(marker)
+        for pid in leftover:
+            os.kill(pid, signal.SIGKILL)
+    assert leftover == [], f"`ermgap ui` left processes behind: {leftover}"
+
+
+def test_ui_refuses_missing_store(tmp_path):
+    from typer.testing import CliRunner
+
+    from ermgap.cli.main import app
+
+    result = CliRunner().invoke(app, ["ui", "--tracking-uri", f"sqlite:///{tmp_path / 'none.db'}"])
+    assert result.exit_code != 0 and "no MLflow store there yet" in str(result.exception or result.output)
