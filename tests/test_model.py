@@ -224,3 +224,27 @@ def test_ddp_wrapped_model_goes_through_its_own_forward(tiny_model, tmp_path):
             assert torch.allclose(score_labels(ddp, batch), score_labels(model, batch), atol=1e-4)
     finally:
         dist.destroy_process_group()
+
+
+def test_collator_masks_everything_but_the_answer_and_accepts_precomputed_features(backbone):
+    from ermgap.batching import featurize
+
+    model, processor = backbone
+    collator = EmotionCollator(processor, PromptConfig(), "multi")
+    examples = _examples(3)
+    batch = collator(examples)
+    for i, ex in enumerate(examples):
+        answer = collator.answers[EMOTIONS.index(ex["emotion"])]
+        supervised = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        assert supervised == answer
+        assert processor.tokenizer.decode(answer) == ex["emotion"] + "<|im_end|>"
+        n = int(batch["attention_mask"][i].sum())
+        assert batch["input_ids"][i, n - len(answer):n].tolist() == answer  # answer right before the padding
+        assert (batch["input_ids"][i, n:] == processor.tokenizer.pad_token_id).all()
+        assert batch["prompt_attention_mask"][i, -1] == 1  # left padding: every prompt ends in the last column
+    assert batch["gold"].tolist() == [EMOTIONS.index(ex["emotion"]) for ex in examples]
+    assert batch["language"].tolist() == [["deu", "eng", "jpn"].index(ex["language"]) for ex in examples]
+    assert batch["gender"].tolist() == [0, 1, 0]
+    pre = collator(featurize(processor, examples))
+    for key in ("input_ids", "labels", "prompt_input_ids", "input_features", "feature_attention_mask"):
+        assert torch.equal(pre[key], batch[key]), key
