@@ -48,12 +48,15 @@ DEFAULT_PER_CELL = 16
 DEMO_BIAS: dict[tuple[str, str], float] = {("deu", "F"): 0.7}
 ESPEAK_LANG = {"deu": "de", "eng": "en-us", "jpn": "ja"}
 
-# espeak-ng variant file names (`espeak-ng --voices=variant`), checked by ear and F0: the f*/female
-# ones have median F0 ~170-270 Hz, the m* ones ~85-105 Hz. The same variant in different languages
-# is a different speaker id, but a variant never crosses splits, so test voices are never heard in training.
+# espeak-ng variant file names (`espeak-ng --voices=variant`). The f*/female ones have median F0
+# ~170-270 Hz, the male ones ~80-110 Hz. The same variant in different languages is a different speaker
+# id, but a variant never crosses splits, so test voices are never heard in training. Dev/test voices
+# were chosen so that F and M are about equally easy for a prosodic-feature classifier trained on the
+# train voices (per-voice accuracy measured on an unbiased corpus); e.g. `paul`, `travis` and `m8`
+# came out far harder than the rest and would create a gender gap of their own.
 VOICES: dict[str, dict[str, tuple[str, ...]]] = {
-    "F": {"train": ("f1", "f2", "Annie", "belinda"), "dev": ("f4", "Andrea"), "test": ("f5", "Alicia")},
-    "M": {"train": ("m1", "m2", "m3", "m6"), "dev": ("m4", "paul"), "test": ("m5", "m7")},
+    "F": {"train": ("f1", "f2", "Annie", "belinda"), "dev": ("f4", "Andrea"), "test": ("f5", "Alicia", "f3")},
+    "M": {"train": ("m1", "m2", "m3", "m6"), "dev": ("sandro", "Diogo"), "test": ("m5", "michel", "Henrique")},
 }
 
 
@@ -235,12 +238,16 @@ def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, s
             for gender in GENDERS:
                 voices = VOICES[gender][split]
                 strength = float(bias.get((lang, gender), 0.0))
+                # Voices rotate over the whole (split, language, gender) block, so every voice is used
+                # even when a cell has fewer utterances than there are voices.
+                turn = 0
                 for emotion in EMOTIONS:
                     # Exactly round(strength * n) utterances of the cell are neutralised (not a coin flip),
                     # so a small corpus still carries the requested bias.
                     neutralised = set(rng.permutation(n)[: int(round(strength * n))].tolist())
                     for k in range(n):
-                        variant = voices[k % len(voices)]
+                        variant = voices[turn % len(voices)]
+                        turn += 1
                         speaker = f"{lang}_{variant}"
                         if speaker not in speaker_offset:
                             z = rng.standard_normal(3)
