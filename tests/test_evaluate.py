@@ -65,7 +65,7 @@ class FakeChatServer:
                     server.requests.append({"path": self.path, "auth": self.headers.get("Authorization"),
                                             "body": body, "action": action, "t": time.monotonic()})
                 if action == "slow":
-                    time.sleep(0.6)
+                    time.sleep(3.0)
                 if action in ("500", "401"):
                     return self._send(int(action), b'{"error": {"message": "nope"}}')
                 if action == "429":
@@ -94,6 +94,7 @@ class FakeChatServer:
                     pass  # the client timed out and hung up
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True  # do not wait for a deliberately slow handler at shutdown
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -108,7 +109,8 @@ class FakeChatServer:
 
 
 def _backend(url: str, **kw) -> OpenAICompatBackend:
-    args = dict(modality="multi", api_key="sk-test", timeout_s=0.3, max_retries=3, backoff_s=0.05, concurrency=1)
+    # A generous timeout: a loaded CI machine must not turn a normal answer into a retry.
+    args = dict(modality="multi", api_key="sk-test", timeout_s=10.0, max_retries=3, backoff_s=0.05, concurrency=1)
     args.update(kw)
     return OpenAICompatBackend(url, "gpt-4o-mini-audio-preview", PromptConfig(), **args)
 
@@ -137,7 +139,7 @@ def test_retries_500_timeout_and_429_with_retry_after(manifest, tmp_path):
     rows = load_split(manifest, "test", modality="uni", limit=1)
     with FakeChatServer() as server:
         server.script = ["500", "slow", "429", "ok"]
-        be = _backend(server.url, modality="uni")
+        be = _backend(server.url, modality="uni", timeout_s=1.0)
         df = evaluate_rows(be, rows, tmp_path / "p.csv", modality="uni", progress=False)
     assert df["pred"].tolist() == ["joy"]
     assert [r["action"] for r in server.requests] == ["500", "slow", "429", "ok"]
