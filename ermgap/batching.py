@@ -16,7 +16,7 @@ import torch
 
 from ermgap.config import PromptConfig
 from ermgap.errors import ConfigError
-from ermgap.labels import EMOTION_INDEX, EMOTIONS, GENDER_INDEX, LANGUAGES
+from ermgap.labels import EMOTION_INDEX, GENDER_INDEX, LANGUAGES
 from ermgap.prompts import label_token_ids, prompt_text
 
 IGNORE = -100
@@ -154,4 +154,4 @@ def to_device(batch: dict[str, Any], device: str | torch.device) -> dict[str, An
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-__all__ = ["EMOTIONS", "EmotionCollator", "audio_token_count", "compute_features", "featurize", "to_device"]
+__all__ = ["EmotionCollator", "audio_token_count", "compute_features", "featurize", "to_device"]

@@ -21,7 +21,7 @@ def tiny(
     audio_seconds: int = typer.Option(4, "--audio-seconds", min=1, help="Audio window (longer audio is cropped)."),
 ) -> None:
     """A tiny randomly initialised Qwen2-Audio with a locally trained BPE tokenizer (no download)."""
-    from ermgap.model import build_tiny, count_parameters
+    from ermgap.model import build_tiny
 
     path = build_tiny(out, force=force, seed=seed, d_model=d_model, layers=layers, chunk_length_s=audio_seconds)
     Console().print(f"wrote {path} ({_describe(path)})")
