@@ -141,6 +141,22 @@ def check_trial_inputs(spec: SweepSpec) -> None:
             check_inputs(cfg)
 
 
+def _start_local_ray() -> None:
+    """`ensure_ray`'s local cluster (127.0.0.1, dashboard on) plus RAY_API_SERVER_ADDRESS for every
+    worker. Train V2's placement-group cleaner asks the dashboard whether a run's controller is
+    alive; with no address it auto-detects the cluster, which fails when a second Ray instance runs
+    on the machine (another user, a test), so a finished trial's placement group is never removed
+    and the next trial's worker group times out. Naming the dashboard explicitly avoids that."""
+    import ray
+
+    from ermgap.ray_runtime import _free_port
+
+    port = _free_port()
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+             _node_ip_address="127.0.0.1", log_to_driver=True,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+
+
 def local_resources() -> dict[str, float]:
     """What a local Ray cluster started here would have."""
     gpus = 0
@@ -380,6 +396,7 @@ def build_leaderboard(spec: SweepSpec, runs: pd.DataFrame, tune_rows: dict[str, 
         row["status"] = info["status"]
         row["eval_rounds"] = info.get("last_round")
         row["n_child_runs"] = len(children)
+        row["trial_s"] = info.get("time_total_s")  # Tune's wall time of the trial up to its last report
         child = children[-1] if children else None
         row["mlflow_run_id"] = None if child is None else child["run_id"]
         for m in DEV_METRICS + TEST_METRICS:
@@ -434,7 +451,7 @@ def _fmt(v: Any) -> str:
 
 
 def leaderboard_markdown(board: pd.DataFrame) -> str:
-    cols = [c for c in board.columns if c not in ("mlflow_run_id",)]
+    cols = [c for c in board.columns if c not in ("mlflow_run_id", "trial_s")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in board.iterrows():
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")
@@ -483,7 +500,8 @@ def _tune_rows(results) -> dict[str, dict[str, Any]]:
             status = "done"
         else:
             status = "stopped"  # ended by the scheduler (or its training stopped before the final report)
-        rows[trial_id] = {"params": dict(res.config), "status": status, "last_round": metrics.get("eval_round")}
+        rows[trial_id] = {"params": dict(res.config), "status": status, "last_round": metrics.get("eval_round"),
+                          "time_total_s": metrics.get("time_total_s")}
     return rows
 
 
@@ -598,7 +616,10 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
 
     started_here = not ray.is_initialized()
     t_ray = time.perf_counter()
-    ensure_ray(address)
+    if address is None and started_here:
+        _start_local_ray()
+    else:
+        ensure_ray(address)
     outcome.ray_start_s = time.perf_counter() - t_ray
     try:
         check_resources(spec, ray.cluster_resources(), "the Ray cluster")

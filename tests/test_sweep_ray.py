@@ -54,6 +54,10 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
     """3 trials, 2 at a time: two that learn (lr 1e-3) and one that cannot (lr 1e-9). ASHA on dev loss
     with a rung after the first evaluation stops the frozen one: it starts after a learning trial has
     passed that rung, so its dev loss is above the cutoff."""
+    import numpy as np
+
+    # Independent check of the rung layout this test relies on (Ray's ASHA formula, max_t + 1).
+    assert int(np.log((3 + 1) / 1) / np.log(4) + 1) == 2  # rungs at 1 and 4: only 1 is reached
     from mlflow import MlflowClient
 
     from ermgap.sweep import run_sweep
@@ -66,7 +70,9 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
         "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0},
                      "adaptive": {"lambda.mode": "adaptive", "lambda.eta": 2.0},
                      "frozen": {"lambda.mode": "fixed", "lambda.init": 0.0, "optim.lr": 1e-9}},
-        "scheduler": {"metric": "dev_loss", "mode": "min", "grace_period": 1, "reduction_factor": 2, "max_t": 3},
+        # reduction_factor 4 with max_t 3: one rung, after the first evaluation, where λ is still 0 in
+        # both learning trials (identical dev loss, so neither stops the other).
+        "scheduler": {"metric": "dev_loss", "mode": "min", "grace_period": 1, "reduction_factor": 4, "max_t": 3},
         "max_concurrent_trials": 2,
         "storage_path": str(tmp_path / "sweeps"),
         "mlflow": {"experiment": "t", "tracking_uri": uri},
