@@ -222,3 +222,25 @@ def test_ui_host_check():
 
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")
+
+
+def test_optuna_multi_objective_search_space_converts(tmp_path):
+    """The Tune space built from a spec is accepted by Optuna (multi-objective), and randint's upper
+    bound is inclusive as documented."""
+    from ermgap.sweep import _search_alg, param_space
+
+    spec = load_sweep_spec(_spec(tmp_path, algorithm="optuna_multi", num_samples=6,
+                                 objectives={"dev_w_f1": "max", "dev_avg_gap": "min"},
+                                 space={"optim.lr": {"loguniform": [1e-5, 1e-3]},
+                                        "lambda.eta": {"choice": [0.25, 0.5]},
+                                        "lora.r": {"randint": [4, 5]}}))
+    alg = _search_alg(spec)
+    assert alg.set_search_properties(None, None, param_space(spec))
+    seen = set()
+    for i in range(6):
+        params = alg.suggest(f"t{i}")
+        assert set(params) == {"variant", "optim.lr", "lambda.eta", "lora.r"}
+        assert 1e-5 <= params["optim.lr"] <= 1e-3 and params["lambda.eta"] in (0.25, 0.5)
+        spec.trial_config(params)  # every suggestion is a valid RunConfig
+        seen.add(params["lora.r"])
+    assert seen <= {4, 5}
