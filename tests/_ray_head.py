@@ -66,6 +66,7 @@ class LocalHead:
         env.update(self.extra_env)
         env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"  # like an activated venv / the image
         env["ERMGAP_TEST_HEAD"] = self.marker
+        env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "2"  # a test head has nothing worth draining for 30 s
         env["DASHBOARD_PORT"] = str(self.dashboard_port)
         env["GCS_PORT"] = str(free_port())
         if self.token is None:
@@ -103,7 +104,7 @@ class LocalHead:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=45)
+                self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)

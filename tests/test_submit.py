@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -103,6 +104,17 @@ def _cli(*args: str, env: dict[str, str], timeout: float = 240) -> subprocess.Co
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _non_loopback_ip() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))
+        except OSError:
+            return None
+        ip = s.getsockname()[0]
+    return None if ip.startswith("127.") else ip
+
+
 def _client_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     """A clean client environment: no token anywhere unless given (HOME without ~/.ray)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -172,6 +184,13 @@ def test_token_cluster_end_to_end(token_head, tmp_path):
     outputs.append(r.stdout + r.stderr)
     assert r.returncode == 0 and job_id in r.stdout and slow in r.stdout
 
+    # The dashboard / Jobs API listens on loopback only: this machine's other address refuses it.
+    ip = _non_loopback_ip()
+    if ip is not None:
+        port = int(head.address.rsplit(":", 1)[1])
+        with pytest.raises(OSError):
+            socket.create_connection((ip, port), timeout=3).close()
+
     # 5. No token / wrong token: a clear refusal, no traceback, nothing submitted.
     n_jobs = len(sub.list_jobs(cluster))
     r = _cli("submit", str(PAPER_SPEC), "--address", head.address, env=_client_env(tmp_path))
@@ -182,6 +201,43 @@ def test_token_cluster_end_to_end(token_head, tmp_path):
 
     # The token itself never appears in anything the CLI printed.
     assert all(token not in out for out in outputs)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_tiny_training_job_logs_to_mlflow(token_head, synth_corpus, tiny_model, tmp_path):
+    """`ermgap submit configs/tiny.yaml --follow`: a real `ermgap train` job on the head, its MLflow run checked."""
+    head = token_head
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = _client_env(tmp_path, RAY_AUTH_TOKEN=head.token, MLFLOW_TRACKING_URI=store)
+    small = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
+             f"tracking.storage_path={tmp_path / 'runs'}", "tracking.experiment=submit-test",
+             "optim.epochs=1", "distributed.num_workers=1", "optim.micro_batch_size=4",
+             "optim.effective_batch_size=8", "eval.batch_size=16"]
+    r = _cli("submit", str(ROOT / "configs" / "tiny.yaml"), "--address", head.address, "--follow",
+             "--env", "MLFLOW_TRACKING_URI", "--", *small, env=env, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert "SUCCEEDED" in r.stderr and head.token not in r.stdout + r.stderr
+    runs = _mlflow_runs(store, "submit-test")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert "dev_w_f1" in runs[0].data.metrics
+
+    # The same config with a manifest that does not exist on the cluster: validates locally (paths are
+    # the cluster's business), fails in the job; the CLI exits 1 and shows the job's error.
+    r = _cli("submit", str(ROOT / "configs" / "tiny.yaml"), "--address", head.address, "--follow", "--",
+             *small, "data.manifest=/nonexistent/manifest.csv", env=env, timeout=240)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "/nonexistent/manifest.csv does not exist" in r.stdout and "FAILED" in r.stderr
+
+
+def _mlflow_runs(uri: str, experiment: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} in {uri}"
+    return client.search_runs([exp.experiment_id])
 
 
 @pytest.mark.ray
