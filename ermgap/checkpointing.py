@@ -154,3 +154,27 @@ def load(ckpt_dir: Path, *, engine, rank: int) -> tuple[TrainerState, dict[str, 
     best_dir = ckpt_dir / "best_adapter"
     best = load_adapter_state(best_dir) if best_dir.is_dir() else None
     return state, best
+
+
+def is_complete(ckpt_dir: Path, world: int) -> bool:
+    """Every rank's files and rank 0's trainer state are there (a crash can interrupt an upload)."""
+    return ((ckpt_dir / "trainer_state.json").is_file() and (ckpt_dir / "deepspeed" / "latest").is_file()
+            and all((ckpt_dir / "rng" / f"rank{r}.pt").is_file() for r in range(world)))
+
+
+def newest_on_disk(experiment_dir: Path, world: int) -> tuple[Path, int] | None:
+    """The complete checkpoint with the most optimizer steps under a local run directory.
+
+    Why not only `ray.train.get_checkpoint()`: Ray Train's controller registers a reported checkpoint
+    when it next polls the workers (every 2 s). A worker that dies within that window leaves a
+    complete checkpoint on storage that Ray does not know about, and the restart would lose one
+    more evaluation interval than necessary.
+    """
+    best: tuple[Path, int] | None = None
+    for d in experiment_dir.glob("checkpoint_*"):
+        if not is_complete(d, world):
+            continue
+        step = TrainerState.from_json((d / "trainer_state.json").read_text()).global_step
+        if best is None or step > best[1]:
+            best = (d, step)
+    return best

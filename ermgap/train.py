@@ -43,13 +43,16 @@ import torch
 from ermgap.checkpointing import TrainerState
 from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten
 from ermgap.errors import ConfigError, ManifestError, TrainingError
+from ermgap.io import atomic_write_text
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, MODALITIES
 
 # Dev metrics usable for early stopping (`eval.metric`) → the reported key.
 EVAL_METRICS = ("w_f1", "acc", "avg_gap", "worst_lang_gap", "loss", "loss_gap")
 ERROR_FILE = "error.txt"
 METRICS_FILE = "metrics.json"
+# Fault injection for tests: kill the last rank after step N / make its first loss NaN at step N.
 FAULT_ENV = "ERMGAP_FAULT_KILL_AT_STEP"
+NAN_ENV = "ERMGAP_FAULT_NAN_AT_STEP"
 
 
 # =============================================================================== worker side
@@ -177,7 +180,7 @@ class LoRARecipe:
         self.timing = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0,
                        "deepspeed_init_s": time.perf_counter() - t_ds}
 
-        checkpoint = ray.train.get_checkpoint()
+        checkpoint = self._checkpoint_to_resume()
         if checkpoint is not None:
             from ermgap import checkpointing
 
@@ -195,14 +198,43 @@ class LoRARecipe:
                                          run_id=self.state.mlflow_run_id, params=params)
             self.state.mlflow_run_id = self.logger.run_id
             if checkpoint is None:
+                # run_training writes it; a sweep trial's run_dir may not have it yet.
                 cfg_file = self.run_dir / "config.yaml"
-                if cfg_file.is_file():
-                    self.logger.log_artifact(cfg_file)
+                if not cfg_file.is_file():
+                    atomic_write_text(cfg_file, dump_yaml(cfg), force=True)
+                self.logger.log_artifact(cfg_file)
         # Every rank reports the same run id.
         self.state.mlflow_run_id = self._broadcast(self.state.mlflow_run_id)
         self.timing["setup_s"] = time.perf_counter() - t_setup
 
     # ----------------------------------------------------------------------------- helpers
+    def _checkpoint_to_resume(self):
+        """Ray's latest registered checkpoint, or a newer complete one on local storage (see
+        checkpointing.newest_on_disk); rank 0 decides so every rank loads the same one."""
+        import ray.train
+
+        from ermgap.checkpointing import TrainerState, newest_on_disk
+
+        registered = ray.train.get_checkpoint()
+        choice = None
+        if self.rank == 0:
+            choice = registered.path if registered is not None else None
+            exp_dir = Path(ray.train.get_context().get_storage().experiment_fs_path)
+            if exp_dir.is_dir():
+                newest = newest_on_disk(exp_dir, self.world)
+                reg_step = -1
+                if registered is not None and (Path(registered.path) / "trainer_state.json").is_file():
+                    reg_step = TrainerState.from_json(
+                        (Path(registered.path) / "trainer_state.json").read_text()).global_step
+                if newest is not None and newest[1] > reg_step:
+                    choice = str(newest[0])
+        choice = self._broadcast(choice)
+        if choice is None:
+            return None
+        if registered is not None and choice == registered.path:
+            return registered
+        return ray.train.Checkpoint.from_directory(choice)
+
     def _broadcast(self, obj: Any) -> Any:
         if self.world == 1:
             return obj
@@ -274,6 +306,9 @@ class LoRARecipe:
             attribute.append(dev_batch["gender"])
             utt_ids += batch["utt_id"]
         losses_t = torch.cat(losses)
+        if self.loop_config.get("fault", {}).get("nan_at_step") == self.state.global_step + 1 \
+                and self.rank == self.world - 1:
+            losses_t = losses_t * torch.where(torch.arange(len(losses_t)) == 0, float("nan"), 1.0)  # tests
         if plain_mean:
             loss = losses_t.mean()
             self.engine.backward(loss)
@@ -527,7 +562,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, storage_path: str | os.PathLike,
                   callbacks=(), mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
-                  resume: bool = False, fault_kill_at_step: int | None = None):
+                  resume: bool = False, fault: dict | None = None):
     """A TorchTrainer for one run. Re-running it with the same storage_path + name resumes from the
     latest checkpoint (Ray Train V2 restores the run's checkpoint manager from storage)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
@@ -541,7 +576,7 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, stor
         "mlflow": {"tracking_uri": default_tracking_uri(cfg), "experiment": cfg.tracking.experiment,
                    "run_name": cfg.tracking.run_name or name, "parent_run_id": mlflow_parent_run_id,
                    "tags": dict(mlflow_tags or {})},
-        "fault": {"kill_at_step": fault_kill_at_step, "marker": str(run_dir.resolve() / ".fault_fired")},
+        "fault": {**(fault or {}), "marker": str(run_dir.resolve() / ".fault_fired")},
         "resume": resume,
     }
     d = cfg.distributed
@@ -611,14 +646,14 @@ def _ray_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _fault_step_from_env() -> int | None:
-    raw = os.environ.get(FAULT_ENV)
+def _step_from_env(name: str) -> int | None:
+    raw = os.environ.get(name)
     if not raw:
         return None
     try:
         return int(raw)
     except ValueError:
-        raise ConfigError(f"${FAULT_ENV} must be an integer step, got {raw!r}") from None
+        raise ConfigError(f"${name} must be an integer step, got {raw!r}") from None
 
 
 def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str | os.PathLike | None = None,
@@ -632,7 +667,6 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     import json
 
     from ermgap.config import load_config
-    from ermgap.io import atomic_write_text
     from ermgap.ray_runtime import ensure_ray
     from ermgap.tracking import mark_run
 
@@ -641,6 +675,9 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         if not (run_path / "config.yaml").is_file():
             raise ConfigError(f"--resume {resume_dir}: not a run directory (no config.yaml)")
         cfg = load_config(run_path / "config.yaml")
+        if (run_path / METRICS_FILE).is_file():  # finished already: nothing to resume
+            final = json.loads((run_path / METRICS_FILE).read_text())
+            return {**final, "run_dir": str(run_path), "tracking_uri": default_tracking_uri(cfg)}
     else:
         cfg = _absolute_paths(cfg)
         if run_dir is None:
@@ -653,7 +690,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
                                   f"or --resume {run_path} to continue it")
             shutil.rmtree(run_path)
     check_inputs(cfg)
-    fault = _fault_step_from_env()
+    fault = {"kill_at_step": _step_from_env(FAULT_ENV), "nan_at_step": _step_from_env(NAN_ENV)}
     run_path.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
         atomic_write_text(run_path / "config.yaml", dump_yaml(cfg), force=True)
@@ -662,7 +699,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     ensure_ray(address, num_cpus=num_cpus)
     trainer = build_trainer(cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
                             mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=mlflow_tags,
-                            resume=resume_dir is not None, fault_kill_at_step=fault)
+                            resume=resume_dir is not None, fault=fault)
     uri = default_tracking_uri(cfg)
     try:
         trainer.fit()
