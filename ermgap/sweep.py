@@ -546,16 +546,31 @@ def _log_parent_artifacts(client, parent_id: str, spec: SweepSpec, paths: SweepP
 
 def _pareto_artifacts(board: pd.DataFrame, out: Path) -> dict[str, Path]:
     """The Pareto plot (dev W-F1 vs dev AVG gap, one point per trial)."""
-    try:
-        from ermgap.plots import pareto_plot
-    except ImportError:
-        return {}
-    ok = board[board["dev_w_f1"].notna() & board["dev_avg_gap"].notna()]
+    from ermgap.plots import pareto_plot
+
+    ok = board[board["dev_w_f1"].notna() & board["dev_avg_gap"].notna()].copy()
     if ok.empty:
         return {}
+    ok["label"] = [f"{v} ({t})" if isinstance(v, str) else t for v, t in zip(ok.get(VARIANT_PARAM, ok["trial"]), ok["trial"])]
     path = out / "pareto.png"
-    pareto_plot(ok, path, x="dev_avg_gap", y="dev_w_f1", label="trial")
+    pareto_plot(ok, path, x="dev_avg_gap", y="dev_w_f1", label="label")
     return {"pareto_plot": path}
+
+
+def _paper_report(tracking_uri: str, parent_id: str, out: Path, console) -> dict[str, Path]:
+    """The metrics area's tables (Table 2/3 layout) and plots from the finished child runs' test
+    predictions, written under `out` and logged to the parent run (artifacts/report)."""
+    from ermgap.report import report_from_mlflow
+
+    try:
+        paths, skipped = report_from_mlflow(tracking_uri, out, parent_run_id=parent_id, force=True, log_to=parent_id)
+    except ConfigError as err:  # e.g. every trial was stopped before writing predictions
+        console.print(f"[yellow]note:[/] no report tables: {err}")
+        return {}
+    for note in skipped:
+        console.print(f"report: skipped {note}")
+    keep = ("table2_md", "table3_md", "fairness_accuracy_png", "gender_gaps_png", "lambda_trajectory_png")
+    return {f"report_{k}": v for k, v in paths.items() if k in keep}
 
 
 def _console():
@@ -655,6 +670,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
         outcome.leaderboard = board
         outcome.best_trial = select_best(board, spec) if not board.empty else None
         _log_parent_artifacts(client, parent_id, spec, paths, board, outcome)
+        outcome.artifacts.update(_paper_report(tracking_uri, parent_id, paths.root / "report", console))
         failed = board.empty or (board["status"] == "ERROR").all()
         client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
     finally:

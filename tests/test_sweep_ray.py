@@ -121,7 +121,9 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
     parent = client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ermgap.sweep"] == "t_asha"
     arts = {a.path for a in client.list_artifacts(out.parent_run_id)}
-    assert {"sweep.yaml", "search_space.json", "leaderboard.csv", "leaderboard.md"} <= arts
+    assert {"sweep.yaml", "search_space.json", "leaderboard.csv", "leaderboard.md", "pareto.png", "report"} <= arts
+    report = {a.path for a in client.list_artifacts(out.parent_run_id, "report")}
+    assert {"report/table2.md", "report/table3.md"} <= report
 
 
 def _pids_with_marker(marker: str) -> list[int]:
