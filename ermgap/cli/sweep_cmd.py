@@ -15,9 +15,9 @@ from ermgap.errors import ConfigError
 
 _OVERRIDES_HELP = (
     "Spec overrides: base.<config key>=V edits the base training config (e.g. base.optim.epochs=2); "
-    "space.<config key>=[a, b] replaces a search dimension (a list is a grid; or a mapping like {choice: [a, b]}); "
+    "space.<config key>=\\[a, b] replaces a search dimension (a list is a grid; or a mapping like {choice: \\[a, b]}); "
     "variants.<name>.<config key>=V edits one variant; any other dotted spec key sets it "
-    "(e.g. max_concurrent_trials=1, scheduler.grace_period=2, seeds=[1,2]).")
+    "(e.g. max_concurrent_trials=1, scheduler.grace_period=2, seeds=\\[1,2]).")
 
 
 def sweep(
