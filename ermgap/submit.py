@@ -217,10 +217,12 @@ def validate_local(path: Path, kind: Kind, overrides: list[str]) -> None:
         load_config(path, overrides)
 
 
-def build_entrypoint(kind: Kind, rel_path: str, overrides: list[str], *, ray_address: str = "auto") -> str:
-    """The shell command the job runs in the uploaded project directory."""
+def build_entrypoint(kind: Kind, rel_path: str, overrides: list[str], *, ray_address: str = "auto",
+                     cwd: str | None = None) -> str:
+    """The shell command the job runs: in the uploaded project directory, or `cd cwd` first."""
     argv = ["python", "-m", "ermgap.cli.main", kind, rel_path, "--address", ray_address, *overrides]
-    return " ".join(shlex.quote(a) for a in argv)
+    command = " ".join(shlex.quote(a) for a in argv)
+    return f"cd {shlex.quote(cwd)} && {command}" if cwd else command
 
 
 def forwarded_env(names: list[str], *, environ: dict[str, str] | None = None) -> dict[str, str]:
@@ -248,8 +250,13 @@ def runtime_env(project_dir: str | os.PathLike, env: dict[str, str] | None = Non
 def submit(cluster: Cluster, spec_or_config: str | os.PathLike, *, kind: Kind | None = None,
            overrides: list[str] | None = None, project_dir: str | os.PathLike | None = None,
            env: dict[str, str] | None = None, ray_address: str = "auto",
-           submission_id: str | None = None) -> str:
-    """Validate locally, upload the project and start `ermgap sweep|train` as a Ray Job; returns the job id."""
+           submission_id: str | None = None, upload: bool = True) -> str:
+    """Validate locally, upload the project and start `ermgap sweep|train` as a Ray Job; returns the job id.
+
+    upload=False: the head sees this project at the same path (a local head, or a project on a shared
+    file system), so nothing is uploaded and the job runs in it — relative data/model/runs paths and the
+    default sqlite MLflow store then mean exactly what they mean for a local `ermgap sweep`.
+    """
     path = Path(spec_or_config)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
@@ -261,14 +268,15 @@ def submit(cluster: Cluster, spec_or_config: str | os.PathLike, *, kind: Kind | 
         raise ConfigError(f"{path}: must be inside the uploaded project directory {root} "
                           "(the job reads it from there)") from None
     top = rel.split("/", 1)[0]
-    if f"/{top}/" in EXCLUDES:
+    if upload and f"/{top}/" in EXCLUDES:
         raise ConfigError(f"{path}: {top}/ is not uploaded with the job; put the file in configs/ or sweeps/")
     overrides = list(overrides or [])
     kind = kind or infer_kind(resolved)
     # Arguments starting with "-" are flags for the job's command (e.g. --dry-run), the rest key=value overrides.
     validate_local(resolved, kind, [o for o in overrides if not o.startswith("-")])
-    return submit_entrypoint(cluster, build_entrypoint(kind, rel, overrides, ray_address=ray_address),
-                             runtime_env=runtime_env(root, env), submission_id=submission_id,
+    entrypoint = build_entrypoint(kind, rel, overrides, ray_address=ray_address, cwd=None if upload else str(root))
+    renv = runtime_env(root, env) if upload else ({"env_vars": dict(env)} if env else None)
+    return submit_entrypoint(cluster, entrypoint, runtime_env=renv, submission_id=submission_id,
                              metadata={"ermgap_kind": kind, "ermgap_file": rel})
 
 

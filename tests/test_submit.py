@@ -60,6 +60,8 @@ def test_entrypoint_is_quoted_and_runs_the_uploaded_package():
     ep = sub.build_entrypoint("train", "configs/my run.yaml", ["optim.lr=1e-4", "prompt.instruction=a b"])
     assert ep == ("python -m ermgap.cli.main train 'configs/my run.yaml' --address auto "
                   "optim.lr=1e-4 'prompt.instruction=a b'")
+    assert sub.build_entrypoint("sweep", "s.yaml", [], cwd="/my project") == (
+        "cd '/my project' && python -m ermgap.cli.main sweep s.yaml --address auto")
 
 
 def test_credentials_are_not_forwarded_into_the_job():
@@ -214,7 +216,7 @@ def test_tiny_training_job_logs_to_mlflow(token_head, synth_corpus, tiny_model, 
     small = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
              f"tracking.storage_path={tmp_path / 'runs'}", "tracking.experiment=submit-test",
              "optim.epochs=1", "distributed.num_workers=1", "optim.micro_batch_size=4",
-             "optim.effective_batch_size=8", "eval.batch_size=16"]
+             "optim.effective_batch_size=8", "eval.batch_size=32", "data.languages=[eng]"]  # one language: 3× less work
     r = _cli("submit", str(ROOT / "configs" / "tiny.yaml"), "--address", head.address, "--follow",
              "--env", "MLFLOW_TRACKING_URI", "--", *small, env=env, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -224,8 +226,9 @@ def test_tiny_training_job_logs_to_mlflow(token_head, synth_corpus, tiny_model, 
     assert "dev_w_f1" in runs[0].data.metrics
 
     # The same config with a manifest that does not exist on the cluster: validates locally (paths are
-    # the cluster's business), fails in the job; the CLI exits 1 and shows the job's error.
-    r = _cli("submit", str(ROOT / "configs" / "tiny.yaml"), "--address", head.address, "--follow", "--",
+    # the cluster's business), fails in the job; the CLI exits 1 and shows the job's error. --no-upload:
+    # the job runs in this very project directory (it loads configs/tiny.yaml from there).
+    r = _cli("submit", "configs/tiny.yaml", "--no-upload", "--address", head.address, "--follow", "--",
              *small, "data.manifest=/nonexistent/manifest.csv", env=env, timeout=240)
     assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
     assert "/nonexistent/manifest.csv does not exist" in r.stdout and "FAILED" in r.stderr
@@ -259,4 +262,13 @@ def test_cluster_without_token_auth(tmp_path):
 def test_cli_refuses_unreachable_cluster(tmp_path):
     r = _cli("jobs", "list", "--address", f"http://127.0.0.1:{free_port()}", env=_client_env(tmp_path), timeout=60)
     assert r.returncode == 2 and "cannot reach the Ray Jobs API" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert "warning" not in r.stderr  # loopback without a token: nothing exposed
+
+
+def test_cli_warns_before_talking_to_a_remote_cluster_without_token(tmp_path):
+    ip = _non_loopback_ip()
+    if ip is None:
+        pytest.skip("this machine has no non-loopback address")
+    r = _cli("jobs", "list", "--address", f"http://{ip}:{free_port()}", env=_client_env(tmp_path), timeout=60)
+    assert "warning: no Ray auth token" in r.stderr and r.returncode == 2, r.stderr
 

@@ -56,6 +56,8 @@ def submit(
     project_dir: Path = typer.Option(None, "--project-dir", help="Directory to upload (default: the project holding the file)."),
     ray_address: str = typer.Option("auto", "--ray-address", help="Address the job's `ermgap` joins inside the cluster."),
     job_id: str = typer.Option(None, "--job-id", help="Submission id to use (default: generated)."),
+    no_upload: bool = typer.Option(False, "--no-upload",
+                                   help="The head sees this project at the same path (local head, shared FS): run the job in it, upload nothing."),
 ) -> None:
     """Submit a sweep or a training run as a Ray Job; prints the job id (0 SUCCEEDED, 1 FAILED, 130 STOPPED)."""
     if kind not in (None, "sweep", "train"):
@@ -63,7 +65,7 @@ def submit(
     env_vars = sub.forwarded_env(env or [])
     cluster = _connect(address, token_env)
     jid = sub.submit(cluster, spec_or_config, kind=kind, overrides=overrides or [], project_dir=project_dir,
-                     env=env_vars, ray_address=ray_address, submission_id=job_id)
+                     env=env_vars, ray_address=ray_address, submission_id=job_id, upload=not no_upload)
     typer.echo(jid)
     if wait or follow:
         _finish(cluster, jid, follow=follow)
