@@ -59,7 +59,7 @@ def test_accuracy_by_group(tmp_path):
 
     results = {}
     for name, bias in (("plain", {}), ("biased", {("deu", "F"): 0.8})):
-        manifest = synthesize(tmp_path / name, per_cell=6, eval_per_cell=6, bias=bias, seed=11, workers=2)
+        manifest = synthesize(tmp_path / name, per_cell=6, eval_per_cell=6, dev_per_cell=1, bias=bias, seed=11, workers=2)
         df, x = features(manifest)
         train, test = (df["split"] == "train").values, (df["split"] == "test").values
         clf = RandomForestClassifier(n_estimators=200, random_state=0).fit(x[train], df["emotion"][train])

@@ -168,6 +168,19 @@ def test_bad_manifest_gives_one_clear_error(tmp_path, monkeypatch, capsys, case,
             read_manifest(path, check_audio=True, modality=modality)
 
 
+def test_utf8_bom_from_spreadsheets_is_accepted(tmp_path):
+    path = write_valid(tmp_path / "m")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert validate_manifest(path) == []
+    assert list(read_manifest(path).columns)[0] == "utt_id"
+
+
+def test_bad_modality_cli(tmp_path, monkeypatch, capsys):
+    path = write_valid(tmp_path / "m")
+    code, out = run_cli(monkeypatch, capsys, "data", "validate", str(path), "--modality", "both")
+    assert code == 2 and "'both'" in out and "uni, multi" in out
+
+
 def test_all_problems_are_reported_at_once(tmp_path):
     path = write_valid(tmp_path / "m")
     _set(3, "gender", "W")(path)

@@ -77,7 +77,7 @@ def _load_csv(path: Path, problems: list[Problem]) -> pd.DataFrame | None:
         return None
     try:
         # dtype=str and no NA parsing: ids like "007" and transcripts like "NA" stay as written.
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         problems.append(Problem(name, f"is not UTF-8 text ({err.reason} at byte {err.start})"))
         return None
@@ -236,7 +236,7 @@ def read_manifest(
                                  require_splits=require_splits, expected_sample_rate=None)
     if problems:
         raise ManifestError(f"manifest {path} has {len(problems)} problem(s):\n{format_problems(problems, 50)}")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
     df.columns = [str(c).strip() for c in df.columns]
     base = Path(path).resolve().parent
     df["audio_path"] = [a if os.path.isabs(a) else str(base / a) for a in df["audio"]]

@@ -226,14 +226,14 @@ def _jittered(centre: Prosody, speaker: Prosody, rng: np.random.Generator) -> Pr
 
 
 def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, str], float], seed: int,
-                lexical_cue_rate: float) -> tuple[list[dict], list[Job]]:
+                lexical_cue_rate: float, dev_per_cell: int | None = None) -> tuple[list[dict], list[Job]]:
     """Decide every utterance (rows of the manifest + render jobs) from `seed`; pure, no I/O."""
     rng = np.random.default_rng(seed)
     speaker_offset: dict[str, Prosody] = {}
     rows: list[dict] = []
     jobs: list[Job] = []
     for split in SPLITS:
-        n = per_cell if split == "train" else eval_per_cell
+        n = {"train": per_cell, "dev": eval_per_cell if dev_per_cell is None else dev_per_cell}.get(split, eval_per_cell)
         for lang in LANGUAGES:
             for gender in GENDERS:
                 voices = VOICES[gender][split]
@@ -314,6 +314,7 @@ def synthesize(
     *,
     per_cell: int = DEFAULT_PER_CELL,
     eval_per_cell: int | None = None,
+    dev_per_cell: int | None = None,
     bias: Mapping[tuple[str, str], float] | None = None,
     seed: int = 0,
     lexical_cue_rate: float = 0.0,
@@ -323,6 +324,7 @@ def synthesize(
 ) -> Path:
     """Generate the corpus into `out_dir` (atomically; refuses an existing dir unless force) and return
     the manifest path. bias: {(language, gender): strength in [0, 1]}; None means DEMO_BIAS, {} none.
+    dev_per_cell overrides eval_per_cell for the dev split only.
     workers: processes (default: CPU count). progress(done, total) is called as utterances finish."""
     from ermgap.data.manifest import format_problems, validate_manifest, write_manifest
     from ermgap.io import atomic_dir, check_writable
@@ -331,10 +333,12 @@ def synthesize(
     eval_per_cell = max(1, per_cell // 2) if eval_per_cell is None else eval_per_cell
     workers = workers or os.cpu_count() or 1
     _check_args(per_cell, eval_per_cell, bias, lexical_cue_rate, workers)
+    if dev_per_cell is not None and dev_per_cell < 1:
+        raise ConfigError(f"dev_per_cell={dev_per_cell} is out of range; expected an integer >= 1")
     check_writable(out_dir, force)
     version = espeak_version()
     rows, jobs = plan_corpus(per_cell=per_cell, eval_per_cell=eval_per_cell, bias=bias, seed=seed,
-                             lexical_cue_rate=lexical_cue_rate)
+                             lexical_cue_rate=lexical_cue_rate, dev_per_cell=dev_per_cell)
     total = len(jobs)
     with atomic_dir(out_dir, force=force) as tmp:
         # Chunks keep process overhead low; order of results is the order of jobs, so output is
@@ -365,7 +369,8 @@ def synthesize(
             raise RuntimeError(f"generated manifest is invalid:\n{format_problems(problems, 20)}")
         meta = {
             "generator": "ermgap.data.synth", "espeak_ng": version, "seed": seed, "per_cell": per_cell,
-            "eval_per_cell": eval_per_cell, "lexical_cue_rate": lexical_cue_rate,
+            "eval_per_cell": eval_per_cell, "dev_per_cell": dev_per_cell or eval_per_cell,
+            "lexical_cue_rate": lexical_cue_rate,
             "bias": [{"language": k[0], "gender": k[1], "strength": v} for k, v in sorted(bias.items())],
             "sample_rate": SAMPLE_RATE, "voices": VOICES, "espeak_language": ESPEAK_LANG,
             "emotion_prosody": {e: asdict(p) for e, p in EMOTION_PROSODY.items()},
