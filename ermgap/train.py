@@ -353,15 +353,14 @@ class LoRARecipe:
             for j, (i, keep) in enumerate(chunk):
                 if keep:
                     rows.append((i, float(loss[j]), scores[j].tolist()))
+        from ermgap.evaluate import predictions_frame
+
         gathered = sorted((r for part_rows in self._gather(rows) for r in part_rows), key=lambda r: r[0])
-        frame = part[["utt_id", "language", "gender", "emotion"]].rename(columns={"emotion": "gold"}).copy()
         scores = np.array([r[2] for r in gathered], dtype=np.float64).reshape(len(gathered), len(EMOTIONS))
-        frame["pred"] = [EMOTIONS[k] for k in scores.argmax(1)] if len(gathered) else []
-        frame["valid"] = True
-        frame["modality"] = self.cfg.data.modality
-        for k, e in enumerate(EMOTIONS):
-            frame[f"score_{e}"] = scores[:, k]
-        frame["loss"] = [r[1] for r in gathered]
+        frame = predictions_frame(part["utt_id"], part["language"], part["gender"], part["emotion"],
+                                  scores.argmax(1) if len(gathered) else [], scores=scores,
+                                  modality=self.cfg.data.modality)
+        frame["loss"] = [r[1] for r in gathered]  # per-sample dev loss (for Δdev), not written to PREDS.csv
         return frame
 
     def _split_metrics(self, frame: pd.DataFrame, prefix: str) -> dict[str, float]:
