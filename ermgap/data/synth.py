@@ -11,7 +11,7 @@ Sentences are neutral unless `lexical_cue_rate` > 0, in which case that fraction
 uses a sentence that states the emotion ("I am so happy about this!").
 
 Bias: `bias={("deu", "F"): 0.7}` gives 70 % of the non-neutral deu-F utterances of each
-(split, emotion) cell neutral prosody while keeping their emotional label, so that group's label
+(split, emotion) cell (rounded half up) neutral prosody while keeping their emotional label, so that group's label
 is simply not in the audio (an irreducible gap; see NOTES.md "A quick learnability experiment").
 
 Sizes: `per_cell` utterances per (language, gender, emotion) in train, `eval_per_cell`
@@ -232,8 +232,9 @@ def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, s
     speaker_offset: dict[str, Prosody] = {}
     rows: list[dict] = []
     jobs: list[Job] = []
+    sizes = {"train": per_cell, "dev": eval_per_cell if dev_per_cell is None else dev_per_cell, "test": eval_per_cell}
     for split in SPLITS:
-        n = {"train": per_cell, "dev": eval_per_cell if dev_per_cell is None else dev_per_cell}.get(split, eval_per_cell)
+        n = sizes[split]
         for lang in LANGUAGES:
             for gender in GENDERS:
                 voices = VOICES[gender][split]
@@ -242,9 +243,9 @@ def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, s
                 # even when a cell has fewer utterances than there are voices.
                 turn = 0
                 for emotion in EMOTIONS:
-                    # Exactly round(strength * n) utterances of the cell are neutralised (not a coin flip),
-                    # so a small corpus still carries the requested bias.
-                    neutralised = set(rng.permutation(n)[: int(round(strength * n))].tolist())
+                    # Exactly floor(strength * n + 0.5) utterances of the cell are neutralised (not a coin
+                    # flip), so a small corpus still carries the requested bias.
+                    neutralised = set(rng.permutation(n)[: int(np.floor(strength * n + 0.5))].tolist())
                     for k in range(n):
                         variant = voices[turn % len(voices)]
                         turn += 1
@@ -354,10 +355,14 @@ def synthesize(
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = [pool.submit(_render_chunk, chunk, str(tmp)) for chunk in chunks]
-                for fut in futures:
-                    durations += fut.result()
-                    if progress:
-                        progress(len(durations), total)
+                try:
+                    for fut in futures:
+                        durations += fut.result()
+                        if progress:
+                            progress(len(durations), total)
+                except BaseException:  # a failed chunk or Ctrl-C: drop the queued work instead of finishing it
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
         import pandas as pd
 
         df = pd.DataFrame(rows)
