@@ -53,14 +53,18 @@ class Problem:
     value: str | None = None
     kind: str = "error"
 
-    def __str__(self) -> str:
-        where = self.file
+    def describe(self, *, with_file: bool = True) -> str:
+        parts = [self.file] if with_file else []
         if self.row is not None:
-            where += f" row {self.row} (line {self.row + 1})"
+            parts.append(f"row {self.row} (line {self.row + 1})")
         if self.column is not None:
-            where += f", column '{self.column}'"
-        shown = f": value {self.value!r}" if self.value is not None else ""
-        return f"{where}{shown}: {self.message}"
+            parts.append(f"column '{self.column}'")
+        where = ", ".join(parts)
+        shown = f"value {self.value!r}: " if self.value is not None else ""
+        return f"{where}: {shown}{self.message}" if where else f"{shown}{self.message}"
+
+    def __str__(self) -> str:
+        return self.describe()
 
 
 def _load_csv(path: Path, problems: list[Problem]) -> pd.DataFrame | None:
@@ -210,10 +214,10 @@ def validate_manifest(
     return problems
 
 
-def format_problems(problems: Sequence[Problem], limit: int | None = None) -> str:
-    """One line per problem (at most `limit`, then a count of the rest)."""
+def format_problems(problems: Sequence[Problem], limit: int | None = None, *, with_file: bool = False) -> str:
+    """One line per problem (at most `limit`, then a count of the rest); the caller names the file."""
     shown = problems if limit is None else problems[:limit]
-    lines = [f"  - {p}" for p in shown]
+    lines = [f"  - {p.describe(with_file=with_file)}" for p in shown]
     if len(problems) > len(shown):
         lines.append(f"  ... and {len(problems) - len(shown)} more")
     return "\n".join(lines)
