@@ -205,16 +205,24 @@ def find_project_root(start: str | os.PathLike) -> Path:
                       "run from the project or pass --project-dir")
 
 
-def validate_local(path: Path, kind: Kind, overrides: list[str]) -> None:
-    """Validate the spec/config (and every trial config of a sweep) before anything is uploaded."""
+def validate_local(path: Path, kind: Kind, overrides: list[str]) -> dict[str, str]:
+    """Validate the spec/config (and every trial config of a sweep) before anything is uploaded.
+
+    Returns the storage locations the job will write to ({dotted key: path or URI}).
+    """
     if kind == "sweep":
         from ermgap.sweep_spec import load_sweep_spec
 
-        load_sweep_spec(path, overrides)
-    else:
-        from ermgap.config import load_config
+        spec = load_sweep_spec(path, overrides)
+        base = spec.trial_config(spec.example_trials()[0])
+        return {"storage_path": spec.model.storage_path, "base.tracking.storage_path": base.tracking.storage_path}
+    from ermgap.config import load_config
 
-        load_config(path, overrides)
+    return {"tracking.storage_path": load_config(path, overrides).tracking.storage_path}
+
+
+def _is_relative_path(location: str) -> bool:
+    return "://" not in location and not Path(location).is_absolute()
 
 
 def build_entrypoint(kind: Kind, rel_path: str, overrides: list[str], *, ray_address: str = "auto",
@@ -250,7 +258,7 @@ def runtime_env(project_dir: str | os.PathLike, env: dict[str, str] | None = Non
 def submit(cluster: Cluster, spec_or_config: str | os.PathLike, *, kind: Kind | None = None,
            overrides: list[str] | None = None, project_dir: str | os.PathLike | None = None,
            env: dict[str, str] | None = None, ray_address: str = "auto",
-           submission_id: str | None = None, upload: bool = True) -> str:
+           submission_id: str | None = None, upload: bool = True, warn: TextIO | None = None) -> str:
     """Validate locally, upload the project and start `ermgap sweep|train` as a Ray Job; returns the job id.
 
     upload=False: the head sees this project at the same path (a local head, or a project on a shared
@@ -273,7 +281,13 @@ def submit(cluster: Cluster, spec_or_config: str | os.PathLike, *, kind: Kind | 
     overrides = list(overrides or [])
     kind = kind or infer_kind(resolved)
     # Arguments starting with "-" are flags for the job's command (e.g. --dry-run), the rest key=value overrides.
-    validate_local(resolved, kind, [o for o in overrides if not o.startswith("-")])
+    storage = validate_local(resolved, kind, [o for o in overrides if not o.startswith("-")])
+    relative = {k: v for k, v in storage.items() if _is_relative_path(v)}
+    if upload and relative and warn is not None:
+        shown = ", ".join(f"{k}={v}" for k, v in relative.items())
+        print(f"warning: {shown} is relative: with an uploaded working dir it lands in the job's temporary copy "
+              "on the head; override it with a shared path/URI (e.g. storage_path=s3://bucket/ermgap), "
+              "or use --no-upload when the head shares this directory", file=warn)
     entrypoint = build_entrypoint(kind, rel, overrides, ray_address=ray_address, cwd=None if upload else str(root))
     renv = runtime_env(root, env) if upload else ({"env_vars": dict(env)} if env else None)
     return submit_entrypoint(cluster, entrypoint, runtime_env=renv, submission_id=submission_id,

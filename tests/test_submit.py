@@ -147,6 +147,7 @@ def test_token_cluster_end_to_end(token_head, tmp_path):
     outputs.append(r.stdout + r.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "sweep paper_main: 4 trials" in r.stdout
+    assert "storage_path=runs/sweeps" in r.stderr and "is relative" in r.stderr  # Tune state would be lost
     assert "SUCCEEDED" in r.stderr
     job_id = r.stdout.splitlines()[0].strip()
     assert job_id.startswith("raysubmit_")
@@ -221,6 +222,7 @@ def test_tiny_training_job_logs_to_mlflow(token_head, synth_corpus, tiny_model, 
              "--env", "MLFLOW_TRACKING_URI", "--", *small, env=env, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert "SUCCEEDED" in r.stderr and head.token not in r.stdout + r.stderr
+    assert "is relative" not in r.stderr  # storage_path was absolute
     runs = _mlflow_runs(store, "submit-test")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "dev_w_f1" in runs[0].data.metrics

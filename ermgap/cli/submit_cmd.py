@@ -65,7 +65,8 @@ def submit(
     env_vars = sub.forwarded_env(env or [])
     cluster = _connect(address, token_env)
     jid = sub.submit(cluster, spec_or_config, kind=kind, overrides=overrides or [], project_dir=project_dir,
-                     env=env_vars, ray_address=ray_address, submission_id=job_id, upload=not no_upload)
+                     env=env_vars, ray_address=ray_address, submission_id=job_id, upload=not no_upload,
+                     warn=sys.stderr)
     typer.echo(jid)
     if wait or follow:
         _finish(cluster, jid, follow=follow)
