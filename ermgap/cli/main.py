@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ermgap.errors import ErmgapError
 
@@ -44,9 +45,11 @@ for module, attr, name in _COMMANDS:
 def main() -> None:
     """Run the CLI; user errors are printed as one clear message with a non-zero exit."""
     try:
-        app(standalone_mode=False)
+        # standalone_mode=False returns typer.Exit codes instead of exiting: pass them on.
+        rc = app(standalone_mode=False)
     except ErmgapError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err}", highlight=False, markup=True, soft_wrap=True)
+        # Text, not markup: messages quote user values such as "[q_proj]" that rich would eat.
+        Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(err)), highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
     except typer.Abort:
         sys.exit(130)
@@ -57,6 +60,8 @@ def main() -> None:
             err.show()
             sys.exit(err.exit_code)
         raise
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":
