@@ -24,6 +24,17 @@ of micro × accum, so it neither rescales the loss by 1/GAS nor reduces gradient
 activation memory of `accum` micro-batches (use gradient checkpointing on GPU, or more workers).
 With this, a run with W workers and accumulation A equals one with W' workers and A' whenever
 W·A·micro is the same (tests/test_train_distributed.py checks 2 workers vs 1 worker).
+
+Data: `ermgap.sampler.GlobalBatchPlan` (seeded per epoch, length-grouped) fixes which utterances
+form each optimizer step independently of the worker count; see its docstring for why not Ray Data.
+
+Fault tolerance: every evaluation writes a checkpoint (ermgap.checkpointing: DeepSpeed state
+without frozen weights, best LoRA adapter, λ, data position, per-rank RNG, MLflow run id) through
+`ray.train.report`. A restarted worker group (FailureConfig) or `ermgap train --resume RUN_DIR`
+(same storage_path + name: Ray Train V2 reloads the run's checkpoint manager) loads it and
+continues at the same step with the same data order and RNG, so on CPU the result equals an
+uninterrupted run. Test hooks: $ERMGAP_FAULT_KILL_AT_STEP (last rank exits once after that step)
+and $ERMGAP_FAULT_NAN_AT_STEP (a NaN loss on the last rank), read by `run_training` only.
 """
 
 from __future__ import annotations

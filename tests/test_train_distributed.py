@@ -147,40 +147,41 @@ def test_two_workers_equal_one_worker(reference, base):
     _assert_same_run(reference, one)
 
 
-def test_worker_killed_mid_epoch_resumes_to_the_same_result(reference, base, monkeypatch):
-    """Rank 1 dies (os._exit) after step 5; the group restarts from the step-3 checkpoint."""
-    monkeypatch.setenv("ERMGAP_FAULT_KILL_AT_STEP", "5")
-    final = _train(base, "fault")
-    run_dir = Path(final["run_dir"])
-    assert (run_dir / ".fault_fired").is_file()
-    _assert_same_run(reference, final)
-    # Same MLflow run across the restart; the re-done work is steps 4-5 (< one evaluation interval of 3).
-    steps = [s for s, _ in _history(final, "train/loss")]
-    redone = len(steps) - len(set(steps))
-    assert 1 <= redone <= 3
+def _newest_step(run_dir: Path) -> int:
+    """Optimizer steps of the newest checkpoint whose files from both ranks are all on disk."""
+    from ermgap.checkpointing import newest_on_disk
+
+    try:
+        newest = newest_on_disk(run_dir, world=2)
+    except (OSError, ValueError):  # a checkpoint being written right now
+        return -1
+    return newest[1] if newest else -1
 
 
-def test_driver_sigkill_then_resume(reference, base, ray_cluster):
-    """SIGKILL the `ermgap train` driver after its first checkpoint, then `--resume` the run directory."""
-    run_dir = base["root"] / "runs" / "killed"
-    cfg_file = base["root"] / "killed.yaml"
+def test_worker_fault_then_driver_kill_then_resume(reference, base, ray_cluster):
+    """Two interruptions of one `ermgap train` run, each costing at most one evaluation interval (3 steps):
+    1. rank 1 dies (os._exit) after step 5: Ray restarts the group from the step-3 checkpoint;
+    2. the driver is SIGKILLed after the step-6 checkpoint; `--resume RUN_DIR` finishes the run.
+    The result equals the uninterrupted reference run (CPU, same seed) in the same MLflow run."""
+    run_dir = base["root"] / "runs" / "interrupted"
+    cfg_file = base["root"] / "interrupted.yaml"
     cfg_file.write_text("{}\n")
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
-    env.pop("ERMGAP_FAULT_KILL_AT_STEP", None)
+    env = {**os.environ, "ERMGAP_FAULT_KILL_AT_STEP": "5"}
     proc = subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "train", str(cfg_file), *base["overrides"],
                              "--run-dir", str(run_dir), "--address", ray_cluster],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and not list(run_dir.glob("checkpoint_*/trainer_state.json")):
-            assert proc.poll() is None, "the driver ended before its first checkpoint"
-            time.sleep(0.5)
-        assert list(run_dir.glob("checkpoint_*/trainer_state.json")), "no checkpoint within 240 s"
+        deadline = time.time() + 400
+        while time.time() < deadline and _newest_step(run_dir) < 6:
+            assert proc.poll() is None, "the driver ended before the step-6 checkpoint"
+            time.sleep(0.2)
+        assert _newest_step(run_dir) >= 6, "no step-6 checkpoint within 400 s"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
+    assert (run_dir / ".fault_fired").is_file()
     assert not (run_dir / "metrics.json").exists()
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
 
@@ -190,7 +191,9 @@ def test_driver_sigkill_then_resume(reference, base, ray_cluster):
     assert final["mlflow_run_id"] == run_id
     _assert_same_run(reference, final)
     steps = [s for s, _ in _history(final, "train/loss")]
-    assert len(steps) - len(set(steps)) <= 3  # at most one evaluation interval re-done
+    redone_by_fault = sum(1 for s in set(steps) if s <= 6 and steps.count(s) > 1)
+    redone_by_kill = sum(1 for s in set(steps) if s > 6 and steps.count(s) > 1)
+    assert 1 <= redone_by_fault <= 3 and redone_by_kill <= 3, steps
 
 
 def test_early_stopping_on_a_plateau(ray_cluster, base):
@@ -211,16 +214,16 @@ def test_minmaxgap_shrinks_the_train_gap_relative_to_erm(ray_cluster, base):
     The effective batch is the whole 48-utterance train slice, so each step's "train-batch gap" is the
     train-set gap without sampling noise (with 8-utterance batches it is dominated by noise: ~1 example
     per language × gender cell). Measured here: ERM's gap grows 0.066 → 0.08 as the biased corpus is
-    learnt; with λ=5, p=1 it falls to ~0.03.
+    learnt (steps 4-8: ~0.07); with λ=5, p=1 it falls to ~0.03.
     """
-    common = ["distributed.num_workers=1", "optim.micro_batch_size=8", "optim.effective_batch_size=48",
-              "optim.epochs=10", "eval.every_steps=10", "objective.p=1", "lambda.mode=fixed"]
+    common = ["optim.micro_batch_size=8", "optim.effective_batch_size=48", "optim.epochs=8",
+              "eval.every_steps=8", "objective.p=1", "lambda.mode=fixed"]
     erm = _train(base, "erm", common + ["lambda.init=0"])
     mmg = _train(base, "minmaxgap", common + ["lambda.init=5"])
     gap_erm = [v for s, v in _history(erm, "train/gap") if s > 3]
     gap_mmg = [v for s, v in _history(mmg, "train/gap") if s > 3]
-    assert len(gap_erm) == len(gap_mmg) == 7
-    mean_erm, mean_mmg = sum(gap_erm) / 7, sum(gap_mmg) / 7
+    assert len(gap_erm) == len(gap_mmg) == 5
+    mean_erm, mean_mmg = sum(gap_erm) / 5, sum(gap_mmg) / 5
     assert mean_erm > 0.05, mean_erm
     assert mean_mmg < 0.6 * mean_erm, (mean_mmg, mean_erm)
 
