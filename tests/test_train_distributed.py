@@ -10,7 +10,6 @@ in the equivalence runs: dropout masks are drawn per rank, so with dropout the t
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
