@@ -7,6 +7,7 @@ not released (the next worker group then times out on a small machine).
 
 from __future__ import annotations
 
+import os
 import socket
 
 DEFAULT_DASHBOARD_PORT = 8265
@@ -28,8 +29,10 @@ def _free_port() -> int:
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address`, or start a local one on 127.0.0.1 (no-op if Ray is already up).
+    """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one on 127.0.0.1.
 
+    No-op if this process is already connected. $RAY_ADDRESS is what Ray Jobs sets for a submitted
+    driver: without it, `ermgap train` inside a job would start a second cluster on the head node.
     `num_cpus` caps a local cluster's CPUs (default: all cores); it is ignored when joining.
     Token authentication stays at Ray's default (on in 2.60).
     """
@@ -37,6 +40,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
 
     if ray.is_initialized():
         return
+    address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address, log_to_driver=True)
         return
