@@ -67,7 +67,7 @@ $(DEMO_MODEL): | setup
 	$(VENV)/bin/ermgap model tiny --out models/tiny
 
 demo: setup $(DEMO_CORPUS) $(DEMO_MODEL)
-	$(VENV)/bin/ermgap sweep sweeps/demo.yaml
+	$(VENV)/bin/ermgap sweep sweeps/demo.yaml --force
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -53,6 +53,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         dashboard_port=port,
         _node_ip_address="127.0.0.1",
         log_to_driver=True,
+        # Train V2's placement-group cleaner asks the dashboard whether a run's controller is alive.
+        # Left to auto-detect the cluster, it fails when a second Ray instance runs on the machine
+        # (another user, a test head), so a finished run's placement group is never removed and the
+        # next worker group times out. Naming this cluster's dashboard avoids that.
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     )
 
 

@@ -141,22 +141,6 @@ def check_trial_inputs(spec: SweepSpec) -> None:
             check_inputs(cfg)
 
 
-def _start_local_ray() -> None:
-    """`ensure_ray`'s local cluster (127.0.0.1, dashboard on) plus RAY_API_SERVER_ADDRESS for every
-    worker. Train V2's placement-group cleaner asks the dashboard whether a run's controller is
-    alive; with no address it auto-detects the cluster, which fails when a second Ray instance runs
-    on the machine (another user, a test), so a finished trial's placement group is never removed
-    and the next trial's worker group times out. Naming the dashboard explicitly avoids that."""
-    import ray
-
-    from ermgap.ray_runtime import _free_port
-
-    port = _free_port()
-    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-             _node_ip_address="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
-
-
 def local_resources() -> dict[str, float]:
     """What a local Ray cluster started here would have."""
     gpus = 0
@@ -631,10 +615,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
 
     started_here = not ray.is_initialized()
     t_ray = time.perf_counter()
-    if address is None and started_here:
-        _start_local_ray()
-    else:
-        ensure_ray(address)
+    ensure_ray(address)
     outcome.ray_start_s = time.perf_counter() - t_ray
     try:
         check_resources(spec, ray.cluster_resources(), "the Ray cluster")
