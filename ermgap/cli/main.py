@@ -21,19 +21,20 @@ app = typer.Typer(
 
 # (module, attribute, name): a Typer sub-app registered as a group, or a function registered as a command.
 _GROUPS: list[tuple[str, str, str]] = [
-    ("ermgap.cli.config_cmd", "app", "config"),
     ("ermgap.cli.data_cmd", "app", "data"),
     ("ermgap.cli.model_cmd", "app", "model"),
+    ("ermgap.cli.config_cmd", "app", "config"),
     ("ermgap.cli.submit_cmd", "jobs_app", "jobs"),
 ]
+# In the order of the workflow: train → evaluate → metrics/report → sweep → ui → submit.
 _COMMANDS: list[tuple[str, str, str]] = [
+    ("ermgap.cli.train_cmd", "train", "train"),
     ("ermgap.cli.evaluate_cmd", "evaluate", "evaluate"),
-    ("ermgap.cli.submit_cmd", "submit", "submit"),
     ("ermgap.cli.metrics_cmd", "metrics", "metrics"),
     ("ermgap.cli.report_cmd", "report", "report"),
     ("ermgap.cli.sweep_cmd", "sweep", "sweep"),
     ("ermgap.cli.sweep_cmd", "ui", "ui"),
-    ("ermgap.cli.train_cmd", "train", "train"),
+    ("ermgap.cli.submit_cmd", "submit", "submit"),
 ]
 
 for module, attr, name in _GROUPS:
