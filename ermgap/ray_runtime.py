@@ -28,13 +28,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True) -> None:
     """Join the cluster at `address` (or $RAY_ADDRESS), else start a local one on 127.0.0.1.
 
     No-op if this process is already connected. $RAY_ADDRESS is what Ray Jobs sets for a submitted
     driver: without it, `ermgap train` inside a job would start a second cluster on the head node.
     `num_cpus` caps a local cluster's CPUs (default: all cores); it is ignored when joining.
-    Token authentication stays at Ray's default (on in 2.60).
+    Token authentication stays at Ray's default (on in 2.60). `log_to_driver=False` keeps worker
+    output in Ray's session logs only (sweeps print Tune's trial table instead; failed trials still
+    report their errors).
     """
     import ray
 
@@ -42,7 +44,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
     ray.init(
@@ -52,7 +54,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None) -> No
         dashboard_host="127.0.0.1",
         dashboard_port=port,
         _node_ip_address="127.0.0.1",
-        log_to_driver=True,
+        log_to_driver=log_to_driver,
         # Train V2's placement-group cleaner asks the dashboard whether a run's controller is alive.
         # Left to auto-detect the cluster, it fails when a second Ray instance runs on the machine
         # (another user, a test head), so a finished run's placement group is never removed and the

@@ -615,7 +615,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
 
     started_here = not ray.is_initialized()
     t_ray = time.perf_counter()
-    ensure_ray(address)
+    ensure_ray(address, log_to_driver=False)
     outcome.ray_start_s = time.perf_counter() - t_ray
     try:
         check_resources(spec, ray.cluster_resources(), "the Ray cluster")
