@@ -13,36 +13,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import uuid
 from pathlib import Path
 
+from _procs import free_port, pids_with_env
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "cluster" / "start-local-head.sh"
 VENV_BIN = ROOT / ".venv" / "bin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _pids_with_marker(marker: str) -> list[int]:
-    needle = f"ERMGAP_TEST_HEAD={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 class LocalHead:
@@ -109,7 +90,7 @@ class LocalHead:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         for _ in range(20):
-            left = _pids_with_marker(self.marker)
+            left = pids_with_env("ERMGAP_TEST_HEAD", self.marker)
             if not left:
                 break
             for pid in left:
@@ -121,7 +102,7 @@ class LocalHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def leftover_pids(self) -> list[int]:
-        return _pids_with_marker(self.marker)
+        return pids_with_env("ERMGAP_TEST_HEAD", self.marker)
 
     def __enter__(self) -> LocalHead:
         return self.start()

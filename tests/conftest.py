@@ -7,22 +7,17 @@ Tests must not modify them; copy first if you need to mutate.
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from _procs import free_port  # noqa: F401  (re-exported for tests that import it from conftest)
 
 # Keep Ray, tokenizers and BLAS from oversubscribing the 2 cores CI has.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

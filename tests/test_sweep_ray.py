@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from _procs import kill_pids_with_env
+
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,27 +128,6 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
     assert {"report/table2.md", "report/table3.md"} <= report
 
 
-def _pids_with_marker(marker: str) -> list[int]:
-    needle = f"ERMGAP_TEST_SWEEP={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def _kill_marked(marker: str) -> None:
-    for pid in _pids_with_marker(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _cli(spec: Path, marker: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, ERMGAP_TEST_SWEEP=marker, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
     env.pop("RAY_ADDRESS", None)
@@ -189,7 +170,7 @@ def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
         assert first is not None and len(first) == 1, "trial 1 never finished before the deadline"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        _kill_marked(marker)  # the driver's local Ray node dies with it, as when the driver's machine is lost
+        kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)  # the driver's local Ray node dies with it, as when the driver's machine is lost
         before = {r["run_id"]: r["start_time"] for _, r in _children(uri, "r", parent).iterrows()}
         first_id = first.iloc[0]["run_id"]
 
@@ -199,7 +180,7 @@ def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
     finally:
         if proc.poll() is None:
             proc.kill()
-        _kill_marked(marker)
+        kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)
 
     after = _children(uri, "r", parent)
     # Same parent, the same two child runs (trial 2 continued its run), trial 1 untouched.

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from _procs import free_port, pids_with_env
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
@@ -23,25 +24,6 @@ pytestmark = [
     pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed "
                                                "(apt-get install -y chromium; `make setup` does it as root)"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _marked(marker: str) -> list[int]:
-    needle = f"ERMGAP_TEST_UI={marker}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if needle in (entry / "environ").read_bytes().split(b"\0"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
 
 
 def _chromium(url: str, profile: Path, *extra: str) -> str:
@@ -72,7 +54,7 @@ def _sweep_like_runs(uri: str) -> tuple[str, str, list[str]]:
 def test_ui_shows_parent_with_children(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp, parent, children = _sweep_like_runs(uri)
-    port, marker = _free_port(), uuid.uuid4().hex
+    port, marker = free_port(), uuid.uuid4().hex
     env = dict(os.environ, ERMGAP_TEST_UI=marker)
     ui = subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "ui", "--port", str(port), "--tracking-uri", uri],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -108,7 +90,7 @@ def test_ui_shows_parent_with_children(tmp_path):
             ui.wait(30)
         except subprocess.TimeoutExpired:
             ui.kill()
-        leftover = _marked(marker)
+        leftover = pids_with_env("ERMGAP_TEST_UI", marker)
         for pid in leftover:
             os.kill(pid, signal.SIGKILL)
     assert leftover == [], f"`ermgap ui` left processes behind: {leftover}"
