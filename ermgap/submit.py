@@ -96,14 +96,18 @@ def resolve_token(token_env: str = DEFAULT_TOKEN_ENV, *, environ: dict[str, str]
     return None
 
 
-def _is_loopback(address: str) -> bool:
-    host = urlparse(address if "://" in address else f"http://{address}").hostname or ""
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and loopback IPs (what ermgap binds by default); anything else is exposed."""
     if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _is_loopback(address: str) -> bool:
+    return is_loopback_host(urlparse(address if "://" in address else f"http://{address}").hostname or "")
 
 
 # --------------------------------------------------------------------------- client

@@ -218,7 +218,7 @@ def test_selection_rule_hand_case():
 
 
 def test_ui_host_check():
-    from ermgap.cli.sweep_cmd import _is_loopback
+    from ermgap.submit import is_loopback_host as _is_loopback
 
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 import subprocess
@@ -34,15 +33,6 @@ def sweep(
     run_sweep(spec, overrides=overrides or [], address=address, resume=resume, dry_run=dry_run, force=force)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def ui(
     port: int = typer.Option(5000, "--port", help="Port of the MLflow UI."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; anything else exposes the UI)."),
@@ -55,7 +45,9 @@ def ui(
     uri = tracking_uri or default_tracking_uri(RunConfig())
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise ConfigError(f"--tracking-uri {uri}: no MLflow store there yet (run `ermgap train` or `ermgap sweep` first)")
-    if not _is_loopback(host):
+    from ermgap.submit import is_loopback_host
+
+    if not is_loopback_host(host):
         typer.secho(f"warning: binding {host} exposes the MLflow UI (no authentication) to the network; "
                     "use the default 127.0.0.1 and an SSH tunnel unless you trust that network", err=True, fg="yellow")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
