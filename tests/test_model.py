@@ -11,7 +11,7 @@ from ermgap.batching import EmotionCollator
 from ermgap.config import LoraConfig, ModelConfig, PromptConfig
 from ermgap.labels import EMOTIONS
 from ermgap.model import apply_lora, load_adapter, load_backbone, per_sample_loss, score_labels
-from ermgap.scoring import generate
+from ermgap.scoring import answer_loss_from_scores, generate
 
 
 def _examples(n: int = 3, seed: int = 0) -> list[dict]:
@@ -186,7 +186,37 @@ def test_generate_equals_manual_greedy_loop(backbone):
             assert texts[i] == processor.tokenizer.decode(new, skip_special_tokens=True).strip()
 
 
+def test_answer_loss_from_scores_equals_per_sample_loss(backbone):
+    """Evaluation reads the per-sample loss off the label scores; the training-path loss is the oracle."""
+    model, processor = backbone
+    verb = dict(PromptConfig().verbalizers, joy="happiness and joy", surprise="a big surprise")
+    collator = EmotionCollator(processor, PromptConfig(verbalizers=verb), "uni")
+    batch = collator(_examples(4))
+    assert len({len(collator.answers[g]) for g in batch["gold"].tolist()}) > 1  # answers of different lengths
+    with torch.no_grad():
+        expected = per_sample_loss(model, batch)
+        got = answer_loss_from_scores(score_labels(model, batch), batch)
+    assert torch.allclose(got, expected, atol=1e-4), (got, expected)
+    unlabelled = collator([{**ex, "emotion": None} for ex in _examples(1)])
+    with pytest.raises(ValueError, match="no gold label"):
+        answer_loss_from_scores(torch.zeros(1, 7), unlabelled)
+
+
+def test_tiny_lm_head_can_express_a_confident_answer(tiny_model):
+    """LoRA never trains lm_head and the final RMSNorm fixes |h| ~ sqrt(d): the largest logit any hidden
+    state can produce is max_v |w_v| * |h|. With the transformers default init (std 0.02 at d=128) that
+    is ~2.6 nats above zero, which floors answer CE near ln(vocab) - 2.6 ~ 4.3 (observed: dev loss stuck
+    at 5.0). The built head must allow a clearly confident answer (> 8 nats of headroom)."""
+    model, _ = load_backbone(ModelConfig(name_or_path=str(tiny_model)))
+    head = model.get_output_embeddings().weight.detach()
+    d = head.shape[1]
+    norm_w = dict(model.named_modules())["model.language_model.norm"].weight.detach()
+    reach = head.norm(dim=1).max() * norm_w.abs().max() * d ** 0.5
+    assert reach > 8.0, float(reach)
+
+
 def test_build_tiny_is_deterministic_and_refuses_overwrite(tmp_path):
+
     from ermgap.errors import OutputExistsError
     from ermgap.model import build_tiny
 
