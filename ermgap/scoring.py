@@ -103,6 +103,20 @@ def score_labels(model, batch: dict) -> torch.Tensor:
     return scores + tok.sum(-1).view(b, k)
 
 
+def answer_loss_from_scores(scores: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Each example's mean answer-token CE read off `score_labels` output → Tensor[B].
+
+    The gold label's score is the summed log-probability of exactly the tokens `per_sample_loss`
+    averages (verbaliser + terminator), so evaluation gets the per-sample loss (for Δdev) without a
+    second forward pass over the batch.
+    """
+    gold = batch["gold"].to(scores.device)
+    if bool((gold < 0).any()):
+        raise ValueError(f"{int((gold < 0).sum())} example(s) in the batch have no gold label")
+    lengths = batch["label_attention_mask"].to(scores.device).sum(-1)
+    return -scores.gather(1, gold[:, None])[:, 0] / lengths[gold]
+
+
 def generate(model, batch: dict, tokenizer, *, max_new_tokens: int = 16) -> list[str]:
     """Greedy decoding from the left-padded prompts; returns the decoded answers (special tokens removed)."""
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]

@@ -351,6 +351,7 @@ class LoRARecipe:
         from ermgap.batching import to_device
         from ermgap.model import score_labels
         from ermgap.sampler import shard_for_eval
+        from ermgap.scoring import answer_loss_from_scores
 
         part, base, cached = self.splits[split]
         self.engine.eval()
@@ -359,8 +360,9 @@ class LoRARecipe:
                                     batch_size=self.cfg.eval.batch_size):
             idx = [i for i, _ in chunk]
             batch = to_device(self.collator([cached[i] for i in idx]), self.device)
-            loss = _per_sample_loss(self.engine, batch).float().cpu()
-            scores = score_labels(self.engine, batch).float().cpu()
+            scores = score_labels(self.engine, batch).float()
+            loss = answer_loss_from_scores(scores, batch).cpu()
+            scores = scores.cpu()
             for j, (i, keep) in enumerate(chunk):
                 if keep:
                     rows.append((i, float(loss[j]), scores[j].tolist()))
