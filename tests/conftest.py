@@ -26,7 +26,8 @@ def synth_corpus(tmp_path_factory) -> Path:
     from ermgap.data.synth import synthesize
 
     out = tmp_path_factory.mktemp("corpus") / "synth"
-    return synthesize(out, per_cell=4, bias={("deu", "F"): 0.7}, seed=0, lexical_cue_rate=0.0, workers=2)
+    return synthesize(out, per_cell=4, bias={("deu", "F"): 0.7}, train_share={}, seed=0, lexical_cue_rate=0.0,
+                      workers=2)
 
 
 @pytest.fixture(scope="session")

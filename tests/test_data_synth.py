@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from ermgap.data.manifest import validate_manifest
-from ermgap.data.synth import Job, parse_bias, plan_corpus, render, synthesize
+from ermgap.data.synth import Job, parse_bias, parse_train_share, plan_corpus, render, synthesize
 from ermgap.errors import ConfigError, OutputExistsError
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, SPLITS
 
@@ -25,8 +25,11 @@ def test_fixture_corpus_is_a_valid_balanced_manifest(synth_corpus):
     counts = df.groupby(["split", "language", "gender", "emotion"]).size()
     assert len(counts) == len(SPLITS) * len(LANGUAGES) * len(GENDERS) * len(EMOTIONS)
     assert set(counts.loc["train"]) == {4} and set(counts.loc["dev"]) == {2} and set(counts.loc["test"]) == {2}
-    # speakers never cross splits, and every (split, language, gender) has at least 2 voices
-    assert df.groupby("speaker")["split"].nunique().max() == 1
+    # train speakers are never heard in dev/test (dev and test share one held-out pool), and every
+    # (split, language, gender) has at least 2 voices
+    train_speakers = set(df.loc[df["split"] == "train", "speaker"])
+    assert train_speakers.isdisjoint(df.loc[df["split"] != "train", "speaker"])
+    assert set(df.loc[df["split"] == "dev", "speaker"]) == set(df.loc[df["split"] == "test", "speaker"])
     assert df.groupby(["split", "language", "gender"])["speaker"].nunique().min() >= 2
     for rel in df["audio"].iloc[::37]:
         info = sf.info(synth_corpus.parent / rel)
@@ -98,6 +101,33 @@ def test_parse_bias_ok():
     assert parse_bias("jpn:M:0.25") == (("jpn", "M"), 0.25)
 
 
+def test_train_share_under_represents_only_that_groups_train_cells():
+    rows, jobs = plan_corpus(per_cell=10, eval_per_cell=3, bias={}, seed=1, lexical_cue_rate=0.0,
+                             train_share={("deu", "F"): 0.25, ("jpn", "F"): 0.04})
+    df = pd.DataFrame(rows)
+    counts = df.groupby(["split", "language", "gender", "emotion"]).size()
+    # hand-counted: floor(0.25 * 10 + 0.5) = 3 per deu-F train cell; 0.04 * 10 rounds to 0, kept at 1
+    assert set(counts.loc[("train", "deu", "F")]) == {3}
+    assert set(counts.loc[("train", "jpn", "F")]) == {1}
+    for lang, gender in [("deu", "M"), ("eng", "F"), ("eng", "M"), ("jpn", "M")]:
+        assert set(counts.loc[("train", lang, gender)]) == {10}
+    assert set(counts.loc["dev"]) == {3} and set(counts.loc["test"]) == {3}
+    assert len(jobs) == len(df) == 7 * (3 + 1 + 4 * 10) + 2 * 42 * 3
+    assert df["prosody_neutralised"].sum() == 0
+
+
+@pytest.mark.parametrize("spec,fragment", [
+    ("deu:F", "expected LANG:GENDER:SHARE"),
+    ("deu:F:0", "expected 0 < SHARE <= 1"),
+    ("deu:F:1.2", "out of range"),
+    ("xx:F:0.5", "language 'xx'"),
+])
+def test_bad_train_share_spec(spec, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_train_share(spec)
+    assert parse_train_share("eng:M:0.5") == (("eng", "M"), 0.5)
+
+
 def run_cli(monkeypatch, capsys, *args):
     from ermgap.cli.main import main
 
@@ -116,6 +146,7 @@ def run_cli(monkeypatch, capsys, *args):
     (["--bias", "deu:Q:0.3"], "gender 'Q'"),
     (["--lexical-cue-rate", "2"], "lexical_cue_rate=2.0"),
     (["--per-cell", "0"], "per_cell=0"),
+    (["--train-share", "deu:F:0"], "--train-share 'deu:F:0'"),
 ])
 def test_synth_cli_bad_args_write_nothing(tmp_path, monkeypatch, capsys, args, fragment):
     out = tmp_path / "corpus"

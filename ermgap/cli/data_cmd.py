@@ -82,11 +82,14 @@ def stats(
 @app.command("synth")
 def synth(
     out: Path = typer.Option(..., "--out", help="Output folder (manifest.csv, wavs/, corpus.json)."),
-    per_cell: int = typer.Option(16, "--per-cell", help="Train utterances per (language, gender, emotion)."),
+    per_cell: int = typer.Option(24, "--per-cell", help="Train utterances per (language, gender, emotion)."),
     eval_per_cell: int = typer.Option(None, "--eval-per-cell",
-                                      help="Dev and test utterances per cell (default: per-cell // 2)."),
-    bias: list[str] = typer.Option(None, "--bias", help="LANG:GENDER:STRENGTH, repeatable "
-                                   "(default deu:F:0.7; 'none' for an unbiased corpus)."),
+                                      help="Dev and test utterances per cell (default: 2 * per-cell // 3)."),
+    bias: list[str] = typer.Option(None, "--bias", help="LANG:GENDER:STRENGTH, repeatable: neutralise that share "
+                                   "of the group's emotional prosody in every split (irreducible; default none)."),
+    train_share: list[str] = typer.Option(None, "--train-share", help="LANG:GENDER:SHARE, repeatable: keep only "
+                                          "SHARE of that group's train utterances, dev/test untouched "
+                                          "(default: M at 0.2 in every language; 'none' for balanced)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed: byte-identical corpus)."),
     lexical_cue_rate: float = typer.Option(0.0, "--lexical-cue-rate",
                                            help="Fraction of sentences that state the emotion (0..1)."),
@@ -98,7 +101,7 @@ def synth(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ermgap.data.synth import DEMO_BIAS, parse_bias, synthesize
+    from ermgap.data.synth import DEMO_BIAS, DEMO_TRAIN_SHARE, parse_bias, parse_train_share, synthesize
 
     if not bias:
         biases = dict(DEMO_BIAS)
@@ -106,17 +109,24 @@ def synth(
         biases = {}
     else:
         biases = dict(parse_bias(b) for b in bias)
+    if not train_share:
+        shares = dict(DEMO_TRAIN_SHARE)
+    elif [b.strip().lower() for b in train_share] == ["none"]:
+        shares = {}
+    else:
+        shares = dict(parse_train_share(b) for b in train_share)
     start = time.perf_counter()
     with Progress(TextColumn("synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True)) as bar:
         task = bar.add_task("synth", total=None)
-        manifest = synthesize(out, per_cell=per_cell, eval_per_cell=eval_per_cell, bias=biases, seed=seed,
-                              lexical_cue_rate=lexical_cue_rate, workers=workers, force=force,
+        manifest = synthesize(out, per_cell=per_cell, eval_per_cell=eval_per_cell, bias=biases, train_share=shares,
+                              seed=seed, lexical_cue_rate=lexical_cue_rate, workers=workers, force=force,
                               progress=lambda done, total: bar.update(task, completed=done, total=total))
     meta = json.loads((Path(out) / "corpus.json").read_text(encoding="utf-8"))
     shown = ", ".join(f"{k[0]}:{k[1]}:{v}" for k, v in biases.items()) or "none"
+    shown_share = ", ".join(f"{k[0]}:{k[1]}:{v}" for k, v in shares.items()) or "none"
     typer.echo(f"wrote {manifest} ({meta['num_utterances']} utterances, {meta['total_duration_s'] / 60:.1f} min "
-               f"of audio, bias {shown}) in {time.perf_counter() - start:.1f} s")
+               f"of audio, bias {shown}, train share {shown_share}) in {time.perf_counter() - start:.1f} s")
 
 
 @app.command("import-meld-st")

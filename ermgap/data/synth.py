@@ -1,7 +1,7 @@
 """A synthetic multilingual emotional speech corpus (espeak-ng), optionally with an injected gender bias.
 
 What it is: English, German and Japanese sentences spoken by espeak-ng voice variants (several
-female and male "speakers" per language, disjoint across train/dev/test), the 7 MELD emotions
+female and male "speakers" per language; dev/test voices are never heard in training), the 7 MELD emotions
 rendered through prosody only: base pitch (`-p`), pitch range (SSML `<prosody range>`), speaking
 rate (`-s`), word gap (`-g`) and amplitude (`-a`), with per-speaker offsets and per-utterance
 Gaussian jitter so classes overlap (learnable, not trivial). Pitch, range and rate carry most of
@@ -10,14 +10,22 @@ the signal because Whisper-style log-mel features normalise loudness per utteran
 Sentences are neutral unless `lexical_cue_rate` > 0, in which case that fraction of utterances
 uses a sentence that states the emotion ("I am so happy about this!").
 
-Bias: `bias={("deu", "F"): 0.7}` gives 70 % of the non-neutral deu-F utterances of each
-(split, emotion) cell (rounded half up) neutral prosody while keeping their emotional label, so that group's label
-is simply not in the audio (an irreducible gap; see NOTES.md "A quick learnability experiment").
+Two kinds of injected gender bias, both per (language, gender):
 
-Sizes: `per_cell` utterances per (language, gender, emotion) in train, `eval_per_cell`
-(default per_cell // 2, at least 1) in dev and in test. The default per_cell=16 gives
-42 × (16 + 8 + 8) = 1,344 utterances (a demo-sized corpus, ~15 s on 2 cores); per_cell=36
-gives 3,024.
+- `train_share={("deu", "F"): 0.25}` (*under-representation*, learnable): that group keeps only 25 % of
+  its train utterances (rounded half up, at least 1 per cell); dev and test stay balanced. The label is
+  in the audio, so a model can close the gap by weighting the group up; ERM, which weights every
+  utterance alike, under-fits it. This is the demo's bias (DEMO_TRAIN_SHARE) and the case where a
+  fairness objective can lower the gap at little cost.
+- `bias={("deu", "F"): 0.7}` (*neutralised prosody*, irreducible): 70 % of the non-neutral utterances of
+  each (split, emotion) cell of that group get neutral prosody while keeping their emotional label, so
+  the label is simply not in the audio (see NOTES.md "A quick learnability experiment"); a fairness
+  objective can only close that gap by levelling the other gender down.
+
+Sizes: `per_cell` utterances per (language, gender, emotion) in train (before `train_share`),
+`eval_per_cell` (default 2 * per_cell // 3, at least 1) in dev and in test. The defaults (per_cell=24,
+male train share 0.2) give 21 × (24 + 5) + 2 × 42 × 16 = 1,953 utterances (the demo corpus, ~20 s on
+2 cores); dev and test are large because a gender gap is a difference of two noisy accuracies.
 
 Output (written atomically): `manifest.csv` (canonical columns + `prosody_neutralised`,
 `lexical_cue`), `wavs/<split>/<language>/<utt_id>.wav` (16 kHz mono PCM-16) and `corpus.json`
@@ -44,19 +52,25 @@ from ermgap.errors import ConfigError, ErmgapError
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, SPLITS
 
 SAMPLE_RATE = 16000
-DEFAULT_PER_CELL = 16
-DEMO_BIAS: dict[tuple[str, str], float] = {("deu", "F"): 0.7}
+DEFAULT_PER_CELL = 24
+# The demo's bias: male speakers 5x under-represented in train, in every language (learnable: the gap it
+# opens can be closed by weighting them up). No neutralised prosody by default.
+DEMO_BIAS: dict[tuple[str, str], float] = {}
+DEMO_TRAIN_SHARE: dict[tuple[str, str], float] = {(lang, "M"): 0.2 for lang in LANGUAGES}
 ESPEAK_LANG = {"deu": "de", "eng": "en-us", "jpn": "ja"}
 
 # espeak-ng variant file names (`espeak-ng --voices=variant`). The f*/female ones have median F0
 # ~170-270 Hz, the male ones ~80-110 Hz. The same variant in different languages is a different speaker
-# id, but a variant never crosses splits, so test voices are never heard in training. Dev/test voices
-# were chosen so that F and M are about equally easy for a prosodic-feature classifier trained on the
-# train voices (per-voice accuracy measured on an unbiased corpus); e.g. `paul`, `travis` and `m8`
-# came out far harder than the rest and would create a gender gap of their own.
+# id. Train voices are never heard in dev or test; dev and test draw different utterances from one pool
+# of held-out voices, so that both measure the same population (with disjoint dev/test voices, which
+# voices land in dev decided the sign of the dev "gender gap", and the λ rule and model selection
+# followed speaker noise, not the bias). The pool was chosen by per-voice accuracy of the tiny
+# Qwen2-Audio: an ERM model (LoRA incl. the audio encoder, 8 epochs, 2 seeds) trained on the train
+# voices of an unbiased corpus scored 23 unseen voices between 19 % (sandro, Diogo, Henrique, near
+# chance) and 74 % (m5); the six per gender from the middle of that range average 51 % (F) and 49 % (M).
 VOICES: dict[str, dict[str, tuple[str, ...]]] = {
-    "F": {"train": ("f1", "f2", "Annie", "belinda"), "dev": ("f4", "Andrea"), "test": ("f5", "Alicia", "f3")},
-    "M": {"train": ("m1", "m2", "m3", "m6"), "dev": ("sandro", "Diogo"), "test": ("m5", "michel", "Henrique")},
+    "F": {"train": ("f1", "f2", "Annie", "belinda"), "eval": ("f3", "anika", "steph2", "linda", "Andrea", "steph3")},
+    "M": {"train": ("m1", "m2", "m3", "m6"), "eval": ("m7", "david", "john", "adam", "michel", "robert")},
 }
 
 
@@ -177,27 +191,39 @@ class Job:
     prosody: Prosody
 
 
-def parse_bias(spec: str) -> tuple[tuple[str, str], float]:
-    """Parse 'LANG:GENDER:STRENGTH' (e.g. 'deu:F:0.7') into ((lang, gender), strength); ConfigError if bad."""
+def _parse_group_value(spec: str, option: str, name: str, example: str, *, zero_ok: bool
+                       ) -> tuple[tuple[str, str], float]:
     parts = spec.split(":")
-    where = f"--bias {spec!r}"
+    where = f"{option} {spec!r}"
+    bound = f"0 {'<=' if zero_ok else '<'} {name} <= 1"
     if len(parts) != 3:
-        raise ConfigError(f"{where}: expected LANG:GENDER:STRENGTH, e.g. deu:F:0.7")
-    lang, gender, strength_s = (p.strip() for p in parts)
+        raise ConfigError(f"{where}: expected LANG:GENDER:{name}, e.g. {example}")
+    lang, gender, value_s = (p.strip() for p in parts)
     if lang not in LANGUAGES:
         raise ConfigError(f"{where}: language {lang!r} is not allowed; expected one of {', '.join(LANGUAGES)}")
     if gender not in GENDERS:
         raise ConfigError(f"{where}: gender {gender!r} is not allowed; expected one of {', '.join(GENDERS)}")
     try:
-        strength = float(strength_s)
+        value = float(value_s)
     except ValueError:
-        raise ConfigError(f"{where}: strength {strength_s!r} is not a number; expected 0 <= STRENGTH <= 1") from None
-    if not 0.0 <= strength <= 1.0:
-        raise ConfigError(f"{where}: strength {strength} is out of range; expected 0 <= STRENGTH <= 1")
-    return (lang, gender), strength
+        raise ConfigError(f"{where}: {value_s!r} is not a number; expected {bound}") from None
+    if not ((0.0 <= value) if zero_ok else (0.0 < value)) or value > 1.0:
+        raise ConfigError(f"{where}: {value} is out of range; expected {bound}")
+    return (lang, gender), value
 
 
-def _check_args(per_cell: int, eval_per_cell: int, bias: Mapping, lexical_cue_rate: float, workers: int) -> None:
+def parse_bias(spec: str) -> tuple[tuple[str, str], float]:
+    """Parse 'LANG:GENDER:STRENGTH' (e.g. 'deu:F:0.7') into ((lang, gender), strength); ConfigError if bad."""
+    return _parse_group_value(spec, "--bias", "STRENGTH", "deu:F:0.7", zero_ok=True)
+
+
+def parse_train_share(spec: str) -> tuple[tuple[str, str], float]:
+    """Parse 'LANG:GENDER:SHARE' (e.g. 'deu:F:0.25') into ((lang, gender), share); ConfigError if bad."""
+    return _parse_group_value(spec, "--train-share", "SHARE", "deu:F:0.25", zero_ok=False)
+
+
+def _check_args(per_cell: int, eval_per_cell: int, bias: Mapping, lexical_cue_rate: float, workers: int,
+                train_share: Mapping | None = None) -> None:
     if per_cell < 1:
         raise ConfigError(f"per_cell={per_cell} is out of range; expected an integer >= 1")
     if eval_per_cell < 1:
@@ -212,6 +238,12 @@ def _check_args(per_cell: int, eval_per_cell: int, bias: Mapping, lexical_cue_ra
                               f"{', '.join(LANGUAGES)} and gender in {', '.join(GENDERS)}")
         if not 0.0 <= float(strength) <= 1.0:
             raise ConfigError(f"bias strength {strength} for {key} is out of range; expected 0 <= STRENGTH <= 1")
+    for key, share in (train_share or {}).items():
+        if not (isinstance(key, tuple) and len(key) == 2 and key[0] in LANGUAGES and key[1] in GENDERS):
+            raise ConfigError(f"train_share key {key!r} is not allowed; expected (language, gender) with language in "
+                              f"{', '.join(LANGUAGES)} and gender in {', '.join(GENDERS)}")
+        if not 0.0 < float(share) <= 1.0:
+            raise ConfigError(f"train_share {share} for {key} is out of range; expected 0 < SHARE <= 1")
 
 
 def _jittered(centre: Prosody, speaker: Prosody, rng: np.random.Generator) -> Prosody:
@@ -226,18 +258,22 @@ def _jittered(centre: Prosody, speaker: Prosody, rng: np.random.Generator) -> Pr
 
 
 def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, str], float], seed: int,
-                lexical_cue_rate: float, dev_per_cell: int | None = None) -> tuple[list[dict], list[Job]]:
+                lexical_cue_rate: float, dev_per_cell: int | None = None,
+                train_share: Mapping[tuple[str, str], float] | None = None) -> tuple[list[dict], list[Job]]:
     """Decide every utterance (rows of the manifest + render jobs) from `seed`; pure, no I/O."""
+    train_share = dict(train_share or {})
     rng = np.random.default_rng(seed)
     speaker_offset: dict[str, Prosody] = {}
     rows: list[dict] = []
     jobs: list[Job] = []
     sizes = {"train": per_cell, "dev": eval_per_cell if dev_per_cell is None else dev_per_cell, "test": eval_per_cell}
     for split in SPLITS:
-        n = sizes[split]
         for lang in LANGUAGES:
             for gender in GENDERS:
-                voices = VOICES[gender][split]
+                n = sizes[split]
+                if split == "train" and (lang, gender) in train_share:
+                    n = max(1, int(np.floor(train_share[(lang, gender)] * n + 0.5)))
+                voices = VOICES[gender]["train" if split == "train" else "eval"]
                 strength = float(bias.get((lang, gender), 0.0))
                 # Voices rotate over the whole (split, language, gender) block, so every voice is used
                 # even when a cell has fewer utterances than there are voices.
@@ -317,6 +353,7 @@ def synthesize(
     eval_per_cell: int | None = None,
     dev_per_cell: int | None = None,
     bias: Mapping[tuple[str, str], float] | None = None,
+    train_share: Mapping[tuple[str, str], float] | None = None,
     seed: int = 0,
     lexical_cue_rate: float = 0.0,
     force: bool = False,
@@ -325,21 +362,23 @@ def synthesize(
 ) -> Path:
     """Generate the corpus into `out_dir` (atomically; refuses an existing dir unless force) and return
     the manifest path. bias: {(language, gender): strength in [0, 1]}; None means DEMO_BIAS, {} none.
+    train_share: {(language, gender): share in (0, 1]}; None means DEMO_TRAIN_SHARE, {} balanced.
     dev_per_cell overrides eval_per_cell for the dev split only.
     workers: processes (default: CPU count). progress(done, total) is called as utterances finish."""
     from ermgap.data.manifest import format_problems, validate_manifest, write_manifest
     from ermgap.io import atomic_dir, check_writable
 
     bias = dict(DEMO_BIAS if bias is None else bias)
-    eval_per_cell = max(1, per_cell // 2) if eval_per_cell is None else eval_per_cell
+    train_share = dict(DEMO_TRAIN_SHARE if train_share is None else train_share)
+    eval_per_cell = max(1, 2 * per_cell // 3) if eval_per_cell is None else eval_per_cell
     workers = workers or os.cpu_count() or 1
-    _check_args(per_cell, eval_per_cell, bias, lexical_cue_rate, workers)
+    _check_args(per_cell, eval_per_cell, bias, lexical_cue_rate, workers, train_share)
     if dev_per_cell is not None and dev_per_cell < 1:
         raise ConfigError(f"dev_per_cell={dev_per_cell} is out of range; expected an integer >= 1")
     check_writable(out_dir, force)
     version = espeak_version()
     rows, jobs = plan_corpus(per_cell=per_cell, eval_per_cell=eval_per_cell, bias=bias, seed=seed,
-                             lexical_cue_rate=lexical_cue_rate, dev_per_cell=dev_per_cell)
+                             lexical_cue_rate=lexical_cue_rate, dev_per_cell=dev_per_cell, train_share=train_share)
     total = len(jobs)
     with atomic_dir(out_dir, force=force) as tmp:
         # Chunks keep process overhead low; order of results is the order of jobs, so output is
@@ -377,6 +416,7 @@ def synthesize(
             "eval_per_cell": eval_per_cell, "dev_per_cell": dev_per_cell or eval_per_cell,
             "lexical_cue_rate": lexical_cue_rate,
             "bias": [{"language": k[0], "gender": k[1], "strength": v} for k, v in sorted(bias.items())],
+            "train_share": [{"language": k[0], "gender": k[1], "share": v} for k, v in sorted(train_share.items())],
             "sample_rate": SAMPLE_RATE, "voices": VOICES, "espeak_language": ESPEAK_LANG,
             "emotion_prosody": {e: asdict(p) for e, p in EMOTION_PROSODY.items()},
             "jitter_sd": asdict(JITTER), "speaker_jitter_sd": asdict(SPEAKER_JITTER),
