@@ -40,8 +40,10 @@ TAG_TRIAL = "ermgap.trial_id"
 TAG_ROLE = "ermgap.role"
 PARENT_TAG = "mlflow.parentRunId"
 # Leaderboard columns read from each child run (final logged values).
-DEV_METRICS = ("dev_w_f1", "dev_acc", "dev_avg_gap", "dev_worst_lang_gap")
-TEST_METRICS = ("test_w_f1", "test_acc", "test_avg_gap", "test_worst_lang_gap")
+# *_loss_gap is Δ, the worst within-language gender gap in mean answer loss: the quantity the
+# objective penalises, shown next to the metric gaps it is meant to move.
+DEV_METRICS = ("dev_w_f1", "dev_acc", "dev_avg_gap", "dev_worst_lang_gap", "dev_loss_gap")
+TEST_METRICS = ("test_w_f1", "test_acc", "test_avg_gap", "test_worst_lang_gap", "test_loss_gap")
 
 
 class SweepInterrupted(ErmgapError):
@@ -450,8 +452,9 @@ def print_leaderboard(board: pd.DataFrame, spec: SweepSpec, console=None) -> Non
     table = Table(title=f"sweep {spec.name}: {len(board)} trials  (★ best: {sel.metric} {sel.mode} among "
                         f"{sel.gap_metric} ≤ min + {sel.tolerance:g};  ◆ Pareto: dev W-F1 ↑ / dev AVG gap ↓)")
     short = {"dev_w_f1": "dev W-F1", "dev_acc": "dev ACC", "dev_avg_gap": "dev AVG gap",
-             "dev_worst_lang_gap": "dev worst-lang gap", "test_w_f1": "test W-F1", "test_acc": "test ACC",
-             "test_avg_gap": "test AVG gap", "test_worst_lang_gap": "test worst-lang gap"}
+             "dev_worst_lang_gap": "dev worst-lang gap", "dev_loss_gap": "dev Δloss",
+             "test_w_f1": "test W-F1", "test_acc": "test ACC", "test_avg_gap": "test AVG gap",
+             "test_worst_lang_gap": "test worst-lang gap", "test_loss_gap": "test Δloss"}
     params = spec.param_names()
     for c in ["", "trial", *params, "status", "rounds", *short.values()]:
         table.add_column(c, justify="right" if c in short.values() or c == "rounds" else "left")

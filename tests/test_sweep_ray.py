@@ -103,8 +103,8 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
     for variant in ("erm", "adaptive"):
         row = board.loc[variant]
         written = json.loads((out.root / "runs" / row["trial"] / "metrics.json").read_text())
-        for key in ("dev_w_f1", "dev_acc", "dev_avg_gap", "dev_worst_lang_gap",
-                    "test_w_f1", "test_acc", "test_avg_gap", "test_worst_lang_gap"):
+        for key in ("dev_w_f1", "dev_acc", "dev_avg_gap", "dev_worst_lang_gap", "dev_loss_gap",
+                    "test_w_f1", "test_acc", "test_avg_gap", "test_worst_lang_gap", "test_loss_gap"):
             assert row[key] == pytest.approx(written[key], rel=1e-9, abs=1e-9), (variant, key)
         child = client.get_run(row["mlflow_run_id"])
         assert child.info.status == "FINISHED"
