@@ -89,7 +89,7 @@ def synth(
                                    "of the group's emotional prosody in every split (irreducible; default none)."),
     train_share: list[str] = typer.Option(None, "--train-share", help="LANG:GENDER:SHARE, repeatable: keep only "
                                           "SHARE of that group's train utterances, dev/test untouched "
-                                          "(default: M at 0.2 in every language; 'none' for balanced)."),
+                                          "(default: M at 0.1 in every language; 'none' for balanced)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed: byte-identical corpus)."),
     lexical_cue_rate: float = typer.Option(0.0, "--lexical-cue-rate",
                                            help="Fraction of sentences that state the emotion (0..1)."),

@@ -24,7 +24,7 @@ Two kinds of injected gender bias, both per (language, gender):
 
 Sizes: `per_cell` utterances per (language, gender, emotion) in train (before `train_share`),
 `eval_per_cell` (default 2 * per_cell // 3, at least 1) in dev and in test. The defaults (per_cell=24,
-male train share 0.2) give 21 × (24 + 5) + 2 × 42 × 16 = 1,953 utterances (the demo corpus, ~20 s on
+male train share 0.1) give 21 × (24 + 2) + 2 × 42 × 16 = 1,890 utterances (the demo corpus, ~20 s on
 2 cores); dev and test are large because a gender gap is a difference of two noisy accuracies.
 
 Output (written atomically): `manifest.csv` (canonical columns + `prosody_neutralised`,
@@ -53,10 +53,10 @@ from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, SPLITS
 
 SAMPLE_RATE = 16000
 DEFAULT_PER_CELL = 24
-# The demo's bias: male speakers 5x under-represented in train, in every language (learnable: the gap it
-# opens can be closed by weighting them up). No neutralised prosody by default.
+# The demo's bias: male speakers 12x under-represented in train (2 of 24 per cell), in every language
+# (learnable: the gap it opens can be closed by weighting them up). No neutralised prosody by default.
 DEMO_BIAS: dict[tuple[str, str], float] = {}
-DEMO_TRAIN_SHARE: dict[tuple[str, str], float] = {(lang, "M"): 0.2 for lang in LANGUAGES}
+DEMO_TRAIN_SHARE: dict[tuple[str, str], float] = {(lang, "M"): 0.1 for lang in LANGUAGES}
 ESPEAK_LANG = {"deu": "de", "eng": "en-us", "jpn": "ja"}
 
 # espeak-ng variant file names (`espeak-ng --voices=variant`). The f*/female ones have median F0
