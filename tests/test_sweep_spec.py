@@ -137,7 +137,8 @@ def test_trial_config_equals_independently_loaded_config():
     """Oracle: config.load_config(base, dotted overrides) built by hand for one demo trial."""
     spec = load_sweep_spec(SWEEPS / "demo.yaml")
     got = spec.trial_config({"variant": "adaptive_p1"})
-    want = load_config(TINY, ["optim.epochs=6", "eval.patience=0", "distributed.num_workers=1",
+    want = load_config(TINY, ["optim.epochs=8", "optim.scheduler=cosine", "lora.train_audio_encoder=true",
+                              "eval.patience=0", "lambda.eta=5.0", "distributed.num_workers=1",
                               "distributed.cpus_per_worker=0.9", "distributed.use_gpu=false",
                               "lambda.mode=adaptive", "lambda.init=0.0", "objective.p=1"])
     assert got.to_dict() == want.to_dict()
