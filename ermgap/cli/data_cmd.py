@@ -79,6 +79,15 @@ def stats(
     console.print(table)
 
 
+def _group_values(specs: list[str] | None, default: dict, parse) -> dict:
+    """Repeated LANG:GENDER:VALUE options → {(lang, gender): value}; absent → the default, 'none' → {}."""
+    if not specs:
+        return dict(default)
+    if [x.strip().lower() for x in specs] == ["none"]:
+        return {}
+    return dict(parse(x) for x in specs)
+
+
 @app.command("synth")
 def synth(
     out: Path = typer.Option(..., "--out", help="Output folder (manifest.csv, wavs/, corpus.json)."),
@@ -103,18 +112,8 @@ def synth(
 
     from ermgap.data.synth import DEMO_BIAS, DEMO_TRAIN_SHARE, parse_bias, parse_train_share, synthesize
 
-    if not bias:
-        biases = dict(DEMO_BIAS)
-    elif [b.strip().lower() for b in bias] == ["none"]:
-        biases = {}
-    else:
-        biases = dict(parse_bias(b) for b in bias)
-    if not train_share:
-        shares = dict(DEMO_TRAIN_SHARE)
-    elif [b.strip().lower() for b in train_share] == ["none"]:
-        shares = {}
-    else:
-        shares = dict(parse_train_share(b) for b in train_share)
+    biases = _group_values(bias, DEMO_BIAS, parse_bias)
+    shares = _group_values(train_share, DEMO_TRAIN_SHARE, parse_train_share)
     start = time.perf_counter()
     with Progress(TextColumn("synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True)) as bar:
