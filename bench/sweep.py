@@ -71,11 +71,14 @@ def run(label: str, overrides: list[str], store: Path) -> dict:
     board = out.leaderboard
     n = len(board)
     slot_s = (wall - out.ray_start_s) * slots
+    # Only finished runs write their step timing (metrics.json); a sweep with stopped trials would
+    # count their steps as overhead, so its share is not reported.
+    complete = len(timing["per_trial"]) == n
     return {
         "label": label, "overrides": overrides, "trials": n, "concurrency": slots, "wall_s": wall,
         "ray_start_s": out.ray_start_s, "train_eval_s": timing["useful_s"],
-        "share_in_train_eval": timing["useful_s"] / slot_s if slot_s else None,
-        "overhead_per_trial_s": (slot_s - timing["useful_s"]) / n if n else None,
+        "share_in_train_eval": timing["useful_s"] / slot_s if slot_s and complete else None,
+        "overhead_per_trial_s": (slot_s - timing["useful_s"]) / n if n and complete else None,
         "trial_seconds": float(board["trial_s"].fillna(0).sum()),
         "best_dev_w_f1": float(board["dev_w_f1"].max()),
         "stopped": int((board["status"] == "stopped").sum()),
@@ -112,9 +115,10 @@ def main() -> None:
     tmp_out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     os.replace(tmp_out, out)
     for r in (full, with_asha):
+        share = "n/a (stopped trials record no step timing)" if r["share_in_train_eval"] is None else \
+            f"{100 * r['share_in_train_eval']:.0f} % of slot time, overhead/trial {r['overhead_per_trial_s']:.0f} s"
         print(f"{r['label']:>5}: {r['trials']} trials, wall {r['wall_s']:.0f} s, Ray start {r['ray_start_s']:.1f} s, "
-              f"in train/eval steps {100 * r['share_in_train_eval']:.0f} % of slot time, overhead/trial "
-              f"{r['overhead_per_trial_s']:.0f} s, trial-seconds {r['trial_seconds']:.0f}, best dev W-F1 "
+              f"in train/eval steps {share}, trial-seconds {r['trial_seconds']:.0f}, best dev W-F1 "
               f"{r['best_dev_w_f1']:.2f}, stopped {r['stopped']} (evals after stop: {r['evals_after_stop']})")
     print(f"ASHA/full compute ratio: {ratio:.2f} (best dev W-F1 {with_asha['best_dev_w_f1']:.2f} vs "
           f"{full['best_dev_w_f1']:.2f})")
