@@ -24,7 +24,7 @@ Two kinds of injected gender bias, both per (language, gender):
 
 Sizes: `per_cell` utterances per (language, gender, emotion) in train (before `train_share`),
 `eval_per_cell` (default 2 * per_cell // 3, at least 1) in dev and in test. The defaults (per_cell=24,
-male train share 0.1) give 21 × (24 + 2) + 2 × 42 × 16 = 1,890 utterances (the demo corpus, ~20 s on
+male train share 0.1) give 21 × (24 + 2) + 2 × 42 × 16 = 1,890 utterances (the demo corpus, 13 s on
 2 cores); dev and test are large because a gender gap is a difference of two noisy accuracies.
 
 Output (written atomically): `manifest.csv` (canonical columns + `prosody_neutralised`,
