@@ -403,6 +403,45 @@ def build_leaderboard(spec: SweepSpec, runs: pd.DataFrame, tune_rows: dict[str, 
     return board
 
 
+def seed_summary(board: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame | None:
+    """Mean and sample standard deviation over seeds of each configuration's final metrics.
+
+    A configuration is the trial's params without `optim.seed`; only trials that ran to the end
+    (test metrics logged) count, and `n_seeds` says how many did. None unless the spec has 2+ seeds:
+    a single run's gap is mostly sampling noise, so sweeps that repeat seeds are compared on this.
+    """
+    if not spec.model.seeds or len(spec.model.seeds) < 2 or board.empty:
+        return None
+    keys = [p for p in spec.param_names() if p != SEED_KEY]
+    done = board[board["test_w_f1"].notna()]
+    rows = []
+    groups = done.groupby(keys, sort=False, dropna=False) if keys else [((), done)]
+    for key, grp in groups:
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row["n_seeds"] = len(grp)
+        for m in DEV_METRICS + TEST_METRICS:
+            values = grp[m].dropna().astype(float)
+            row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
+            row[f"{m}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_seed_summary(summary: pd.DataFrame, spec: SweepSpec, console=None) -> None:
+    from rich.table import Table
+
+    console = console or _console()
+    keys = [p for p in spec.param_names() if p != SEED_KEY]
+    shown = ("dev_w_f1", "dev_worst_lang_gap", "test_w_f1", "test_avg_gap", "test_worst_lang_gap", "test_loss_gap")
+    table = Table(title=f"sweep {spec.name}: mean ± sd over seeds {spec.model.seeds}")
+    for c in [*keys, "seeds", *shown]:
+        table.add_column(c, justify="left" if c in keys else "right")
+    for _, r in summary.iterrows():
+        table.add_row(*[_fmt(r[k]) for k in keys], str(r["n_seeds"]),
+                      *[f"{_fmt(r[f'{m}_mean'])} ± {_fmt(r[f'{m}_sd'])}" for m in shown])
+    console.print(table)
+
+
 def _final_metric(child: pd.Series | None, name: str) -> float | None:
     """A finished run logs `final/<name>` (dev metrics of the best checkpoint, test metrics); a stopped
     run only has its last evaluation's `<name>` (test metrics absent)."""
@@ -512,10 +551,13 @@ def _log_parent_artifacts(client, parent_id: str, spec: SweepSpec, paths: SweepP
              "variants": spec.model.variants, "seeds": spec.model.seeds,
              "scheduler": None if spec.model.scheduler is None else spec.model.scheduler.model_dump(),
              "trials": spec.example_trials()}, indent=2, default=str) + "\n", force=True),
-        "leaderboard_csv": art / "leaderboard.csv",
+        "leaderboard_csv": atomic_write_text(art / "leaderboard.csv", board.to_csv(index=False), force=True),
         "leaderboard_md": atomic_write_text(art / "leaderboard.md", leaderboard_markdown(board), force=True),
     }
-    board.to_csv(files["leaderboard_csv"], index=False)
+    summary = seed_summary(board, spec)
+    if summary is not None:
+        files["seed_summary_csv"] = atomic_write_text(art / "seed_summary.csv", summary.to_csv(index=False), force=True)
+        files["seed_summary_md"] = atomic_write_text(art / "seed_summary.md", leaderboard_markdown(summary), force=True)
     files.update(_pareto_artifacts(board, art))
     for f in files.values():
         client.log_artifact(parent_id, str(f))
@@ -662,6 +704,9 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
             ray.shutdown()
     outcome.wall_s = time.perf_counter() - t0
     print_leaderboard(board, spec, console)
+    summary = seed_summary(board, spec)
+    if summary is not None:
+        print_seed_summary(summary, spec, console)
     console.print(f"best trial: {outcome.best_trial or '- (no trial finished)'}")
     for k, p in outcome.artifacts.items():
         console.print(f"{k}: {p}")

@@ -245,3 +245,30 @@ def test_optuna_multi_objective_search_space_converts(tmp_path):
         spec.trial_config(params)  # every suggestion is a valid RunConfig
         seen.add(params["lora.r"])
     assert seen <= {4, 5}
+
+
+def test_seed_summary_means_and_sds_over_seeds_per_configuration(tmp_path):
+    """Hand-computed oracle: 2 configs × 3 seeds, one trial of one config stopped early (no test metrics)."""
+    import math
+
+    import pandas as pd
+
+    from ermgap.sweep import DEV_METRICS, TEST_METRICS, seed_summary
+
+    spec = load_sweep_spec(_spec(tmp_path, space={}, seeds=[1, 2, 3]))
+    rows = []
+    for variant, base in (("erm", 40.0), ("adaptive", 30.0)):
+        for i, seed in enumerate((1, 2, 3)):
+            row = {"trial": f"{variant}{seed}", "variant": variant, "optim.seed": seed}
+            row.update({m: base + 2.0 * i for m in DEV_METRICS + TEST_METRICS})  # base, base+2, base+4
+            rows.append(row)
+    rows[-1]["test_w_f1"] = None  # adaptive seed 3 was stopped: it must not count
+    got = seed_summary(pd.DataFrame(rows), spec).set_index("variant")
+    assert list(got.index) == ["erm", "adaptive"]
+    assert got.loc["erm", "n_seeds"] == 3 and got.loc["adaptive", "n_seeds"] == 2
+    assert got.loc["erm", "test_worst_lang_gap_mean"] == pytest.approx(42.0)
+    assert got.loc["erm", "test_worst_lang_gap_sd"] == pytest.approx(2.0)  # sd of 40, 42, 44
+    assert got.loc["adaptive", "dev_w_f1_mean"] == pytest.approx(31.0)  # 30, 32
+    assert got.loc["adaptive", "dev_w_f1_sd"] == pytest.approx(math.sqrt(2.0))
+    single = load_sweep_spec(_spec(tmp_path, space={}, seeds=[1]))
+    assert seed_summary(pd.DataFrame(rows), single) is None
