@@ -232,18 +232,19 @@ def _check_args(per_cell: int, eval_per_cell: int, bias: Mapping, lexical_cue_ra
         raise ConfigError(f"lexical_cue_rate={lexical_cue_rate} is out of range; expected 0 <= rate <= 1")
     if workers < 1:
         raise ConfigError(f"workers={workers} is out of range; expected an integer >= 1")
-    for key, strength in bias.items():
+    _check_group_values("bias", bias, "STRENGTH", zero_ok=True)
+    _check_group_values("train_share", train_share or {}, "SHARE", zero_ok=False)
+
+
+def _check_group_values(what: str, values: Mapping, name: str, *, zero_ok: bool) -> None:
+    """{(language, gender): value in [0, 1] (or (0, 1] unless zero_ok)} as the API receives it."""
+    for key, value in values.items():
         if not (isinstance(key, tuple) and len(key) == 2 and key[0] in LANGUAGES and key[1] in GENDERS):
-            raise ConfigError(f"bias key {key!r} is not allowed; expected (language, gender) with language in "
+            raise ConfigError(f"{what} key {key!r} is not allowed; expected (language, gender) with language in "
                               f"{', '.join(LANGUAGES)} and gender in {', '.join(GENDERS)}")
-        if not 0.0 <= float(strength) <= 1.0:
-            raise ConfigError(f"bias strength {strength} for {key} is out of range; expected 0 <= STRENGTH <= 1")
-    for key, share in (train_share or {}).items():
-        if not (isinstance(key, tuple) and len(key) == 2 and key[0] in LANGUAGES and key[1] in GENDERS):
-            raise ConfigError(f"train_share key {key!r} is not allowed; expected (language, gender) with language in "
-                              f"{', '.join(LANGUAGES)} and gender in {', '.join(GENDERS)}")
-        if not 0.0 < float(share) <= 1.0:
-            raise ConfigError(f"train_share {share} for {key} is out of range; expected 0 < SHARE <= 1")
+        if not ((0.0 <= float(value)) if zero_ok else (0.0 < float(value))) or float(value) > 1.0:
+            raise ConfigError(f"{what} {value} for {key} is out of range; "
+                              f"expected 0 {'<=' if zero_ok else '<'} {name} <= 1")
 
 
 def _jittered(centre: Prosody, speaker: Prosody, rng: np.random.Generator) -> Prosody:
