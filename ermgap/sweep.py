@@ -83,6 +83,7 @@ class SweepOutcome:
     tracking_uri: str
     experiment: str
     leaderboard: pd.DataFrame = field(default_factory=pd.DataFrame)
+    seed_summary: pd.DataFrame | None = None  # per-configuration mean ± sd when the spec repeats seeds
     best_trial: str | None = None
     artifacts: dict[str, Path] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -554,7 +555,7 @@ def _log_parent_artifacts(client, parent_id: str, spec: SweepSpec, paths: SweepP
         "leaderboard_csv": atomic_write_text(art / "leaderboard.csv", board.to_csv(index=False), force=True),
         "leaderboard_md": atomic_write_text(art / "leaderboard.md", leaderboard_markdown(board), force=True),
     }
-    summary = seed_summary(board, spec)
+    summary = outcome.seed_summary
     if summary is not None:
         files["seed_summary_csv"] = atomic_write_text(art / "seed_summary.csv", summary.to_csv(index=False), force=True)
         files["seed_summary_md"] = atomic_write_text(art / "seed_summary.md", leaderboard_markdown(summary), force=True)
@@ -694,6 +695,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
         board = build_leaderboard(spec, child_runs(tracking_uri, experiment, parent_id), tune_rows)
         _close_stopped_children(client, board)
         outcome.leaderboard = board
+        outcome.seed_summary = seed_summary(board, spec)
         outcome.best_trial = select_best(board, spec) if not board.empty else None
         _log_parent_artifacts(client, parent_id, spec, paths, board, outcome)
         outcome.artifacts.update(_paper_report(tracking_uri, parent_id, paths.root / "report", console))
@@ -704,9 +706,8 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
             ray.shutdown()
     outcome.wall_s = time.perf_counter() - t0
     print_leaderboard(board, spec, console)
-    summary = seed_summary(board, spec)
-    if summary is not None:
-        print_seed_summary(summary, spec, console)
+    if outcome.seed_summary is not None:
+        print_seed_summary(outcome.seed_summary, spec, console)
     console.print(f"best trial: {outcome.best_trial or '- (no trial finished)'}")
     for k, p in outcome.artifacts.items():
         console.print(f"{k}: {p}")
