@@ -15,16 +15,21 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from ermgap import metrics as M
 from ermgap import plots
 from ermgap.errors import ConfigError, PredictionsError
+from ermgap.formatting import fmt, json_safe
 from ermgap.io import atomic_dir
 from ermgap.labels import LANGUAGES, MODALITIES
 
@@ -142,9 +147,6 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     "Lambda effect", others to "Main components". Returns (systems, skipped) where skipped says which runs
     had no predictions (e.g. trials stopped early by ASHA).
     """
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
@@ -256,10 +258,6 @@ def wide_table(results: pd.DataFrame, subsets: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.2f}" if math.isfinite(v) else "–"
-
-
 def _delta(v: float, latex: bool) -> str:
     if not math.isfinite(v):
         return "–"
@@ -301,7 +299,7 @@ def _render(wide: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], latex:
         for idx, row in block.iterrows():
             cells = [esc(row["model"])]
             for c in metric_cols:
-                text, mark = _fmt(row[c]), marks[c].get(idx)
+                text, mark = fmt(row[c]), marks[c].get(idx)
                 if mark == "best":
                     text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
                 elif mark == "second":
@@ -427,13 +425,10 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
 
 
 def _metrics_doc(systems: Sequence[System], results: pd.DataFrame) -> dict:
-    def clean(v):
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-
     doc = {"systems": []}
     for s in systems:
         rows = results[(results["model"] == s.name) & (results["modality"] == s.modality)]
-        subsets = {r["subset"]: {k: clean(v) for k, v in r.items() if k not in ("model", "modality", "group", "subset")}
+        subsets = {r["subset"]: {k: json_safe(v) for k, v in r.items() if k not in ("model", "modality", "group", "subset")}
                    for r in rows.to_dict("records")}
         doc["systems"].append({"name": s.name, "modality": s.modality, "group": s.group, "source": s.source,
                                "overall": subsets.pop("multilingual"), "per_language": subsets})
@@ -443,7 +438,6 @@ def _metrics_doc(systems: Sequence[System], results: pd.DataFrame) -> dict:
 def log_report_to_mlflow(out_dir: str | os.PathLike, *, tracking_uri: str, run_id: str,
                          artifact_path: str = "report") -> None:
     """Log the whole report folder (tables and PNGs) as artifacts of `run_id` under `artifact_path`."""
-    from mlflow import MlflowClient
 
     MlflowClient(tracking_uri=tracking_uri).log_artifacts(run_id, str(out_dir), artifact_path)
 
@@ -453,7 +447,6 @@ def report_from_mlflow(tracking_uri: str, out_dir: str | os.PathLike, *, parent_
                        log_to: str | None = None) -> tuple[dict[str, Path], list[str]]:
     """systems_from_mlflow → build_report → (optionally) log the folder to `log_to` (e.g. the sweep's parent
     run) under artifacts/report. Returns ({artifact name: path}, skipped-run notes)."""
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ermgap-report-") as tmp:
         systems, skipped = systems_from_mlflow(tracking_uri, parent_run_id=parent_run_id, run_ids=run_ids,

@@ -11,25 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from ermgap.errors import ErmgapError
+from ermgap.formatting import fmt, json_safe
 from ermgap.labels import LANGUAGES
 
 COLUMNS = (("w_f1", "W-F1↑"), ("acc", "ACC↑"), ("tpr_gap", "TPR↓"), ("fpr_gap", "FPR↓"),
            ("w_f1_gap", "W-F1 gap↓"), ("acc_gap", "ACC gap↓"), ("avg_gap", "AVG↓"))
-
-
-def json_safe(obj):
-    """NaN/inf → None so the output is valid JSON (undefined gaps are null)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.2f}" if math.isfinite(value) else "–"
 
 
 def _fmt_ci(ci: list[float]) -> str:
@@ -77,7 +63,7 @@ def metrics(
     if by == "language":
         rows += [(lang.upper(), result["per_language"][lang]) for lang in LANGUAGES if lang in result["per_language"]]
     for name, block in rows:
-        table.add_row(name, *(_fmt(block[k]) for k, _ in COLUMNS), str(block["n"]),
+        table.add_row(name, *(fmt(block[k]) for k, _ in COLUMNS), str(block["n"]),
                       f"{100 * block['invalid_rate']:.1f}%")
         if "ci" in block:
             table.add_row("  95% CI", *(_fmt_ci(block["ci"][k]) for k, _ in COLUMNS), "", "", style="dim")
