@@ -19,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ermgap.errors import ConfigError
 from ermgap.labels import EMOTIONS
 
+# Choices shared by the config tree and the command line (one declaration each).
+Split = Literal["train", "dev", "test"]
+Modality = Literal["uni", "multi"]
+PredictMode = Literal["score", "generate"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
@@ -26,7 +31,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     manifest: str = Field("data/synth/manifest.csv", description="Canonical manifest CSV (see `ermgap data validate`).")
-    modality: Literal["uni", "multi"] = Field("uni", description="uni: speech + instruction; multi: + ground-truth transcript.")
+    modality: Modality = Field("uni", description="uni: speech + instruction; multi: + ground-truth transcript.")
     languages: list[str] | None = Field(None, description="Restrict to these language codes (default: all in the manifest).")
     sample_rate: int = Field(16000, gt=0, description="Audio is resampled to this rate (Hz).")
     max_audio_s: float | None = Field(None, gt=0, description="Crop audio longer than this (default: the feature extractor's window).")
@@ -125,7 +130,7 @@ class EvalConfig(_Section):
     patience: int = Field(5, ge=0, description="Early-stopping patience in evaluations (0 disables).")
     metric: str = Field("w_f1", description="Dev metric for early stopping and best checkpoint.")
     metric_mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better.")
-    predict: Literal["score", "generate"] = Field("score", description="Label scoring or free generation for predictions.")
+    predict: PredictMode = Field("score", description="Label scoring or free generation for predictions.")
     batch_size: int = Field(8, gt=0, description="Per-worker evaluation batch size.")
 
 
@@ -178,7 +183,7 @@ class RunConfig(_Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
     """Parse an override value with YAML rules (`1` → int, `true` → bool, `[a, b]` → list)."""
     try:
         return yaml.safe_load(text)
@@ -186,19 +191,19 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys: list[str] = []
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         keys.append(key)
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_known_keys(ann, key + "."))
+            keys.extend(known_keys(ann, key + "."))
     return keys
 
 
-def _did_you_mean(key: str, model: type[BaseModel]) -> str:
-    close = difflib.get_close_matches(key, _known_keys(model), n=1, cutoff=0.6)
+def did_you_mean(key: str, model: type[BaseModel]) -> str:
+    close = difflib.get_close_matches(key, known_keys(model), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -211,7 +216,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str], *, source: str =
         key = key.strip()
         if not key:
             raise ConfigError(f"{source}: override '{item}' has an empty key")
-        set_dotted(tree, key, _parse_scalar(raw))
+        set_dotted(tree, key, parse_scalar(raw))
     return tree
 
 
@@ -228,12 +233,12 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _format_errors(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+def format_errors(err: ValidationError, source: str, model: type[BaseModel]) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key{_did_you_mean(key, model)}")
+            lines.append(f"  {key}: unknown key{did_you_mean(key, model)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
@@ -246,7 +251,7 @@ def validate_tree(tree: dict[str, Any], source: str, model: type[BaseModel] = Ru
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source, model)) from None
+        raise ConfigError(format_errors(err, source, model)) from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
