@@ -20,7 +20,8 @@ Direction = Literal["max", "min"]
 class Metric:
     name: str
     direction: Direction   # "max": higher is better
-    label: str             # short column header
+    label: str             # standalone name ("AVG gap")
+    header: str            # column header in the paper's tables, under a gender-gap heading ("AVG")
     unit: str
     description: str
 
@@ -28,18 +29,23 @@ class Metric:
     def arrow(self) -> str:
         return "↑" if self.direction == "max" else "↓"
 
+    @property
+    def column(self) -> str:
+        """The paper's header with its direction: "W-F1↑", "AVG↓"."""
+        return self.header + self.arrow
+
 
 _DECLARED = (
-    Metric("w_f1", "max", "W-F1", "%", "support-weighted F1 over the 7 emotions"),
-    Metric("acc", "max", "ACC", "%", "accuracy"),
-    Metric("tpr_gap", "min", "TPR gap", "% points", "mean over classes of |TPR(F) − TPR(M)|"),
-    Metric("fpr_gap", "min", "FPR gap", "% points", "mean over classes of |FPR(F) − FPR(M)|"),
-    Metric("w_f1_gap", "min", "W-F1 gap", "% points", "|W-F1(F) − W-F1(M)|"),
-    Metric("acc_gap", "min", "ACC gap", "% points", "|ACC(F) − ACC(M)|"),
-    Metric("avg_gap", "min", "AVG gap", "% points", "mean of the TPR, FPR, W-F1 and ACC gender gaps"),
-    Metric("worst_lang_gap", "min", "worst-lang gap", "% points", "largest per-language AVG gap"),
-    Metric("loss", "min", "loss", "nats", "mean per-utterance cross-entropy of the answer"),
-    Metric("loss_gap", "min", "Δloss", "nats", "largest within-stratum gender gap of the mean loss"),
+    Metric("w_f1", "max", "W-F1", "W-F1", "%", "support-weighted F1 over the 7 emotions"),
+    Metric("acc", "max", "ACC", "ACC", "%", "accuracy"),
+    Metric("tpr_gap", "min", "TPR gap", "TPR", "% points", "mean over classes of |TPR(F) − TPR(M)|"),
+    Metric("fpr_gap", "min", "FPR gap", "FPR", "% points", "mean over classes of |FPR(F) − FPR(M)|"),
+    Metric("w_f1_gap", "min", "W-F1 gap", "W-F1 gap", "% points", "|W-F1(F) − W-F1(M)|"),
+    Metric("acc_gap", "min", "ACC gap", "ACC gap", "% points", "|ACC(F) − ACC(M)|"),
+    Metric("avg_gap", "min", "AVG gap", "AVG", "% points", "mean of the TPR, FPR, W-F1 and ACC gender gaps"),
+    Metric("worst_lang_gap", "min", "worst-lang gap", "worst-lang", "% points", "largest per-language AVG gap"),
+    Metric("loss", "min", "loss", "loss", "nats", "mean per-utterance cross-entropy of the answer"),
+    Metric("loss_gap", "min", "Δloss", "Δloss", "nats", "largest within-stratum gender gap of the mean loss"),
 )
 METRICS: dict[str, Metric] = {m.name: m for m in _DECLARED}
 # What the training recipe reports for each split, hence what `eval.metric` may select on.

@@ -111,7 +111,8 @@ class ObjectiveOutput:
 class Objective(ABC):
     """A training objective over the stratum × attribute cells of `grid`. See the module docstring."""
 
-    kind: ClassVar[str]
+    kind: ClassVar[str]    # the `objective.kind` value
+    label: ClassVar[str]   # the name in reports
 
     def __init__(self, grid: CellGrid) -> None:
         self.grid = grid

@@ -9,6 +9,7 @@ class ERM(Objective):
     """total = Σ_i ℓ_i / B over the global batch. Equals `minmaxgap` with `lambda.mode=fixed lambda.init=0`."""
 
     kind = "erm"
+    label = "ERM (SFT)"
 
     @classmethod
     def from_config(cls, cfg, grid: CellGrid) -> ERM:

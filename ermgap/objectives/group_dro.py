@@ -27,6 +27,7 @@ from ermgap.objectives.base import CellGrid, Objective, ObjectiveOutput, check_c
 
 class GroupDRO(Objective):
     kind = "group_dro"
+    label = "Group DRO"
 
     def __init__(self, grid: CellGrid, *, eta: float, size_adjustment: float = 0.0) -> None:
         super().__init__(grid)

@@ -11,6 +11,7 @@ class MinMaxGAP(Objective):
     same numbers as calling them directly."""
 
     kind = "minmaxgap"
+    label = "ERM-MinMaxGAP"
 
     def __init__(self, grid: CellGrid, *, p: float, lam: AdaptiveLambda) -> None:
         super().__init__(grid)

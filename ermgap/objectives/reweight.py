@@ -17,6 +17,7 @@ class Reweight(Objective):
     """
 
     kind = "reweight"
+    label = "Reweighting"
 
     def __init__(self, grid: CellGrid) -> None:
         super().__init__(grid)
