@@ -11,13 +11,14 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ermgap.errors import ConfigError
 from ermgap.labels import EMOTIONS
+from ermgap.metric_registry import METRICS, SPLIT_METRICS
 
 # Choices shared by the config tree and the command line (one declaration each).
 Split = Literal["train", "dev", "test"]
@@ -93,13 +94,25 @@ class PromptConfig(_Section):
         return self
 
 
+# The training objectives (`ermgap.objectives.OBJECTIVES` maps each to its class).
+ObjectiveKind = Literal["erm", "minmaxgap", "group_dro", "reweight"]
+OBJECTIVE_KINDS: tuple[str, ...] = get_args(ObjectiveKind)
+
+
+class GroupDROConfig(_Section):
+    eta: float = Field(0.01, gt=0, description="Step size η_q of the group-weight update q_g ← q_g·exp(η_q·L_g) (Sagawa et al. 2020: 0.01).")
+    size_adjustment: float = Field(0.0, ge=0, description="C of the group-size adjustment L_g + C/√n_g in the q update (n_g: train examples of the cell; 0: off).")
+
+
 class ObjectiveConfig(_Section):
-    p: float = Field(2.0, gt=0, description="Exponent of the worst-language gap (paper: 1 or 2).")
-    stratum: Literal["language", "language_modality"] = Field("language", description="Group within which the gender gap is measured.")
+    kind: ObjectiveKind = Field("minmaxgap", description="erm: global-batch mean; minmaxgap: the paper's erm + λ·Δmax^p (uses `p` and the `lambda` block); group_dro: online Group DRO over stratum × gender cells; reweight: examples weighted inversely to their cell's train frequency.")
+    p: float = Field(2.0, gt=0, description="minmaxgap: exponent of the worst-language gap (paper: 1 or 2).")
+    stratum: Literal["language", "language_modality"] = Field("language", description="Group within which the gender gap is measured (the cells of group_dro and reweight are stratum × gender).")
+    group_dro: GroupDROConfig = Field(default_factory=GroupDROConfig)
 
 
 class LambdaConfig(_Section):
-    mode: Literal["adaptive", "fixed"] = Field("adaptive", description="adaptive: Lagrangian update after each dev evaluation; fixed: λ stays at init.")
+    mode: Literal["adaptive", "fixed"] = Field("adaptive", description="(objective.kind=minmaxgap) adaptive: Lagrangian update after each dev evaluation; fixed: λ stays at init.")
     init: float = Field(0.0, ge=0, description="λ0.")
     eta: float = Field(0.5, ge=0, description="Update rate η.")
     epsilon: float = Field(0.02, ge=0, description="Target tolerance ε for the dev gap.")
@@ -128,10 +141,32 @@ class OptimConfig(_Section):
 class EvalConfig(_Section):
     every_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps (default: once per epoch).")
     patience: int = Field(5, ge=0, description="Early-stopping patience in evaluations (0 disables).")
-    metric: str = Field("w_f1", description="Dev metric for early stopping and best checkpoint.")
-    metric_mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better.")
+    metric: str = Field("w_f1", description=f"Dev metric for early stopping and best checkpoint: one of {', '.join(SPLIT_METRICS)}.")
+    metric_mode: Literal["max", "min"] | None = Field(
+        None, validate_default=True,
+        description="Whether larger `metric` is better; derived from the metric registry (gaps and losses: min), and an explicit value must agree.")
     predict: PredictMode = Field("score", description="Label scoring or free generation for predictions.")
     batch_size: int = Field(8, gt=0, description="Per-worker evaluation batch size.")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in SPLIT_METRICS:
+            raise ValueError(f"{v!r} is not a dev metric; allowed: {', '.join(SPLIT_METRICS)}")
+        return v
+
+    @field_validator("metric_mode")
+    @classmethod
+    def _registry_direction(cls, v: str | None, info: ValidationInfo) -> str | None:
+        metric = info.data.get("metric")
+        if metric is None:  # `metric` itself failed validation; that error is reported
+            return v
+        expected = METRICS[metric].direction
+        if v is not None and v != expected:
+            better = "larger" if expected == "max" else "smaller"
+            raise ValueError(f"{v!r} contradicts eval.metric={metric}, where {better} is better "
+                             f"({expected!r}); drop metric_mode, it is derived")
+        return expected
 
 
 class DistributedConfig(_Section):

@@ -32,13 +32,11 @@ from ermgap.errors import ConfigError, PredictionsError
 from ermgap.formatting import fmt, json_safe
 from ermgap.io import atomic_dir
 from ermgap.labels import LANGUAGES, MODALITIES
+from ermgap.metric_registry import METRICS
 
 SUBSETS: tuple[str, ...] = ("multilingual", *LANGUAGES)
 SUBSET_TITLES = {"multilingual": "Multilingual", **{lang: lang.upper() for lang in LANGUAGES}}
 MODALITY_TITLES = {"uni": "Unimodal (Speech only)", "multi": "Multimodal (Speech + Transcription)"}
-HEADERS = {"w_f1": "W-F1↑", "acc": "ACC↑", "tpr_gap": "TPR↓", "fpr_gap": "FPR↓", "w_f1_gap": "W-F1 gap↓",
-           "acc_gap": "ACC gap↓", "avg_gap": "AVG↓"}
-HIGHER_IS_BETTER = {"w_f1", "acc"}
 DEFAULT_GROUP = "Systems"
 PREDS_ARTIFACT = "predictions/test_preds.csv"
 
@@ -143,8 +141,9 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
 
     Each run contributes its `predictions/test_preds.csv` artifact, its modality (param `data.modality`),
     its λ metric history and a name: the sweep variant tag `ermgap.param.variant` or a description of the
-    objective params, plus the sweep params that differ between runs. Fixed-λ runs go to the Table 3 section
-    "Lambda effect", others to "Main components". Returns (systems, skipped) where skipped says which runs
+    objective params (param `objective.kind`), plus the sweep params that differ between runs. MinMaxGAP runs
+    with fixed λ go to the Table 3 section "Lambda effect", adaptive ones to "Main components", the other
+    objective kinds (ERM, Group DRO, reweighting) to "Other objectives". Returns (systems, skipped) where skipped says which runs
     had no predictions (e.g. trials stopped early by ASHA).
     """
 
@@ -185,7 +184,7 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
         if extras:
             name = f"{name} [{', '.join(extras)}]"
         history = [(float(m.step), float(m.value)) for m in client.get_metric_history(rid, "lambda")]
-        group = "Lambda effect" if params.get("lambda.mode") == "fixed" else "Main components"
+        group = _objective_group(params)
         systems.append(System(name=name, modality=modality, preds=preds, group=group, source=f"mlflow:{rid}",
                               lambda_history=history or None, params=dict(params)))
     seen: dict[tuple[str, str], int] = {}
@@ -197,7 +196,27 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     return systems, skipped
 
 
+def _kind(params: dict) -> str:
+    # Runs logged before `objective.kind` existed all trained ERM-MinMaxGAP (ERM was fixed λ = 0).
+    return params.get("objective.kind", "minmaxgap")
+
+
+def _objective_group(params: dict) -> str:
+    """Table 3 section: the paper's two for MinMaxGAP runs, one shared section for the other objectives."""
+    if _kind(params) != "minmaxgap":
+        return "Other objectives"
+    return "Lambda effect" if params.get("lambda.mode") == "fixed" else "Main components"
+
+
 def _describe_objective(params: dict) -> str:
+    # Lazy: the objectives import torch, which `ermgap report` on prediction files does not need.
+    from ermgap.objectives import OBJECTIVES
+
+    kind = _kind(params)
+    if kind == "group_dro":
+        return f"{OBJECTIVES[kind].label} (η={float(params.get('objective.group_dro.eta', 'nan')):g})"
+    if kind != "minmaxgap":
+        return OBJECTIVES[kind].label if kind in OBJECTIVES else kind
     mode, init, p = params.get("lambda.mode"), params.get("lambda.init"), params.get("objective.p")
     if mode == "fixed":
         if init is None:
@@ -282,20 +301,20 @@ def _render(wide: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], latex:
     if latex:
         esc = _latex_escape
         arrows = {"↑": r"$\uparrow$", "↓": r"$\downarrow$"}
-        heads = [re.sub("[↑↓]", lambda m: arrows[m.group()], HEADERS[c.split("_", 1)[1]]) for c in metric_cols]
+        heads = [re.sub("[↑↓]", lambda m: arrows[m.group()], METRICS[c.split("_", 1)[1]].column) for c in metric_cols]
         lines = [r"\begin{tabular}{l" + "r" * (ncols - 1) + "}", r"\toprule",
                  " & ".join(["", *(rf"\multicolumn{{7}}{{c}}{{{MODALITY_TITLES[m]}}}" for m in mods)]
                             + ([r"$\Delta$AVG"] if delta else [])) + r" \\",
                  " & ".join(["Model", *heads] + ([r"uni$\to$multi"] if delta else [])) + r" \\", r"\midrule"]
     else:
         esc = _md_escape
-        head = ["Model", *(f"{c.split('_', 1)[0].capitalize()} {HEADERS[c.split('_', 1)[1]]}" for c in metric_cols)]
+        head = ["Model", *(f"{c.split('_', 1)[0].capitalize()} {METRICS[c.split('_', 1)[1]].column}" for c in metric_cols)]
         head += ["Δ AVG (uni→multi)"] if delta else []
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for title, block in sections:
         lines.append(rf"\multicolumn{{{ncols}}}{{l}}{{\textit{{{esc(title)}}}}} \\" if latex
                      else "| *" + esc(title) + "* |" + " |" * (ncols - 1))
-        marks = {c: _marks(block, c, c.split("_", 1)[1] in HIGHER_IS_BETTER) for c in metric_cols}
+        marks = {c: _marks(block, c, METRICS[c.split("_", 1)[1]].direction == "max") for c in metric_cols}
         for idx, row in block.iterrows():
             cells = [esc(row["model"])]
             for c in metric_cols:

@@ -649,6 +649,9 @@ def check_inputs(cfg: RunConfig) -> None:
     if looks_local and not (Path(model).expanduser() / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {model} is not a saved model directory (no config.json); "
                           "build the tiny one with `ermgap model tiny --out models/tiny`")
+    if cfg.objective.kind != "minmaxgap":  # until the recipe talks to ermgap.objectives (issue 15, phase 2)
+        raise ConfigError(f"objective.kind: {cfg.objective.kind!r} is not wired into the training recipe yet; "
+                          "only 'minmaxgap' trains (ERM: lambda.mode=fixed lambda.init=0)")
     if cfg.eval.metric not in EVAL_METRICS:
         raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not a dev metric; allowed: {', '.join(EVAL_METRICS)}")
     if cfg.distributed.use_gpu and not torch.cuda.is_available() and not _ray_has_gpus():
