@@ -8,7 +8,7 @@ from ermgap.config import load_config
 from ermgap.errors import ConfigError
 from ermgap.metric_registry import METRICS, SPLIT_METRICS, better, direction, label, lookup
 from ermgap.metrics import METRIC_KEYS
-from ermgap.sweep_spec import REPORTED_METRICS
+from ermgap.sweep.spec import REPORTED_METRICS
 
 
 def test_every_computed_and_reported_metric_is_declared():
