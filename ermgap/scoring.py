@@ -6,6 +6,8 @@ Qwen2AudioForConditionalGeneration or a peft / DeepSpeed / DDP wrapper of it.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 
@@ -30,58 +32,97 @@ def causal_lm(model):
     return m
 
 
-def _run(model, **inputs):
-    """Forward pass → (states [B, T, ·], project, output); `project(states[...])` gives logits.
+def _audio_token_id(lm) -> int:
+    cfg = lm.config
+    return getattr(cfg, "audio_token_id", None) or cfg.audio_token_index
 
-    For a plain or peft model, states are the decoder's last hidden states and `project` is the LM head,
-    so only the positions that are scored are projected onto the vocabulary (the full [B, T, vocab]
-    logits are 2 GB in fp32 for 8 × 800 tokens on the 7B model). A DeepSpeed engine or DDP module is
-    called through its own forward: it registers gradient-sync and accumulation-scaling hooks there.
+
+def model_inputs(model, batch: dict, ids_key: str = "input_ids", mask_key: str = "attention_mask") -> dict:
+    """The forward's text + audio arguments for `batch[ids_key]`.
+
+    A batch from raw audio carries `input_features` (the model runs its audio encoder); a batch built
+    from cached encoder outputs (`ermgap.feature_cache`) carries `audio_embeds` [N_audio_tokens, D], the
+    projector's output at every audio position of the batch in row-major order, which is exactly the
+    order in which Qwen2-Audio scatters its own encoder output into the text embeddings.
     """
-    if isinstance(getattr(model, "module", None), torch.nn.Module):
-        out = model(**inputs)
-        return out.logits, (lambda x: x), out
+    ids = batch[ids_key]
+    common = {"attention_mask": batch[mask_key]}
+    if "audio_embeds" not in batch:
+        return {"input_ids": ids, "input_features": batch["input_features"],
+                "feature_attention_mask": batch["feature_attention_mask"], **common}
     lm = causal_lm(model)
-    out = lm.model(**inputs)
-    return out.last_hidden_state, lm.lm_head, out
+    embeds = lm.get_input_embeddings()(ids)
+    audio = (ids == _audio_token_id(lm))[..., None]
+    feats = batch["audio_embeds"]
+    if int(audio.sum()) != feats.shape[0]:
+        raise ValueError(f"the batch has {int(audio.sum())} audio placeholder tokens but {feats.shape[0]} cached "
+                         "audio feature rows")
+    return {"inputs_embeds": embeds.masked_scatter(audio, feats.to(embeds.device, embeds.dtype)), **common}
+
+
+@contextmanager
+def _head_at(model, select):
+    """Apply the LM head only to `select(hidden_states)` during the forwards inside this block.
+
+    Qwen2-Audio's forward projects every position onto the vocabulary (no `logits_to_keep`): for the
+    7B model that is [B, T, 156k] logits (and their gradient) of which training uses the few answer
+    positions. A pre-forward hook on the head narrows its input, so a plain model, a peft wrapper, a
+    DeepSpeed engine or a DDP module (called through their own forward, which register gradient-sync
+    and accumulation hooks there) all return only the logits that are scored.
+    """
+    head = causal_lm(model).get_output_embeddings()
+    handle = head.register_forward_pre_hook(lambda _m, args: (select(args[0]), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _run(model, select, **inputs):
+    """Forward pass → (logits of `select(hidden_states [B, T, H])`, output)."""
+    with _head_at(model, select):
+        out = model(**inputs)
+    return out.logits, out
 
 
 def per_sample_loss(model, batch: dict) -> torch.Tensor:
     """Mean cross-entropy over each example's answer tokens → Tensor[B] (grad flows to trainable params).
 
     Uses `input_ids` / `attention_mask` / `labels` (right-padded; `labels` is -100 outside the answer)
-    and the audio features. Padding and prompt tokens never enter the loss.
+    and the audio (`input_features` or cached `audio_embeds`). Padding and prompt tokens never enter
+    the loss, and the LM head runs only on the positions that predict an answer token.
     """
-    states, project, _ = _run(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              input_features=batch["input_features"],
-                              feature_attention_mask=batch["feature_attention_mask"], use_cache=False)
-    labels = batch["labels"].to(states.device)[:, 1:]  # position t predicts token t+1
+    labels = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = labels != IGNORE
     counts = keep.sum(-1)
     if bool((counts == 0).any()):
         raise ValueError(f"{int((counts == 0).sum())} example(s) in the batch have no answer tokens (labels all -100)")
-    logits = project(states[:, :-1][keep])  # [N_answer_tokens, V]
+    logits, _ = _run(model, lambda states: states[:, :-1][keep.to(states.device)], use_cache=False,
+                     **model_inputs(model, batch))  # [N_answer_tokens, V]
+    keep = keep.to(logits.device)
+    labels = labels.to(logits.device)
     token_ce = F.cross_entropy(logits.float(), labels[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token_ce.dtype, device=token_ce.device).index_add(0, rows, token_ce)
-    return sums / counts
+    return sums / counts.to(sums.device)
 
 
 def score_labels(model, batch: dict) -> torch.Tensor:
     """Log-likelihood of each label's answer tokens given the prompt → Tensor[B, num_labels].
 
-    One forward over the (left-padded) prompts with audio, whose KV cache is then repeated for
-    every label, and one forward over all B×K answer continuations. Each score is the SUM of the
-    answer tokens' log-probabilities (the terminator included). Call under torch.no_grad() in eval mode.
+    One forward over the (left-padded) prompts with audio; then, label by label, one forward of that
+    label's continuation for all B examples on the prompts' KV cache, which is cropped back to the
+    prompt afterwards. The cache is never copied (repeating it for K labels would hold K copies: ~4 GB
+    for the 7B model at batch 8 and 150 tokens). Each score is the SUM of the answer tokens'
+    log-probabilities (the terminator included). Call under torch.no_grad() in eval mode.
     """
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     device = prompt_ids.device
     label_ids, label_mask = batch["label_input_ids"].to(device), batch["label_attention_mask"].to(device)
     b, k = prompt_ids.shape[0], label_ids.shape[0]
-    states, project, out = _run(model, input_ids=prompt_ids, attention_mask=prompt_mask,
-                                position_ids=_positions(prompt_mask), input_features=batch["input_features"],
-                                feature_attention_mask=batch["feature_attention_mask"], use_cache=True)
-    first = torch.log_softmax(project(states[:, -1]).float(), dim=-1)  # [B, V]: the answer's first token
+    logits, out = _run(model, lambda states: states[:, -1], position_ids=_positions(prompt_mask), use_cache=True,
+                       **model_inputs(model, batch, "prompt_input_ids", "prompt_attention_mask"))
+    first = torch.log_softmax(logits.float(), dim=-1)  # [B, V]: the answer's first token
     scores = first[:, label_ids[:, 0]]  # [B, K]
     if label_ids.shape[1] == 1:
         return scores
@@ -89,18 +130,23 @@ def score_labels(model, batch: dict) -> torch.Tensor:
     if cache is None:
         raise RuntimeError("score_labels needs the KV cache; call it with the model in eval mode "
                            "(gradient checkpointing disables the cache in train mode)")
-    cache.batch_repeat_interleave(k)
-    cont_ids = label_ids[:, :-1].repeat(b, 1)  # [B*K, La-1], row b*K + j = label j of example b
-    cont_mask = label_mask[:, :-1].repeat(b, 1)
-    prompt_len = prompt_mask.long().sum(-1).repeat_interleave(k)  # [B*K]
-    positions = prompt_len[:, None] + torch.arange(cont_ids.shape[1], device=device)[None, :]
-    attn = torch.cat([prompt_mask.repeat_interleave(k, 0), cont_mask], dim=1)
-    states2, project, _ = _run(model, input_ids=cont_ids, attention_mask=attn, position_ids=positions, cache=cache,
-                               use_cache=True)
-    logp = torch.log_softmax(project(states2).float(), dim=-1)  # [B*K, La-1, V]
-    targets = label_ids[:, 1:].repeat(b, 1)
-    tok = logp.gather(-1, targets[..., None])[..., 0] * label_mask[:, 1:].repeat(b, 1)
-    return scores + tok.sum(-1).view(b, k)
+    prompt_len = prompt_mask.long().sum(-1)  # [B]
+    extra = []
+    for j in range(k):
+        n = int(label_mask[j].sum())  # label j's tokens; the first was scored above
+        if n < 2:
+            extra.append(torch.zeros(b, device=scores.device))
+            continue
+        cont = label_ids[j, :n - 1].expand(b, -1)
+        positions = prompt_len[:, None] + torch.arange(n - 1, device=device)[None, :]
+        attn = torch.cat([prompt_mask, torch.ones_like(cont)], dim=1)
+        logits, _ = _run(model, lambda states: states, input_ids=cont, attention_mask=attn, position_ids=positions,
+                         cache=cache, use_cache=True)
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [B, n-1, V]
+        targets = label_ids[j, 1:n].to(logp.device).expand(b, -1)
+        extra.append(logp.gather(-1, targets[..., None])[..., 0].sum(-1))
+        cache.crop(-(n - 1))  # drop label j's tokens: back to the prompt
+    return scores + torch.stack(extra, dim=1).to(scores.device)
 
 
 def answer_loss_from_scores(scores: torch.Tensor, batch: dict) -> torch.Tensor:
