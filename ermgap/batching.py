@@ -72,6 +72,8 @@ class EmotionCollator:
       Examples whose ``emotion`` is None have no answer: their row is the prompt and labels are all -100.
     - ``input_features`` FloatTensor[B, n_mels, T]: log-mel features padded to the extractor window.
     - ``feature_attention_mask`` LongTensor[B, T]: 1 on valid mel frames.
+    - or, for examples carrying cached encoder output, ``audio_embeds`` FloatTensor[N, d_text] instead of
+      the two above: every example's audio-token features concatenated in batch order.
     - ``prompt_input_ids`` LongTensor[B, Lp]: the prompt only (ends with ``<|im_start|>assistant\\n``), LEFT-padded,
       so the last column is every example's last prompt token (label scoring and generation continue from it).
     - ``prompt_attention_mask`` LongTensor[B, Lp].
@@ -114,13 +116,19 @@ class EmotionCollator:
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
-        if all("input_features" in ex for ex in examples):
+        audio: dict[str, torch.Tensor] = {}
+        if all("audio_embeds" in ex for ex in examples):  # cached encoder output (ermgap.feature_cache)
+            n_audio = [int(ex["audio_embeds"].shape[0]) for ex in examples]
+            audio["audio_embeds"] = torch.cat([torch.as_tensor(ex["audio_embeds"]) for ex in examples])
+        elif all("input_features" in ex for ex in examples):
             feats = torch.stack([torch.as_tensor(ex["input_features"]) for ex in examples]).float()
             fmask = torch.stack([torch.as_tensor(ex["feature_attention_mask"]) for ex in examples]).long()
         else:
             feats, fmask = compute_features(self.processor.feature_extractor, [ex["audio"] for ex in examples],
                                             self.sample_rate)
-        n_audio = audio_token_count(fmask.sum(-1))
+        if not audio:
+            n_audio = audio_token_count(fmask.sum(-1))
+            audio = {"input_features": feats, "feature_attention_mask": fmask}
         prompts, fulls, labels, gold = [], [], [], []
         for ex, n in zip(examples, n_audio):
             p = self.prompt_ids(ex.get("transcript"), n)
@@ -135,8 +143,7 @@ class EmotionCollator:
             "input_ids": _pad(fulls, self.pad_id, left=False),
             "attention_mask": _pad([[1] * len(s) for s in fulls], 0, left=False),
             "labels": _pad(labels, IGNORE, left=False),
-            "input_features": feats,
-            "feature_attention_mask": fmask,
+            **audio,
             "prompt_input_ids": _pad(prompts, self.pad_id, left=True),
             "prompt_attention_mask": _pad([[1] * len(s) for s in prompts], 0, left=True),
             "label_input_ids": self.label_input_ids.clone(),

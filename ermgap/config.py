@@ -37,6 +37,13 @@ class DataConfig(_Section):
     sample_rate: int = Field(16000, gt=0, description="Audio is resampled to this rate (Hz).")
     max_audio_s: float | None = Field(None, gt=0, description="Crop audio longer than this (default: the feature extractor's window).")
     num_loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray Train worker.")
+    feature_cache: str = Field("", description="Encoder-output cache directory (frozen audio encoder only); 'off' disables; "
+                                               "default <tracking.storage_path>/feature_cache.")
+
+    @field_validator("feature_cache", mode="before")
+    @classmethod
+    def _off(cls, v):
+        return "off" if v is False else v  # YAML reads a bare `off` as false
 
 
 class ModelConfig(_Section):

@@ -69,6 +69,7 @@ from ermgap.data.dataset import UtteranceDataset
 from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, ManifestError, TrainingError
 from ermgap.evaluate import predictions_frame
+from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint
 from ermgap.formatting import json_safe
 from ermgap.io import atomic_path, atomic_write_text
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, MODALITIES
@@ -168,7 +169,7 @@ class _CachedFeatures(torch.utils.data.Dataset):
 class _Split:
     rows: pd.DataFrame          # the manifest rows of the split, in manifest order
     base: UtteranceDataset      # decoded audio (lengths for batching)
-    features: _CachedFeatures   # what the collator consumes
+    features: _CachedFeatures | EncodedDataset   # what the collator consumes: log-mels, or cached encoder output
 
 
 class _NonFiniteLoss(Exception):
@@ -195,7 +196,7 @@ class LoRARecipe:
         self.timing = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
 
         model, processor = self._setup_model()
-        self._setup_data(processor)
+        self._setup_data(processor, model)
         self._setup_engine(model)
         self.lam = AdaptiveLambda.from_config(cfg.lam)
         resumed = self._restore()
@@ -215,21 +216,39 @@ class LoRARecipe:
         model, processor = load_backbone(cfg.model, device=self.device)
         return apply_lora(model, cfg.lora), processor
 
-    def _setup_data(self, processor) -> None:
+    def _setup_data(self, processor, model) -> None:
         """The three splits, the collator and the global batch plan (same batches for any worker count)."""
         cfg = self.cfg
         df = read_manifest(cfg.data.manifest)
         if cfg.data.languages:
             df = df[df["language"].isin(cfg.data.languages)]
         self.splits: dict[str, _Split] = {}
+        self.feature_cache = self._open_feature_cache(model, processor)
         for split in ("train", "dev", "test"):
             rows = df[df["split"] == split].reset_index(drop=True)
             base = UtteranceDataset(rows, sample_rate=cfg.data.sample_rate, max_audio_s=cfg.data.max_audio_s)
-            self.splits[split] = _Split(rows, base, _CachedFeatures(base, processor))
+            features = _CachedFeatures(base, processor) if self.feature_cache is None else EncodedDataset(
+                base, self.feature_cache, model, processor, batch_size=cfg.eval.batch_size, device=self.device)
+            self.splits[split] = _Split(rows, base, features)
+        if self.feature_cache is not None:
+            # Each rank encodes its share of the missing entries, then every rank reads all of them.
+            for data in self.splits.values():
+                data.features.fill(range(self.rank, len(data.features), self.world))
+            if self.world > 1:
+                torch.distributed.barrier()
         self.collator = EmotionCollator(processor, cfg.prompt, cfg.data.modality, sample_rate=cfg.data.sample_rate)
         self.plan = GlobalBatchPlan(self.splits["train"].base.lengths, effective_batch=cfg.optim.effective_batch_size,
                                     num_workers=self.world, accum=self.accum, seed=cfg.optim.seed)
         self.total_steps = cfg.optim.epochs * self.plan.steps_per_epoch
+
+    def _open_feature_cache(self, model, processor) -> FeatureCache | None:
+        """The encoder-output cache when the audio encoder is frozen (`ermgap.feature_cache`), else None."""
+        directory = cache_dir(self.cfg)
+        if directory is None:
+            return None
+        fingerprint = encoder_fingerprint(model, processor.feature_extractor, sample_rate=self.cfg.data.sample_rate,
+                                          max_audio_s=self.cfg.data.max_audio_s)
+        return FeatureCache(directory, fingerprint)
 
     def _setup_engine(self, model) -> None:
         """AdamW + LR schedule inside a DeepSpeed engine (ZeRO stage from the config)."""
@@ -521,15 +540,23 @@ class LoRARecipe:
             "mlflow_run_id": st.mlflow_run_id, "done": True,
             "stopped_early": st.epoch < cfg.optim.epochs,
         })
+        cache_stats = self._feature_cache_stats()
         if self.rank == 0:
-            self._write_outputs(final, dev, test)
+            self._write_outputs(final, dev, test, cache_stats)
         st.lam = self.lam.state_dict()
         self.save_checkpoint(final)
         if self.logger is not None:
             self.logger.end("FINISHED")
         return final
 
-    def _write_outputs(self, final: dict[str, Any], dev: pd.DataFrame, test: pd.DataFrame) -> None:
+    def _feature_cache_stats(self) -> dict[str, Any] | None:
+        """All ranks' cache hits, misses and encoder seconds, summed (None when the cache is off)."""
+        if self.feature_cache is None:
+            return None
+        return CacheStats.total(self._gather(self.feature_cache.stats)).to_dict()
+
+    def _write_outputs(self, final: dict[str, Any], dev: pd.DataFrame, test: pd.DataFrame,
+                       cache_stats: dict[str, Any] | None) -> None:
         """Rank 0: predictions, metrics.json and the best adapter in the run directory and in MLflow."""
         st = self.state
         for name, frame in (("dev_preds.csv", dev), ("test_preds.csv", test)):
@@ -537,11 +564,14 @@ class LoRARecipe:
                 _preds_only(frame).to_csv(tmp, index=False)
         with atomic_path(self.run_dir / METRICS_FILE, force=True) as tmp:
             tmp.write_text(json.dumps({**json_safe(final, nan_to_none=False), "lambda_history": self.lam.history,
-                                       "history": st.history, "timing": self.timing}, indent=1))
+                                       "history": st.history, "timing": self.timing,
+                                       "feature_cache": cache_stats}, indent=1))
         if self.best_adapter is not None:
             checkpointing.save_adapter(self.engine.module, self.best_adapter, self.run_dir / "adapter")
         lg = self.logger
         lg.log_metrics({f"final/{k}": v for k, v in final.items()}, step=st.global_step)
+        if cache_stats is not None:
+            lg.log_metrics({f"feature_cache/{k}": v for k, v in cache_stats.items()}, step=st.global_step)
         lg.log_artifact(self.run_dir / "dev_preds.csv", "predictions")
         lg.log_artifact(self.run_dir / "test_preds.csv", "predictions")
         lg.log_artifact(self.run_dir / METRICS_FILE)

@@ -38,17 +38,13 @@ class UtteranceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.df)
 
-    def __getitem__(self, i: int) -> dict:
+    def fields(self, i: int) -> dict:
+        """Row i's labels and metadata: every item key except `audio`."""
         row = self.df.iloc[i]
-        audio: np.ndarray = load_audio(row["audio_path"], self.sample_rate)
+        return {k: row[k] for k in ("utt_id", "language", "gender", "emotion", "transcript", "speaker")}
+
+    def __getitem__(self, i: int) -> dict:
+        audio: np.ndarray = load_audio(self.df.at[i, "audio_path"], self.sample_rate)
         if self.max_samples is not None:
             audio = audio[: self.max_samples]
-        return {
-            "utt_id": row["utt_id"],
-            "language": row["language"],
-            "gender": row["gender"],
-            "emotion": row["emotion"],
-            "transcript": row["transcript"],
-            "speaker": row["speaker"],
-            "audio": audio,
-        }
+        return {**self.fields(i), "audio": audio}

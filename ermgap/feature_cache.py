@@ -1,0 +1,230 @@
+"""The encoder-output cache: with a frozen audio encoder, its output is computed once per utterance.
+
+When LoRA adapts only the language model (`lora.train_audio_encoder=false`, the paper's setting),
+what the language model receives for an utterance — the audio encoder + projector output at the
+clip's valid positions, [n_audio_tokens, d_text] — is a pure function of the audio file, the
+feature-extractor and crop settings and the frozen weights. Qwen2-Audio's Whisper encoder always runs
+on a full 30 s window, so recomputing it every step and every evaluation of every trial is most of
+an evaluation forward. Here it is computed once and stored; batches then carry `audio_embeds`
+instead of log-mels (`ermgap.batching.EmotionCollator`) and `ermgap.scoring.model_inputs` scatters
+them into the text embeddings exactly where the model would have put its own encoder output.
+
+Entries: `<dir>/<key[:2]>/<key>.safetensors`, one tensor `audio_embeds` plus its SHA-256 in the
+metadata. Key = BLAKE2b(encoder fingerprint, SHA-256 of the audio file's bytes), where the
+fingerprint hashes the frozen encoder + projector tensors (names, dtypes, bytes), the feature
+extractor's settings and the crop (sample rate, `data.max_audio_s`): any change gives a different
+key, never a stale entry. Writes go to a temp file beside the entry and are renamed onto it, so
+concurrent writers (trials of a sweep, ranks of a run) cannot leave a torn file; a truncated or
+corrupt entry fails to parse or fails its checksum, is reported with a warning and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from itertools import chain
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save as st_save
+from transformers.masking_utils import create_bidirectional_mask
+
+from ermgap.batching import compute_features
+from ermgap.errors import ConfigError
+from ermgap.io import atomic_write_bytes
+from ermgap.scoring import causal_lm
+
+OFF = "off"
+FORMAT = 1  # bump when the entry layout or what is encoded changes: old entries then get other keys
+TENSOR = "audio_embeds"
+log = logging.getLogger(__name__)
+
+
+def cache_dir(cfg) -> Path | None:
+    """Where a run's cache lives (a RunConfig), or None when it is off.
+
+    Off when the audio encoder is trained (its output changes every step) or `data.feature_cache: off`.
+    Default: `<tracking.storage_path>/feature_cache`, which every trial of a sweep shares.
+    """
+    if cfg.lora.train_audio_encoder or cfg.data.feature_cache == OFF:
+        return None
+    if cfg.data.feature_cache:
+        return Path(cfg.data.feature_cache).expanduser()
+    storage = cfg.tracking.storage_path
+    if "://" in storage:
+        raise ConfigError(f"data.feature_cache: the default location is under tracking.storage_path ({storage}), "
+                          "which is a URI; set data.feature_cache to a local or shared (NFS) directory, or to 'off'")
+    return Path(storage).expanduser() / "feature_cache"
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def encoder_fingerprint(model, feature_extractor, *, sample_rate: int, max_audio_s: float | None) -> str:
+    """Hash of everything the cached features depend on besides the audio: frozen weights and settings.
+
+    `model`: Qwen2-Audio or any wrapper (peft, DeepSpeed); LoRA layers in the audio tower would change
+    its state dict, hence the key.
+    """
+    m = causal_lm(model).model
+    h = hashlib.blake2b(digest_size=20)
+    settings = {"format": FORMAT, "feature_extractor": feature_extractor.to_dict(), "sample_rate": sample_rate,
+                "max_audio_s": max_audio_s}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    for name, t in chain(m.audio_tower.state_dict(prefix="audio_tower.").items(),
+                         m.multi_modal_projector.state_dict(prefix="projector.").items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def encode(model, input_features: torch.Tensor, feature_attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Audio encoder + projector at each clip's valid positions → [n_i, d_text] per clip.
+
+    The same computation as Qwen2AudioModel.forward's audio branch (the padded window goes through the
+    encoder with the padding masked out; the output is cut to the clip's audio-token count).
+    """
+    m = causal_lm(model).model
+    tower = m.audio_tower
+    feats = input_features.to(tower.device, tower.dtype)
+    fmask = feature_attention_mask.to(tower.device)
+    feat_len, out_len = tower._get_feat_extract_output_lengths(fmask.sum(-1))
+    n, _, frames = feats.shape
+    width = (frames - 2) // 2 + 1
+    valid = (torch.arange(width, device=feat_len.device)[None, :] < feat_len[:, None]).long()
+    mask = create_bidirectional_mask(config=tower.config, inputs_embeds=torch.zeros(n, width, 1, dtype=feats.dtype,
+                                                                                    device=feats.device),
+                                     attention_mask=valid)
+    projected = m.multi_modal_projector(tower(feats, attention_mask=mask).last_hidden_state)
+    return [projected[i, : int(out_len[i])] for i in range(n)]
+
+
+@dataclass
+class CacheStats:
+    """What a run's cache did: entries read, entries computed, encoder seconds, corrupt entries replaced."""
+
+    hits: int = 0
+    misses: int = 0
+    encoder_s: float = 0.0
+    corrupt: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def total(cls, parts: Sequence[CacheStats]) -> CacheStats:
+        return cls(*(sum(getattr(p, f) for p in parts) for f in ("hits", "misses", "encoder_s", "corrupt")))
+
+
+class FeatureCache:
+    """Entries of one encoder fingerprint in a directory (see the module docstring for the layout)."""
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str) -> None:
+        self.dir = Path(directory)
+        self.fingerprint = fingerprint
+        self.stats = CacheStats()
+
+    def key(self, audio_digest: str) -> str:
+        return hashlib.blake2b(f"{self.fingerprint}:{audio_digest}".encode(), digest_size=20).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def load(self, key: str) -> torch.Tensor | None:
+        """The entry's tensor, or None if absent or unreadable (a warning names a corrupt entry)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        why = None
+        try:
+            with safe_open(path, "pt") as fh:
+                stored = (fh.metadata() or {}).get("sha256")
+                tensor = fh.get_tensor(TENSOR).clone()  # own memory, not a view of the file's mapping
+            if stored != hashlib.sha256(_tensor_bytes(tensor)).hexdigest():
+                why = "checksum mismatch"
+        except (SafetensorError, OSError, ValueError) as err:
+            why = f"unreadable ({type(err).__name__}: {err})"
+        if why is not None:
+            self.stats.corrupt += 1
+            warnings.warn(f"feature cache: {path} is corrupt ({why}); recomputing it", stacklevel=2)
+            return None
+        return tensor
+
+    def store(self, key: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().contiguous().cpu()
+        data = st_save({TENSOR: tensor}, metadata={"sha256": hashlib.sha256(_tensor_bytes(tensor)).hexdigest(),
+                                                   "format": str(FORMAT)})
+        self.path(key).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path(key), data, force=True)  # temp file + rename: readers never see a torn entry
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """UtteranceDataset items whose audio is replaced by the cached `audio_embeds` [n_audio, d_text].
+
+    `fill` computes and stores the missing entries of the given indices (in batches through the
+    encoder); `__getitem__` reads an entry from disk (so a 7B-width corpus need not fit in memory)
+    and recomputes it if it has become unreadable.
+    """
+
+    def __init__(self, base, cache: FeatureCache, model, processor, *, batch_size: int = 8,
+                 device: str | torch.device = "cpu") -> None:
+        self.base, self.cache, self.model, self.processor = base, cache, model, processor
+        self.batch_size, self.device = batch_size, device
+        self.keys = [cache.key(file_digest(p)) for p in base.df["audio_path"]]
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def fill(self, indices: Sequence[int] | None = None, *, on_done: Callable[[int], None] | None = None) -> None:
+        """Ensure every entry of `indices` (default: all) is in the cache; counts hits and misses."""
+        todo = []
+        for i in range(len(self)) if indices is None else indices:
+            if self.cache.load(self.keys[i]) is None:
+                todo.append(i)
+            else:
+                self.cache.stats.hits += 1
+                if on_done:
+                    on_done(1)
+        for start in range(0, len(todo), self.batch_size):
+            chunk = todo[start:start + self.batch_size]
+            self._compute(chunk)
+            if on_done:
+                on_done(len(chunk))
+
+    def _compute(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        items = [self.base[i] for i in indices]
+        t0 = time.perf_counter()
+        feats, fmask = compute_features(self.processor.feature_extractor, [it["audio"] for it in items],
+                                        self.base.sample_rate)
+        embeds = encode(self.model, feats.to(self.device), fmask.to(self.device))
+        self.cache.stats.encoder_s += time.perf_counter() - t0
+        self.cache.stats.misses += len(indices)
+        for i, e in zip(indices, embeds):
+            self.cache.store(self.keys[i], e)
+        return [e.cpu() for e in embeds]
+
+    def __getitem__(self, i: int) -> dict:
+        embeds = self.cache.load(self.keys[i])
+        if embeds is None:
+            embeds = self._compute([i])[0]
+        return {**self.base.fields(i), "audio_embeds": embeds}
+
+
+__all__ = ["CacheStats", "EncodedDataset", "FeatureCache", "OFF", "cache_dir", "encode", "encoder_fingerprint",
+           "file_digest"]
