@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import time
 import warnings
@@ -31,20 +30,27 @@ from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 
+import pandas as pd
+import ray
 import torch
+from ray.util import ActorPool
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 from transformers.masking_utils import create_bidirectional_mask
 
 from ermgap.batching import compute_features
+from ermgap.config import config_from_dict
+from ermgap.data.dataset import UtteranceDataset
+from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError
 from ermgap.io import atomic_write_bytes
+from ermgap.model import load_backbone
 from ermgap.scoring import causal_lm
 
 OFF = "off"
 FORMAT = 1  # bump when the entry layout or what is encoded changes: old entries then get other keys
 TENSOR = "audio_embeds"
-log = logging.getLogger(__name__)
 
 
 def cache_dir(cfg) -> Path | None:
@@ -226,5 +232,66 @@ class EncodedDataset(torch.utils.data.Dataset):
         return {**self.base.fields(i), "audio_embeds": embeds}
 
 
+# ----------------------------------------------------------------------------- filling ahead of a sweep
+
+
+class _Encoder:
+    """A Ray actor holding the backbone once and filling the cache for chunks of manifest rows."""
+
+    def __init__(self, cfg_tree: dict, directory: str, device: str, threads: int) -> None:
+        torch.set_num_threads(threads)
+        self.cfg = config_from_dict(cfg_tree, source="features build")
+        self.device = device
+        self.model, self.processor = load_backbone(self.cfg.model, device=device)
+        fingerprint = encoder_fingerprint(self.model, self.processor.feature_extractor,
+                                          sample_rate=self.cfg.data.sample_rate, max_audio_s=self.cfg.data.max_audio_s)
+        self.cache = FeatureCache(directory, fingerprint)
+
+    def fill(self, records: list[dict]) -> dict:
+        before = CacheStats(**self.cache.stats.to_dict())
+        base = UtteranceDataset(pd.DataFrame(records), sample_rate=self.cfg.data.sample_rate,
+                                max_audio_s=self.cfg.data.max_audio_s)
+        EncodedDataset(base, self.cache, self.model, self.processor, batch_size=self.cfg.eval.batch_size,
+                       device=self.device).fill()
+        now = self.cache.stats
+        return {f: getattr(now, f) - getattr(before, f) for f in ("hits", "misses", "encoder_s", "corrupt")}
+
+
+def fill_cache(cfg, *, workers: int | None = None, chunk: int = 32, progress: bool = True) -> tuple[Path, CacheStats]:
+    """Encode every utterance of the run's manifest (all splits) into its cache with Ray actors.
+
+    `cfg`: a resolved RunConfig (absolute paths: actors start elsewhere); Ray must be initialised.
+    Each actor loads the backbone on the device the run trains on (the dtype is part of the key).
+    Returns the cache directory and the summed stats.
+    """
+    directory = cache_dir(cfg)
+    if directory is None:
+        raise ConfigError("data.feature_cache is off for this config (it is off whenever "
+                          "lora.train_audio_encoder=true): nothing to build")
+    df = read_manifest(cfg.data.manifest)
+    if cfg.data.languages:
+        df = df[df["language"].isin(cfg.data.languages)]
+    records = df.to_dict("records")
+    d = cfg.distributed
+    n_actors = max(1, min(workers or d.num_workers, -(-len(records) // chunk)))
+    actor = ray.remote(num_cpus=d.cpus_per_worker, num_gpus=1 if d.use_gpu else 0)(_Encoder)
+    device = "cuda" if d.use_gpu else "cpu"
+    actors = [actor.remote(cfg.to_dict(), str(directory.resolve()), device, max(1, int(d.cpus_per_worker)))
+              for _ in range(n_actors)]
+    pool = ActorPool(actors)
+    chunks = [records[i:i + chunk] for i in range(0, len(records), chunk)]
+    total = CacheStats()
+    columns = (TextColumn("[bold]features[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task(str(directory), total=len(records))
+        for stats in pool.map_unordered(lambda a, rows: a.fill.remote(rows), chunks):
+            total = CacheStats.total([total, CacheStats(**stats)])
+            bar.advance(task, stats["hits"] + stats["misses"])
+    for a in actors:
+        ray.kill(a)
+    return directory, total
+
+
 __all__ = ["CacheStats", "EncodedDataset", "FeatureCache", "OFF", "cache_dir", "encode", "encoder_fingerprint",
-           "file_digest"]
+           "file_digest", "fill_cache"]

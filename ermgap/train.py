@@ -620,6 +620,8 @@ def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
     data, model = out.get("data") or {}, out.get("model") or {}
     if data.get("manifest") and not os.path.isabs(data["manifest"]):
         data["manifest"] = str(Path(data["manifest"]).resolve())
+    if data.get("feature_cache") not in (None, "", "off", False) and "://" not in str(data["feature_cache"]):
+        data["feature_cache"] = str(Path(data["feature_cache"]).expanduser().resolve())
     name = model.get("name_or_path")
     if name and Path(name).expanduser().exists():
         model["name_or_path"] = str(Path(name).expanduser().resolve())

@@ -189,3 +189,41 @@ def test_lm_head_runs_only_on_answer_positions(lora_model, rows):
     n_answer = int((batch["labels"] != -100).sum())
     assert seen == [(n_answer, head.out_features)]
     assert pd.Series(batch["attention_mask"].sum(-1).tolist()).min() > 10 * n_answer / 3  # far fewer than all
+
+
+def test_evaluate_backend_with_cache_equals_without(tiny_model, rows, tmp_path):
+    from ermgap.backends.qwen2_audio import Qwen2AudioBackend
+
+    records = rows.head(4).to_dict("records")
+    cfg = ModelConfig(name_or_path=str(tiny_model), dtype="fp32")
+    plain = Qwen2AudioBackend(cfg, PromptConfig(), modality="uni").predict(records)
+    cached_be = Qwen2AudioBackend(cfg, PromptConfig(), modality="uni", feature_cache=str(tmp_path))
+    first, again = cached_be.predict(records), cached_be.predict(records)
+    assert cached_be.cache.stats.misses == 4 and cached_be.cache.stats.hits == 4
+    for p, c1, c2 in zip(plain, first, again):
+        assert p.pred == c1.pred == c2.pred
+        assert c1.scores == pytest.approx(p.scores, abs=1e-5) and c2.scores == pytest.approx(p.scores, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_features_build_cli_fills_the_cache_once(synth_corpus, tiny_model, tmp_path):
+    """`ermgap features build` with 2 Ray actors: every utterance encoded once, a rerun only hits."""
+    import os
+    import subprocess
+    import sys
+
+    df = read_manifest(synth_corpus)
+    cmd = [sys.executable, "-m", "ermgap.cli.main", "features", "build", "configs/tiny.yaml",
+           f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}", f"tracking.storage_path={tmp_path}",
+           "distributed.cpus_per_worker=0.5", "optim.effective_batch_size=8", "optim.micro_batch_size=4"]
+    env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
+    repo = Path(__file__).resolve().parent.parent
+    first = subprocess.run(cmd + ["--workers", "2"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert f"0 already cached, {len(df)} encoded" in " ".join(first.stdout.split())
+    entries = list((tmp_path / "feature_cache").rglob("*.safetensors"))
+    assert len(entries) == df["audio_path"].nunique()
+    again = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(df)} already cached, 0 encoded" in " ".join(again.stdout.split())

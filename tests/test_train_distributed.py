@@ -146,6 +146,18 @@ def test_two_workers_equal_one_worker(reference, base):
     _assert_same_run(reference, one)
 
 
+def test_cached_encoder_outputs_give_the_same_run_as_recomputing_them(reference, base):
+    """The reference run (frozen encoder: the cache is on by default) read every utterance's encoder
+    output from the cache; a run that recomputes the encoder every step is the same run."""
+    cache = reference["feature_cache"]
+    assert cache["hits"] + cache["misses"] == 96 and cache["corrupt"] == 0  # 48 train + 24 dev + 24 test
+    assert cache["misses"] == 0 or cache["encoder_s"] > 0
+    assert len(list((base["root"] / "runs" / "feature_cache").rglob("*.safetensors"))) == 96
+    off = _train(base, "cache_off", ["data.feature_cache=off"])
+    assert off["feature_cache"] is None
+    _assert_same_run(reference, off)
+
+
 def _newest_step(run_dir: Path) -> int:
     """Optimizer steps of the newest checkpoint whose files from both ranks are all on disk."""
     from ermgap.checkpointing import newest_on_disk

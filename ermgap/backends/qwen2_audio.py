@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import torch
 
 from ermgap.backends import Prediction
 from ermgap.batching import EmotionCollator, to_device
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.data.audio import load_audio
+from ermgap.data.dataset import UtteranceDataset
+from ermgap.feature_cache import EncodedDataset, FeatureCache, encoder_fingerprint
 from ermgap.labels import EMOTIONS
 from ermgap.model import load_adapter, load_backbone
 from ermgap.prompts import parse_answer
@@ -21,7 +24,7 @@ class Qwen2AudioBackend:
 
     def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
                  device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
-                 sample_rate: int = 16000):
+                 sample_rate: int = 16000, feature_cache: str | None = None):
 
         self.name = model_cfg.name_or_path
         self.mode = mode
@@ -36,10 +39,23 @@ class Qwen2AudioBackend:
         self.model = model.eval()
         self.processor = processor
         self.collator = EmotionCollator(processor, prompt_cfg, modality, sample_rate=sample_rate)
+        # Label scoring reads cached encoder outputs; the key hashes the encoder as loaded, so an adapter
+        # that adapts the audio encoder gets entries of its own.
+        self.cache = None
+        if feature_cache and self.has_scores:
+            self.cache = FeatureCache(feature_cache, encoder_fingerprint(
+                self.model, processor.feature_extractor, sample_rate=sample_rate, max_audio_s=None))
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
 
-        examples = [{**row, "emotion": None, "audio": load_audio(row["audio_path"], self.sample_rate)} for row in rows]
+        if self.cache is not None:
+            encoded = EncodedDataset(UtteranceDataset(pd.DataFrame(rows), sample_rate=self.sample_rate), self.cache,
+                                     self.model, self.processor, batch_size=len(rows), device=self.device)
+            encoded.fill()
+            examples = [{**encoded[i], "emotion": None} for i in range(len(rows))]
+        else:
+            examples = [{**row, "emotion": None, "audio": load_audio(row["audio_path"], self.sample_rate)}
+                        for row in rows]
         batch = to_device(self.collator(examples), self.device)
         with torch.no_grad():
             if self.mode == "score":

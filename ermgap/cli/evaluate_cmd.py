@@ -34,6 +34,9 @@ def evaluate(
     timeout: float = typer.Option(60.0, "--timeout", min=0.01, help="Per-request timeout in seconds (openai)."),
     max_retries: int = typer.Option(5, "--max-retries", min=0, help="Retries on 429/5xx/timeouts (openai)."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Parallel requests (openai)."),
+    feature_cache: str = typer.Option(None, "--feature-cache",
+                                      help="Encoder-output cache directory for --mode score, or 'off' "
+                                           "(default: the config's data.feature_cache when set, else off)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     restart: bool = typer.Option(False, "--restart", help="Discard a partial output instead of resuming it."),
 ) -> None:
@@ -54,10 +57,12 @@ def evaluate(
         from ermgap.backends.qwen2_audio import Qwen2AudioBackend
 
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        cache = feature_cache if feature_cache is not None else cfg.data.feature_cache
         model_cfg = cfg.model.model_copy(update={"name_or_path": model, **({"dtype": dtype} if dtype else {})})
         be = Qwen2AudioBackend(model_cfg, cfg.prompt, modality=modality, mode=mode, device=dev,
                                adapter=str(adapter) if adapter else None, max_new_tokens=max_new_tokens,
-                               sample_rate=cfg.data.sample_rate)
+                               sample_rate=cfg.data.sample_rate,
+                               feature_cache=None if cache in ("", "off") else str(Path(cache).expanduser()))
     elif backend == "openai":
         from ermgap.backends.openai_compat import OpenAICompatBackend
 

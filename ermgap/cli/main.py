@@ -24,6 +24,7 @@ _GROUPS: list[tuple[str, str, str]] = [
     ("ermgap.cli.data_cmd", "app", "data"),
     ("ermgap.cli.model_cmd", "app", "model"),
     ("ermgap.cli.config_cmd", "app", "config"),
+    ("ermgap.cli.features_cmd", "app", "features"),
     ("ermgap.cli.submit_cmd", "jobs_app", "jobs"),
 ]
 # In the order of the workflow: train → evaluate → metrics/report → sweep → ui → submit.
