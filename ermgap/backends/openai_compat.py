@@ -82,7 +82,8 @@ class OpenAICompatBackend:
                  max_requests: int | None = None):
         if not base_url.startswith(("http://", "https://")):
             raise BackendError(f"--base-url {base_url!r} must start with http:// or https://")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.name = model
         self.model = model
         self.prompt_cfg = prompt_cfg
