@@ -8,11 +8,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +17,7 @@ import pandas as pd
 import pytest
 import torch
 
-from _procs import free_port
+from _procs import ServerProcess
 from ermgap.backends import BackendError
 from ermgap.backends.openai_compat import OpenAICompatBackend, label_schema
 from ermgap.backends.qwen2_audio import Qwen2AudioBackend
@@ -135,42 +132,10 @@ def adapter(tiny_model, tmp_path_factory) -> Path:
     return out
 
 
-class ServerProcess:
-    """`python -m ermgap.cli.main serve ...` on a free loopback port; start() waits for /health."""
-
-    def __init__(self, model: Path, adapter: Path, log: Path, max_request_mb: float = 1.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.args = [sys.executable, "-m", "ermgap.cli.main", "serve", str(model), "--adapter", str(adapter),
-                     "--port", str(self.port), "--served-model-name", SERVED, "--max-request-mb", str(max_request_mb),
-                     "--device", "cpu"]
-        self.log = log
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, timeout: float = 180.0) -> None:
-        env = {**os.environ, "ERMGAP_SERVE_TOKEN": TOKEN}
-        self.proc = subprocess.Popen(self.args, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"ermgap serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        raise AssertionError(f"ermgap serve did not come up in {timeout} s:\n{self.log.read_text()}")
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, adapter, tmp_path_factory):
-    srv = ServerProcess(tiny_model, adapter, tmp_path_factory.mktemp("serve") / "serve.log")
+    srv = ServerProcess(tiny_model, tmp_path_factory.mktemp("serve") / "serve.log", adapter=adapter, token=TOKEN,
+                        served=SERVED)
     srv.start()
     yield srv
     srv.kill()
@@ -295,7 +260,7 @@ class _KillAfter:
 
 @pytest.mark.slow
 def test_server_killed_mid_run_then_restarted_resumes_cleanly(tiny_model, adapter, rows, local_scores, tmp_path):
-    srv = ServerProcess(tiny_model, adapter, tmp_path / "serve.log")
+    srv = ServerProcess(tiny_model, tmp_path / "serve.log", adapter=adapter, token=TOKEN, served=SERVED)
     srv.start()
     out = tmp_path / "preds.csv"
     info = {"backend": "openai", "model": SERVED}

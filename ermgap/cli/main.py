@@ -32,6 +32,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("ermgap.cli.evaluate_cmd", "evaluate", "evaluate"),
     ("ermgap.cli.metrics_cmd", "metrics", "metrics"),
     ("ermgap.cli.report_cmd", "report", "report"),
+    ("ermgap.cli.benchmark_cmd", "benchmark", "benchmark"),
     ("ermgap.cli.serve_cmd", "serve", "serve"),
     ("ermgap.cli.sweep_cmd", "sweep", "sweep"),
     ("ermgap.cli.sweep_cmd", "ui", "ui"),
