@@ -1,6 +1,6 @@
 """`ermgap serve`: an OpenAI-compatible `/v1/chat/completions` endpoint over a local speech LLM.
 
-    ERMGAP_SERVE_TOKEN=... ermgap serve models/tiny --adapter runs/ours/adapter --port 8000
+    ERMGAP_SERVE_TOKEN=... ermgap serve models/tiny --adapter runs/train/my-run/adapter --port 8000
 
 A request is one user message whose content holds one `input_audio` part (base64 WAV/FLAC/MP3) and
 text parts (the instruction). The prompt is built with the model's own chat template, audio first, as
