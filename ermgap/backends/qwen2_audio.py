@@ -8,38 +8,23 @@ import numpy as np
 import torch
 
 from ermgap.backends import Prediction
+from ermgap.backends.local import LocalBackend
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.labels import EMOTIONS
 
 
-class Qwen2AudioBackend:
+class Qwen2AudioBackend(LocalBackend):
     """Label scoring (`mode="score"`, always a valid label, 7 scores) or greedy generation + parser.
 
     `predict` builds its batches with the training collator (so evaluation sees the training prompts);
     `score_chat` / `generate_chat` take any instruction text and answer set (what `ermgap serve` needs).
     """
 
-    has_scores: bool
-
-    def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
-                 device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
-                 sample_rate: int = 16000):
+    def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, **options):
         from ermgap.batching import EmotionCollator
-        from ermgap.model import load_adapter, load_backbone
 
-        self.name = model_cfg.name_or_path
-        self.mode = mode
-        self.has_scores = mode == "score"
-        self.device = device
-        self.max_new_tokens = max_new_tokens
-        self.sample_rate = sample_rate
-        self.prompt_cfg = prompt_cfg
-        model, processor = load_backbone(model_cfg, device=device)
-        if adapter:
-            model = load_adapter(model, adapter).to(device)
-        self.model = model.eval()
-        self.processor = processor
-        self.collator = EmotionCollator(processor, prompt_cfg, modality, sample_rate=sample_rate)
+        super().__init__(model_cfg, prompt_cfg, modality=modality, **options)
+        self.collator = EmotionCollator(self.processor, prompt_cfg, modality, sample_rate=self.sample_rate)
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
         from ermgap.batching import to_device
@@ -79,18 +64,3 @@ class Qwen2AudioBackend:
             batch["label_input_ids"] = pad_ids(seqs, tok.pad_token_id, left=False)
             batch["label_attention_mask"] = pad_ids([[1] * len(s) for s in seqs], 0, left=False)
         return to_device(batch, self.device)
-
-    def score_chat(self, audios: Sequence[np.ndarray], texts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-        """Summed log-probability of each answer (+ terminator) after each prompt → Tensor[B, len(answers)]."""
-        from ermgap.scoring import score_labels
-
-        with torch.no_grad():
-            return score_labels(self.model, self.chat_batch(audios, texts, answers)).float().cpu()
-
-    def generate_chat(self, audios: Sequence[np.ndarray], texts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers to each prompt (special tokens removed)."""
-        from ermgap.scoring import generate
-
-        with torch.no_grad():
-            return generate(self.model, self.chat_batch(audios, texts), self.processor.tokenizer,
-                            max_new_tokens=max_new_tokens)

@@ -20,41 +20,25 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from transformers import VoxtralForConditionalGeneration
 
 from ermgap.backends import Prediction
+from ermgap.backends.local import LocalBackend
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.errors import ConfigError
 from ermgap.labels import EMOTIONS
 
 
-class VoxtralBackend:
+class VoxtralBackend(LocalBackend):
     """Label scoring (`mode="score"`: one forward for all verbalisers) or greedy generation + parser."""
 
-    has_scores: bool
+    model_class = VoxtralForConditionalGeneration
 
-    def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
-                 device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
-                 sample_rate: int = 16000):
-        from transformers import VoxtralForConditionalGeneration
-
-        from ermgap.model import load_adapter, load_backbone
-
-        self.name = model_cfg.name_or_path
-        self.mode = mode
-        self.has_scores = mode == "score"
-        self.modality = modality
-        self.device = device
-        self.max_new_tokens = max_new_tokens
-        self.sample_rate = sample_rate
-        self.prompt_cfg = prompt_cfg
-        model, processor = load_backbone(model_cfg, device=device, model_class=VoxtralForConditionalGeneration)
+    def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, **options):
+        super().__init__(model_cfg, prompt_cfg, modality=modality, **options)
+        model = self.model
         if model.config.model_type != "voxtral":
             raise ConfigError(f"{self.name}: model_type {model.config.model_type!r} is not a Voxtral checkpoint")
-        if adapter:
-            model = load_adapter(model, adapter).to(device)
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
         enc = model.config.audio_config
         self.tokens_per_chunk = enc.max_source_positions * enc.hidden_size // enc.intermediate_size
         self.ids = {t: self._token_id(t) for t in ("[INST]", "[/INST]", "[BEGIN_AUDIO]")}
@@ -99,19 +83,6 @@ class VoxtralBackend:
             batch["label_input_ids"] = pad_ids(seqs, pad, left=False)
             batch["label_attention_mask"] = pad_ids([[1] * len(s) for s in seqs], 0, left=False)
         return to_device(batch, self.device)
-
-    def score_chat(self, audios: Sequence[np.ndarray], texts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
-        """Summed log-probability of each answer (+ `</s>`) after each prompt → Tensor[B, len(answers)]."""
-        from ermgap.scoring import score_labels
-
-        with torch.no_grad():
-            return score_labels(self.model, self.chat_batch(audios, texts, answers)).float().cpu()
-
-    def generate_chat(self, audios: Sequence[np.ndarray], texts: Sequence[str], max_new_tokens: int) -> list[str]:
-        from ermgap.scoring import generate
-
-        with torch.no_grad():
-            return generate(self.model, self.chat_batch(audios, texts), self.tokenizer, max_new_tokens=max_new_tokens)
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
         from ermgap.data.audio import load_audio
