@@ -29,8 +29,15 @@ from pathlib import Path
 import yaml
 
 from ermgap.backends import BackendError
-from ermgap.backends.registry import LOCAL_BACKENDS, PRESETS, canonical, check_local_model, local_backend, \
-    remote_backend, remote_settings
+from ermgap.backends.registry import (
+    LOCAL_BACKENDS,
+    PRESETS,
+    canonical,
+    check_local_model,
+    local_backend,
+    remote_backend,
+    remote_settings,
+)
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError
 from ermgap.io import atomic_write_text

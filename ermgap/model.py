@@ -5,8 +5,7 @@ One loading path for everything: `load_backbone` calls `from_pretrained` on a hu
 `build_tiny` writes in the standard layout (config, safetensors, tokenizer, feature extractor,
 processor with the Instruct chat template).
 
-Losses and label scores live in `ermgap.scoring` and are re-exported here
-(`per_sample_loss`, `score_labels`, `generate`).
+Losses and label scores live in `ermgap.scoring` (`per_sample_loss`, `score_labels`, `generate`).
 """
 
 from __future__ import annotations
@@ -17,11 +16,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    AutoProcessor,
+    Qwen2AudioConfig,
+    Qwen2AudioEncoderConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    Qwen2Config,
+    Qwen2Tokenizer,
+    WhisperFeatureExtractor,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from ermgap.config import LoraConfig, ModelConfig
+from ermgap.config import LoraConfig, ModelConfig, PromptConfig
 from ermgap.errors import ConfigError
 from ermgap.io import atomic_dir
-from ermgap.scoring import generate, per_sample_loss, score_labels  # noqa: F401  (re-exported API)
+from ermgap.labels import EMOTIONS
+from ermgap.prompts import SYNONYMS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 
@@ -54,7 +68,6 @@ def load_backbone(model_cfg: ModelConfig, *, device: str | torch.device = "cpu",
     `gradient_checkpointing` it is enabled (non-reentrant, so frozen inputs need no grad hooks).
     `model_class` loads another transformers speech LLM the same way (e.g. VoxtralForConditionalGeneration).
     """
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
     model_class = model_class or Qwen2AudioForConditionalGeneration
 
@@ -97,8 +110,6 @@ def lora_target_regex(lora_cfg: LoraConfig) -> str:
 
 def apply_lora(model, lora_cfg: LoraConfig):
     """Wrap with peft LoRA; only the LoRA matrices require grad. Seed torch before calling for a fixed init."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                               target_modules=lora_target_regex(lora_cfg), bias="none")
@@ -111,7 +122,6 @@ def apply_lora(model, lora_cfg: LoraConfig):
 
 def load_adapter(model, adapter_dir: str | os.PathLike, *, trainable: bool = False):
     """Attach a saved peft adapter (plain `PeftModel.from_pretrained`)."""
-    from peft import PeftModel
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter_dir}: no adapter_config.json; not a peft adapter directory")
@@ -129,9 +139,6 @@ def count_parameters(model) -> dict[str, int]:
 
 def _tokenizer_corpus() -> list[str]:
     """Text the tiny BPE is trained on: chat scaffolding, instructions, labels, synonyms, sample sentences."""
-    from ermgap.config import PromptConfig
-    from ermgap.labels import EMOTIONS
-    from ermgap.prompts import SYNONYMS
 
     pc = PromptConfig()
     labels = ", ".join(EMOTIONS)
@@ -152,9 +159,6 @@ def _tokenizer_corpus() -> list[str]:
 
 def _build_tokenizer(vocab_size: int = 1024):
     """A byte-level BPE with Qwen2's pre-tokenizer, trained locally, wrapped as transformers' Qwen2Tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -179,7 +183,6 @@ def _build_tokenizer(vocab_size: int = 1024):
 def tiny_config(vocab_size: int, audio_token_index: int, *, d_model: int = 128, layers: int = 2,
                 max_source_positions: int = 200):
     """Qwen2-Audio in miniature: same module structure, 4 s audio window (2×max_source_positions mel frames)."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2Config
 
     audio = Qwen2AudioEncoderConfig(d_model=d_model, encoder_layers=layers, encoder_attention_heads=4,
                                     encoder_ffn_dim=2 * d_model, num_mel_bins=128,
@@ -197,7 +200,6 @@ def build_tiny(out_dir: str | os.PathLike, *, force: bool = False, seed: int = 0
     Deterministic given `seed`. The audio window is `chunk_length_s` seconds (the real model: 30 s);
     longer audio is cropped by the feature extractor. Returns `out_dir`.
     """
-    from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
 
     tokenizer = _build_tokenizer()
     fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=chunk_length_s,
@@ -228,7 +230,6 @@ def build_tiny(out_dir: str | os.PathLike, *, force: bool = False, seed: int = 0
 def build_random(arch: str = "qwen2-audio-7b", *, device: str | torch.device = "meta",
                  dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa"):
     """The real architecture with random weights (no download). `device="meta"` allocates nothing."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
     if arch not in ARCHS:
         raise ConfigError(f"--arch {arch!r} is unknown; choose one of {sorted(ARCHS)}")
@@ -282,8 +283,14 @@ def build_tiny_voxtral(out_dir: str | os.PathLike, *, force: bool = False, seed:
     d_model / 4·d_model sizes; audio is cut into `chunk_length_s`-second chunks (the real model: 30 s) of
     `12.5 · chunk_length_s` audio tokens each. Deterministic given `seed`. Returns `out_dir`.
     """
-    from transformers import (LlamaConfig, VoxtralConfig, VoxtralEncoderConfig, VoxtralForConditionalGeneration,
-                              VoxtralProcessor, WhisperFeatureExtractor)
+    from transformers import (
+        LlamaConfig,
+        VoxtralConfig,
+        VoxtralEncoderConfig,
+        VoxtralForConditionalGeneration,
+        VoxtralProcessor,
+        WhisperFeatureExtractor,
+    )
 
     tokenizer = _build_voxtral_tokenizer()
     fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=chunk_length_s,

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from _procs import ServerProcess, free_port
 from sklearn.metrics import f1_score
 from typer.testing import CliRunner
 
-from _procs import ServerProcess, free_port
 from ermgap.backends.qwen2_audio import Qwen2AudioBackend
 from ermgap.benchmark import load_systems_file
 from ermgap.cli.main import app

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from _procs import ServerProcess
+
 from ermgap.backends import BackendError
 from ermgap.backends.openai_compat import OpenAICompatBackend, label_schema
 from ermgap.backends.qwen2_audio import Qwen2AudioBackend

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from ermgap.config import ModelConfig, PromptConfig
+from ermgap.model import load_adapter, load_backbone
+from ermgap.scoring import generate, score_labels
 
 
 class LocalBackend:
@@ -21,8 +23,6 @@ class LocalBackend:
     def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
                  device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
                  sample_rate: int = 16000):
-        from ermgap.model import load_adapter, load_backbone
-
         self.name = model_cfg.name_or_path
         self.mode = mode
         self.has_scores = mode == "score"
@@ -43,14 +43,10 @@ class LocalBackend:
 
     def score_chat(self, audios: Sequence[np.ndarray], texts: Sequence[str], answers: Sequence[str]) -> torch.Tensor:
         """Summed log-probability of each answer (+ its terminator) after each prompt → Tensor[B, len(answers)]."""
-        from ermgap.scoring import score_labels
-
         with torch.no_grad():
             return score_labels(self.model, self.chat_batch(audios, texts, answers)).float().cpu()
 
     def generate_chat(self, audios: Sequence[np.ndarray], texts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy answers to each prompt (special tokens removed)."""
-        from ermgap.scoring import generate
-
         with torch.no_grad():
             return generate(self.model, self.chat_batch(audios, texts), self.tokenizer, max_new_tokens=max_new_tokens)

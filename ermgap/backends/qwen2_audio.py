@@ -9,8 +9,12 @@ import torch
 
 from ermgap.backends import Prediction
 from ermgap.backends.local import LocalBackend
+from ermgap.batching import EmotionCollator, audio_token_count, compute_features, pad_ids, to_device
 from ermgap.config import ModelConfig, PromptConfig
+from ermgap.data.audio import load_audio
 from ermgap.labels import EMOTIONS
+from ermgap.prompts import END_OF_TURN, answer_token_ids, parse_answer, user_turn
+from ermgap.scoring import generate, score_labels
 
 
 class Qwen2AudioBackend(LocalBackend):
@@ -21,16 +25,10 @@ class Qwen2AudioBackend(LocalBackend):
     """
 
     def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, **options):
-        from ermgap.batching import EmotionCollator
-
         super().__init__(model_cfg, prompt_cfg, modality=modality, **options)
         self.collator = EmotionCollator(self.processor, prompt_cfg, modality, sample_rate=self.sample_rate)
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
-        from ermgap.batching import to_device
-        from ermgap.data.audio import load_audio
-        from ermgap.prompts import parse_answer
-        from ermgap.scoring import generate, score_labels
 
         examples = [{**row, "emotion": None, "audio": load_audio(row["audio_path"], self.sample_rate)} for row in rows]
         batch = to_device(self.collator(examples), self.device)
@@ -46,9 +44,6 @@ class Qwen2AudioBackend(LocalBackend):
     def chat_batch(self, audios: Sequence[np.ndarray], texts: Sequence[str], answers: Sequence[str] = ()) -> dict:
         """Left-padded prompts (one user turn: audio, then `texts[i]`) with audio features, and the answer
         strings' token ids (+ `<|im_end|>`), in the batch layout `score_labels` and `generate` read."""
-        from ermgap.batching import audio_token_count, compute_features, pad_ids, to_device
-        from ermgap.prompts import END_OF_TURN, answer_token_ids, user_turn
-
         tok = self.processor.tokenizer
         feats, fmask = compute_features(self.processor.feature_extractor, audios, self.sample_rate)
         audio_token = getattr(self.processor, "audio_token", "<|AUDIO|>")

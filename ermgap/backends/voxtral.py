@@ -24,9 +24,12 @@ from transformers import VoxtralForConditionalGeneration
 
 from ermgap.backends import Prediction
 from ermgap.backends.local import LocalBackend
+from ermgap.batching import pad_ids, to_device
 from ermgap.config import ModelConfig, PromptConfig
+from ermgap.data.audio import load_audio
 from ermgap.errors import ConfigError
 from ermgap.labels import EMOTIONS
+from ermgap.prompts import answer_token_ids, instruction_text, parse_answer
 
 
 class VoxtralBackend(LocalBackend):
@@ -69,9 +72,6 @@ class VoxtralBackend(LocalBackend):
     def chat_batch(self, audios: Sequence[np.ndarray], texts: Sequence[str], answers: Sequence[str] = ()) -> dict:
         """Left-padded prompts and audio chunks (+ the answers' token ids and `</s>`) in the layout of
         `ermgap.scoring.score_labels` / `generate`."""
-        from ermgap.batching import pad_ids, to_device
-        from ermgap.prompts import answer_token_ids
-
         chunks = [self.audio_chunks(a) for a in audios]
         prompts = [self.prompt_ids(t, len(c)) for t, c in zip(texts, chunks)]
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
@@ -85,9 +85,6 @@ class VoxtralBackend(LocalBackend):
         return to_device(batch, self.device)
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
-        from ermgap.data.audio import load_audio
-        from ermgap.prompts import instruction_text, parse_answer
-
         audios = [load_audio(r["audio_path"], self.sample_rate) for r in rows]
         texts = [instruction_text(self.prompt_cfg, self.modality, r.get("transcript")) for r in rows]
         if self.mode == "score":

@@ -64,11 +64,11 @@ def info(path: str = typer.Argument(..., help="Local model directory (or hub id 
 
 
 def _describe(path, verbose: bool = False) -> str:
+    from transformers import AutoConfig, VoxtralForConditionalGeneration
+
     from ermgap.config import ModelConfig, PromptConfig
     from ermgap.model import count_parameters, load_backbone
     from ermgap.prompts import label_token_ids
-
-    from transformers import AutoConfig, VoxtralForConditionalGeneration
 
     voxtral = AutoConfig.from_pretrained(str(path)).model_type == "voxtral"
     model, processor = load_backbone(ModelConfig(name_or_path=str(path)),
