@@ -28,6 +28,7 @@ from pathlib import Path
 
 import yaml
 
+from ermgap import report as R
 from ermgap.backends import BackendError
 from ermgap.backends.registry import (
     LOCAL_BACKENDS,
@@ -40,6 +41,7 @@ from ermgap.backends.registry import (
 )
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError
+from ermgap.evaluate import evaluate_rows, load_split
 from ermgap.io import atomic_write_text
 from ermgap.labels import MODALITIES
 
@@ -178,8 +180,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "system"
 
 
-def _backend(spec: SystemSpec, modality: str, prompt_cfg: PromptConfig, device: str, batch_size: int):
+def _backend(spec: SystemSpec, modality: str, prompt_cfg: PromptConfig, device: str, batch_size: int, loaded=None):
+    """The backend of one system in one modality; a local model already `loaded` is reused, not reloaded."""
     if spec.local:
+        if loaded is not None:
+            return loaded.for_modality(modality)
         return local_backend(spec.backend, ModelConfig(name_or_path=spec.model), prompt_cfg, modality=modality,
                              mode=spec.mode, device=device, adapter=spec.adapter)
     return remote_backend(spec.backend, prompt_cfg, modality=modality, model=spec.model, base_url=spec.base_url,
@@ -191,9 +196,6 @@ def run_benchmark(specs: list[SystemSpec], manifest: str | os.PathLike, out_dir:
                   prompt_cfg: PromptConfig | None = None, force: bool = False, n_boot: int = 0, seed: int = 0,
                   log=print) -> BenchmarkOutcome:
     """Predict with every reachable system (resuming earlier predictions), then write the report."""
-    from ermgap import report as R
-    from ermgap.evaluate import evaluate_rows, load_split
-
     out_dir = Path(out_dir)
     report_dir = out_dir / "report"
     if report_dir.exists() and not force:
@@ -208,14 +210,16 @@ def run_benchmark(specs: list[SystemSpec], manifest: str | os.PathLike, out_dir:
             outcome.skipped[spec.name] = reason
             log(f"skipped {spec.name}: {reason}")
             continue
+        backend = None
         for modality in spec.modalities:
             preds = out_dir / "preds" / f"{_slug(spec.name)}_{modality}.csv"
             info = {"system": spec.name, "backend": spec.backend, "model": spec.model, "adapter": spec.adapter,
                     "mode": spec.mode, "manifest": str(Path(manifest).resolve()), "split": split, "limit": limit}
             if not preds.exists():
                 try:
-                    evaluate_rows(_backend(spec, modality, prompt_cfg, device, batch_size), rows[modality], preds,
-                                  modality=modality, batch_size=batch_size, run_info=info, progress=False)
+                    backend = _backend(spec, modality, prompt_cfg, device, batch_size, loaded=backend)
+                    evaluate_rows(backend, rows[modality], preds, modality=modality, batch_size=batch_size,
+                                  run_info=info, progress=False)
                 except (BackendError, ErmgapError) as err:
                     outcome.skipped[spec.name] = f"failed during {modality}: {err}"
                     log(f"skipped {spec.name}: {outcome.skipped[spec.name]}")

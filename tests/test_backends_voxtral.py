@@ -1,7 +1,7 @@
 """The voxtral backend on a tiny random Voxtral built locally (`ermgap model tiny --arch voxtral`), loaded through
 VoxtralForConditionalGeneration: one batched, left-padded, KV-cached forward for all verbalisers gives the same
 label scores as a plain forward of each (prompt + label) sequence on its own; it predicts on the synthetic corpus
-through `ermgap evaluate --backend voxtral`."""
+through `ermgap evaluate --backend voxtral`, and `ermgap serve` serves it with the same answers."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from _procs import ServerProcess
 from typer.testing import CliRunner
 
+from ermgap.backends.openai_compat import OpenAICompatBackend
 from ermgap.backends.registry import detect_local, local_backend
 from ermgap.cli.main import app
 from ermgap.config import ModelConfig, PromptConfig
@@ -87,3 +89,18 @@ def test_evaluate_cli_with_voxtral_on_the_synthetic_corpus(tiny_voxtral, synth_c
     gen.max_new_tokens = 3
     preds = gen.predict(load_split(synth_corpus, "test", modality="uni", limit=2).to_dict("records"))
     assert all(p.answer is not None for p in preds)
+
+
+@pytest.mark.slow
+def test_ermgap_serve_serves_voxtral_like_the_local_backend(tiny_voxtral, synth_corpus, tmp_path):
+    srv = ServerProcess(tiny_voxtral, tmp_path / "serve.log", token="voxtral-token-123456", served="vox")
+    rows = load_split(synth_corpus, "test", modality="uni", limit=6).to_dict("records")
+    want = [p.pred for p in _backend(tiny_voxtral, modality="uni").predict(rows)]
+    srv.start()
+    try:
+        client = OpenAICompatBackend(srv.url, "vox", PromptConfig(), modality="uni", api_key=srv.token,
+                                     structured=True, max_retries=0)
+        got = [p.pred for p in client.predict(rows)]
+    finally:
+        srv.kill()
+    assert got == want and "(voxtral)" in (tmp_path / "serve.log").read_text()

@@ -3,6 +3,7 @@ answering free-form chat turns by label scoring or greedy generation on the batc
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,6 +38,12 @@ class LocalBackend:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
+
+    def for_modality(self, modality: str):
+        """This backend prompting in another modality, sharing the loaded weights (a 7B model loads once)."""
+        clone = copy.copy(self)
+        clone.modality = modality
+        return clone
 
     def chat_batch(self, audios: Sequence[np.ndarray], texts: Sequence[str], answers: Sequence[str] = ()) -> dict:
         raise NotImplementedError

@@ -28,6 +28,11 @@ class Qwen2AudioBackend(LocalBackend):
         super().__init__(model_cfg, prompt_cfg, modality=modality, **options)
         self.collator = EmotionCollator(self.processor, prompt_cfg, modality, sample_rate=self.sample_rate)
 
+    def for_modality(self, modality: str):
+        clone = super().for_modality(modality)
+        clone.collator = EmotionCollator(self.processor, self.prompt_cfg, modality, sample_rate=self.sample_rate)
+        return clone
+
     def predict(self, rows: list[dict]) -> list[Prediction]:
 
         examples = [{**row, "emotion": None, "audio": load_audio(row["audio_path"], self.sample_rate)} for row in rows]
