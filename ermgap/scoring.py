@@ -32,6 +32,12 @@ def causal_lm(model):
     return m
 
 
+def audio_inputs(batch: dict) -> dict:
+    """The audio tensors of a batch the model takes: Qwen2-Audio's features and their frame mask, or
+    Voxtral's fixed-length feature chunks (it has no mask)."""
+    return {k: batch[k] for k in ("input_features", "feature_attention_mask") if k in batch}
+
+
 def _audio_token_id(lm) -> int:
     cfg = lm.config
     return getattr(cfg, "audio_token_id", None) or cfg.audio_token_index
@@ -48,8 +54,7 @@ def model_inputs(model, batch: dict, ids_key: str = "input_ids", mask_key: str =
     ids = batch[ids_key]
     common = {"attention_mask": batch[mask_key]}
     if "audio_embeds" not in batch:
-        return {"input_ids": ids, "input_features": batch["input_features"],
-                "feature_attention_mask": batch["feature_attention_mask"], **common}
+        return {"input_ids": ids, **audio_inputs(batch), **common}
     lm = causal_lm(model)
     embeds = lm.get_input_embeddings()(ids)
     audio = (ids == _audio_token_id(lm))[..., None]
@@ -167,10 +172,8 @@ def generate(model, batch: dict, tokenizer, *, max_new_tokens: int = 16) -> list
     """Greedy decoding from the left-padded prompts; returns the decoded answers (special tokens removed)."""
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     end_ids = [i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id,
-                           tokenizer.pad_token_id} if i is not None]
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         input_features=batch["input_features"],
-                         feature_attention_mask=batch["feature_attention_mask"],
+                           tokenizer.pad_token_id} if i is not None and i != tokenizer.unk_token_id]
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **audio_inputs(batch),
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                          eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
     new = out[:, prompt_ids.shape[1]:]
