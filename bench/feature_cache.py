@@ -76,17 +76,19 @@ def _wide_model(tokenizer, layers_audio: int, layers_text: int, device: str, voc
 
 
 def _time(fn, steps: int, device: str) -> float:
-    """Median seconds of `fn` over `steps` runs after one warm-up."""
+    """Median seconds of `fn` over `steps` runs after one warm-up: CPU time of this process on CPU (robust
+    when other jobs share the cores), wall time on CUDA."""
     fn()
+    clock = time.perf_counter if device == "cuda" else time.process_time
     out = []
     for _ in range(steps):
         if device == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
+        out.append(clock() - t0)
     return statistics.median(out)
 
 
@@ -247,6 +249,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--micro", type=int, default=2, help="micro-batch (training) = evaluation batch")
+    ap.add_argument("--wide-micro", type=int, default=None, help="the wide model's micro-batch (default --micro)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     ap.add_argument("--steps", type=int, default=3, help="timed repetitions (median) after one warm-up")
     ap.add_argument("--layers-audio", type=int, default=1)
     ap.add_argument("--layers-text", type=int, default=1)
@@ -255,7 +259,7 @@ def main() -> None:
     ap.add_argument("--skip-wide", action="store_true")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
+    torch.set_num_threads(args.threads)
     result: dict = {"machine": machine(args.device), "args": vars(args)}
     result["flops_7b"] = f = flop_estimate()
     print(f"7B FLOP estimate at {f['clip_s']} s: encoder {f['encoder_tflop']:.2f} TFLOP vs LM forward "
@@ -272,7 +276,7 @@ def main() -> None:
             tokenizer = AutoProcessor.from_pretrained(tiny_dir).tokenizer
             model, processor = _wide_model(tokenizer, args.layers_audio, args.layers_text, args.device, args.vocab)
             result["wide"] = bench_model(f"wide ({args.layers_audio}+{args.layers_text} layers)", model, processor,
-                                         micro=args.micro, steps=args.steps, device=args.device, seconds=MELD_MEAN_S,
+                                         micro=args.wide_micro or args.micro, steps=args.steps, device=args.device, seconds=MELD_MEAN_S,
                                          hot_path=True)
     out = Path(args.out) if args.out else REPO / "bench" / "results" / (
         "feature_cache.json" if args.device == "cpu" else f"feature_cache_{args.device.split(':')[0]}.json")

@@ -70,6 +70,13 @@ def cache_dir(cfg) -> Path | None:
     return Path(storage).expanduser() / "feature_cache"
 
 
+def supports(model) -> bool:
+    """Whether the model has Qwen2-Audio's layout (an audio tower and projector feeding the LM), which
+    `encode` reproduces; other speech LLMs (Voxtral) run uncached."""
+    inner = getattr(causal_lm(model), "model", None)
+    return hasattr(inner, "audio_tower") and hasattr(inner, "multi_modal_projector")
+
+
 def file_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes (hex)."""
     with open(path, "rb") as fh:
@@ -294,4 +301,4 @@ def fill_cache(cfg, *, workers: int | None = None, chunk: int = 32, progress: bo
 
 
 __all__ = ["CacheStats", "EncodedDataset", "FeatureCache", "OFF", "cache_dir", "encode", "encoder_fingerprint",
-           "file_digest", "fill_cache"]
+           "file_digest", "fill_cache", "supports"]

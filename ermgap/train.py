@@ -69,7 +69,7 @@ from ermgap.data.dataset import UtteranceDataset
 from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, ManifestError, TrainingError
 from ermgap.evaluate import predictions_frame
-from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint
+from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint, supports
 from ermgap.formatting import json_safe
 from ermgap.io import atomic_path, atomic_write_text
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, MODALITIES
@@ -244,7 +244,7 @@ class LoRARecipe:
     def _open_feature_cache(self, model, processor) -> FeatureCache | None:
         """The encoder-output cache when the audio encoder is frozen (`ermgap.feature_cache`), else None."""
         directory = cache_dir(self.cfg)
-        if directory is None:
+        if directory is None or not supports(model):
             return None
         fingerprint = encoder_fingerprint(model, processor.feature_extractor, sample_rate=self.cfg.data.sample_rate,
                                           max_audio_s=self.cfg.data.max_audio_s)
