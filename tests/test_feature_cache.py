@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -160,6 +161,7 @@ def test_concurrent_writers_never_leave_a_torn_entry(tmp_path):
             if t is not None:
                 seen += 1
                 assert t.shape == (100, 200) and float(t[-1, -1]) == 19_999.0
+            time.sleep(0.002)  # keep reading while they write, without taking a core from them
     for p in procs:
         p.join()
         assert p.exitcode == 0
