@@ -25,7 +25,8 @@ from email.utils import parsedate_to_datetime
 from ermgap.backends import BackendError, Prediction
 from ermgap.config import PromptConfig
 from ermgap.labels import INVALID
-from ermgap.prompts import instruction_text, parse_answer
+from ermgap.prompts import instruction_text, parse_answer, prompt_task
+from ermgap.task import Task
 
 RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -61,13 +62,14 @@ class OpenAICompatBackend:
     def __init__(self, base_url: str, model: str, prompt_cfg: PromptConfig, *, modality: str,
                  api_key: str | None = None, timeout_s: float = 60.0, max_retries: int = 5,
                  backoff_s: float = 1.0, max_backoff_s: float = 60.0, concurrency: int = 4,
-                 max_tokens: int = 32, sample_rate: int = 16000):
+                 max_tokens: int = 32, sample_rate: int = 16000, task: Task | None = None):
         if not base_url.startswith(("http://", "https://")):
             raise BackendError(f"--base-url {base_url!r} must start with http:// or https://")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.name = model
         self.model = model
         self.prompt_cfg = prompt_cfg
+        self.task = prompt_task(prompt_cfg, task)
         self.modality = modality
         self.api_key = api_key
         self.timeout_s = timeout_s
@@ -80,7 +82,7 @@ class OpenAICompatBackend:
         self.retries = 0  # transient failures retried so far (for logs and tests)
 
     def request_body(self, row: dict, audio) -> dict:
-        text = instruction_text(self.prompt_cfg, self.modality, row.get("transcript"))
+        text = instruction_text(self.prompt_cfg, self.modality, row.get("transcript"), task=self.task)
         return {
             "model": self.model,
             "temperature": 0,
@@ -146,7 +148,7 @@ class OpenAICompatBackend:
         text = self.answer_text(raw)
         if text is None:
             return Prediction(INVALID, None, raw[:200].decode("utf-8", "replace"))
-        return Prediction(parse_answer(text, self.prompt_cfg.verbalizers), None, text)
+        return Prediction(parse_answer(text, self.task.answer_of), None, text)
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
         if self.concurrency == 1 or len(rows) == 1:

@@ -6,17 +6,17 @@ import torch
 
 from ermgap.backends import Prediction
 from ermgap.config import ModelConfig, PromptConfig
-from ermgap.labels import EMOTIONS
+from ermgap.task import Task
 
 
 class Qwen2AudioBackend:
-    """Label scoring (`mode="score"`, always a valid label, 7 scores) or greedy generation + parser."""
+    """Label scoring (`mode="score"`, always a valid label, one score per label) or greedy generation + parser."""
 
     has_scores: bool
 
     def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
                  device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
-                 sample_rate: int = 16000):
+                 sample_rate: int = 16000, task: Task | None = None):
         from ermgap.batching import EmotionCollator
         from ermgap.model import load_adapter, load_backbone
 
@@ -32,7 +32,8 @@ class Qwen2AudioBackend:
             model = load_adapter(model, adapter).to(device)
         self.model = model.eval()
         self.processor = processor
-        self.collator = EmotionCollator(processor, prompt_cfg, modality, sample_rate=sample_rate)
+        self.collator = EmotionCollator(processor, prompt_cfg, modality, sample_rate=sample_rate, task=task)
+        self.task = self.collator.task
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
         from ermgap.batching import to_device
@@ -45,6 +46,6 @@ class Qwen2AudioBackend:
         with torch.no_grad():
             if self.mode == "score":
                 scores = score_labels(self.model, batch).float().cpu()
-                return [Prediction(EMOTIONS[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
+                return [Prediction(self.task.labels[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
             texts = generate(self.model, batch, self.processor.tokenizer, max_new_tokens=self.max_new_tokens)
-        return [Prediction(parse_answer(t, self.prompt_cfg.verbalizers), None, t) for t in texts]
+        return [Prediction(parse_answer(t, self.task.answer_of), None, t) for t in texts]

@@ -22,7 +22,7 @@ def evaluate(
     backend: str = typer.Option("qwen2-audio", "--backend", help="qwen2-audio | openai (chat-completions audio API)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Utterances per forward pass / request batch."),
     adapter: Path = typer.Option(None, "--adapter", help="peft LoRA adapter directory to apply (qwen2-audio)."),
-    config: Path = typer.Option(None, "--config", help="Run config YAML whose prompt/model settings to use."),
+    config: Path = typer.Option(None, "--config", help="Run config YAML whose prompt, model and task (data.labels, data.attribute, objective.stratum) settings to use."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
     dtype: str = typer.Option(None, "--dtype", help="auto | bf16 | fp16 | fp32 (default: the config's)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Generation length (mode generate)."),
@@ -38,7 +38,7 @@ def evaluate(
 ) -> None:
     """Predict every utterance of a split and write PREDS.csv (resumes an interrupted run)."""
     from ermgap.config import load_config
-    from ermgap.evaluate import evaluate_rows, load_split, summary
+    from ermgap.evaluate import evaluate_rows, load_split_and_task, summary
 
     if split not in ("train", "dev", "test"):
         raise ConfigError(f"--split {split!r}: allowed: train, dev, test")
@@ -50,7 +50,7 @@ def evaluate(
         from ermgap.errors import OutputExistsError
         raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
     cfg = load_config(config) if config else load_config()
-    rows = load_split(manifest, split, modality=modality, limit=limit)
+    rows, task = load_split_and_task(manifest, split, modality=modality, limit=limit, cfg=cfg)
     info = {"backend": backend, "model": model, "manifest": str(Path(manifest).resolve()), "split": split,
             "mode": mode, "adapter": str(adapter) if adapter else None, "limit": limit}
     if backend == "qwen2-audio":
@@ -62,7 +62,7 @@ def evaluate(
         model_cfg = cfg.model.model_copy(update={"name_or_path": model, **({"dtype": dtype} if dtype else {})})
         be = Qwen2AudioBackend(model_cfg, cfg.prompt, modality=modality, mode=mode, device=dev,
                                adapter=str(adapter) if adapter else None, max_new_tokens=max_new_tokens,
-                               sample_rate=cfg.data.sample_rate)
+                               sample_rate=cfg.data.sample_rate, task=task)
     elif backend == "openai":
         from ermgap.backends.openai_compat import OpenAICompatBackend
 
@@ -73,13 +73,13 @@ def evaluate(
             raise ConfigError(f"no API base URL: pass --base-url or set ${base_url_env}")
         be = OpenAICompatBackend(url, model, cfg.prompt, modality=modality, api_key=os.environ.get(api_key_env),
                                  timeout_s=timeout, max_retries=max_retries, concurrency=concurrency,
-                                 sample_rate=cfg.data.sample_rate)
+                                 sample_rate=cfg.data.sample_rate, task=task)
         info["base_url"] = url
     else:
         raise ConfigError(f"--backend {backend!r}: allowed: qwen2-audio, openai")
     t0 = time.perf_counter()
     df = evaluate_rows(be, rows, out, modality=modality, batch_size=batch_size, force=force, restart=restart,
-                       run_info=info)
+                       run_info=info, task=task)
     s = summary(df)
     Console().print(f"wrote {out}: {s['n']} utterances, acc {100 * s['acc']:.1f} %, "
                     f"invalid {100 * s['invalid_rate']:.1f} %, {time.perf_counter() - t0:.1f} s")
