@@ -243,23 +243,39 @@ class TaskSpec:
                     attribute_values=values, stratum=strata, stratum_values=stratum_values, labels_from=labels_from)
 
 
-def task_for_predictions(df: pd.DataFrame, *, labels: Sequence[str] | None = None, attribute: str = "gender",
-                         by: str = "language") -> Task:
-    """The task of a predictions file read on its own (`ermgap metrics`): labels given, else MELD's seven when
-    every gold and predicted label is one of them (the paper), else the file's gold and predicted labels sorted;
-    attribute values and strata as found in the file, sorted (F, M for gender)."""
+def task_for_predictions(df: pd.DataFrame, *, labels: Sequence[str] | str | None = None, attribute: str = "gender",
+                         attribute_values: Sequence[str] | None = None, by: str = "language",
+                         file: str = "predictions") -> Task:
+    """The task of a predictions file read on its own (`ermgap metrics`, `ermgap report`).
+
+    Labels: `labels` if a list; else the file's `score_<label>` columns in their order (the run's label order,
+    written by label scoring); else, with `labels="infer"`, MELD's seven when every gold and predicted label is
+    one of them (the paper) and the gold and predicted labels sorted otherwise; else (None) MELD's seven.
+    Attribute values: given, else the file's sorted (F, M for gender). Strata: the values of the `by` column(s)
+    found in the file, sorted. Raises TaskError when the attribute has fewer than two values.
+    """
     from ermgap.labels import INVALID
 
-    if labels is None:
-        seen = set(df["gold"].astype(str)) | (set(df["pred"].astype(str)) - {INVALID})
-        labels = EMOTIONS if seen <= set(EMOTIONS) else tuple(sorted(seen))
-    values = _sorted_unique(df[attribute]) if attribute in df.columns else ()
-    if attribute == "gender" and set(values) <= set(GENDERS):
-        values = GENDERS
+    if labels is None or labels == INFER:
+        scored = [c[len("score_"):] for c in df.columns if str(c).startswith("score_")]
+        seen = set(df["gold"].astype(str).str.strip()) | (set(df["pred"].astype(str).str.strip()) - {INVALID})
+        if scored:
+            labels = tuple(scored)
+        elif labels == INFER and not seen <= set(EMOTIONS):
+            labels = tuple(sorted(seen))
+        else:
+            labels = EMOTIONS
+    if attribute_values is None and attribute in df.columns:
+        found = _sorted_unique(df[attribute].astype(str).str.strip())
+        attribute_values = GENDERS if attribute == "gender" and set(found) <= set(GENDERS) else found
+        if len(attribute_values) < 2:
+            raise TaskError(file, f"the attribute has {len(found)} value(s) in the file ({', '.join(found)}); gaps "
+                                  "compare at least two groups (or pass --attribute-values)", column=attribute)
     strata = stratum_columns(by)
-    probe = Task(labels=tuple(labels), verbalizers=tuple(labels), attribute=attribute, attribute_values=values,
-                 stratum=strata, stratum_values=())
-    missing = [c for c in strata if c not in df.columns]
-    found = () if missing else tuple(sorted(set(probe.stratum_keys(df))))
-    return Task(labels=tuple(labels), verbalizers=tuple(labels), attribute=attribute, attribute_values=values,
-                stratum=strata, stratum_values=found, labels_from="the predictions")
+    probe = Task(labels=tuple(labels), verbalizers=tuple(labels), attribute=attribute,
+                 attribute_values=tuple(attribute_values or ()), stratum=strata, stratum_values=())
+    stripped = df[[c for c in strata if c in df.columns]].astype(str).apply(lambda col: col.str.strip())
+    found_strata = tuple(sorted(set(probe.stratum_keys(stripped)))) if stripped.shape[1] == len(strata) else ()
+    return Task(labels=tuple(labels), verbalizers=tuple(labels), attribute=attribute,
+                attribute_values=tuple(attribute_values or ()), stratum=strata, stratum_values=found_strata,
+                labels_from="the predictions")
