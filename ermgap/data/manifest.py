@@ -36,7 +36,7 @@ import pandas as pd
 
 from ermgap.errors import ManifestError
 from ermgap.labels import MODALITIES, SPLITS
-from ermgap.task import LABEL_COLUMN, RUN_MODALITY, Task, TaskError, TaskSpec, stratum_columns
+from ermgap.task import LABEL_COLUMN, RUN_MODALITY, Task, TaskError, TaskSpec
 
 # Columns every manifest has, whatever the task; the task adds its attribute and stratum columns.
 BASE_COLUMNS: tuple[str, ...] = ("utt_id", "split", LABEL_COLUMN, "speaker", "transcript", "audio")
