@@ -235,3 +235,36 @@ def test_evaluate_and_metrics_on_the_custom_corpus_match_sklearn(corpus, tiny_mo
     doc = json.loads((rep / "metrics.json").read_text())
     assert set(doc["systems"][0]["per_language"]) == set(LANGS)
     assert (rep / "confusion" / "tiny_uni.png").is_file()
+
+
+def test_k_ary_gaps_are_max_minus_min_over_all_groups():
+    """Three groups where the LAST in sorted order (young) is the extreme: a gap over any two groups only,
+    or the first two, differs from the oracle's."""
+    from ermgap.metrics import compute_metrics, metrics_from_counts
+    from ermgap.task import task_for_predictions
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    age = rng.choice(AGES, n)
+    gold = rng.choice(LABELS, n)
+    skill = np.where(age == "young", 0.9, np.where(age == "old", 0.5, 0.3))
+    pred = np.where(rng.random(n) < skill, gold, rng.choice(LABELS, n))
+    df = pd.DataFrame({"utt_id": [f"u{i}" for i in range(n)], "language": rng.choice(LANGS, n), "age_group": age,
+                       "gold": gold, "pred": pred})
+    task = task_for_predictions(df, labels="infer", attribute="age_group")
+    assert task.attribute_values == ("middle", "old", "young") and task.labels == ("angry", "calm", "happy", "sad")
+    got = compute_metrics(df, task)
+    for name, part in [("overall", df), *((lang, df[df["language"] == lang]) for lang in LANGS)]:
+        block = got["overall"] if name == "overall" else got["per_language"][name]
+        want = oracle(part, labels=task.labels, attribute="age_group")
+        for key, value in want.items():
+            assert block[key] == pytest.approx(value, abs=1e-9), (name, key)
+        # the vectorised (bootstrap) path agrees: counts [A, K, K+1]
+        counts = np.zeros((3, 4, 5))
+        for a, y, p in zip(task.attribute_codes(part["age_group"]), task.label_codes(part["gold"]),
+                           task.label_codes(part["pred"])):
+            counts[a, y, p] += 1
+        vec = metrics_from_counts(counts)
+        for key, value in want.items():
+            assert float(vec[key]) == pytest.approx(value, abs=1e-9), (name, key)
+    assert got["overall"]["acc_gap"] > 40  # young vs middle: the spread really spans the third group
