@@ -21,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, OutputExistsError
 from ermgap.io import atomic_path
 from ermgap.labels import INVALID
-from ermgap.task import DEFAULT_TASK, LABEL_COLUMN, Task
+from ermgap.task import DEFAULT_TASK, LABEL_COLUMN, Task, TaskSpec
 
 
 def base_columns(task: Task = DEFAULT_TASK) -> tuple[str, ...]:
@@ -198,7 +200,6 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return (lambda n, rate: None), None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("[bold]evaluate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
@@ -227,8 +228,6 @@ def load_split(manifest: str | os.PathLike, split: str, *, modality: str, limit:
 def load_split_and_task(manifest: str | os.PathLike, split: str, *, modality: str, limit: int | None = None,
                         cfg=None) -> tuple[pd.DataFrame, Task]:
     """`load_split` and the Task resolved on the whole manifest (so class indices match training's)."""
-    from ermgap.data.manifest import read_manifest
-    from ermgap.task import TaskSpec
 
     spec = TaskSpec.from_config(cfg) if cfg is not None else TaskSpec()
     df = read_manifest(manifest, modality=modality, require_splits=(split,), task=spec)

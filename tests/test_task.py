@@ -179,8 +179,8 @@ def run_cli(monkeypatch, capsys, *args):
 
 @pytest.mark.slow
 def test_evaluate_and_metrics_on_the_custom_corpus_match_sklearn(corpus, tiny_model, tmp_path):
-    from typer.testing import CliRunner
     from transformers import AutoProcessor
+    from typer.testing import CliRunner
 
     from ermgap.cli.main import app
     from ermgap.prompts import label_token_ids, prompt_text

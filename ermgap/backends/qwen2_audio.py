@@ -5,7 +5,12 @@ from __future__ import annotations
 import torch
 
 from ermgap.backends import Prediction
+from ermgap.batching import EmotionCollator, to_device
 from ermgap.config import ModelConfig, PromptConfig
+from ermgap.data.audio import load_audio
+from ermgap.model import load_adapter, load_backbone
+from ermgap.prompts import parse_answer
+from ermgap.scoring import generate, score_labels
 from ermgap.task import Task
 
 
@@ -17,8 +22,6 @@ class Qwen2AudioBackend:
     def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
                  device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
                  sample_rate: int = 16000, task: Task | None = None):
-        from ermgap.batching import EmotionCollator
-        from ermgap.model import load_adapter, load_backbone
 
         self.name = model_cfg.name_or_path
         self.mode = mode
@@ -36,10 +39,6 @@ class Qwen2AudioBackend:
         self.task = self.collator.task
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
-        from ermgap.batching import to_device
-        from ermgap.data.audio import load_audio
-        from ermgap.prompts import parse_answer
-        from ermgap.scoring import generate, score_labels
 
         examples = [{**row, "emotion": None, "audio": load_audio(row["audio_path"], self.sample_rate)} for row in rows]
         batch = to_device(self.collator(examples), self.device)

@@ -11,29 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from ermgap.errors import ErmgapError
-
-
-COLUMNS = (("w_f1", "W-F1↑"), ("acc", "ACC↑"), ("tpr_gap", "TPR↓"), ("fpr_gap", "FPR↓"),
-           ("w_f1_gap", "W-F1 gap↓"), ("acc_gap", "ACC gap↓"), ("avg_gap", "AVG↓"))
-
-
-def json_safe(obj):
-    """NaN/inf → None so the output is valid JSON (undefined gaps are null)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
+from ermgap.formatting import fmt, json_safe
 
 
 def _split_list(text: str | None) -> list[str] | None:
     return [x.strip() for x in text.split(",") if x.strip()] if text else None
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.2f}" if math.isfinite(value) else "–"
 
 
 def _fmt_ci(ci: list[float]) -> str:
@@ -58,8 +40,16 @@ def metrics(
     """Print W-F1, ACC and the attribute gaps (TPR, FPR, W-F1, ACC, AVG) in percent, as in the paper's tables.
 
     With k > 2 attribute values each gap is max − min over the values."""
-    from ermgap.metrics import (METRIC_KEYS, bootstrap_ci, by_key, compute_metrics, per_key, read_predictions_csv,
-                                validate_predictions)
+    from ermgap.metric_registry import METRICS
+    from ermgap.metrics import (
+        METRIC_KEYS,
+        bootstrap_ci,
+        by_key,
+        compute_metrics,
+        per_key,
+        read_predictions_csv,
+        validate_predictions,
+    )
     from ermgap.task import stratum_columns, task_for_predictions
 
     raw = read_predictions_csv(preds)
@@ -90,18 +80,18 @@ def metrics(
 
     table = Table(title=f"{preds} — metrics [%]", title_justify="left", pad_edge=False)
     table.add_column("Subset")
-    for _, header in COLUMNS:
-        table.add_column(header, justify="right")
+    for key in METRIC_KEYS:
+        table.add_column(METRICS[key].column, justify="right")
     table.add_column("n", justify="right")
     table.add_column("invalid", justify="right")
     rows = [("Multilingual" if task.stratum == ("language",) else "Overall", result["overall"])]
     if by:
         rows += [(name.upper() if task.stratum == ("language",) else name, block) for name, block in result[per].items()]
     for name, block in rows:
-        table.add_row(name, *(_fmt(block[k]) for k, _ in COLUMNS), str(block["n"]),
+        table.add_row(name, *(fmt(block[k]) for k in METRIC_KEYS), str(block["n"]),
                       f"{100 * block['invalid_rate']:.1f}%")
         if "ci" in block:
-            table.add_row("  95% CI", *(_fmt_ci(block["ci"][k]) for k, _ in COLUMNS), "", "", style="dim")
+            table.add_row("  95% CI", *(_fmt_ci(block["ci"][k]) for k in METRIC_KEYS), "", "", style="dim")
     # Never squeeze the numbers into "…": a pipe or a narrow terminal gets the full-width table.
     console = Console()
     console.width = max(console.width, 132)

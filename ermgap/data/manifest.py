@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import soundfile as sf
 
 from ermgap.errors import ManifestError
 from ermgap.labels import MODALITIES, SPLITS
@@ -178,7 +179,6 @@ def _check_coverage(df: pd.DataFrame, name: str, task: Task, modality: str | Non
 
 def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: int | None,
                  problems: list[Problem]) -> Counter:
-    import soundfile as sf
 
     rates: Counter = Counter()
     base = path.parent
