@@ -268,3 +268,61 @@ def test_k_ary_gaps_are_max_minus_min_over_all_groups():
         for key, value in want.items():
             assert float(vec[key]) == pytest.approx(value, abs=1e-9), (name, key)
     assert got["overall"]["acc_gap"] > 40  # young vs middle: the spread really spans the third group
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    from conftest import free_port
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_train_one_epoch_on_the_custom_corpus(ray_cluster, corpus, tiny_model, tmp_path):
+    """One epoch, one worker (DeepSpeed ZeRO-2, gloo): the task is resolved once on the driver, written into
+    config.yaml and the MLflow params, and the reported metrics are those of the written predictions."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from ermgap.train import run_training
+
+    cfg = load_config(None, [
+        f"data.manifest={corpus}", "data.labels=infer", "data.attribute=age_group",
+        f"model.name_or_path={tiny_model}", "model.dtype=fp32",
+        f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.storage_path={tmp_path}/runs",
+        "optim.lr=5e-4", "optim.epochs=1", "optim.effective_batch_size=8", "optim.micro_batch_size=4",
+        "eval.batch_size=12", "distributed.num_workers=1", "distributed.cpus_per_worker=1",
+        "distributed.zero_stage=2", "lambda.eta=5"])
+    final = run_training(cfg, run_dir=tmp_path / "runs" / "own")
+    run_dir = tmp_path / "runs" / "own"
+    assert final["done"] is True and final["step"] == 6  # 48 train utterances / 8
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["data"]["labels"] == ["angry", "calm", "happy", "sad"]
+    assert written["data"]["attribute_values"] == ["middle", "old", "young"]
+    params = MlflowClient(final["tracking_uri"]).get_run(final["mlflow_run_id"]).data.params
+    assert params["task.labels"] == "angry,calm,happy,sad" and params["task.attribute"] == "age_group"
+    assert params["task.attribute_values"] == "middle,old,young" and params["task.stratum_values"] == "fra,spa"
+    for split, n in (("dev", 24), ("test", 24)):
+        preds = pd.read_csv(run_dir / f"{split}_preds.csv", dtype=str, keep_default_na=False)
+        assert len(preds) == n and list(preds.columns[:5]) == ["utt_id", "language", "age_group", "gold", "pred"]
+        assert [c for c in preds.columns if c.startswith("score_")] == [f"score_{lab}" for lab in
+                                                                       ("angry", "calm", "happy", "sad")]
+        want = oracle(preds, labels=("angry", "calm", "happy", "sad"), attribute="age_group")
+        assert final[f"{split}_w_f1"] == pytest.approx(want["w_f1"], abs=1e-9)
+        assert final[f"{split}_avg_gap"] == pytest.approx(want["avg_gap"], abs=1e-9)
+        for lang in LANGS:
+            per = oracle(preds[preds["language"] == lang], labels=("angry", "calm", "happy", "sad"),
+                         attribute="age_group")
+            assert final[f"{split}_avg_gap_{lang}"] == pytest.approx(per["avg_gap"], abs=1e-9), (split, lang)
+            assert final[f"{split}_w_f1_{lang}"] == pytest.approx(per["w_f1"], abs=1e-9), (split, lang)
+        assert final[f"{split}_worst_lang_gap"] == pytest.approx(
+            max(final[f"{split}_avg_gap_{lang}"] for lang in LANGS), abs=1e-12)
+    # λ moved on the dev loss gap measured over the three age groups within fra and spa
+    assert len(final["lambda_history"]) == 1 and final["dev_loss_gap"] > 0
