@@ -169,8 +169,10 @@ def _check_coverage(df: pd.DataFrame, name: str, task: Task, modality: str | Non
             if not missing:
                 continue
             left = len(values) - len(missing)
-            consequence = ("its gap is undefined" + (" and will not drive λ" if split == "dev" else "")
-                           if left < 2 else f"its gaps compare the other {left} values only")
+            # The objective's loss gap needs every value present (a "valid" stratum); metric gaps need two.
+            consequence = "its gaps are undefined" if left < 2 else f"its metric gaps compare the other {left} values only"
+            if split == "dev":
+                consequence += "; its loss gap is undefined and will not drive λ"
             need = f"both {' and '.join(values)}" if len(values) == 2 else f"all of {', '.join(values)}"
             problems.append(Problem(
                 name, f"split '{split}', {what} '{key}' has no {' or '.join(missing)} rows; {attr} gaps need "
