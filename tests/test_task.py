@@ -270,18 +270,6 @@ def test_k_ary_gaps_are_max_minus_min_over_all_groups():
     assert got["overall"]["acc_gap"] > 40  # young vs middle: the spread really spans the third group
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from conftest import free_port
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.deepspeed
@@ -326,3 +314,23 @@ def test_train_one_epoch_on_the_custom_corpus(ray_cluster, corpus, tiny_model, t
             max(final[f"{split}_avg_gap_{lang}"] for lang in LANGS), abs=1e-12)
     # λ moved on the dev loss gap measured over the three age groups within fra and spa
     assert len(final["lambda_history"]) == 1 and final["dev_loss_gap"] > 0
+
+
+def test_data_stats_on_the_custom_corpus(corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from ermgap.cli.main import app
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(CONFIG)
+    res = CliRunner().invoke(app, ["data", "stats", str(corpus), "--config", str(cfg), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    df = pd.read_csv(corpus, dtype=str, keep_default_na=False)
+    oracle_t1 = pd.crosstab([df["language"], df["age_group"]], df["split"])
+    for (lang, age), row in oracle_t1.iterrows():
+        assert {k: v for k, v in doc["table1"][lang][age].items() if k != "total"} == row.to_dict()
+    oracle_em = pd.crosstab([df["language"], df["age_group"]], df["emotion"])
+    for (lang, age), row in oracle_em.iterrows():
+        assert {k: v for k, v in doc["emotions"][lang][age].items() if k != "total"} == row.to_dict()
+    assert set(doc["num_speakers"]) == set(AGES)
