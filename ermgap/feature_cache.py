@@ -42,7 +42,6 @@ from transformers.masking_utils import create_bidirectional_mask
 from ermgap.batching import compute_features
 from ermgap.config import config_from_dict
 from ermgap.data.dataset import UtteranceDataset
-from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError
 from ermgap.io import atomic_write_bytes
 from ermgap.model import load_backbone
@@ -264,8 +263,9 @@ class _Encoder:
         return {f: getattr(now, f) - getattr(before, f) for f in ("hits", "misses", "encoder_s", "corrupt")}
 
 
-def fill_cache(cfg, *, workers: int | None = None, chunk: int = 32, progress: bool = True) -> tuple[Path, CacheStats]:
-    """Encode every utterance of the run's manifest (all splits) into its cache with Ray actors.
+def fill_cache(cfg, rows: pd.DataFrame, *, workers: int | None = None, chunk: int = 32,
+               progress: bool = True) -> tuple[Path, CacheStats]:
+    """Encode every utterance of `rows` (the run's manifest rows, all splits) into its cache with Ray actors.
 
     `cfg`: a resolved RunConfig (absolute paths: actors start elsewhere); Ray must be initialised.
     Each actor loads the backbone on the device the run trains on (the dtype is part of the key).
@@ -275,10 +275,7 @@ def fill_cache(cfg, *, workers: int | None = None, chunk: int = 32, progress: bo
     if directory is None:
         raise ConfigError("data.feature_cache is off for this config (it is off whenever "
                           "lora.train_audio_encoder=true): nothing to build")
-    df = read_manifest(cfg.data.manifest)
-    if cfg.data.languages:
-        df = df[df["language"].isin(cfg.data.languages)]
-    records = df.to_dict("records")
+    records = rows.to_dict("records")
     d = cfg.distributed
     n_actors = max(1, min(workers or d.num_workers, -(-len(records) // chunk)))
     actor = ray.remote(num_cpus=d.cpus_per_worker, num_gpus=1 if d.use_gpu else 0)(_Encoder)

@@ -15,13 +15,12 @@ from ermgap.config import ModelConfig, PromptConfig
 from ermgap.data.audio import load_audio
 from ermgap.data.dataset import UtteranceDataset
 from ermgap.feature_cache import EncodedDataset, FeatureCache, encoder_fingerprint
-from ermgap.labels import EMOTIONS
 from ermgap.prompts import END_OF_TURN, answer_token_ids, parse_answer, user_turn
 from ermgap.scoring import generate, score_labels
 
 
 class Qwen2AudioBackend(LocalBackend):
-    """Label scoring (`mode="score"`, always a valid label, 7 scores) or greedy generation + parser.
+    """Label scoring (`mode="score"`, always a valid label, one score per label) or greedy generation + parser.
 
     `predict` builds its batches with the training collator (so evaluation sees the training prompts);
     `score_chat` / `generate_chat` take any instruction text and answer set (what `ermgap serve` needs).
@@ -30,7 +29,8 @@ class Qwen2AudioBackend(LocalBackend):
     def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str,
                  feature_cache: str | None = None, **options):
         super().__init__(model_cfg, prompt_cfg, modality=modality, **options)
-        self.collator = EmotionCollator(self.processor, prompt_cfg, modality, sample_rate=self.sample_rate)
+        self.collator = EmotionCollator(self.processor, prompt_cfg, modality, sample_rate=self.sample_rate,
+                                        task=self.task)
         # Label scoring reads cached encoder outputs; the key hashes the encoder as loaded, so an adapter
         # that adapts the audio encoder gets entries of its own.
         self.cache = None
@@ -40,7 +40,8 @@ class Qwen2AudioBackend(LocalBackend):
 
     def for_modality(self, modality: str):
         clone = super().for_modality(modality)
-        clone.collator = EmotionCollator(self.processor, self.prompt_cfg, modality, sample_rate=self.sample_rate)
+        clone.collator = EmotionCollator(self.processor, self.prompt_cfg, modality, sample_rate=self.sample_rate,
+                                         task=self.task)
         return clone
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
@@ -49,7 +50,8 @@ class Qwen2AudioBackend(LocalBackend):
             encoded = EncodedDataset(UtteranceDataset(pd.DataFrame(rows), sample_rate=self.sample_rate), self.cache,
                                      self.model, self.processor, batch_size=len(rows), device=self.device)
             encoded.fill()
-            examples = [{**encoded[i], "emotion": None} for i in range(len(rows))]
+            examples = [{**row, "emotion": None, "audio_embeds": encoded[i]["audio_embeds"]}
+                        for i, row in enumerate(rows)]
         else:
             examples = [{**row, "emotion": None, "audio": load_audio(row["audio_path"], self.sample_rate)}
                         for row in rows]
@@ -57,9 +59,9 @@ class Qwen2AudioBackend(LocalBackend):
         with torch.no_grad():
             if self.mode == "score":
                 scores = score_labels(self.model, batch).float().cpu()
-                return [Prediction(EMOTIONS[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
+                return [Prediction(self.task.labels[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
             texts = generate(self.model, batch, self.processor.tokenizer, max_new_tokens=self.max_new_tokens)
-        return [Prediction(parse_answer(t, self.prompt_cfg.verbalizers), None, t) for t in texts]
+        return [Prediction(parse_answer(t, self.task.answer_of), None, t) for t in texts]
 
     # ------------------------------------------------------------------ free-form chat (ermgap serve)
 

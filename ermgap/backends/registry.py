@@ -88,8 +88,9 @@ def check_local_model(model: str) -> None:
 
 def local_backend(name: str, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
                   device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
-                  sample_rate: int = 16000, feature_cache: str | None = None):
-    """A qwen2_audio or voxtral backend (see those modules); `feature_cache`: qwen2_audio's encoder-output cache."""
+                  sample_rate: int = 16000, task=None, feature_cache: str | None = None):
+    """A qwen2_audio or voxtral backend (see those modules); `task` (an ermgap.task.Task, default the paper's)
+    fixes the labels it scores and their order; `feature_cache`: qwen2_audio's encoder-output cache."""
     check_local_model(model_cfg.name_or_path)
     extra = {}
     if feature_cache:
@@ -103,7 +104,7 @@ def local_backend(name: str, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *
     else:
         raise ConfigError(f"backend {name!r} is not a local backend; local: {', '.join(LOCAL_BACKENDS)}")
     return cls(model_cfg, prompt_cfg, modality=modality, mode=mode, device=device, adapter=adapter,
-               max_new_tokens=max_new_tokens, sample_rate=sample_rate, **extra)
+               max_new_tokens=max_new_tokens, sample_rate=sample_rate, task=task, **extra)
 
 
 def remote_settings(name: str, *, model: str | None = None, base_url: str | None = None,

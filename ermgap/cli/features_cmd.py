@@ -21,12 +21,12 @@ def build(
     """Encode every utterance of the manifest once (Ray actors in parallel) so trials start with cache hits."""
     from ermgap.feature_cache import fill_cache
     from ermgap.ray_runtime import ensure_ray
-    from ermgap.train import check_inputs
+    from ermgap.train import check_inputs, run_manifest
 
     cfg = _run_config(config, overrides or [])
     check_inputs(cfg)
     ensure_ray(address)
-    directory, stats = fill_cache(cfg, workers=workers)
+    directory, stats = fill_cache(cfg, run_manifest(cfg), workers=workers)
     Console(soft_wrap=True).print(f"feature cache {directory}: {stats.hits} already cached, {stats.misses} encoded "
                     f"in {stats.encoder_s:.1f} encoder-s" + (f", {stats.corrupt} corrupt entries replaced"
                                                              if stats.corrupt else ""))
