@@ -169,17 +169,13 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     systems, skipped = [], []
     for run in runs:
         rid, params, tags = run.info.run_id, run.data.params, run.data.tags
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=PREDS_ARTIFACT,
-                                                        dst_path=str(Path(download_dir) / rid),
-                                                        tracking_uri=tracking_uri)
-        except (MlflowException, OSError):
+        preds = run_test_predictions(tracking_uri, rid, download_dir)
+        if preds is None:
             skipped.append(f"{run.info.run_name or rid} ({rid}): no {PREDS_ARTIFACT} artifact")
             continue
-        preds = M.read_predictions(local)
         recorded = sorted(set(preds["modality"]) - {""}) if "modality" in preds.columns else []
         modality = params.get("data.modality") or (recorded[0] if recorded else "uni")
-        name = tags.get("ermgap.param.variant") or _describe_objective(params)
+        name = tags.get("ermgap.param.variant") or describe_objective(params)
         extras = [f"{k}={tags.get(f'ermgap.param.{k}')}" for k in varying]
         if extras:
             name = f"{name} [{', '.join(extras)}]"
@@ -196,6 +192,17 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     return systems, skipped
 
 
+def run_test_predictions(tracking_uri: str, run_id: str, download_dir: str | os.PathLike) -> pd.DataFrame | None:
+    """A training run's validated test predictions (its `predictions/test_preds.csv` artifact, downloaded
+    under `download_dir/<run_id>`), or None when the run logged none (e.g. stopped before the end)."""
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDS_ARTIFACT,
+                                                    dst_path=str(Path(download_dir) / run_id), tracking_uri=tracking_uri)
+    except (MlflowException, OSError):
+        return None
+    return M.read_predictions(local)
+
+
 def _kind(params: dict) -> str:
     # Runs logged before `objective.kind` existed all trained ERM-MinMaxGAP (ERM was fixed λ = 0).
     return params.get("objective.kind", "minmaxgap")
@@ -208,7 +215,9 @@ def _objective_group(params: dict) -> str:
     return "Lambda effect" if params.get("lambda.mode") == "fixed" else "Main components"
 
 
-def _describe_objective(params: dict) -> str:
+def describe_objective(params: dict) -> str:
+    """A run's objective in words from its flattened params ("Group DRO (η=0.1)", "ERM (SFT)", ...); plain
+    ERM reads the same whether it is `objective.kind=erm` or MinMaxGAP with λ fixed at 0."""
     # Lazy: the objectives import torch, which `ermgap report` on prediction files does not need.
     from ermgap.objectives import OBJECTIVES
 
@@ -221,7 +230,7 @@ def _describe_objective(params: dict) -> str:
     if mode == "fixed":
         if init is None:
             return "fixed λ"
-        return "ERM (SFT)" if float(init) == 0 else f"λ = {float(init):g}"  # the paper's Table 3 rows
+        return OBJECTIVES["erm"].label if float(init) == 0 else f"λ = {float(init):g}"  # the paper's Table 3 rows
     if mode == "adaptive":
         return f"ERM-MinMaxGAP (p={float(p):g})" if p else "ERM-MinMaxGAP"
     return "run"
