@@ -13,14 +13,22 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
-from test_train_distributed import _adapter, _history, _train, base, ray_cluster, small_manifest  # noqa: F401
+from test_train_distributed import (  # noqa: F401
+    _assert_same_outputs,
+    _history,
+    _train,
+    base,
+    ray_cluster,
+    small_manifest,
+)
+
+from ermgap.labels import GENDERS, LANGUAGES
 
 pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
 # η_q large enough that 12 steps move q visibly away from uniform (the default 0.01 barely moves it).
-GROUP_DRO = ["objective.kind=group_dro", "objective.group_dro.eta=2.0", "objective.group_dro.size_adjustment=0.5"]
-CELLS = [f"{lg}_{g}" for lg in ("eng", "deu", "jpn") for g in ("F", "M")]  # LANGUAGES × GENDERS, row-major
+GROUP_DRO = ["objective.kind=group_dro", "objective.group_dro.eta=0.5", "objective.group_dro.size_adjustment=0.5"]
+CELLS = [f"{lg}_{g}" for lg in LANGUAGES for g in GENDERS]  # the row-major order of the q table
 
 
 def _q_trajectory(final) -> list[list[float]]:
@@ -38,12 +46,8 @@ def _assert_same_group_dro_run(a, b, *, tol=1e-5):
         assert sorted(ha) == sorted(hb) == list(range(1, 13)), key
         for step in ha:
             assert ha[step] == pytest.approx(hb[step], abs=tol, rel=tol), f"{key} differs at step {step}"
-    for key in ("dev_loss", "dev_loss_gap", "test_loss", "dev_w_f1", "test_w_f1", "test_worst_lang_gap"):
-        assert a[key] == pytest.approx(b[key], abs=1e-4), key
-    wa, wb = _adapter(Path(a["run_dir"])), _adapter(Path(b["run_dir"]))
-    assert sorted(wa) == sorted(wb) and wa
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert a["test_worst_lang_gap"] == pytest.approx(b["test_worst_lang_gap"], abs=1e-4)
+    _assert_same_outputs(a, b)
 
 
 @pytest.fixture(scope="module")
