@@ -147,6 +147,17 @@ def test_objective_comparison_pairs_each_configuration_with_erm(tmp_path):
         assert row["d_test_w_f1_lo"] <= row["d_test_w_f1"] <= row["d_test_w_f1_hi"]
     assert got.loc["adaptive", "d_test_worst_gap_hi"] < 0  # 0.8 vs 0.2 of deu-F hurt: clearly narrower
 
+    # The table the sweep prints and logs: ERM marked as the reference, the others with their intervals.
+    from ermgap.formatting import fmt
+    from ermgap.sweep.render import comparison_markdown
+
+    md = comparison_markdown(got.reset_index(), spec).splitlines()
+    assert "Δ test gap of ERM's worst language (deu) vs ERM [95 % CI]" in md[0]
+    assert md[2].startswith("| erm | ERM (SFT) | 2 |") and md[2].endswith("| reference | reference |")
+    r = got.loc["adaptive"]
+    assert md[4].endswith(f"| {fmt(r['d_test_w_f1'])} [{fmt(r['d_test_w_f1_lo'])}, {fmt(r['d_test_w_f1_hi'])}] | "
+                          f"{fmt(r['d_test_worst_gap'])} [{fmt(r['d_test_worst_gap_lo'])}, {fmt(r['d_test_worst_gap_hi'])}] |")
+
     # No ERM configuration, or two of them: nothing to compare with.
     assert objective_comparison(board[board["objective"] != "ERM (SFT)"], spec, preds) is None
     twice = board.assign(objective=board["objective"].replace("ERM-MinMaxGAP (p=2)", "ERM (SFT)"))
