@@ -24,6 +24,7 @@ from ermgap.sweep.leaderboard import (
     TEST_METRICS,
     build_leaderboard,
     objective_comparison,
+    run_params,
     seed_summary,
     select_best,
 )
@@ -163,12 +164,14 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
     """Leaderboard, seed summary, best trial, parent-run artifacts and the paper's report; returns
     whether every trial failed."""
     uri, parent_id = outcome.tracking_uri, outcome.parent_run_id
-    board = build_leaderboard(spec, tracking.child_runs(uri, outcome.experiment, parent_id), trial_records(results))
+    runs = tracking.child_runs(uri, outcome.experiment, parent_id)
+    board = build_leaderboard(spec, runs, trial_records(results))
     if not board.empty:
-        tracking.close_unfinished(uri, [r for r, s in zip(board["mlflow_run_id"], board["status"]) if r and s != "done"])
+        tracking.close_unfinished(uri, [r for r, s in zip(board["mlflow_run_id"], board["status"])
+                                        if isinstance(r, str) and s != "done"])
     outcome.leaderboard = board
     outcome.seed_summary = seed_summary(board, spec)
-    outcome.objective_comparison = objective_comparison(board, spec, _test_predictions(uri, board))
+    outcome.objective_comparison = objective_comparison(board, spec, _test_predictions(uri, board, runs))
     outcome.best_trial = select_best(board, spec) if not board.empty else None
     outcome.artifacts = render.write_artifacts(spec, board, outcome.seed_summary, paths.artifacts,
                                                outcome.objective_comparison)
@@ -187,17 +190,18 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
     return failed
 
 
-def _test_predictions(tracking_uri: str, board: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """{MLflow run id: test predictions} of the trials that ran to the end."""
+def _test_predictions(tracking_uri: str, board: pd.DataFrame, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """{MLflow run id: test predictions} of the trials that ran to the end (`runs`: their child runs)."""
     if board.empty:
         return {}
+    params = {r["run_id"]: run_params(r) for _, r in runs.iterrows()}
     done = board[board["test_w_f1"].notna() & board["mlflow_run_id"].notna()]
     out = {}
     with tempfile.TemporaryDirectory(prefix="ermgap-preds-") as tmp:
         for run_id in done["mlflow_run_id"]:
-            preds = run_test_predictions(tracking_uri, run_id, tmp)
-            if preds is not None:
-                out[run_id] = preds
+            got = run_test_predictions(tracking_uri, run_id, params.get(run_id, {}), tmp)
+            if got is not None:
+                out[run_id] = got[0]
     return out
 
 
