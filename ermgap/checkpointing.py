@@ -5,7 +5,7 @@ Layout of one checkpoint directory (Ray Train merges every worker's files into i
     deepspeed/            engine.save_checkpoint: trainable weights, optimizer (ZeRO partitions: one
                           file per rank) and LR-scheduler state, tag "state"
     best_adapter/         the best-so-far LoRA adapter in plain peft format (rank 0)
-    trainer_state.json    epoch, step, eval round, λ state, best-metric tracker, MLflow run id (rank 0)
+    trainer_state.json    epoch, step, eval round, objective state (λ, q), best-metric tracker, MLflow run id (rank 0)
     rng/rank<R>.pt        this rank's torch / numpy / python RNG states (tensors and ints only,
                           so it loads with torch.load(weights_only=True))
 
@@ -43,7 +43,7 @@ class TrainerState:
     bad_rounds: int = 0            # evaluations since the last improvement (early-stopping counter)
     done: bool = False             # training finished (early stop or max epochs); only final predictions remain
     mlflow_run_id: str | None = None
-    lam: dict[str, Any] = field(default_factory=dict)
+    objective: dict[str, Any] = field(default_factory=dict)  # Objective.state_dict(): λ or q and its trajectory
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluation
 
     def to_json(self) -> str:

@@ -186,22 +186,14 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     systems, skipped = [], []
     for run in runs:
         rid, params, tags = run.info.run_id, run.data.params, run.data.tags
-        try:
-            local = mlflow.artifacts.download_artifacts(run_id=rid, artifact_path=PREDS_ARTIFACT,
-                                                        dst_path=str(Path(download_dir) / rid),
-                                                        tracking_uri=tracking_uri)
-        except (MlflowException, OSError):
+        got = run_test_predictions(tracking_uri, rid, params, download_dir)
+        if got is None:
             skipped.append(f"{run.info.run_name or rid} ({rid}): no {PREDS_ARTIFACT} artifact")
             continue
-        raw = M.read_predictions_csv(local)
-        labels = params.get("task.labels")
-        task = task_for_predictions(raw, labels=labels.split(",") if labels else None,
-                                    attribute=params.get("task.attribute", "gender"),
-                                    by=params.get("task.stratum", "language"), file=f"mlflow:{rid}")
-        preds = M.validate_predictions(raw, source=f"mlflow:{rid}/{PREDS_ARTIFACT}", task=task)
+        preds, task = got
         recorded = sorted(set(preds["modality"]) - {""}) if "modality" in preds.columns else []
         modality = params.get("data.modality") or (recorded[0] if recorded else "uni")
-        name = tags.get("ermgap.param.variant") or _describe_objective(params)
+        name = tags.get("ermgap.param.variant") or describe_objective(params)
         extras = [f"{k}={tags.get(f'ermgap.param.{k}')}" for k in varying]
         if extras:
             name = f"{name} [{', '.join(extras)}]"
@@ -218,6 +210,24 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     return systems, skipped
 
 
+def run_test_predictions(tracking_uri: str, run_id: str, params: dict[str, str],
+                         download_dir: str | os.PathLike) -> tuple[pd.DataFrame, Task] | None:
+    """A training run's test predictions (its `predictions/test_preds.csv` artifact, downloaded under
+    `download_dir/<run_id>`), validated against the task its `task.*` params name, and that task; None
+    when the run logged none (e.g. stopped before the end)."""
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDS_ARTIFACT,
+                                                    dst_path=str(Path(download_dir) / run_id), tracking_uri=tracking_uri)
+    except (MlflowException, OSError):
+        return None
+    raw = M.read_predictions_csv(local)
+    labels = params.get("task.labels")
+    task = task_for_predictions(raw, labels=labels.split(",") if labels else None,
+                                attribute=params.get("task.attribute", "gender"),
+                                by=params.get("task.stratum", "language"), file=f"mlflow:{run_id}")
+    return M.validate_predictions(raw, source=f"mlflow:{run_id}/{PREDS_ARTIFACT}", task=task), task
+
+
 def _kind(params: dict) -> str:
     # Runs logged before `objective.kind` existed all trained ERM-MinMaxGAP (ERM was fixed λ = 0).
     return params.get("objective.kind", "minmaxgap")
@@ -230,7 +240,9 @@ def _objective_group(params: dict) -> str:
     return "Lambda effect" if params.get("lambda.mode") == "fixed" else "Main components"
 
 
-def _describe_objective(params: dict) -> str:
+def describe_objective(params: dict) -> str:
+    """A run's objective in words from its flattened params ("Group DRO (η=0.1)", "ERM (SFT)", ...); plain
+    ERM reads the same whether it is `objective.kind=erm` or MinMaxGAP with λ fixed at 0."""
     # Lazy: the objectives import torch, which `ermgap report` on prediction files does not need.
     from ermgap.objectives import OBJECTIVES
 
@@ -243,7 +255,7 @@ def _describe_objective(params: dict) -> str:
     if mode == "fixed":
         if init is None:
             return "fixed λ"
-        return "ERM (SFT)" if float(init) == 0 else f"λ = {float(init):g}"  # the paper's Table 3 rows
+        return OBJECTIVES["erm"].label if float(init) == 0 else f"λ = {float(init):g}"  # the paper's Table 3 rows
     if mode == "adaptive":
         return f"ERM-MinMaxGAP (p={float(p):g})" if p else "ERM-MinMaxGAP"
     return "run"

@@ -7,13 +7,16 @@ Read it top to bottom (torchtune style, no Trainer base class):
         LoRARecipe.setup           _setup_model → _setup_data → _setup_engine → _restore → _setup_tracking
         LoRARecipe.train           epochs of optimizer_step; evaluate_and_checkpoint each epoch (or every N steps)
         LoRARecipe.optimizer_step  per-sample losses of all micro-batches → objective (the all-reduce) → backward
-        LoRARecipe.evaluate_and_checkpoint   dev metrics (predict → split_metrics) → update_lambda → track_best
+                                   → objective.after_step (Group DRO's q)
+        LoRARecipe.evaluate_and_checkpoint   dev metrics (predict → split_metrics) → update_objective (λ) → track_best
                                    → save_checkpoint (ray.train.report)
         LoRARecipe.finish          best adapter → dev/test predictions, final report
         LoRARecipe.cleanup
 
-Where the distributed reduction happens: only inside `ermgap.objective.erm_minmaxgap_loss`
-(group loss sums/counts all-reduced with autograd) and DeepSpeed's gradient averaging.
+The objective is `objective.kind` (ermgap.objectives: erm, minmaxgap, group_dro, reweight), built once in
+setup over the train split's stratum × gender cells. Where the distributed reduction happens: only inside
+the objective's `ermgap.objective.reduced_cell_stats` (cell loss sums/counts all-reduced with autograd)
+and DeepSpeed's gradient averaging.
 
 Gradient accumulation is done at the LOSS level, not by DeepSpeed: the objective's worst-language
 gap is a non-linear function of group means over the whole effective batch (the paper's
@@ -30,7 +33,7 @@ Data: `ermgap.sampler.GlobalBatchPlan` (seeded per epoch, length-grouped) fixes 
 form each optimizer step independently of the worker count; see its docstring for why not Ray Data.
 
 Fault tolerance: every evaluation writes a checkpoint (ermgap.checkpointing: DeepSpeed state
-without frozen weights, best LoRA adapter, λ, data position, per-rank RNG, MLflow run id) through
+without frozen weights, best LoRA adapter, the objective's state (λ, q), data position, per-rank RNG, MLflow run id) through
 `ray.train.report`. A restarted worker group (FailureConfig) or `ermgap train --resume RUN_DIR`
 (same storage_path + name: Ray Train V2 reloads the run's checkpoint manager) loads it and
 continues at the same step with the same data order and RNG, so on CPU the result equals an
@@ -72,17 +75,17 @@ from ermgap.evaluate import predictions_frame
 from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint, supports
 from ermgap.formatting import json_safe
 from ermgap.io import atomic_path, atomic_write_text
+from ermgap.metric_registry import SPLIT_METRICS
 from ermgap.metrics import compute_metrics, per_key
 from ermgap.model import apply_lora, load_backbone
-from ermgap.objective import AdaptiveLambda, dev_gap, erm_minmaxgap_loss
+from ermgap.objective import dev_gap
+from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective
 from ermgap.ray_runtime import ensure_ray
 from ermgap.sampler import GlobalBatchPlan, shard_for_eval
 from ermgap.scoring import answer_loss_from_scores, per_sample_loss, score_labels
 from ermgap.task import RUN_MODALITY, Task, TaskSpec
 from ermgap.tracking import RunLogger, mark_run
 
-# Dev metrics usable for early stopping (`eval.metric`) → the reported key.
-EVAL_METRICS = ("w_f1", "acc", "avg_gap", "worst_lang_gap", "loss", "loss_gap")
 ERROR_FILE = "error.txt"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
@@ -191,7 +194,7 @@ class LoRARecipe:
         model, processor = self._setup_model()
         self._setup_data(processor, model)
         self._setup_engine(model)
-        self.lam = AdaptiveLambda.from_config(cfg.lam)
+        self.objective = self._build_objective()
         resumed = self._restore()
         self._setup_tracking(resumed)
         self.timing["setup_s"] = time.perf_counter() - t_setup
@@ -243,6 +246,13 @@ class LoRARecipe:
                                           max_audio_s=self.cfg.data.max_audio_s)
         return FeatureCache(directory, fingerprint)
 
+    def _build_objective(self) -> Objective:
+        """`objective.kind` over the stratum × attribute cells, with the train split's cell counts (the same
+        manifest rows on every rank, so the same objective everywhere)."""
+        stratum, attribute = self._cells(self.splits["train"].rows)
+        grid = CellGrid.count(stratum, attribute, strata=self.strata.names, attributes=self.task.attribute_values)
+        return build_objective(self.cfg, grid)
+
     def _setup_engine(self, model) -> None:
         """AdamW + LR schedule inside a DeepSpeed engine (ZeRO stage from the config)."""
         # Imported here, not at module top: importing DeepSpeed takes seconds and logs accelerator
@@ -280,7 +290,10 @@ class LoRARecipe:
             return False
         with checkpoint.as_directory() as d:
             self.state, self.best_adapter = checkpointing.load(Path(d), engine=self.engine, rank=self.rank)
-        self.lam.load_state_dict(self.state.lam)
+        try:
+            self.objective.load_state_dict(self.state.objective)
+        except ValueError as err:
+            raise TrainingError(f"checkpoint {checkpoint.path}: cannot resume its objective state: {err}") from err
         return True
 
     def _setup_tracking(self, resumed: bool) -> None:
@@ -389,20 +402,19 @@ class LoRARecipe:
             self.engine.step()
             return loss
         try:
-            res = erm_minmaxgap_loss(losses_t, torch.cat(stratum), torch.cat(attribute), lam=self.lam.value,
-                                     p=self.cfg.objective.p, num_strata=self.strata.num,
-                                     num_attrs=len(self.task.attribute_values))
+            res = self.objective(losses_t, torch.cat(stratum), torch.cat(attribute))
         except TrainingError:  # raised on every rank alike: the bad-loss count is all-reduced
             self._non_finite(losses_t, utt_ids)
         self.engine.backward(res.total)
         self.engine.step()
+        self.objective.after_step(res)
         return res
 
-    def _log_step(self, res) -> None:
+    def _log_step(self, res: ObjectiveOutput) -> None:
         if self.logger is None:
             return
         row = {"train/loss": float(res.total.detach()), "train/erm": res.erm, "train/gap": res.gap,
-               "lambda": self.lam.value, "lr": self.scheduler.get_last_lr()[0]}
+               **self.objective.log_values(), "lr": self.scheduler.get_last_lr()[0]}
         row.update(self.strata.named("train/gap_", res.stratum_gaps))
         self.logger.log_metrics(row, step=self.state.global_step)
 
@@ -448,8 +460,7 @@ class LoRARecipe:
         `worst_lang_gap` is the largest per-stratum AVG gap (per language in the paper's task)."""
         task = self.task
         m = compute_metrics(_preds_only(frame), task)
-        stratum = torch.from_numpy(task.stratum_codes(frame))
-        attribute = torch.from_numpy(task.attribute_codes(frame[task.attribute]))
+        stratum, attribute = self._cells(frame)
         loss_gap, stratum_gaps = dev_gap(torch.tensor(frame["loss"].to_numpy()), stratum, attribute,
                                          num_strata=self.strata.num, num_attrs=len(task.attribute_values))
         per = m[per_key(task)]
@@ -467,13 +478,18 @@ class LoRARecipe:
         out.update(self.strata.named(f"{prefix}_loss_gap_", stratum_gaps))
         return out
 
-    def update_lambda(self, metrics: dict[str, float]) -> float:
-        """The paper's λ ← clip(λ + η(Δdev − ε), 0, λmax) on this evaluation's dev gap; returns the λ
-        the finished steps used. Every rank holds the same gathered dev set, so λ is identical everywhere."""
-        used = self.lam.value
+    def _cells(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stratum and attribute index (the task's orders) of each row of a manifest or predictions frame."""
+        task = self.task
+        stratum = torch.from_numpy(task.stratum_codes(frame, self.cfg.data.modality))
+        return stratum, torch.from_numpy(task.attribute_codes(frame[task.attribute]))
+
+    def update_objective(self, metrics: dict[str, float]) -> None:
+        """The objective's per-evaluation update on this evaluation's Δdev (`lambda.dev_gap`): MinMaxGAP's
+        λ ← clip(λ + η(Δdev − ε), 0, λmax). Every rank holds the same gathered dev set, so the state stays
+        identical everywhere."""
         drive = metrics["dev_loss_gap"] if self.cfg.lam.dev_gap == "loss_gap" else metrics["dev_avg_gap"] / 100.0
-        self.lam.update(drive if drive == drive else 0.0)
-        return used
+        self.objective.after_eval(drive if drive == drive else 0.0)
 
     def track_best(self, score: float) -> None:
         """Keep the best adapter so far and count evaluations without improvement (early stopping)."""
@@ -489,22 +505,22 @@ class LoRARecipe:
             st.done = True
 
     def evaluate_and_checkpoint(self) -> None:
-        """Dev evaluation → λ update → best/early-stopping bookkeeping → checkpoint + report."""
+        """Dev evaluation → objective update (λ) → best/early-stopping bookkeeping → checkpoint + report."""
         cfg, st = self.cfg, self.state
         t0 = time.perf_counter()
         metrics = self.split_metrics(self.predict("dev"), "dev")
         self.timing["eval_s"] += time.perf_counter() - t0
         st.eval_round += 1
-        lam_used = self.update_lambda(metrics)
+        self.update_objective(metrics)
         self.track_best(metrics[f"dev_{cfg.eval.metric}"])
         metrics.update({
             "eval_round": st.eval_round, "epoch": st.epoch + st.step_in_epoch / max(1, self.plan.steps_per_epoch),
-            "step": st.global_step, "lambda": self.lam.value, "lambda_used": lam_used,
+            "step": st.global_step, **self.objective.log_values(),
             f"best_dev_{cfg.eval.metric}": st.best_score if st.best_score is not None else float("nan"),
             "best_eval_round": st.best_round, "mlflow_run_id": st.mlflow_run_id, "done": False,
             "stopped_early": bool(st.done and st.epoch < cfg.optim.epochs),
         })
-        st.lam = self.lam.state_dict()
+        st.objective = self.objective.state_dict()
         st.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
         if self.logger is not None:
             self.logger.log_metrics({k: v for k, v in metrics.items() if k not in ("eval_round", "step")},
@@ -535,7 +551,7 @@ class LoRARecipe:
             final.update(self.split_metrics(test, "test"))
         final.update({
             "eval_round": st.eval_round, "epoch": float(st.epoch), "step": st.global_step,
-            "lambda": self.lam.value, f"best_dev_{cfg.eval.metric}": st.best_score,
+            **self.objective.log_values(), f"best_dev_{cfg.eval.metric}": st.best_score,
             "best_dev_w_f1": final["dev_w_f1"], "best_eval_round": st.best_round,
             "mlflow_run_id": st.mlflow_run_id, "done": True,
             "stopped_early": st.epoch < cfg.optim.epochs,
@@ -543,7 +559,7 @@ class LoRARecipe:
         cache_stats = self._feature_cache_stats()
         if self.rank == 0:
             self._write_outputs(final, dev, test, cache_stats)
-        st.lam = self.lam.state_dict()
+        st.objective = self.objective.state_dict()
         self.save_checkpoint(final)
         if self.logger is not None:
             self.logger.end("FINISHED")
@@ -563,7 +579,7 @@ class LoRARecipe:
             with atomic_path(self.run_dir / name, force=True) as tmp:
                 _preds_only(frame).to_csv(tmp, index=False)
         with atomic_path(self.run_dir / METRICS_FILE, force=True) as tmp:
-            tmp.write_text(json.dumps({**json_safe(final, nan_to_none=False), "lambda_history": self.lam.history,
+            tmp.write_text(json.dumps({**json_safe(final, nan_to_none=False), **self.objective.outputs(),
                                        "history": st.history, "timing": self.timing,
                                        "feature_cache": cache_stats}, indent=1))
         if self.best_adapter is not None:
@@ -714,11 +730,8 @@ def check_inputs(cfg: RunConfig) -> None:
     if looks_local and not (Path(model).expanduser() / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {model} is not a saved model directory (no config.json); "
                           "build the tiny one with `ermgap model tiny --out models/tiny`")
-    if cfg.objective.kind != "minmaxgap":  # until the recipe talks to ermgap.objectives (issue 15, phase 2)
-        raise ConfigError(f"objective.kind: {cfg.objective.kind!r} is not wired into the training recipe yet; "
-                          "only 'minmaxgap' trains (ERM: lambda.mode=fixed lambda.init=0)")
-    if cfg.eval.metric not in EVAL_METRICS:
-        raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not a dev metric; allowed: {', '.join(EVAL_METRICS)}")
+    if cfg.eval.metric not in SPLIT_METRICS:
+        raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not a dev metric; allowed: {', '.join(SPLIT_METRICS)}")
     if cfg.distributed.use_gpu and not torch.cuda.is_available() and not _ray_has_gpus():
         raise ConfigError("distributed.use_gpu is true but no GPU is visible (set distributed.use_gpu=false)")
     df = run_manifest(cfg.model_copy(update={"data": cfg.data.model_copy(update={"languages": None})}))

@@ -90,3 +90,75 @@ def test_leaderboard_reads_final_metrics_marks_pareto_and_best(tmp_path):
 def test_leaderboard_of_no_trials_is_empty(tmp_path):
     spec = load_sweep_spec(_spec(tmp_path, space={}))
     assert build_leaderboard(spec, pd.DataFrame(), {}).empty
+
+
+def test_objective_comparison_pairs_each_configuration_with_erm(tmp_path):
+    """3 configurations × 2 seeds (one Group DRO seed stopped early). ERM is MinMaxGAP with λ fixed at 0, as
+    its child runs' params say. Oracles: fairlearn metrics of the seed-pooled predictions for the
+    differences, hand-computed means and sds, ERM's worst language found by the oracle."""
+    import numpy as np
+    from metrics_oracle import oracle, random_preds
+
+    from ermgap.sweep.leaderboard import objective_comparison
+
+    variants = {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0}, "gdro": {"objective.kind": "group_dro"},
+                "adaptive": {"lambda.mode": "adaptive"}}
+    spec = load_sweep_spec(_spec(tmp_path, space={}, seeds=[1, 2], variants=variants))
+    params = {"erm": {"objective.kind": "minmaxgap", "lambda.mode": "fixed", "lambda.init": "0.0"},
+              "gdro": {"objective.kind": "group_dro", "objective.group_dro.eta": "0.1"},
+              "adaptive": {"objective.kind": "minmaxgap", "lambda.mode": "adaptive", "objective.p": "2.0"}}
+    runs, trials, preds = [], {}, {}
+    for i, (variant, seed) in enumerate((v, s) for v in variants for s in (1, 2)):
+        tid, rid = f"t{i}", f"r{i}"
+        df = random_preds(300, 7, skill=0.7)  # the same test utterances in every run
+        rng = np.random.default_rng(10 * i)
+        hurt = (df["language"] == "deu") & (df["gender"] == "F") & (rng.random(300) < (0.8 if variant == "erm" else 0.2))
+        preds[rid] = df.assign(pred=np.where(hurt, "invalid", np.where(rng.random(300) < 0.2, "invalid", df["pred"])))
+        stopped = variant == "gdro" and seed == 2
+        metrics = {"dev_w_f1": 40.0 + i, "dev_avg_gap": 5.0}
+        if not stopped:
+            metrics.update({f"final/{k}": v for k, v in {"dev_w_f1": 40.0 + i, "dev_avg_gap": 5.0,
+                                                         "test_w_f1": 30.0 + 3 * i, "test_worst_lang_gap": 10.0 - i}.items()})
+        runs.append({**_child(tid, rid, metrics), **{f"params.{k}": v for k, v in params[variant].items()}})
+        trials[tid] = TrialRecord(params={"variant": variant, "optim.seed": seed}, status="stopped" if stopped else "done")
+    board = build_leaderboard(spec, pd.DataFrame(runs), trials)
+    assert list(board["objective"]) == ["ERM (SFT)"] * 2 + ["Group DRO (η=0.1)"] * 2 + ["ERM-MinMaxGAP (p=2)"] * 2
+
+    got = objective_comparison(board, spec, preds, n_boot=200).set_index("variant")
+    assert list(got.index) == ["erm", "gdro", "adaptive"] and list(got["reference"]) == [True, False, False]
+    assert list(got["n_seeds"]) == [2, 1, 2]
+    assert got.loc["erm", "test_w_f1_mean"] == pytest.approx(31.5) and got.loc["erm", "test_w_f1_sd"] == pytest.approx(
+        math.sqrt(4.5))  # 30, 33
+    assert got.loc["adaptive", "test_worst_lang_gap_mean"] == pytest.approx(5.5)  # 6, 5
+    assert math.isnan(got.loc["gdro", "test_w_f1_sd"])  # one finished seed
+
+    pool = lambda rids, seeds: pd.concat(  # noqa: E731
+        [preds[r].assign(utt_id=preds[r]["utt_id"] + f"@{s}") for r, s in zip(rids, seeds)], ignore_index=True)
+    erm_all, erm_1 = pool(["r0", "r1"], [1, 2]), pool(["r0"], [1])
+    lang_gap = lambda df: {lg: oracle(df[df["language"] == lg])["avg_gap"] for lg in ("eng", "deu", "jpn")}  # noqa: E731
+    worst = max(lang_gap(erm_all).items(), key=lambda kv: kv[1])[0]
+    assert worst == "deu" and got.loc["adaptive", "worst_language"] == "deu"
+    for variant, other, ref in (("adaptive", pool(["r4", "r5"], [1, 2]), erm_all), ("gdro", pool(["r2"], [1]), erm_1)):
+        row = got.loc[variant]
+        assert row["paired_seeds"] == (2 if variant == "adaptive" else 1)
+        assert row["d_test_w_f1"] == pytest.approx(oracle(other)["w_f1"] - oracle(ref)["w_f1"], abs=1e-9)
+        want_gap = lang_gap(other)[row["worst_language"]] - lang_gap(ref)[row["worst_language"]]
+        assert row["d_test_worst_gap"] == pytest.approx(want_gap, abs=1e-9)
+        assert row["d_test_w_f1_lo"] <= row["d_test_w_f1"] <= row["d_test_w_f1_hi"]
+    assert got.loc["adaptive", "d_test_worst_gap_hi"] < 0  # 0.8 vs 0.2 of deu-F hurt: clearly narrower
+
+    # The table the sweep prints and logs: ERM marked as the reference, the others with their intervals.
+    from ermgap.formatting import fmt
+    from ermgap.sweep.render import comparison_markdown
+
+    md = comparison_markdown(got.reset_index(), spec).splitlines()
+    assert "Δ test gap of ERM's worst language (deu) vs ERM [95 % CI]" in md[0]
+    assert md[2].startswith("| erm | ERM (SFT) | 2 |") and md[2].endswith("| reference | reference |")
+    r = got.loc["adaptive"]
+    assert md[4].endswith(f"| {fmt(r['d_test_w_f1'])} [{fmt(r['d_test_w_f1_lo'])}, {fmt(r['d_test_w_f1_hi'])}] | "
+                          f"{fmt(r['d_test_worst_gap'])} [{fmt(r['d_test_worst_gap_lo'])}, {fmt(r['d_test_worst_gap_hi'])}] |")
+
+    # No ERM configuration, or two of them: nothing to compare with.
+    assert objective_comparison(board[board["objective"] != "ERM (SFT)"], spec, preds) is None
+    twice = board.assign(objective=board["objective"].replace("ERM-MinMaxGAP (p=2)", "ERM (SFT)"))
+    assert objective_comparison(twice, spec, preds) is None

@@ -82,6 +82,11 @@ def _assert_same_run(a, b, *, tol=1e-5):
     assert len(a["lambda_history"]) == len(b["lambda_history"]) == 4
     for (ia, ga, va), (ib, gb, vb) in zip(a["lambda_history"], b["lambda_history"]):
         assert ia == ib and ga == pytest.approx(gb, abs=tol) and va == pytest.approx(vb, abs=1e-4)
+    _assert_same_outputs(a, b)
+
+
+def _assert_same_outputs(a, b):
+    """Same final dev/test losses, loss gaps and W-F1, and the same best adapter."""
     for key in ("dev_loss", "dev_loss_gap", "test_loss", "test_loss_gap", "dev_w_f1", "test_w_f1"):
         assert a[key] == pytest.approx(b[key], abs=1e-4), key
     wa, wb = _adapter(Path(a["run_dir"])), _adapter(Path(b["run_dir"]))

@@ -144,6 +144,11 @@ class Objective(ABC):
         """Current state worth logging (λ, q), keyed by name."""
         return {}
 
+    def outputs(self) -> dict[str, Any]:
+        """What a finished run's metrics.json records of this objective: its final state (with its λ or q
+        trajectory) under "objective", plus any kind-specific top-level entries."""
+        return {"objective": self.state_dict()}
+
     def hparams(self) -> dict[str, Any]:
         """Hyperparameters a saved state must agree with (JSON-able)."""
         return {}

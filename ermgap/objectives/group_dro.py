@@ -42,6 +42,7 @@ class GroupDRO(Objective):
         self.q = in_train.to(torch.float64) / in_train.sum()  # [S, A], 0 for cells without train data
         self.adjustment = torch.where(in_train, c / n.clamp(min=1).sqrt(), torch.zeros_like(n))
         self.steps = 0
+        self.history: list[list[float]] = []  # q (row-major cells) after each step: the trajectory
 
     @classmethod
     def from_config(cls, cfg, grid: CellGrid) -> GroupDRO:
@@ -63,6 +64,7 @@ class GroupDRO(Objective):
     def after_step(self, out: ObjectiveOutput) -> None:
         self.q = out.pending["q"]
         self.steps += 1
+        self.history.append(self.q.flatten().tolist())
 
     def log_values(self) -> dict[str, float]:
         return {f"q_{name}": v for name, v in zip(self.grid.cell_names(), self.q.flatten().tolist())}
@@ -71,11 +73,14 @@ class GroupDRO(Objective):
         return {"eta": self.eta, "size_adjustment": self.size_adjustment}
 
     def _state(self) -> dict:
-        return {"q": self.q.tolist(), "steps": self.steps}
+        return {"q": self.q.tolist(), "steps": self.steps, "history": self.history}
 
     def _load(self, state: dict) -> None:
         q = torch.tensor(state["q"], dtype=torch.float64)
         if q.shape != self.q.shape or not bool(torch.isfinite(q).all()) or abs(float(q.sum()) - 1) > 1e-9:
             raise ValueError(f"group_dro state: q must be a [{self.grid.num_strata}, {self.grid.num_attrs}] "
                              f"probability table, got {state['q']!r}")
+        if len(state.get("history", [])) != int(state["steps"]):
+            raise ValueError(f"group_dro state: {len(state.get('history', []))} history rows for {state['steps']} steps")
         self.q, self.steps = q, int(state["steps"])
+        self.history = [[float(v) for v in row] for row in state["history"]]

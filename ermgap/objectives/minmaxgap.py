@@ -33,6 +33,10 @@ class MinMaxGAP(Objective):
     def log_values(self) -> dict[str, float]:
         return {"lambda": self.lam.value}
 
+    def outputs(self) -> dict:
+        # `lambda_history` ([eval_round, Δdev, λ] rows) is what `ermgap report` reads for the λ plot.
+        return {**super().outputs(), "lambda_history": [list(h) for h in self.lam.history]}
+
     def hparams(self) -> dict:
         return {"p": self.p}
 

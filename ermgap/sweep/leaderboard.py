@@ -3,6 +3,7 @@
     board = build_leaderboard(spec, child_runs_frame, trials)   # no Ray needed: testable on hand-made frames
     best = select_best(board, spec)                            # the spec's documented selection rule
     summary = seed_summary(board, spec)                        # mean ± sd over seeds, per configuration
+    versus = objective_comparison(board, spec, test_preds)     # each configuration vs ERM, paired bootstrap
 
 `trials` maps a Tune trial id to `TrialRecord`; `child_runs_frame` is `mlflow.search_runs` output
 for the sweep's parent run (`metrics.*` and `tags.*` columns). A trial's numbers are those its
@@ -18,14 +19,24 @@ from typing import Any
 
 import pandas as pd
 
+from ermgap.errors import PredictionsError
+from ermgap.metric_registry import SPLIT_METRICS, direction
 from ermgap.metrics import pareto_front
+from ermgap.objective_comparison import compare_to_reference
+from ermgap.objectives import ERM
+from ermgap.report import describe_objective
 from ermgap.sweep.spec import SEED_KEY, SweepSpec
 from ermgap.tracking import TAG_TRIAL
 
-# *_loss_gap is Δ, the worst within-language gender gap in mean answer loss: the quantity the
-# objective penalises, shown next to the metric gaps it is meant to move.
-DEV_METRICS = ("dev_w_f1", "dev_acc", "dev_avg_gap", "dev_worst_lang_gap", "dev_loss_gap")
-TEST_METRICS = ("test_w_f1", "test_acc", "test_avg_gap", "test_worst_lang_gap", "test_loss_gap")
+# What the recipe reports for each split (the registry's list). *_loss_gap is Δ, the worst
+# within-language gender gap in mean answer loss: the quantity MinMaxGAP penalises, shown next to
+# the metric gaps an objective is meant to move.
+DEV_METRICS = tuple(f"dev_{m}" for m in SPLIT_METRICS)
+TEST_METRICS = tuple(f"test_{m}" for m in SPLIT_METRICS)
+# The Pareto front's two axes: an accuracy-like metric and a gap, oriented by their registry directions.
+PARETO_AXES = ("dev_w_f1", "dev_avg_gap")
+# The objective comparison's bootstrap (resamples of the pooled test utterances; fixed seed: reproducible).
+N_BOOT, BOOT_SEED = 1000, 0
 
 
 @dataclass
@@ -67,20 +78,30 @@ def build_leaderboard(spec: SweepSpec, runs: pd.DataFrame, trials: dict[str, Tri
         row.update({"status": info.status, "eval_rounds": info.last_round, "n_child_runs": len(children),
                     # Tune's wall time of the trial up to its last report.
                     "trial_s": info.time_total_s, "mlflow_run_id": None if child is None else child["run_id"]})
+        row["objective"] = None if child is None else describe_objective(run_params(child))
         row.update({m: final_metric(child, m) for m in DEV_METRICS + TEST_METRICS})
         rows.append(row)
     board = pd.DataFrame(rows)
     if board.empty:
         return board
-    ok = board["dev_w_f1"].notna() & board["dev_avg_gap"].notna()
+    ok = board[list(PARETO_AXES)].notna().all(axis=1)
     board["pareto"] = False
     if ok.any():
-        board.loc[ok, "pareto"] = pareto_front(list(zip(board.loc[ok, "dev_w_f1"], board.loc[ok, "dev_avg_gap"])))
+        # pareto_front takes (higher-is-better, lower-is-better) points: orient each axis by its direction.
+        sign = [1.0 if direction(m) == "max" else -1.0 for m in PARETO_AXES]
+        points = [(sign[0] * a, -sign[1] * g) for a, g in zip(*(board.loc[ok, m] for m in PARETO_AXES))]
+        board.loc[ok, "pareto"] = pareto_front(points)
     board["best"] = False
     best = select_best(board, spec)
     if best is not None:
         board.loc[board["trial"] == best, "best"] = True
     return board
+
+
+def run_params(child: pd.Series) -> dict[str, str]:
+    """The flattened config an MLflow child run logged (`params.*` columns of `mlflow.search_runs`)."""
+    return {k.removeprefix("params."): v for k, v in child.items()
+            if k.startswith("params.") and isinstance(v, str)}
 
 
 def select_best(board: pd.DataFrame, spec: SweepSpec) -> str | None:
@@ -112,9 +133,64 @@ def seed_summary(board: pd.DataFrame, spec: SweepSpec) -> pd.DataFrame | None:
     for key, grp in groups:
         row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         row["n_seeds"] = len(grp)
+        if "objective" in grp:
+            row["objective"] = ", ".join(sorted({str(o) for o in grp["objective"].dropna()}))
         for m in DEV_METRICS + TEST_METRICS:
             values = grp[m].dropna().astype(float)
             row[f"{m}_mean"] = float(values.mean()) if len(values) else float("nan")
             row[f"{m}_sd"] = float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _configurations(board: pd.DataFrame, spec: SweepSpec) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """Finished trials grouped by configuration (the params without `optim.seed`), in board order."""
+    keys = [p for p in spec.param_names() if p != SEED_KEY]
+    done = board[board["test_w_f1"].notna() & board["mlflow_run_id"].notna()]
+    if not keys:
+        return [({}, done)] if len(done) else []
+    return [(dict(zip(keys, k if isinstance(k, tuple) else (k,))), g)
+            for k, g in done.groupby(keys, sort=False, dropna=False)]
+
+
+def objective_comparison(board: pd.DataFrame, spec: SweepSpec, test_preds: dict[str, pd.DataFrame], *,
+                         n_boot: int = N_BOOT, seed: int = BOOT_SEED) -> pd.DataFrame | None:
+    """Each configuration against the sweep's ERM configuration, seed-paired on the same test utterances.
+
+    test_preds maps an MLflow run id to that run's test predictions. Per configuration: its objective,
+    n_seeds, mean ± sd over seeds of test W-F1 and test worst-lang gap, and (`ermgap.objective_comparison`)
+    the paired-bootstrap difference vs ERM, pooled over the seeds both finished, of test W-F1
+    (`d_test_w_f1`, `_lo`, `_hi`: 95 % percentile interval) and of the AVG gap of ERM's worst language
+    (`worst_language`, `d_test_worst_gap`, `_lo`, `_hi`), in points. None unless exactly one configuration
+    trains ERM (`objective.kind=erm`, or MinMaxGAP with λ fixed at 0) and it finished with predictions.
+    """
+    if board.empty or "objective" not in board:
+        return None
+    groups = []
+    for params, grp in _configurations(board, spec):
+        seeds = grp[SEED_KEY] if SEED_KEY in grp else pd.Series(range(len(grp)), index=grp.index)
+        preds = {int(s): test_preds[r] for s, r in zip(seeds, grp["mlflow_run_id"]) if r in test_preds}
+        label = ", ".join(f"{k}={v}" for k, v in params.items()) or "all"
+        groups.append((label, params, grp, preds))
+    erm = [label for label, _, grp, preds in groups if preds and grp["objective"].eq(ERM.label).all()]
+    if len(erm) != 1:
+        return None
+    try:
+        versus = compare_to_reference({label: preds for label, _, _, preds in groups if preds}, erm[0],
+                                      n_boot=n_boot, seed=seed).set_index("config")
+    except PredictionsError:  # e.g. runs of one configuration predicted other test utterances
+        return None
+    rows = []
+    for label, params, grp, _ in groups:
+        row: dict[str, Any] = {**params, "objective": ", ".join(sorted(set(grp["objective"].dropna())))}
+        row["n_seeds"] = len(grp)
+        for m in ("test_w_f1", "test_worst_lang_gap"):
+            v = grp[m].dropna().astype(float)
+            row[f"{m}_mean"] = float(v.mean()) if len(v) else float("nan")
+            row[f"{m}_sd"] = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+        row["reference"] = label == erm[0]
+        if label in versus.index:
+            row.update(versus.loc[label].drop("seeds").to_dict())
+            row["paired_seeds"] = int(versus.loc[label, "seeds"])
         rows.append(row)
     return pd.DataFrame(rows)

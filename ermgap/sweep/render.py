@@ -15,14 +15,14 @@ from rich.table import Table
 from ermgap.config import flatten, validate_tree
 from ermgap.formatting import fmt
 from ermgap.io import atomic_write_text
+from ermgap.metric_registry import label, lookup
 from ermgap.plots import pareto_plot
+from ermgap.sweep.leaderboard import PARETO_AXES
 from ermgap.sweep.spec import SEED_KEY, TRIAL_DRIVER_CPU, VARIANT_PARAM, SweepSpec, dump_spec_yaml
 
-# Leaderboard columns shown in the console, with their headings.
-SHOWN = {"dev_w_f1": "dev W-F1", "dev_acc": "dev ACC", "dev_avg_gap": "dev AVG gap",
-         "dev_worst_lang_gap": "dev worst-lang gap", "dev_loss_gap": "dev Δloss",
-         "test_w_f1": "test W-F1", "test_acc": "test ACC", "test_avg_gap": "test AVG gap",
-         "test_worst_lang_gap": "test worst-lang gap", "test_loss_gap": "test Δloss"}
+# Leaderboard columns shown in the console, headed by their registry labels ("dev W-F1", "test Δloss").
+SHOWN = {k: label(k) for k in ("dev_w_f1", "dev_acc", "dev_avg_gap", "dev_worst_lang_gap", "dev_loss_gap",
+                               "test_w_f1", "test_acc", "test_avg_gap", "test_worst_lang_gap", "test_loss_gap")}
 SEED_SHOWN = ("dev_w_f1", "dev_worst_lang_gap", "test_w_f1", "test_avg_gap", "test_worst_lang_gap", "test_loss_gap")
 
 
@@ -42,15 +42,16 @@ def leaderboard_markdown(board: pd.DataFrame) -> str:
 
 def print_leaderboard(board: pd.DataFrame, spec: SweepSpec, out: Console) -> None:
     sel = spec.model.selection
+    axes = " / ".join(f"{label(m)} {lookup(m).arrow}" for m in PARETO_AXES)
     table = Table(title=f"sweep {spec.name}: {len(board)} trials  (★ best: {sel.metric} {sel.mode} among "
-                        f"{sel.gap_metric} ≤ min + {sel.tolerance:g};  ◆ Pareto: dev W-F1 ↑ / dev AVG gap ↓)")
+                        f"{sel.gap_metric} ≤ min + {sel.tolerance:g};  ◆ Pareto: {axes})")
     params = spec.param_names()
-    for c in ["", "trial", *params, "status", "rounds", *SHOWN.values()]:
+    for c in ["", "trial", *params, "objective", "status", "rounds", *SHOWN.values()]:
         table.add_column(c, justify="right" if c in SHOWN.values() or c == "rounds" else "left")
     for _, r in board.iterrows():
         mark = ("★" if r["best"] else "") + ("◆" if r["pareto"] else "")
-        table.add_row(mark, r["trial"], *[fmt(r[p]) for p in params], str(r["status"]), fmt(r["eval_rounds"]),
-                      *[fmt(r[k]) for k in SHOWN])
+        table.add_row(mark, r["trial"], *[fmt(r[p]) for p in params], fmt(r.get("objective")), str(r["status"]),
+                      fmt(r["eval_rounds"]), *[fmt(r[k]) for k in SHOWN])
     out.print(table)
 
 
@@ -65,6 +66,45 @@ def print_seed_summary(summary: pd.DataFrame, spec: SweepSpec, out: Console) -> 
     out.print(table)
 
 
+def _interval(r: pd.Series, col: str) -> str:
+    return f"{fmt(r[col])} [{fmt(r[f'{col}_lo'])}, {fmt(r[f'{col}_hi'])}]"
+
+
+def comparison_rows(versus: pd.DataFrame, spec: SweepSpec) -> tuple[list[str], list[list[str]]]:
+    """Headers and cells of the objectives-vs-ERM table (console and markdown alike)."""
+    keys = [p for p in spec.param_names() if p != SEED_KEY]
+    worst = versus["worst_language"].dropna().unique() if "worst_language" in versus else []
+    where = f" ({', '.join(worst)})" if len(worst) else ""
+    headers = [*keys, "objective", "seeds", "test W-F1 (mean ± sd)", "test worst-lang gap (mean ± sd)",
+               "Δ test W-F1 vs ERM [95 % CI]", f"Δ test gap of ERM's worst language{where} vs ERM [95 % CI]"]
+    rows = []
+    for _, r in versus.iterrows():
+        diffs = ["reference", "reference"] if r["reference"] else (
+            [_interval(r, "d_test_w_f1"), _interval(r, "d_test_worst_gap")] if r.get("d_test_w_f1") == r.get("d_test_w_f1")
+            else ["-", "-"])
+        rows.append([*[fmt(r[k]) for k in keys], fmt(r["objective"]), str(r["n_seeds"]),
+                     f"{fmt(r['test_w_f1_mean'])} ± {fmt(r['test_w_f1_sd'])}",
+                     f"{fmt(r['test_worst_lang_gap_mean'])} ± {fmt(r['test_worst_lang_gap_sd'])}", *diffs])
+    return headers, rows
+
+
+def comparison_markdown(versus: pd.DataFrame, spec: SweepSpec) -> str:
+    headers, rows = comparison_rows(versus, spec)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def print_objective_comparison(versus: pd.DataFrame, spec: SweepSpec, out: Console) -> None:
+    headers, rows = comparison_rows(versus, spec)
+    table = Table(title=f"sweep {spec.name}: objectives vs ERM, paired bootstrap over the test utterances of "
+                        "the seeds both finished (points; negative Δ gap: narrower than ERM)")
+    for i, c in enumerate(headers):
+        table.add_column(c, justify="left" if i <= len(headers) - 5 else "right")
+    for r in rows:
+        table.add_row(*r)
+    out.print(table)
+
+
 def ui_command(tracking_uri: str) -> str:
     return f"ermgap ui --tracking-uri '{tracking_uri}'"
 
@@ -74,6 +114,8 @@ def print_outcome(outcome, spec: SweepSpec, out: Console) -> None:
     print_leaderboard(outcome.leaderboard, spec, out)
     if outcome.seed_summary is not None:
         print_seed_summary(outcome.seed_summary, spec, out)
+    if outcome.objective_comparison is not None:
+        print_objective_comparison(outcome.objective_comparison, spec, out)
     out.print(f"best trial: {outcome.best_trial or '- (no trial finished)'}")
     for k, p in outcome.artifacts.items():
         out.print(f"{k}: {p}")
@@ -81,8 +123,10 @@ def print_outcome(outcome, spec: SweepSpec, out: Console) -> None:
     out.print(f"open the UI: {ui_command(outcome.tracking_uri)}")
 
 
-def write_artifacts(spec: SweepSpec, board: pd.DataFrame, summary: pd.DataFrame | None, art: Path) -> dict[str, Path]:
-    """The parent run's files: the spec as run, its search space, leaderboard, seed summary, Pareto plot."""
+def write_artifacts(spec: SweepSpec, board: pd.DataFrame, summary: pd.DataFrame | None, art: Path,
+                    versus: pd.DataFrame | None = None) -> dict[str, Path]:
+    """The parent run's files: the spec as run, its search space, leaderboard, seed summary, objectives vs
+    ERM, Pareto plot."""
     art.mkdir(parents=True, exist_ok=True)
     m = spec.model
     space = {"algorithm": m.algorithm, "space": {k: d.model_dump(exclude_none=True) for k, d in m.space.items()},
@@ -98,12 +142,17 @@ def write_artifacts(spec: SweepSpec, board: pd.DataFrame, summary: pd.DataFrame 
     if summary is not None:
         files["seed_summary_csv"] = atomic_write_text(art / "seed_summary.csv", summary.to_csv(index=False), force=True)
         files["seed_summary_md"] = atomic_write_text(art / "seed_summary.md", leaderboard_markdown(summary), force=True)
-    ok = board[board["dev_w_f1"].notna() & board["dev_avg_gap"].notna()].copy() if not board.empty else board
+    if versus is not None:
+        files["objective_comparison_csv"] = atomic_write_text(art / "objective_comparison.csv",
+                                                              versus.to_csv(index=False), force=True)
+        files["objective_comparison_md"] = atomic_write_text(art / "objective_comparison.md",
+                                                             comparison_markdown(versus, spec), force=True)
+    ok = board[board[list(PARETO_AXES)].notna().all(axis=1)].copy() if not board.empty else board
     if not ok.empty:
         ok["label"] = [f"{v} ({t})" if isinstance(v, str) else t
                        for v, t in zip(ok.get(VARIANT_PARAM, ok["trial"]), ok["trial"])]
         files["pareto_plot"] = art / "pareto.png"
-        pareto_plot(ok, files["pareto_plot"], x="dev_avg_gap", y="dev_w_f1", label="label")
+        pareto_plot(ok, files["pareto_plot"], x=PARETO_AXES[1], y=PARETO_AXES[0], label="label")
     return files
 
 

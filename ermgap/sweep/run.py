@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,17 @@ from ermgap import tracking
 from ermgap.config import default_tracking_uri, flatten
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
 from ermgap.ray_runtime import ensure_ray
-from ermgap.report import report_from_mlflow
+from ermgap.report import report_from_mlflow, run_test_predictions
 from ermgap.sweep import render
-from ermgap.sweep.leaderboard import DEV_METRICS, TEST_METRICS, build_leaderboard, seed_summary, select_best
+from ermgap.sweep.leaderboard import (
+    DEV_METRICS,
+    TEST_METRICS,
+    build_leaderboard,
+    objective_comparison,
+    run_params,
+    seed_summary,
+    select_best,
+)
 from ermgap.sweep.paths import SweepPaths
 from ermgap.sweep.resources import check_resources, check_trial_inputs, local_resources, resource_plan
 from ermgap.sweep.spec import SweepSpec, load_sweep_spec
@@ -43,6 +52,7 @@ class SweepOutcome:
     experiment: str
     leaderboard: pd.DataFrame = field(default_factory=pd.DataFrame)
     seed_summary: pd.DataFrame | None = None  # per-configuration mean ± sd when the spec repeats seeds
+    objective_comparison: pd.DataFrame | None = None  # each configuration vs the ERM one (paired bootstrap)
     best_trial: str | None = None
     artifacts: dict[str, Path] = field(default_factory=dict)
     wall_s: float = 0.0
@@ -154,13 +164,17 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
     """Leaderboard, seed summary, best trial, parent-run artifacts and the paper's report; returns
     whether every trial failed."""
     uri, parent_id = outcome.tracking_uri, outcome.parent_run_id
-    board = build_leaderboard(spec, tracking.child_runs(uri, outcome.experiment, parent_id), trial_records(results))
+    runs = tracking.child_runs(uri, outcome.experiment, parent_id)
+    board = build_leaderboard(spec, runs, trial_records(results))
     if not board.empty:
-        tracking.close_unfinished(uri, [r for r, s in zip(board["mlflow_run_id"], board["status"]) if r and s != "done"])
+        tracking.close_unfinished(uri, [r for r, s in zip(board["mlflow_run_id"], board["status"])
+                                        if isinstance(r, str) and s != "done"])
     outcome.leaderboard = board
     outcome.seed_summary = seed_summary(board, spec)
+    outcome.objective_comparison = objective_comparison(board, spec, _test_predictions(uri, board, runs))
     outcome.best_trial = select_best(board, spec) if not board.empty else None
-    outcome.artifacts = render.write_artifacts(spec, board, outcome.seed_summary, paths.artifacts)
+    outcome.artifacts = render.write_artifacts(spec, board, outcome.seed_summary, paths.artifacts,
+                                               outcome.objective_comparison)
     tags, metrics = {}, {}
     best = board[board["best"]] if "best" in board else board.iloc[:0]
     if not best.empty:
@@ -174,6 +188,21 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
     failed = board.empty or bool((board["status"] == "ERROR").all())
     tracking.set_status(uri, parent_id, "FAILED" if failed else "FINISHED")
     return failed
+
+
+def _test_predictions(tracking_uri: str, board: pd.DataFrame, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """{MLflow run id: test predictions} of the trials that ran to the end (`runs`: their child runs)."""
+    if board.empty:
+        return {}
+    params = {r["run_id"]: run_params(r) for _, r in runs.iterrows()}
+    done = board[board["test_w_f1"].notna() & board["mlflow_run_id"].notna()]
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="ermgap-preds-") as tmp:
+        for run_id in done["mlflow_run_id"]:
+            got = run_test_predictions(tracking_uri, run_id, params.get(run_id, {}), tmp)
+            if got is not None:
+                out[run_id] = got[0]
+    return out
 
 
 def _paper_report(tracking_uri: str, parent_id: str, out_dir: Path, out: Console) -> dict[str, Path]:

@@ -1,0 +1,118 @@
+"""The objectives other than MinMaxGAP end to end: real Ray on 127.0.0.1, real DeepSpeed, the tiny model on
+the small corpus slice of tests/test_train_distributed.py (same fixtures, same 12-step schedule).
+
+Oracles: a 1-worker run for the 2-worker Group DRO run (q is updated from all-reduced cell means, so it
+must not depend on the worker count); the uninterrupted run for a run that loses a worker mid-way; the
+train split's cell counts (pandas) for the reweighting weights.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from test_train_distributed import (  # noqa: F401
+    _assert_same_outputs,
+    _history,
+    _train,
+    base,
+    ray_cluster,
+    small_manifest,
+)
+
+from ermgap.labels import GENDERS, LANGUAGES
+
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
+
+# η_q large enough that 12 steps move q visibly away from uniform (the default 0.01 barely moves it).
+GROUP_DRO = ["objective.kind=group_dro", "objective.group_dro.eta=0.5", "objective.group_dro.size_adjustment=0.5"]
+CELLS = [f"{lg}_{g}" for lg in LANGUAGES for g in GENDERS]  # the row-major order of the q table
+
+
+def _q_trajectory(final) -> list[list[float]]:
+    return json.loads((Path(final["run_dir"]) / "metrics.json").read_text())["objective"]["history"]
+
+
+def _assert_same_group_dro_run(a, b, *, tol=1e-5):
+    """Same per-step losses and q (metrics.json and MLflow), dev/test metrics and best adapter."""
+    qa, qb = _q_trajectory(a), _q_trajectory(b)
+    assert len(qa) == len(qb) == 12
+    for step, (ra, rb) in enumerate(zip(qa, qb), start=1):
+        assert ra == pytest.approx(rb, abs=tol), f"q differs after step {step}"
+    for key in ("train/loss", "q_deu_F", "q_jpn_M"):
+        ha, hb = dict(_history(a, key)), dict(_history(b, key))  # last value per step (redone steps overwrite)
+        assert sorted(ha) == sorted(hb) == list(range(1, 13)), key
+        for step in ha:
+            assert ha[step] == pytest.approx(hb[step], abs=tol, rel=tol), f"{key} differs at step {step}"
+    assert a["test_worst_lang_gap"] == pytest.approx(b["test_worst_lang_gap"], abs=1e-4)
+    _assert_same_outputs(a, b)
+
+
+@pytest.fixture(scope="module")
+def group_dro_reference(ray_cluster, base):  # noqa: F811
+    """The uninterrupted 2-worker Group DRO run (12 optimizer steps, evaluation every 3 steps)."""
+    return _train(base, "group_dro", GROUP_DRO)
+
+
+def test_group_dro_run_records_its_q_trajectory(group_dro_reference):
+    from mlflow import MlflowClient
+
+    final = group_dro_reference
+    q = _q_trajectory(final)
+    for row in q:
+        assert len(row) == 6 and sum(row) == pytest.approx(1.0, abs=1e-12) and min(row) > 0
+    assert max(abs(v - 1 / 6) for v in q[-1]) > 0.01, q[-1]  # q moved: the update ran every step
+    # MLflow's per-step q_<cell> is the same trajectory; the final report carries the last q.
+    for i, cell in enumerate(CELLS):
+        logged = dict(_history(final, f"q_{cell}"))
+        assert [logged[s] for s in range(1, 13)] == pytest.approx([row[i] for row in q], abs=1e-12), cell
+        assert final[f"q_{cell}"] == pytest.approx(q[-1][i], abs=1e-12)
+    assert "lambda" not in final and "lambda_history" not in final
+    run = MlflowClient(final["tracking_uri"]).get_run(final["mlflow_run_id"])
+    assert run.data.params["objective.kind"] == "group_dro"
+
+
+def test_group_dro_two_workers_equal_one_worker(group_dro_reference, base):  # noqa: F811
+    one = _train(base, "group_dro_one_worker", [*GROUP_DRO, "distributed.num_workers=1"])
+    _assert_same_group_dro_run(group_dro_reference, one)
+
+
+def test_group_dro_worker_fault_resumes_the_same_q_trajectory(group_dro_reference, base, monkeypatch):  # noqa: F811
+    """Rank 1 dies after step 5; Ray restarts the worker group from the step-3 checkpoint, whose objective
+    state holds q after step 3: the run ends exactly like the uninterrupted one."""
+    monkeypatch.setenv("ERMGAP_FAULT_KILL_AT_STEP", "5")
+    final = _train(base, "group_dro_fault", GROUP_DRO)
+    assert (Path(final["run_dir"]) / ".fault_fired").is_file()
+    steps = [s for s, _ in _history(final, "q_deu_F")]
+    assert {4, 5} <= {s for s in steps if steps.count(s) > 1}, steps  # steps 4-5 were redone after the restart
+    _assert_same_group_dro_run(group_dro_reference, final)
+
+
+def test_reweight_trains_on_two_workers(ray_cluster, base, small_manifest, tmp_path):  # noqa: F811
+    """Male train speakers halved (8 F, 4 M per language): the logged weights are N / (K·n_cell) from the
+    train counts, and the weighted loss differs from the plain mean the run also logs."""
+    from mlflow import MlflowClient
+
+    from ermgap.metrics import compute_metrics, read_predictions
+
+    df = pd.read_csv(small_manifest, dtype=str, keep_default_na=False)
+    drop = df[(df["split"] == "train") & (df["gender"] == "M")].groupby("language").head(4).index
+    manifest = tmp_path / "manifest.csv"
+    df.drop(index=drop).to_csv(manifest, index=False)
+    train = df.drop(index=drop).query("split == 'train'")
+    counts = train.groupby(["language", "gender"]).size()
+    assert sorted(counts.tolist()) == [4, 4, 4, 8, 8, 8]
+    final = _train(base, "reweight", ["objective.kind=reweight", f"data.manifest={manifest}"])
+    assert final["done"] is True
+    for (lg, g), n in counts.items():
+        want = len(train) / (len(counts) * n)
+        logged = [v for _, v in _history(final, f"weight_{lg}_{g}")]
+        assert logged and logged == pytest.approx([want] * len(logged)), (lg, g)
+    loss, erm = dict(_history(final, "train/loss")), dict(_history(final, "train/erm"))
+    assert max(abs(loss[s] - erm[s]) for s in loss) > 1e-4
+    test = read_predictions(Path(final["run_dir"]) / "test_preds.csv")
+    assert final["test_w_f1"] == pytest.approx(compute_metrics(test)["overall"]["w_f1"])
+    run = MlflowClient(final["tracking_uri"]).get_run(final["mlflow_run_id"])
+    assert run.data.params["objective.kind"] == "reweight" and run.info.status == "FINISHED"
