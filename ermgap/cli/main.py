@@ -44,25 +44,18 @@ for module, attr, name in _COMMANDS:
 
 
 def main() -> None:
-    """Run the CLI; user errors are printed as one clear message with a non-zero exit."""
+    """Run the CLI; user errors are printed as one clear message with a non-zero exit.
+
+    Typer runs in standalone mode so that it handles its own usage errors (missing argument, unknown
+    option or command, out-of-range value) the usual way: usage line, message, exit 2. Its bundled click
+    raises exceptions that are not `click.ClickException`, so catching them here would need private names.
+    """
     try:
-        # standalone_mode=False returns typer.Exit codes instead of exiting: pass them on.
-        rc = app(standalone_mode=False)
+        app()
     except ErmgapError as err:
         # Text, not markup: messages quote user values such as "[q_proj]" that rich would eat.
         Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(err)), highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
-    if isinstance(rc, int) and rc:
-        sys.exit(rc)
 
 
 if __name__ == "__main__":
