@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ermgap.errors import ConfigError
+from ermgap.errors import ConfigError, ErmgapWarning
 from ermgap.labels import EMOTIONS
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats but no setting means anything with them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -95,10 +97,10 @@ class ObjectiveConfig(_Section):
 
 class LambdaConfig(_Section):
     mode: Literal["adaptive", "fixed"] = Field("adaptive", description="adaptive: Lagrangian update after each dev evaluation; fixed: λ stays at init.")
-    init: float = Field(0.0, ge=0, description="λ0.")
-    eta: float = Field(0.5, ge=0, description="Update rate η.")
+    init: float = Field(0.0, ge=0, le=1000, description="λ0 (at most 1000, like λmax).")
+    eta: float = Field(0.5, ge=0, le=100, description="Update rate η: each dev evaluation moves λ by η·(Δdev − ε) (at most 100).")
     epsilon: float = Field(0.02, ge=0, description="Target tolerance ε for the dev gap.")
-    lam_max: float = Field(10.0, ge=0, description="Upper clip λmax.")
+    lam_max: float = Field(10.0, ge=0, le=1000, description="Upper clip λmax (at most 1000: the gap term would swamp the task loss).")
     dev_gap: Literal["loss_gap", "avg_metric_gap"] = Field("loss_gap", description="Which dev gap drives the update (loss units or AVG metric gap as a fraction).")
 
     @model_validator(mode="after")
@@ -109,7 +111,7 @@ class LambdaConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    lr: float = Field(5e-5, gt=0, le=1, description="Peak learning rate (at most 1).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     epochs: int = Field(20, gt=0, description="Maximum epochs.")
     effective_batch_size: int = Field(64, gt=0, description="Global batch per optimizer step = micro × accumulation × workers.")
@@ -120,13 +122,30 @@ class OptimConfig(_Section):
     seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
 
 
+# Dev metrics usable for early stopping and the best checkpoint (`eval.metric`) → which way is better.
+DEV_METRIC_MODES: dict[str, str] = {"w_f1": "max", "acc": "max", "avg_gap": "min", "worst_lang_gap": "min",
+                                    "loss": "min", "loss_gap": "min"}
+
+
 class EvalConfig(_Section):
     every_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps (default: once per epoch).")
     patience: int = Field(5, ge=0, description="Early-stopping patience in evaluations (0 disables).")
-    metric: str = Field("w_f1", description="Dev metric for early stopping and best checkpoint.")
-    metric_mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better.")
+    metric: str = Field("w_f1", description="Dev metric for early stopping and best checkpoint: "
+                        + ", ".join(DEV_METRIC_MODES) + ".")
+    metric_mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better: max for "
+                                               "w_f1 and acc, min for the gaps and losses (the other way is refused).")
     predict: Literal["score", "generate"] = Field("score", description="Label scoring or free generation for predictions.")
     batch_size: int = Field(8, gt=0, description="Per-worker evaluation batch size.")
+
+    @model_validator(mode="after")
+    def _metric_direction(self) -> EvalConfig:
+        direction = DEV_METRIC_MODES.get(self.metric)
+        # An unknown name is refused with the list of dev metrics before training starts (train.check_inputs).
+        if direction is not None and self.metric_mode != direction:
+            better = "larger" if direction == "max" else "smaller"
+            raise ValueError(f"eval.metric {self.metric!r} is better when {better}, but eval.metric_mode is "
+                             f"{self.metric_mode!r}: the worst checkpoint would be kept; set eval.metric_mode={direction}")
+        return self
 
 
 class DistributedConfig(_Section):
@@ -258,6 +277,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     if tree is None:
+        warnings.warn(f"{p} is empty: every setting takes its default (model.name_or_path "
+                      f"{ModelConfig().name_or_path}, data.manifest {DataConfig().manifest})", ErmgapWarning,
+                      stacklevel=2)
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(tree).__name__}")

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ermgap.config import RunConfig, apply_overrides, flatten, load_config
-from ermgap.errors import ConfigError
+from ermgap.errors import ConfigError, ErmgapWarning
 
 
 def write(tmp_path, text: str):
@@ -70,6 +70,15 @@ def test_round_trip_through_dump(tmp_path):
         ("", ["lambda.mode=sometimes"], ["lambda.mode", "'adaptive' or 'fixed'"]),
         ("", ["objective.p"], ["must look like key=value"]),
         ("prompt:\n  verbalizers: {joy: happy}\n", [], ["prompt.verbalizers", "missing"]),
+        ("", ["optim.lr=.inf"], ["optim.lr", "finite number"]),
+        ("", ["optim.lr=.nan"], ["optim.lr", "finite number"]),
+        ("", ["optim.lr=3"], ["optim.lr", "less than or equal to 1"]),
+        ("", ["lambda.lam_max=.inf"], ["lambda.lam_max", "finite number"]),
+        ("", ["lambda.eta=1e308"], ["lambda.eta", "less than or equal to 100", "1e308"]),
+        ("", ["lambda.epsilon=-.inf"], ["lambda.epsilon", "finite number"]),
+        ("", ["eval.metric=loss"], ["eval.metric 'loss' is better when smaller", "eval.metric_mode=min"]),
+        ("", ["eval.metric=worst_lang_gap"], ["worst_lang_gap", "set eval.metric_mode=min"]),
+        ("", ["eval.metric_mode=min"], ["eval.metric 'w_f1' is better when larger", "eval.metric_mode=max"]),
     ],
 )
 def test_bad_values_are_named(tmp_path, text, overrides, expected):
@@ -112,3 +121,19 @@ def test_cli_show_and_error_exit(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert "optim.lr" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lower_is_better_metric_with_min_is_accepted():
+    cfg = load_config(None, ["eval.metric=loss", "eval.metric_mode=min"])
+    assert (cfg.eval.metric, cfg.eval.metric_mode) == ("loss", "min")
+
+
+def test_empty_config_file_warns(tmp_path):
+    empty = write(tmp_path, "# nothing here\n")
+    with pytest.warns(ErmgapWarning, match=r"run\.yaml is empty: every setting takes its default .*Qwen2-Audio-7B"):
+        cfg = load_config(empty)
+    assert cfg == load_config(None)
+    proc = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "config", "show", str(empty)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "warning:" in proc.stderr and "is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -6,6 +6,7 @@ import torch
 
 from ermgap.backends import Prediction
 from ermgap.config import ModelConfig, PromptConfig
+from ermgap.errors import ConfigError
 from ermgap.labels import EMOTIONS
 
 
@@ -45,6 +46,11 @@ class Qwen2AudioBackend:
         with torch.no_grad():
             if self.mode == "score":
                 scores = score_labels(self.model, batch).float().cpu()
+                bad = [row["utt_id"] for row, ok in zip(rows, torch.isfinite(scores).all(-1)) if not ok]
+                if bad:  # argmax of NaN scores is label 0: it would pass as a confident "neutral"
+                    raise ConfigError(f"model {self.name} gave NaN or infinite label scores for utterance(s) "
+                                      f"{', '.join(bad[:5])}; in fp16 activations can overflow (try --dtype fp32 "
+                                      "or bf16)")
                 return [Prediction(EMOTIONS[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
             texts = generate(self.model, batch, self.processor.tokenizer, max_new_tokens=self.max_new_tokens)
         return [Prediction(parse_answer(t, self.prompt_cfg.verbalizers), None, t) for t in texts]

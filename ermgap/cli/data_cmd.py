@@ -25,12 +25,14 @@ def validate(
 ) -> None:
     """Check columns, values, unique ids, splits, both genders per (split, language) and every audio file.
 
-    Lists all problems with row and column; exits 2 when there is any."""
-    from ermgap.data.manifest import format_problems, validate_manifest
+    Lists all problems with row and column; exits 2 when there is any. Speakers shared between train
+    and dev/test are a warning, not an error."""
+    from ermgap.data.manifest import format_problems, validate_manifest, warn_problems
 
     rates: Counter = Counter()
-    problems = validate_manifest(manifest, modality=modality, check_audio=not no_audio,
-                                 expected_sample_rate=sample_rate or None, sample_rates=rates)
+    problems = warn_problems(validate_manifest(manifest, modality=modality, check_audio=not no_audio,
+                                               expected_sample_rate=sample_rate or None, sample_rates=rates,
+                                               include_warnings=True))
     if rates:
         typer.echo("sample rates: " + ", ".join(f"{r} Hz × {n}" for r, n in sorted(rates.items())))
     if problems:

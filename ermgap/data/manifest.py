@@ -20,14 +20,16 @@ the offending value and what is allowed; `validate_manifest` returns all of them
 from __future__ import annotations
 
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from ermgap.errors import ManifestError
+from ermgap.errors import ErmgapWarning, ManifestError
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, MODALITIES, SPLITS
 
 REQUIRED_COLUMNS: tuple[str, ...] = (
@@ -38,6 +40,10 @@ ALLOWED_VALUES: dict[str, tuple[str, ...]] = {
     "split": SPLITS, "language": LANGUAGES, "emotion": EMOTIONS, "gender": GENDERS,
 }
 EXPECTED_SAMPLE_RATE = 16000
+# Sample formats that store floats, which can be NaN or inf (integer PCM cannot).
+NONFINITE_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+# How far a stated duration_s may be from the file's own length (rounding, not a different file).
+DURATION_TOLERANCE_S = 0.05
 # Columns that identify an utterance and must never be blank (transcript may be, in unimodal use).
 _NONEMPTY = ("utt_id", "speaker", "audio")
 
@@ -144,6 +150,8 @@ def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: 
 
     rates: Counter = Counter()
     base = path.parent
+    stated = (pd.to_numeric(df["duration_s"], errors="coerce") if "duration_s" in df.columns
+              else pd.Series(float("nan"), index=df.index))
     for i, rel in zip(df.index, df["audio"]):
         if not rel.strip():
             continue
@@ -154,12 +162,18 @@ def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: 
             continue
         try:
             info = sf.info(str(p))
-            if info.frames > 0:  # read a little: a valid header over garbage data must fail here
-                sf.read(str(p), frames=min(info.frames, 1600), dtype="float32")
+            # Integer samples are always finite, so reading a little proves the data decodes; float
+            # samples can be NaN or inf anywhere, so those files are read whole.
+            whole = info.frames if info.subtype in NONFINITE_SUBTYPES else min(info.frames, 1600)
+            x = sf.read(str(p), frames=whole, dtype="float32")[0] if info.frames > 0 else None
         except Exception as err:
             msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             problems.append(Problem(name, f"audio file cannot be decoded ({msg})", **row))
             continue
+        bad = int(np.size(x) - np.isfinite(x).sum()) if x is not None else 0
+        if bad:
+            problems.append(Problem(name, f"audio has {bad} NaN or infinite sample(s); expected finite samples "
+                                          "in [-1, 1]", **row))
         rates[int(info.samplerate)] += 1
         if info.channels != 1:
             problems.append(Problem(name, f"audio has {info.channels} channels; expected mono (1 channel)", **row))
@@ -168,7 +182,24 @@ def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: 
         if expected_sample_rate is not None and info.samplerate != expected_sample_rate:
             problems.append(Problem(name, f"sample rate is {info.samplerate} Hz; expected {expected_sample_rate} Hz",
                                     **row))
+        actual = info.frames / info.samplerate if info.samplerate else 0.0
+        if info.frames and stated[i] > 0 and abs(stated[i] - actual) > DURATION_TOLERANCE_S:
+            problems.append(Problem(name, f"the audio file {rel} lasts {actual:.3f} s; expected duration_s within "
+                                          f"{DURATION_TOLERANCE_S} s of it (or leave it empty)",
+                                    row=i + 1, column="duration_s", value=df.at[i, "duration_s"]))
     return rates
+
+
+def _check_speakers(df: pd.DataFrame, name: str, problems: list[Problem]) -> None:
+    """Warn when a training speaker is also in dev or test: those scores then measure voices already heard."""
+    train = set(df.loc[df["split"] == "train", "speaker"])
+    for split in ("dev", "test"):
+        shared = sorted(train & set(df.loc[df["split"] == split, "speaker"]))
+        if shared:
+            shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+            problems.append(Problem(name, f"{len(shared)} speaker(s) are in both train and {split} ({shown}); "
+                                          f"{split} scores then include voices seen in training",
+                                    column="speaker", kind="warning"))
 
 
 def validate_manifest(
@@ -179,8 +210,12 @@ def validate_manifest(
     require_splits: Sequence[str] = SPLITS,
     expected_sample_rate: int | None = EXPECTED_SAMPLE_RATE,
     sample_rates: Counter | None = None,
+    include_warnings: bool = False,
 ) -> list[Problem]:
-    """Check a manifest CSV and return every problem found (empty list: valid).
+    """Check a manifest CSV and return every problem found (none with kind "error": valid).
+
+    include_warnings: also return problems of kind "warning" (a speaker in train and in dev or test),
+    which do not make the manifest invalid; `warn_problems` reports them.
 
     modality: "multi" also requires non-empty transcripts. check_audio: open every audio file
     (present, decodable, mono, non-empty, `expected_sample_rate` Hz unless None). require_splits:
@@ -204,6 +239,8 @@ def validate_manifest(
         problems.append(Problem(name, "manifest has a header but no rows"))
         return problems
     _check_rows(df, name, modality, problems)
+    if include_warnings:
+        _check_speakers(df, name, problems)
     # Coverage problems would only echo a bad split/language/gender value already reported by row.
     if all(df[col].isin(allowed).all() for col, allowed in ALLOWED_VALUES.items() if col != "emotion"):
         _check_coverage(df, name, require_splits, problems)
@@ -212,6 +249,14 @@ def validate_manifest(
         if sample_rates is not None:
             sample_rates.update(rates)
     return problems
+
+
+def warn_problems(problems: Sequence[Problem]) -> list[Problem]:
+    """Issue an ErmgapWarning for each warning among `problems`; return the errors."""
+    for p in problems:
+        if p.kind == "warning":
+            warnings.warn(p.describe(), ErmgapWarning, stacklevel=2)
+    return [p for p in problems if p.kind != "warning"]
 
 
 def format_problems(problems: Sequence[Problem], limit: int | None = None, *, with_file: bool = False) -> str:
@@ -236,8 +281,9 @@ def read_manifest(
     column `audio_path`: the absolute path of each audio file. Sample rates other than 16 kHz are
     not an error here (load_audio resamples); `ermgap data validate` reports them.
     """
-    problems = validate_manifest(path, modality=modality, check_audio=check_audio,
-                                 require_splits=require_splits, expected_sample_rate=None)
+    problems = warn_problems(validate_manifest(path, modality=modality, check_audio=check_audio,
+                                               require_splits=require_splits, expected_sample_rate=None,
+                                               include_warnings=True))
     if problems:
         raise ManifestError(f"manifest {path} has {len(problems)} problem(s):\n{format_problems(problems, 50)}")
     df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")

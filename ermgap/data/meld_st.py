@@ -239,7 +239,7 @@ def import_meld_st(
     """
     import json
 
-    from ermgap.data.manifest import format_problems, validate_manifest, write_manifest
+    from ermgap.data.manifest import format_problems, validate_manifest, warn_problems, write_manifest
     from ermgap.io import atomic_dir, check_writable
 
     check_audio_pattern(audio_pattern)
@@ -252,7 +252,7 @@ def import_meld_st(
             raise ManifestError(f"MELD-ST import from {root} kept no utterances:\n{summary.format()}")
         manifest = tmp / "manifest.csv"
         write_manifest(df, manifest)
-        problems = validate_manifest(manifest, check_audio=False)
+        problems = warn_problems(validate_manifest(manifest, check_audio=False, include_warnings=True))
         if problems:
             raise ManifestError(f"the imported manifest would be invalid ({len(problems)} problem(s)); nothing "
                                 f"written:\n{format_problems(problems, 20)}\n{summary.format()}")
