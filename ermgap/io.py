@@ -1,19 +1,24 @@
 """Atomic output: write to a temporary file beside the target, then rename.
 
 A crash or a bad input never leaves a half-written result, and results are never
-overwritten unless the caller says `force=True`.
+overwritten unless the caller says `force=True`. A write that fails because the filesystem
+is full raises NoSpaceError naming the path.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ermgap.errors import OutputExistsError
+from ermgap.errors import ErmgapError, NoSpaceError, OutputExistsError
+
+# Below this much free space a failed write is put down to a full disk (see out_of_space).
+MIN_FREE_BYTES = 1 << 20
 
 
 def check_writable(path: str | os.PathLike, force: bool) -> Path:
@@ -22,6 +27,43 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
     if p.exists() and not force:
         raise OutputExistsError(f"{p} already exists; pass --force to overwrite it")
     return p
+
+
+def out_of_space(err: BaseException, path: str | os.PathLike) -> bool:
+    """Whether `err`, raised while writing under `path`, means that path's filesystem is full.
+
+    ENOSPC says so directly; torch.save (and so DeepSpeed's save_checkpoint) raises a bare RuntimeError
+    ("unexpected pos ...") instead, so any error with less than MIN_FREE_BYTES left there counts too.
+    """
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if not isinstance(err, (OSError, RuntimeError)):
+        return False
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free < MIN_FREE_BYTES
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def no_space_reported(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a write failure inside the block that is due to a full filesystem into NoSpaceError."""
+    try:
+        yield
+    except ErmgapError:
+        raise
+    except Exception as err:
+        if out_of_space(err, path):
+            raise NoSpaceError(f"no space left on {path} (writing it failed: {_short(err)})") from err
+        raise
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__
 
 
 @contextlib.contextmanager
@@ -33,7 +75,8 @@ def atomic_path(path: str | os.PathLike, *, force: bool = False) -> Iterator[Pat
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with no_space_reported(target):
+            yield tmp_path
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
@@ -61,7 +104,8 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        yield tmp
+        with no_space_reported(target):
+            yield tmp
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
