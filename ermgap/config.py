@@ -37,7 +37,9 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str = Field("Qwen/Qwen2-Audio-7B-Instruct", description="Hub id or local directory of a Qwen2-Audio checkpoint.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU. fp16 is refused for training (no loss scaling is "
+                            "configured: use bf16); `ermgap evaluate --dtype fp16` accepts it for inference.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
 
@@ -134,8 +136,19 @@ class EvalConfig(_Section):
                         + ", ".join(DEV_METRIC_MODES) + ".")
     metric_mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better: max for "
                                                "w_f1 and acc, min for the gaps and losses (the other way is refused).")
-    predict: Literal["score", "generate"] = Field("score", description="Label scoring or free generation for predictions.")
+    predict: Literal["score", "generate"] = Field(
+        "score", description="How training predicts dev/test labels: score (the label with the highest "
+                             "log-likelihood). generate is refused here; free generation with the answer parser "
+                             "and its invalid rate is `ermgap evaluate --mode generate`.")
     batch_size: int = Field(8, gt=0, description="Per-worker evaluation batch size.")
+
+    @model_validator(mode="after")
+    def _score_only(self) -> EvalConfig:
+        if self.predict != "score":
+            raise ValueError("eval.predict 'generate' is not supported during training (dev/test predictions, "
+                             "λ and early stopping use label scoring); set eval.predict=score and run "
+                             "`ermgap evaluate --mode generate --adapter RUN_DIR/adapter` for generated answers")
+        return self
 
     @model_validator(mode="after")
     def _metric_direction(self) -> EvalConfig:
@@ -183,6 +196,15 @@ class RunConfig(_Section):
                 f"optim.effective_batch_size ({self.optim.effective_batch_size}) must be divisible by "
                 f"optim.micro_batch_size × distributed.num_workers ({self.optim.micro_batch_size} × "
                 f"{self.distributed.num_workers} = {per_step})")
+        return self
+
+    @model_validator(mode="after")
+    def _no_fp16_training(self) -> RunConfig:
+        # fp16 without DeepSpeed's dynamic loss scaling underflows small gradients to zero (LoRA's are).
+        if self.model.dtype == "fp16":
+            raise ValueError("model.dtype fp16 is refused for training: no loss scaling is configured, so small "
+                             "gradients underflow; use model.dtype=bf16 (or fp32). For inference only, "
+                             "`ermgap evaluate --dtype fp16` accepts fp16")
         return self
 
     @property

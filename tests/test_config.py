@@ -79,6 +79,10 @@ def test_round_trip_through_dump(tmp_path):
         ("", ["eval.metric=loss"], ["eval.metric 'loss' is better when smaller", "eval.metric_mode=min"]),
         ("", ["eval.metric=worst_lang_gap"], ["worst_lang_gap", "set eval.metric_mode=min"]),
         ("", ["eval.metric_mode=min"], ["eval.metric 'w_f1' is better when larger", "eval.metric_mode=max"]),
+        ("", ["model.dtype=fp16"], ["model.dtype fp16 is refused for training", "model.dtype=bf16",
+                                    "ermgap evaluate --dtype fp16"]),
+        ("", ["eval.predict=generate"], ["eval.predict 'generate' is not supported during training",
+                                         "ermgap evaluate --mode generate"]),
     ],
 )
 def test_bad_values_are_named(tmp_path, text, overrides, expected):
