@@ -71,8 +71,14 @@ class PromptConfig(_Section):
         "Recognize the emotion of the speaker in the audio. The transcript is: \"{transcript}\". "
         "Answer with exactly one of: {labels}.",
         description="Instruction for multimodal input; {transcript} and {labels} are filled in.")
-    verbalizers: dict[str, str] = Field(default_factory=lambda: {e: e for e in EMOTIONS},
-                                        description="Emotion -> answer string the model is trained to produce.")
+    verbalizers: dict[str, str] = Field(
+        default_factory=lambda: {e: e for e in EMOTIONS},
+        description="Emotion -> answer string the model is trained to produce, followed by the end-of-turn token "
+                    "<|im_end|>. Training loss: the MEAN cross-entropy over the answer's n tokens and that "
+                    "terminator (n + 1) per utterance "
+                    "(every utterance weighs the same whatever its answer's length). Label scoring: the SUM of "
+                    "their log-probabilities, not length-normalised, so at equal per-token confidence a longer "
+                    "answer scores lower: prefer answers of one token, or of equal token length.")
 
     @field_validator("verbalizers")
     @classmethod
@@ -101,9 +107,17 @@ class LambdaConfig(_Section):
     mode: Literal["adaptive", "fixed"] = Field("adaptive", description="adaptive: Lagrangian update after each dev evaluation; fixed: λ stays at init.")
     init: float = Field(0.0, ge=0, le=1000, description="λ0 (at most 1000, like λmax).")
     eta: float = Field(0.5, ge=0, le=100, description="Update rate η: each dev evaluation moves λ by η·(Δdev − ε) (at most 100).")
-    epsilon: float = Field(0.02, ge=0, description="Target tolerance ε for the dev gap.")
+    epsilon: float = Field(
+        0.02, ge=0, description="Target tolerance ε for Δdev, in Δdev's units (see lambda.dev_gap). With loss_gap "
+                                "the per-utterance loss averages the terminator's near-zero loss with the label's: "
+                                "for a one-token answer Δdev is about half the label-token loss gap, so ε = 0.02 "
+                                "allows ≈ 0.04 nats on the label token alone.")
     lam_max: float = Field(10.0, ge=0, le=1000, description="Upper clip λmax (at most 1000: the gap term would swamp the task loss).")
-    dev_gap: Literal["loss_gap", "avg_metric_gap"] = Field("loss_gap", description="Which dev gap drives the update (loss units or AVG metric gap as a fraction).")
+    dev_gap: Literal["loss_gap", "avg_metric_gap"] = Field(
+        "loss_gap", description="Which dev gap Δdev drives the update. loss_gap: the largest within-stratum "
+                                "(objective.stratum) F/M gap of the mean per-utterance answer loss (nats of cross-entropy averaged "
+                                "over the answer's tokens and terminator, see prompt.verbalizers). avg_metric_gap: "
+                                "the AVG metric gap as a fraction (2 points = 0.02).")
 
     @model_validator(mode="after")
     def _init_le_max(self) -> LambdaConfig:

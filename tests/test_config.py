@@ -141,3 +141,15 @@ def test_empty_config_file_warns(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "warning:" in proc.stderr and "is empty" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_reference_states_gap_units_and_verbalizer_normalisation():
+    """Δdev's units and how multi-token answers are normalised are stated where ε and the answers are set
+    (test_model checks the behaviour: per_sample_loss averages, score_labels sums, terminator included)."""
+    from ermgap.config import reference_markdown
+
+    rows = {line.split("|")[1].strip(" `"): line for line in reference_markdown().splitlines()[2:]}
+    assert "terminator" in rows["lambda.epsilon"] and "half the label-token loss gap" in rows["lambda.epsilon"]
+    assert "nats" in rows["lambda.dev_gap"] and "fraction" in rows["lambda.dev_gap"]
+    assert "MEAN cross-entropy" in rows["prompt.verbalizers"] and "SUM of their log-probabilities" in \
+        rows["prompt.verbalizers"] and "not length-normalised" in rows["prompt.verbalizers"]
