@@ -4,6 +4,7 @@
 #   make test    setup, then the test suite
 #   make demo    setup, synthetic corpus + tiny model (cached), the ERM vs ERM-MinMaxGAP demo sweep
 #   make bench   all benchmarks (prints ratios; JSON in bench/results/)
+#   make lint    ruff (unused names, import order) over the package
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -20,10 +21,10 @@ PYTEST_ARGS ?=
 REQUIRED_CMDS := espeak-ng sox
 OPTIONAL_CMDS := chromium
 
-.PHONY: setup system-deps test demo bench clean-demo help
+.PHONY: setup system-deps test demo bench lint clean-demo help
 
 help:
-	@sed -n '1,8p' Makefile
+	@sed -n '1,9p' Makefile
 
 setup: system-deps $(STAMP)
 
@@ -68,6 +69,9 @@ $(DEMO_MODEL): | setup
 
 demo: setup $(DEMO_CORPUS) $(DEMO_MODEL)
 	$(VENV)/bin/ermgap sweep sweeps/demo.yaml --force
+
+lint: setup
+	$(VENV)/bin/ruff check ermgap
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ermgap.batching import EmotionCollator, featurize  # noqa: E402
 from ermgap.config import ModelConfig, PromptConfig  # noqa: E402
 from ermgap.labels import EMOTIONS  # noqa: E402
-from ermgap.model import build_tiny, load_backbone, per_sample_loss, score_labels  # noqa: E402
+from ermgap.model import build_tiny, load_backbone  # noqa: E402
 from ermgap.prompts import parse_answer  # noqa: E402
-from ermgap.scoring import generate  # noqa: E402
+from ermgap.scoring import generate, per_sample_loss, score_labels  # noqa: E402
 
 
 def tones(n: int, seed: int) -> list[dict]:

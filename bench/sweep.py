@@ -32,7 +32,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from ermgap.sweep import run_sweep  # noqa: E402
-from ermgap.sweep_spec import load_sweep_spec  # noqa: E402
+from ermgap.sweep.spec import load_sweep_spec  # noqa: E402
 
 
 def _timing(out) -> dict:

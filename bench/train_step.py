@@ -38,7 +38,7 @@ def _bench_loop(loop_config: dict) -> None:
     recipe.setup(loop_config)
     recipe.lam.value = 1.0  # a non-zero λ: the regulariser's backward is part of the step
     steps = recipe.plan.worker_micro_batches(0, recipe.rank)
-    loader = iter(recipe._loader(recipe.splits["train"][2], [mb for s in steps for mb in s]))
+    loader = iter(recipe._loader(recipe.splits["train"].features, [mb for s in steps for mb in s]))
     batches = [[next(loader) for _ in range(recipe.accum)] for _ in steps]
     n = loop_config["bench_steps"]
     times = {"erm": [], "minmaxgap": []}
@@ -66,14 +66,14 @@ def _step_run(cfg, workers: int, steps: int, tmp: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ermgap.train import _absolute_paths
+    from ermgap.train import resolved_config
 
     tree = cfg.to_dict()
     tree["distributed"]["num_workers"] = workers
     tree["optim"]["micro_batch_size"] = cfg.optim.effective_batch_size // workers
     from ermgap.config import config_from_dict
 
-    c = _absolute_paths(config_from_dict(tree))
+    c = resolved_config(config_from_dict(tree))
     out = tmp / f"steps_w{workers}.json"
     loop_config = {"config": c.to_dict(), "run_dir": str(tmp / f"run_w{workers}"), "bench_steps": steps,
                    "bench_out": str(out),

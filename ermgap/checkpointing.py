@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 
 from ermgap.errors import ErmgapWarning
 from ermgap.io import atomic_write_text, no_space_reported
@@ -91,7 +93,7 @@ def _tuples(x: Any) -> Any:
 def gathered(params: list[torch.nn.Parameter], zero_stage: int):
     """Full parameter values inside the block (ZeRO-3 partitions them; other stages already hold them)."""
     if zero_stage == 3:
-        import deepspeed
+        import deepspeed  # only ZeRO-3 needs it; importing DeepSpeed costs seconds and logs accelerator detection
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             yield
@@ -101,7 +103,6 @@ def gathered(params: list[torch.nn.Parameter], zero_stage: int):
 
 def adapter_state(peft_model, zero_stage: int) -> dict[str, torch.Tensor]:
     """A CPU copy of the LoRA weights in peft's saved-adapter key format."""
-    from peft import get_peft_model_state_dict
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     with gathered(params, zero_stage):
@@ -111,7 +112,6 @@ def adapter_state(peft_model, zero_stage: int) -> dict[str, torch.Tensor]:
 
 def save_adapter(peft_model, state: dict[str, torch.Tensor], out_dir: Path) -> None:
     """Write `state` (from adapter_state) as a plain peft adapter directory."""
-    from safetensors.torch import save_file
 
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.peft_config["default"].save_pretrained(str(out_dir))
@@ -119,14 +119,12 @@ def save_adapter(peft_model, state: dict[str, torch.Tensor], out_dir: Path) -> N
 
 
 def load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
 
     return load_file(str(adapter_dir / "adapter_model.safetensors"))
 
 
 def apply_adapter_state(peft_model, state: dict[str, torch.Tensor], zero_stage: int) -> None:
     """Overwrite the model's LoRA weights with `state` (same format as adapter_state)."""
-    from peft import set_peft_model_state_dict
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if zero_stage == 3:

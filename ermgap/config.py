@@ -12,13 +12,19 @@ import difflib
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ermgap.errors import ConfigError, ErmgapWarning
 from ermgap.labels import EMOTIONS
+from ermgap.metric_registry import METRICS, SPLIT_METRICS
+
+# Choices shared by the config tree and the command line (one declaration each).
+Split = Literal["train", "dev", "test"]
+Modality = Literal["uni", "multi"]
+PredictMode = Literal["score", "generate"]
 
 
 class _Section(BaseModel):
@@ -28,7 +34,7 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     manifest: str = Field("data/synth/manifest.csv", description="Canonical manifest CSV (see `ermgap data validate`).")
-    modality: Literal["uni", "multi"] = Field("uni", description="uni: speech + instruction; multi: + ground-truth transcript.")
+    modality: Modality = Field("uni", description="uni: speech + instruction; multi: + ground-truth transcript.")
     languages: list[str] | None = Field(None, description="Restrict to these language codes (default: all in the manifest).")
     sample_rate: int = Field(16000, gt=0, description="Audio is resampled to this rate (Hz).")
     max_audio_s: float | None = Field(None, gt=0, description="Crop audio longer than this (default: the feature extractor's window).")
@@ -98,13 +104,25 @@ class PromptConfig(_Section):
         return self
 
 
+# The training objectives (`ermgap.objectives.OBJECTIVES` maps each to its class).
+ObjectiveKind = Literal["erm", "minmaxgap", "group_dro", "reweight"]
+OBJECTIVE_KINDS: tuple[str, ...] = get_args(ObjectiveKind)
+
+
+class GroupDROConfig(_Section):
+    eta: float = Field(0.01, gt=0, description="Step size η_q of the group-weight update q_g ← q_g·exp(η_q·L_g) (Sagawa et al. 2020: 0.01).")
+    size_adjustment: float = Field(0.0, ge=0, description="C of the group-size adjustment L_g + C/√n_g in the q update (n_g: train examples of the cell; 0: off).")
+
+
 class ObjectiveConfig(_Section):
-    p: float = Field(2.0, gt=0, description="Exponent of the worst-language gap (paper: 1 or 2).")
-    stratum: Literal["language", "language_modality"] = Field("language", description="Group within which the gender gap is measured.")
+    kind: ObjectiveKind = Field("minmaxgap", description="erm: global-batch mean; minmaxgap: the paper's erm + λ·Δmax^p (uses `p` and the `lambda` block); group_dro: online Group DRO over stratum × gender cells; reweight: examples weighted inversely to their cell's train frequency.")
+    p: float = Field(2.0, gt=0, description="minmaxgap: exponent of the worst-language gap (paper: 1 or 2).")
+    stratum: Literal["language", "language_modality"] = Field("language", description="Group within which the gender gap is measured (the cells of group_dro and reweight are stratum × gender).")
+    group_dro: GroupDROConfig = Field(default_factory=GroupDROConfig)
 
 
 class LambdaConfig(_Section):
-    mode: Literal["adaptive", "fixed"] = Field("adaptive", description="adaptive: Lagrangian update after each dev evaluation; fixed: λ stays at init.")
+    mode: Literal["adaptive", "fixed"] = Field("adaptive", description="(objective.kind=minmaxgap) adaptive: Lagrangian update after each dev evaluation; fixed: λ stays at init.")
     init: float = Field(0.0, ge=0, le=1000, description="λ0 (at most 1000, like λmax).")
     eta: float = Field(0.5, ge=0, le=100, description="Update rate η: each dev evaluation moves λ by η·(Δdev − ε) (at most 100).")
     epsilon: float = Field(
@@ -138,41 +156,47 @@ class OptimConfig(_Section):
     seed: int = Field(42, description="Seed for data order, LoRA init and dropout.")
 
 
-# Dev metrics usable for early stopping and the best checkpoint (`eval.metric`) → which way is better.
-DEV_METRIC_MODES: dict[str, str] = {"w_f1": "max", "acc": "max", "avg_gap": "min", "worst_lang_gap": "min",
-                                    "loss": "min", "loss_gap": "min"}
-
-
 class EvalConfig(_Section):
     every_steps: int | None = Field(None, gt=0, description="Evaluate every N optimizer steps (default: once per epoch).")
     patience: int = Field(5, ge=0, description="Early-stopping patience in evaluations (0 disables).")
-    metric: str = Field("w_f1", description="Dev metric for early stopping and best checkpoint: "
-                        + ", ".join(DEV_METRIC_MODES) + ".")
-    metric_mode: Literal["max", "min"] = Field("max", description="Whether larger `metric` is better: max for "
-                                               "w_f1 and acc, min for the gaps and losses (the other way is refused).")
-    predict: Literal["score", "generate"] = Field(
+    metric: str = Field("w_f1", description=f"Dev metric for early stopping and best checkpoint: one of {', '.join(SPLIT_METRICS)}.")
+    metric_mode: Literal["max", "min"] | None = Field(
+        None, validate_default=True,
+        description="Whether larger `metric` is better; derived from the metric registry (gaps and losses: min), and an explicit value must agree.")
+    predict: PredictMode = Field(
         "score", description="How training predicts dev/test labels: score (the label with the highest "
                              "log-likelihood). generate is refused here; free generation with the answer parser "
                              "and its invalid rate is `ermgap evaluate --mode generate`.")
     batch_size: int = Field(8, gt=0, description="Per-worker evaluation batch size.")
 
-    @model_validator(mode="after")
-    def _score_only(self) -> EvalConfig:
-        if self.predict != "score":
-            raise ValueError("eval.predict 'generate' is not supported during training (dev/test predictions, "
-                             "λ and early stopping use label scoring); set eval.predict=score and run "
-                             "`ermgap evaluate --mode generate --adapter RUN_DIR/adapter` for generated answers")
-        return self
+    @field_validator("predict")
+    @classmethod
+    def _score_only(cls, v: str) -> str:
+        if v != "score":
+            raise ValueError("'generate' is not supported during training (dev/test predictions, λ and early "
+                             "stopping use label scoring); set eval.predict=score and run `ermgap evaluate --mode "
+                             "generate --adapter RUN_DIR/adapter` for generated answers")
+        return v
 
-    @model_validator(mode="after")
-    def _metric_direction(self) -> EvalConfig:
-        direction = DEV_METRIC_MODES.get(self.metric)
-        # An unknown name is refused with the list of dev metrics before training starts (train.check_inputs).
-        if direction is not None and self.metric_mode != direction:
-            better = "larger" if direction == "max" else "smaller"
-            raise ValueError(f"eval.metric {self.metric!r} is better when {better}, but eval.metric_mode is "
-                             f"{self.metric_mode!r}: the worst checkpoint would be kept; set eval.metric_mode={direction}")
-        return self
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, v: str) -> str:
+        if v not in SPLIT_METRICS:
+            raise ValueError(f"{v!r} is not a dev metric; allowed: {', '.join(SPLIT_METRICS)}")
+        return v
+
+    @field_validator("metric_mode")
+    @classmethod
+    def _registry_direction(cls, v: str | None, info: ValidationInfo) -> str | None:
+        metric = info.data.get("metric")
+        if metric is None:  # `metric` itself failed validation; that error is reported
+            return v
+        expected = METRICS[metric].direction
+        if v is not None and v != expected:
+            better = "larger" if expected == "max" else "smaller"
+            raise ValueError(f"{v!r} contradicts eval.metric={metric}, where {better} is better "
+                             f"({expected!r}); drop metric_mode, it is derived")
+        return expected
 
 
 class DistributedConfig(_Section):
@@ -233,7 +257,7 @@ class RunConfig(_Section):
 # --------------------------------------------------------------------------- loading
 
 
-def _parse_scalar(text: str) -> Any:
+def parse_scalar(text: str) -> Any:
     """Parse an override value with YAML rules (`1` → int, `true` → bool, `[a, b]` → list)."""
     try:
         return yaml.safe_load(text)
@@ -241,19 +265,19 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys: list[str] = []
     for name, field in model.model_fields.items():
         key = prefix + (field.alias or name)
         keys.append(key)
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys.extend(_known_keys(ann, key + "."))
+            keys.extend(known_keys(ann, key + "."))
     return keys
 
 
-def _did_you_mean(key: str, model: type[BaseModel]) -> str:
-    close = difflib.get_close_matches(key, _known_keys(model), n=1, cutoff=0.6)
+def did_you_mean(key: str, model: type[BaseModel]) -> str:
+    close = difflib.get_close_matches(key, known_keys(model), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
@@ -266,7 +290,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str], *, source: str =
         key = key.strip()
         if not key:
             raise ConfigError(f"{source}: override '{item}' has an empty key")
-        set_dotted(tree, key, _parse_scalar(raw))
+        set_dotted(tree, key, parse_scalar(raw))
     return tree
 
 
@@ -283,12 +307,12 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _format_errors(err: ValidationError, source: str, model: type[BaseModel]) -> str:
+def format_errors(err: ValidationError, source: str, model: type[BaseModel]) -> str:
     lines = [f"{source}: invalid config ({err.error_count()} problem{'s' if err.error_count() > 1 else ''})"]
     for e in err.errors():
         key = ".".join(str(x) for x in e["loc"]) or "<root>"
         if e["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key{_did_you_mean(key, model)}")
+            lines.append(f"  {key}: unknown key{did_you_mean(key, model)}")
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = e.get("input")
@@ -301,7 +325,7 @@ def validate_tree(tree: dict[str, Any], source: str, model: type[BaseModel] = Ru
     try:
         return model.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source, model)) from None
+        raise ConfigError(format_errors(err, source, model)) from None
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, OutputExistsError
 from ermgap.io import atomic_path
 from ermgap.labels import EMOTIONS, GENDERS, INVALID, LANGUAGES
@@ -179,7 +181,6 @@ class _progress:
     def __enter__(self):
         if not self.enabled:
             return (lambda n, rate: None), None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.bar = Progress(TextColumn("[bold]evaluate[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)
@@ -199,7 +200,6 @@ class _progress:
 
 def load_split(manifest: str | os.PathLike, split: str, *, modality: str, limit: int | None = None) -> pd.DataFrame:
     """The validated manifest rows of one split (first `limit` rows when given)."""
-    from ermgap.data.manifest import read_manifest
 
     df = read_manifest(manifest, modality=modality, require_splits=(split,))
     rows = df[df["split"] == split].reset_index(drop=True)

@@ -5,8 +5,7 @@ One loading path for everything: `load_backbone` calls `from_pretrained` on a hu
 `build_tiny` writes in the standard layout (config, safetensors, tokenizer, feature extractor,
 processor with the Instruct chat template).
 
-Losses and label scores live in `ermgap.scoring` and are re-exported here
-(`per_sample_loss`, `score_labels`, `generate`).
+Losses and label scores live in `ermgap.scoring` (`per_sample_loss`, `score_labels`, `generate`).
 """
 
 from __future__ import annotations
@@ -17,11 +16,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    Qwen2AudioConfig,
+    Qwen2AudioEncoderConfig,
+    Qwen2AudioForConditionalGeneration,
+    Qwen2AudioProcessor,
+    Qwen2Config,
+    Qwen2Tokenizer,
+    WhisperFeatureExtractor,
+)
+from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from ermgap.config import LoraConfig, ModelConfig
+from ermgap.config import LoraConfig, ModelConfig, PromptConfig
 from ermgap.errors import ConfigError
 from ermgap.io import atomic_dir
-from ermgap.scoring import generate, per_sample_loss, score_labels  # noqa: F401  (re-exported API)
+from ermgap.labels import EMOTIONS
+from ermgap.prompts import SYNONYMS
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>"]
 
@@ -73,8 +88,6 @@ def model_source(name_or_path: str) -> str:
 
 def open_model_config(name_or_path: str):
     """The transformers config of `model.name_or_path`; ConfigError unless it is a Qwen2-Audio model."""
-    from transformers import AutoConfig
-
     path = model_source(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -90,8 +103,6 @@ def open_model_config(name_or_path: str):
 
 def open_processor(name_or_path: str):
     """The processor (tokenizer + feature extractor + chat template) of `model.name_or_path`."""
-    from transformers import AutoProcessor
-
     try:
         return AutoProcessor.from_pretrained(model_source(name_or_path))
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -116,8 +127,6 @@ def load_backbone(model_cfg: ModelConfig, *, device: str | torch.device = "cpu")
     The model is returned in eval mode on `device` in the configured dtype; with
     `gradient_checkpointing` it is enabled (non-reentrant, so frozen inputs need no grad hooks).
     """
-    from transformers import Qwen2AudioForConditionalGeneration
-
     src = model_cfg.name_or_path
     open_model_config(src)  # a clear error for a folder that is not Qwen2-Audio, before any weights load
     processor = open_processor(src)
@@ -150,8 +159,6 @@ def lora_target_regex(lora_cfg: LoraConfig) -> str:
 
 def apply_lora(model, lora_cfg: LoraConfig):
     """Wrap with peft LoRA; only the LoRA matrices require grad. Seed torch before calling for a fixed init."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                               target_modules=lora_target_regex(lora_cfg), bias="none")
@@ -164,7 +171,6 @@ def apply_lora(model, lora_cfg: LoraConfig):
 
 def load_adapter(model, adapter_dir: str | os.PathLike, *, trainable: bool = False):
     """Attach a saved peft adapter (plain `PeftModel.from_pretrained`)."""
-    from peft import PeftModel
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter_dir}: no adapter_config.json; not a peft adapter directory")
@@ -182,9 +188,6 @@ def count_parameters(model) -> dict[str, int]:
 
 def _tokenizer_corpus() -> list[str]:
     """Text the tiny BPE is trained on: chat scaffolding, instructions, labels, synonyms, sample sentences."""
-    from ermgap.config import PromptConfig
-    from ermgap.labels import EMOTIONS
-    from ermgap.prompts import SYNONYMS
 
     pc = PromptConfig()
     labels = ", ".join(EMOTIONS)
@@ -205,9 +208,6 @@ def _tokenizer_corpus() -> list[str]:
 
 def _build_tokenizer(vocab_size: int = 1024):
     """A byte-level BPE with Qwen2's pre-tokenizer, trained locally, wrapped as transformers' Qwen2Tokenizer."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
@@ -232,7 +232,6 @@ def _build_tokenizer(vocab_size: int = 1024):
 def tiny_config(vocab_size: int, audio_token_index: int, *, d_model: int = 128, layers: int = 2,
                 max_source_positions: int = 200):
     """Qwen2-Audio in miniature: same module structure, 4 s audio window (2×max_source_positions mel frames)."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioEncoderConfig, Qwen2Config
 
     audio = Qwen2AudioEncoderConfig(d_model=d_model, encoder_layers=layers, encoder_attention_heads=4,
                                     encoder_ffn_dim=2 * d_model, num_mel_bins=128,
@@ -250,7 +249,6 @@ def build_tiny(out_dir: str | os.PathLike, *, force: bool = False, seed: int = 0
     Deterministic given `seed`. The audio window is `chunk_length_s` seconds (the real model: 30 s);
     longer audio is cropped by the feature extractor. Returns `out_dir`.
     """
-    from transformers import Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
 
     tokenizer = _build_tokenizer()
     fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=chunk_length_s,
@@ -281,7 +279,6 @@ def build_tiny(out_dir: str | os.PathLike, *, force: bool = False, seed: int = 0
 def build_random(arch: str = "qwen2-audio-7b", *, device: str | torch.device = "meta",
                  dtype: torch.dtype = torch.bfloat16, attn_implementation: str = "sdpa"):
     """The real architecture with random weights (no download). `device="meta"` allocates nothing."""
-    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
 
     if arch not in ARCHS:
         raise ConfigError(f"--arch {arch!r} is unknown; choose one of {sorted(ARCHS)}")

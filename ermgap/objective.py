@@ -1,5 +1,8 @@
 """The ERM-MinMaxGAP objective (paper section 2): group losses, the one distributed seam, λ.
 
+The math every objective kind shares lives here (`reduced_cell_stats`: global cell sums/counts in one
+all-reduce); `ermgap.objectives` puts ERM, MinMaxGAP, Group DRO and reweighting behind one interface.
+
     L = erm + λ · Δmax^p,   erm = mean per-sample loss over the GLOBAL batch,
     Δmax = max over valid strata s of (max_a mean_{s,a} − min_a mean_{s,a})
 
@@ -41,6 +44,8 @@ __all__ = [
     "dev_gap",
     "erm_minmaxgap_loss",
     "group_stats",
+    "minmaxgap_from_cells",
+    "reduced_cell_stats",
     "sample_weights",
 ]
 
@@ -223,6 +228,20 @@ def _check_lam_p(lam, p) -> tuple[float, float]:
 
 
 def _objective(losses, stratum, attribute, *, lam, p, num_strata, num_attrs, reduce) -> ObjectiveResult:
+    sums, counts = reduced_cell_stats(losses, stratum, attribute, num_strata=num_strata, num_attrs=num_attrs,
+                                      reduce=reduce)
+    return minmaxgap_from_cells(sums, counts, lam=lam, p=p)
+
+
+def reduced_cell_stats(losses: torch.Tensor, stratum: torch.Tensor, attribute: torch.Tensor, *,
+                       num_strata: int, num_attrs: int, reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """GLOBAL per-cell loss sums (with autograd) and counts [num_strata, num_attrs], in one collective.
+
+    `reduce` is `lambda t: all_reduce_sum(t, group)` (or the identity for already-gathered data). Inputs
+    are trusted (checked by the caller). Raises TrainingError on every rank alike when any rank holds a
+    NaN/inf loss, ValueError when the global batch is empty. Every objective kind builds on this, so
+    the number and shape of collectives per step is the same whatever the objective.
+    """
     sums, counts = _group_stats(losses, stratum, attribute, num_strata, num_attrs)
     n_bad_local = (~torch.isfinite(losses)).sum().to(sums.dtype).reshape(1)
     # One collective for everything: sums (with grad), counts and the non-finite count.
@@ -239,7 +258,12 @@ def _objective(losses, stratum, attribute, *, lam, p, num_strata, num_attrs, red
             f"(this process: {len(local)}, at batch positions {local[:20]}); refusing to continue")
     if n_total_i == 0:
         raise ValueError("the global batch is empty (0 examples on all ranks); nothing to compute a loss on")
+    return sums, counts
 
+
+def minmaxgap_from_cells(sums: torch.Tensor, counts: torch.Tensor, *, lam: float, p: float) -> ObjectiveResult:
+    """ERM-MinMaxGAP from global cell sums/counts [num_strata, num_attrs] (see `reduced_cell_stats`)."""
+    n_total = counts.sum()
     erm = sums.sum() / n_total
     nonempty = counts > 0
     # Safe denominators: empty cells get 1 (their sum is 0), so no 0/0 NaN can reach the gradient.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import socket
 
+import ray
+
 DEFAULT_DASHBOARD_PORT = 8265
 
 
@@ -38,7 +40,6 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
     output in Ray's session logs only (sweeps print Tune's trial table instead; failed trials still
     report their errors).
     """
-    import ray
 
     if ray.is_initialized():
         return
@@ -65,7 +66,6 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
 
 def shutdown_ray() -> None:
     """Shut down the Ray connection this process holds (stops a local cluster it started)."""
-    import ray
 
     if ray.is_initialized():
         ray.shutdown()

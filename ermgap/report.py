@@ -15,25 +15,28 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from ermgap import metrics as M
 from ermgap import plots
 from ermgap.errors import ConfigError, PredictionsError
+from ermgap.formatting import fmt, json_safe
 from ermgap.io import atomic_dir
 from ermgap.labels import LANGUAGES, MODALITIES
+from ermgap.metric_registry import METRICS
 
 SUBSETS: tuple[str, ...] = ("multilingual", *LANGUAGES)
 SUBSET_TITLES = {"multilingual": "Multilingual", **{lang: lang.upper() for lang in LANGUAGES}}
 MODALITY_TITLES = {"uni": "Unimodal (Speech only)", "multi": "Multimodal (Speech + Transcription)"}
-HEADERS = {"w_f1": "W-F1↑", "acc": "ACC↑", "tpr_gap": "TPR↓", "fpr_gap": "FPR↓", "w_f1_gap": "W-F1 gap↓",
-           "acc_gap": "ACC gap↓", "avg_gap": "AVG↓"}
-HIGHER_IS_BETTER = {"w_f1", "acc"}
 DEFAULT_GROUP = "Systems"
 PREDS_ARTIFACT = "predictions/test_preds.csv"
 
@@ -138,13 +141,11 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
 
     Each run contributes its `predictions/test_preds.csv` artifact, its modality (param `data.modality`),
     its λ metric history and a name: the sweep variant tag `ermgap.param.variant` or a description of the
-    objective params, plus the sweep params that differ between runs. Fixed-λ runs go to the Table 3 section
-    "Lambda effect", others to "Main components". Returns (systems, skipped) where skipped says which runs
+    objective params (param `objective.kind`), plus the sweep params that differ between runs. MinMaxGAP runs
+    with fixed λ go to the Table 3 section "Lambda effect", adaptive ones to "Main components", the other
+    objective kinds (ERM, Group DRO, reweighting) to "Other objectives". Returns (systems, skipped) where skipped says which runs
     had no predictions (e.g. trials stopped early by ASHA).
     """
-    import mlflow
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     client = MlflowClient(tracking_uri=tracking_uri)
     try:
@@ -183,7 +184,7 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
         if extras:
             name = f"{name} [{', '.join(extras)}]"
         history = [(float(m.step), float(m.value)) for m in client.get_metric_history(rid, "lambda")]
-        group = "Lambda effect" if params.get("lambda.mode") == "fixed" else "Main components"
+        group = _objective_group(params)
         systems.append(System(name=name, modality=modality, preds=preds, group=group, source=f"mlflow:{rid}",
                               lambda_history=history or None, params=dict(params)))
     seen: dict[tuple[str, str], int] = {}
@@ -195,7 +196,27 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     return systems, skipped
 
 
+def _kind(params: dict) -> str:
+    # Runs logged before `objective.kind` existed all trained ERM-MinMaxGAP (ERM was fixed λ = 0).
+    return params.get("objective.kind", "minmaxgap")
+
+
+def _objective_group(params: dict) -> str:
+    """Table 3 section: the paper's two for MinMaxGAP runs, one shared section for the other objectives."""
+    if _kind(params) != "minmaxgap":
+        return "Other objectives"
+    return "Lambda effect" if params.get("lambda.mode") == "fixed" else "Main components"
+
+
 def _describe_objective(params: dict) -> str:
+    # Lazy: the objectives import torch, which `ermgap report` on prediction files does not need.
+    from ermgap.objectives import OBJECTIVES
+
+    kind = _kind(params)
+    if kind == "group_dro":
+        return f"{OBJECTIVES[kind].label} (η={float(params.get('objective.group_dro.eta', 'nan')):g})"
+    if kind != "minmaxgap":
+        return OBJECTIVES[kind].label if kind in OBJECTIVES else kind
     mode, init, p = params.get("lambda.mode"), params.get("lambda.init"), params.get("objective.p")
     if mode == "fixed":
         if init is None:
@@ -256,10 +277,6 @@ def wide_table(results: pd.DataFrame, subsets: Iterable[str]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.2f}" if math.isfinite(v) else "–"
-
-
 def _delta(v: float, latex: bool) -> str:
     if not math.isfinite(v):
         return "–"
@@ -284,24 +301,24 @@ def _render(wide: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], latex:
     if latex:
         esc = _latex_escape
         arrows = {"↑": r"$\uparrow$", "↓": r"$\downarrow$"}
-        heads = [re.sub("[↑↓]", lambda m: arrows[m.group()], HEADERS[c.split("_", 1)[1]]) for c in metric_cols]
+        heads = [re.sub("[↑↓]", lambda m: arrows[m.group()], METRICS[c.split("_", 1)[1]].column) for c in metric_cols]
         lines = [r"\begin{tabular}{l" + "r" * (ncols - 1) + "}", r"\toprule",
                  " & ".join(["", *(rf"\multicolumn{{7}}{{c}}{{{MODALITY_TITLES[m]}}}" for m in mods)]
                             + ([r"$\Delta$AVG"] if delta else [])) + r" \\",
                  " & ".join(["Model", *heads] + ([r"uni$\to$multi"] if delta else [])) + r" \\", r"\midrule"]
     else:
         esc = _md_escape
-        head = ["Model", *(f"{c.split('_', 1)[0].capitalize()} {HEADERS[c.split('_', 1)[1]]}" for c in metric_cols)]
+        head = ["Model", *(f"{c.split('_', 1)[0].capitalize()} {METRICS[c.split('_', 1)[1]].column}" for c in metric_cols)]
         head += ["Δ AVG (uni→multi)"] if delta else []
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for title, block in sections:
         lines.append(rf"\multicolumn{{{ncols}}}{{l}}{{\textit{{{esc(title)}}}}} \\" if latex
                      else "| *" + esc(title) + "* |" + " |" * (ncols - 1))
-        marks = {c: _marks(block, c, c.split("_", 1)[1] in HIGHER_IS_BETTER) for c in metric_cols}
+        marks = {c: _marks(block, c, METRICS[c.split("_", 1)[1]].direction == "max") for c in metric_cols}
         for idx, row in block.iterrows():
             cells = [esc(row["model"])]
             for c in metric_cols:
-                text, mark = _fmt(row[c]), marks[c].get(idx)
+                text, mark = fmt(row[c]), marks[c].get(idx)
                 if mark == "best":
                     text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
                 elif mark == "second":
@@ -427,13 +444,10 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
 
 
 def _metrics_doc(systems: Sequence[System], results: pd.DataFrame) -> dict:
-    def clean(v):
-        return None if isinstance(v, float) and not math.isfinite(v) else v
-
     doc = {"systems": []}
     for s in systems:
         rows = results[(results["model"] == s.name) & (results["modality"] == s.modality)]
-        subsets = {r["subset"]: {k: clean(v) for k, v in r.items() if k not in ("model", "modality", "group", "subset")}
+        subsets = {r["subset"]: {k: json_safe(v) for k, v in r.items() if k not in ("model", "modality", "group", "subset")}
                    for r in rows.to_dict("records")}
         doc["systems"].append({"name": s.name, "modality": s.modality, "group": s.group, "source": s.source,
                                "overall": subsets.pop("multilingual"), "per_language": subsets})
@@ -443,7 +457,6 @@ def _metrics_doc(systems: Sequence[System], results: pd.DataFrame) -> dict:
 def log_report_to_mlflow(out_dir: str | os.PathLike, *, tracking_uri: str, run_id: str,
                          artifact_path: str = "report") -> None:
     """Log the whole report folder (tables and PNGs) as artifacts of `run_id` under `artifact_path`."""
-    from mlflow import MlflowClient
 
     MlflowClient(tracking_uri=tracking_uri).log_artifacts(run_id, str(out_dir), artifact_path)
 
@@ -453,7 +466,6 @@ def report_from_mlflow(tracking_uri: str, out_dir: str | os.PathLike, *, parent_
                        log_to: str | None = None) -> tuple[dict[str, Path], list[str]]:
     """systems_from_mlflow → build_report → (optionally) log the folder to `log_to` (e.g. the sweep's parent
     run) under artifacts/report. Returns ({artifact name: path}, skipped-run notes)."""
-    import tempfile
 
     with tempfile.TemporaryDirectory(prefix="ermgap-report-") as tmp:
         systems, skipped = systems_from_mlflow(tracking_uri, parent_run_id=parent_run_id, run_ids=run_ids,

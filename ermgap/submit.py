@@ -22,12 +22,18 @@ import ipaddress
 import os
 import shlex
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TextIO
 from urllib.parse import urlparse
 
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
+
+from ermgap.config import RunConfig, load_config, read_yaml
 from ermgap.errors import ConfigError, ErmgapError
+from ermgap.sweep.spec import SweepSpecModel, load_sweep_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_TOKEN_ENV = "RAY_AUTH_TOKEN"
@@ -127,7 +133,6 @@ def _auth_message(address: str, token: Token | None, text: str, token_env: str) 
 
 def _translate(err: Exception, address: str, token: Token | None, token_env: str) -> ErmgapError | None:
     """Ray's auth, connection and HTTP errors as one-line ErmgapErrors (None: not one of ours)."""
-    from ray.exceptions import AuthenticationError
 
     text = str(err)
     if token is not None:
@@ -165,7 +170,6 @@ class Cluster:
 def connect(address: str = DEFAULT_ADDRESS, *, token: Token | None = None,
             token_env: str = DEFAULT_TOKEN_ENV, warn: TextIO | None = sys.stderr) -> Cluster:
     """Open a Jobs client to `address` (http://HEAD:8265); checks reachability and authentication."""
-    from ray.job_submission import JobSubmissionClient
 
     if "://" not in address:
         address = f"http://{address}"
@@ -188,8 +192,6 @@ def connect(address: str = DEFAULT_ADDRESS, *, token: Token | None = None,
 
 def infer_kind(path: str | os.PathLike) -> Kind:
     """`sweep` for a sweep spec (has `base`/`space`/...), `train` for a run config (sections data/model/...)."""
-    from ermgap.config import RunConfig, read_yaml
-    from ermgap.sweep_spec import SweepSpecModel
 
     tree = read_yaml(path)
     run_keys = {f.alias or n for n, f in RunConfig.model_fields.items()}
@@ -215,12 +217,10 @@ def validate_local(path: Path, kind: Kind, overrides: list[str]) -> dict[str, st
     Returns the storage locations the job will write to ({dotted key: path or URI}).
     """
     if kind == "sweep":
-        from ermgap.sweep_spec import load_sweep_spec
 
         spec = load_sweep_spec(path, overrides)
         base = spec.trial_config(spec.example_trials()[0])
         return {"storage_path": spec.model.storage_path, "base.tracking.storage_path": base.tracking.storage_path}
-    from ermgap.config import load_config
 
     return {"tracking.storage_path": load_config(path, overrides).tracking.storage_path}
 
@@ -302,7 +302,6 @@ def submit_entrypoint(cluster: Cluster, entrypoint: str, *, runtime_env: dict[st
                       submission_id: str | None = None, metadata: dict[str, str] | None = None,
                       agent_wait_s: float = 60.0) -> str:
     """Submit a raw shell entrypoint; retries while a just-started head's job agent is not up yet."""
-    import time
 
     deadline = time.monotonic() + agent_wait_s
     while True:
@@ -326,7 +325,6 @@ def status(cluster: Cluster, job_id: str) -> str:
 
 def wait(cluster: Cluster, job_id: str, *, poll_s: float = 1.0, timeout_s: float | None = None) -> str:
     """Block until the job reaches a terminal status; returns it."""
-    import time
 
     start = time.monotonic()
     while True:

@@ -1,9 +1,12 @@
-"""MLflow logging for one training run, used by rank 0 only.
+"""Everything ermgap writes to or reads from MLflow: a training run (rank 0's `RunLogger`) and a
+sweep's parent run with its children.
 
 All MLflow calls go through an explicit `MlflowClient` bound to the run's tracking URI (no global
 active run), so a Ray worker, a Tune trial and a notebook can each hold their own run.
 The run id is stored in every checkpoint and in `<run_dir>/mlflow_run_id`, so a restarted worker
 group or `ermgap train --resume` continues the SAME run instead of opening a new one.
+A sweep is one parent run (tag `ermgap.role=sweep`); each trial's training run is a child of it
+through MLflow's own parent tag, so the UI nests them and `child_runs` finds them.
 """
 
 from __future__ import annotations
@@ -14,16 +17,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 RUN_ID_FILE = "mlflow_run_id"
-# MLflow rejects params longer than this; long lists (target modules, prompts) are cut with a marker.
-_MAX_PARAM_LEN = 6000
+PARENT_TAG = MLFLOW_PARENT_RUN_ID
+TAG_SWEEP = "ermgap.sweep"
+TAG_HASH = "ermgap.sweep_hash"
+TAG_TRIAL = "ermgap.trial_id"
+TAG_ROLE = "ermgap.role"
+TAG_PARAM_PREFIX = "ermgap.param."  # a trial's sampled params, as tags (the report groups runs by them)
 
 
-def _client(tracking_uri: str) -> MlflowClient:
+def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def _param(key: str, value: Any) -> Param:
+    # Long values (target-module lists, prompts) are cut to what MLflow accepts.
+    return Param(key, str(value)[:MAX_PARAM_VAL_LENGTH])
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
@@ -43,7 +59,7 @@ class RunLogger:
     """One MLflow run: params once, metrics by step, artifacts, status at the end."""
 
     def __init__(self, tracking_uri: str, run_id: str) -> None:
-        self.client = _client(tracking_uri)
+        self.client = client(tracking_uri)
         self.tracking_uri = tracking_uri
         self.run_id = run_id
 
@@ -52,18 +68,18 @@ class RunLogger:
              params: dict[str, Any] | None = None) -> RunLogger:
         """Reuse `run_id` (or the id recorded in run_dir) or create a new run and record its id."""
         uri = mlflow_cfg["tracking_uri"]
-        client = _client(uri)
+        mlflow_client = client(uri)
         id_file = Path(run_dir) / RUN_ID_FILE
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip() or None
         if run_id is not None:
             # A resumed run: mark it running again.
-            client.update_run(run_id, status="RUNNING")
+            mlflow_client.update_run(run_id, status="RUNNING")
             return cls(uri, run_id)
         tags = {str(k): str(v) for k, v in (mlflow_cfg.get("tags") or {}).items()}
         if mlflow_cfg.get("parent_run_id"):
-            tags["mlflow.parentRunId"] = mlflow_cfg["parent_run_id"]
-        run = client.create_run(experiment_id(client, mlflow_cfg["experiment"]),
+            tags[PARENT_TAG] = mlflow_cfg["parent_run_id"]
+        run = mlflow_client.create_run(experiment_id(mlflow_client, mlflow_cfg["experiment"]),
                                 run_name=mlflow_cfg.get("run_name"), tags=tags)
         logger = cls(uri, run.info.run_id)
         id_file.parent.mkdir(parents=True, exist_ok=True)
@@ -75,16 +91,14 @@ class RunLogger:
         return logger
 
     def log_params(self, params: dict[str, Any]) -> None:
-        items = [Param(k, str(v)[:_MAX_PARAM_LEN]) for k, v in sorted(params.items())]
-        for start in range(0, len(items), 100):  # MLflow's batch limit on params
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+        # log_batch splits into MLflow's per-request limits itself.
+        self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in sorted(params.items())])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-        for start in range(0, len(rows), 1000):
-            self.client.log_batch(self.run_id, metrics=rows[start:start + 1000])
+        self.client.log_batch(self.run_id, metrics=rows)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -107,5 +121,65 @@ def mark_run(tracking_uri: str, run_dir: str | os.PathLike, status: str) -> str 
     if not id_file.is_file():
         return None
     run_id = id_file.read_text().strip()
-    _client(tracking_uri).set_terminated(run_id, status=status)
+    client(tracking_uri).set_terminated(run_id, status=status)
     return run_id
+
+
+# --------------------------------------------------------------------------- a sweep's parent run
+
+
+def start_sweep_run(tracking_uri: str, experiment: str, *, name: str, spec_hash: str, description: str,
+                    params: dict[str, Any]) -> str:
+    """Create the parent run of sweep `name` with its flattened spec as params; returns its run id."""
+    c = client(tracking_uri)
+    run = c.create_run(experiment_id(c, experiment), run_name=name,
+                       tags={TAG_SWEEP: name, TAG_HASH: spec_hash, TAG_ROLE: "sweep",
+                             "mlflow.note.content": description or f"ermgap sweep {name}"})
+    c.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
+    return run.info.run_id
+
+
+def trial_tags(sweep: str, spec_hash: str, trial_id: str, params: dict[str, Any]) -> dict[str, str]:
+    """Tags of a trial's child run: which sweep and trial it is, and its sampled params."""
+    tags = {TAG_SWEEP: sweep, TAG_HASH: spec_hash, TAG_TRIAL: trial_id, TAG_ROLE: "trial"}
+    tags.update({f"{TAG_PARAM_PREFIX}{k}": str(v) for k, v in params.items()})
+    return tags
+
+
+def child_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> pd.DataFrame:
+    """All MLflow runs whose parent is the sweep's run (one row per run, `metrics.*`/`tags.*` columns)."""
+    exp = client(tracking_uri).get_experiment_by_name(experiment)
+    if exp is None:
+        return pd.DataFrame()
+    mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                              max_results=10000)
+
+
+def close_unfinished(tracking_uri: str, run_ids: list[str], status: str = "KILLED") -> None:
+    """Mark runs still RUNNING (a trial whose workers the scheduler killed mid-run) as `status`."""
+    c = client(tracking_uri)
+    for run_id in run_ids:
+        if c.get_run(run_id).info.status == "RUNNING":
+            c.set_terminated(run_id, status=status)
+
+
+def log_sweep_summary(tracking_uri: str, parent_run_id: str, *, files: list[Path], tags: dict[str, str],
+                      metrics: dict[str, float]) -> None:
+    """The parent run's artifacts (leaderboard, plots, spec), best-trial tags and metrics."""
+    c = client(tracking_uri)
+    for f in files:
+        c.log_artifact(parent_run_id, str(f))
+    now = int(time.time() * 1000)
+    c.log_batch(parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
+                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                         if v is not None and math.isfinite(float(v))])
+
+
+def set_status(tracking_uri: str, run_id: str, status: str) -> None:
+    """RUNNING, FINISHED, FAILED or KILLED."""
+    c = client(tracking_uri)
+    if status == "RUNNING":
+        c.update_run(run_id, status="RUNNING")
+    else:
+        c.set_terminated(run_id, status=status)

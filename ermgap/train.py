@@ -2,13 +2,14 @@
 
 Read it top to bottom (torchtune style, no Trainer base class):
 
-    run_training (driver)      validate config and inputs → start/join Ray → build_trainer → fit → final metrics
-    train_loop_per_worker      what every Ray Train worker runs:
-        LoRARecipe.setup         seed, backbone + LoRA, data plan, DeepSpeed engine, λ, restore checkpoint
-        LoRARecipe.train         optimizer steps; evaluate + checkpoint each epoch (or every N steps)
-        LoRARecipe.evaluate      whole dev set sharded over workers, gathered, metrics, λ update, early stopping
-        LoRARecipe.save_checkpoint   ray.train.report(metrics, checkpoint)
-        LoRARecipe.finish        best adapter → dev/test predictions, final report
+    run_training (driver)        validate config and inputs → start/join Ray → build_trainer → fit → final metrics
+    train_loop_per_worker        what every Ray Train worker runs:
+        LoRARecipe.setup           _setup_model → _setup_data → _setup_engine → _restore → _setup_tracking
+        LoRARecipe.train           epochs of optimizer_step; evaluate_and_checkpoint each epoch (or every N steps)
+        LoRARecipe.optimizer_step  per-sample losses of all micro-batches → objective (the all-reduce) → backward
+        LoRARecipe.evaluate_and_checkpoint   dev metrics (predict → split_metrics) → update_lambda → track_best
+                                   → save_checkpoint (ray.train.report)
+        LoRARecipe.finish          best adapter → dev/test predictions, final report
         LoRARecipe.cleanup
 
 Where the distributed reduction happens: only inside `ermgap.objective.erm_minmaxgap_loss`
@@ -33,65 +34,125 @@ without frozen weights, best LoRA adapter, λ, data position, per-rank RNG, MLfl
 `ray.train.report`. A restarted worker group (FailureConfig) or `ermgap train --resume RUN_DIR`
 (same storage_path + name: Ray Train V2 reloads the run's checkpoint manager) loads it and
 continues at the same step with the same data order and RNG, so on CPU the result equals an
-uninterrupted run. Test hooks: $ERMGAP_FAULT_KILL_AT_STEP (last rank exits once after that step)
-and $ERMGAP_FAULT_NAN_AT_STEP (a NaN loss on the last rank), read by `run_training` only.
+uninterrupted run. Tests inject faults through `FaultInjector` ($ERMGAP_FAULT_KILL_AT_STEP,
+$ERMGAP_FAULT_NAN_AT_STEP, read by `run_training` only).
 """
 
 from __future__ import annotations
 
-import math
+import gc
+import json
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import ray
+import ray.train
+import ray.train.torch
 import torch
+import transformers
+from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
+from ray.train import RunConfig as RayRunConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
+from ermgap import checkpointing
+from ermgap.batching import EmotionCollator, featurize, to_device
 from ermgap.checkpointing import TrainerState
-from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten
+from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten, load_config
+from ermgap.data.dataset import UtteranceDataset
+from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, ManifestError, TrainingError
-from ermgap.io import atomic_write_text
+from ermgap.evaluate import predictions_frame
+from ermgap.formatting import json_safe
+from ermgap.io import atomic_path, atomic_write_text
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, MODALITIES
+from ermgap.metrics import compute_metrics
+from ermgap.model import apply_lora, load_backbone
+from ermgap.objective import AdaptiveLambda, dev_gap, erm_minmaxgap_loss
+from ermgap.ray_runtime import ensure_ray
+from ermgap.sampler import GlobalBatchPlan, shard_for_eval
+from ermgap.scoring import answer_loss_from_scores, per_sample_loss, score_labels
+from ermgap.tracking import RunLogger, mark_run
 
 # Dev metrics usable for early stopping (`eval.metric`) → the reported key.
 EVAL_METRICS = ("w_f1", "acc", "avg_gap", "worst_lang_gap", "loss", "loss_gap")
 ERROR_FILE = "error.txt"
 METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.yaml"
 # Fault injection for tests: kill the last rank after step N / make its first loss NaN at step N.
 FAULT_ENV = "ERMGAP_FAULT_KILL_AT_STEP"
 NAN_ENV = "ERMGAP_FAULT_NAN_AT_STEP"
+# The transformers schedule behind each `optim.scheduler` (all with linear warm-up).
+SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 # =============================================================================== worker side
 
 
-def _seed_everything(seed: int) -> None:
-    import random
+@dataclass(frozen=True)
+class Strata:
+    """The groups inside which the gender gap is measured (`objective.stratum`): their names and how a
+    batch's language index maps to a stratum index. The one place that knows the stratum layout."""
 
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    names: tuple[str, ...]
+    modality_offset: int | None = None  # language × modality: the run's modality picks the column
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> Strata:
+        if cfg.objective.stratum == "language":
+            return cls(tuple(LANGUAGES))
+        return cls(tuple(f"{lg}_{m}" for lg in LANGUAGES for m in MODALITIES), MODALITIES.index(cfg.data.modality))
+
+    @property
+    def num(self) -> int:
+        return len(self.names)
+
+    def index(self, language: torch.Tensor) -> torch.Tensor:
+        """Stratum index of each example from its language index (LANGUAGES order)."""
+        if self.modality_offset is None:
+            return language
+        return language * len(MODALITIES) + self.modality_offset
+
+    def named(self, prefix: str, values) -> dict[str, float]:
+        """{prefix + stratum name: value} for the strata whose value is defined (not NaN)."""
+        flat = torch.as_tensor(values).detach().flatten().tolist()
+        return {f"{prefix}{n}": v for n, v in zip(self.names, flat) if v == v}
 
 
-def _lr_lambda(total_steps: int, warmup_steps: int, kind: str):
-    def f(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if kind == "constant":
-            return 1.0
-        frac = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
-    return f
+class FaultInjector:
+    """Test-only faults, configured by the driver (`run_training` reads $ERMGAP_FAULT_*): kill the last
+    rank once after optimizer step `kill_at_step` (like a lost node), or give its first per-sample
+    loss of step `nan_at_step` a NaN. Inert unless configured."""
+
+    def __init__(self, spec: dict[str, Any], *, rank: int, world: int) -> None:
+        self.kill_at = spec.get("kill_at_step")
+        self.nan_at = spec.get("nan_at_step")
+        self.marker = Path(spec["marker"]) if spec.get("marker") else None
+        self.last_rank = rank == world - 1
+        self.rank = rank
+
+    def poison(self, losses: torch.Tensor, step: int) -> torch.Tensor:
+        if self.nan_at != step or not self.last_rank:
+            return losses
+        return losses * torch.where(torch.arange(len(losses)) == 0, float("nan"), 1.0)
+
+    def after_step(self, step: int) -> None:
+        if self.kill_at != step or not self.last_rank or self.marker is None or self.marker.exists():
+            return
+        self.marker.write_text(f"killed rank {self.rank} after step {step}\n")
+        os._exit(1)  # die without cleanup, like a lost node
 
 
-class _FeatureCache(torch.utils.data.Dataset):
+class _CachedFeatures(torch.utils.data.Dataset):
     """UtteranceDataset items with log-mel features computed once per worker and reused every epoch."""
 
-    def __init__(self, base, processor) -> None:
+    def __init__(self, base: UtteranceDataset, processor) -> None:
         self.base, self.processor, self.cache = base, processor, {}
 
     def __len__(self) -> int:
@@ -99,18 +160,19 @@ class _FeatureCache(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         if i not in self.cache:
-            from ermgap.batching import featurize
-
             self.cache[i] = featurize(self.processor, [self.base[i]])[0]
         return self.cache[i]
 
 
-def _stratum(batch: dict, cfg: RunConfig) -> tuple[torch.Tensor, int]:
-    """Group index within which the gender gap is measured, and the number of groups."""
-    lang = batch["language"]
-    if cfg.objective.stratum == "language":
-        return lang, len(LANGUAGES)
-    return lang * len(MODALITIES) + MODALITIES.index(cfg.data.modality), len(LANGUAGES) * len(MODALITIES)
+@dataclass
+class _Split:
+    rows: pd.DataFrame          # the manifest rows of the split, in manifest order
+    base: UtteranceDataset      # decoded audio (lengths for batching)
+    features: _CachedFeatures   # what the collator consumes
+
+
+class _NonFiniteLoss(Exception):
+    pass
 
 
 class LoRARecipe:
@@ -119,54 +181,68 @@ class LoRARecipe:
     # ----------------------------------------------------------------------------- setup
     def setup(self, loop_config: dict[str, Any]) -> None:
         t_setup = time.perf_counter()
-        import deepspeed
-        import ray.train
-
-        from ermgap.batching import EmotionCollator
-        from ermgap.data.dataset import UtteranceDataset
-        from ermgap.data.manifest import read_manifest
-        from ermgap.model import apply_lora, load_backbone
-        from ermgap.objective import AdaptiveLambda
-        from ermgap.sampler import GlobalBatchPlan
-
         self.loop_config = loop_config
         self.cfg = cfg = config_from_dict(loop_config["config"], source="loop_config")
         self.run_dir = Path(loop_config["run_dir"])
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-        self.device = torch.device("cpu")
-        if cfg.distributed.use_gpu:
-            import ray.train.torch
+        self.accum = cfg.optim.effective_batch_size // (cfg.optim.micro_batch_size * self.world)
+        self.strata = Strata.from_config(cfg)
+        self.faults = FaultInjector(loop_config.get("fault") or {}, rank=self.rank, world=self.world)
+        self.state = TrainerState()
+        self.best_adapter: dict[str, torch.Tensor] | None = None
+        self.logger: RunLogger | None = None
+        self.timing = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0}
 
+        model, processor = self._setup_model()
+        self._setup_data(processor)
+        self._setup_engine(model)
+        self.lam = AdaptiveLambda.from_config(cfg.lam)
+        resumed = self._restore()
+        self._setup_tracking(resumed)
+        self.timing["setup_s"] = time.perf_counter() - t_setup
+
+    def _setup_model(self):
+        """Seeded backbone + LoRA on this worker's device; the same seed on every rank gives an
+        identical LoRA init (DeepSpeed also broadcasts rank 0's weights)."""
+        cfg = self.cfg
+        if cfg.distributed.use_gpu:
             self.device = ray.train.torch.get_device()
         else:
+            self.device = torch.device("cpu")
             torch.set_num_threads(max(1, int(cfg.distributed.cpus_per_worker)))
-        self.accum = cfg.optim.effective_batch_size // (cfg.optim.micro_batch_size * self.world)
-
-        # Same seed on every rank: identical LoRA init (DeepSpeed also broadcasts rank 0's weights).
-        _seed_everything(cfg.optim.seed)
+        transformers.set_seed(cfg.optim.seed)
         model, processor = load_backbone(cfg.model, device=self.device)
-        model = apply_lora(model, cfg.lora)
+        return apply_lora(model, cfg.lora), processor
 
+    def _setup_data(self, processor) -> None:
+        """The three splits, the collator and the global batch plan (same batches for any worker count)."""
+        cfg = self.cfg
         df = read_manifest(cfg.data.manifest)
         if cfg.data.languages:
             df = df[df["language"].isin(cfg.data.languages)]
-        self.splits = {}
+        self.splits: dict[str, _Split] = {}
         for split in ("train", "dev", "test"):
-            part = df[df["split"] == split].reset_index(drop=True)
-            base = UtteranceDataset(part, sample_rate=cfg.data.sample_rate, max_audio_s=cfg.data.max_audio_s)
-            self.splits[split] = (part, base, _FeatureCache(base, processor))
+            rows = df[df["split"] == split].reset_index(drop=True)
+            base = UtteranceDataset(rows, sample_rate=cfg.data.sample_rate, max_audio_s=cfg.data.max_audio_s)
+            self.splits[split] = _Split(rows, base, _CachedFeatures(base, processor))
         self.collator = EmotionCollator(processor, cfg.prompt, cfg.data.modality, sample_rate=cfg.data.sample_rate)
-        self.plan = GlobalBatchPlan(self.splits["train"][1].lengths, effective_batch=cfg.optim.effective_batch_size,
+        self.plan = GlobalBatchPlan(self.splits["train"].base.lengths, effective_batch=cfg.optim.effective_batch_size,
                                     num_workers=self.world, accum=self.accum, seed=cfg.optim.seed)
         self.total_steps = cfg.optim.epochs * self.plan.steps_per_epoch
 
+    def _setup_engine(self, model) -> None:
+        """AdamW + LR schedule inside a DeepSpeed engine (ZeRO stage from the config)."""
+        # Imported here, not at module top: importing DeepSpeed takes seconds and logs accelerator
+        # detection, and the driver (which imports this module) never builds an engine.
+        import deepspeed
+
+        cfg = self.cfg
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _lr_lambda(self.total_steps, int(cfg.optim.warmup_ratio * self.total_steps),
-                                  cfg.optim.scheduler))
-        bf16 = next(model.parameters()).dtype == torch.bfloat16
+        scheduler = transformers.get_scheduler(
+            SCHEDULERS[cfg.optim.scheduler], optimizer,
+            num_warmup_steps=int(cfg.optim.warmup_ratio * self.total_steps), num_training_steps=self.total_steps)
         ds_config = {
             # Accumulation is ours (module docstring): DeepSpeed sees one micro-batch per step.
             "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size * self.accum,
@@ -174,65 +250,55 @@ class LoRARecipe:
             "train_batch_size": cfg.optim.effective_batch_size,
             "gradient_clipping": cfg.optim.max_grad_norm,
             "zero_optimization": {"stage": cfg.distributed.zero_stage},
-            "bf16": {"enabled": bf16},
+            "bf16": {"enabled": next(model.parameters()).dtype == torch.bfloat16},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
         t_ds = time.perf_counter()
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.timing["deepspeed_init_s"] = time.perf_counter() - t_ds
         # Dropout masks differ across ranks (a checkpoint restores each rank's own RNG state).
         torch.manual_seed(cfg.optim.seed + 1 + self.rank)
-        self.lam = AdaptiveLambda(init=cfg.lam.init, eta=cfg.lam.eta, epsilon=cfg.lam.epsilon,
-                                  lam_max=cfg.lam.lam_max, mode=cfg.lam.mode)
-        self.state = TrainerState()
-        self.best_adapter: dict[str, torch.Tensor] | None = None
-        self.logger = None
-        self.timing = {"setup_s": 0.0, "train_s": 0.0, "eval_s": 0.0, "checkpoint_s": 0.0,
-                       "deepspeed_init_s": time.perf_counter() - t_ds}
 
+    def _restore(self) -> bool:
+        """Load the checkpoint to resume from, if any; returns whether one was loaded."""
         checkpoint = self._checkpoint_to_resume()
-        if checkpoint is not None:
-            from ermgap import checkpointing
+        if checkpoint is None:
+            return False
+        with checkpoint.as_directory() as d:
+            self.state, self.best_adapter = checkpointing.load(Path(d), engine=self.engine, rank=self.rank)
+        self.lam.load_state_dict(self.state.lam)
+        return True
 
-            with checkpoint.as_directory() as d:
-                self.state, self.best_adapter = checkpointing.load(Path(d), engine=self.engine, rank=self.rank)
-            self.lam.load_state_dict(self.state.lam)
-
+    def _setup_tracking(self, resumed: bool) -> None:
+        """Rank 0 opens (or, resumed, reopens) the MLflow run; every rank learns its id."""
         if self.rank == 0:
-            from ermgap.tracking import RunLogger
-
-            params = flatten(cfg.to_dict())
+            params = flatten(self.cfg.to_dict())
             params.update({"derived.grad_accum_steps": self.accum, "derived.world_size": self.world,
                            "derived.steps_per_epoch": self.plan.steps_per_epoch})
-            self.logger = RunLogger.open(loop_config["mlflow"], run_dir=self.run_dir,
+            self.logger = RunLogger.open(self.loop_config["mlflow"], run_dir=self.run_dir,
                                          run_id=self.state.mlflow_run_id, params=params)
             self.state.mlflow_run_id = self.logger.run_id
-            if checkpoint is None:
+            if not resumed:
                 # run_training writes it; a sweep trial's run_dir may not have it yet.
-                cfg_file = self.run_dir / "config.yaml"
+                cfg_file = self.run_dir / CONFIG_FILE
                 if not cfg_file.is_file():
-                    atomic_write_text(cfg_file, dump_yaml(cfg), force=True)
+                    atomic_write_text(cfg_file, dump_yaml(self.cfg), force=True)
                 self.logger.log_artifact(cfg_file)
-        # Every rank reports the same run id.
         self.state.mlflow_run_id = self._broadcast(self.state.mlflow_run_id)
-        self.timing["setup_s"] = time.perf_counter() - t_setup
 
     # ----------------------------------------------------------------------------- helpers
-    def _checkpoint_to_resume(self):
+    def _checkpoint_to_resume(self) -> ray.train.Checkpoint | None:
         """Ray's latest registered checkpoint, or a newer complete one on local storage (see
         checkpointing.newest_on_disk); rank 0 decides so every rank loads the same one."""
-        import ray.train
-
-        from ermgap.checkpointing import TrainerState, newest_on_disk
-
         registered = ray.train.get_checkpoint()
         choice = None
         if self.rank == 0:
             choice = registered.path if registered is not None else None
             exp_dir = Path(ray.train.get_context().get_storage().experiment_fs_path)
             if exp_dir.is_dir():
-                newest = newest_on_disk(exp_dir, self.world)
+                newest = checkpointing.newest_on_disk(exp_dir, self.world)
                 reg_step = -1
                 if registered is not None and (Path(registered.path) / "trainer_state.json").is_file():
                     reg_step = TrainerState.from_json(
@@ -260,42 +326,33 @@ class LoRARecipe:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def _loader(self, dataset, batches: list[list[int]]):
+    def _loader(self, dataset, batches: list[list[int]]) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.collator,
                                            num_workers=self.cfg.data.num_loader_workers)
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> None:
         cfg, st = self.cfg, self.state
-        fault_step = self.loop_config.get("fault", {}).get("kill_at_step")
-        fault_marker = Path(self.loop_config.get("fault", {}).get("marker", self.run_dir / ".fault_fired"))
+        every = cfg.eval.every_steps
         while not st.done and st.epoch < cfg.optim.epochs:
             steps = self.plan.worker_micro_batches(st.epoch, self.rank, start_step=st.step_in_epoch)
-            loader = iter(self._loader(self.splits["train"][2], [mb for step in steps for mb in step]))
+            loader = iter(self._loader(self.splits["train"].features, [mb for step in steps for mb in step]))
             for _ in steps:
                 t0 = time.perf_counter()
                 res = self.optimizer_step([next(loader) for _ in range(self.accum)])
                 st.global_step += 1
                 st.step_in_epoch += 1
                 self.timing["train_s"] += time.perf_counter() - t0
-                if self.logger is not None:
-                    row = {"train/loss": float(res.total.detach()), "train/erm": res.erm,
-                           "train/gap": res.gap, "lambda": self.lam.value,
-                           "lr": self.scheduler.get_last_lr()[0]}
-                    row.update(_stratum_gap_metrics("train/gap_", res.stratum_gaps, cfg))
-                    self.logger.log_metrics(row, step=st.global_step)
-                if fault_step is not None and st.global_step == fault_step and self.rank == self.world - 1 \
-                        and not fault_marker.exists():
-                    fault_marker.write_text(f"killed rank {self.rank} after step {st.global_step}\n")
-                    os._exit(1)  # fault injection (tests): die without cleanup, like a lost node
-                if cfg.eval.every_steps and st.global_step % cfg.eval.every_steps == 0:
+                self._log_step(res)
+                self.faults.after_step(st.global_step)
+                if every and st.global_step % every == 0:
                     self.evaluate_and_checkpoint()
                     if st.done:
                         return
             st.epoch += 1
             st.step_in_epoch = 0
-            if not cfg.eval.every_steps or (st.epoch == cfg.optim.epochs
-                                            and st.global_step % cfg.eval.every_steps):
+            # Per-epoch evaluation, or the last one of a step-wise schedule that did not land on the end.
+            if not every or (st.epoch == cfg.optim.epochs and st.global_step % every):
                 self.evaluate_and_checkpoint()
         st.done = True
 
@@ -304,22 +361,15 @@ class LoRARecipe:
 
         plain_mean=True backpropagates the local mean loss instead of the objective (benchmark baseline).
         """
-        from ermgap.batching import to_device
-        from ermgap.objective import erm_minmaxgap_loss
-
         self.engine.train()
         losses, stratum, attribute, utt_ids = [], [], [], []
         for batch in micro_batches:
             dev_batch = to_device(batch, self.device)
-            losses.append(_per_sample_loss(self.engine, dev_batch))
-            s, num_strata = _stratum(dev_batch, self.cfg)
-            stratum.append(s)
+            losses.append(per_sample_loss(self.engine, dev_batch))
+            stratum.append(self.strata.index(dev_batch["language"]))
             attribute.append(dev_batch["gender"])
             utt_ids += batch["utt_id"]
-        losses_t = torch.cat(losses)
-        if self.loop_config.get("fault", {}).get("nan_at_step") == self.state.global_step + 1 \
-                and self.rank == self.world - 1:
-            losses_t = losses_t * torch.where(torch.arange(len(losses_t)) == 0, float("nan"), 1.0)  # tests
+        losses_t = self.faults.poison(torch.cat(losses), self.state.global_step + 1)
         if plain_mean:
             loss = losses_t.mean()
             self.engine.backward(loss)
@@ -327,12 +377,20 @@ class LoRARecipe:
             return loss
         try:
             res = erm_minmaxgap_loss(losses_t, torch.cat(stratum), torch.cat(attribute), lam=self.lam.value,
-                                     p=self.cfg.objective.p, num_strata=num_strata, num_attrs=len(GENDERS))
+                                     p=self.cfg.objective.p, num_strata=self.strata.num, num_attrs=len(GENDERS))
         except TrainingError:  # raised on every rank alike: the bad-loss count is all-reduced
             self._non_finite(losses_t, utt_ids)
         self.engine.backward(res.total)
         self.engine.step()
         return res
+
+    def _log_step(self, res) -> None:
+        if self.logger is None:
+            return
+        row = {"train/loss": float(res.total.detach()), "train/erm": res.erm, "train/gap": res.gap,
+               "lambda": self.lam.value, "lr": self.scheduler.get_last_lr()[0]}
+        row.update(self.strata.named("train/gap_", res.stratum_gaps))
+        self.logger.log_metrics(row, step=self.state.global_step)
 
     def _non_finite(self, losses: torch.Tensor, utt_ids: list[str]) -> None:
         """Stop every rank together, naming the step and the utterances whose loss is NaN/inf."""
@@ -348,46 +406,34 @@ class LoRARecipe:
 
         Returns one row per utterance (manifest order) on every rank.
         """
-        from ermgap.batching import to_device
-        from ermgap.model import score_labels
-        from ermgap.sampler import shard_for_eval
-        from ermgap.scoring import answer_loss_from_scores
-
-        part, base, cached = self.splits[split]
+        data = self.splits[split]
         self.engine.eval()
         rows = []
-        for chunk in shard_for_eval(base.lengths, rank=self.rank, num_workers=self.world,
+        for chunk in shard_for_eval(data.base.lengths, rank=self.rank, num_workers=self.world,
                                     batch_size=self.cfg.eval.batch_size):
-            idx = [i for i, _ in chunk]
-            batch = to_device(self.collator([cached[i] for i in idx]), self.device)
+            batch = to_device(self.collator([data.features[i] for i, _ in chunk]), self.device)
             scores = score_labels(self.engine, batch).float()
             loss = answer_loss_from_scores(scores, batch).cpu()
             scores = scores.cpu()
             for j, (i, keep) in enumerate(chunk):
                 if keep:
                     rows.append((i, float(loss[j]), scores[j].tolist()))
-        from ermgap.evaluate import predictions_frame
-
         gathered = sorted((r for part_rows in self._gather(rows) for r in part_rows), key=lambda r: r[0])
         scores = np.array([r[2] for r in gathered], dtype=np.float64).reshape(len(gathered), len(EMOTIONS))
+        part = data.rows
         frame = predictions_frame(part["utt_id"], part["language"], part["gender"], part["emotion"],
                                   scores.argmax(1) if len(gathered) else [], scores=scores,
                                   modality=self.cfg.data.modality)
         frame["loss"] = [r[1] for r in gathered]  # per-sample dev loss (for Δdev), not written to PREDS.csv
         return frame
 
-    def _split_metrics(self, frame: pd.DataFrame, prefix: str) -> dict[str, float]:
-        from ermgap.metrics import compute_metrics
-        from ermgap.objective import dev_gap
-
+    def split_metrics(self, frame: pd.DataFrame, prefix: str) -> dict[str, float]:
+        """The paper's metrics of a predictions frame, plus Δ (the objective's loss gap) per stratum."""
         m = compute_metrics(_preds_only(frame))
-        lang = torch.tensor([LANGUAGES.index(x) for x in frame["language"]])
-        stratum = lang if self.cfg.objective.stratum == "language" else \
-            lang * len(MODALITIES) + MODALITIES.index(self.cfg.data.modality)
-        num_strata = len(LANGUAGES) * (1 if self.cfg.objective.stratum == "language" else len(MODALITIES))
+        stratum = self.strata.index(torch.tensor([LANGUAGES.index(x) for x in frame["language"]]))
         gender = torch.tensor([GENDERS.index(x) for x in frame["gender"]])
         loss_gap, stratum_gaps = dev_gap(torch.tensor(frame["loss"].to_numpy()), stratum, gender,
-                                         num_strata=num_strata, num_attrs=len(GENDERS))
+                                         num_strata=self.strata.num, num_attrs=len(GENDERS))
         lang_gaps = {lg: v["avg_gap"] for lg, v in m["per_language"].items()}
         finite = [v for v in lang_gaps.values() if v == v]
         out = {
@@ -399,34 +445,39 @@ class LoRARecipe:
         for lg, v in lang_gaps.items():
             out[f"{prefix}_avg_gap_{lg}"] = v
             out[f"{prefix}_w_f1_{lg}"] = m["per_language"][lg]["w_f1"]
-        out.update(_stratum_gap_metrics(f"{prefix}_loss_gap_", stratum_gaps, self.cfg))
+        out.update(self.strata.named(f"{prefix}_loss_gap_", stratum_gaps))
         return out
 
-    def evaluate_and_checkpoint(self) -> None:
-        """Dev evaluation → λ update → early-stopping bookkeeping → checkpoint + report."""
-        cfg, st = self.cfg, self.state
-        t0 = time.perf_counter()
-        metrics = self._split_metrics(self.predict("dev"), "dev")
-        self.timing["eval_s"] += time.perf_counter() - t0
-        st.eval_round += 1
-        lam_used = self.lam.value
-        # Every rank holds the same gathered dev set, so the λ update is identical everywhere.
-        drive = metrics["dev_loss_gap"] if cfg.lam.dev_gap == "loss_gap" else metrics["dev_avg_gap"] / 100.0
+    def update_lambda(self, metrics: dict[str, float]) -> float:
+        """The paper's λ ← clip(λ + η(Δdev − ε), 0, λmax) on this evaluation's dev gap; returns the λ
+        the finished steps used. Every rank holds the same gathered dev set, so λ is identical everywhere."""
+        used = self.lam.value
+        drive = metrics["dev_loss_gap"] if self.cfg.lam.dev_gap == "loss_gap" else metrics["dev_avg_gap"] / 100.0
         self.lam.update(drive if drive == drive else 0.0)
-        score = metrics[f"dev_{cfg.eval.metric}"]
+        return used
+
+    def track_best(self, score: float) -> None:
+        """Keep the best adapter so far and count evaluations without improvement (early stopping)."""
+        cfg, st = self.cfg, self.state
         better = score == score and (st.best_score is None or
                                      (score > st.best_score if cfg.eval.metric_mode == "max" else score < st.best_score))
         if better:
-            from ermgap.checkpointing import adapter_state
-
             st.best_score, st.best_round, st.bad_rounds = float(score), st.eval_round, 0
-            self.best_adapter = adapter_state(self.engine.module, cfg.distributed.zero_stage)
+            self.best_adapter = checkpointing.adapter_state(self.engine.module, cfg.distributed.zero_stage)
         else:
             st.bad_rounds += 1
-        if cfg.eval.patience and st.bad_rounds >= cfg.eval.patience:
+        if (cfg.eval.patience and st.bad_rounds >= cfg.eval.patience) or st.epoch >= cfg.optim.epochs:
             st.done = True
-        if st.epoch >= cfg.optim.epochs:
-            st.done = True
+
+    def evaluate_and_checkpoint(self) -> None:
+        """Dev evaluation → λ update → best/early-stopping bookkeeping → checkpoint + report."""
+        cfg, st = self.cfg, self.state
+        t0 = time.perf_counter()
+        metrics = self.split_metrics(self.predict("dev"), "dev")
+        self.timing["eval_s"] += time.perf_counter() - t0
+        st.eval_round += 1
+        lam_used = self.update_lambda(metrics)
+        self.track_best(metrics[f"dev_{cfg.eval.metric}"])
         metrics.update({
             "eval_round": st.eval_round, "epoch": st.epoch + st.step_in_epoch / max(1, self.plan.steps_per_epoch),
             "step": st.global_step, "lambda": self.lam.value, "lambda_used": lam_used,
@@ -443,33 +494,26 @@ class LoRARecipe:
 
     # ----------------------------------------------------------------------------- checkpoint
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
-        import ray.train
-
-        from ermgap import checkpointing
-
         t0 = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f"ermgap-ckpt-r{self.rank}-"))
         checkpointing.save(tmp, engine=self.engine, rank=self.rank, zero_stage=self.cfg.distributed.zero_stage,
                            state=self.state, best_adapter=self.best_adapter)
-        ray.train.report(_plain(metrics), checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        ray.train.report(json_safe(metrics, nan_to_none=False), checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
         shutil.rmtree(tmp, ignore_errors=True)
         self.timing["checkpoint_s"] += time.perf_counter() - t0
 
     # ----------------------------------------------------------------------------- finish
     def finish(self) -> dict[str, Any]:
         """Best adapter → dev and test predictions → CSVs, MLflow, final report (done=True)."""
-        from ermgap.checkpointing import apply_adapter_state
-        from ermgap.io import atomic_path
-
         cfg, st = self.cfg, self.state
         if self.best_adapter is not None:
-            apply_adapter_state(self.engine.module, self.best_adapter, cfg.distributed.zero_stage)
+            checkpointing.apply_adapter_state(self.engine.module, self.best_adapter, cfg.distributed.zero_stage)
         t0 = time.perf_counter()
         dev, test = self.predict("dev"), self.predict("test")
         self.timing["eval_s"] += time.perf_counter() - t0
-        final = self._split_metrics(dev, "dev")
+        final = self.split_metrics(dev, "dev")
         if len(test):
-            final.update(self._split_metrics(test, "test"))
+            final.update(self.split_metrics(test, "test"))
         final.update({
             "eval_round": st.eval_round, "epoch": float(st.epoch), "step": st.global_step,
             "lambda": self.lam.value, f"best_dev_{cfg.eval.metric}": st.best_score,
@@ -478,31 +522,32 @@ class LoRARecipe:
             "stopped_early": st.epoch < cfg.optim.epochs,
         })
         if self.rank == 0:
-            import json
-
-            for name, frame in (("dev_preds.csv", dev), ("test_preds.csv", test)):
-                with atomic_path(self.run_dir / name, force=True) as tmp:
-                    _preds_only(frame).to_csv(tmp, index=False)
-            with atomic_path(self.run_dir / METRICS_FILE, force=True) as tmp:
-                tmp.write_text(json.dumps({**_plain(final), "lambda_history": self.lam.history,
-                                           "history": st.history, "timing": self.timing}, indent=1))
-            from ermgap.checkpointing import save_adapter
-
-            if self.best_adapter is not None:
-                save_adapter(self.engine.module, self.best_adapter, self.run_dir / "adapter")
-            lg = self.logger
-            lg.log_metrics({f"final/{k}": v for k, v in final.items()}, step=st.global_step)
-            lg.log_artifact(self.run_dir / "dev_preds.csv", "predictions")
-            lg.log_artifact(self.run_dir / "test_preds.csv", "predictions")
-            lg.log_artifact(self.run_dir / METRICS_FILE)
-            if (self.run_dir / "adapter").is_dir():
-                lg.log_artifact(self.run_dir / "adapter", "adapter")
-            lg.set_tags({"ermgap.stopped_early": final["stopped_early"], "ermgap.best_eval_round": st.best_round})
+            self._write_outputs(final, dev, test)
         st.lam = self.lam.state_dict()
         self.save_checkpoint(final)
         if self.logger is not None:
             self.logger.end("FINISHED")
         return final
+
+    def _write_outputs(self, final: dict[str, Any], dev: pd.DataFrame, test: pd.DataFrame) -> None:
+        """Rank 0: predictions, metrics.json and the best adapter in the run directory and in MLflow."""
+        st = self.state
+        for name, frame in (("dev_preds.csv", dev), ("test_preds.csv", test)):
+            with atomic_path(self.run_dir / name, force=True) as tmp:
+                _preds_only(frame).to_csv(tmp, index=False)
+        with atomic_path(self.run_dir / METRICS_FILE, force=True) as tmp:
+            tmp.write_text(json.dumps({**json_safe(final, nan_to_none=False), "lambda_history": self.lam.history,
+                                       "history": st.history, "timing": self.timing}, indent=1))
+        if self.best_adapter is not None:
+            checkpointing.save_adapter(self.engine.module, self.best_adapter, self.run_dir / "adapter")
+        lg = self.logger
+        lg.log_metrics({f"final/{k}": v for k, v in final.items()}, step=st.global_step)
+        lg.log_artifact(self.run_dir / "dev_preds.csv", "predictions")
+        lg.log_artifact(self.run_dir / "test_preds.csv", "predictions")
+        lg.log_artifact(self.run_dir / METRICS_FILE)
+        if (self.run_dir / "adapter").is_dir():
+            lg.log_artifact(self.run_dir / "adapter", "adapter")
+        lg.set_tags({"ermgap.stopped_early": final["stopped_early"], "ermgap.best_eval_round": st.best_round})
 
     def fail(self, message: str) -> None:
         """A run that cannot continue: the driver raises TrainingError with this message."""
@@ -513,46 +558,12 @@ class LoRARecipe:
                 self.logger.end("FAILED")
 
     def cleanup(self) -> None:
-        import gc
-
         del self.engine
         gc.collect()
 
 
-class _NonFiniteLoss(Exception):
-    pass
-
-
-def _per_sample_loss(model, batch: dict) -> torch.Tensor:
-    from ermgap.model import per_sample_loss
-
-    return per_sample_loss(model, batch)
-
-
 def _preds_only(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=["loss"])
-
-
-def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
-    """JSON/Ray-safe scalars (no numpy or torch types)."""
-    out = {}
-    for k, v in metrics.items():
-        if isinstance(v, (bool, str)) or v is None:
-            out[k] = v
-        elif isinstance(v, (int, np.integer)):
-            out[k] = int(v)
-        else:
-            out[k] = float(v)
-    return out
-
-
-def _stratum_gap_metrics(prefix: str, stratum_gaps, cfg: RunConfig) -> dict[str, float]:
-    gaps = torch.as_tensor(stratum_gaps).detach().flatten().tolist()
-    if cfg.objective.stratum == "language":
-        names = list(LANGUAGES)
-    else:
-        names = [f"{lg}_{m}" for lg in LANGUAGES for m in MODALITIES]
-    return {f"{prefix}{n}": g for n, g in zip(names, gaps) if g == g}
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -572,16 +583,36 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 # =============================================================================== driver side
 
 
+def absolute_paths(tree: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config tree whose local data and model paths are absolute: trials and Ray workers
+    start in other directories than the driver, whose CWD relative paths refer to."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    data, model = out.get("data") or {}, out.get("model") or {}
+    if data.get("manifest") and not os.path.isabs(data["manifest"]):
+        data["manifest"] = str(Path(data["manifest"]).resolve())
+    name = model.get("name_or_path")
+    if name and Path(name).expanduser().exists():
+        model["name_or_path"] = str(Path(name).expanduser().resolve())
+    return out
+
+
+def resolved_config(cfg: RunConfig) -> RunConfig:
+    """The config as shipped to workers: absolute local paths, the tracking URI and storage path fixed."""
+    tree = absolute_paths(cfg.to_dict())
+    if not tree["tracking"]["tracking_uri"]:
+        tree["tracking"]["tracking_uri"] = default_tracking_uri(cfg)
+    if "://" not in tree["tracking"]["storage_path"]:
+        tree["tracking"]["storage_path"] = str(Path(tree["tracking"]["storage_path"]).resolve())
+    return config_from_dict(tree, source="resolved config")
+
+
 def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, storage_path: str | os.PathLike,
                   callbacks=(), mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
-                  resume: bool = False, fault: dict | None = None):
+                  resume: bool = False, fault: dict | None = None) -> TorchTrainer:
     """A TorchTrainer for one run. Re-running it with the same storage_path + name resumes from the
     latest checkpoint (Ray Train V2 restores the run's checkpoint manager from storage)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     run_dir = Path(run_dir)
-    cfg = _absolute_paths(cfg)
+    cfg = resolved_config(cfg)
     loop_config = {
         "config": cfg.to_dict(),
         "run_dir": str(run_dir.resolve()),
@@ -592,6 +623,7 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, stor
         "resume": resume,
     }
     d = cfg.distributed
+    storage = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -599,8 +631,7 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, stor
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.cpus_per_worker}),
         run_config=RayRunConfig(
-            name=name, storage_path=str(Path(storage_path).resolve()) if "://" not in str(storage_path)
-            else str(storage_path),
+            name=name, storage_path=storage,
             failure_config=FailureConfig(max_failures=d.max_failures),
             # The latest checkpoint is what resumes; the best adapter travels inside every checkpoint.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -608,24 +639,8 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, stor
     )
 
 
-def _absolute_paths(cfg: RunConfig) -> RunConfig:
-    """Workers may start in another directory: make local paths absolute before shipping the config."""
-    tree = cfg.to_dict()
-    tree["data"]["manifest"] = str(Path(tree["data"]["manifest"]).resolve())
-    local = Path(tree["model"]["name_or_path"]).expanduser()
-    if local.exists():
-        tree["model"]["name_or_path"] = str(local.resolve())
-    if not tree["tracking"]["tracking_uri"]:
-        tree["tracking"]["tracking_uri"] = default_tracking_uri(cfg)
-    if "://" not in tree["tracking"]["storage_path"]:
-        tree["tracking"]["storage_path"] = str(Path(tree["tracking"]["storage_path"]).resolve())
-    return config_from_dict(tree, source="resolved config")
-
-
 def check_inputs(cfg: RunConfig) -> None:
     """Everything that can be checked before a Ray worker starts (errors name the key and value)."""
-    from ermgap.data.manifest import read_manifest
-
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file():
         raise ConfigError(f"data.manifest: {manifest} does not exist (generate one with `ermgap data synth`)")
@@ -634,6 +649,9 @@ def check_inputs(cfg: RunConfig) -> None:
     if looks_local and not (Path(model).expanduser() / "config.json").is_file():
         raise ConfigError(f"model.name_or_path: {model} is not a saved model directory (no config.json); "
                           "build the tiny one with `ermgap model tiny --out models/tiny`")
+    if cfg.objective.kind != "minmaxgap":  # until the recipe talks to ermgap.objectives (issue 15, phase 2)
+        raise ConfigError(f"objective.kind: {cfg.objective.kind!r} is not wired into the training recipe yet; "
+                          "only 'minmaxgap' trains (ERM: lambda.mode=fixed lambda.init=0)")
     if cfg.eval.metric not in EVAL_METRICS:
         raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not a dev metric; allowed: {', '.join(EVAL_METRICS)}")
     if cfg.distributed.use_gpu and not torch.cuda.is_available() and not _ray_has_gpus():
@@ -653,8 +671,6 @@ def check_inputs(cfg: RunConfig) -> None:
 
 
 def _ray_has_gpus() -> bool:
-    import ray
-
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
@@ -676,22 +692,16 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     resume_dir: continue the run in that directory (its config.yaml is used, `cfg` is ignored).
     run_dir: where the run lives (default: <tracking.storage_path>/<timestamp>-<run_name or 'train'>).
     """
-    import json
-
-    from ermgap.config import load_config
-    from ermgap.ray_runtime import ensure_ray
-    from ermgap.tracking import mark_run
-
     if resume_dir is not None:
         run_path = Path(resume_dir).resolve()
-        if not (run_path / "config.yaml").is_file():
-            raise ConfigError(f"--resume {resume_dir}: not a run directory (no config.yaml)")
-        cfg = load_config(run_path / "config.yaml")
+        if not (run_path / CONFIG_FILE).is_file():
+            raise ConfigError(f"--resume {resume_dir}: not a run directory (no {CONFIG_FILE})")
+        cfg = load_config(run_path / CONFIG_FILE)
         if (run_path / METRICS_FILE).is_file():  # finished already: nothing to resume
             final = json.loads((run_path / METRICS_FILE).read_text())
             return {**final, "run_dir": str(run_path), "tracking_uri": default_tracking_uri(cfg)}
     else:
-        cfg = _absolute_paths(cfg)
+        cfg = resolved_config(cfg)
         if run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             run_dir = Path(cfg.tracking.storage_path) / f"{stamp}-{cfg.tracking.run_name or 'train'}"
@@ -705,7 +715,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     fault = {"kill_at_step": _step_from_env(FAULT_ENV), "nan_at_step": _step_from_env(NAN_ENV)}
     run_path.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
-        atomic_write_text(run_path / "config.yaml", dump_yaml(cfg), force=True)
+        atomic_write_text(run_path / CONFIG_FILE, dump_yaml(cfg), force=True)
     (run_path / ERROR_FILE).unlink(missing_ok=True)
 
     ensure_ray(address, num_cpus=num_cpus)
@@ -733,4 +743,5 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     return final
 
 
-__all__ = ["LoRARecipe", "build_trainer", "check_inputs", "run_training", "train_loop_per_worker"]
+__all__ = ["LoRARecipe", "Strata", "absolute_paths", "build_trainer", "check_inputs", "resolved_config",
+           "run_training", "train_loop_per_worker"]

@@ -34,3 +34,50 @@ def oracle_objective(losses, stratum, attribute, *, lam, p, num_strata, num_attr
 
 def _val(x) -> float:
     return x.item() if isinstance(x, torch.Tensor) else float(x)
+
+
+# ----------------------------------------------------------------------------- the other objective kinds
+# Same rules: loops over examples, Python floats for weights, nothing shared with ermgap.objectives.
+
+
+def _cells(stratum, attribute):
+    return [(int(s), int(a)) for s, a in zip(stratum, attribute)]
+
+
+def oracle_group_means(losses, stratum, attribute):
+    """{(s, a): (mean loss tensor, count)} for the cells present in the batch."""
+    cells = _cells(stratum, attribute)
+    out = {}
+    for c in sorted(set(cells)):
+        members = [i for i in range(len(cells)) if cells[i] == c]
+        out[c] = (sum(losses[i] for i in members) / len(members), len(members))
+    return out
+
+
+def oracle_erm(losses, stratum, attribute):
+    return sum(losses[i] for i in range(len(losses))) / len(losses)
+
+
+def oracle_group_dro_step(q, losses, stratum, attribute, *, eta, size_adjustment, train_counts):
+    """One online Group DRO step. q: {(s, a): float} over cells with train examples (modified copy returned).
+
+    Returns (total tensor, new q)."""
+    import math
+
+    means = oracle_group_means(losses, stratum, attribute)
+    new_q = dict(q)
+    for c, (mean, _) in means.items():
+        adjusted = _val(mean) + size_adjustment / math.sqrt(train_counts[c[0]][c[1]])
+        new_q[c] = new_q[c] * math.exp(eta * adjusted)
+    z = sum(new_q.values())
+    new_q = {c: v / z for c, v in new_q.items()}
+    total = sum(new_q[c] * mean for c, (mean, _) in means.items())
+    return total, new_q
+
+
+def oracle_reweight(losses, stratum, attribute, *, train_counts):
+    """Σ_i w_i ℓ_i / B with w = N / (K n_cell) from the train counts."""
+    flat = [n for row in train_counts for n in row]
+    big_n, k = sum(flat), sum(1 for n in flat if n > 0)
+    cells = _cells(stratum, attribute)
+    return sum(big_n / (k * train_counts[s][a]) * losses[i] for i, (s, a) in enumerate(cells)) / len(cells)

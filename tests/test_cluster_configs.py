@@ -176,7 +176,7 @@ def test_rayjob_entrypoint_is_a_real_command_whose_spec_validates():
 
 
 def test_rayjob_gpu_plan_fits_the_worker_group():
-    from ermgap.sweep_spec import load_sweep_spec
+    from ermgap.sweep.spec import load_sweep_spec
 
     _, args = _rayjob_command()
     spec_path = args[1]

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ermgap.batching import EmotionCollator
 from ermgap.config import LoraConfig, ModelConfig, PromptConfig
 from ermgap.labels import EMOTIONS
-from ermgap.model import apply_lora, load_adapter, load_backbone, per_sample_loss, score_labels
+from ermgap.model import apply_lora, load_adapter, load_backbone
+from ermgap.scoring import per_sample_loss, score_labels
 from ermgap.scoring import answer_loss_from_scores, generate
 
 

@@ -1,9 +1,11 @@
-"""ERM-MinMaxGAP under real torch.distributed (gloo, 2 and 3 processes) vs one process on the global batch.
+"""The objectives under real torch.distributed (gloo, 2 and 3 processes) vs one process on the global batch.
 
-One spawn per world size runs every check (spawn costs seconds): a plain step with data-parallel
-gradient averaging (p = 1 and 2), gradient
-accumulation by concatenating micro-batches, two-pass accumulation with `sample_weights`, and a NaN on
-one rank. The oracle is the loop-based objective on the concatenated batch in this (parent) process.
+One spawn per world size runs every check (spawn costs seconds): a plain ERM-MinMaxGAP step with
+data-parallel gradient averaging (p = 1 and 2), gradient accumulation by concatenating micro-batches,
+two-pass accumulation with `sample_weights`, a NaN on one rank, and a sequence of steps of Group DRO and
+reweighting through the objective interface (q must be identical on every rank and follow the
+single-process trajectory). The oracles are the loop-based objectives on the concatenated batch in this
+(parent) process.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from objective_oracle import oracle_objective
+from objective_oracle import oracle_group_dro_step, oracle_objective, oracle_reweight
 
 LAM = 1.5
 NUM_STRATA = 4
 PS = (1.0, 2.0)
+# Train-split cell counts for Group DRO / reweighting (stratum 3 has no M in train, nor in any batch).
+TRAIN_COUNTS = [[10, 5], [8, 2], [6, 6], [4, 0]]
+DRO_ETA, DRO_C = 0.7, 1.5
 
 
 def global_batch():
@@ -49,6 +54,14 @@ def rank_indices(world: int) -> list[list[int]]:
         r0 = _where(st, at, 2) + _where(st, at, 0, 0)
     r1 = [i for i in range(len(st)) if i not in r0]
     return [r0, r1] if world == 2 else [r0, r1, []]
+
+
+def step_indices(world: int) -> list[list[list[int]]]:
+    """Per step, per rank: step 1 the whole global batch, step 2 only strata 0-1 (cells absent), step 3 again."""
+    _, _, st, _ = global_batch()
+    keep = set(_where(st, None, 0) + _where(st, None, 1))
+    shards = rank_indices(world)
+    return [shards, [[i for i in r if i in keep] for r in shards], shards]
 
 
 def make_model():
@@ -124,9 +137,52 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             out["nan_error"] = None
         except TrainingError as exc:
             out["nan_error"] = str(exc)
+        out.update(_interface_steps(rank, world, x, y, stratum, attr))
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _interface_steps(rank, world, x, y, stratum, attr):
+    """Group DRO and reweighting through `ermgap.objectives`, a few steps each (one model, grads zeroed)."""
+    from ermgap.objectives import CellGrid, GroupDRO, Reweight
+
+    grid = CellGrid(tuple("abcd"), ("F", "M"), torch.tensor(TRAIN_COUNTS, dtype=torch.float64))
+    out = {}
+    for name, objective in (("group_dro", GroupDRO(grid, eta=DRO_ETA, size_adjustment=DRO_C)),
+                            ("reweight", Reweight(grid))):
+        model = make_model()
+        rows = []
+        for shards in step_indices(world):
+            idx = shards[rank]
+            model.zero_grad()
+            res = objective(_per_sample(model, x, y, idx), stratum[idx], attr[idx])
+            res.total.backward()
+            _average_grads(model, world)
+            objective.after_step(res)
+            rows.append({"grads": [p.grad.detach().clone() for p in model.parameters()], "total": res.total.item(),
+                         "erm": res.erm, "q": objective.q.clone() if name == "group_dro" else None})
+        out[name] = rows
+    return out
+
+
+def _interface_reference(name, world):
+    x, y, stratum, attr = global_batch()
+    q = {(s, a): 1 / 7 for s in range(NUM_STRATA) for a in range(2) if TRAIN_COUNTS[s][a]}
+    rows = []
+    for shards in step_indices(world):
+        idx = [i for r in shards for i in r]
+        model = make_model()
+        losses = _per_sample(model, x, y, idx)
+        if name == "group_dro":
+            total, q = oracle_group_dro_step(q, losses, stratum[idx], attr[idx], eta=DRO_ETA, size_adjustment=DRO_C,
+                                             train_counts=TRAIN_COUNTS)
+        else:
+            total = oracle_reweight(losses, stratum[idx], attr[idx], train_counts=TRAIN_COUNTS)
+        total.backward()
+        rows.append({"grads": [p.grad for p in model.parameters()], "total": total.item(),
+                     "q": [q.get((s, a), 0.0) for s in range(NUM_STRATA) for a in range(2)]})
+    return rows
 
 
 def _reference(p):
@@ -159,3 +215,15 @@ def test_distributed_matches_single_process(world, tmp_path):
                 assert torch.allclose(g, ref, rtol=0, atol=1e-10), (key, r, (g - ref).abs().max())
     for out in outs:
         assert out["nan_error"] is not None and "1 of 25 per-sample losses" in out["nan_error"]
+    for name in ("group_dro", "reweight"):
+        ref = _interface_reference(name, world)
+        for step, want in enumerate(ref):
+            for r, out in enumerate(outs):
+                got = out[name][step]
+                assert got["total"] == pytest.approx(want["total"], abs=1e-12), (name, step, r)
+                for g, gref in zip(got["grads"], want["grads"]):
+                    assert torch.allclose(g, gref, rtol=0, atol=1e-10), (name, step, r, (g - gref).abs().max())
+                if name == "group_dro":
+                    # Bitwise the same q on every rank (computed from all-reduced means), and the oracle's.
+                    assert torch.equal(got["q"], outs[0][name][step]["q"]), (step, r)
+                    assert got["q"].flatten().tolist() == pytest.approx(want["q"], abs=1e-12), (step, r)

@@ -196,6 +196,35 @@ def test_report_from_mlflow_parent_run(tmp_path):
     assert [r[0] for r in rows3] == ["*Lambda effect*", "ERM (SFT)", "*Main components*", "ERM-MinMaxGAP (p=2)"]
 
 
+def test_report_names_and_groups_runs_by_objective_kind(tmp_path):
+    from mlflow import MlflowClient
+
+    from ermgap.report import report_from_mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("t", artifact_location=str(tmp_path / "artifacts"))
+    frames = fake_systems()
+    runs = []
+    for params, frame in [({"objective.kind": "erm"}, frames[("Base_1", "uni")]),
+                          ({"objective.kind": "group_dro", "objective.group_dro.eta": "0.05"}, frames[("Ours", "uni")]),
+                          ({"objective.kind": "reweight"}, frames[("Base_1", "multi")]),
+                          ({"objective.kind": "minmaxgap", "lambda.mode": "adaptive", "objective.p": "2.0"},
+                           frames[("Ours", "multi")])]:
+        run = client.create_run(exp).info.run_id
+        for k, v in {"data.modality": "uni", "lambda.mode": "adaptive", **params}.items():
+            client.log_param(run, k, v)
+        csv = tmp_path / run / "test_preds.csv"
+        csv.parent.mkdir()
+        frame.to_csv(csv, index=False)
+        client.log_artifact(run, str(csv), "predictions")
+        runs.append(run)
+    paths, _ = report_from_mlflow(uri, tmp_path / "rep", run_ids=runs)
+    _, rows3 = parse_markdown(paths["table3_md"].read_text())
+    assert [r[0] for r in rows3] == ["*Other objectives*", "ERM (SFT)", "Group DRO (η=0.05)", "Reweighting",
+                                     "*Main components*", "ERM-MinMaxGAP (p=2)"]
+
+
 def test_top_two_marks_follow_the_metric_direction():
     from ermgap.report import table2
 

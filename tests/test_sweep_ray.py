@@ -41,7 +41,7 @@ def _write(tmp: Path, spec: dict) -> Path:
 
 
 def _children(uri: str, experiment: str, parent: str):
-    from ermgap.sweep import child_runs
+    from ermgap.tracking import child_runs
 
     return child_runs(uri, experiment, parent)
 

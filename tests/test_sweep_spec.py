@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import itertools
-import math
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
 
 from ermgap.config import load_config
 from ermgap.errors import ConfigError, OutputExistsError
-from ermgap.sweep_spec import load_sweep_spec
+from ermgap.sweep.spec import load_sweep_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = ROOT / "sweeps"
@@ -204,20 +202,6 @@ def test_paper_specs_use_paper_hyperparameters():
 # --------------------------------------------------------------------------- selection rule
 
 
-def test_selection_rule_hand_case():
-    from ermgap.sweep import select_best
-
-    spec = load_sweep_spec(SWEEPS / "demo.yaml")  # tolerance 2.0 points on dev_avg_gap
-    board = pd.DataFrame({
-        "trial": ["a", "b", "c", "d", "e"],
-        "dev_w_f1": [60.0, 55.0, 50.0, 70.0, 80.0],
-        "dev_avg_gap": [4.0, 2.5, 2.0, 4.1, 1.0],
-        "test_w_f1": [1.0, 1.0, 1.0, 1.0, math.nan],  # e never finished (stopped): not eligible
-    })
-    # Finished trials' lowest gap is 2.0 → admissible gap ≤ 4.0: a, b, c → best W-F1 is a (d's 4.1 is out).
-    assert select_best(board, spec) == "a"
-
-
 def test_ui_host_check():
     from ermgap.submit import is_loopback_host as _is_loopback
 
@@ -228,14 +212,14 @@ def test_ui_host_check():
 def test_optuna_multi_objective_search_space_converts(tmp_path):
     """The Tune space built from a spec is accepted by Optuna (multi-objective), and randint's upper
     bound is inclusive as documented."""
-    from ermgap.sweep import _search_alg, param_space
+    from ermgap.sweep.tune import param_space, search_alg
 
     spec = load_sweep_spec(_spec(tmp_path, algorithm="optuna_multi", num_samples=6,
                                  objectives={"dev_w_f1": "max", "dev_avg_gap": "min"},
                                  space={"optim.lr": {"loguniform": [1e-5, 1e-3]},
                                         "lambda.eta": {"choice": [0.25, 0.5]},
                                         "lora.r": {"randint": [4, 5]}}))
-    alg = _search_alg(spec)
+    alg = search_alg(spec)
     assert alg.set_search_properties(None, None, param_space(spec))
     seen = set()
     for i in range(6):
@@ -245,30 +229,3 @@ def test_optuna_multi_objective_search_space_converts(tmp_path):
         spec.trial_config(params)  # every suggestion is a valid RunConfig
         seen.add(params["lora.r"])
     assert seen <= {4, 5}
-
-
-def test_seed_summary_means_and_sds_over_seeds_per_configuration(tmp_path):
-    """Hand-computed oracle: 2 configs × 3 seeds, one trial of one config stopped early (no test metrics)."""
-    import math
-
-    import pandas as pd
-
-    from ermgap.sweep import DEV_METRICS, TEST_METRICS, seed_summary
-
-    spec = load_sweep_spec(_spec(tmp_path, space={}, seeds=[1, 2, 3]))
-    rows = []
-    for variant, base in (("erm", 40.0), ("adaptive", 30.0)):
-        for i, seed in enumerate((1, 2, 3)):
-            row = {"trial": f"{variant}{seed}", "variant": variant, "optim.seed": seed}
-            row.update({m: base + 2.0 * i for m in DEV_METRICS + TEST_METRICS})  # base, base+2, base+4
-            rows.append(row)
-    rows[-1]["test_w_f1"] = None  # adaptive seed 3 was stopped: it must not count
-    got = seed_summary(pd.DataFrame(rows), spec).set_index("variant")
-    assert list(got.index) == ["erm", "adaptive"]
-    assert got.loc["erm", "n_seeds"] == 3 and got.loc["adaptive", "n_seeds"] == 2
-    assert got.loc["erm", "test_worst_lang_gap_mean"] == pytest.approx(42.0)
-    assert got.loc["erm", "test_worst_lang_gap_sd"] == pytest.approx(2.0)  # sd of 40, 42, 44
-    assert got.loc["adaptive", "dev_w_f1_mean"] == pytest.approx(31.0)  # 30, 32
-    assert got.loc["adaptive", "dev_w_f1_sd"] == pytest.approx(math.sqrt(2.0))
-    single = load_sweep_spec(_spec(tmp_path, space={}, seeds=[1]))
-    assert seed_summary(pd.DataFrame(rows), single) is None

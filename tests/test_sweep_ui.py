@@ -37,7 +37,7 @@ def _sweep_like_runs(uri: str) -> tuple[str, str, list[str]]:
     """A parent run and two children exactly as a sweep leaves them (tags included)."""
     from mlflow import MlflowClient
 
-    from ermgap.sweep import PARENT_TAG, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
+    from ermgap.tracking import PARENT_TAG, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
 
     c = MlflowClient(uri)
     exp = c.create_experiment("ermgap-demo")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ermgap.errors import ErmgapError
+from ermgap.labels import INVALID
 
 
 class BackendError(ErmgapError):
@@ -28,7 +29,6 @@ class Prediction:
 
     @property
     def valid(self) -> bool:
-        from ermgap.labels import INVALID
 
         return self.pred != INVALID
 

@@ -22,8 +22,11 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from email.utils import parsedate_to_datetime
 
+import soundfile as sf
+
 from ermgap.backends import BackendError, Prediction
 from ermgap.config import PromptConfig
+from ermgap.data.audio import load_audio
 from ermgap.labels import INVALID
 from ermgap.prompts import instruction_text, parse_answer
 
@@ -32,7 +35,6 @@ RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 
 def wav_base64(audio, sample_rate: int) -> str:
     """16-bit PCM WAV of a float array in [-1, 1], base64-encoded."""
-    import soundfile as sf
 
     buf = io.BytesIO()
     sf.write(buf, audio, sample_rate, format="WAV", subtype="PCM_16")
@@ -139,7 +141,6 @@ class OpenAICompatBackend:
         return content if isinstance(content, str) else None
 
     def predict_one(self, row: dict) -> Prediction:
-        from ermgap.data.audio import load_audio
 
         audio = load_audio(row["audio_path"], self.sample_rate)
         raw = self._post(self.request_body(row, audio), row["utt_id"])

@@ -5,9 +5,14 @@ from __future__ import annotations
 import torch
 
 from ermgap.backends import Prediction
+from ermgap.batching import EmotionCollator, to_device
 from ermgap.config import ModelConfig, PromptConfig
+from ermgap.data.audio import load_audio
 from ermgap.errors import ConfigError
 from ermgap.labels import EMOTIONS
+from ermgap.model import load_adapter, load_backbone
+from ermgap.prompts import parse_answer
+from ermgap.scoring import generate, score_labels
 
 
 class Qwen2AudioBackend:
@@ -18,8 +23,6 @@ class Qwen2AudioBackend:
     def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
                  device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
                  sample_rate: int = 16000):
-        from ermgap.batching import EmotionCollator
-        from ermgap.model import load_adapter, load_backbone
 
         self.name = model_cfg.name_or_path
         self.mode = mode
@@ -36,10 +39,6 @@ class Qwen2AudioBackend:
         self.collator = EmotionCollator(processor, prompt_cfg, modality, sample_rate=sample_rate)
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
-        from ermgap.batching import to_device
-        from ermgap.data.audio import load_audio
-        from ermgap.prompts import parse_answer
-        from ermgap.scoring import generate, score_labels
 
         examples = [{**row, "emotion": None, "audio": load_audio(row["audio_path"], self.sample_rate)} for row in rows]
         batch = to_device(self.collator(examples), self.device)

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from ermgap.config import Modality, PredictMode, Split
 from ermgap.errors import ConfigError
 
 
@@ -16,9 +17,9 @@ def evaluate(
     model: str = typer.Option(..., "--model", help="Qwen2-Audio hub id or local dir; for --backend openai the API model name."),
     manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest CSV."),
     out: Path = typer.Option(..., "--out", help="Predictions CSV to write (PREDS.csv layout)."),
-    split: str = typer.Option("test", "--split", help="train | dev | test."),
-    modality: str = typer.Option("uni", "--modality", help="uni (speech + instruction) | multi (+ transcript)."),
-    mode: str = typer.Option("score", "--mode", help="score (label log-likelihoods) | generate (free text + parser)."),
+    split: Split = typer.Option("test", "--split", help="train | dev | test."),
+    modality: Modality = typer.Option("uni", "--modality", help="uni (speech + instruction) | multi (+ transcript)."),
+    mode: PredictMode = typer.Option("score", "--mode", help="score (label log-likelihoods) | generate (free text + parser)."),
     backend: str = typer.Option("qwen2-audio", "--backend", help="qwen2-audio | openai (chat-completions audio API)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Utterances per forward pass / request batch."),
     adapter: Path = typer.Option(None, "--adapter", help="peft LoRA adapter directory to apply (qwen2-audio)."),
@@ -40,12 +41,6 @@ def evaluate(
     from ermgap.config import load_config
     from ermgap.evaluate import evaluate_rows, load_split, summary
 
-    if split not in ("train", "dev", "test"):
-        raise ConfigError(f"--split {split!r}: allowed: train, dev, test")
-    if modality not in ("uni", "multi"):
-        raise ConfigError(f"--modality {modality!r}: allowed: uni, multi")
-    if mode not in ("score", "generate"):
-        raise ConfigError(f"--mode {mode!r}: allowed: score, generate")
     if out.exists() and not force:
         from ermgap.errors import OutputExistsError
         raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")

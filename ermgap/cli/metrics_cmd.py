@@ -11,25 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ermgap.errors import ErmgapError
+from ermgap.formatting import fmt, json_safe
 from ermgap.labels import LANGUAGES
-
-COLUMNS = (("w_f1", "W-F1↑"), ("acc", "ACC↑"), ("tpr_gap", "TPR↓"), ("fpr_gap", "FPR↓"),
-           ("w_f1_gap", "W-F1 gap↓"), ("acc_gap", "ACC gap↓"), ("avg_gap", "AVG↓"))
-
-
-def json_safe(obj):
-    """NaN/inf → None so the output is valid JSON (undefined gaps are null)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.2f}" if math.isfinite(value) else "–"
 
 
 def _fmt_ci(ci: list[float]) -> str:
@@ -45,6 +28,7 @@ def metrics(
     as_json: bool = typer.Option(False, "--json", help="Print a JSON object instead of a table."),
 ) -> None:
     """Print W-F1, ACC and the gender gaps (TPR, FPR, W-F1, ACC, AVG) in percent, as in the paper's tables."""
+    from ermgap.metric_registry import METRICS
     from ermgap.metrics import METRIC_KEYS, bootstrap_ci, compute_metrics, read_predictions
 
     if by not in (None, "language"):
@@ -69,18 +53,18 @@ def metrics(
 
     table = Table(title=f"{preds} — metrics [%]", title_justify="left", pad_edge=False)
     table.add_column("Subset")
-    for _, header in COLUMNS:
-        table.add_column(header, justify="right")
+    for key in METRIC_KEYS:
+        table.add_column(METRICS[key].column, justify="right")
     table.add_column("n", justify="right")
     table.add_column("invalid", justify="right")
     rows = [("Multilingual", result["overall"])]
     if by == "language":
         rows += [(lang.upper(), result["per_language"][lang]) for lang in LANGUAGES if lang in result["per_language"]]
     for name, block in rows:
-        table.add_row(name, *(_fmt(block[k]) for k, _ in COLUMNS), str(block["n"]),
+        table.add_row(name, *(fmt(block[k]) for k in METRIC_KEYS), str(block["n"]),
                       f"{100 * block['invalid_rate']:.1f}%")
         if "ci" in block:
-            table.add_row("  95% CI", *(_fmt_ci(block["ci"][k]) for k, _ in COLUMNS), "", "", style="dim")
+            table.add_row("  95% CI", *(_fmt_ci(block["ci"][k]) for k in METRIC_KEYS), "", "", style="dim")
     # Never squeeze the numbers into "…": a pipe or a narrow terminal gets the full-width table.
     console = Console()
     console.width = max(console.width, 132)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -49,7 +50,7 @@ def submit(
     overrides: list[str] = typer.Argument(None, help="Dotted overrides for the job (optim.epochs=1); after `--`, flags too (-- --dry-run)"),
     address: str = typer.Option(None, "--address", help=_ADDRESS_HELP),
     token_env: str = typer.Option(sub.DEFAULT_TOKEN_ENV, "--token-env", help=_TOKEN_HELP),
-    kind: str = typer.Option(None, "--kind", help="sweep | train (default: inferred from the YAML)."),
+    kind: Literal["sweep", "train"] = typer.Option(None, "--kind", help="sweep | train (default: inferred from the YAML)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the job to end; exit with its status."),
     follow: bool = typer.Option(False, "--follow", help="Stream the job's logs; exit with its status."),
     env: list[str] = typer.Option(None, "--env", help="Forward this client env var to the job (repeatable; not credentials)."),
@@ -60,8 +61,6 @@ def submit(
                                    help="The head sees this project at the same path (local head, shared FS): run the job in it, upload nothing."),
 ) -> None:
     """Submit a sweep or a training run as a Ray Job; prints the job id (0 SUCCEEDED, 1 FAILED, 130 STOPPED)."""
-    if kind not in (None, "sweep", "train"):
-        raise typer.BadParameter(f"--kind must be sweep or train, got {kind!r}")
     env_vars = sub.forwarded_env(env or [])
     cluster = _connect(address, token_env)
     jid = sub.submit(cluster, spec_or_config, kind=kind, overrides=overrides or [], project_dir=project_dir,

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}" if math.isfinite(value) else "–"
-    return str(value)
+from ermgap.formatting import fmt
 
 
 def train(
@@ -44,7 +39,7 @@ def train(
     table.add_column("dev", justify="right")
     table.add_column("test", justify="right")
     for key in ("w_f1", "acc", "avg_gap", "worst_lang_gap", "loss", "loss_gap"):
-        table.add_row(key, _fmt(final.get(f"dev_{key}", float("nan"))), _fmt(final.get(f"test_{key}", float("nan"))))
+        table.add_row(key, fmt(final.get(f"dev_{key}"), 3), fmt(final.get(f"test_{key}"), 3))
     console.print(table)
     console.print(f"λ final {final['lambda']:.4f} · steps {final['step']} · evaluations {final['eval_round']} · "
                   f"best round {final.get('best_eval_round')}" + (" · stopped early" if final.get("stopped_early") else ""))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from math import gcd
 
 import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
 
 from ermgap.errors import ManifestError
 
@@ -26,7 +28,6 @@ class AudioInfo:
 
 def audio_info(path: str | os.PathLike) -> AudioInfo:
     """Read the header of `path`; ManifestError if it is missing or not a decodable audio file."""
-    import soundfile as sf
 
     if not os.path.isfile(path):
         raise ManifestError(f"audio file {path} does not exist")
@@ -41,7 +42,6 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
     """Polyphase resampling of a 1-D float signal from `orig_sr` to `target_sr` (Hz); float32 out."""
     if orig_sr == target_sr:
         return x.astype(np.float32, copy=False)
-    from scipy.signal import resample_poly
 
     g = gcd(orig_sr, target_sr)
     return resample_poly(x, target_sr // g, orig_sr // g).astype(np.float32)
@@ -53,7 +53,6 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     Raises ManifestError (naming the file) when it is missing, cannot be decoded, has more than
     one channel, holds no samples or holds NaN / infinite samples. Other sample rates are resampled.
     """
-    import soundfile as sf
 
     info = audio_info(path)
     if info.channels != 1:

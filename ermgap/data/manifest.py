@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import soundfile as sf
 
 from ermgap.errors import ErmgapWarning, ManifestError
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, MODALITIES, SPLITS
@@ -146,7 +147,6 @@ def _check_coverage(df: pd.DataFrame, name: str, require_splits: Sequence[str], 
 
 def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: int | None,
                  problems: list[Problem]) -> Counter:
-    import soundfile as sf
 
     rates: Counter = Counter()
     base = path.parent

@@ -35,6 +35,7 @@ unknown speaker, ambiguous gender, invalid emotion, duplicate id, missing audio 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import string
@@ -43,8 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import soundfile as sf
 
+from ermgap.data.manifest import format_problems, validate_manifest, warn_problems, write_manifest
 from ermgap.errors import ConfigError, ManifestError
+from ermgap.io import atomic_dir, check_writable
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGE_NAMES
 
 DEFAULT_SPEAKERS = Path(__file__).with_name("meld_speakers.csv")
@@ -170,7 +174,6 @@ def _read_release_csv(path: Path, text_col: str) -> pd.DataFrame:
 def build_rows(root: str | os.PathLike, genders: dict[str, str | None], audio_pattern: str, out_dir: Path,
                *, require_audio: bool = True) -> tuple[pd.DataFrame, ImportSummary]:
     """The manifest rows (audio relative to `out_dir`) and the summary; no files written."""
-    import soundfile as sf
 
     root = Path(root)
     summary = ImportSummary()
@@ -237,10 +240,7 @@ def import_meld_st(
     Raises ManifestError for a missing/malformed release file or speaker table, or when the resulting
     manifest is invalid (e.g. a split left without one gender); ConfigError for a bad audio pattern.
     """
-    import json
 
-    from ermgap.data.manifest import format_problems, validate_manifest, warn_problems, write_manifest
-    from ermgap.io import atomic_dir, check_writable
 
     check_audio_pattern(audio_pattern)
     check_writable(out_dir, force)

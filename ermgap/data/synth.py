@@ -19,7 +19,7 @@ Two kinds of injected gender bias, both per (language, gender):
   fairness objective can lower the gap at little cost.
 - `bias={("deu", "F"): 0.7}` (*neutralised prosody*, irreducible): 70 % of the non-neutral utterances of
   each (split, emotion) cell of that group get neutral prosody while keeping their emotional label, so
-  the label is simply not in the audio (see NOTES.md "A quick learnability experiment"); a fairness
+  the label is simply not in the audio (tests/test_data_learnability.py measures the gap it opens); a fairness
   objective can only close that gap by levelling the other gender down.
 
 Sizes: `per_cell` utterances per (language, gender, emotion) in train (before `train_share`),
@@ -47,8 +47,13 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 import numpy as np
+import pandas as pd
+import soundfile as sf
 
+from ermgap.data.audio import resample
+from ermgap.data.manifest import format_problems, validate_manifest, write_manifest
 from ermgap.errors import ConfigError, ErmgapError
+from ermgap.io import atomic_dir, check_writable
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, SPLITS
 
 SAMPLE_RATE = 16000
@@ -317,9 +322,7 @@ def espeak_command(job: Job) -> list[str]:
 
 def render(job: Job, out_dir: str) -> float:
     """Synthesise one utterance into out_dir/job.rel_path (16 kHz mono PCM-16); returns its duration (s)."""
-    import soundfile as sf
 
-    from ermgap.data.audio import resample
 
     proc = subprocess.run(espeak_command(job), capture_output=True, check=False)
     if proc.returncode != 0 or not proc.stdout:
@@ -366,8 +369,6 @@ def synthesize(
     train_share: {(language, gender): share in (0, 1]}; None means DEMO_TRAIN_SHARE, {} balanced.
     dev_per_cell overrides eval_per_cell for the dev split only.
     workers: processes (default: CPU count). progress(done, total) is called as utterances finish."""
-    from ermgap.data.manifest import format_problems, validate_manifest, write_manifest
-    from ermgap.io import atomic_dir, check_writable
 
     bias = dict(DEMO_BIAS if bias is None else bias)
     train_share = dict(DEMO_TRAIN_SHARE if train_share is None else train_share)
@@ -403,7 +404,6 @@ def synthesize(
                 except BaseException:  # a failed chunk or Ctrl-C: drop the queued work instead of finishing it
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
-        import pandas as pd
 
         df = pd.DataFrame(rows)
         df["duration_s"] = durations

@@ -39,11 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ermgap.config import (
     RunConfig,
-    _did_you_mean,
-    _format_errors,
-    _known_keys,
-    _parse_scalar,
     apply_overrides,
+    did_you_mean,
+    format_errors,
+    known_keys,
+    parse_scalar,
     read_yaml,
     set_dotted,
     validate_tree,
@@ -305,7 +305,7 @@ class SweepSpec:
                 "GPU": float(d.num_workers if d.use_gpu else 0)}
 
 
-# The Tune function trainable itself only waits on trainer.fit(); a zero request is rejected (NOTES).
+# The Tune function trainable itself only waits on the Train run; Ray rejects a zero CPU request.
 TRIAL_DRIVER_CPU = 0.1
 
 
@@ -329,9 +329,9 @@ def _show(params: dict[str, Any]) -> str:
 
 def _check_key(key: str, where: str) -> None:
     """A dotted key must name a RunConfig leaf (not a section, not unknown)."""
-    known = _known_keys(RunConfig)
+    known = known_keys(RunConfig)
     if key not in known:
-        raise ConfigError(f"{where}: unknown config key '{key}'{_did_you_mean(key, RunConfig)}")
+        raise ConfigError(f"{where}: unknown config key '{key}'{did_you_mean(key, RunConfig)}")
     if any(k.startswith(key + ".") for k in known):
         raise ConfigError(f"{where}: '{key}' is a config section, not a value; name a key inside it "
                           f"(e.g. '{next(k for k in known if k.startswith(key + '.'))}')")
@@ -352,7 +352,7 @@ def _split_overrides(overrides: list[str], source: str) -> tuple[dict[str, Any],
         elif not key:
             raise ConfigError(f"{source}: override '{item}' has an empty key")
         else:
-            spec_edits[key] = _parse_scalar(raw)
+            spec_edits[key] = parse_scalar(raw)
     return spec_edits, base_edits
 
 
@@ -390,7 +390,7 @@ def load_sweep_spec(path: str | os.PathLike | dict[str, Any], overrides: list[st
     try:
         model = SweepSpecModel.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(_format_errors(err, source_o, SweepSpecModel)) from None
+        raise ConfigError(format_errors(err, source_o, SweepSpecModel)) from None
 
     # Base tree: file or inline mapping, then spec overrides, then resources, then CLI base.* edits.
     if isinstance(model.base, str):

@@ -1,0 +1,19 @@
+"""ERM: the mean per-sample loss over the global batch (no fairness term)."""
+
+from __future__ import annotations
+
+from ermgap.objectives.base import CellGrid, Objective, ObjectiveOutput, diagnostics
+
+
+class ERM(Objective):
+    """total = Σ_i ℓ_i / B over the global batch. Equals `minmaxgap` with `lambda.mode=fixed lambda.init=0`."""
+
+    kind = "erm"
+    label = "ERM (SFT)"
+
+    @classmethod
+    def from_config(cls, cfg, grid: CellGrid) -> ERM:
+        return cls(grid)
+
+    def from_cells(self, sums, counts) -> ObjectiveOutput:
+        return ObjectiveOutput(total=sums.sum() / counts.sum(), stats=diagnostics(sums, counts))

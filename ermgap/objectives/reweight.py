@@ -1,0 +1,38 @@
+"""Group reweighting: each example weighted inversely to its cell's train frequency (the simple baseline
+for under-representation; e.g. Idrissi et al. 2022 "Simple data balancing", reweighting variant)."""
+
+from __future__ import annotations
+
+import torch
+
+from ermgap.objectives.base import CellGrid, Objective, ObjectiveOutput, check_cells_in_train, diagnostics
+
+
+class Reweight(Objective):
+    """total = Σ_i w_{c(i)} ℓ_i / B over the global batch, w_c = N / (K · n_c).
+
+    n_c: train examples in cell c, N = Σ n_c, K = number of cells with train examples. So the weights have
+    mean 1 over the train split (Σ_c n_c w_c / N = 1) and every cell carries the same total weight N/K:
+    over an epoch the objective is the cell-balanced risk at the scale of ERM's.
+    """
+
+    kind = "reweight"
+    label = "Reweighting"
+
+    def __init__(self, grid: CellGrid) -> None:
+        super().__init__(grid)
+        n = grid.train_counts
+        in_train = n > 0
+        self.weights = torch.where(in_train, n.sum() / (in_train.sum() * n.clamp(min=1)), torch.zeros_like(n))
+
+    @classmethod
+    def from_config(cls, cfg, grid: CellGrid) -> Reweight:
+        return cls(grid)
+
+    def from_cells(self, sums, counts) -> ObjectiveOutput:
+        check_cells_in_train(counts, self.grid, self.kind)
+        w = self.weights.to(device=sums.device, dtype=sums.dtype)
+        return ObjectiveOutput(total=(w * sums).sum() / counts.sum(), stats=diagnostics(sums, counts))
+
+    def log_values(self) -> dict[str, float]:
+        return {f"weight_{name}": v for name, v in zip(self.grid.cell_names(), self.weights.flatten().tolist())}

@@ -1,0 +1,149 @@
+"""Everything a sweep shows or writes for people: console tables, the plan of a dry run, and the
+leaderboard / seed-summary / Pareto files logged to the parent run. One formatter
+(`ermgap.formatting.fmt`) for every number."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from ermgap.config import flatten, validate_tree
+from ermgap.formatting import fmt
+from ermgap.io import atomic_write_text
+from ermgap.plots import pareto_plot
+from ermgap.sweep.spec import SEED_KEY, TRIAL_DRIVER_CPU, VARIANT_PARAM, SweepSpec, dump_spec_yaml
+
+# Leaderboard columns shown in the console, with their headings.
+SHOWN = {"dev_w_f1": "dev W-F1", "dev_acc": "dev ACC", "dev_avg_gap": "dev AVG gap",
+         "dev_worst_lang_gap": "dev worst-lang gap", "dev_loss_gap": "dev Δloss",
+         "test_w_f1": "test W-F1", "test_acc": "test ACC", "test_avg_gap": "test AVG gap",
+         "test_worst_lang_gap": "test worst-lang gap", "test_loss_gap": "test Δloss"}
+SEED_SHOWN = ("dev_w_f1", "dev_worst_lang_gap", "test_w_f1", "test_avg_gap", "test_worst_lang_gap", "test_loss_gap")
+
+
+def console() -> Console:
+    """A console wide enough for the leaderboard even when stdout is a pipe or a CI log."""
+    c = Console()
+    return c if c.is_terminal and c.width >= 160 else Console(width=200)
+
+
+def leaderboard_markdown(board: pd.DataFrame) -> str:
+    cols = [c for c in board.columns if c not in ("mlflow_run_id", "trial_s")]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in board.iterrows():
+        lines.append("| " + " | ".join(fmt(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_leaderboard(board: pd.DataFrame, spec: SweepSpec, out: Console) -> None:
+    sel = spec.model.selection
+    table = Table(title=f"sweep {spec.name}: {len(board)} trials  (★ best: {sel.metric} {sel.mode} among "
+                        f"{sel.gap_metric} ≤ min + {sel.tolerance:g};  ◆ Pareto: dev W-F1 ↑ / dev AVG gap ↓)")
+    params = spec.param_names()
+    for c in ["", "trial", *params, "status", "rounds", *SHOWN.values()]:
+        table.add_column(c, justify="right" if c in SHOWN.values() or c == "rounds" else "left")
+    for _, r in board.iterrows():
+        mark = ("★" if r["best"] else "") + ("◆" if r["pareto"] else "")
+        table.add_row(mark, r["trial"], *[fmt(r[p]) for p in params], str(r["status"]), fmt(r["eval_rounds"]),
+                      *[fmt(r[k]) for k in SHOWN])
+    out.print(table)
+
+
+def print_seed_summary(summary: pd.DataFrame, spec: SweepSpec, out: Console) -> None:
+    keys = [p for p in spec.param_names() if p != SEED_KEY]
+    table = Table(title=f"sweep {spec.name}: mean ± sd over seeds {spec.model.seeds}")
+    for c in [*keys, "seeds", *SEED_SHOWN]:
+        table.add_column(c, justify="left" if c in keys else "right")
+    for _, r in summary.iterrows():
+        table.add_row(*[fmt(r[k]) for k in keys], str(r["n_seeds"]),
+                      *[f"{fmt(r[f'{m}_mean'])} ± {fmt(r[f'{m}_sd'])}" for m in SEED_SHOWN])
+    out.print(table)
+
+
+def ui_command(tracking_uri: str) -> str:
+    return f"ermgap ui --tracking-uri '{tracking_uri}'"
+
+
+def print_outcome(outcome, spec: SweepSpec, out: Console) -> None:
+    """The end of a sweep: leaderboard, seed summary, where the files and the MLflow runs are."""
+    print_leaderboard(outcome.leaderboard, spec, out)
+    if outcome.seed_summary is not None:
+        print_seed_summary(outcome.seed_summary, spec, out)
+    out.print(f"best trial: {outcome.best_trial or '- (no trial finished)'}")
+    for k, p in outcome.artifacts.items():
+        out.print(f"{k}: {p}")
+    out.print(f"MLflow: experiment '{outcome.experiment}', parent run {outcome.parent_run_id} at {outcome.tracking_uri}")
+    out.print(f"open the UI: {ui_command(outcome.tracking_uri)}")
+
+
+def write_artifacts(spec: SweepSpec, board: pd.DataFrame, summary: pd.DataFrame | None, art: Path) -> dict[str, Path]:
+    """The parent run's files: the spec as run, its search space, leaderboard, seed summary, Pareto plot."""
+    art.mkdir(parents=True, exist_ok=True)
+    m = spec.model
+    space = {"algorithm": m.algorithm, "space": {k: d.model_dump(exclude_none=True) for k, d in m.space.items()},
+             "variants": m.variants, "seeds": m.seeds,
+             "scheduler": None if m.scheduler is None else m.scheduler.model_dump(), "trials": spec.example_trials()}
+    files = {
+        "spec": atomic_write_text(art / "sweep.yaml", dump_spec_yaml(spec), force=True),
+        "search_space": atomic_write_text(art / "search_space.json", json.dumps(space, indent=2, default=str) + "\n",
+                                          force=True),
+        "leaderboard_csv": atomic_write_text(art / "leaderboard.csv", board.to_csv(index=False), force=True),
+        "leaderboard_md": atomic_write_text(art / "leaderboard.md", leaderboard_markdown(board), force=True),
+    }
+    if summary is not None:
+        files["seed_summary_csv"] = atomic_write_text(art / "seed_summary.csv", summary.to_csv(index=False), force=True)
+        files["seed_summary_md"] = atomic_write_text(art / "seed_summary.md", leaderboard_markdown(summary), force=True)
+    ok = board[board["dev_w_f1"].notna() & board["dev_avg_gap"].notna()].copy() if not board.empty else board
+    if not ok.empty:
+        ok["label"] = [f"{v} ({t})" if isinstance(v, str) else t
+                       for v, t in zip(ok.get(VARIANT_PARAM, ok["trial"]), ok["trial"])]
+        files["pareto_plot"] = art / "pareto.png"
+        pareto_plot(ok, files["pareto_plot"], x="dev_avg_gap", y="dev_w_f1", label="label")
+    return files
+
+
+def _fmt_cluster(c: dict[str, float]) -> str:
+    if not c:
+        return "the cluster at --address (checked when joining)"
+    return f"{c.get('CPU', 0):g} CPU / {c.get('GPU', 0):g} GPU"
+
+
+def print_plan(spec: SweepSpec, plan: dict[str, Any], out: Console) -> None:
+    """--dry-run: the trials with their resolved hyperparameters, and the resource plan."""
+    m = spec.model
+    trials = spec.example_trials()
+    sampled = [k for k, d in m.space.items() if d.kind != "grid"]
+    title = f"sweep {spec.name}: {len(trials)} trials, algorithm {m.algorithm}"
+    if sampled:
+        title += f" (sampled at run time, example draws shown: {', '.join(sampled)})"
+    table = Table(title=title)
+    params = spec.param_names()
+    for c in ["#", *params, "resolved changes vs base"]:
+        table.add_column(c)
+    ref = flatten(validate_tree(dict(spec.base_tree), f"{spec.source}: base").to_dict())
+    for i, p in enumerate(trials):
+        cfg = flatten(spec.trial_config(p).to_dict())
+        changed = {k: v for k, v in cfg.items() if ref.get(k) != v}
+        table.add_row(str(i), *[fmt(p.get(k)) for k in params], ", ".join(f"{k}={fmt(v)}" for k, v in changed.items()))
+    out.print(table)
+    inf = "unbounded" if plan["max_concurrent_trials"] is None else plan["max_concurrent_trials"]
+    out.print(
+        f"resources: {plan['trials']} trials × {plan['workers_per_trial']} worker(s) × "
+        f"{plan['cpus_per_worker']:g} CPU / {plan['gpus_per_worker']} GPU per worker "
+        f"(+{TRIAL_DRIVER_CPU:g} CPU trial driver) = {plan['cpu_per_trial']:g} CPU, {plan['gpu_per_trial']:g} GPU per trial; "
+        f"max_concurrent_trials {inf}; {plan['concurrent']} at once on "
+        f"{_fmt_cluster(plan['cluster'])}" + (f" → {plan['waves']} wave(s)" if plan["concurrent"] else ""))
+    if plan["cluster"] and plan["concurrent"] == 0:
+        out.print(f"[yellow]note:[/] one trial needs more than {_fmt_cluster(plan['cluster'])}: run this sweep "
+                  "on a cluster with --address (a local run would be refused before starting)")
+    if m.scheduler:
+        s = m.scheduler
+        out.print(f"scheduler: ASHA on {s.metric} ({s.mode}) over {s.time_attr}, grace {s.grace_period}, "
+                  f"reduction {s.reduction_factor:g}, max_t {s.max_t}")
+    if m.algorithm.startswith("optuna"):
+        out.print(f"objectives: {', '.join(f'{k} ({v})' for k, v in m.objectives.items())}")

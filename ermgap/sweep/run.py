@@ -1,0 +1,190 @@
+"""`run_sweep`: validate → plan resources → start or join Ray → parent run → Tune → leaderboard → report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import ray
+from rich.console import Console
+
+from ermgap import tracking
+from ermgap.config import default_tracking_uri, flatten
+from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
+from ermgap.ray_runtime import ensure_ray
+from ermgap.report import report_from_mlflow
+from ermgap.sweep import render
+from ermgap.sweep.leaderboard import DEV_METRICS, TEST_METRICS, build_leaderboard, seed_summary, select_best
+from ermgap.sweep.paths import SweepPaths
+from ermgap.sweep.resources import check_resources, check_trial_inputs, local_resources, resource_plan
+from ermgap.sweep.spec import SweepSpec, load_sweep_spec
+from ermgap.sweep.tune import TrialContext, trial_records, tuner, unfinished_trials
+from ermgap.train import absolute_paths
+
+
+class SweepInterrupted(ErmgapError):
+    """The sweep stopped before every trial ended; it can be resumed."""
+
+    exit_code = 130
+
+
+@dataclass
+class SweepOutcome:
+    """What a finished sweep leaves: the leaderboard frame, the chosen trial and where things are."""
+
+    name: str
+    root: Path
+    parent_run_id: str | None
+    tracking_uri: str
+    experiment: str
+    leaderboard: pd.DataFrame = field(default_factory=pd.DataFrame)
+    seed_summary: pd.DataFrame | None = None  # per-configuration mean ± sd when the spec repeats seeds
+    best_trial: str | None = None
+    artifacts: dict[str, Path] = field(default_factory=dict)
+    wall_s: float = 0.0
+    ray_start_s: float = 0.0
+
+
+def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
+              resume: bool = False, dry_run: bool = False, force: bool = False,
+              console: Console | None = None) -> SweepOutcome:
+    """Run (or resume, or only plan) a sweep; returns the leaderboard and where everything went.
+
+    Every trial config is validated and resources are checked before any trial starts: against
+    this machine before starting a local Ray cluster, against the cluster after joining `address`.
+    """
+    out = console or render.console()
+    t0 = time.perf_counter()
+    if not isinstance(spec, SweepSpec):
+        spec = load_sweep_spec(spec, overrides)
+    paths = SweepPaths.of(spec)
+    spec.base_tree.update(absolute_paths(spec.base_tree))
+    tracking_uri = spec.model.mlflow.tracking_uri or default_tracking_uri(spec.trial_config(spec.example_trials()[0]))
+    outcome = SweepOutcome(spec.name, paths.root, None, tracking_uri, spec.model.mlflow.experiment)
+    if dry_run:
+        render.print_plan(spec, resource_plan(spec, None if address else local_resources()), out)
+        return outcome
+    state = _claim_root(spec, paths, resume=resume, force=force)
+    if state is not None:
+        outcome.tracking_uri, outcome.experiment = state["tracking_uri"], state["experiment"]
+    if address is None:
+        check_resources(spec, local_resources(), "this machine")
+        check_trial_inputs(spec)
+
+    started_here = not ray.is_initialized()
+    t_ray = time.perf_counter()
+    ensure_ray(address, log_to_driver=False)
+    outcome.ray_start_s = time.perf_counter() - t_ray
+    try:
+        check_resources(spec, ray.cluster_resources(), "the Ray cluster")
+        if address is not None:
+            check_trial_inputs(spec)
+        outcome.parent_run_id = _open_parent(spec, paths, outcome, state)
+        results = _fit(spec, paths, outcome, resume=state is not None)
+        failed = _summarise(spec, paths, outcome, results, out)
+    finally:
+        if started_here:
+            ray.shutdown()
+    outcome.wall_s = time.perf_counter() - t0
+    render.print_outcome(outcome, spec, out)
+    if failed:
+        errs = [res.error for res in results if res.error is not None]
+        raise TrainingError(f"sweep {spec.name}: every trial failed; first error: {errs[0] if errs else 'no trials'}")
+    return outcome
+
+
+def _claim_root(spec: SweepSpec, paths: SweepPaths, *, resume: bool, force: bool) -> dict | None:
+    """The sweep's directory for this invocation: its saved state on --resume, else a fresh start."""
+    if resume and force:
+        raise ConfigError("--resume and --force contradict each other: resume continues the sweep, force starts over")
+    if resume:
+        state = paths.read_state()
+        if state["spec_hash"] != spec.hash():
+            raise ConfigError(f"{spec.source}: the spec changed since the sweep started (hash {state['spec_hash']} → "
+                              f"{spec.hash()}); resume with the same spec and overrides, or pass --force to start over")
+        return state
+    if paths.root.exists():
+        if not force:
+            raise OutputExistsError(f"{paths.root} already holds sweep '{spec.name}'; pass --resume to continue "
+                                    "it or --force to start over")
+        shutil.rmtree(paths.root)
+    return None
+
+
+def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, state: dict | None) -> str:
+    """The sweep's MLflow parent run: reopened on --resume, else created and recorded in the state file."""
+    if state is not None:
+        tracking.set_status(outcome.tracking_uri, state["parent_run_id"], "RUNNING")
+        return state["parent_run_id"]
+    paths.root.mkdir(parents=True, exist_ok=True)
+    params = flatten({k: v for k, v in spec.raw.items() if k != "base"})
+    params["base"] = spec.model.base if isinstance(spec.model.base, str) else "<inline>"
+    params.update({f"base.{k}": v for k, v in flatten(spec.base_tree).items()})
+    parent_id = tracking.start_sweep_run(outcome.tracking_uri, outcome.experiment, name=spec.name,
+                                         spec_hash=spec.hash(), description=spec.model.description, params=params)
+    paths.write_state({"name": spec.name, "spec_hash": spec.hash(), "parent_run_id": parent_id,
+                       "tracking_uri": outcome.tracking_uri, "experiment": outcome.experiment,
+                       "tune_path": str(paths.tune), "spec_source": spec.source})
+    return parent_id
+
+
+def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool):
+    """Run Tune to the end; an interrupted sweep marks its parent KILLED and stays resumable."""
+    ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment)
+    try:
+        results = tuner(spec, ctx, resume=resume).fit()
+    except BaseException:
+        tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
+        raise
+    unfinished = unfinished_trials(results)
+    if unfinished:
+        # Ctrl-C (or a stop) ended Tune early: keep everything resumable, claim no result.
+        tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
+        raise SweepInterrupted(
+            f"sweep {spec.name} interrupted with {unfinished} unfinished trial(s); continue it with "
+            f"`ermgap sweep {spec.source.removesuffix(' + overrides')} --resume` (same overrides)")
+    return results
+
+
+def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, results, out: Console) -> bool:
+    """Leaderboard, seed summary, best trial, parent-run artifacts and the paper's report; returns
+    whether every trial failed."""
+    uri, parent_id = outcome.tracking_uri, outcome.parent_run_id
+    board = build_leaderboard(spec, tracking.child_runs(uri, outcome.experiment, parent_id), trial_records(results))
+    if not board.empty:
+        tracking.close_unfinished(uri, [r for r, s in zip(board["mlflow_run_id"], board["status"]) if r and s != "done"])
+    outcome.leaderboard = board
+    outcome.seed_summary = seed_summary(board, spec)
+    outcome.best_trial = select_best(board, spec) if not board.empty else None
+    outcome.artifacts = render.write_artifacts(spec, board, outcome.seed_summary, paths.artifacts)
+    tags, metrics = {}, {}
+    best = board[board["best"]] if "best" in board else board.iloc[:0]
+    if not best.empty:
+        b = best.iloc[0]
+        tags["ermgap.best_trial"] = b["trial"]
+        if b["mlflow_run_id"]:
+            tags["ermgap.best_run_id"] = b["mlflow_run_id"]
+        metrics = {f"best_{m}": b[m] for m in DEV_METRICS + TEST_METRICS if b[m] is not None}
+    tracking.log_sweep_summary(uri, parent_id, files=list(outcome.artifacts.values()), tags=tags, metrics=metrics)
+    outcome.artifacts.update(_paper_report(uri, parent_id, paths.report, out))
+    failed = board.empty or bool((board["status"] == "ERROR").all())
+    tracking.set_status(uri, parent_id, "FAILED" if failed else "FINISHED")
+    return failed
+
+
+def _paper_report(tracking_uri: str, parent_id: str, out_dir: Path, out: Console) -> dict[str, Path]:
+    """The paper's tables (Table 2/3 layout) and plots from the finished child runs' test predictions,
+    written under `out_dir` and logged to the parent run (artifacts/report)."""
+    try:
+        paths, skipped = report_from_mlflow(tracking_uri, out_dir, parent_run_id=parent_id, force=True, log_to=parent_id)
+    except ConfigError as err:  # e.g. every trial was stopped before writing predictions
+        out.print(f"[yellow]note:[/] no report tables: {err}")
+        return {}
+    for note in skipped:
+        out.print(f"report: skipped {note}")
+    keep = ("table2_md", "table3_md", "fairness_accuracy_png", "gender_gaps_png", "lambda_trajectory_png")
+    return {f"report_{k}": v for k, v in paths.items() if k in keep}

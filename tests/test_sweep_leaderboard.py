@@ -1,0 +1,92 @@
+"""The sweep leaderboard (ermgap.sweep.leaderboard): pure pandas over hand-made trial results, no Ray."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ermgap.sweep.leaderboard import DEV_METRICS, TEST_METRICS, TrialRecord, build_leaderboard, seed_summary, select_best
+from ermgap.sweep.spec import load_sweep_spec
+from test_sweep_spec import _spec
+
+SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
+
+
+def test_selection_rule_hand_case():
+    spec = load_sweep_spec(SWEEPS / "demo.yaml")  # tolerance 2.0 points on dev_avg_gap
+    board = pd.DataFrame({
+        "trial": ["a", "b", "c", "d", "e"],
+        "dev_w_f1": [60.0, 55.0, 50.0, 70.0, 80.0],
+        "dev_avg_gap": [4.0, 2.5, 2.0, 4.1, 1.0],
+        "test_w_f1": [1.0, 1.0, 1.0, 1.0, math.nan],  # e never finished (stopped): not eligible
+    })
+    # Finished trials' lowest gap is 2.0 → admissible gap ≤ 4.0: a, b, c → best W-F1 is a (d's 4.1 is out).
+    assert select_best(board, spec) == "a"
+
+
+def test_seed_summary_means_and_sds_over_seeds_per_configuration(tmp_path):
+    """Hand-computed oracle: 2 configs × 3 seeds, one trial of one config stopped early (no test metrics)."""
+    spec = load_sweep_spec(_spec(tmp_path, space={}, seeds=[1, 2, 3]))
+    rows = []
+    for variant, base in (("erm", 40.0), ("adaptive", 30.0)):
+        for i, seed in enumerate((1, 2, 3)):
+            row = {"trial": f"{variant}{seed}", "variant": variant, "optim.seed": seed}
+            row.update({m: base + 2.0 * i for m in DEV_METRICS + TEST_METRICS})  # base, base+2, base+4
+            rows.append(row)
+    rows[-1]["test_w_f1"] = None  # adaptive seed 3 was stopped: it must not count
+    got = seed_summary(pd.DataFrame(rows), spec).set_index("variant")
+    assert list(got.index) == ["erm", "adaptive"]
+    assert got.loc["erm", "n_seeds"] == 3 and got.loc["adaptive", "n_seeds"] == 2
+    assert got.loc["erm", "test_worst_lang_gap_mean"] == pytest.approx(42.0)
+    assert got.loc["erm", "test_worst_lang_gap_sd"] == pytest.approx(2.0)  # sd of 40, 42, 44
+    assert got.loc["adaptive", "dev_w_f1_mean"] == pytest.approx(31.0)  # 30, 32
+    assert got.loc["adaptive", "dev_w_f1_sd"] == pytest.approx(math.sqrt(2.0))
+    single = load_sweep_spec(_spec(tmp_path, space={}, seeds=[1]))
+    assert seed_summary(pd.DataFrame(rows), single) is None
+
+
+def _child(trial: str, run_id: str, metrics: dict[str, float]) -> dict:
+    return {"run_id": run_id, "tags.ermgap.trial_id": trial, **{f"metrics.{k}": v for k, v in metrics.items()}}
+
+
+def test_leaderboard_reads_final_metrics_marks_pareto_and_best(tmp_path):
+    """Hand-made Tune records and MLflow child runs: a finished trial reports its `final/` metrics, a stopped
+    one its last evaluation (no test metrics), an errored one has no run; Pareto and best by hand."""
+    spec = load_sweep_spec(_spec(tmp_path, space={}))  # variants erm/adaptive, tolerance 2 on dev_avg_gap
+    full = {m: 1.0 for m in DEV_METRICS + TEST_METRICS}
+    runs = pd.DataFrame([
+        # t1: finished; its last evaluation (dev_w_f1 50) differs from the best checkpoint's (final/ 55).
+        _child("t1", "r1", {**{f"final/{m}": v for m, v in full.items()}, "final/dev_w_f1": 55.0,
+                            "final/dev_avg_gap": 3.0, "dev_w_f1": 50.0, "dev_avg_gap": 9.0}),
+        # t2: finished, higher W-F1 but a gap 2.5 points above t1's: not admissible, still Pareto.
+        _child("t2", "r2", {**{f"final/{m}": v for m, v in full.items()}, "final/dev_w_f1": 60.0,
+                            "final/dev_avg_gap": 5.5}),
+        # t3: stopped by ASHA after its 2nd evaluation: only per-evaluation metrics, no test metrics.
+        _child("t3", "r3", {"dev_w_f1": 40.0, "dev_avg_gap": 2.0, "dev_acc": 41.0}),
+    ])
+    trials = {
+        "t3": TrialRecord(params={"variant": "adaptive"}, status="stopped", last_round=2),
+        "t1": TrialRecord(params={"variant": "erm"}, status="done", last_round=8, time_total_s=100.0),
+        "t2": TrialRecord(params={"variant": "adaptive"}, status="done", last_round=8),
+        "t4": TrialRecord(params={"variant": "erm"}, status="ERROR"),
+    }
+    board = build_leaderboard(spec, runs, trials).set_index("trial")
+    assert list(board.index) == ["t1", "t2", "t3", "t4"]
+    assert board.loc["t1", "dev_w_f1"] == 55.0 and board.loc["t1", "dev_avg_gap"] == 3.0  # final/, not last eval
+    assert board.loc["t3", "dev_w_f1"] == 40.0 and pd.isna(board.loc["t3", "test_w_f1"])
+    assert pd.isna(board.loc["t4", "mlflow_run_id"]) and board.loc["t4", "n_child_runs"] == 0
+    assert board.loc["t1", "mlflow_run_id"] == "r1" and board.loc["t1", "trial_s"] == 100.0
+    assert board.loc["t2", "variant"] == "adaptive" and board.loc["t3", "status"] == "stopped"
+    # Pareto over (dev W-F1 ↑, dev AVG gap ↓): t1 (55, 3), t2 (60, 5.5), t3 (40, 2) are each undominated.
+    assert board["pareto"].to_dict() == {"t1": True, "t2": True, "t3": True, "t4": False}
+    # Best: only finished trials compete (t3 is out despite the lowest gap); admissible gap <= 3 + 2 → t1.
+    assert board["best"].to_dict() == {"t1": True, "t2": False, "t3": False, "t4": False}
+    assert select_best(board.reset_index(), spec) == "t1"
+
+
+def test_leaderboard_of_no_trials_is_empty(tmp_path):
+    spec = load_sweep_spec(_spec(tmp_path, space={}))
+    assert build_leaderboard(spec, pd.DataFrame(), {}).empty
