@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ermgap.errors import ErmgapError, NoSpaceError, OutputExistsError
+from ermgap.errors import ConfigError, ErmgapError, NoSpaceError, OutputExistsError
 
 # Below this much free space a failed write is put down to a full disk (see out_of_space).
 MIN_FREE_BYTES = 1 << 20
@@ -117,3 +117,54 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- directories ermgap owns
+
+# Written into every run and sweep directory ermgap creates; --force replaces only directories that have it.
+OWNER_MARKER = ".ermgap-output"
+
+
+def claim_dir(path: str | os.PathLike, what: str) -> Path:
+    """Create `path` (if needed) and mark it as ermgap's, so a later --force may replace it."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    marker = p / OWNER_MARKER
+    if not marker.is_file():
+        marker.write_text(f"{what} written by ermgap; `--force` may replace this directory\n", encoding="utf-8")
+    return p
+
+
+def set_aside(path: str | os.PathLike, what: str) -> Path | None:
+    """For --force: move an existing, non-empty `path` to a hidden sibling and return where it went.
+
+    Refuses (ConfigError) a directory without OWNER_MARKER: --force replaces ermgap's own outputs, never a
+    folder it did not create. The caller deletes the returned directory once the new output has started
+    (`discard_aside`) or moves it back when the new one fails before that (`restore_aside`). None: nothing
+    to set aside.
+    """
+    p = Path(path)
+    if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+        return None
+    if not p.is_dir() or not (p / OWNER_MARKER).is_file():
+        raise ConfigError(f"{p} is not a {what} ermgap created (no {OWNER_MARKER} marker in it); --force only "
+                          f"replaces ermgap's own outputs: choose another directory or remove {p} yourself")
+    aside = p.with_name(f".{p.name}.replaced-{os.getpid()}-{os.urandom(3).hex()}")
+    os.replace(p, aside)
+    return aside
+
+
+def restore_aside(aside: Path | None, path: str | os.PathLike) -> None:
+    """Undo set_aside: what was written at `path` since (ermgap's, incomplete) goes, the old directory returns."""
+    if aside is None or not aside.exists():
+        return
+    p = Path(path)
+    if p.exists():
+        shutil.rmtree(p)
+    os.replace(aside, p)
+
+
+def discard_aside(aside: Path | None) -> None:
+    """Delete what set_aside moved away (the new output has started)."""
+    if aside is not None and aside.exists():
+        shutil.rmtree(aside)
