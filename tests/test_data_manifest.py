@@ -256,8 +256,8 @@ def test_speaker_in_train_and_test_is_a_warning(tmp_path, monkeypatch, capsys):
     path = write_valid(tmp_path / "m")
     _set(13, "speaker", "deu_F_train")(path)  # row 13 is test_deu_F
     assert validate_manifest(path) == []
-    problems = validate_manifest(path, include_warnings=True)
-    assert [(p.kind, p.column) for p in problems] == [("warning", "speaker")]
+    problems = validate_manifest(path, include_notices=True)
+    assert [(p.kind, p.column) for p in problems] == [("notice", "speaker")]
     assert "1 speaker(s) are in both train and test (deu_F_train)" in str(problems[0])
     with pytest.warns(ErmgapWarning, match="both train and test"):
         assert len(read_manifest(path)) == 18  # a warning, not an error

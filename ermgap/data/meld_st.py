@@ -252,7 +252,7 @@ def import_meld_st(
             raise ManifestError(f"MELD-ST import from {root} kept no utterances:\n{summary.format()}")
         manifest = tmp / "manifest.csv"
         write_manifest(df, manifest)
-        problems = warn_problems(validate_manifest(manifest, check_audio=False, include_warnings=True))
+        problems = warn_problems(validate_manifest(manifest, check_audio=False, include_notices=True))
         if problems:
             raise ManifestError(f"the imported manifest would be invalid ({len(problems)} problem(s)); nothing "
                                 f"written:\n{format_problems(problems, 20)}\n{summary.format()}")
