@@ -8,6 +8,12 @@ Layout of one checkpoint directory (Ray Train merges every worker's files into i
     trainer_state.json    epoch, step, eval round, objective state (λ, q), best-metric tracker, MLflow run id (rank 0)
     rng/rank<R>.pt        this rank's torch / numpy / python RNG states (tensors and ints only,
                           so it loads with torch.load(weights_only=True))
+    complete/rank<R>.json every file this rank wrote with its size; written last, atomically
+
+Each rank writes into its own local temporary directory and Ray Train uploads it to storage, in an
+order it does not promise, so the completeness markers list what must be there rather than relying on
+arriving last: a checkpoint cut off by a full disk or a crash (missing or short files) fails
+`incomplete_reason` and is skipped with a warning when a run resumes.
 
 Frozen backbone weights are never written (`exclude_frozen_parameters`): a 7B checkpoint is the
 LoRA weights plus their Adam moments, not 15 GB.
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +34,11 @@ import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from ermgap.errors import ErmgapWarning
+from ermgap.io import atomic_write_text, no_space_reported
+
 DS_TAG = "state"
+COMPLETE_DIR = "complete"
 
 
 @dataclass
@@ -131,14 +142,27 @@ def apply_adapter_state(peft_model, state: dict[str, torch.Tensor], zero_stage: 
 
 def save(out_dir: Path, *, engine, rank: int, zero_stage: int, state: TrainerState,
          best_adapter: dict[str, torch.Tensor] | None) -> None:
-    """Write this rank's part of a checkpoint into out_dir (a per-rank local temp dir)."""
-    engine.save_checkpoint(str(out_dir / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
-    (out_dir / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), out_dir / "rng" / f"rank{rank}.pt")
-    if rank == 0:
-        if best_adapter is not None:
-            save_adapter(engine.module, best_adapter, out_dir / "best_adapter")
-        (out_dir / "trainer_state.json").write_text(state.to_json())
+    """Write this rank's part of a checkpoint into out_dir (a per-rank local temp dir), marker last.
+
+    NoSpaceError ("no space left on <out_dir>") when the disk fills up on the way.
+    """
+    with no_space_reported(out_dir):
+        engine.save_checkpoint(str(out_dir / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=True)
+        (out_dir / "rng").mkdir(parents=True, exist_ok=True)
+        torch.save(rng_state(), out_dir / "rng" / f"rank{rank}.pt")
+        if rank == 0:
+            if best_adapter is not None:
+                save_adapter(engine.module, best_adapter, out_dir / "best_adapter")
+            (out_dir / "trainer_state.json").write_text(state.to_json())
+        mark_complete(out_dir, rank)
+
+
+def mark_complete(out_dir: Path, rank: int) -> None:
+    """Write complete/rank<R>.json listing every file under out_dir (this rank's part) with its size."""
+    files = {p.relative_to(out_dir).as_posix(): p.stat().st_size for p in sorted(out_dir.rglob("*"))
+             if p.is_file() and p.relative_to(out_dir).parts[0] != COMPLETE_DIR}
+    atomic_write_text(out_dir / COMPLETE_DIR / f"rank{rank}.json", json.dumps({"rank": rank, "files": files}),
+                      force=True)
 
 
 def load(ckpt_dir: Path, *, engine, rank: int) -> tuple[TrainerState, dict[str, torch.Tensor] | None]:
@@ -154,10 +178,35 @@ def load(ckpt_dir: Path, *, engine, rank: int) -> tuple[TrainerState, dict[str, 
     return state, best
 
 
-def is_complete(ckpt_dir: Path, world: int) -> bool:
-    """Every rank's files and rank 0's trainer state are there (a crash can interrupt an upload)."""
-    return ((ckpt_dir / "trainer_state.json").is_file() and (ckpt_dir / "deepspeed" / "latest").is_file()
-            and all((ckpt_dir / "rng" / f"rank{r}.pt").is_file() for r in range(world)))
+def incomplete_reason(ckpt_dir: Path, world: int) -> str | None:
+    """Why `ckpt_dir` cannot be resumed from (None: complete).
+
+    Complete means: a marker for each of ranks 0..world-1 (and any other rank that wrote one), every
+    file a marker lists present with the listed size, and rank 0's trainer state among them.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    markers = {int(p.stem.removeprefix("rank")): p for p in (ckpt_dir / COMPLETE_DIR).glob("rank*.json")
+               if p.stem.removeprefix("rank").isdigit()}
+    for r in range(world):
+        if r not in markers:
+            return f"no completeness marker for rank {r} ({COMPLETE_DIR}/rank{r}.json)"
+    listed: set[str] = set()
+    for r, marker in sorted(markers.items()):
+        try:
+            files = json.loads(marker.read_text())["files"]
+            sizes = {str(k): int(v) for k, v in files.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return f"{COMPLETE_DIR}/{marker.name} is unreadable"
+        for rel, size in sizes.items():
+            f = ckpt_dir / rel
+            if not f.is_file():
+                return f"{rel} (rank {r}) is missing"
+            if f.stat().st_size != size:
+                return f"{rel} (rank {r}) has {f.stat().st_size} bytes, expected {size}"
+        listed.update(sizes)
+    if "trainer_state.json" not in listed:
+        return "rank 0's trainer_state.json is not listed"
+    return None
 
 
 def newest_on_disk(experiment_dir: Path, world: int) -> tuple[Path, int] | None:
@@ -169,10 +218,17 @@ def newest_on_disk(experiment_dir: Path, world: int) -> tuple[Path, int] | None:
     more evaluation interval than necessary.
     """
     best: tuple[Path, int] | None = None
-    for d in experiment_dir.glob("checkpoint_*"):
-        if not is_complete(d, world):
+    for d in sorted(experiment_dir.glob("checkpoint_*")):
+        reason = incomplete_reason(d, world)
+        if reason is None:
+            try:
+                step = TrainerState.from_json((d / "trainer_state.json").read_text()).global_step
+            except (ValueError, TypeError) as err:
+                reason = f"trainer_state.json is unreadable ({err})"
+        if reason is not None:
+            warnings.warn(f"skipping checkpoint {d}: incomplete, {reason} (cut off by a full disk or a crash)",
+                          ErmgapWarning, stacklevel=2)
             continue
-        step = TrainerState.from_json((d / "trainer_state.json").read_text()).global_step
         if best is None or step > best[1]:
             best = (d, step)
     return best

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from ermgap.errors import ConfigError
+from ermgap.errors import ConfigError, ErmgapWarning
 from ermgap.labels import EMOTIONS
 from ermgap.metric_registry import METRICS, SPLIT_METRICS
 from ermgap.task import MAX_LABELS, STRATUM_JOIN, stratum_columns
@@ -28,7 +29,8 @@ PredictMode = Literal["score", "generate"]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats but no setting means anything with them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -78,7 +80,9 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str = Field("Qwen/Qwen2-Audio-7B-Instruct", description="Hub id or local directory of a Qwen2-Audio checkpoint.")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU. fp16 is refused for training (no loss scaling is "
+                            "configured: use bf16); `ermgap evaluate --dtype fp16` accepts it for inference.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for activation memory.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field("sdpa", description="Attention kernel.")
 
@@ -110,8 +114,15 @@ class PromptConfig(_Section):
         "Recognize the emotion of the speaker in the audio. The transcript is: \"{transcript}\". "
         "Answer with exactly one of: {labels}.",
         description="Instruction for multimodal input; {transcript} and {labels} are filled in.")
-    verbalizers: dict[str, str] = Field(default_factory=lambda: {e: e for e in EMOTIONS},
-                                        description="MELD emotion -> answer string the model is trained to produce (other label sets: data.labels).")
+    verbalizers: dict[str, str] = Field(
+        default_factory=lambda: {e: e for e in EMOTIONS},
+        description="MELD emotion -> answer string the model is trained to produce (other label sets: data.labels), "
+                    "followed by the end-of-turn token "
+                    "<|im_end|>. Training loss: the MEAN cross-entropy over the answer's n tokens and that "
+                    "terminator (n + 1) per utterance "
+                    "(every utterance weighs the same whatever its answer's length). Label scoring: the SUM of "
+                    "their log-probabilities, not length-normalised, so at equal per-token confidence a longer "
+                    "answer scores lower: prefer answers of one token, or of equal token length.")
 
     @field_validator("verbalizers")
     @classmethod
@@ -159,11 +170,19 @@ class ObjectiveConfig(_Section):
 
 class LambdaConfig(_Section):
     mode: Literal["adaptive", "fixed"] = Field("adaptive", description="(objective.kind=minmaxgap) adaptive: Lagrangian update after each dev evaluation; fixed: λ stays at init.")
-    init: float = Field(0.0, ge=0, description="λ0.")
-    eta: float = Field(0.5, ge=0, description="Update rate η.")
-    epsilon: float = Field(0.02, ge=0, description="Target tolerance ε for the dev gap.")
-    lam_max: float = Field(10.0, ge=0, description="Upper clip λmax.")
-    dev_gap: Literal["loss_gap", "avg_metric_gap"] = Field("loss_gap", description="Which dev gap drives the update (loss units or AVG metric gap as a fraction).")
+    init: float = Field(0.0, ge=0, le=1000, description="λ0 (at most 1000, like λmax).")
+    eta: float = Field(0.5, ge=0, le=100, description="Update rate η: each dev evaluation moves λ by η·(Δdev − ε) (at most 100).")
+    epsilon: float = Field(
+        0.02, ge=0, description="Target tolerance ε for Δdev, in Δdev's units (see lambda.dev_gap). With loss_gap "
+                                "the per-utterance loss averages the terminator's near-zero loss with the label's: "
+                                "for a one-token answer Δdev is about half the label-token loss gap, so ε = 0.02 "
+                                "allows ≈ 0.04 nats on the label token alone.")
+    lam_max: float = Field(10.0, ge=0, le=1000, description="Upper clip λmax (at most 1000: the gap term would swamp the task loss).")
+    dev_gap: Literal["loss_gap", "avg_metric_gap"] = Field(
+        "loss_gap", description="Which dev gap Δdev drives the update. loss_gap: the largest within-stratum "
+                                "(objective.stratum) F/M gap of the mean per-utterance answer loss (nats of cross-entropy averaged "
+                                "over the answer's tokens and terminator, see prompt.verbalizers). avg_metric_gap: "
+                                "the AVG metric gap as a fraction (2 points = 0.02).")
 
     @model_validator(mode="after")
     def _init_le_max(self) -> LambdaConfig:
@@ -173,7 +192,7 @@ class LambdaConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = Field(5e-5, gt=0, description="Peak learning rate.")
+    lr: float = Field(5e-5, gt=0, le=1, description="Peak learning rate (at most 1).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     epochs: int = Field(20, gt=0, description="Maximum epochs.")
     effective_batch_size: int = Field(64, gt=0, description="Global batch per optimizer step = micro × accumulation × workers.")
@@ -191,8 +210,20 @@ class EvalConfig(_Section):
     metric_mode: Literal["max", "min"] | None = Field(
         None, validate_default=True,
         description="Whether larger `metric` is better; derived from the metric registry (gaps and losses: min), and an explicit value must agree.")
-    predict: PredictMode = Field("score", description="Label scoring or free generation for predictions.")
+    predict: PredictMode = Field(
+        "score", description="How training predicts dev/test labels: score (the label with the highest "
+                             "log-likelihood). generate is refused here; free generation with the answer parser "
+                             "and its invalid rate is `ermgap evaluate --mode generate`.")
     batch_size: int = Field(8, gt=0, description="Per-worker evaluation batch size.")
+
+    @field_validator("predict")
+    @classmethod
+    def _score_only(cls, v: str) -> str:
+        if v != "score":
+            raise ValueError("'generate' is not supported during training (dev/test predictions, λ and early "
+                             "stopping use label scoring); set eval.predict=score and run `ermgap evaluate --mode "
+                             "generate --adapter RUN_DIR/adapter` for generated answers")
+        return v
 
     @field_validator("metric")
     @classmethod
@@ -250,6 +281,15 @@ class RunConfig(_Section):
                 f"optim.effective_batch_size ({self.optim.effective_batch_size}) must be divisible by "
                 f"optim.micro_batch_size × distributed.num_workers ({self.optim.micro_batch_size} × "
                 f"{self.distributed.num_workers} = {per_step})")
+        return self
+
+    @model_validator(mode="after")
+    def _no_fp16_training(self) -> RunConfig:
+        # fp16 without DeepSpeed's dynamic loss scaling underflows small gradients to zero (LoRA's are).
+        if self.model.dtype == "fp16":
+            raise ValueError("model.dtype fp16 is refused for training: no loss scaling is configured, so small "
+                             "gradients underflow; use model.dtype=bf16 (or fp32). For inference only, "
+                             "`ermgap evaluate --dtype fp16` accepts fp16")
         return self
 
     @property
@@ -344,6 +384,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML: {err}") from None
     if tree is None:
+        warnings.warn(f"{p} is empty: every setting takes its default (model.name_or_path "
+                      f"{ModelConfig().name_or_path}, data.manifest {DataConfig().manifest})", ErmgapWarning,
+                      stacklevel=2)
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(tree).__name__}")

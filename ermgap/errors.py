@@ -27,3 +27,12 @@ class OutputExistsError(ErmgapError):
 
 class TrainingError(ErmgapError):
     """Training cannot continue (NaN loss, missing checkpoint, ...)."""
+
+
+class NoSpaceError(ErmgapError):
+    """A write failed because its filesystem is full (names the path)."""
+
+
+class ErmgapWarning(UserWarning):
+    """Something in the user's input that is allowed but probably not meant (a speaker in two splits, an
+    empty config file). Raised with `warnings.warn`; the CLI prints it as one `warning:` line."""

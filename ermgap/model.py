@@ -20,6 +20,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
+    AutoConfig,
     AutoProcessor,
     Qwen2AudioConfig,
     Qwen2AudioEncoderConfig,
@@ -61,6 +62,65 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+MODEL_TYPE = "qwen2_audio"  # config.json's model_type for Qwen2AudioForConditionalGeneration (the default)
+
+
+def model_source(name_or_path: str) -> str:
+    """`model.name_or_path` as something `from_pretrained` accepts: a resolved local directory or a hub id.
+
+    A name that exists on disk, starts with `.`, `/` or `~`, has other than one `/`, or whose first
+    component is an existing local folder (`models/nope`) is a local path; a missing one is a ConfigError
+    here rather than a hub id that `from_pretrained` would retry against the network.
+    """
+    local = Path(name_or_path).expanduser()
+    first = name_or_path.split("/", 1)[0]
+    looks_local = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+                   or (first and Path(first).is_dir()))
+    if not (local.exists() or looks_local):
+        return name_or_path  # a hub id such as Qwen/Qwen2-Audio-7B-Instruct
+    if not (local / "config.json").is_file():
+        what = "does not exist" if not local.exists() else "is not a saved model directory (no config.json)"
+        raise ConfigError(f"model.name_or_path: {name_or_path} {what}; expected a Qwen2-Audio model directory or "
+                          "a hub id like Qwen/Qwen2-Audio-7B-Instruct (build a local one with "
+                          "`ermgap model tiny --out DIR`)")
+    return str(local.resolve())
+
+
+def open_model_config(name_or_path: str, model_type: str = MODEL_TYPE):
+    """The transformers config of `model.name_or_path`; ConfigError unless its model_type is `model_type`."""
+    path = model_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as err:
+        # ValueError: a config.json without (or with an unknown) model_type, e.g. `{}`.
+        raise ConfigError(f"model.name_or_path: cannot read the model config of {name_or_path!r} "
+                          f"({_first_line(err)}); expected config.json with model_type {model_type!r}") from None
+    if config.model_type != model_type:
+        raise ConfigError(f"model.name_or_path: {name_or_path} is a {config.model_type!r} model; expected "
+                          f"model_type {model_type!r}")
+    return config
+
+
+def open_processor(name_or_path: str):
+    """The processor (tokenizer + feature extractor + chat template) of `model.name_or_path`."""
+    try:
+        return AutoProcessor.from_pretrained(model_source(name_or_path))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"model.name_or_path: cannot load the processor of {name_or_path!r} "
+                          f"({_first_line(err)}); a Qwen2-Audio directory holds its tokenizer and "
+                          "preprocessor_config.json") from None
+
+
+def check_model(model_cfg: ModelConfig) -> None:
+    """Pre-flight: the model's config and processor open (cheap; no weights are read)."""
+    open_model_config(model_cfg.name_or_path)
+    open_processor(model_cfg.name_or_path)
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def load_backbone(model_cfg: ModelConfig, *, device: str | torch.device = "cpu", model_class=None):
     """Load (Qwen2AudioForConditionalGeneration, processor) from a hub id or a local directory.
 
@@ -68,26 +128,17 @@ def load_backbone(model_cfg: ModelConfig, *, device: str | torch.device = "cpu",
     `gradient_checkpointing` it is enabled (non-reentrant, so frozen inputs need no grad hooks).
     `model_class` loads another transformers speech LLM the same way (e.g. VoxtralForConditionalGeneration).
     """
-
     model_class = model_class or Qwen2AudioForConditionalGeneration
-
     src = model_cfg.name_or_path
-    local = Path(src).expanduser()
-    looks_local = src.startswith((".", "/", "~")) or src.count("/") != 1
-    if local.exists() or looks_local:
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path: {src} is not a saved model directory (no config.json); "
-                              "build a local one with `ermgap model tiny --out DIR`")
-        path = str(local)
-    else:
-        path = src  # a hub id such as Qwen/Qwen2-Audio-7B-Instruct
+    # A clear error for a folder that is not this kind of model, before any weights load.
+    open_model_config(src, model_class.config_class.model_type)
+    processor = open_processor(src)
     dtype = resolve_dtype(model_cfg.dtype, device)
     try:
-        processor = AutoProcessor.from_pretrained(path)
         # On a GPU, load the weights straight onto it (a 7B model would otherwise pass through host memory).
         placement = {} if torch.device(device).type == "cpu" else {"device_map": str(device)}
         model = model_class.from_pretrained(
-            path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, **placement)
+            model_source(src), dtype=dtype, attn_implementation=model_cfg.attn_implementation, **placement)
     except OSError as err:
         raise ConfigError(f"model.name_or_path: cannot load {src!r}: {err}") from None
     model.to(device)

@@ -7,12 +7,23 @@ not released (the next worker group then times out on a small machine).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 
 import ray
 
 DEFAULT_DASHBOARD_PORT = 8265
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for localhost and loopback IPs (what ermgap binds by default); anything else is exposed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _port_free(port: int) -> bool:
@@ -45,7 +56,12 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+        # A head bound to 127.0.0.1 (cluster/start-local-head.sh's default) is only reachable from this
+        # machine's loopback: without naming it, Ray registers this driver under the host's own IP and
+        # never reaches the GCS ("Timed out while waiting for GCS to become available").
+        local = {"_node_ip_address": "127.0.0.1"} if is_loopback_host(host) else {}
+        ray.init(address=address, log_to_driver=log_to_driver, **local)
         return
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
     ray.init(

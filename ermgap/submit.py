@@ -18,7 +18,6 @@ and is never printed, logged or put into the job's runtime environment.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import os
 import shlex
 import sys
@@ -33,6 +32,7 @@ from ray.job_submission import JobSubmissionClient
 
 from ermgap.config import RunConfig, load_config, read_yaml
 from ermgap.errors import ConfigError, ErmgapError
+from ermgap.ray_runtime import is_loopback_host
 from ermgap.sweep.spec import SweepSpecModel, load_sweep_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -100,16 +100,6 @@ def resolve_token(token_env: str = DEFAULT_TOKEN_ENV, *, environ: dict[str, str]
         if label == "$RAY_AUTH_TOKEN_PATH":
             raise ClusterAuthError(f"$RAY_AUTH_TOKEN_PATH points to {path}, which is not a file")
     return None
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for localhost and loopback IPs (what ermgap binds by default); anything else is exposed."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _is_loopback(address: str) -> bool:

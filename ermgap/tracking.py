@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,15 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
+from ermgap.errors import ErmgapWarning
+
 RUN_ID_FILE = "mlflow_run_id"
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
 TAG_SWEEP = "ermgap.sweep"
 TAG_HASH = "ermgap.sweep_hash"
 TAG_TRIAL = "ermgap.trial_id"
 TAG_ROLE = "ermgap.role"
+DRIVER_TAG = "ermgap.driver"  # "<host>:<pid>" of the process whose trainer.fit() drives the run
 TAG_PARAM_PREFIX = "ermgap.param."  # a trial's sampled params, as tags (the report groups runs by them)
 
 
@@ -72,11 +77,13 @@ class RunLogger:
         id_file = Path(run_dir) / RUN_ID_FILE
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip() or None
-        if run_id is not None:
-            # A resumed run: mark it running again.
-            mlflow_client.update_run(run_id, status="RUNNING")
-            return cls(uri, run_id)
         tags = {str(k): str(v) for k, v in (mlflow_cfg.get("tags") or {}).items()}
+        if run_id is not None:
+            # A resumed run: mark it running again, under its new driver (DRIVER_TAG).
+            mlflow_client.update_run(run_id, status="RUNNING")
+            if tags:
+                mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            return cls(uri, run_id)
         if mlflow_cfg.get("parent_run_id"):
             tags[PARENT_TAG] = mlflow_cfg["parent_run_id"]
         run = mlflow_client.create_run(experiment_id(mlflow_client, mlflow_cfg["experiment"]),
@@ -113,6 +120,47 @@ class RunLogger:
     def end(self, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
+
+
+def driver_tag() -> dict[str, str]:
+    """{DRIVER_TAG: "<host>:<pid>"} of this process, the driver of the runs it starts or resumes."""
+    return {DRIVER_TAG: f"{socket.gethostname()}:{os.getpid()}"}
+
+
+def close_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
+    """Mark KILLED (and return) the RUNNING runs of `experiment` whose driver ran on this host and is gone.
+
+    A SIGKILLed driver cannot end its MLflow run, which would stay RUNNING until resumed. Runs whose
+    driver is on another host are left alone (whether it lives cannot be told from here).
+    """
+    c = client(tracking_uri)
+    exp = c.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    host = socket.gethostname()
+    runs = c.search_runs([exp.experiment_id], filter_string=f"attributes.status = 'RUNNING' and "
+                                                            f"tags.`{DRIVER_TAG}` LIKE '{host}:%'")
+    closed = []
+    for run in runs:
+        pid = run.data.tags[DRIVER_TAG].rpartition(":")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            c.set_tag(run.info.run_id, "ermgap.error", f"driver {run.data.tags[DRIVER_TAG]} died without ending the run")
+            c.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+            warnings.warn(f"MLflow run {run.info.run_id} ({run.info.run_name}) was still RUNNING but its driver "
+                          f"{run.data.tags[DRIVER_TAG]} is gone; marked KILLED (resume its run directory with "
+                          "`ermgap train --resume`)", ErmgapWarning, stacklevel=2)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def mark_run(tracking_uri: str, run_dir: str | os.PathLike, status: str) -> str | None:

@@ -74,17 +74,17 @@ from ermgap.errors import ConfigError, ManifestError, TrainingError
 from ermgap.evaluate import predictions_frame
 from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint, supports
 from ermgap.formatting import json_safe
-from ermgap.io import atomic_path, atomic_write_text
+from ermgap.io import atomic_path, atomic_write_text, claim_dir, discard_aside, restore_aside, set_aside
 from ermgap.metric_registry import SPLIT_METRICS
 from ermgap.metrics import compute_metrics, per_key
-from ermgap.model import apply_lora, load_backbone
+from ermgap.model import apply_lora, check_model, load_backbone
 from ermgap.objective import dev_gap
 from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective
 from ermgap.ray_runtime import ensure_ray
 from ermgap.sampler import GlobalBatchPlan, shard_for_eval
 from ermgap.scoring import answer_loss_from_scores, per_sample_loss, score_labels
 from ermgap.task import RUN_MODALITY, Task, TaskSpec
-from ermgap.tracking import RunLogger, mark_run
+from ermgap.tracking import RunLogger, close_orphaned_runs, driver_tag, mark_run
 
 ERROR_FILE = "error.txt"
 METRICS_FILE = "metrics.json"
@@ -654,10 +654,11 @@ def resolved_config(cfg: RunConfig) -> RunConfig:
     return config_from_dict(tree, source="resolved config")
 
 
-def run_manifest(cfg: RunConfig) -> pd.DataFrame:
-    """The run's manifest rows (validated for its task; coverage warnings logged), `data.languages` applied."""
+def run_manifest(cfg: RunConfig, *, check_audio: bool = False) -> pd.DataFrame:
+    """The run's manifest rows (validated for its task; coverage warnings logged), `data.languages` applied.
+    check_audio: also open every audio file (the driver's pre-flight)."""
     df = read_manifest(cfg.data.manifest, task=TaskSpec.from_config(cfg), modality=cfg.data.modality,
-                       allow_warnings=True)
+                       allow_warnings=True, check_audio=check_audio)
     if cfg.data.languages:
         if "language" not in df.columns:
             raise ConfigError(f"data.languages: {cfg.data.manifest} has no 'language' column to restrict")
@@ -725,16 +726,13 @@ def check_inputs(cfg: RunConfig) -> None:
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file():
         raise ConfigError(f"data.manifest: {manifest} does not exist (generate one with `ermgap data synth`)")
-    model = cfg.model.name_or_path
-    looks_local = model.startswith((".", "/", "~")) or Path(model).expanduser().exists() or model.count("/") > 1
-    if looks_local and not (Path(model).expanduser() / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path: {model} is not a saved model directory (no config.json); "
-                          "build the tiny one with `ermgap model tiny --out models/tiny`")
+    check_model(cfg.model)  # a missing local path, a folder that is not Qwen2-Audio, no processor
     if cfg.eval.metric not in SPLIT_METRICS:
         raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not a dev metric; allowed: {', '.join(SPLIT_METRICS)}")
-    if cfg.distributed.use_gpu and not torch.cuda.is_available() and not _ray_has_gpus():
-        raise ConfigError("distributed.use_gpu is true but no GPU is visible (set distributed.use_gpu=false)")
-    df = run_manifest(cfg.model_copy(update={"data": cfg.data.model_copy(update={"languages": None})}))
+    # Every audio file is opened once here (header + first frames; float files whole, for NaN/inf): a file
+    # that cannot be decoded would otherwise fail inside a worker, after Ray's retries.
+    df = run_manifest(cfg.model_copy(update={"data": cfg.data.model_copy(update={"languages": None})}),
+                      check_audio=True)
     if cfg.data.languages:
         present = sorted(set(df["language"]))
         unknown = sorted(set(cfg.data.languages) - set(present))
@@ -750,8 +748,16 @@ def check_inputs(cfg: RunConfig) -> None:
         raise ManifestError(f"{manifest}: no dev rows; dev evaluation drives λ and early stopping")
 
 
-def _ray_has_gpus() -> bool:
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+def check_cluster_gpus(cfg: RunConfig, where: str = "the Ray cluster") -> None:
+    """With distributed.use_gpu, the connected cluster must have a GPU per worker (checked after joining
+    it: the driver's own machine, e.g. a CPU-only login node, says nothing about the cluster's GPUs)."""
+    if not cfg.distributed.use_gpu:
+        return
+    need, have = cfg.distributed.num_workers, ray.cluster_resources().get("GPU", 0.0)
+    if have < need:
+        raise ConfigError(f"distributed.use_gpu is true and distributed.num_workers={need} needs {need} GPU(s), but "
+                          f"{where} has {have:g}; lower distributed.num_workers, join a cluster with GPUs "
+                          "(--address), or set distributed.use_gpu=false")
 
 
 def _step_from_env(name: str) -> int | None:
@@ -771,7 +777,11 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
 
     resume_dir: continue the run in that directory (its config.yaml is used, `cfg` is ignored).
     run_dir: where the run lives (default: <tracking.storage_path>/<timestamp>-<run_name or 'train'>).
+    force: replace an existing run directory. Everything is validated first; only a directory ermgap
+    created is replaced (io.OWNER_MARKER); the old one is moved aside and deleted once the new run
+    has finished, and moved back if the new one fails before training starts.
     """
+    aside = None
     if resume_dir is not None:
         run_path = Path(resume_dir).resolve()
         if not (run_path / CONFIG_FILE).is_file():
@@ -780,29 +790,37 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         if (run_path / METRICS_FILE).is_file():  # finished already: nothing to resume
             final = json.loads((run_path / METRICS_FILE).read_text())
             return {**final, "run_dir": str(run_path), "tracking_uri": default_tracking_uri(cfg)}
+        check_inputs(cfg)
+        cfg = with_task(cfg, resolve_task(cfg))
     else:
         cfg = resolved_config(cfg)
         if run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             run_dir = Path(cfg.tracking.storage_path) / f"{stamp}-{cfg.tracking.run_name or 'train'}"
         run_path = Path(run_dir).resolve()
-        if run_path.exists() and any(run_path.iterdir()):
-            if not force:
-                raise ConfigError(f"run directory {run_path} already exists; pass --force to replace it "
-                                  f"or --resume {run_path} to continue it")
-            shutil.rmtree(run_path)
-    check_inputs(cfg)
-    cfg = with_task(cfg, resolve_task(cfg))
+        if run_path.exists() and (not run_path.is_dir() or any(run_path.iterdir())) and not force:
+            raise ConfigError(f"run directory {run_path} already exists; pass --force to replace it "
+                              f"or --resume {run_path} to continue it")
+        check_inputs(cfg)  # before anything on disk changes
+        cfg = with_task(cfg, resolve_task(cfg))
+        aside = set_aside(run_path, "run directory") if force else None
     fault = {"kill_at_step": _step_from_env(FAULT_ENV), "nan_at_step": _step_from_env(NAN_ENV)}
-    run_path.mkdir(parents=True, exist_ok=True)
-    if resume_dir is None:
-        atomic_write_text(run_path / CONFIG_FILE, dump_yaml(cfg), force=True)
-    (run_path / ERROR_FILE).unlink(missing_ok=True)
-
-    ensure_ray(address, num_cpus=num_cpus)
-    trainer = build_trainer(cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
-                            mlflow_parent_run_id=mlflow_parent_run_id, mlflow_tags=mlflow_tags,
-                            resume=resume_dir is not None, fault=fault)
+    try:
+        claim_dir(run_path, "a training run")
+        if resume_dir is None:
+            atomic_write_text(run_path / CONFIG_FILE, dump_yaml(cfg), force=True)
+        (run_path / ERROR_FILE).unlink(missing_ok=True)
+        ensure_ray(address, num_cpus=num_cpus)
+        check_cluster_gpus(cfg, f"the Ray cluster at {address}" if address else "the local Ray cluster")
+        close_orphaned_runs(default_tracking_uri(cfg), cfg.tracking.experiment)
+        trainer = build_trainer(cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
+                                mlflow_parent_run_id=mlflow_parent_run_id,
+                                mlflow_tags={**(mlflow_tags or {}), **driver_tag()},
+                                resume=resume_dir is not None, fault=fault)
+    except BaseException:
+        restore_aside(aside, run_path)  # nothing was trained: the replaced run comes back as it was
+        raise
+    kept = f"; the run it replaced is kept at {aside}" if aside is not None else ""
     uri = default_tracking_uri(cfg)
     try:
         trainer.fit()
@@ -812,9 +830,10 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     except Exception as err:
         mark_run(uri, run_path, "FAILED")
         raise TrainingError(f"training failed ({type(err).__name__}); run directory {run_path}; "
-                            f"continue with `ermgap train --resume {run_path}`:\n{err}") from err
+                            f"continue with `ermgap train --resume {run_path}`{kept}:\n{err}") from err
     if (run_path / ERROR_FILE).is_file():
-        raise TrainingError((run_path / ERROR_FILE).read_text().strip() + f" (run directory {run_path})")
+        raise TrainingError((run_path / ERROR_FILE).read_text().strip() + f" (run directory {run_path}{kept})")
+    discard_aside(aside)
     metrics_file = run_path / METRICS_FILE
     if not metrics_file.is_file():
         raise TrainingError(f"training ended without final metrics ({metrics_file} missing)")

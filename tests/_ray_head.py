@@ -29,13 +29,17 @@ VENV_BIN = ROOT / ".venv" / "bin"
 class LocalHead:
     """`with LocalHead(token="...") as head:` → head.address (http://127.0.0.1:PORT) on a fresh cluster."""
 
-    def __init__(self, *, token: str | None, num_cpus: int = 2, extra_env: dict[str, str] | None = None):
+    def __init__(self, *, token: str | None, num_cpus: int = 2, num_gpus: int | None = None,
+                 extra_env: dict[str, str] | None = None):
         self.token = token
         self.num_cpus = num_cpus
+        self.num_gpus = num_gpus  # Ray accepts a declared GPU on a machine without one
         self.extra_env = extra_env or {}
         self.marker = uuid.uuid4().hex
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_port = str(free_port())
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"  # what `ray.init(address=...)` joins
         self.temp_dir = tempfile.mkdtemp(prefix="egr-", dir="/tmp")  # short: Unix socket paths are limited
         self.log_path = Path(self.temp_dir) / "head.log"
         self.proc: subprocess.Popen | None = None
@@ -49,7 +53,7 @@ class LocalHead:
         env["ERMGAP_TEST_HEAD"] = self.marker
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "2"  # a test head has nothing worth draining for 30 s
         env["DASHBOARD_PORT"] = str(self.dashboard_port)
-        env["GCS_PORT"] = str(free_port())
+        env["GCS_PORT"] = self.gcs_port
         if self.token is None:
             env["RAY_AUTH_MODE"] = "disabled"
         else:
@@ -65,7 +69,8 @@ class LocalHead:
                 [str(SCRIPT), "--block", f"--num-cpus={self.num_cpus}", f"--temp-dir={self.temp_dir}",
                  # Ray's fixed defaults (agent 52365, client server 10001) would collide with another
                  # cluster on this machine: its job agent then never comes up ("No available agent").
-                 f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}"],
+                 f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
+                 *([f"--num-gpus={self.num_gpus}"] if self.num_gpus is not None else [])],
                 env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         deadline = time.monotonic() + timeout_s

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ermgap.config import RunConfig, apply_overrides, flatten, load_config
-from ermgap.errors import ConfigError
+from ermgap.errors import ConfigError, ErmgapWarning
 
 
 def write(tmp_path, text: str):
@@ -70,6 +70,16 @@ def test_round_trip_through_dump(tmp_path):
         ("", ["lambda.mode=sometimes"], ["lambda.mode", "'adaptive' or 'fixed'"]),
         ("", ["objective.p"], ["must look like key=value"]),
         ("prompt:\n  verbalizers: {joy: happy}\n", [], ["prompt.verbalizers", "missing"]),
+        ("", ["optim.lr=.inf"], ["optim.lr", "finite number"]),
+        ("", ["optim.lr=.nan"], ["optim.lr", "finite number"]),
+        ("", ["optim.lr=3"], ["optim.lr", "less than or equal to 1"]),
+        ("", ["lambda.lam_max=.inf"], ["lambda.lam_max", "finite number"]),
+        ("", ["lambda.eta=1e308"], ["lambda.eta", "less than or equal to 100", "1e308"]),
+        ("", ["lambda.epsilon=-.inf"], ["lambda.epsilon", "finite number"]),
+        ("", ["model.dtype=fp16"], ["model.dtype fp16 is refused for training", "model.dtype=bf16",
+                                    "ermgap evaluate --dtype fp16"]),
+        ("", ["eval.predict=generate"], ["eval.predict: 'generate' is not supported during training",
+                                         "ermgap evaluate --mode generate"]),
     ],
 )
 def test_bad_values_are_named(tmp_path, text, overrides, expected):
@@ -112,3 +122,26 @@ def test_cli_show_and_error_exit(tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2
     assert "optim.lr" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_empty_config_file_warns(tmp_path):
+    empty = write(tmp_path, "# nothing here\n")
+    with pytest.warns(ErmgapWarning, match=r"run\.yaml is empty: every setting takes its default .*Qwen2-Audio-7B"):
+        cfg = load_config(empty)
+    assert cfg == load_config(None)
+    proc = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "config", "show", str(empty)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and "warning:" in proc.stderr and "is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_reference_states_gap_units_and_verbalizer_normalisation():
+    """Δdev's units and how multi-token answers are normalised are stated where ε and the answers are set
+    (test_model checks the behaviour: per_sample_loss averages, score_labels sums, terminator included)."""
+    from ermgap.config import reference_markdown
+
+    rows = {line.split("|")[1].strip(" `"): line for line in reference_markdown().splitlines()[2:]}
+    assert "terminator" in rows["lambda.epsilon"] and "half the label-token loss gap" in rows["lambda.epsilon"]
+    assert "nats" in rows["lambda.dev_gap"] and "fraction" in rows["lambda.dev_gap"]
+    assert "MEAN cross-entropy" in rows["prompt.verbalizers"] and "SUM of their log-probabilities" in \
+        rows["prompt.verbalizers"] and "not length-normalised" in rows["prompt.verbalizers"]

@@ -17,7 +17,7 @@ import soundfile as sf
 from ermgap.data.audio import load_audio
 from ermgap.data.dataset import UtteranceDataset
 from ermgap.data.manifest import REQUIRED_COLUMNS, read_manifest, validate_manifest
-from ermgap.errors import ManifestError
+from ermgap.errors import ErmgapWarning, ManifestError
 from ermgap.labels import GENDERS, LANGUAGES, SPLITS
 
 
@@ -93,6 +93,13 @@ def _empty_audio(path):
     sf.write(path.parent / "test_deu_M.wav", np.zeros(0, dtype=np.float32), 16000)
 
 
+def _nonfinite_audio(path):
+    x = tone(0.25)
+    x[3000] = np.nan  # past the first 1600 frames a header check reads
+    x[3001] = np.inf
+    sf.write(path.parent / "test_eng_M.wav", x, 16000, subtype="FLOAT")
+
+
 def _empty_split(path):
     _edit(path, lambda df: df[df["split"] != "test"])
 
@@ -136,6 +143,9 @@ BAD = [
     ("header-only", _header_only, ["no rows"], None),
     ("bad-duration", _set(6, "duration_s", "-1"), ["row 6", "column 'duration_s'", "positive"], None),
     ("empty-speaker", _set(8, "speaker", ""), ["row 8", "column 'speaker'", "must not be empty"], None),
+    ("nonfinite-audio", _nonfinite_audio, ["row 16", "column 'audio'", "test_eng_M.wav", "2 NaN or infinite"], None),
+    ("duration-mismatch", _set(6, "duration_s", "3.5"), ["row 6", "column 'duration_s'", "'3.5'", "lasts 0.250 s"],
+     None),
 ]
 
 
@@ -223,3 +233,38 @@ def test_utterance_dataset(tmp_path):
     assert len(item["audio"]) == ds.lengths[i] == 6400  # 0.5 s cropped to 0.4 s at 16 kHz
     j = int(np.flatnonzero(df["utt_id"] == "train_deu_F")[0])
     assert len(ds[j]["audio"]) == ds.lengths[j] == sf.info(path.parent / "train_deu_F.wav").frames == 4000
+
+
+def test_load_audio_rejects_nonfinite_samples(tmp_path):
+    x = tone(0.5)
+    x[7000] = -np.inf
+    sf.write(tmp_path / "f.wav", x, 16000, subtype="FLOAT")
+    with pytest.raises(ManifestError, match=r"f\.wav has 1 NaN or infinite sample"):
+        load_audio(tmp_path / "f.wav")
+    x[7000] = 0.0
+    sf.write(tmp_path / "f.wav", x, 16000, subtype="FLOAT")
+    assert np.isfinite(load_audio(tmp_path / "f.wav")).all()
+
+
+def test_duration_within_rounding_is_accepted(tmp_path):
+    path = write_valid(tmp_path / "m")
+    _set(6, "duration_s", "0.2504")(path)
+    assert validate_manifest(path) == []
+
+
+def test_speaker_in_train_and_test_is_a_warning(tmp_path, monkeypatch, capsys):
+    path = write_valid(tmp_path / "m")
+    _set(13, "speaker", "deu_F_train")(path)  # row 13 is test_deu_F
+    assert validate_manifest(path) == []
+    problems = validate_manifest(path, include_notices=True)
+    assert [(p.kind, p.column) for p in problems] == [("notice", "speaker")]
+    assert "1 speaker(s) are in both train and test (deu_F_train)" in str(problems[0])
+    with pytest.warns(ErmgapWarning, match="both train and test"):
+        assert len(read_manifest(path)) == 18  # a warning, not an error
+    from ermgap.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["ermgap", "data", "validate", str(path)])
+    main()
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert "warning:" in out and "deu_F_train" in out and ": OK (18 utterances" in out

@@ -247,3 +247,72 @@ def test_cli_evaluate_with_adapter_changes_scores(manifest, tiny_model, tmp_path
     base = pd.read_csv(tmp_path / "base.csv")[cols].to_numpy()
     lora = pd.read_csv(tmp_path / "lora.csv")[cols].to_numpy()
     assert base.shape == lora.shape == (3, 7) and np.abs(base - lora).max() > 1e-3
+
+
+def _ermgap(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "ermgap.cli.main", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_evaluate_refuses_nonfinite_audio(manifest, tiny_model, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(manifest.parent, corpus)
+    x, sr = sf.read(corpus / "u5.wav", dtype="float32")
+    x[100:110] = np.nan
+    sf.write(corpus / "u5.wav", x, sr, subtype="FLOAT")
+    out = tmp_path / "preds.csv"
+    proc = _ermgap("evaluate", "--model", str(tiny_model), "--manifest", str(corpus / "manifest.csv"),
+                   "--split", "test", "--device", "cpu", "--batch-size", "4", "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "u5.wav has 10 NaN or infinite sample(s)" in proc.stderr
+    assert not out.exists()
+
+
+def test_model_folder_that_is_not_qwen2_audio_is_a_config_error(manifest, tmp_path):
+    from ermgap.config import ModelConfig
+    from ermgap.model import check_model, load_backbone
+
+    folder = tmp_path / "models" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="cannot read the model config.*model_type 'qwen2_audio'"):
+        load_backbone(ModelConfig(name_or_path=str(folder)))
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ConfigError, match="is a 'bert' model; expected model_type 'qwen2_audio'"):
+        check_model(ModelConfig(name_or_path=str(folder)))
+    (folder / "config.json").write_text("{}")
+    proc = _ermgap("evaluate", "--model", str(folder), "--manifest", str(manifest), "--device", "cpu",
+                   "--out", str(tmp_path / "p.csv"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(folder) in proc.stderr and "model_type" in proc.stderr
+
+
+def test_missing_local_model_path_is_not_a_hub_id(tmp_path, monkeypatch):
+    from ermgap.model import model_source
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(ConfigError, match="models/nope does not exist"):
+        model_source("models/nope")
+    assert model_source("Qwen/Qwen2-Audio-7B-Instruct") == "Qwen/Qwen2-Audio-7B-Instruct"
+
+
+def test_nan_label_scores_are_an_error_not_neutral(manifest, tiny_model):
+    import torch
+
+    from ermgap.backends.qwen2_audio import Qwen2AudioBackend
+    from ermgap.config import ModelConfig
+
+    be = Qwen2AudioBackend(ModelConfig(name_or_path=str(tiny_model)), PromptConfig(), modality="uni")
+    rows = load_split(manifest, "test", modality="uni", limit=2).to_dict("records")
+    assert all(np.isfinite(p.scores).all() for p in be.predict(rows))
+    with torch.no_grad():
+        be.model.lm_head.weight[:] = float("nan")  # what an overflowing fp16 forward produces
+    with pytest.raises(ConfigError, match="NaN or infinite label scores for utterance.*u0, u1"):
+        be.predict(rows)

@@ -229,3 +229,16 @@ def test_optuna_multi_objective_search_space_converts(tmp_path):
         spec.trial_config(params)  # every suggestion is a valid RunConfig
         seen.add(params["lora.r"])
     assert seen <= {4, 5}
+
+
+def test_force_keeps_the_previous_sweep_when_a_check_fails(tmp_path):
+    """`ermgap sweep --force` with impossible resources is refused before the previous sweep is touched."""
+    from ermgap.io import claim_dir
+    from ermgap.sweep import run_sweep
+
+    old = claim_dir(tmp_path / "sweeps" / "t", "sweep t")
+    (old / "sweep_state.json").write_text('{"parent_run_id": "abc"}')
+    spec = _spec(tmp_path, resources={"num_workers": 1, "cpus_per_worker": 512.0})
+    with pytest.raises(ConfigError, match="a trial needs 512.1 CPU"):
+        run_sweep(spec, force=True)
+    assert (old / "sweep_state.json").read_text() == '{"parent_run_id": "abc"}'

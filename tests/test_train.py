@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+import ray
 import torch
 
 from ermgap.config import load_config
@@ -138,3 +140,105 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "optim.lrr" in proc.stderr and "did you mean 'optim.lr'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- issue 20: nothing lost
+
+
+def _finished_run(folder: Path) -> dict[str, bytes]:
+    """A run directory as a finished run leaves it (ermgap's marker, metrics, adapter); returns its files."""
+    from ermgap.io import claim_dir
+
+    claim_dir(folder, "a training run")
+    (folder / "config.yaml").write_text("{}\n")
+    (folder / "metrics.json").write_text('{"test_w_f1": 0.5}\n')
+    (folder / "adapter").mkdir()
+    (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"weights")
+    return _snapshot(folder)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_validates_before_replacing_and_only_replaces_ermgap_runs(tmp_path, synth_corpus, tiny_model):
+    from ermgap.train import run_training
+
+    good = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
+            f"tracking.storage_path={tmp_path}/runs", "optim.effective_batch_size=8", "optim.micro_batch_size=4"]
+    run = tmp_path / "runs" / "myrun"
+    before = _finished_run(run)
+    with pytest.raises(ConfigError, match="data.manifest"):
+        run_training(load_config(None, good + [f"data.manifest={tmp_path}/missing.csv"]), run_dir=run, force=True)
+    assert _snapshot(run) == before  # the finished run is untouched
+    folder = tmp_path / "my_thesis"
+    folder.mkdir()
+    (folder / "chapter1.tex").write_text("precious")
+    with pytest.raises(ConfigError, match=r"my_thesis is not a run directory ermgap created .*--force only"):
+        run_training(load_config(None, good), run_dir=folder, force=True)
+    assert (folder / "chapter1.tex").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing set aside
+    assert not _ray_up()
+
+
+def test_pre_flight_catches_worker_side_input_errors(tmp_path, synth_corpus, tiny_model, monkeypatch):
+    """Errors that used to surface only inside Ray workers (after retries) are found before Ray starts."""
+    import shutil
+
+    from ermgap.errors import ManifestError
+    from ermgap.train import run_training
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    good = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
+            f"tracking.storage_path={tmp_path}/runs", "optim.effective_batch_size=8", "optim.micro_batch_size=4"]
+    with pytest.raises(ConfigError, match="models/nope does not exist"):  # not a hub id retried for minutes
+        run_training(load_config(None, good + ["model.name_or_path=models/nope"]), run_dir=tmp_path / "r1")
+    broken = tmp_path / "models" / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "whisper"}')
+    with pytest.raises(ConfigError, match="is a 'whisper' model; expected model_type 'qwen2_audio'"):
+        run_training(load_config(None, good + [f"model.name_or_path={broken}"]), run_dir=tmp_path / "r2")
+    no_processor = tmp_path / "models" / "weights_only"
+    no_processor.mkdir()
+    shutil.copy(tiny_model / "config.json", no_processor / "config.json")
+    with pytest.raises(ConfigError, match="cannot load the processor"):
+        run_training(load_config(None, good + [f"model.name_or_path={no_processor}"]), run_dir=tmp_path / "r3")
+    corpus = tmp_path / "corpus"
+    shutil.copytree(synth_corpus.parent, corpus)
+    df = pd.read_csv(corpus / synth_corpus.name, dtype=str, keep_default_na=False)
+    bad = corpus / df.loc[df["split"] == "train", "audio"].iloc[3]
+    bad.write_bytes(b"RIFF\x00\x00garbage-not-a-wav" * 10)
+    with pytest.raises(ManifestError, match=rf"{bad.name}.*cannot be decoded"):
+        run_training(load_config(None, good + [f"data.manifest={corpus / synth_corpus.name}"]), run_dir=tmp_path / "r4")
+    assert not _ray_up()
+    assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_gpu_check_uses_the_cluster_it_joined(tmp_path, synth_corpus, tiny_model, monkeypatch):
+    """A CPU-only driver joining a cluster with a GPU passes the check; one GPU for two workers is refused,
+    naming the cluster's count; the finished run that --force would have replaced comes back intact."""
+    from _ray_head import LocalHead
+
+    from ermgap.train import check_cluster_gpus, run_training
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    good = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
+            f"tracking.storage_path={tmp_path}/runs", "optim.effective_batch_size=8", "optim.micro_batch_size=4",
+            "distributed.use_gpu=true"]
+    run = tmp_path / "runs" / "myrun"
+    before = _finished_run(run)
+    with LocalHead(token=None, num_cpus=2, num_gpus=1) as head:
+        try:
+            with pytest.raises(ConfigError, match=rf"num_workers=2 needs 2 GPU\(s\), but the Ray cluster at "
+                                                  rf"{head.gcs_address} has 1"):
+                run_training(load_config(None, good + ["distributed.num_workers=2"]), address=head.gcs_address,
+                             run_dir=run, force=True)
+            assert ray.is_initialized() and ray.cluster_resources().get("GPU") == 1
+            check_cluster_gpus(load_config(None, good + ["distributed.num_workers=1"]))  # passes
+        finally:
+            ray.shutdown()
+    assert _snapshot(run) == before
+    assert [p.name for p in run.parent.iterdir()] == ["myrun"]  # nothing left set aside

@@ -14,6 +14,7 @@ from ermgap.batching import EmotionCollator, audio_token_count, compute_features
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.data.audio import load_audio
 from ermgap.data.dataset import UtteranceDataset
+from ermgap.errors import ConfigError
 from ermgap.feature_cache import EncodedDataset, FeatureCache, encoder_fingerprint
 from ermgap.prompts import END_OF_TURN, answer_token_ids, parse_answer, user_turn
 from ermgap.scoring import generate, score_labels
@@ -59,6 +60,11 @@ class Qwen2AudioBackend(LocalBackend):
         with torch.no_grad():
             if self.mode == "score":
                 scores = score_labels(self.model, batch).float().cpu()
+                bad = [row["utt_id"] for row, ok in zip(rows, torch.isfinite(scores).all(-1)) if not ok]
+                if bad:  # argmax of NaN scores is label 0: it would pass as a confident "neutral"
+                    raise ConfigError(f"model {self.name} gave NaN or infinite label scores for utterance(s) "
+                                      f"{', '.join(bad[:5])}; in fp16 activations can overflow (try --dtype fp32 "
+                                      "or bf16)")
                 return [Prediction(self.task.labels[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
             texts = generate(self.model, batch, self.processor.tokenizer, max_new_tokens=self.max_new_tokens)
         return [Prediction(parse_answer(t, self.task.answer_of), None, t) for t in texts]

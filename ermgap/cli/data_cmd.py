@@ -41,14 +41,16 @@ def validate(
     """Check columns, values (labels, attribute values and strata of the task), unique ids, splits, every
     attribute value per (split, stratum) and every audio file.
 
-    Lists all problems (errors and warnings) with row and column; exits 2 when there is any."""
-    from ermgap.data.manifest import format_problems, validate_manifest
+    Lists all problems (errors and warnings) with row and column; exits 2 when there is any. A speaker
+    in train and in dev/test is a notice: printed as a warning, never a failure."""
+    from ermgap.data.manifest import format_problems, validate_manifest, warn_problems
 
     spec, cfg = _task_spec(config, overrides)
     rates: Counter = Counter()
-    problems = validate_manifest(manifest, modality=modality or (cfg.data.modality if cfg else None),
+    problems = warn_problems(validate_manifest(manifest, modality=modality or (cfg.data.modality if cfg else None),
                                  check_audio=not no_audio, expected_sample_rate=sample_rate or None,
-                                 sample_rates=rates, task=spec)
+                                 sample_rates=rates, task=spec,
+                                               include_notices=True))
     if rates:
         typer.echo("sample rates: " + ", ".join(f"{r} Hz × {n}" for r, n in sorted(rates.items())))
     if problems:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from ermgap.errors import ErmgapError
+from ermgap.errors import ErmgapError, ErmgapWarning
 
 app = typer.Typer(
     name="ermgap",
@@ -47,25 +48,34 @@ for module, attr, name in _COMMANDS:
 
 
 def main() -> None:
-    """Run the CLI; user errors are printed as one clear message with a non-zero exit."""
+    """Run the CLI; user errors are printed as one clear message with a non-zero exit.
+
+    Typer runs in standalone mode so that it handles its own usage errors (missing argument, unknown
+    option or command, out-of-range value) the usual way: usage line, message, exit 2. Its bundled click
+    raises exceptions that are not `click.ClickException`, so catching them here would need private names.
+    """
+    warnings.showwarning = _show_warning
     try:
-        # standalone_mode=False returns typer.Exit codes instead of exiting: pass them on.
-        rc = app(standalone_mode=False)
+        app()
+    except SystemExit as done:
+        if done.code:  # standalone typer also exits on success; then main() returns, as a library call would
+            raise
     except ErmgapError as err:
         # Text, not markup: messages quote user values such as "[q_proj]" that rich would eat.
         Console(stderr=True).print(Text("error: ", style="bold red") + Text(str(err)), highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as err:  # click usage errors carry their own exit code
-        import click
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
-    if isinstance(rc, int) and rc:
-        sys.exit(rc)
+
+_default_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """ermgap's own warnings as one `warning: ...` line (no source location); others as Python shows them."""
+    if issubclass(category, ErmgapWarning):
+        Console(stderr=True).print(Text("warning: ", style="bold yellow") + Text(str(message)), highlight=False,
+                                   soft_wrap=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
     """Load `path` as a mono float32 array in [-1, 1] at `sample_rate` Hz, shape [num_samples].
 
     Raises ManifestError (naming the file) when it is missing, cannot be decoded, has more than
-    one channel, or holds no samples. Other sample rates are resampled.
+    one channel, holds no samples or holds NaN / infinite samples. Other sample rates are resampled.
     """
 
     info = audio_info(path)
@@ -65,6 +65,9 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000) -> np.ndarray:
         raise ManifestError(f"audio file {path} cannot be decoded ({_short(err)})") from None
     if x.size == 0:
         raise ManifestError(f"audio file {path} is empty (0 samples)")
+    bad = int(x.size - np.isfinite(x).sum())
+    if bad:  # float WAVs can hold them; the features and every score would silently become NaN
+        raise ManifestError(f"audio file {path} has {bad} NaN or infinite sample(s); expected finite samples in [-1, 1]")
     return resample(x, int(sr), sample_rate)
 
 

@@ -27,15 +27,17 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from ermgap.errors import ManifestError
+from ermgap.errors import ErmgapWarning, ManifestError
 from ermgap.labels import MODALITIES, SPLITS
 from ermgap.task import LABEL_COLUMN, RUN_MODALITY, Task, TaskError, TaskSpec
 
@@ -48,6 +50,10 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
 OPTIONAL_COLUMNS: tuple[str, ...] = ("duration_s",)
 log = logging.getLogger(__name__)
 EXPECTED_SAMPLE_RATE = 16000
+# Sample formats that store floats, which can be NaN or inf (integer PCM cannot).
+NONFINITE_SUBTYPES = frozenset({"FLOAT", "DOUBLE"})
+# How far a stated duration_s may be from the file's own length (rounding, not a different file).
+DURATION_TOLERANCE_S = 0.05
 # Columns that identify an utterance and must never be blank (transcript may be, in unimodal use).
 _NONEMPTY = ("utt_id", "speaker", "audio")
 
@@ -61,7 +67,7 @@ class Problem:
     row: int | None = None
     column: str | None = None
     value: str | None = None
-    kind: str = "error"
+    kind: str = "error"  # error | warning (data validate fails on it) | notice (reported, never fails)
 
     def describe(self, *, with_file: bool = True) -> str:
         parts = [self.file] if with_file else []
@@ -184,6 +190,8 @@ def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: 
 
     rates: Counter = Counter()
     base = path.parent
+    stated = (pd.to_numeric(df["duration_s"], errors="coerce") if "duration_s" in df.columns
+              else pd.Series(float("nan"), index=df.index))
     for i, rel in zip(df.index, df["audio"]):
         if not rel.strip():
             continue
@@ -194,12 +202,18 @@ def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: 
             continue
         try:
             info = sf.info(str(p))
-            if info.frames > 0:  # read a little: a valid header over garbage data must fail here
-                sf.read(str(p), frames=min(info.frames, 1600), dtype="float32")
+            # Integer samples are always finite, so reading a little proves the data decodes; float
+            # samples can be NaN or inf anywhere, so those files are read whole.
+            whole = info.frames if info.subtype in NONFINITE_SUBTYPES else min(info.frames, 1600)
+            x = sf.read(str(p), frames=whole, dtype="float32")[0] if info.frames > 0 else None
         except Exception as err:
             msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             problems.append(Problem(name, f"audio file cannot be decoded ({msg})", **row))
             continue
+        bad = int(np.size(x) - np.isfinite(x).sum()) if x is not None else 0
+        if bad:
+            problems.append(Problem(name, f"audio has {bad} NaN or infinite sample(s); expected finite samples "
+                                          "in [-1, 1]", **row))
         rates[int(info.samplerate)] += 1
         if info.channels != 1:
             problems.append(Problem(name, f"audio has {info.channels} channels; expected mono (1 channel)", **row))
@@ -208,7 +222,24 @@ def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: 
         if expected_sample_rate is not None and info.samplerate != expected_sample_rate:
             problems.append(Problem(name, f"sample rate is {info.samplerate} Hz; expected {expected_sample_rate} Hz",
                                     **row))
+        actual = info.frames / info.samplerate if info.samplerate else 0.0
+        if info.frames and stated[i] > 0 and abs(stated[i] - actual) > DURATION_TOLERANCE_S:
+            problems.append(Problem(name, f"the audio file {rel} lasts {actual:.3f} s; expected duration_s within "
+                                          f"{DURATION_TOLERANCE_S} s of it (or leave it empty)",
+                                    row=i + 1, column="duration_s", value=df.at[i, "duration_s"]))
     return rates
+
+
+def _check_speakers(df: pd.DataFrame, name: str, problems: list[Problem]) -> None:
+    """Warn when a training speaker is also in dev or test: those scores then measure voices already heard."""
+    train = set(df.loc[df["split"] == "train", "speaker"])
+    for split in ("dev", "test"):
+        shared = sorted(train & set(df.loc[df["split"] == split, "speaker"]))
+        if shared:
+            shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+            problems.append(Problem(name, f"{len(shared)} speaker(s) are in both train and {split} ({shown}); "
+                                          f"{split} scores then include voices seen in training",
+                                    column="speaker", kind="notice"))
 
 
 def validate_manifest(
@@ -220,8 +251,12 @@ def validate_manifest(
     expected_sample_rate: int | None = EXPECTED_SAMPLE_RATE,
     sample_rates: Counter | None = None,
     task: TaskSpec | None = None,
+    include_notices: bool = False,
 ) -> list[Problem]:
-    """Check a manifest CSV and return every problem found (empty list: valid).
+    """Check a manifest CSV and return every problem found (none with kind "error": valid).
+
+    include_notices: also return problems of kind "notice" (a speaker in train and in dev or test),
+    which never make the manifest invalid; `warn_problems` reports them as warnings.
 
     modality: "multi" also requires non-empty transcripts (and is the value of a `modality` stratum part).
     check_audio: open every audio file (present, decodable, mono, non-empty, `expected_sample_rate` Hz unless
@@ -254,6 +289,8 @@ def validate_manifest(
         problems.append(Problem(name, err.message, column=err.column, value=err.value))
     _check_rows(df, name, modality, resolved, problems)
     _check_splits(df, name, require_splits, problems)
+    if include_notices:
+        _check_speakers(df, name, problems)
     # Coverage problems would only echo a bad split/attribute/stratum value already reported by row.
     if resolved is not None and not any(p.row is not None and p.column in ("split", resolved.attribute, *resolved.stratum)
                                         for p in problems):
@@ -263,6 +300,14 @@ def validate_manifest(
         if sample_rates is not None:
             sample_rates.update(rates)
     return problems
+
+
+def warn_problems(problems: Sequence[Problem]) -> list[Problem]:
+    """Issue an ErmgapWarning for each notice among `problems`; return the others (errors, warnings)."""
+    for p in problems:
+        if p.kind == "notice":
+            warnings.warn(p.describe(), ErmgapWarning, stacklevel=2)
+    return [p for p in problems if p.kind != "notice"]
 
 
 def required_columns(spec: TaskSpec) -> list[str]:
@@ -298,8 +343,9 @@ def read_manifest(
     `allow_warnings`, coverage warnings are logged instead of raised (training: a stratum whose gap is
     undefined is left out of the objective).
     """
-    problems = validate_manifest(path, modality=modality, check_audio=check_audio,
-                                 require_splits=require_splits, expected_sample_rate=None, task=task)
+    problems = warn_problems(validate_manifest(path, modality=modality, check_audio=check_audio,
+                                 require_splits=require_splits, expected_sample_rate=None, task=task,
+                                               include_notices=True))
     if allow_warnings:
         for p in problems:
             if p.kind == "warning":

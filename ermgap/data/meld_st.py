@@ -46,7 +46,7 @@ from pathlib import Path
 import pandas as pd
 import soundfile as sf
 
-from ermgap.data.manifest import format_problems, validate_manifest, write_manifest
+from ermgap.data.manifest import format_problems, validate_manifest, warn_problems, write_manifest
 from ermgap.errors import ConfigError, ManifestError
 from ermgap.io import atomic_dir, check_writable
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGE_NAMES
@@ -252,7 +252,7 @@ def import_meld_st(
             raise ManifestError(f"MELD-ST import from {root} kept no utterances:\n{summary.format()}")
         manifest = tmp / "manifest.csv"
         write_manifest(df, manifest)
-        problems = validate_manifest(manifest, check_audio=False)
+        problems = warn_problems(validate_manifest(manifest, check_audio=False, include_notices=True))
         if problems:
             raise ManifestError(f"the imported manifest would be invalid ({len(problems)} problem(s)); nothing "
                                 f"written:\n{format_problems(problems, 20)}\n{summary.format()}")

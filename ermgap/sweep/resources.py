@@ -28,8 +28,9 @@ def check_resources(spec: SweepSpec, available: dict[str, float], where: str) ->
 
 
 def check_trial_inputs(spec: SweepSpec) -> None:
-    """Run the training pre-flight checks (manifest, model dir, batch vs data size, GPU) once per
-    distinct set of inputs among the trials, so a bad path fails the sweep before any trial."""
+    """Run the training pre-flight checks (manifest and its audio, model config and processor, batch vs
+    data size) once per distinct set of inputs among the trials, so a bad path fails the sweep before any
+    trial. GPUs are `check_resources`' business (against the cluster once joined)."""
     seen: set[str] = set()
     for params in spec.example_trials():
         cfg = spec.trial_config(params)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,6 +15,7 @@ from rich.console import Console
 from ermgap import tracking
 from ermgap.config import default_tracking_uri, flatten
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
+from ermgap.io import claim_dir, discard_aside, restore_aside, set_aside
 from ermgap.ray_runtime import ensure_ray
 from ermgap.report import report_from_mlflow, run_test_predictions
 from ermgap.sweep import render
@@ -89,12 +89,21 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
     t_ray = time.perf_counter()
     ensure_ray(address, log_to_driver=False)
     outcome.ray_start_s = time.perf_counter() - t_ray
+    aside = None
     try:
         check_resources(spec, ray.cluster_resources(), "the Ray cluster")
         if address is not None:
             check_trial_inputs(spec)
-        outcome.parent_run_id = _open_parent(spec, paths, outcome, state)
+        # Only now, with every check passed, does --force move the previous sweep out of the way.
+        aside = set_aside(paths.root, "sweep directory") if force else None
+        try:
+            claim_dir(paths.root, f"sweep {spec.name}")
+            outcome.parent_run_id = _open_parent(spec, paths, outcome, state)
+        except BaseException:
+            restore_aside(aside, paths.root)
+            raise
         results = _fit(spec, paths, outcome, resume=state is not None)
+        discard_aside(aside)
         failed = _summarise(spec, paths, outcome, results, out)
     finally:
         if started_here:
@@ -117,11 +126,9 @@ def _claim_root(spec: SweepSpec, paths: SweepPaths, *, resume: bool, force: bool
             raise ConfigError(f"{spec.source}: the spec changed since the sweep started (hash {state['spec_hash']} → "
                               f"{spec.hash()}); resume with the same spec and overrides, or pass --force to start over")
         return state
-    if paths.root.exists():
-        if not force:
-            raise OutputExistsError(f"{paths.root} already holds sweep '{spec.name}'; pass --resume to continue "
-                                    "it or --force to start over")
-        shutil.rmtree(paths.root)
+    if paths.root.exists() and not force:
+        raise OutputExistsError(f"{paths.root} already holds sweep '{spec.name}'; pass --resume to continue "
+                                "it or --force to start over")
     return None
 
 
