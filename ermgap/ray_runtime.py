@@ -7,6 +7,7 @@ not released (the next worker group then times out on a small machine).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -37,15 +38,16 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
     driver: without it, `ermgap train` inside a job would start a second cluster on the head node.
     `num_cpus` caps a local cluster's CPUs (default: all cores); it is ignored when joining.
     Token authentication stays at Ray's default (on in 2.60). `log_to_driver=False` keeps worker
-    output in Ray's session logs only (sweeps print Tune's trial table instead; failed trials still
-    report their errors).
+    output in Ray's session logs only (sweeps show their own trial lines; failed trials still
+    report their errors) and also turns Ray's own INFO lines in this process off.
     """
 
     if ray.is_initialized():
         return
+    level = logging.INFO if log_to_driver else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=log_to_driver)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=level)
         return
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
     ray.init(
@@ -56,6 +58,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
         dashboard_port=port,
         _node_ip_address="127.0.0.1",
         log_to_driver=log_to_driver,
+        logging_level=level,
         # Train V2's placement-group cleaner asks the dashboard whether a run's controller is alive.
         # Left to auto-detect the cluster, it fails when a second Ray instance runs on the machine
         # (another user, a test head), so a finished run's placement group is never removed and the

@@ -33,6 +33,7 @@ from ermgap.formatting import fmt, json_safe
 from ermgap.io import atomic_dir
 from ermgap.labels import LANGUAGES, MODALITIES
 from ermgap.metric_registry import METRICS
+from ermgap.tracking import describe_objective, objective_kind
 
 SUBSETS: tuple[str, ...] = ("multilingual", *LANGUAGES)
 SUBSET_TITLES = {"multilingual": "Multilingual", **{lang: lang.upper() for lang in LANGUAGES}}
@@ -179,7 +180,7 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
         preds = M.read_predictions(local)
         recorded = sorted(set(preds["modality"]) - {""}) if "modality" in preds.columns else []
         modality = params.get("data.modality") or (recorded[0] if recorded else "uni")
-        name = tags.get("ermgap.param.variant") or _describe_objective(params)
+        name = tags.get("ermgap.param.variant") or describe_objective(params)
         extras = [f"{k}={tags.get(f'ermgap.param.{k}')}" for k in varying]
         if extras:
             name = f"{name} [{', '.join(extras)}]"
@@ -196,35 +197,11 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     return systems, skipped
 
 
-def _kind(params: dict) -> str:
-    # Runs logged before `objective.kind` existed all trained ERM-MinMaxGAP (ERM was fixed λ = 0).
-    return params.get("objective.kind", "minmaxgap")
-
-
 def _objective_group(params: dict) -> str:
     """Table 3 section: the paper's two for MinMaxGAP runs, one shared section for the other objectives."""
-    if _kind(params) != "minmaxgap":
+    if objective_kind(params) != "minmaxgap":
         return "Other objectives"
     return "Lambda effect" if params.get("lambda.mode") == "fixed" else "Main components"
-
-
-def _describe_objective(params: dict) -> str:
-    # Lazy: the objectives import torch, which `ermgap report` on prediction files does not need.
-    from ermgap.objectives import OBJECTIVES
-
-    kind = _kind(params)
-    if kind == "group_dro":
-        return f"{OBJECTIVES[kind].label} (η={float(params.get('objective.group_dro.eta', 'nan')):g})"
-    if kind != "minmaxgap":
-        return OBJECTIVES[kind].label if kind in OBJECTIVES else kind
-    mode, init, p = params.get("lambda.mode"), params.get("lambda.init"), params.get("objective.p")
-    if mode == "fixed":
-        if init is None:
-            return "fixed λ"
-        return "ERM (SFT)" if float(init) == 0 else f"λ = {float(init):g}"  # the paper's Table 3 rows
-    if mode == "adaptive":
-        return f"ERM-MinMaxGAP (p={float(p):g})" if p else "ERM-MinMaxGAP"
-    return "run"
 
 
 # ----------------------------------------------------------------------------------------------- tables

@@ -45,7 +45,7 @@ def _sweep_like_runs(uri: str) -> tuple[str, str, list[str]]:
     names = ["demo/trial_0000a", "demo/trial_0000b"]
     for i, name in enumerate(names):
         run = c.create_run(exp, run_name=name, tags={PARENT_TAG: parent, TAG_SWEEP: "demo", TAG_TRIAL: name[-5:]})
-        c.log_metric(run.info.run_id, "final/dev_w_f1", 40.0 + i)
+        c.log_metric(run.info.run_id, "best/dev_w_f1", 40.0 + i)
         c.set_terminated(run.info.run_id)
     c.set_terminated(parent)
     return exp, parent, names

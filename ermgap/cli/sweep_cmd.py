@@ -26,11 +26,17 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep after its driver died; finished trials are kept."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and the resource plan; start nothing."),
     force: bool = typer.Option(False, "--force", help="Delete a previous sweep of the same name and start over."),
+    verbose: bool = typer.Option(False, "--verbose", envvar="ERMGAP_VERBOSE",
+                                 help="Show Tune's status tables and the trials' Ray/DeepSpeed output (hidden by default)."),
 ) -> None:
     """Run a hyperparameter sweep: one Ray Train run per trial, a leaderboard and Pareto front at the end."""
+    from ermgap.progress import quiet_console
+
+    quiet_console(verbose)  # before importing the sweep: it loads Ray Tune and transformers
     from ermgap.sweep import run_sweep
 
-    run_sweep(spec, overrides=overrides or [], address=address, resume=resume, dry_run=dry_run, force=force)
+    run_sweep(spec, overrides=overrides or [], address=address, resume=resume, dry_run=dry_run, force=force,
+              verbose=verbose)
 
 
 def ui(

@@ -51,11 +51,13 @@ class SweepOutcome:
 
 def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
               resume: bool = False, dry_run: bool = False, force: bool = False,
-              console: Console | None = None) -> SweepOutcome:
+              console: Console | None = None, verbose: bool = False) -> SweepOutcome:
     """Run (or resume, or only plan) a sweep; returns the leaderboard and where everything went.
 
     Every trial config is validated and resources are checked before any trial starts: against
     this machine before starting a local Ray cluster, against the cluster after joining `address`.
+    `verbose` shows Tune's status tables and the trials' worker output (hidden by default: each trial
+    is one live line, see sweep/live.py).
     """
     out = console or render.console()
     t0 = time.perf_counter()
@@ -77,14 +79,14 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
 
     started_here = not ray.is_initialized()
     t_ray = time.perf_counter()
-    ensure_ray(address, log_to_driver=False)
+    ensure_ray(address, log_to_driver=verbose)
     outcome.ray_start_s = time.perf_counter() - t_ray
     try:
         check_resources(spec, ray.cluster_resources(), "the Ray cluster")
         if address is not None:
             check_trial_inputs(spec)
         outcome.parent_run_id = _open_parent(spec, paths, outcome, state)
-        results = _fit(spec, paths, outcome, resume=state is not None)
+        results = _fit(spec, paths, outcome, resume=state is not None, verbose=verbose, out=out)
         failed = _summarise(spec, paths, outcome, results, out)
     finally:
         if started_here:
@@ -132,11 +134,11 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
     return parent_id
 
 
-def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool):
+def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool, verbose: bool, out: Console):
     """Run Tune to the end; an interrupted sweep marks its parent KILLED and stays resumable."""
     ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment)
     try:
-        results = tuner(spec, ctx, resume=resume).fit()
+        results = tuner(spec, ctx, resume=resume, verbose=verbose, console=out).fit()
     except BaseException:
         tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
         raise
@@ -168,7 +170,8 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
         tags["ermgap.best_trial"] = b["trial"]
         if b["mlflow_run_id"]:
             tags["ermgap.best_run_id"] = b["mlflow_run_id"]
-        metrics = {f"best_{m}": b[m] for m in DEV_METRICS + TEST_METRICS if b[m] is not None}
+        # The children's names (best/<metric>): the runs table shows parent and children in the same columns.
+        metrics = {f"{tracking.BEST}{m}": b[m] for m in DEV_METRICS + TEST_METRICS if b[m] is not None}
     tracking.log_sweep_summary(uri, parent_id, files=list(outcome.artifacts.values()), tags=tags, metrics=metrics)
     outcome.artifacts.update(_paper_report(uri, parent_id, paths.report, out))
     failed = board.empty or bool((board["status"] == "ERROR").all())
