@@ -32,9 +32,11 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag, ViewType
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+from ermgap.errors import ConfigError
 
 RUN_ID_FILE = "mlflow_run_id"
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
@@ -278,3 +280,66 @@ def set_status(tracking_uri: str, run_id: str, status: str) -> None:
         c.update_run(run_id, status="RUNNING")
     else:
         c.set_terminated(run_id, status=status)
+
+
+# --------------------------------------------------------------------------- finding runs
+
+
+def _all_runs(c: MlflowClient, experiment: str | None = None, filter_string: str = "") -> list:
+    """Every run (all pages) of `experiment` (a name), or of every experiment."""
+    if experiment is None:
+        exp_ids = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
+    else:
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ConfigError(f"--experiment {experiment!r}: no such MLflow experiment at {c.tracking_uri}")
+        exp_ids = [exp.experiment_id]
+    runs, token = [], None
+    while exp_ids:
+        page = c.search_runs(exp_ids, filter_string=filter_string, run_view_type=ViewType.ALL, max_results=5000,
+                             order_by=["attributes.start_time DESC"], page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def resolve_run_id(tracking_uri: str, ref: str, *, what: str = "run id") -> str:
+    """The full id of the run whose id is `ref` or starts with it (the 8 characters `ermgap runs list`
+    shows are enough while they are unique). ConfigError when no run or several runs match."""
+    ref = ref.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{1,32}", ref):
+        raise ConfigError(f"{what} {ref!r}: expected an MLflow run id (32 hex digits) or a prefix of it")
+    c = client(tracking_uri)
+    if len(ref) == 32:
+        try:
+            return c.get_run(ref).info.run_id
+        except mlflow.exceptions.MlflowException:
+            raise ConfigError(f"{what} {ref}: no such run at {tracking_uri}") from None
+    hits = [r for r in _all_runs(c) if r.info.run_id.startswith(ref)]
+    if not hits:
+        raise ConfigError(f"{what} {ref}: no run id at {tracking_uri} starts with it (see `ermgap runs list`)")
+    if len(hits) > 1:
+        shown = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in hits[:5])
+        raise ConfigError(f"{what} {ref} is ambiguous: {len(hits)} runs start with it: {shown}; give more characters")
+    return hits[0].info.run_id
+
+
+LISTED_METRICS = ("best/dev_w_f1", "best/dev_avg_gap", "best/test_w_f1", "best/test_avg_gap")
+
+
+def list_runs(tracking_uri: str, *, experiment: str | None = None, sweeps_only: bool = False) -> pd.DataFrame:
+    """One row per run, newest first: experiment, name, id, status, start, parent id and `LISTED_METRICS`."""
+    c = client(tracking_uri)
+    names = {e.experiment_id: e.name for e in c.search_experiments(view_type=ViewType.ALL)}
+    runs = _all_runs(c, experiment, f"tags.`{TAG_ROLE}` = 'sweep'" if sweeps_only else "")
+    rows = []
+    for r in runs:
+        rows.append({"experiment": names.get(r.info.experiment_id, r.info.experiment_id), "name": r.info.run_name,
+                     "run_id": r.info.run_id, "status": r.info.status,
+                     "start": pd.Timestamp(r.info.start_time, unit="ms").strftime("%Y-%m-%d %H:%M"),
+                     "parent": r.data.tags.get(PARENT_TAG), "role": r.data.tags.get(TAG_ROLE),
+                     **{m: r.data.metrics.get(m) for m in LISTED_METRICS}})
+    return pd.DataFrame(rows, columns=["experiment", "name", "run_id", "status", "start", "parent", "role",
+                                       *LISTED_METRICS])

@@ -25,6 +25,7 @@ _GROUPS: list[tuple[str, str, str]] = [
     ("ermgap.cli.model_cmd", "app", "model"),
     ("ermgap.cli.config_cmd", "app", "config"),
     ("ermgap.cli.submit_cmd", "jobs_app", "jobs"),
+    ("ermgap.cli.runs_cmd", "app", "runs"),
 ]
 # In the order of the workflow: train → evaluate → metrics/report → sweep → ui → submit.
 _COMMANDS: list[tuple[str, str, str]] = [
