@@ -65,4 +65,6 @@ def report(
         R.log_report_to_mlflow(out, tracking_uri=uri, run_id=target)
         console.print(f"logged the report to MLflow run {target} (artifacts/report)")
     typer.echo(paths["table2_md"].read_text(), nl=False)
+    if "paired_md" in paths:
+        typer.echo("\n" + paths["paired_md"].read_text(), nl=False)
     console.print(f"wrote {len(paths)} files to {out}")
