@@ -110,6 +110,15 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == out.parent_run_id
         assert {"best/test_w_f1", "best/dev_avg_gap", "eval/dev_w_f1", "lambda"} <= set(child.data.metrics)
+        # Self-describing: named by variant, variant and objective as params, commit, description, manifest input.
+        assert child.info.run_name == f"t_asha/{variant}"
+        assert child.data.params["variant"] == variant and child.data.params["objective.kind"] == "minmaxgap"
+        assert child.data.params["objective"] == {"erm": "ERM (SFT)", "adaptive": "ERM-MinMaxGAP (p=2)"}[variant]
+        assert child.data.tags["mlflow.source.name"] == "ermgap sweep" and child.data.tags.get("mlflow.note.content")
+        assert len(child.data.tags.get("mlflow.source.git.commit", "")) == 40
+        inputs = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert [i.dataset.source for i in inputs] and Path(synth_corpus).name in inputs[0].dataset.source
+        assert child.info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())  # beside the sqlite store
 
     # Pareto marks and the best trial follow the documented rules (oracles written here).
     done = out.leaderboard[out.leaderboard["dev_w_f1"].notna()].reset_index(drop=True)
@@ -122,6 +131,12 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
     # The parent run carries the spec, the search space and the leaderboard.
     parent = client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ermgap.sweep"] == "t_asha"
+    # Parent and children share the best-checkpoint metric names (one column in the runs table).
+    best_keys = {k for k in parent.data.metrics if k.startswith("best/")}
+    assert "best/dev_w_f1" in best_keys and "best/test_avg_gap" in best_keys
+    done_child = client.get_run(board.loc["erm", "mlflow_run_id"])
+    assert best_keys <= set(done_child.data.metrics)
+    assert parent.data.metrics["best/dev_w_f1"] == board.loc[board["best"], "dev_w_f1"].iloc[0]
     arts = {a.path for a in client.list_artifacts(out.parent_run_id)}
     assert {"sweep.yaml", "search_space.json", "leaderboard.csv", "leaderboard.md", "pareto.png", "report"} <= arts
     report = {a.path for a in client.list_artifacts(out.parent_run_id, "report")}

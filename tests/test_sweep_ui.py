@@ -71,6 +71,11 @@ def test_ui_shows_parent_with_children(tmp_path):
                 pass
             assert time.monotonic() < deadline, "MLflow UI did not come up"
             time.sleep(1)
+        # `ermgap ui` announces readiness once the port answers (it polls /health itself).
+        ready = ""
+        while "MLflow UI ready on" not in ready and time.monotonic() < deadline:
+            ready += ui.stdout.readline()
+        assert f"MLflow UI ready on {base}" in ready
         profile = tmp_path / "chromium"
         # The experiment's runs table lists the parent (children are folded under it) ...
         runs_dom = _chromium(f"{base}/#/experiments/{exp}/runs", profile, "--dump-dom")

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from ermgap import tracking
 from ermgap.config import default_tracking_uri, flatten
+from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
 from ermgap.ray_runtime import ensure_ray
 from ermgap.report import report_from_mlflow
@@ -128,6 +129,9 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
     params.update({f"base.{k}": v for k, v in flatten(spec.base_tree).items()})
     parent_id = tracking.start_sweep_run(outcome.tracking_uri, outcome.experiment, name=spec.name,
                                          spec_hash=spec.hash(), description=spec.model.description, params=params)
+    manifest = (spec.base_tree.get("data") or {}).get("manifest")
+    if manifest:  # the trials' shared data, as the sweep's dataset input (each child logs its own too)
+        tracking.log_manifest_input(outcome.tracking_uri, parent_id, manifest, read_manifest(manifest))
     paths.write_state({"name": spec.name, "spec_hash": spec.hash(), "parent_run_id": parent_id,
                        "tracking_uri": outcome.tracking_uri, "experiment": outcome.experiment,
                        "tune_path": str(paths.tune), "spec_source": spec.source})
