@@ -54,9 +54,10 @@ def featurize(processor, examples: Sequence[dict], *, batch_size: int = 32) -> l
     return out
 
 
-def _pad(seqs: list[list[int]], value: int, *, left: bool) -> torch.Tensor:
+def pad_ids(seqs: Sequence[Sequence[int]], value: int, *, left: bool) -> torch.Tensor:
+    """Token-id lists padded with `value` to the longest (on the left or right) → LongTensor[N, L]."""
     width = max(len(s) for s in seqs)
-    rows = [([value] * (width - len(s)) + s) if left else (s + [value] * (width - len(s))) for s in seqs]
+    rows = [([value] * (width - len(s)) + list(s)) if left else (list(s) + [value] * (width - len(s))) for s in seqs]
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -98,8 +99,8 @@ class EmotionCollator:
         if self.pad_id is None:
             raise ConfigError("the tokenizer has no pad token")
         self.answers = label_token_ids(self.tokenizer, prompt_cfg)
-        self.label_input_ids = _pad(self.answers, self.pad_id, left=False)
-        self.label_attention_mask = _pad([[1] * len(a) for a in self.answers], 0, left=False)
+        self.label_input_ids = pad_ids(self.answers, self.pad_id, left=False)
+        self.label_attention_mask = pad_ids([[1] * len(a) for a in self.answers], 0, left=False)
         self._uni_prompt = prompt_text(processor, prompt_cfg, "uni") if modality == "uni" else None
 
     def prompt_ids(self, transcript: str | None, n_audio: int) -> list[int]:
@@ -132,13 +133,13 @@ class EmotionCollator:
             labels.append([IGNORE] * len(p) + answer)
             gold.append(g)
         return {
-            "input_ids": _pad(fulls, self.pad_id, left=False),
-            "attention_mask": _pad([[1] * len(s) for s in fulls], 0, left=False),
-            "labels": _pad(labels, IGNORE, left=False),
+            "input_ids": pad_ids(fulls, self.pad_id, left=False),
+            "attention_mask": pad_ids([[1] * len(s) for s in fulls], 0, left=False),
+            "labels": pad_ids(labels, IGNORE, left=False),
             "input_features": feats,
             "feature_attention_mask": fmask,
-            "prompt_input_ids": _pad(prompts, self.pad_id, left=True),
-            "prompt_attention_mask": _pad([[1] * len(s) for s in prompts], 0, left=True),
+            "prompt_input_ids": pad_ids(prompts, self.pad_id, left=True),
+            "prompt_attention_mask": pad_ids([[1] * len(s) for s in prompts], 0, left=True),
             "label_input_ids": self.label_input_ids.clone(),
             "label_attention_mask": self.label_attention_mask.clone(),
             "utt_id": [str(ex.get("utt_id", "")) for ex in examples],
@@ -154,4 +155,4 @@ def to_device(batch: dict[str, Any], device: str | torch.device) -> dict[str, An
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-__all__ = ["EmotionCollator", "audio_token_count", "compute_features", "featurize", "to_device"]
+__all__ = ["EmotionCollator", "audio_token_count", "compute_features", "featurize", "pad_ids", "to_device"]

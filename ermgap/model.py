@@ -61,19 +61,22 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def load_backbone(model_cfg: ModelConfig, *, device: str | torch.device = "cpu"):
+def load_backbone(model_cfg: ModelConfig, *, device: str | torch.device = "cpu", model_class=None):
     """Load (Qwen2AudioForConditionalGeneration, processor) from a hub id or a local directory.
 
     The model is returned in eval mode on `device` in the configured dtype; with
     `gradient_checkpointing` it is enabled (non-reentrant, so frozen inputs need no grad hooks).
+    `model_class` loads another transformers speech LLM the same way (e.g. VoxtralForConditionalGeneration).
     """
+
+    model_class = model_class or Qwen2AudioForConditionalGeneration
 
     src = model_cfg.name_or_path
     local = Path(src).expanduser()
     looks_local = src.startswith((".", "/", "~")) or src.count("/") != 1
     if local.exists() or looks_local:
         if not (local / "config.json").is_file():
-            raise ConfigError(f"model.name_or_path: {src} is not a saved Qwen2-Audio model directory (no config.json); "
+            raise ConfigError(f"model.name_or_path: {src} is not a saved model directory (no config.json); "
                               "build a local one with `ermgap model tiny --out DIR`")
         path = str(local)
     else:
@@ -83,7 +86,7 @@ def load_backbone(model_cfg: ModelConfig, *, device: str | torch.device = "cpu")
         processor = AutoProcessor.from_pretrained(path)
         # On a GPU, load the weights straight onto it (a 7B model would otherwise pass through host memory).
         placement = {} if torch.device(device).type == "cpu" else {"device_map": str(device)}
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(
+        model = model_class.from_pretrained(
             path, dtype=dtype, attn_implementation=model_cfg.attn_implementation, **placement)
     except OSError as err:
         raise ConfigError(f"model.name_or_path: cannot load {src!r}: {err}") from None
@@ -240,3 +243,77 @@ def build_random(arch: str = "qwen2-audio-7b", *, device: str | torch.device = "
     finally:
         torch.set_default_dtype(previous)
     return model
+
+
+# --------------------------------------------------------------------------- tiny local Voxtral
+
+# Voxtral's Tekken vocabulary starts with control tokens at fixed ids; VoxtralProcessor and VoxtralConfig
+# hard-code [AUDIO] = 24, and the instruct format uses <s> [INST] [BEGIN_AUDIO] [AUDIO]... text [/INST].
+VOXTRAL_CONTROL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                          "[TOOL_RESULTS]", "[/TOOL_RESULTS]", "[TOOL_CALLS]", "[IMG]", "<pad>", "[IMG_BREAK]",
+                          "[IMG_END]", "[PREFIX]", "[MIDDLE]", "[SUFFIX]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]",
+                          "[TOOL_CONTENT]", *(f"<SPECIAL_{i}>" for i in range(20, 24)), "[AUDIO]", "[BEGIN_AUDIO]",
+                          *(f"<SPECIAL_{i}>" for i in range(26, 32))]
+VOXTRAL_AUDIO_TOKEN_ID = VOXTRAL_CONTROL_TOKENS.index("[AUDIO]")
+
+
+def _build_voxtral_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE trained locally whose first 32 ids are Tekken's control tokens (the real tokenizer is
+    mistral-common's Tekken, which needs its tekken.json from the hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=VOXTRAL_CONTROL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.model_max_length = 4096
+    return fast
+
+
+def build_tiny_voxtral(out_dir: str | os.PathLike, *, force: bool = False, seed: int = 0, d_model: int = 64,
+                       layers: int = 2, chunk_length_s: int = 4) -> Path:
+    """Build and save a tiny randomly initialised Voxtral (VoxtralForConditionalGeneration + VoxtralProcessor).
+
+    Same modules as Voxtral-Mini-3B (Whisper-style encoder, 4-frame-stacking projector, Llama decoder) at
+    d_model / 4·d_model sizes; audio is cut into `chunk_length_s`-second chunks (the real model: 30 s) of
+    `12.5 · chunk_length_s` audio tokens each. Deterministic given `seed`. Returns `out_dir`.
+    """
+    from transformers import (
+        LlamaConfig,
+        VoxtralConfig,
+        VoxtralEncoderConfig,
+        VoxtralForConditionalGeneration,
+        VoxtralProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    tokenizer = _build_voxtral_tokenizer()
+    fe = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, chunk_length=chunk_length_s,
+                                 n_fft=400, padding_value=0.0, return_attention_mask=False)
+    # 100 mel frames per second, conv stride 2 → 50 encoder positions per second; the projector stacks
+    # intermediate_size / d_model = 4 positions per audio token (12.5 tokens per second, as in Voxtral).
+    audio = VoxtralEncoderConfig(hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=layers,
+                                 num_attention_heads=4, num_mel_bins=128, max_source_positions=50 * chunk_length_s)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=2 * d_model,
+                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=d_model // 4,
+                       max_position_embeddings=4096, tie_word_embeddings=False, rope_theta=10000.0,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id)
+    cfg = VoxtralConfig(audio_config=audio, text_config=text, audio_token_id=VOXTRAL_AUDIO_TOKEN_ID)
+    torch.manual_seed(seed)
+    model = VoxtralForConditionalGeneration(cfg)
+    with torch.no_grad():  # unit-scale initial logits, for the reason given in build_tiny
+        model.get_output_embeddings().weight.normal_(0.0, d_model ** -0.5,
+                                                     generator=torch.Generator().manual_seed(seed + 1))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor = VoxtralProcessor(feature_extractor=fe, tokenizer=tokenizer)
+    with atomic_dir(out_dir, force=force) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return Path(out_dir)

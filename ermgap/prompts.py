@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from typing import Any
 
 from ermgap.config import PromptConfig
@@ -44,10 +45,12 @@ def instruction_text(prompt_cfg: PromptConfig, modality: str, transcript: str | 
 
 def chat_messages(prompt_cfg: PromptConfig, modality: str, transcript: str | None = None) -> list[dict[str, Any]]:
     """One user turn: the audio placeholder, then the instruction (the order Qwen2-Audio-Instruct was tuned on)."""
-    return [{"role": "user", "content": [
-        {"type": "audio", "audio": "<audio>"},
-        {"type": "text", "text": instruction_text(prompt_cfg, modality, transcript)},
-    ]}]
+    return user_turn(instruction_text(prompt_cfg, modality, transcript))
+
+
+def user_turn(text: str) -> list[dict[str, Any]]:
+    """The chat messages of one user turn holding an audio placeholder followed by `text`."""
+    return [{"role": "user", "content": [{"type": "audio", "audio": "<audio>"}, {"type": "text", "text": text}]}]
 
 
 def prompt_text(processor, prompt_cfg: PromptConfig, modality: str, transcript: str | None = None) -> str:
@@ -62,29 +65,44 @@ def label_token_ids(tokenizer, prompt_cfg: PromptConfig, *, terminator: bool = T
     Raises ConfigError when a verbaliser tokenizes to nothing, or when one label's sequence is a
     prefix of another's (with the terminator this only happens for identical tokenizations).
     """
-    seqs: list[list[int]] = []
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN) if terminator else None
     if terminator and (end_id is None or end_id == tokenizer.unk_token_id):
         raise ConfigError(f"the tokenizer has no {END_OF_TURN} token; this is not a Qwen2-Audio chat tokenizer")
-    for emotion in EMOTIONS:
-        ids = list(tokenizer(prompt_cfg.verbalizers[emotion], add_special_tokens=False)["input_ids"])
+    return answer_token_ids(tokenizer, [prompt_cfg.verbalizers[e] for e in EMOTIONS], end_id,
+                            names=[f"'{e}'" for e in EMOTIONS], what="prompt.verbalizers")
+
+
+def answer_token_ids(tokenizer, answers: Sequence[str], end_id: int | None, *, names: Sequence[str] | None = None,
+                     what: str = "labels") -> list[list[int]]:
+    """Token ids of each answer string (+ `end_id` when given), checked to be non-empty and prefix-free.
+
+    `names` (default: the quoted answers) and `what` (the setting they come from) word the ConfigError.
+    """
+    names = list(names) if names is not None else [repr(a) for a in answers]
+    seqs: list[list[int]] = []
+    for name, answer in zip(names, answers):
+        ids = list(tokenizer.encode(answer, add_special_tokens=False))
         if not ids:
-            raise ConfigError(f"prompt.verbalizers.{emotion}: the answer string tokenizes to no tokens")
-        seqs.append(ids + ([end_id] if terminator else []))
-    check_no_prefix(seqs, prompt_cfg)
+            raise ConfigError(f"{what}: the answer for {name} ({answer!r}) tokenizes to no tokens")
+        seqs.append(ids + ([end_id] if end_id is not None else []))
+    _check_prefix_free(seqs, answers, names, what)
     return seqs
+
+
+def _check_prefix_free(seqs: Sequence[Sequence[int]], answers: Sequence[str], names: Sequence[str], what: str) -> None:
+    for i, a in enumerate(seqs):
+        for j, b in enumerate(seqs):
+            if i != j and len(a) <= len(b) and list(b[: len(a)]) == list(a):
+                raise ConfigError(
+                    f"{what}: the answer for {names[i]} ({answers[i]!r}, tokens {list(a)}) is a prefix of the answer "
+                    f"for {names[j]} ({answers[j]!r}, tokens {list(b)}); label scoring could not tell them apart. "
+                    "Choose answer strings that differ in their tokens.")
 
 
 def check_no_prefix(seqs: list[list[int]], prompt_cfg: PromptConfig) -> None:
     """ConfigError naming the two labels when one token sequence is a prefix of (or equal to) another."""
-    for i, a in enumerate(seqs):
-        for j, b in enumerate(seqs):
-            if i != j and len(a) <= len(b) and b[: len(a)] == a:
-                ea, eb = EMOTIONS[i], EMOTIONS[j]
-                raise ConfigError(
-                    f"prompt.verbalizers: the answer for '{ea}' ({prompt_cfg.verbalizers[ea]!r}, tokens {a}) is a "
-                    f"prefix of the answer for '{eb}' ({prompt_cfg.verbalizers[eb]!r}, tokens {b}); label scoring "
-                    f"could not tell them apart. Choose answer strings that differ in their tokens.")
+    _check_prefix_free(seqs, [prompt_cfg.verbalizers[e] for e in EMOTIONS], [f"'{e}'" for e in EMOTIONS],
+                       "prompt.verbalizers")
 
 
 # --------------------------------------------------------------------------- free-text answers

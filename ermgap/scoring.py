@@ -30,6 +30,12 @@ def causal_lm(model):
     return m
 
 
+def audio_inputs(batch: dict) -> dict:
+    """The audio tensors of a batch the model takes: Qwen2-Audio's features and their frame mask, or
+    Voxtral's fixed-length feature chunks (it has no mask)."""
+    return {k: batch[k] for k in ("input_features", "feature_attention_mask") if k in batch}
+
+
 def _run(model, **inputs):
     """Forward pass → (states [B, T, ·], project, output); `project(states[...])` gives logits.
 
@@ -79,8 +85,7 @@ def score_labels(model, batch: dict) -> torch.Tensor:
     label_ids, label_mask = batch["label_input_ids"].to(device), batch["label_attention_mask"].to(device)
     b, k = prompt_ids.shape[0], label_ids.shape[0]
     states, project, out = _run(model, input_ids=prompt_ids, attention_mask=prompt_mask,
-                                position_ids=_positions(prompt_mask), input_features=batch["input_features"],
-                                feature_attention_mask=batch["feature_attention_mask"], use_cache=True)
+                                position_ids=_positions(prompt_mask), **audio_inputs(batch), use_cache=True)
     first = torch.log_softmax(project(states[:, -1]).float(), dim=-1)  # [B, V]: the answer's first token
     scores = first[:, label_ids[:, 0]]  # [B, K]
     if label_ids.shape[1] == 1:
@@ -121,10 +126,8 @@ def generate(model, batch: dict, tokenizer, *, max_new_tokens: int = 16) -> list
     """Greedy decoding from the left-padded prompts; returns the decoded answers (special tokens removed)."""
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     end_ids = [i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id,
-                           tokenizer.pad_token_id} if i is not None]
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask,
-                         input_features=batch["input_features"],
-                         feature_attention_mask=batch["feature_attention_mask"],
+                           tokenizer.pad_token_id} if i is not None and i != tokenizer.unk_token_id]
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, **audio_inputs(batch),
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                          eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
     new = out[:, prompt_ids.shape[1]:]

@@ -1,11 +1,15 @@
-"""Process helpers for tests that start servers: free loopback ports, and finding the processes a test
-started by a marker in their environment (so teardown kills exactly those, never another user's Ray)."""
+"""Process helpers for tests that start servers: free loopback ports, `ermgap serve` as a subprocess, and finding
+the processes a test started by a marker in their environment (so teardown kills exactly those, never another user's Ray)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 
@@ -36,3 +40,38 @@ def kill_pids_with_env(key: str, value: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+class ServerProcess:
+    """`python -m ermgap.cli.main serve ...` on a free loopback port; start() waits for /health."""
+
+    def __init__(self, model: Path, log: Path, *, token: str, served: str, adapter: Path | None = None,
+                 max_request_mb: float = 1.0):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.args = [sys.executable, "-m", "ermgap.cli.main", "serve", str(model), "--port", str(self.port),
+                     "--served-model-name", served, "--max-request-mb", str(max_request_mb), "--device", "cpu",
+                     *(["--adapter", str(adapter)] if adapter else [])]
+        self.log = log
+        self.token = token
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180.0) -> None:
+        env = {**os.environ, "ERMGAP_SERVE_TOKEN": self.token}
+        self.proc = subprocess.Popen(self.args, env=env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"ermgap serve exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        raise AssertionError(f"ermgap serve did not come up in {timeout} s:\n{self.log.read_text()}")
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(30)

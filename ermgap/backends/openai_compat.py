@@ -4,9 +4,15 @@ Each utterance is one POST {base_url}/chat/completions with a user message holdi
 base64 WAV `input_audio` part followed by the instruction text; temperature 0. The answer is mapped
 to a label by `ermgap.prompts.parse_answer` (unparseable or malformed answers → "invalid").
 
+With `structured=True` the request also carries a `response_format` JSON schema whose one property,
+`emotion`, is an enum of the verbalisers (OpenAI structured outputs; vLLM guided decoding; `ermgap serve`
+answers it by label scoring), so a conforming server can only answer with a label.
+
 Transient failures (HTTP 429 / 5xx, timeouts, connection errors) are retried with exponential
 backoff; a 429's Retry-After header is honoured. Other HTTP errors (401, 403, 404, 400) stop the run
-with a BackendError: every further request would fail the same way. Only the standard library is used.
+with a BackendError: every further request would fail the same way. `max_requests` caps the HTTP
+requests one backend sends (retries included), so a misconfigured run cannot spend an API budget.
+Only the standard library is used.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import http.client
 import io
 import json
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,10 +34,11 @@ import soundfile as sf
 from ermgap.backends import BackendError, Prediction
 from ermgap.config import PromptConfig
 from ermgap.data.audio import load_audio
-from ermgap.labels import INVALID
+from ermgap.labels import EMOTIONS, INVALID
 from ermgap.prompts import instruction_text, parse_answer
 
 RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
+ANSWER_KEY = "emotion"  # the JSON property a structured answer holds the label in
 
 
 def wav_base64(audio, sample_rate: int) -> str:
@@ -55,6 +63,15 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
+def label_schema(prompt_cfg: PromptConfig) -> dict:
+    """A `response_format` allowing only `{"emotion": <one verbaliser>}` (EMOTIONS order)."""
+    return {"type": "json_schema", "json_schema": {
+        "name": "emotion_label", "strict": True,
+        "schema": {"type": "object", "additionalProperties": False, "required": [ANSWER_KEY],
+                   "properties": {ANSWER_KEY: {"type": "string", "enum": [prompt_cfg.verbalizers[e] for e in EMOTIONS]}}},
+    }}
+
+
 class OpenAICompatBackend:
     """Chat-completions audio client. `api_key` may be None for servers without auth (local vLLM)."""
 
@@ -63,10 +80,12 @@ class OpenAICompatBackend:
     def __init__(self, base_url: str, model: str, prompt_cfg: PromptConfig, *, modality: str,
                  api_key: str | None = None, timeout_s: float = 60.0, max_retries: int = 5,
                  backoff_s: float = 1.0, max_backoff_s: float = 60.0, concurrency: int = 4,
-                 max_tokens: int = 32, sample_rate: int = 16000):
+                 max_tokens: int = 32, sample_rate: int = 16000, structured: bool = False,
+                 max_requests: int | None = None):
         if not base_url.startswith(("http://", "https://")):
             raise BackendError(f"--base-url {base_url!r} must start with http:// or https://")
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.base_url = base_url.rstrip("/")
+        self.url = self.base_url + "/chat/completions"
         self.name = model
         self.model = model
         self.prompt_cfg = prompt_cfg
@@ -79,11 +98,15 @@ class OpenAICompatBackend:
         self.concurrency = max(1, concurrency)
         self.max_tokens = max_tokens
         self.sample_rate = sample_rate
+        self.structured = structured
+        self.max_requests = max_requests
         self.retries = 0  # transient failures retried so far (for logs and tests)
+        self.requests = 0  # HTTP requests sent so far, retries included
+        self._count_lock = threading.Lock()
 
     def request_body(self, row: dict, audio) -> dict:
         text = instruction_text(self.prompt_cfg, self.modality, row.get("transcript"))
-        return {
+        body = {
             "model": self.model,
             "temperature": 0,
             "max_tokens": self.max_tokens,
@@ -92,6 +115,17 @@ class OpenAICompatBackend:
                 {"type": "text", "text": text},
             ]}],
         }
+        if self.structured:
+            body["response_format"] = label_schema(self.prompt_cfg)
+        return body
+
+    def _spend_request(self, utt_id: str) -> None:
+        with self._count_lock:
+            if self.max_requests is not None and self.requests >= self.max_requests:
+                raise BackendError(f"{self.url}: the request budget of {self.max_requests} requests is spent "
+                                   f"(at {utt_id}); rows done so far are kept. Raise --max-requests and rerun to "
+                                   "resume")
+            self.requests += 1
 
     def _post(self, body: dict, utt_id: str) -> bytes:
         data = json.dumps(body).encode("utf-8")
@@ -100,6 +134,7 @@ class OpenAICompatBackend:
             headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.max_retries + 1):
             wait = min(self.max_backoff_s, self.backoff_s * 2 ** attempt)
+            self._spend_request(utt_id)
             try:
                 req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
@@ -125,7 +160,8 @@ class OpenAICompatBackend:
             if attempt == self.max_retries:
                 raise BackendError(f"{self.url}: giving up on {utt_id} after {self.max_retries + 1} attempts; "
                                    f"last error: {reason}. Rows done so far are kept; rerun to resume.")
-            self.retries += 1
+            with self._count_lock:
+                self.retries += 1
             time.sleep(wait)
         raise AssertionError("unreachable")
 
@@ -147,7 +183,20 @@ class OpenAICompatBackend:
         text = self.answer_text(raw)
         if text is None:
             return Prediction(INVALID, None, raw[:200].decode("utf-8", "replace"))
-        return Prediction(parse_answer(text, self.prompt_cfg.verbalizers), None, text)
+        return Prediction(self.label_of(text), None, text)
+
+    def label_of(self, text: str) -> str:
+        """The emotion an answer names: a structured answer's enum value when it is one, else the free-text parser."""
+        if self.structured:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                value = None
+            value = value.get(ANSWER_KEY) if isinstance(value, dict) else value
+            by_answer = {v: e for e, v in self.prompt_cfg.verbalizers.items()}
+            if isinstance(value, str) and value in by_answer:
+                return by_answer[value]
+        return parse_answer(text, self.prompt_cfg.verbalizers)
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
         if self.concurrency == 1 or len(rows) == 1:

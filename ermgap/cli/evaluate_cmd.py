@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -14,23 +13,29 @@ from ermgap.errors import ConfigError
 
 
 def evaluate(
-    model: str = typer.Option(..., "--model", help="Qwen2-Audio hub id or local dir; for --backend openai the API model name."),
+    model: str = typer.Option(None, "--model", help="Hub id or local dir (qwen2_audio, voxtral); the API model name "
+                                                  "for a remote backend (default: its preset's)."),
     manifest: Path = typer.Option(..., "--manifest", help="Canonical manifest CSV."),
     out: Path = typer.Option(..., "--out", help="Predictions CSV to write (PREDS.csv layout)."),
     split: Split = typer.Option("test", "--split", help="train | dev | test."),
     modality: Modality = typer.Option("uni", "--modality", help="uni (speech + instruction) | multi (+ transcript)."),
     mode: PredictMode = typer.Option("score", "--mode", help="score (label log-likelihoods) | generate (free text + parser)."),
-    backend: str = typer.Option("qwen2-audio", "--backend", help="qwen2-audio | openai (chat-completions audio API)."),
+    backend: str = typer.Option("qwen2_audio", "--backend",
+                                help="qwen2_audio | voxtral (local) | openai | ultravox | kimi_audio (chat-completions API)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Utterances per forward pass / request batch."),
-    adapter: Path = typer.Option(None, "--adapter", help="peft LoRA adapter directory to apply (qwen2-audio)."),
+    adapter: Path = typer.Option(None, "--adapter", help="peft LoRA adapter directory to apply (local backends)."),
     config: Path = typer.Option(None, "--config", help="Run config YAML whose prompt/model settings to use."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
     dtype: str = typer.Option(None, "--dtype", help="auto | bf16 | fp16 | fp32 (default: the config's)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Generation length (mode generate)."),
     limit: int = typer.Option(None, "--limit", min=1, help="Only the first N rows of the split."),
-    base_url_env: str = typer.Option("OPENAI_BASE_URL", "--base-url-env", help="Env var holding the API base URL (openai)."),
-    base_url: str = typer.Option(None, "--base-url", help="API base URL, e.g. http://127.0.0.1:8000/v1 (overrides --base-url-env)."),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Env var holding the API key (openai)."),
+    base_url: str = typer.Option(None, "--base-url",
+                                 help="API base URL, e.g. http://127.0.0.1:8000/v1 (default: the preset's variable, "
+                                      "e.g. $OPENAI_BASE_URL, then its default URL)."),
+    api_key_env: str = typer.Option(None, "--api-key-env", help="Env var holding the API key (default: the preset's)."),
+    structured: bool = typer.Option(None, "--structured/--no-structured",
+                                    help="Constrain answers to the labels with a JSON-schema enum (default: the preset's)."),
+    max_requests: int = typer.Option(None, "--max-requests", min=1, help="Request budget, retries included (remote)."),
     timeout: float = typer.Option(60.0, "--timeout", min=0.01, help="Per-request timeout in seconds (openai)."),
     max_retries: int = typer.Option(5, "--max-retries", min=0, help="Retries on 429/5xx/timeouts (openai)."),
     concurrency: int = typer.Option(4, "--concurrency", min=1, help="Parallel requests (openai)."),
@@ -38,6 +43,7 @@ def evaluate(
     restart: bool = typer.Option(False, "--restart", help="Discard a partial output instead of resuming it."),
 ) -> None:
     """Predict every utterance of a split and write PREDS.csv (resumes an interrupted run)."""
+    from ermgap.backends.registry import LOCAL_BACKENDS, canonical, local_backend, remote_backend
     from ermgap.config import load_config
     from ermgap.evaluate import evaluate_rows, load_split, summary
 
@@ -46,32 +52,27 @@ def evaluate(
         raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
     cfg = load_config(config) if config else load_config()
     rows = load_split(manifest, split, modality=modality, limit=limit)
-    info = {"backend": backend, "model": model, "manifest": str(Path(manifest).resolve()), "split": split,
+    info = {"backend": canonical(backend), "model": model, "manifest": str(Path(manifest).resolve()), "split": split,
             "mode": mode, "adapter": str(adapter) if adapter else None, "limit": limit}
-    if backend == "qwen2-audio":
+    name = info["backend"]
+    if name in LOCAL_BACKENDS:
         import torch
 
-        from ermgap.backends.qwen2_audio import Qwen2AudioBackend
-
+        if not model:
+            raise ConfigError(f"--backend {name} needs --model (a hub id or a local directory)")
         dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         model_cfg = cfg.model.model_copy(update={"name_or_path": model, **({"dtype": dtype} if dtype else {})})
-        be = Qwen2AudioBackend(model_cfg, cfg.prompt, modality=modality, mode=mode, device=dev,
-                               adapter=str(adapter) if adapter else None, max_new_tokens=max_new_tokens,
-                               sample_rate=cfg.data.sample_rate)
-    elif backend == "openai":
-        from ermgap.backends.openai_compat import OpenAICompatBackend
-
-        if mode != "generate":
-            raise ConfigError("--backend openai answers in free text: use --mode generate")
-        url = base_url or os.environ.get(base_url_env)
-        if not url:
-            raise ConfigError(f"no API base URL: pass --base-url or set ${base_url_env}")
-        be = OpenAICompatBackend(url, model, cfg.prompt, modality=modality, api_key=os.environ.get(api_key_env),
-                                 timeout_s=timeout, max_retries=max_retries, concurrency=concurrency,
-                                 sample_rate=cfg.data.sample_rate)
-        info["base_url"] = url
+        be = local_backend(name, model_cfg, cfg.prompt, modality=modality, mode=mode, device=dev,
+                           adapter=str(adapter) if adapter else None, max_new_tokens=max_new_tokens,
+                           sample_rate=cfg.data.sample_rate)
     else:
-        raise ConfigError(f"--backend {backend!r}: allowed: qwen2-audio, openai")
+        if mode != "generate":
+            raise ConfigError(f"--backend {name} answers in text: use --mode generate")
+        be = remote_backend(name, cfg.prompt, modality=modality, model=model, base_url=base_url,
+                            api_key_env=api_key_env, structured=structured, timeout_s=timeout,
+                            max_retries=max_retries, concurrency=concurrency, sample_rate=cfg.data.sample_rate,
+                            max_requests=max_requests)
+        info.update(model=be.model, base_url=be.base_url, structured=be.structured)
     t0 = time.perf_counter()
     df = evaluate_rows(be, rows, out, modality=modality, batch_size=batch_size, force=force, restart=restart,
                        run_info=info)

@@ -27,12 +27,14 @@ _GROUPS: list[tuple[str, str, str]] = [
     ("ermgap.cli.submit_cmd", "jobs_app", "jobs"),
     ("ermgap.cli.runs_cmd", "app", "runs"),
 ]
-# In the order of the workflow: train → evaluate → metrics/report → sweep → ui → submit.
+# In the order of the workflow: train → evaluate → metrics/report/benchmark → serve → sweep → ui → submit.
 _COMMANDS: list[tuple[str, str, str]] = [
     ("ermgap.cli.train_cmd", "train", "train"),
     ("ermgap.cli.evaluate_cmd", "evaluate", "evaluate"),
     ("ermgap.cli.metrics_cmd", "metrics", "metrics"),
     ("ermgap.cli.report_cmd", "report", "report"),
+    ("ermgap.cli.benchmark_cmd", "benchmark", "benchmark"),
+    ("ermgap.cli.serve_cmd", "serve", "serve"),
     ("ermgap.cli.sweep_cmd", "sweep", "sweep"),
     ("ermgap.cli.sweep_cmd", "ui", "ui"),
     ("ermgap.cli.submit_cmd", "submit", "submit"),

@@ -16,14 +16,22 @@ def tiny(
     out: Path = typer.Option(..., "--out", help="Directory to write (standard from_pretrained layout)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing directory."),
     seed: int = typer.Option(0, "--seed", help="Weight-initialisation seed."),
-    d_model: int = typer.Option(128, "--d-model", min=16, help="Hidden size of encoder and decoder."),
+    d_model: int = typer.Option(None, "--d-model", min=16,
+                                help="Hidden size of encoder and decoder (default: 128 for Qwen2-Audio, 64 for Voxtral)."),
     layers: int = typer.Option(2, "--layers", min=1, help="Encoder and decoder layers."),
-    audio_seconds: int = typer.Option(4, "--audio-seconds", min=1, help="Audio window (longer audio is cropped)."),
+    audio_seconds: int = typer.Option(4, "--audio-seconds", min=1,
+                                      help="Audio window (Qwen2-Audio: longer audio is cropped; Voxtral: chunk length)."),
+    arch: str = typer.Option("qwen2-audio", "--arch", help="qwen2-audio | voxtral."),
 ) -> None:
-    """A tiny randomly initialised Qwen2-Audio with a locally trained BPE tokenizer (no download)."""
-    from ermgap.model import build_tiny
+    """A tiny randomly initialised Qwen2-Audio or Voxtral with a locally trained BPE tokenizer (no download)."""
+    from ermgap.model import build_tiny, build_tiny_voxtral
 
-    path = build_tiny(out, force=force, seed=seed, d_model=d_model, layers=layers, chunk_length_s=audio_seconds)
+    builders = {"qwen2-audio": build_tiny, "voxtral": build_tiny_voxtral}
+    if arch not in builders:
+        from ermgap.errors import ConfigError
+        raise ConfigError(f"--arch {arch!r}: allowed: {', '.join(builders)}")
+    width = {"d_model": d_model} if d_model else {}
+    path = builders[arch](out, force=force, seed=seed, layers=layers, chunk_length_s=audio_seconds, **width)
     Console().print(f"wrote {path} ({_describe(path)})")
 
 
@@ -56,16 +64,21 @@ def info(path: str = typer.Argument(..., help="Local model directory (or hub id 
 
 
 def _describe(path, verbose: bool = False) -> str:
+    from transformers import AutoConfig, VoxtralForConditionalGeneration
+
     from ermgap.config import ModelConfig, PromptConfig
     from ermgap.model import count_parameters, load_backbone
     from ermgap.prompts import label_token_ids
 
-    model, processor = load_backbone(ModelConfig(name_or_path=str(path)))
+    voxtral = AutoConfig.from_pretrained(str(path)).model_type == "voxtral"
+    model, processor = load_backbone(ModelConfig(name_or_path=str(path)),
+                                     model_class=VoxtralForConditionalGeneration if voxtral else None)
     n = count_parameters(model)["total"]
     fe = processor.feature_extractor
     window = fe.n_samples / fe.sampling_rate
-    text = f"{n:,} parameters, audio window {window:g} s, vocab {len(processor.tokenizer)}"
-    if not verbose:
+    kind = "Voxtral, audio chunk" if voxtral else "audio window"
+    text = f"{n:,} parameters, {kind} {window:g} s, vocab {len(processor.tokenizer)}"
+    if not verbose or voxtral:
         return text
     c = model.config
     labels = label_token_ids(processor.tokenizer, PromptConfig())
