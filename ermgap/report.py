@@ -207,7 +207,7 @@ def table3_layout(systems: Sequence[System]) -> list[tuple[str, list[tuple[str, 
     (adaptive λ with p = 2, else the only adaptive run); Lambda effect: "λ = 0 (SFT)", "λ = 1", …,
     "λ = adaptive (Ours)"; Penalty power effect: "p = 1", "p = 2 (Ours)"; other objectives and other
     explicit groups after. A run can sit in several sections, as in the paper. Lambda and penalty
-    sections need two rows to compare. Systems without training params (prediction files) keep their group.
+    sections need two rows to compare (or hold a run shown nowhere else). Systems without training params (prediction files) keep their group.
     """
     first = {}
     for s in systems:
@@ -243,10 +243,12 @@ def table3_layout(systems: Sequence[System]) -> list[tuple[str, list[tuple[str, 
             add(OTHER, name, describe_objective(s.params))
     known = [MAIN, LAMBDA, PENALTY, OTHER]
     order = [k for k in known if k in sections] + [k for k in sections if k not in known]
+    elsewhere = {n for t in order for n, _, _ in sections[t] if t not in (LAMBDA, PENALTY) or len(sections[t]) > 1}
     layout = []
     for title in order:
         rows = sorted(sections[title], key=lambda r: r[2])
-        if title in (LAMBDA, PENALTY) and len(rows) < 2:
+        # A one-row comparison says nothing, unless it is the only place the run appears.
+        if title in (LAMBDA, PENALTY) and len(rows) < 2 and all(n in elsewhere for n, _, _ in rows):
             continue
         layout.append((title, [(n, label) for n, label, _ in rows]))
     return layout
