@@ -54,7 +54,9 @@ def fairness_accuracy_scatter(
             continue
         if errors is not None:
             (a_lo, a_hi), (g_lo, g_hi) = errors[i]
-            ax.errorbar(gap, acc, xerr=[[gap - g_lo], [g_hi - gap]], yerr=[[acc - a_lo], [a_hi - acc]],
+            # A percentile interval of a gap (an absolute value) need not contain the point estimate.
+            ax.errorbar(gap, acc, xerr=[[max(0.0, gap - g_lo)], [max(0.0, g_hi - gap)]],
+                        yerr=[[max(0.0, acc - a_lo)], [max(0.0, a_hi - acc)]],
                         fmt="none", ecolor="grey", alpha=0.6, capsize=2, zorder=2)
         ax.scatter(gap, acc, s=48 if on else 28, color="tab:red" if on else "tab:blue", zorder=3)
         ax.annotate(label, (gap, acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -102,7 +104,8 @@ def gender_gap_bars(
         yerr = None
         if errors is not None:
             bounds = [errors[name].get(s, (v, v)) for s, v in zip(subsets, vals)]
-            yerr = np.nan_to_num([[v - lo for v, (lo, _) in zip(vals, bounds)], [hi - v for v, (_, hi) in zip(vals, bounds)]])
+            yerr = np.clip(np.nan_to_num([[v - lo for v, (lo, _) in zip(vals, bounds)],
+                                          [hi - v for v, (_, hi) in zip(vals, bounds)]]), 0.0, None)
         ax.bar(x + (i - (len(systems) - 1) / 2) * width, np.nan_to_num(vals, nan=0.0), width, label=name,
                yerr=yerr, capsize=2, error_kw={"alpha": 0.6})
     ax.set_xticks(x, subsets)

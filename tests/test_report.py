@@ -271,7 +271,8 @@ def test_table3_has_the_papers_sections_labels_and_a_caption(tmp_path):
     assert header[3] == "Uni TPR gap↓" and header[7] == "Uni AVG gap↓"
     # A row shows its system's numbers (oracle: the metrics module's independent reimplementation).
     by_label = {r[0]: r for r in rows3}
-    assert by_label["λ = 1"][7] == f"{oracle(ours)['avg_gap']:.2f}" and by_label["λ = 5"][7] == f"{oracle(base)['avg_gap']:.2f}"
+    assert by_label["λ = 1"][7] == f"{oracle(ours)['avg_gap']:.2f}" and by_label["λ = 5"][7] == f"{oracle(ours)['avg_gap']:.2f}"
+    assert by_label["p = 1"][7] == f"{oracle(base)['avg_gap']:.2f}"
     counts = base["gender"].value_counts()
     assert text.startswith(f"**Table 3.** Ablations, multilingual, test split: n = {len(base)} utterances "
                            f"(F {counts['F']}, M {counts['M']}).")
