@@ -49,10 +49,10 @@ def naive_bootstrap(df: pd.DataFrame, n_boot: int, seed: int = 0) -> None:
     scikit-learn metrics (the same code path as compute_metrics, without re-validating) per subset."""
     codes = M.encode(M.validate_predictions(df))
     rng = np.random.default_rng(seed)
-    by_lang = [np.flatnonzero(codes["language"] == li) for li in range(len(LANGUAGES))]
+    by_lang = [np.flatnonzero(codes["stratum"] == li) for li in range(len(LANGUAGES))]
     for _ in range(n_boot):
         idx = np.concatenate([rows[rng.integers(0, len(rows), len(rows))] for rows in by_lang if len(rows)])
-        g, y, p, lang = codes["gender"][idx], codes["gold"][idx], codes["pred"][idx], codes["language"][idx]
+        g, y, p, lang = codes["attribute"][idx], codes["gold"][idx], codes["pred"][idx], codes["stratum"][idx]
         M._subset_metrics(y, p, g)
         for li in range(len(LANGUAGES)):
             m = lang == li

@@ -16,8 +16,8 @@ import torch
 
 from ermgap.config import PromptConfig
 from ermgap.errors import ConfigError
-from ermgap.labels import EMOTION_INDEX, GENDER_INDEX, LANGUAGES
-from ermgap.prompts import label_token_ids, prompt_text
+from ermgap.prompts import label_token_ids, prompt_task, prompt_text
+from ermgap.task import LABEL_COLUMN, Task
 
 IGNORE = -100
 
@@ -64,7 +64,7 @@ def pad_ids(seqs: Sequence[Sequence[int]], value: int, *, left: bool) -> torch.T
 class EmotionCollator:
     """Collate UtteranceDataset items into one batch for training, label scoring and generation.
 
-    Batch layout (B examples, K = 7 labels in EMOTIONS order):
+    Batch layout (B examples, K labels in the task's order; the paper's task: MELD's 7 emotions):
 
     - ``input_ids`` LongTensor[B, L]: prompt + gold answer (verbaliser tokens + ``<|im_end|>``), RIGHT-padded
       with the tokenizer's pad id.
@@ -78,34 +78,39 @@ class EmotionCollator:
     - ``prompt_attention_mask`` LongTensor[B, Lp].
     - ``label_input_ids`` LongTensor[K, La]: each label's answer tokens (terminator included), right-padded.
     - ``label_attention_mask`` LongTensor[K, La].
-    - ``utt_id`` list[str]; ``language`` LongTensor[B] (index in LANGUAGES); ``gender`` LongTensor[B]
-      (index in GENDERS); ``gold`` LongTensor[B] (index in EMOTIONS, -1 when unknown).
+    - ``utt_id`` list[str]; ``stratum`` LongTensor[B] (index in task.stratum_values); ``attribute``
+      LongTensor[B] (index in task.attribute_values); ``gold`` LongTensor[B] (index in task.labels, -1 when
+      unknown); -1 also marks a stratum or attribute value the task lacks. The stratum and attribute tensors
+      are also keyed by their names (``language`` and ``gender`` in the paper's task).
 
     Examples are dicts from UtteranceDataset (``audio`` float32 at 16 kHz) or from `featurize`
     (``input_features`` / ``feature_attention_mask`` precomputed). ``modality`` "multi" puts the
     example's ``transcript`` into the prompt.
     """
 
-    def __init__(self, processor, prompt_cfg: PromptConfig, modality: str, *, sample_rate: int = 16000):
+    def __init__(self, processor, prompt_cfg: PromptConfig, modality: str, *, sample_rate: int = 16000,
+                 task: Task | None = None):
         if modality not in ("uni", "multi"):
             raise ConfigError(f"data.modality must be 'uni' or 'multi', got {modality!r}")
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.prompt_cfg = prompt_cfg
+        self.task = prompt_task(prompt_cfg, task)
+        self.label_index = {lab: i for i, lab in enumerate(self.task.labels)}
         self.modality = modality
         self.sample_rate = sample_rate
         self.audio_token = getattr(processor, "audio_token", "<|AUDIO|>")
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             raise ConfigError("the tokenizer has no pad token")
-        self.answers = label_token_ids(self.tokenizer, prompt_cfg)
+        self.answers = label_token_ids(self.tokenizer, prompt_cfg, task=self.task)
         self.label_input_ids = pad_ids(self.answers, self.pad_id, left=False)
         self.label_attention_mask = pad_ids([[1] * len(a) for a in self.answers], 0, left=False)
-        self._uni_prompt = prompt_text(processor, prompt_cfg, "uni") if modality == "uni" else None
+        self._uni_prompt = prompt_text(processor, prompt_cfg, "uni", task=self.task) if modality == "uni" else None
 
     def prompt_ids(self, transcript: str | None, n_audio: int) -> list[int]:
         text = self._uni_prompt if self._uni_prompt is not None else \
-            prompt_text(self.processor, self.prompt_cfg, self.modality, transcript)
+            prompt_text(self.processor, self.prompt_cfg, self.modality, transcript, task=self.task)
         if text.count(self.audio_token) != 1:
             raise ConfigError(f"the chat template must place exactly one {self.audio_token} per prompt, "
                               f"found {text.count(self.audio_token)}")
@@ -125,13 +130,17 @@ class EmotionCollator:
         prompts, fulls, labels, gold = [], [], [], []
         for ex, n in zip(examples, n_audio):
             p = self.prompt_ids(ex.get("transcript"), n)
-            emotion = ex.get("emotion")
-            g = EMOTION_INDEX[emotion] if emotion is not None else -1
+            label = ex.get(LABEL_COLUMN)
+            g = self.label_index[label] if label is not None else -1
             answer = self.answers[g] if g >= 0 else []
             prompts.append(p)
             fulls.append(p + answer)
             labels.append([IGNORE] * len(p) + answer)
             gold.append(g)
+        task = self.task
+        stratum = torch.from_numpy(task.codes([task.stratum_key(ex, self.modality) for ex in examples],
+                                              task.stratum_values))
+        attribute = torch.from_numpy(task.attribute_codes([ex.get(task.attribute) for ex in examples]))
         return {
             "input_ids": pad_ids(fulls, self.pad_id, left=False),
             "attention_mask": pad_ids([[1] * len(s) for s in fulls], 0, left=False),
@@ -143,9 +152,8 @@ class EmotionCollator:
             "label_input_ids": self.label_input_ids.clone(),
             "label_attention_mask": self.label_attention_mask.clone(),
             "utt_id": [str(ex.get("utt_id", "")) for ex in examples],
-            "language": torch.tensor([LANGUAGES.index(ex["language"]) if ex.get("language") in LANGUAGES else -1
-                                      for ex in examples], dtype=torch.long),
-            "gender": torch.tensor([GENDER_INDEX.get(ex.get("gender"), -1) for ex in examples], dtype=torch.long),
+            "stratum": stratum, task.stratum_name: stratum,
+            "attribute": attribute, task.attribute: attribute,
             "gold": torch.tensor(gold, dtype=torch.long),
         }
 

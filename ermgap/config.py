@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ermgap.errors import ConfigError
 from ermgap.labels import EMOTIONS
 from ermgap.metric_registry import METRICS, SPLIT_METRICS
+from ermgap.task import MAX_LABELS, STRATUM_JOIN, stratum_columns
 
 # Choices shared by the config tree and the command line (one declaration each).
 Split = Literal["train", "dev", "test"]
@@ -34,9 +35,38 @@ class DataConfig(_Section):
     manifest: str = Field("data/synth/manifest.csv", description="Canonical manifest CSV (see `ermgap data validate`).")
     modality: Modality = Field("uni", description="uni: speech + instruction; multi: + ground-truth transcript.")
     languages: list[str] | None = Field(None, description="Restrict to these language codes (default: all in the manifest).")
+    labels: list[str] | dict[str, str] | Literal["infer"] = Field(
+        default_factory=lambda: list(EMOTIONS),
+        description="Ordered label set (class index = position): a list, a mapping label -> answer string, or "
+                    "`infer` (the train split's labels, sorted). Default: MELD's seven (answers: prompt.verbalizers).")
+    attribute: str = Field("gender", min_length=1, description="Protected attribute: the manifest column whose groups the gaps compare.")
+    attribute_values: list[str] | Literal["infer"] | None = Field(
+        None, description="Ordered attribute values (k >= 2); `infer`: the train split's, sorted; null: F, M for "
+                          "gender, else inferred.")
     sample_rate: int = Field(16000, gt=0, description="Audio is resampled to this rate (Hz).")
     max_audio_s: float | None = Field(None, gt=0, description="Crop audio longer than this (default: the feature extractor's window).")
     num_loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray Train worker.")
+
+    @field_validator("labels")
+    @classmethod
+    def _label_set(cls, v):
+        if isinstance(v, str):
+            return v
+        names = list(v)
+        if len(names) < 2 or len(names) > MAX_LABELS:
+            raise ValueError(f"must list 2 to {MAX_LABELS} labels, got {len(names)}")
+        if any(not str(x).strip() for x in names) or len(set(names)) != len(names):
+            raise ValueError("labels must be distinct non-empty strings")
+        if isinstance(v, dict) and len(set(v.values())) != len(v):
+            raise ValueError("answer strings must be distinct")
+        return v
+
+    @field_validator("attribute_values")
+    @classmethod
+    def _attribute_values(cls, v):
+        if isinstance(v, list) and (len(v) < 2 or len(set(v)) != len(v)):
+            raise ValueError(f"must list at least two distinct values, got {v}")
+        return v
 
 
 class ModelConfig(_Section):
@@ -74,7 +104,7 @@ class PromptConfig(_Section):
         "Answer with exactly one of: {labels}.",
         description="Instruction for multimodal input; {transcript} and {labels} are filled in.")
     verbalizers: dict[str, str] = Field(default_factory=lambda: {e: e for e in EMOTIONS},
-                                        description="Emotion -> answer string the model is trained to produce.")
+                                        description="MELD emotion -> answer string the model is trained to produce (other label sets: data.labels).")
 
     @field_validator("verbalizers")
     @classmethod
@@ -82,7 +112,8 @@ class PromptConfig(_Section):
         missing = [e for e in EMOTIONS if e not in v]
         extra = [k for k in v if k not in EMOTIONS]
         if missing or extra:
-            raise ValueError(f"must map exactly the 7 emotions {list(EMOTIONS)}; missing {missing}, unknown {extra}")
+            raise ValueError(f"must map exactly the 7 emotions {list(EMOTIONS)}; missing {missing}, unknown {extra} "
+                             "(for another label set give data.labels as a mapping label -> answer string)")
         if len(set(v.values())) != len(v):
             raise ValueError("answer strings must be distinct")
         return v
@@ -107,8 +138,16 @@ class GroupDROConfig(_Section):
 class ObjectiveConfig(_Section):
     kind: ObjectiveKind = Field("minmaxgap", description="erm: global-batch mean; minmaxgap: the paper's erm + λ·Δmax^p (uses `p` and the `lambda` block); group_dro: online Group DRO over stratum × gender cells; reweight: examples weighted inversely to their cell's train frequency.")
     p: float = Field(2.0, gt=0, description="minmaxgap: exponent of the worst-language gap (paper: 1 or 2).")
-    stratum: Literal["language", "language_modality"] = Field("language", description="Group within which the gender gap is measured (the cells of group_dro and reweight are stratum × gender).")
+    stratum: str = Field("language", description="Group within which the attribute gap is measured: a manifest column or columns joined by `+` (`language+modality`); the cells of group_dro and reweight are stratum × attribute value.")
     group_dro: GroupDROConfig = Field(default_factory=GroupDROConfig)
+
+    @field_validator("stratum")
+    @classmethod
+    def _stratum_columns(cls, v: str) -> str:
+        try:
+            return STRATUM_JOIN.join(stratum_columns(v))
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
 
 
 class LambdaConfig(_Section):

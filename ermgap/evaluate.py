@@ -26,10 +26,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, OutputExistsError
 from ermgap.io import atomic_path
-from ermgap.labels import EMOTIONS, GENDERS, INVALID, LANGUAGES
+from ermgap.labels import INVALID
+from ermgap.task import DEFAULT_TASK, LABEL_COLUMN, Task, TaskSpec
 
-BASE_COLUMNS = ("utt_id", "language", "gender", "gold", "pred", "valid", "modality")
-SCORE_COLUMNS = tuple(f"score_{e}" for e in EMOTIONS)
+
+def base_columns(task: Task = DEFAULT_TASK) -> tuple[str, ...]:
+    """PREDS.csv's leading columns: utt_id, the stratum columns, the attribute, gold, pred, valid, modality
+    (utt_id, language, gender, ... for the paper's task)."""
+    strata = tuple(c for c in task.stratum if c != "modality")
+    return tuple(dict.fromkeys(("utt_id", *strata, task.attribute, "gold", "pred", "valid", "modality")))
+
+
+def score_columns(task: Task = DEFAULT_TASK) -> tuple[str, ...]:
+    """One `score_<label>` column per label, in the task's order."""
+    return tuple(f"score_{lab}" for lab in task.labels)
 
 
 def _names(values: Sequence, vocab: Sequence[str], what: str, allow_invalid: bool = False) -> list[str]:
@@ -48,23 +58,27 @@ def _names(values: Sequence, vocab: Sequence[str], what: str, allow_invalid: boo
     return out
 
 
-def predictions_frame(utt_ids, languages, genders, gold, pred, scores=None, valid=None, modality=None,
-                      answers=None) -> pd.DataFrame:
-    """PREDS.csv rows: utt_id, language, gender, gold, pred, valid, modality[, score_<emotion>...][, answer].
+def predictions_frame(utt_ids, strata, attributes, gold, pred, scores=None, valid=None, modality=None,
+                      answers=None, *, task: Task = DEFAULT_TASK, columns: dict | None = None) -> pd.DataFrame:
+    """PREDS.csv rows: utt_id, <stratum>, <attribute>, gold, pred, valid, modality[, score_<label>...][, answer]
+    (stratum `language` and attribute `gender` in the paper's task).
 
-    `languages` / `genders` / `gold` / `pred` may be strings or indices (LANGUAGES, GENDERS, EMOTIONS;
-    a negative pred index means INVALID). `scores`: array-like [N, 7] in EMOTIONS order or None.
-    `valid` defaults to pred != INVALID; `modality` is one string for all rows or one per row.
+    `strata` / `attributes` / `gold` / `pred` may be strings or indices (task.stratum_values,
+    task.attribute_values, task.labels; a negative pred index means INVALID). `scores`: array-like [N, K] in
+    label order or None. `valid` defaults to pred != INVALID; `modality` is one string for all rows or one per
+    row. A stratum of several columns is given as `columns` {column: values} instead of `strata`.
     """
-    preds = _names(pred, EMOTIONS, "pred", allow_invalid=True)
+    preds = _names(pred, task.labels, "pred", allow_invalid=True)
     n = len(preds)
-    df = pd.DataFrame({
-        "utt_id": [str(u) for u in utt_ids],
-        "language": _names(languages, LANGUAGES, "language"),
-        "gender": _names(genders, GENDERS, "gender"),
-        "gold": _names(gold, EMOTIONS, "gold"),
-        "pred": preds,
-    })
+    df = pd.DataFrame({"utt_id": [str(u) for u in utt_ids]})
+    if columns is not None:
+        for col, values in columns.items():
+            df[col] = [str(v) for v in values]
+    else:
+        df[task.stratum[0]] = _names(strata, task.stratum_values, task.stratum[0])
+    df[task.attribute] = _names(attributes, task.attribute_values, task.attribute)
+    df["gold"] = _names(gold, task.labels, "gold")
+    df["pred"] = preds
     df["valid"] = [p != INVALID for p in preds] if valid is None else [bool(v) for v in valid]
     if modality is None or isinstance(modality, str):
         df["modality"] = [modality or ""] * n
@@ -72,9 +86,9 @@ def predictions_frame(utt_ids, languages, genders, gold, pred, scores=None, vali
         df["modality"] = list(modality)
     if scores is not None:
         arr = np.asarray(scores.detach().cpu() if hasattr(scores, "detach") else scores, dtype=float)
-        if arr.shape != (n, len(EMOTIONS)):
-            raise ValueError(f"scores must have shape ({n}, {len(EMOTIONS)}), got {arr.shape}")
-        for j, col in enumerate(SCORE_COLUMNS):
+        if arr.shape != (n, task.num_labels):
+            raise ValueError(f"scores must have shape ({n}, {task.num_labels}), got {arr.shape}")
+        for j, col in enumerate(score_columns(task)):
             df[col] = arr[:, j]
     if answers is not None:
         df["answer"] = [("" if a is None else str(a)) for a in answers]
@@ -110,8 +124,11 @@ def _csv_lines(df: pd.DataFrame, header: bool) -> str:
 
 def evaluate_rows(backend, rows: pd.DataFrame, out: str | os.PathLike, *, modality: str, batch_size: int = 8,
                   force: bool = False, restart: bool = False, run_info: dict | None = None,
-                  progress: bool = True) -> pd.DataFrame:
+                  progress: bool = True, task: Task = DEFAULT_TASK) -> pd.DataFrame:
     """Predict every manifest row with `backend` and write PREDS.csv to `out`; returns the final frame.
+
+    `task` names the columns (its stratum and attribute) and the label order of the score columns; it must
+    be the backend's.
 
     Resumes from `<out>.partial` when its recorded `run_info` (model, split, modality, mode...) matches;
     `restart=True` discards it. Raises OutputExistsError if `out` exists and not `force`.
@@ -123,7 +140,8 @@ def evaluate_rows(backend, rows: pd.DataFrame, out: str | os.PathLike, *, modali
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     partial, meta_path = _partial_paths(out)
     info = {"modality": modality, **(run_info or {})}
-    columns = list(BASE_COLUMNS) + (list(SCORE_COLUMNS) if backend.has_scores else ["answer"])
+    columns = list(base_columns(task)) + (list(score_columns(task)) if backend.has_scores else ["answer"])
+    strata = [c for c in task.stratum if c != "modality"]
     done = pd.DataFrame(columns=columns)
     if restart:
         partial.unlink(missing_ok=True)
@@ -152,10 +170,11 @@ def evaluate_rows(backend, rows: pd.DataFrame, out: str | os.PathLike, *, modali
                 chunk = records[start:start + batch_size]
                 preds = backend.predict(chunk)
                 frame = predictions_frame(
-                    [r["utt_id"] for r in chunk], [r["language"] for r in chunk], [r["gender"] for r in chunk],
-                    [r["emotion"] for r in chunk], [p.pred for p in preds],
+                    [r["utt_id"] for r in chunk], None, [r[task.attribute] for r in chunk],
+                    [r[LABEL_COLUMN] for r in chunk], [p.pred for p in preds],
                     scores=[p.scores for p in preds] if backend.has_scores else None,
-                    modality=modality, answers=None if backend.has_scores else [p.answer for p in preds])
+                    modality=modality, answers=None if backend.has_scores else [p.answer for p in preds],
+                    task=task, columns={c: [r[c] for r in chunk] for c in strata})
                 fh.write(_csv_lines(frame[columns], header=False))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -198,12 +217,23 @@ class _progress:
         return False
 
 
-def load_split(manifest: str | os.PathLike, split: str, *, modality: str, limit: int | None = None) -> pd.DataFrame:
-    """The validated manifest rows of one split (first `limit` rows when given)."""
+def load_split(manifest: str | os.PathLike, split: str, *, modality: str, limit: int | None = None,
+               cfg=None) -> pd.DataFrame:
+    """The validated manifest rows of one split (first `limit` rows when given); `cfg` (a RunConfig) declares
+    the task (default: the paper's)."""
+    rows, _ = load_split_and_task(manifest, split, modality=modality, limit=limit, cfg=cfg)
+    return rows
 
-    df = read_manifest(manifest, modality=modality, require_splits=(split,))
+
+def load_split_and_task(manifest: str | os.PathLike, split: str, *, modality: str, limit: int | None = None,
+                        cfg=None) -> tuple[pd.DataFrame, Task]:
+    """`load_split` and the Task resolved on the whole manifest (so class indices match training's)."""
+
+    spec = TaskSpec.from_config(cfg) if cfg is not None else TaskSpec()
+    df = read_manifest(manifest, modality=modality, require_splits=(split,), task=spec)
+    task = spec.resolve(df, file=str(manifest), modality=modality)
     rows = df[df["split"] == split].reset_index(drop=True)
-    return rows.head(limit) if limit else rows
+    return (rows.head(limit) if limit else rows), task
 
 
 def summary(df: pd.DataFrame) -> dict:

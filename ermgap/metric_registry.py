@@ -11,8 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ermgap.labels import LANGUAGES, MODALITIES
-
 Direction = Literal["max", "min"]
 
 
@@ -38,21 +36,21 @@ class Metric:
 _DECLARED = (
     Metric("w_f1", "max", "W-F1", "W-F1", "%", "support-weighted F1 over the 7 emotions"),
     Metric("acc", "max", "ACC", "ACC", "%", "accuracy"),
-    Metric("tpr_gap", "min", "TPR gap", "TPR", "% points", "mean over classes of |TPR(F) − TPR(M)|"),
-    Metric("fpr_gap", "min", "FPR gap", "FPR", "% points", "mean over classes of |FPR(F) − FPR(M)|"),
-    Metric("w_f1_gap", "min", "W-F1 gap", "W-F1 gap", "% points", "|W-F1(F) − W-F1(M)|"),
-    Metric("acc_gap", "min", "ACC gap", "ACC gap", "% points", "|ACC(F) − ACC(M)|"),
-    Metric("avg_gap", "min", "AVG gap", "AVG", "% points", "mean of the TPR, FPR, W-F1 and ACC gender gaps"),
-    Metric("worst_lang_gap", "min", "worst-lang gap", "worst-lang", "% points", "largest per-language AVG gap"),
+    # Gaps are between the protected attribute's groups: |F − M| for gender, max − min over k > 2 values.
+    Metric("tpr_gap", "min", "TPR gap", "TPR", "% points", "mean over classes of |TPR(F) − TPR(M)| (k groups: max − min)"),
+    Metric("fpr_gap", "min", "FPR gap", "FPR", "% points", "mean over classes of |FPR(F) − FPR(M)| (k groups: max − min)"),
+    Metric("w_f1_gap", "min", "W-F1 gap", "W-F1 gap", "% points", "|W-F1(F) − W-F1(M)| (k groups: max − min)"),
+    Metric("acc_gap", "min", "ACC gap", "ACC gap", "% points", "|ACC(F) − ACC(M)| (k groups: max − min)"),
+    Metric("avg_gap", "min", "AVG gap", "AVG", "% points", "mean of the TPR, FPR, W-F1 and ACC attribute gaps"),
+    Metric("worst_lang_gap", "min", "worst-lang gap", "worst-lang", "% points", "largest per-stratum (language) AVG gap"),
     Metric("loss", "min", "loss", "loss", "nats", "mean per-utterance cross-entropy of the answer"),
-    Metric("loss_gap", "min", "Δloss", "Δloss", "nats", "largest within-stratum gender gap of the mean loss"),
+    Metric("loss_gap", "min", "Δloss", "Δloss", "nats", "largest within-stratum attribute gap of the mean loss"),
 )
 METRICS: dict[str, Metric] = {m.name: m for m in _DECLARED}
 # What the training recipe reports for each split, hence what `eval.metric` may select on.
 SPLIT_METRICS: tuple[str, ...] = ("w_f1", "acc", "avg_gap", "worst_lang_gap", "loss", "loss_gap")
 SPLITS: tuple[str, ...] = ("dev", "test")
 _PREFIXES = ("best/", "eval/", "best_")  # MLflow namespaces (ermgap.tracking), the Tune report's best_
-_SUFFIXES = tuple(f"_{s}" for s in (*LANGUAGES, *(f"{lg}_{m}" for lg in LANGUAGES for m in MODALITIES)))
 
 
 def lookup(key: str) -> Metric:
@@ -64,9 +62,11 @@ def lookup(key: str) -> Metric:
         name = name.removeprefix(f"{split}_")
     if name in METRICS:
         return METRICS[name]
-    for suffix in _SUFFIXES:
-        if name.endswith(suffix) and name[: -len(suffix)] in METRICS:
-            return METRICS[name[: -len(suffix)]]
+    # `<metric>_<stratum>`: strata come from the data (deu, fra, deu_uni, ...); the longest metric name wins
+    # (`w_f1_gap_deu` is w_f1_gap, not w_f1).
+    stem = max((m for m in METRICS if name.startswith(f"{m}_")), key=len, default=None)
+    if stem is not None:
+        return METRICS[stem]
     raise KeyError(f"{key!r} is not a known metric; known: {', '.join(METRICS)}")
 
 

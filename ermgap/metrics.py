@@ -1,23 +1,27 @@
-"""The paper's SER and gender-fairness metrics (section 3.4), bootstrap CIs and the Pareto front.
+"""The paper's SER and fairness metrics (section 3.4), bootstrap CIs and the Pareto front.
 
-Pure functions on DataFrames / numpy arrays (no torch). All metrics are over the 7 EMOTIONS, always all 7
-labels, even when a subset lacks some of them.
+Pure functions on DataFrames / numpy arrays (no torch), for any task (`ermgap.task.Task`: its labels, its
+protected attribute with k >= 2 values, its stratum). Without a task, the paper's: MELD's 7 emotions, gender
+F/M, per language. All metrics are over all the task's labels, even when a subset lacks some of them.
 
 Definitions (reported in percent, like the paper):
-- ``w_f1``: support-weighted F1 (sklearn ``f1_score(average="weighted", labels=the 7)``); ``acc``: accuracy.
-- ``tpr_gap``: mean over classes c of |TPR_c(F) - TPR_c(M)|, one-vs-rest, TPR_c = TP/(TP+FN).
+- ``w_f1``: support-weighted F1 (sklearn ``f1_score(average="weighted", labels=all labels)``); ``acc``: accuracy.
+- ``tpr_gap``: mean over classes c of the spread of TPR_c over the attribute's groups, one-vs-rest,
+  TPR_c = TP/(TP+FN). The spread is max − min over the groups (for two groups, |TPR_c(F) − TPR_c(M)|; for
+  k > 2 values, the largest difference between any two groups, as fairlearn's ``difference()``).
 - ``fpr_gap``: likewise with FPR_c = FP/(FP+TN).
-- ``w_f1_gap`` = |W-F1(F) - W-F1(M)|, ``acc_gap`` = |ACC(F) - ACC(M)|; ``avg_gap`` = mean of the four gaps.
+- ``w_f1_gap`` = max − min of W-F1 over the groups, ``acc_gap`` likewise for ACC; ``avg_gap`` = mean of the four.
 
-Undefined rates: TPR_c is undefined in a gender group with no gold-c utterance, FPR_c in a group where every
-utterance is gold c. Such a class is left out of that gap's class average (it says nothing about disparity);
-the classes that were used are reported as ``tpr_classes`` / ``fpr_classes``. If no class is usable, or a
-gender group is empty, the gap is NaN (``null`` in JSON) and ``avg_gap`` is the mean of the defined gaps
+Undefined rates: TPR_c is undefined in a group with no gold-c utterance, FPR_c in a group where every
+utterance is gold c. The spread of a class is taken over the groups where its rate is defined; a class defined
+in fewer than two groups is left out of that gap's class average (it says nothing about disparity); the classes
+that were used are reported as ``tpr_classes`` / ``fpr_classes``. If no class is usable, or fewer than two
+groups have utterances, the gap is NaN (``null`` in JSON) and ``avg_gap`` is the mean of the defined gaps
 (NaN when none is).
 
 Invalid predictions (free generation that parsed to no label: ``pred == "invalid"`` or ``valid`` false) are a
-never-gold 8th label: wrong for accuracy, a false negative for their gold class, never a false positive of any
-of the 7 classes, and their own column in confusion matrices.
+never-gold extra label: wrong for accuracy, a false negative for their gold class, never a false positive of
+any class, and their own column in confusion matrices.
 """
 
 from __future__ import annotations
@@ -31,49 +35,73 @@ import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from ermgap.errors import PredictionsError
-from ermgap.labels import EMOTIONS, GENDERS, INVALID, LANGUAGES, MODALITIES
+from ermgap.labels import INVALID, MODALITIES
+from ermgap.task import DEFAULT_TASK, Task
 
+# The paper's task's columns; a task's are prediction_columns(task).
 REQUIRED_COLUMNS: tuple[str, ...] = ("utt_id", "language", "gender", "gold", "pred")
 # The headline numbers, in the paper's column order.
 METRIC_KEYS: tuple[str, ...] = ("w_f1", "acc", "tpr_gap", "fpr_gap", "w_f1_gap", "acc_gap", "avg_gap")
-K = len(EMOTIONS)  # gold classes; prediction index K means "invalid"
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
+
+
+def prediction_columns(task: Task = DEFAULT_TASK) -> tuple[str, ...]:
+    """The columns a predictions file needs for `task`: utt_id, the stratum columns, the attribute, gold, pred."""
+    return tuple(dict.fromkeys(("utt_id", *task.stratum, task.attribute, "gold", "pred")))
+
+
+def per_key(task: Task = DEFAULT_TASK) -> str:
+    """The result key of the per-stratum blocks: ``per_language`` for the paper's task."""
+    return f"per_{task.stratum_name}"
+
+
+def by_key(task: Task = DEFAULT_TASK) -> str:
+    """The result key of the per-group blocks: ``by_gender`` for the paper's task."""
+    return f"by_{task.attribute}"
 
 
 # ----------------------------------------------------------------------------------------------- input
 
 
-def read_predictions(path: str | Path) -> pd.DataFrame:
-    """Read and validate a PREDS.csv (columns utt_id, language, gender, gold, pred [, valid, modality, score_*]).
+def read_predictions(path: str | Path, task: Task | None = None) -> pd.DataFrame:
+    """Read and validate a PREDS.csv (columns utt_id, language, gender, gold, pred [, valid, modality, score_*];
+    for another task its stratum and attribute columns instead of language and gender).
 
     Returns a DataFrame with string columns and ``valid`` as bool (True when the column is absent and the
     prediction is a label). Raises PredictionsError naming the file, the data row (1-based, with its CSV
     line = row + 1 for the header) and the column of each problem: one line per column and kind,
     with the first offending rows.
     """
+    return validate_predictions(read_predictions_csv(path), source=str(path), task=task)
+
+
+def read_predictions_csv(path: str | Path) -> pd.DataFrame:
+    """The raw string frame of a predictions CSV (not validated); PredictionsError if it cannot be read."""
     path = Path(path)
     if not path.is_file():
         raise PredictionsError(f"{path}: predictions file not found")
     if path.stat().st_size == 0:
         raise PredictionsError(f"{path}: empty file (expected a CSV header {', '.join(REQUIRED_COLUMNS)})")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise PredictionsError(f"{path}: not a readable CSV: {err}") from None
-    return validate_predictions(df, source=str(path))
 
 
-def validate_predictions(df: pd.DataFrame, *, source: str = "predictions") -> pd.DataFrame:
-    """Check a predictions frame (as read from CSV, or built by ermgap.evaluate.predictions_frame).
+def validate_predictions(df: pd.DataFrame, *, source: str = "predictions", task: Task | None = None) -> pd.DataFrame:
+    """Check a predictions frame (as read from CSV, or built by ermgap.evaluate.predictions_frame) against
+    `task` (default: the paper's).
 
     Returns a normalised copy (stripped strings, bool ``valid``); raises PredictionsError listing problems.
     """
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    task = task or DEFAULT_TASK
+    required = prediction_columns(task)
+    missing = [c for c in required if c not in df.columns]
     if missing:
         raise PredictionsError(
             f"{source}: header (CSV line 1): missing column(s) {', '.join(missing)}; "
-            f"required: {', '.join(REQUIRED_COLUMNS)} (optional: valid, modality, score_<emotion>); "
+            f"required: {', '.join(required)} (optional: valid, modality, score_<label>); "
             f"found: {', '.join(map(str, df.columns))}"
         )
     if len(df) == 0:
@@ -81,22 +109,26 @@ def validate_predictions(df: pd.DataFrame, *, source: str = "predictions") -> pd
     out = df.copy()
     problems: list[str] = []
 
-    def bad(mask: np.ndarray, column: str, allowed: str) -> None:
+    def bad(mask: np.ndarray, column: str, allowed: str, values: Sequence | None = None) -> None:
         # One line per column and kind: a wholly wrong column should not bury the message in repeats.
         rows = np.flatnonzero(mask)
         if rows.size:
-            shown = ", ".join(f"data row {i + 1} (CSV line {i + 2}) {out[column].iloc[i]!r}" for i in rows[:3])
+            vals = out[column].tolist() if values is None else list(values)
+            shown = ", ".join(f"data row {i + 1} (CSV line {i + 2}) {vals[i]!r}" for i in rows[:3])
             more = f" and {rows.size - 3} more" if rows.size > 3 else ""
             problems.append(f"column {column!r}: {rows.size} bad value(s) at {shown}{more}; {allowed}")
 
-    for col in (*REQUIRED_COLUMNS, *(c for c in ("valid", "modality") if c in out.columns)):
+    for col in (*required, *(c for c in ("valid", "modality") if c in out.columns)):
         out[col] = out[col].astype(str).str.strip()
     bad((out["utt_id"] == "").to_numpy(), "utt_id", "must be non-empty")
-    bad(~out["language"].isin(LANGUAGES).to_numpy(), "language", f"allowed: {', '.join(LANGUAGES)}")
-    bad(~out["gender"].isin(GENDERS).to_numpy(), "gender", f"allowed: {', '.join(GENDERS)}")
-    bad(~out["gold"].isin(EMOTIONS).to_numpy(), "gold", f"allowed: {', '.join(EMOTIONS)}")
-    bad(~out["pred"].isin((*EMOTIONS, INVALID)).to_numpy(), "pred", f"allowed: {', '.join(EMOTIONS)}, {INVALID}")
-    if "modality" in out.columns:
+    keys = task.stratum_keys(out)
+    bad(task.stratum_codes(out) < 0, task.stratum_name, f"allowed: {', '.join(task.stratum_values)}",
+        values=keys)
+    bad(task.attribute_codes(out[task.attribute]) < 0, task.attribute,
+        f"allowed: {', '.join(task.attribute_values)}")
+    bad(task.label_codes(out["gold"]) < 0, "gold", f"allowed: {', '.join(task.labels)}")
+    bad(~out["pred"].isin((*task.labels, INVALID)).to_numpy(), "pred", f"allowed: {', '.join(task.labels)}, {INVALID}")
+    if "modality" in out.columns and "modality" not in task.stratum:
         # empty = not recorded (predictions_frame(modality=None))
         bad(~out["modality"].isin((*MODALITIES, "")).to_numpy(), "modality",
             f"allowed: {', '.join(MODALITIES)} or empty")
@@ -124,37 +156,47 @@ def validate_predictions(df: pd.DataFrame, *, source: str = "predictions") -> pd
     return out
 
 
-def encode(df: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Integer codes of a validated frame: language (index in LANGUAGES), gender (0=F, 1=M), gold (0..6),
-    pred (0..6, or 7 = invalid). Each an int64 array of shape [N]."""
-    pred = pd.Categorical(df["pred"], categories=EMOTIONS).codes.astype(np.int64)
-    pred[(pred < 0) | ~df["valid"].to_numpy(dtype=bool)] = K
-    return {
-        "language": pd.Categorical(df["language"], categories=LANGUAGES).codes.astype(np.int64),
-        "gender": pd.Categorical(df["gender"], categories=GENDERS).codes.astype(np.int64),
-        "gold": pd.Categorical(df["gold"], categories=EMOTIONS).codes.astype(np.int64),
-        "pred": pred,
-    }
+def encode(df: pd.DataFrame, task: Task | None = None) -> dict[str, np.ndarray]:
+    """Integer codes of a validated frame: stratum (index in task.stratum_values), attribute (index in
+    task.attribute_values), gold (0..K-1), pred (0..K-1, or K = invalid). Each an int64 array of shape [N]."""
+    task = task or DEFAULT_TASK
+    k = task.num_labels
+    pred = task.label_codes(df["pred"])
+    pred[(pred < 0) | ~df["valid"].to_numpy(dtype=bool)] = k
+    return {"stratum": task.stratum_codes(df), "attribute": task.attribute_codes(df[task.attribute]),
+            "gold": task.label_codes(df["gold"]), "pred": pred}
 
 
 # ----------------------------------------------------------------------------------------------- point estimates
 
 
 def _rates(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One-vs-rest TPR and FPR per class from a [7, 8] gold × pred confusion matrix; NaN where undefined."""
-    tp = np.diag(cm[:, :K]).astype(float)
+    """One-vs-rest TPR and FPR per class from a [K, K+1] gold × pred confusion matrix; NaN where undefined."""
+    k = cm.shape[0]
+    tp = np.diag(cm[:, :k]).astype(float)
     positives = cm.sum(axis=1).astype(float)
     negatives = cm.sum() - positives
-    fp = cm[:, :K].sum(axis=0) - tp
+    fp = cm[:, :k].sum(axis=0) - tp
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(positives > 0, tp / positives, np.nan), np.where(negatives > 0, fp / negatives, np.nan)
 
 
-def _class_gap(a: np.ndarray, b: np.ndarray) -> tuple[float, list[str]]:
-    usable = np.isfinite(a) & np.isfinite(b)
+def spread(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """max − min over `axis` of the finite entries; NaN where fewer than two are finite (the k-group gap)."""
+    finite = np.isfinite(x)
+    hi = np.where(finite, x, -np.inf).max(axis=axis)
+    lo = np.where(finite, x, np.inf).min(axis=axis)
+    with np.errstate(invalid="ignore"):
+        return np.where(finite.sum(axis=axis) >= 2, hi - lo, np.nan)
+
+
+def _class_gap(rates: np.ndarray, labels: Sequence[str]) -> tuple[float, list[str]]:
+    """rates [A groups, K classes] → (mean over usable classes of the spread, the usable classes)."""
+    per_class = spread(rates, axis=0)
+    usable = np.isfinite(per_class)
     if not usable.any():
         return math.nan, []
-    return float(np.mean(np.abs(a - b)[usable])), [EMOTIONS[c] for c in np.flatnonzero(usable)]
+    return float(np.mean(per_class[usable])), [labels[c] for c in np.flatnonzero(usable)]
 
 
 def _nanmean(values: Sequence[float]) -> float:
@@ -162,72 +204,83 @@ def _nanmean(values: Sequence[float]) -> float:
     return float(np.mean(finite)) if finite else math.nan
 
 
-def _subset_metrics(gold: np.ndarray, pred: np.ndarray, gender: np.ndarray) -> dict:
-    labels = list(range(K))
+def _subset_metrics(gold: np.ndarray, pred: np.ndarray, attribute: np.ndarray, task: Task | None = None) -> dict:
+    task = task or DEFAULT_TASK
+    k = task.num_labels
+    labels = list(range(k))
     w_f1 = f1_score(gold, pred, labels=labels, average="weighted", zero_division=0)
-    per_gender: dict[str, dict] = {}
-    rates = []
-    for g, name in enumerate(GENDERS):
-        m = gender == g
+    per_group: dict[str, dict] = {}
+    tprs, fprs = [], []
+    for a, name in enumerate(task.attribute_values):
+        m = attribute == a
         if not m.any():
-            per_gender[name] = {"w_f1": math.nan, "acc": math.nan, "n": 0}
-            rates.append((np.full(K, np.nan), np.full(K, np.nan)))
+            per_group[name] = {"w_f1": math.nan, "acc": math.nan, "n": 0}
+            tprs.append(np.full(k, np.nan))
+            fprs.append(np.full(k, np.nan))
             continue
-        cm = confusion_matrix(gold[m], pred[m], labels=list(range(K + 1)))[:K]
-        per_gender[name] = {
+        cm = confusion_matrix(gold[m], pred[m], labels=list(range(k + 1)))[:k]
+        per_group[name] = {
             "w_f1": 100 * f1_score(gold[m], pred[m], labels=labels, average="weighted", zero_division=0),
             "acc": 100 * accuracy_score(gold[m], pred[m]),
             "n": int(m.sum()),
         }
-        rates.append(_rates(cm))
-    (tpr_f, fpr_f), (tpr_m, fpr_m) = rates
-    tpr_gap, tpr_classes = _class_gap(tpr_f, tpr_m)
-    fpr_gap, fpr_classes = _class_gap(fpr_f, fpr_m)
-    f, m_ = per_gender["F"], per_gender["M"]
+        tpr, fpr = _rates(cm)
+        tprs.append(tpr)
+        fprs.append(fpr)
+    tpr_gap, tpr_classes = _class_gap(np.stack(tprs), task.labels)
+    fpr_gap, fpr_classes = _class_gap(np.stack(fprs), task.labels)
     out = {
         "w_f1": 100 * float(w_f1),
         "acc": 100 * float(accuracy_score(gold, pred)),
         "tpr_gap": 100 * tpr_gap,
         "fpr_gap": 100 * fpr_gap,
-        "w_f1_gap": abs(f["w_f1"] - m_["w_f1"]),
-        "acc_gap": abs(f["acc"] - m_["acc"]),
+        "w_f1_gap": float(spread(np.array([g["w_f1"] for g in per_group.values()]))),
+        "acc_gap": float(spread(np.array([g["acc"] for g in per_group.values()]))),
     }
     out["avg_gap"] = _nanmean([out["tpr_gap"], out["fpr_gap"], out["w_f1_gap"], out["acc_gap"]])
     out.update(
         n=int(len(gold)),
-        invalid_rate=float(np.mean(pred == K)),
+        invalid_rate=float(np.mean(pred == k)),
         tpr_classes=tpr_classes,
         fpr_classes=fpr_classes,
-        by_gender=per_gender,
     )
+    out[by_key(task)] = per_group
     return out
 
 
-def compute_metrics(df: pd.DataFrame) -> dict:
-    """Metrics of one system's predictions: ``{"overall": {...}, "per_language": {lang: {...}}}``.
+def compute_metrics(df: pd.DataFrame, task: Task | None = None) -> dict:
+    """Metrics of one system's predictions: ``{"overall": {...}, "per_<stratum>": {value: {...}}}``
+    (``per_language`` for the paper's task).
 
     Each block holds w_f1, acc, tpr_gap, fpr_gap, w_f1_gap, acc_gap, avg_gap (percent floats; NaN when
     undefined), n (utterances), invalid_rate (fraction 0..1 of invalid predictions), tpr_classes / fpr_classes
-    (emotions used in each gap's average) and by_gender ({"F"|"M": {w_f1, acc, n}}). "overall" pools all
-    languages (the paper's Multilingual rows); per_language has the languages present, in LANGUAGES order.
+    (labels used in each gap's average) and by_<attribute> ({value: {w_f1, acc, n}}, ``by_gender``). "overall"
+    pools all strata (the paper's Multilingual rows); the per-stratum block has the strata present, in
+    task.stratum_values order.
     """
-    codes = encode(validate_predictions(df, source="predictions frame"))
-    out = {"overall": _subset_metrics(codes["gold"], codes["pred"], codes["gender"]), "per_language": {}}
-    for li, lang in enumerate(LANGUAGES):
-        m = codes["language"] == li
+    task = task or DEFAULT_TASK
+    codes = encode(validate_predictions(df, source="predictions frame", task=task), task)
+    out = {"overall": _subset_metrics(codes["gold"], codes["pred"], codes["attribute"], task), per_key(task): {}}
+    for si, name in enumerate(task.stratum_values):
+        m = codes["stratum"] == si
         if m.any():
-            out["per_language"][lang] = _subset_metrics(codes["gold"][m], codes["pred"][m], codes["gender"][m])
+            out[per_key(task)][name] = _subset_metrics(codes["gold"][m], codes["pred"][m], codes["attribute"][m], task)
     return out
 
 
-def confusion_by_gender(df: pd.DataFrame) -> dict[str, np.ndarray]:
-    """{"F"|"M": int array [7, 8]}: rows gold EMOTIONS, columns predicted EMOTIONS + "invalid"."""
-    codes = encode(validate_predictions(df, source="predictions frame"))
+def confusion_by_attribute(df: pd.DataFrame, task: Task | None = None) -> dict[str, np.ndarray]:
+    """{attribute value: int array [K, K+1]}: rows gold labels, columns predicted labels + "invalid"."""
+    task = task or DEFAULT_TASK
+    codes = encode(validate_predictions(df, source="predictions frame", task=task), task)
+    k = task.num_labels
     out = {}
-    for g, name in enumerate(GENDERS):
-        m = codes["gender"] == g
-        out[name] = confusion_matrix(codes["gold"][m], codes["pred"][m], labels=list(range(K + 1)))[:K]
+    for a, name in enumerate(task.attribute_values):
+        m = codes["attribute"] == a
+        out[name] = confusion_matrix(codes["gold"][m], codes["pred"][m], labels=list(range(k + 1)))[:k]
     return out
+
+
+confusion_by_gender = confusion_by_attribute  # the paper's name
 
 
 # ----------------------------------------------------------------------------------------------- vectorised
@@ -240,18 +293,19 @@ def _nanmean_last(x: np.ndarray) -> np.ndarray:
 
 
 def metrics_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
-    """The 7 METRIC_KEYS (percent) from confusion counts of shape [..., 2 genders, 7 gold, 8 pred].
+    """The 7 METRIC_KEYS (percent) from confusion counts of shape [..., A groups, K gold, K+1 pred].
 
     Same definitions as compute_metrics, computed for every leading index at once (one bootstrap resample
     per index). Returns arrays of shape counts.shape[:-3]; NaN where undefined.
     """
     c = counts.astype(np.float64)
+    k = c.shape[-2]
     with np.errstate(invalid="ignore", divide="ignore"):
 
         def wf1_acc(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            tp = np.diagonal(cm[..., :K], axis1=-2, axis2=-1)
+            tp = np.diagonal(cm[..., :k], axis1=-2, axis2=-1)
             support = cm.sum(-1)
-            predicted = cm[..., :K].sum(-2)
+            predicted = cm[..., :k].sum(-2)
             n = support.sum(-1)
             denom = support + predicted
             f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
@@ -259,51 +313,52 @@ def metrics_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
             return (support * f1).sum(-1) / n_safe, tp.sum(-1) / n_safe
 
         w_f1, acc = wf1_acc(c.sum(-3))
-        wf1_g, acc_g = wf1_acc(c)  # [..., 2]
-        tp = np.diagonal(c[..., :K], axis1=-2, axis2=-1)  # [..., 2, 7]
+        wf1_g, acc_g = wf1_acc(c)  # [..., A]
+        tp = np.diagonal(c[..., :k], axis1=-2, axis2=-1)  # [..., A, K]
         pos = c.sum(-1)
         neg = pos.sum(-1, keepdims=True) - pos
-        fp = c[..., :K].sum(-2) - tp
+        fp = c[..., :k].sum(-2) - tp
         tpr = np.where(pos > 0, tp / pos, np.nan)
         fpr = np.where(neg > 0, fp / neg, np.nan)
-        # a class undefined in either group is left out of the class average, as in compute_metrics
-        tpr_gap = _nanmean_last(np.abs(tpr[..., 0, :] - tpr[..., 1, :]))
-        fpr_gap = _nanmean_last(np.abs(fpr[..., 0, :] - fpr[..., 1, :]))
+        # a class defined in fewer than two groups is left out of the class average, as in compute_metrics
+        tpr_gap = _nanmean_last(spread(tpr, axis=-2))
+        fpr_gap = _nanmean_last(spread(fpr, axis=-2))
         out = {
             "w_f1": 100 * w_f1,
             "acc": 100 * acc,
             "tpr_gap": 100 * tpr_gap,
             "fpr_gap": 100 * fpr_gap,
-            "w_f1_gap": 100 * np.abs(wf1_g[..., 0] - wf1_g[..., 1]),
-            "acc_gap": 100 * np.abs(acc_g[..., 0] - acc_g[..., 1]),
+            "w_f1_gap": 100 * spread(wf1_g),
+            "acc_gap": 100 * spread(acc_g),
         }
-        out["avg_gap"] = _nanmean_last(np.stack([out[k] for k in ("tpr_gap", "fpr_gap", "w_f1_gap", "acc_gap")], -1))
+        out["avg_gap"] = _nanmean_last(np.stack([out[key] for key in ("tpr_gap", "fpr_gap", "w_f1_gap", "acc_gap")],
+                                                -1))
     return out
 
 
-def _cells(codes: dict[str, np.ndarray], *preds: np.ndarray) -> np.ndarray:
-    """Flat cell index of each row over (gender, gold, pred[, pred2]) for np.bincount / multinomial draws."""
-    cell = codes["gender"] * K + codes["gold"]
+def _cells(codes: dict[str, np.ndarray], k: int, *preds: np.ndarray) -> np.ndarray:
+    """Flat cell index of each row over (attribute, gold, pred[, pred2]) for np.bincount / multinomial draws."""
+    cell = codes["attribute"] * k + codes["gold"]
     for p in preds:
-        cell = cell * (K + 1) + p
+        cell = cell * (k + 1) + p
     return cell
 
 
 def _resample_cell_counts(
-    language: np.ndarray, cell: np.ndarray, n_cells: int, n_boot: int, rng: np.random.Generator
+    stratum: np.ndarray, num_strata: int, cell: np.ndarray, n_cells: int, n_boot: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """Bootstrap cell counts [n_boot, L, n_cells], resampling utterances with replacement within language.
+    """Bootstrap cell counts [n_boot, S, n_cells], resampling utterances with replacement within stratum.
 
-    Resampling the n_l utterances of language l with replacement makes the cell counts exactly
-    Multinomial(n_l, empirical cell frequencies of l), so the counts are drawn directly: the cost is
+    Resampling the n_s utterances of stratum s with replacement makes the cell counts exactly
+    Multinomial(n_s, empirical cell frequencies of s), so the counts are drawn directly: the cost is
     O(n_boot × cells), independent of the number of utterances, and no index array is materialised.
     """
-    out = np.zeros((n_boot, len(LANGUAGES), n_cells), dtype=np.int64)
-    for li in range(len(LANGUAGES)):
-        m = language == li
+    out = np.zeros((n_boot, num_strata, n_cells), dtype=np.int64)
+    for si in range(num_strata):
+        m = stratum == si
         if m.any():
             freq = np.bincount(cell[m], minlength=n_cells) / m.sum()
-            out[:, li] = rng.multinomial(int(m.sum()), freq, size=n_boot)
+            out[:, si] = rng.multinomial(int(m.sum()), freq, size=n_boot)
     return out
 
 
@@ -315,48 +370,52 @@ def _percentile_ci(samples: np.ndarray, level: float) -> list[float]:
     return [float(lo), float(hi)]
 
 
-def _by_subset(metric_arrays: dict[str, np.ndarray], present: list[int], fn) -> dict:
-    """Apply fn(metric -> samples [n_boot]) to the overall (index -1) and each present language."""
-    return {
-        "overall": {k: fn(k, v[:, -1]) for k, v in metric_arrays.items()},
-        "per_language": {LANGUAGES[li]: {k: fn(k, v[:, li]) for k, v in metric_arrays.items()} for li in present},
-    }
-
-
 def _with_overall(counts: np.ndarray) -> np.ndarray:
-    """[B, L, ...] → [B, L + 1, ...]: the pooled (multilingual) counts appended as the last subset."""
+    """[B, S, ...] → [B, S + 1, ...]: the pooled (all strata) counts appended as the last subset."""
     return np.concatenate([counts, counts.sum(1, keepdims=True)], axis=1)
 
 
-def bootstrap_ci(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile CIs: ``{"overall": {metric: [lo, hi]}, "per_language": {lang: {metric: [lo, hi]}}}``.
+def _present(codes: dict[str, np.ndarray], task: Task) -> list[int]:
+    return [si for si in range(len(task.stratum_values)) if (codes["stratum"] == si).any()]
 
-    Utterances are resampled with replacement within each language (stratified; the pooled "overall"
-    resample is the union of the per-language ones), n_boot times, seeded. Resamples where a metric is
-    undefined are ignored for that metric's interval. Percent units, as compute_metrics.
+
+def bootstrap_ci(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                 task: Task | None = None) -> dict:
+    """Percentile CIs: ``{"overall": {metric: [lo, hi]}, "per_<stratum>": {value: {metric: [lo, hi]}}}``.
+
+    Utterances are resampled with replacement within each stratum (the pooled "overall" resample is the
+    union of the per-stratum ones), n_boot times, seeded. Resamples where a metric is undefined are
+    ignored for that metric's interval. Percent units, as compute_metrics.
     """
-    codes = encode(validate_predictions(df, source="predictions frame"))
+    task = task or DEFAULT_TASK
+    codes = encode(validate_predictions(df, source="predictions frame", task=task), task)
+    k, a, s = task.num_labels, len(task.attribute_values), len(task.stratum_values)
     rng = np.random.default_rng(seed)
-    n_cells = 2 * K * (K + 1)
-    cells = _resample_cell_counts(codes["language"], _cells(codes, codes["pred"]), n_cells, n_boot, rng)
-    samples = metrics_from_counts(_with_overall(cells).reshape(n_boot, len(LANGUAGES) + 1, 2, K, K + 1))
-    present = [li for li in range(len(LANGUAGES)) if (codes["language"] == li).any()]
-    return _by_subset(samples, present, lambda _k, s: _percentile_ci(s, level))
+    n_cells = a * k * (k + 1)
+    cells = _resample_cell_counts(codes["stratum"], s, _cells(codes, k, codes["pred"]), n_cells, n_boot, rng)
+    samples = metrics_from_counts(_with_overall(cells).reshape(n_boot, s + 1, a, k, k + 1))
+    return {
+        "overall": {m: _percentile_ci(v[:, -1], level) for m, v in samples.items()},
+        per_key(task): {task.stratum_values[si]: {m: _percentile_ci(v[:, si], level) for m, v in samples.items()}
+                        for si in _present(codes, task)},
+    }
 
 
 def paired_bootstrap(
-    a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95
+    a: pd.DataFrame, b: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+    task: Task | None = None,
 ) -> dict:
     """Paired bootstrap of metric(b) − metric(a) on the same utterances (aligned by utt_id).
 
-    Returns ``{"overall": {metric: {...}}, "per_language": {lang: {metric: {...}}}}`` where each entry has
+    Returns ``{"overall": {metric: {...}}, "per_<stratum>": {value: {metric: {...}}}}`` where each entry has
     ``diff`` (point estimate, percent points), ``ci`` ([lo, hi] percentile interval) and ``p_value``: the
     two-sided bootstrap fraction 2·min(P*(d ≤ 0), P*(d ≥ 0)), capped at 1 (small = the sign of the
     difference is stable under resampling). For gaps a negative diff means b has the smaller gap.
-    Raises PredictionsError if the utterance sets differ or an utterance's language/gender/gold disagree.
+    Raises PredictionsError if the utterance sets differ or an utterance's stratum/attribute/gold disagree.
     """
-    a = validate_predictions(a, source="system A predictions")
-    b = validate_predictions(b, source="system B predictions")
+    task = task or DEFAULT_TASK
+    a = validate_predictions(a, source="system A predictions", task=task)
+    b = validate_predictions(b, source="system B predictions", task=task)
     ids_a, ids_b = set(a["utt_id"]), set(b["utt_id"])
     if ids_a != ids_b:
         only_a, only_b = sorted(ids_a - ids_b), sorted(ids_b - ids_a)
@@ -365,7 +424,9 @@ def paired_bootstrap(
             f"{len(only_b)} only in B (e.g. {only_b[:3]})"
         )
     b = b.set_index("utt_id").loc[a["utt_id"]].reset_index()
-    for col in ("language", "gender", "gold"):
+    for col in (*task.stratum, task.attribute, "gold"):
+        if col not in a.columns:
+            continue
         differ = (a[col].to_numpy() != b[col].to_numpy()).nonzero()[0]
         if differ.size:
             i = int(differ[0])
@@ -373,14 +434,15 @@ def paired_bootstrap(
                 f"paired bootstrap: utterance {a['utt_id'].iloc[i]!r} has {col}={a[col].iloc[i]!r} in A "
                 f"but {b[col].iloc[i]!r} in B"
             )
-    ca, cb = encode(a), encode(b)
+    ca, cb = encode(a, task), encode(b, task)
+    k, na, s = task.num_labels, len(task.attribute_values), len(task.stratum_values)
     rng = np.random.default_rng(seed)
-    n_cells = 2 * K * (K + 1) * (K + 1)
-    cells = _resample_cell_counts(ca["language"], _cells(ca, ca["pred"], cb["pred"]), n_cells, n_boot, rng)
-    joint = _with_overall(cells).reshape(n_boot, len(LANGUAGES) + 1, 2, K, K + 1, K + 1)
+    n_cells = na * k * (k + 1) * (k + 1)
+    cells = _resample_cell_counts(ca["stratum"], s, _cells(ca, k, ca["pred"], cb["pred"]), n_cells, n_boot, rng)
+    joint = _with_overall(cells).reshape(n_boot, s + 1, na, k, k + 1, k + 1)
     sa, sb = metrics_from_counts(joint.sum(-1)), metrics_from_counts(joint.sum(-2))
-    diffs = {k: sb[k] - sa[k] for k in METRIC_KEYS}
-    point_a, point_b = compute_metrics(a), compute_metrics(b)
+    diffs = {m: sb[m] - sa[m] for m in METRIC_KEYS}
+    point_a, point_b = compute_metrics(a, task), compute_metrics(b, task)
 
     def summarise(key: str, d: np.ndarray, subset: tuple[str, ...]) -> dict:
         pa, pb = point_a, point_b
@@ -390,12 +452,13 @@ def paired_bootstrap(
         p = min(1.0, 2 * min(np.mean(finite <= 0), np.mean(finite >= 0))) if finite.size else math.nan
         return {"diff": float(pb[key] - pa[key]), "ci": _percentile_ci(d, level), "p_value": float(p)}
 
-    present = [li for li in range(len(LANGUAGES)) if (ca["language"] == li).any()]
+    per = per_key(task)
     return {
-        "overall": {k: summarise(k, diffs[k][:, -1], ("overall",)) for k in METRIC_KEYS},
-        "per_language": {
-            LANGUAGES[li]: {k: summarise(k, diffs[k][:, li], ("per_language", LANGUAGES[li])) for k in METRIC_KEYS}
-            for li in present
+        "overall": {m: summarise(m, diffs[m][:, -1], ("overall",)) for m in METRIC_KEYS},
+        per: {
+            task.stratum_values[si]: {m: summarise(m, diffs[m][:, si], (per, task.stratum_values[si]))
+                                      for m in METRIC_KEYS}
+            for si in _present(ca, task)
         },
     }
 

@@ -1,5 +1,5 @@
-"""Fairness plots as PNG (matplotlib, Agg backend): trade-off scatter with Pareto front, per-language gender
-gaps, λ trajectories, per-gender confusion matrices. Each function writes one file atomically and returns it."""
+"""Fairness plots as PNG (matplotlib, Agg backend): trade-off scatter with Pareto front, per-stratum attribute
+gaps, λ trajectories, per-group confusion matrices. Each function writes one file atomically and returns it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ermgap.io import atomic_path  # noqa: E402
-from ermgap.labels import EMOTIONS, INVALID  # noqa: E402
+from ermgap.labels import EMOTIONS, INVALID  # noqa: E402  (the paper's labels: the default of confusion_matrices)
 from ermgap.metric_registry import label as metric_label  # noqa: E402
 from ermgap.metrics import pareto_front  # noqa: E402
 
@@ -86,10 +86,12 @@ def gender_gap_bars(
     *,
     metric: str = "AVG gender gap [%]",
     split: str = "test",
+    stratum: str = "language",
     force: bool = False,
     errors: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
 ) -> Path:
-    """Grouped bars: one group per subset (e.g. Multilingual, DEU, ENG, JPN), one bar per system.
+    """Grouped bars: one group per subset (e.g. Multilingual, DEU, ENG, JPN: each stratum value), one bar per
+    system.
 
     gaps: {system label: {subset: gap in percent}}; missing or NaN values leave a hole.
     errors: {system label: {subset: (lo, hi)}} bootstrap intervals, drawn as error bars.
@@ -110,7 +112,7 @@ def gender_gap_bars(
                yerr=yerr, capsize=2, error_kw={"alpha": 0.6})
     ax.set_xticks(x, subsets)
     ci = ", bootstrap 95 % intervals" if errors is not None else ""
-    ax.set(ylabel=metric, title=f"{metric} by language ({split} split{ci})")
+    ax.set(ylabel=metric, title=f"{metric} by {stratum} ({split} split{ci})")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, out_path, force)
@@ -140,15 +142,16 @@ def confusion_matrices(
     out_path: str | os.PathLike,
     *,
     title: str = "",
+    labels: Sequence[str] = EMOTIONS,
     force: bool = False,
 ) -> Path:
-    """One heat map per gender, rows gold EMOTIONS, columns predicted EMOTIONS + "invalid" (counts shown,
-    colour = row-normalised rate so genders with different support compare).
+    """One heat map per attribute value, rows gold `labels`, columns predicted labels + "invalid" (counts shown,
+    colour = row-normalised rate so groups with different support compare).
 
-    matrices: {"F": int array [7, 8], "M": ...}.
+    matrices: {"F": int array [K, K+1], "M": ...}.
     """
     fig, axes = plt.subplots(1, len(matrices), figsize=(5.2 * len(matrices), 4.6), squeeze=False)
-    cols = [*EMOTIONS, INVALID]
+    cols = [*labels, INVALID]
     for ax, (name, cm) in zip(axes[0], matrices.items()):
         cm = np.asarray(cm)
         rows = cm.sum(1, keepdims=True)
@@ -159,7 +162,7 @@ def confusion_matrices(
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
                         color="white" if rate[i, j] > 0.6 else "black")
         ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(EMOTIONS)), EMOTIONS, fontsize=8)
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set(xlabel="predicted", ylabel="gold", title=f"{title} — {name} (n={int(cm.sum())})".strip(" —"))
     fig.tight_layout()
     return _save(fig, out_path, force)

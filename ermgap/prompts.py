@@ -23,29 +23,40 @@ from typing import Any
 from ermgap.config import PromptConfig
 from ermgap.errors import ConfigError
 from ermgap.labels import EMOTIONS, INVALID
+from ermgap.task import Task
 
 END_OF_TURN = "<|im_end|>"
 
 
-def label_list(prompt_cfg: PromptConfig) -> str:
-    """The answer strings in EMOTIONS order, comma-separated (what `{labels}` expands to)."""
-    return ", ".join(prompt_cfg.verbalizers[e] for e in EMOTIONS)
+def prompt_task(prompt_cfg: PromptConfig, task: Task | None = None) -> Task:
+    """`task`, or the paper's task answering with `prompt_cfg.verbalizers` (callers without a manifest)."""
+    if task is not None:
+        return task
+    return Task(verbalizers=tuple(prompt_cfg.verbalizers[e] for e in EMOTIONS))
 
 
-def instruction_text(prompt_cfg: PromptConfig, modality: str, transcript: str | None = None) -> str:
+def label_list(task: Task) -> str:
+    """The answer strings in label order, comma-separated (what `{labels}` expands to)."""
+    return ", ".join(task.verbalizers)
+
+
+def instruction_text(prompt_cfg: PromptConfig, modality: str, transcript: str | None = None, *,
+                     task: Task | None = None) -> str:
     """The user instruction for one utterance; multimodal needs a non-empty transcript."""
+    labels = label_list(prompt_task(prompt_cfg, task))
     if modality == "uni":
-        return prompt_cfg.instruction.format(labels=label_list(prompt_cfg))
+        return prompt_cfg.instruction.format(labels=labels)
     if modality == "multi":
         if transcript is None or not str(transcript).strip():
             raise ConfigError("multimodal prompts need a transcript, but this utterance has an empty one")
-        return prompt_cfg.multimodal_instruction.format(labels=label_list(prompt_cfg), transcript=str(transcript).strip())
+        return prompt_cfg.multimodal_instruction.format(labels=labels, transcript=str(transcript).strip())
     raise ConfigError(f"modality must be 'uni' or 'multi', got {modality!r}")
 
 
-def chat_messages(prompt_cfg: PromptConfig, modality: str, transcript: str | None = None) -> list[dict[str, Any]]:
+def chat_messages(prompt_cfg: PromptConfig, modality: str, transcript: str | None = None, *,
+                  task: Task | None = None) -> list[dict[str, Any]]:
     """One user turn: the audio placeholder, then the instruction (the order Qwen2-Audio-Instruct was tuned on)."""
-    return user_turn(instruction_text(prompt_cfg, modality, transcript))
+    return user_turn(instruction_text(prompt_cfg, modality, transcript, task=task))
 
 
 def user_turn(text: str) -> list[dict[str, Any]]:
@@ -53,14 +64,16 @@ def user_turn(text: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": [{"type": "audio", "audio": "<audio>"}, {"type": "text", "text": text}]}]
 
 
-def prompt_text(processor, prompt_cfg: PromptConfig, modality: str, transcript: str | None = None) -> str:
+def prompt_text(processor, prompt_cfg: PromptConfig, modality: str, transcript: str | None = None, *,
+                task: Task | None = None) -> str:
     """The chat-templated prompt ending with the assistant header, with ONE `<|AUDIO|>` placeholder."""
-    return processor.apply_chat_template(chat_messages(prompt_cfg, modality, transcript),
+    return processor.apply_chat_template(chat_messages(prompt_cfg, modality, transcript, task=task),
                                          add_generation_prompt=True, tokenize=False)
 
 
-def label_token_ids(tokenizer, prompt_cfg: PromptConfig, *, terminator: bool = True) -> list[list[int]]:
-    """Answer token ids per emotion (EMOTIONS order); with `terminator`, `<|im_end|>` is appended.
+def label_token_ids(tokenizer, prompt_cfg: PromptConfig, *, terminator: bool = True,
+                    task: Task | None = None) -> list[list[int]]:
+    """Answer token ids per label (the task's label order); with `terminator`, `<|im_end|>` is appended.
 
     Raises ConfigError when a verbaliser tokenizes to nothing, or when one label's sequence is a
     prefix of another's (with the terminator this only happens for identical tokenizations).
@@ -68,8 +81,9 @@ def label_token_ids(tokenizer, prompt_cfg: PromptConfig, *, terminator: bool = T
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN) if terminator else None
     if terminator and (end_id is None or end_id == tokenizer.unk_token_id):
         raise ConfigError(f"the tokenizer has no {END_OF_TURN} token; this is not a Qwen2-Audio chat tokenizer")
-    return answer_token_ids(tokenizer, [prompt_cfg.verbalizers[e] for e in EMOTIONS], end_id,
-                            names=[f"'{e}'" for e in EMOTIONS], what="prompt.verbalizers")
+    task = prompt_task(prompt_cfg, task)
+    return answer_token_ids(tokenizer, task.verbalizers, end_id, names=[f"'{lab}'" for lab in task.labels],
+                            what="prompt.verbalizers")
 
 
 def answer_token_ids(tokenizer, answers: Sequence[str], end_id: int | None, *, names: Sequence[str] | None = None,
@@ -99,10 +113,10 @@ def _check_prefix_free(seqs: Sequence[Sequence[int]], answers: Sequence[str], na
                     "Choose answer strings that differ in their tokens.")
 
 
-def check_no_prefix(seqs: list[list[int]], prompt_cfg: PromptConfig) -> None:
+def check_no_prefix(seqs: list[list[int]], task: Task | PromptConfig) -> None:
     """ConfigError naming the two labels when one token sequence is a prefix of (or equal to) another."""
-    _check_prefix_free(seqs, [prompt_cfg.verbalizers[e] for e in EMOTIONS], [f"'{e}'" for e in EMOTIONS],
-                       "prompt.verbalizers")
+    task = prompt_task(task) if isinstance(task, PromptConfig) else task
+    _check_prefix_free(seqs, task.verbalizers, [f"'{lab}'" for lab in task.labels], "prompt.verbalizers")
 
 
 # --------------------------------------------------------------------------- free-text answers
@@ -141,10 +155,11 @@ def _find_all(text: str, form: str) -> list[int]:
 
 
 def parse_answer(text: str | None, verbalizers: dict[str, str] | None = None) -> str:
-    """Map a free-text answer (en/de/ja) to an emotion, or INVALID.
+    """Map a free-text answer to a label, or INVALID. `verbalizers`: {label: answer string} (default: MELD's
+    seven emotions answering with their names); MELD emotions also match their en/de/ja SYNONYMS.
 
-    Rules, in order: the whole answer (stripped of punctuation) is a label or a synonym; otherwise
-    the label mentioned FIRST in the text wins (negated mentions such as "not happy" are skipped).
+    Rules, in order: the whole answer (stripped of punctuation) is a label, its answer string or a synonym;
+    otherwise the label mentioned FIRST in the text wins (negated mentions such as "not happy" are skipped).
     Nothing recognisable → INVALID.
     """
     if text is None:
@@ -152,9 +167,9 @@ def parse_answer(text: str | None, verbalizers: dict[str, str] | None = None) ->
     norm = _normalise(text).strip()
     bare = norm.strip(" \t\n\r.,;:!?。、！？\"'「」『』()[]*")
     table: dict[str, tuple[str, ...]] = {}
-    for emotion in EMOTIONS:
-        extra = (_normalise(verbalizers[emotion]),) if verbalizers else ()
-        table[emotion] = extra + SYNONYMS[emotion]
+    for label in (verbalizers or EMOTIONS):
+        forms = (_normalise(verbalizers[label]),) if verbalizers else ()
+        table[label] = tuple(dict.fromkeys(forms + (_normalise(label),) + SYNONYMS.get(label, ())))
     for emotion, forms in table.items():
         if bare in forms:
             return emotion

@@ -1,5 +1,9 @@
-"""The paper's result tables (Table 2: models × {uni, multi} × {multilingual, DEU, ENG, JPN}; Table 3: ablations)
-and fairness plots, from prediction files or from MLflow runs.
+"""The paper's result tables (Table 2: models × {uni, multi} × {multilingual, one block per stratum value found in
+the data: DEU, ENG, JPN for the paper}; Table 3: ablations) and fairness plots, from prediction files or MLflow runs.
+
+Each system's task (labels, attribute, stratum) comes from its predictions (`ermgap.task.task_for_predictions`:
+the score columns' label order, the attribute's values) or from an MLflow run's `task.*` params; all systems of
+one report must share the attribute and the stratum.
 
 A *system* is one model's test predictions in one modality. Systems sharing a name are one table row with a
 unimodal and a multimodal block; the last column is the uni→multi change of the AVG gap (↓ = smaller gap
@@ -31,12 +35,12 @@ from ermgap import plots
 from ermgap.errors import ConfigError, PredictionsError
 from ermgap.formatting import fmt, json_safe
 from ermgap.io import atomic_dir
-from ermgap.labels import LANGUAGES, MODALITIES
+from ermgap.labels import MODALITIES
 from ermgap.metric_registry import METRICS
+from ermgap.task import Task, task_for_predictions
 from ermgap.tracking import describe_objective, objective_kind
 
-SUBSETS: tuple[str, ...] = ("multilingual", *LANGUAGES)
-SUBSET_TITLES = {"multilingual": "Multilingual", **{lang: lang.upper() for lang in LANGUAGES}}
+OVERALL = "multilingual"  # the pooled subset's key (the paper's "Multilingual" rows)
 MODALITY_TITLES = {"uni": "Unimodal (Speech only)", "multi": "Multimodal (Speech + Transcription)"}
 DEFAULT_GROUP = "Systems"
 PREDS_ARTIFACT = "predictions/test_preds.csv"
@@ -54,6 +58,11 @@ class System:
     source: str = ""
     lambda_history: list[tuple[float, float]] | None = None
     params: dict = field(default_factory=dict)
+    task: Task | None = None
+
+    def __post_init__(self) -> None:
+        if self.task is None:
+            self.task = task_for_predictions(self.preds, file=self.source or self.name)
 
     @property
     def label(self) -> str:
@@ -64,28 +73,35 @@ class System:
 
 
 def load_system(name: str, modality: str, path: str | os.PathLike, *, group: str | None = None,
-                lambda_path: str | os.PathLike | None = None) -> System:
-    """A System from a PREDS.csv (validated) and optionally a λ history file (see read_lambda_history)."""
+                lambda_path: str | os.PathLike | None = None, attribute: str = "gender",
+                by: str = "language", labels: Sequence[str] | str | None = None) -> System:
+    """A System from a PREDS.csv (validated against its own task, see task_for_predictions) and optionally a
+    λ history file (see read_lambda_history)."""
     if modality not in MODALITIES:
         raise ConfigError(f"system {name!r}: modality {modality!r}; allowed: {', '.join(MODALITIES)}")
-    preds = M.read_predictions(path)
+    raw = M.read_predictions_csv(path)
+    task = task_for_predictions(raw, labels=labels, attribute=attribute, by=by, file=str(path))
+    preds = M.validate_predictions(raw, source=str(path), task=task)
     recorded = set(preds["modality"]) - {""} if "modality" in preds.columns else set()
     if recorded - {modality}:
         found = sorted(recorded)
         raise PredictionsError(f"{path}: column 'modality' holds {found} but the system is declared {modality!r}")
     lam = read_lambda_history(lambda_path) if lambda_path else None
-    return System(name=name, modality=modality, preds=preds, group=group, source=str(path), lambda_history=lam)
+    return System(name=name, modality=modality, preds=preds, group=group, source=str(path), lambda_history=lam,
+                  task=task)
 
 
-def parse_preds_spec(text: str) -> System:
+def parse_preds_spec(text: str, *, attribute: str = "gender", by: str = "language",
+                     labels: Sequence[str] | str | None = None) -> System:
     """`NAME:MODALITY:PATH` (the CLI's --preds) → System."""
     parts = text.split(":", 2)
     if len(parts) != 3 or not parts[0] or not parts[2]:
         raise ConfigError(f"--preds {text!r}: expected NAME:MODALITY:PATH, e.g. 'Qwen2-Audio:uni:preds/zs_uni.csv'")
-    return load_system(parts[0], parts[1], parts[2])
+    return load_system(parts[0], parts[1], parts[2], attribute=attribute, by=by, labels=labels)
 
 
-def load_systems_yaml(path: str | os.PathLike) -> list[System]:
+def load_systems_yaml(path: str | os.PathLike, *, attribute: str = "gender", by: str = "language",
+                      labels: Sequence[str] | str | None = None) -> list[System]:
     """Systems from YAML; paths are relative to the file::
 
         systems:
@@ -115,7 +131,8 @@ def load_systems_yaml(path: str | os.PathLike) -> list[System]:
             return p if p is None or Path(p).is_absolute() else path.parent / p
 
         out.append(load_system(str(entry["name"]), str(entry["modality"]), rel(entry["preds"]),
-                               group=entry.get("group"), lambda_path=rel(entry.get("lambda"))))
+                               group=entry.get("group"), lambda_path=rel(entry.get("lambda")),
+                               attribute=attribute, by=by, labels=labels))
     return out
 
 
@@ -177,7 +194,12 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
         except (MlflowException, OSError):
             skipped.append(f"{run.info.run_name or rid} ({rid}): no {PREDS_ARTIFACT} artifact")
             continue
-        preds = M.read_predictions(local)
+        raw = M.read_predictions_csv(local)
+        labels = params.get("task.labels")
+        task = task_for_predictions(raw, labels=labels.split(",") if labels else None,
+                                    attribute=params.get("task.attribute", "gender"),
+                                    by=params.get("task.stratum", "language"), file=f"mlflow:{rid}")
+        preds = M.validate_predictions(raw, source=f"mlflow:{rid}/{PREDS_ARTIFACT}", task=task)
         recorded = sorted(set(preds["modality"]) - {""}) if "modality" in preds.columns else []
         modality = params.get("data.modality") or (recorded[0] if recorded else "uni")
         name = tags.get("ermgap.param.variant") or describe_objective(params)
@@ -186,7 +208,7 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
             name = f"{name} [{', '.join(extras)}]"
         history = [(float(m.step), float(m.value)) for m in client.get_metric_history(rid, "lambda")]
         systems.append(System(name=name, modality=modality, preds=preds, group=None, source=f"mlflow:{rid}",
-                              lambda_history=history or None, params=dict(params)))
+                              lambda_history=history or None, params=dict(params), task=task))
     seen: dict[tuple[str, str], int] = {}
     for s in systems:  # same description twice (e.g. seeds not tagged): keep both rows apart
         key = (s.name, s.modality)
@@ -264,12 +286,14 @@ def evaluate_systems(systems: Sequence[System], *, n_boot: int = 0, seed: int = 
     dup = {k for k in keys if keys.count(k) > 1}
     if dup:
         raise ConfigError(f"systems given twice (name, modality): {sorted(dup)}")
+    shared_task(systems)
     rows = []
     for s in systems:
-        res = M.compute_metrics(s.preds)
-        cis = M.bootstrap_ci(s.preds, n_boot=n_boot, seed=seed) if n_boot else None
-        blocks = {"multilingual": (res["overall"], cis and cis["overall"])}
-        blocks.update({lang: (b, cis and cis["per_language"][lang]) for lang, b in res["per_language"].items()})
+        res = M.compute_metrics(s.preds, s.task)
+        cis = M.bootstrap_ci(s.preds, n_boot=n_boot, seed=seed, task=s.task) if n_boot else None
+        per = M.per_key(s.task)
+        blocks = {OVERALL: (res["overall"], cis and cis["overall"])}
+        blocks.update({name: (b, cis and cis[per][name]) for name, b in res[per].items()})
         for subset, (block, ci) in blocks.items():
             row = {"model": s.name, "modality": s.modality, "group": s.group or DEFAULT_GROUP, "subset": subset,
                    **{k: block[k] for k in M.METRIC_KEYS}, "n": block["n"], "invalid_rate": block["invalid_rate"]}
@@ -278,6 +302,31 @@ def evaluate_systems(systems: Sequence[System], *, n_boot: int = 0, seed: int = 
                     row[f"{k}_lo"], row[f"{k}_hi"] = ci[k]
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def shared_task(systems: Sequence[System]) -> Task:
+    """The first system's task, after checking every system measures the same attribute within the same strata
+    (their rows would not be comparable otherwise)."""
+    first = systems[0].task
+    for s in systems[1:]:
+        if (s.task.attribute, s.task.stratum) != (first.attribute, first.stratum):
+            raise ConfigError(f"system {s.label} measures {s.task.attribute} gaps per {s.task.stratum_name}, but "
+                              f"{systems[0].label} {first.attribute} gaps per {first.stratum_name}; one report "
+                              "compares one attribute within one stratum")
+    return first
+
+
+def subset_order(results: pd.DataFrame) -> list[str]:
+    """The pooled subset first, then every stratum value found in the results, sorted."""
+    return [OVERALL] + sorted(set(results["subset"]) - {OVERALL})
+
+
+def subset_title(subset: str, task: Task) -> str:
+    """`Multilingual`, `DEU` for the paper's language strata; `Overall` and the value itself otherwise."""
+    language = task.stratum == ("language",)
+    if subset == OVERALL:
+        return "Multilingual" if language else "Overall"
+    return subset.upper() if language else subset
 
 
 def wide_table(results: pd.DataFrame, subsets: Iterable[str]) -> pd.DataFrame:
@@ -374,10 +423,13 @@ def _latex_escape(text: str) -> str:
     return re.sub(r"([&%$#_{}])", r"\\\1", str(text)).replace("λ", r"$\lambda$")
 
 
-def table2(results: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
-    """(wide frame, Markdown, LaTeX) of Table 2: every model, blocks Multilingual, DEU, ENG, JPN."""
-    wide = wide_table(results, [s for s in SUBSETS if (results["subset"] == s).any()])
-    sections = [(SUBSET_TITLES[s], wide[wide["subset"] == s]) for s in SUBSETS if (wide["subset"] == s).any()]
+def table2(results: pd.DataFrame, task: Task | None = None) -> tuple[pd.DataFrame, str, str]:
+    """(wide frame, Markdown, LaTeX) of Table 2: every model, blocks Multilingual then one per stratum value
+    (DEU, ENG, JPN in the paper)."""
+    task = task or Task()
+    order = subset_order(results)
+    wide = wide_table(results, order)
+    sections = [(subset_title(s, task), wide[wide["subset"] == s]) for s in order if (wide["subset"] == s).any()]
     return wide, _render(wide, sections, latex=False), _render(wide, sections, latex=True)
 
 
@@ -386,7 +438,7 @@ def table3(results: pd.DataFrame, layout: list[tuple[str, list[tuple[str, str]]]
     """(wide frame, Markdown, LaTeX) of Table 3: multilingual rows in the sections of `layout`
     (`table3_layout`; default: one section per system group). The frame has one row per table row:
     `group` its section, `model` its label, `system` the system it shows."""
-    base = wide_table(results, ["multilingual"])
+    base = wide_table(results, [OVERALL])
     if layout is None:
         layout = [(g, [(n, n) for n in base.loc[base["group"] == g, "model"]]) for g in dict.fromkeys(base["group"])]
     by_model = base.set_index("model")
@@ -425,7 +477,7 @@ def caption(number: int, systems: Sequence[System], *, latex: bool = False) -> s
     return text.replace(f"Table {number}.", f"**Table {number}.**", 1) + "\n\n"
 
 
-def paired_lines(paired: pd.DataFrame, subset: str = "multilingual") -> list[str]:
+def paired_lines(paired: pd.DataFrame, subset: str = OVERALL) -> list[str]:
     """'ERM (SFT)→Ours (uni): ΔW-F1 +3.88 [1.02, 6.50] · ΔAVG −1.48 [−5.10, 1.87]' per comparison
     (paired bootstrap, 95 % percentile interval; a negative gap difference means a smaller gap)."""
     out = []
@@ -462,8 +514,8 @@ def paired_comparisons(systems: Sequence[System], *, n_boot: int, seed: int = 0,
     for comparison, model, modality, a, b in pairs:
         if set(a.preds["utt_id"]) != set(b.preds["utt_id"]):
             continue
-        res = M.paired_bootstrap(a.preds, b.preds, n_boot=n_boot, seed=seed)
-        blocks = {"multilingual": res["overall"], **res["per_language"]}
+        res = M.paired_bootstrap(a.preds, b.preds, n_boot=n_boot, seed=seed, task=b.task)
+        blocks = {OVERALL: res["overall"], **res[M.per_key(b.task)]}
         for subset, block in blocks.items():
             for k, e in block.items():
                 rows.append({"comparison": comparison, "model": model, "modality": modality, "subset": subset,
@@ -492,7 +544,8 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
     if baseline and baseline not in {s.name for s in systems}:
         raise ConfigError(f"--baseline {baseline!r} is not one of the systems: {sorted({s.name for s in systems})}")
     results = evaluate_systems(systems, n_boot=n_boot, seed=seed)
-    wide2, md2, tex2 = table2(results)
+    task = shared_task(systems)
+    wide2, md2, tex2 = table2(results, task)
     wide3, md3, tex3 = table3(results, table3_layout(systems))
     paired = paired_comparisons(systems, n_boot=n_boot, seed=seed, baseline=baseline) if n_boot else None
     names: dict[str, str] = {}
@@ -516,20 +569,26 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
         put("metrics_json", "metrics.json", json.dumps(_metrics_doc(systems, results), indent=1, allow_nan=False)
             + "\n")
 
-        multi = results[results["subset"] == "multilingual"]
+        multi = results[results["subset"] == OVERALL]
         labels = [f"{m} ({mod})" for m, mod in zip(multi["model"], multi["modality"])]
         ci = n_boot > 0  # bootstrap 95 % intervals as error bars
         plots.fairness_accuracy_scatter(
             list(zip(multi["w_f1"], multi["avg_gap"])), labels, tmp / "fairness_accuracy.png",
-            title="Performance–fairness trade-off, test split (multilingual)" + (", bootstrap 95 %" if ci else ""),
+            xlabel=f"AVG {task.attribute} gap [%] ↓",
+            title="Performance–fairness trade-off, test split (all strata)" + (", bootstrap 95 %" if ci else ""),
             errors=list(zip(zip(multi["w_f1_lo"], multi["w_f1_hi"]), zip(multi["avg_gap_lo"], multi["avg_gap_hi"])))
             if ci else None)
         names["fairness_accuracy_png"] = "fairness_accuracy.png"
+        order = {s: i for i, s in enumerate(subset_order(results))}
         grouped = list(results.groupby(["model", "modality"], sort=False))
-        gaps = {f"{m} ({mod})": {SUBSET_TITLES[s]: v for s, v in zip(g["subset"], g["avg_gap"])} for (m, mod), g in grouped}
-        errors = {f"{m} ({mod})": {SUBSET_TITLES[s]: (lo, hi) for s, lo, hi in zip(g["subset"], g["avg_gap_lo"], g["avg_gap_hi"])}
+        gaps = {f"{m} ({mod})": {subset_title(s, task): v for s, v in sorted(zip(g["subset"], g["avg_gap"]),
+                                                                           key=lambda sv: order[sv[0]])}
+                for (m, mod), g in grouped}
+        errors = {f"{m} ({mod})": {subset_title(s, task): (lo, hi)
+                                   for s, lo, hi in zip(g["subset"], g["avg_gap_lo"], g["avg_gap_hi"])}
                   for (m, mod), g in grouped} if ci else None
-        plots.gender_gap_bars(gaps, tmp / "gender_gaps.png", split="test", errors=errors)
+        plots.gender_gap_bars(gaps, tmp / "gender_gaps.png", metric=f"AVG {task.attribute} gap [%]",
+                              stratum=task.stratum_name, split="test", errors=errors)
         names["gender_gaps_png"] = "gender_gaps.png"
         series = {s.label: s.lambda_history for s in systems if s.lambda_history}
         if series:
@@ -538,19 +597,21 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
         (tmp / "confusion").mkdir()
         for s in systems:
             rel = f"confusion/{_slug(s.name)}_{s.modality}.png"
-            plots.confusion_matrices(M.confusion_by_gender(s.preds), tmp / rel, title=s.label)
+            plots.confusion_matrices(M.confusion_by_attribute(s.preds, s.task), tmp / rel, title=s.label,
+                                     labels=s.task.labels)
             names[f"confusion_{_slug(s.name)}_{s.modality}"] = rel
     return {k: out_dir / rel for k, rel in names.items()}
 
 
 def _metrics_doc(systems: Sequence[System], results: pd.DataFrame) -> dict:
     doc = {"systems": []}
+    per = M.per_key(systems[0].task)
     for s in systems:
         rows = results[(results["model"] == s.name) & (results["modality"] == s.modality)]
         subsets = {r["subset"]: {k: json_safe(v) for k, v in r.items() if k not in ("model", "modality", "group", "subset")}
                    for r in rows.to_dict("records")}
         doc["systems"].append({"name": s.name, "modality": s.modality, "group": s.group, "source": s.source,
-                               "overall": subsets.pop("multilingual"), "per_language": subsets})
+                               "overall": subsets.pop(OVERALL), per: subsets})
     return doc
 
 

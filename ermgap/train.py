@@ -72,14 +72,14 @@ from ermgap.errors import ConfigError, ManifestError, TrainingError
 from ermgap.evaluate import predictions_frame
 from ermgap.formatting import json_safe
 from ermgap.io import atomic_path, atomic_write_text
-from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, MODALITIES
-from ermgap.metrics import compute_metrics
+from ermgap.metrics import compute_metrics, per_key
 from ermgap.model import apply_lora, load_backbone
 from ermgap.objective import AdaptiveLambda, dev_gap, erm_minmaxgap_loss
 from ermgap.progress import ProgressBox, ProgressSender, TrainProgress
 from ermgap.ray_runtime import ensure_ray
 from ermgap.sampler import GlobalBatchPlan, shard_for_eval
 from ermgap.scoring import answer_loss_from_scores, per_sample_loss, score_labels
+from ermgap.task import RUN_MODALITY, Task, TaskSpec
 from ermgap.tracking import (
     BEST,
     EVAL,
@@ -109,27 +109,18 @@ SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": 
 
 @dataclass(frozen=True)
 class Strata:
-    """The groups inside which the gender gap is measured (`objective.stratum`): their names and how a
-    batch's language index maps to a stratum index. The one place that knows the stratum layout."""
+    """The groups inside which the attribute gap is measured (`objective.stratum`, resolved into the run's
+    Task): their names, in index order. Batches carry each example's index (`batch["stratum"]`)."""
 
     names: tuple[str, ...]
-    modality_offset: int | None = None  # language × modality: the run's modality picks the column
 
     @classmethod
-    def from_config(cls, cfg: RunConfig) -> Strata:
-        if cfg.objective.stratum == "language":
-            return cls(tuple(LANGUAGES))
-        return cls(tuple(f"{lg}_{m}" for lg in LANGUAGES for m in MODALITIES), MODALITIES.index(cfg.data.modality))
+    def from_task(cls, task: Task) -> Strata:
+        return cls(task.stratum_values)
 
     @property
     def num(self) -> int:
         return len(self.names)
-
-    def index(self, language: torch.Tensor) -> torch.Tensor:
-        """Stratum index of each example from its language index (LANGUAGES order)."""
-        if self.modality_offset is None:
-            return language
-        return language * len(MODALITIES) + self.modality_offset
 
     def named(self, prefix: str, values) -> dict[str, float]:
         """{prefix + stratum name: value} for the strata whose value is defined (not NaN)."""
@@ -199,7 +190,9 @@ class LoRARecipe:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.accum = cfg.optim.effective_batch_size // (cfg.optim.micro_batch_size * self.world)
-        self.strata = Strata.from_config(cfg)
+        # Resolved once on the driver (build_trainer): every rank, split and evaluation uses these indices.
+        self.task = Task.from_dict(loop_config["task"])
+        self.strata = Strata.from_task(self.task)
         self.faults = FaultInjector(loop_config.get("fault") or {}, rank=self.rank, world=self.world)
         self.progress = ProgressSender(loop_config.get("progress"), rank=self.rank)
         self.state = TrainerState()
@@ -230,16 +223,16 @@ class LoRARecipe:
 
     def _setup_data(self, processor) -> None:
         """The three splits, the collator and the global batch plan (same batches for any worker count)."""
-        cfg = self.cfg
-        df = read_manifest(cfg.data.manifest)
-        if cfg.data.languages:
-            df = df[df["language"].isin(cfg.data.languages)]
+        cfg, task = self.cfg, self.task
+        df = run_manifest(cfg)
         self.splits: dict[str, _Split] = {}
         for split in ("train", "dev", "test"):
             rows = df[df["split"] == split].reset_index(drop=True)
-            base = UtteranceDataset(rows, sample_rate=cfg.data.sample_rate, max_audio_s=cfg.data.max_audio_s)
+            base = UtteranceDataset(rows, sample_rate=cfg.data.sample_rate, max_audio_s=cfg.data.max_audio_s,
+                                    extra_columns=(task.attribute, *task.stratum))
             self.splits[split] = _Split(rows, base, _CachedFeatures(base, processor))
-        self.collator = EmotionCollator(processor, cfg.prompt, cfg.data.modality, sample_rate=cfg.data.sample_rate)
+        self.collator = EmotionCollator(processor, cfg.prompt, cfg.data.modality, sample_rate=cfg.data.sample_rate,
+                                        task=task)
         self.plan = GlobalBatchPlan(self.splits["train"].base.lengths, effective_batch=cfg.optim.effective_batch_size,
                                     num_workers=self.world, accum=self.accum, seed=cfg.optim.seed)
         self.total_steps = cfg.optim.epochs * self.plan.steps_per_epoch
@@ -288,6 +281,7 @@ class LoRARecipe:
         """Rank 0 opens (or, resumed, reopens) the MLflow run; every rank learns its id."""
         if self.rank == 0:
             params = flatten(self.cfg.to_dict())
+            params.update(self.task.mlflow_params())
             params.update({"derived.grad_accum_steps": self.accum, "derived.world_size": self.world,
                            "derived.steps_per_epoch": self.plan.steps_per_epoch})
             params.update(self.loop_config["mlflow"].get("params") or {})
@@ -388,8 +382,8 @@ class LoRARecipe:
         for batch in micro_batches:
             dev_batch = to_device(batch, self.device)
             losses.append(per_sample_loss(self.engine, dev_batch))
-            stratum.append(self.strata.index(dev_batch["language"]))
-            attribute.append(dev_batch["gender"])
+            stratum.append(dev_batch["stratum"])
+            attribute.append(dev_batch["attribute"])
             utt_ids += batch["utt_id"]
         losses_t = self.faults.poison(torch.cat(losses), self.state.global_step + 1)
         if plain_mean:
@@ -399,7 +393,8 @@ class LoRARecipe:
             return loss
         try:
             res = erm_minmaxgap_loss(losses_t, torch.cat(stratum), torch.cat(attribute), lam=self.lam.value,
-                                     p=self.cfg.objective.p, num_strata=self.strata.num, num_attrs=len(GENDERS))
+                                     p=self.cfg.objective.p, num_strata=self.strata.num,
+                                     num_attrs=len(self.task.attribute_values))
         except TrainingError:  # raised on every rank alike: the bad-loss count is all-reduced
             self._non_finite(losses_t, utt_ids)
         self.engine.backward(res.total)
@@ -441,22 +436,27 @@ class LoRARecipe:
                 if keep:
                     rows.append((i, float(loss[j]), scores[j].tolist()))
         gathered = sorted((r for part_rows in self._gather(rows) for r in part_rows), key=lambda r: r[0])
-        scores = np.array([r[2] for r in gathered], dtype=np.float64).reshape(len(gathered), len(EMOTIONS))
+        task = self.task
+        scores = np.array([r[2] for r in gathered], dtype=np.float64).reshape(len(gathered), task.num_labels)
         part = data.rows
-        frame = predictions_frame(part["utt_id"], part["language"], part["gender"], part["emotion"],
+        frame = predictions_frame(part["utt_id"], None, part[task.attribute], part["emotion"],
                                   scores.argmax(1) if len(gathered) else [], scores=scores,
-                                  modality=self.cfg.data.modality)
+                                  modality=self.cfg.data.modality, task=task,
+                                  columns={c: part[c] for c in task.stratum if c != RUN_MODALITY})
         frame["loss"] = [r[1] for r in gathered]  # per-sample dev loss (for Δdev), not written to PREDS.csv
         return frame
 
     def split_metrics(self, frame: pd.DataFrame, prefix: str) -> dict[str, float]:
-        """The paper's metrics of a predictions frame, plus Δ (the objective's loss gap) per stratum."""
-        m = compute_metrics(_preds_only(frame))
-        stratum = self.strata.index(torch.tensor([LANGUAGES.index(x) for x in frame["language"]]))
-        gender = torch.tensor([GENDERS.index(x) for x in frame["gender"]])
-        loss_gap, stratum_gaps = dev_gap(torch.tensor(frame["loss"].to_numpy()), stratum, gender,
-                                         num_strata=self.strata.num, num_attrs=len(GENDERS))
-        lang_gaps = {lg: v["avg_gap"] for lg, v in m["per_language"].items()}
+        """The paper's metrics of a predictions frame, plus Δ (the objective's loss gap) per stratum.
+        `worst_lang_gap` is the largest per-stratum AVG gap (per language in the paper's task)."""
+        task = self.task
+        m = compute_metrics(_preds_only(frame), task)
+        stratum = torch.from_numpy(task.stratum_codes(frame))
+        attribute = torch.from_numpy(task.attribute_codes(frame[task.attribute]))
+        loss_gap, stratum_gaps = dev_gap(torch.tensor(frame["loss"].to_numpy()), stratum, attribute,
+                                         num_strata=self.strata.num, num_attrs=len(task.attribute_values))
+        per = m[per_key(task)]
+        lang_gaps = {lg: v["avg_gap"] for lg, v in per.items()}
         finite = [v for v in lang_gaps.values() if v == v]
         out = {
             f"{prefix}_w_f1": m["overall"]["w_f1"], f"{prefix}_acc": m["overall"]["acc"],
@@ -466,7 +466,7 @@ class LoRARecipe:
         }
         for lg, v in lang_gaps.items():
             out[f"{prefix}_avg_gap_{lg}"] = v
-            out[f"{prefix}_w_f1_{lg}"] = m["per_language"][lg]["w_f1"]
+            out[f"{prefix}_w_f1_{lg}"] = per[lg]["w_f1"]
         out.update(self.strata.named(f"{prefix}_loss_gap_", stratum_gaps))
         return out
 
@@ -633,6 +633,36 @@ def resolved_config(cfg: RunConfig) -> RunConfig:
     return config_from_dict(tree, source="resolved config")
 
 
+def run_manifest(cfg: RunConfig) -> pd.DataFrame:
+    """The run's manifest rows (validated for its task; coverage warnings logged), `data.languages` applied."""
+    df = read_manifest(cfg.data.manifest, task=TaskSpec.from_config(cfg), modality=cfg.data.modality,
+                       allow_warnings=True)
+    if cfg.data.languages:
+        if "language" not in df.columns:
+            raise ConfigError(f"data.languages: {cfg.data.manifest} has no 'language' column to restrict")
+        df = df[df["language"].isin(cfg.data.languages)]
+    return df
+
+
+def resolve_task(cfg: RunConfig, df: pd.DataFrame | None = None) -> Task:
+    """The run's Task from its config and manifest (see ermgap.task for the order rules)."""
+    df = run_manifest(cfg) if df is None else df
+    return Task.from_config(cfg, df, file=cfg.data.manifest)
+
+
+def with_task(cfg: RunConfig, task: Task) -> RunConfig:
+    """`cfg` declaring `task` explicitly (data.labels in class order, data.attribute_values), so that the
+    run's config.yaml, its MLflow params and a later `evaluate --config` reproduce the same indices."""
+    tree = cfg.to_dict()
+    declared = tree["data"]["labels"]
+    if isinstance(declared, dict):
+        tree["data"]["labels"] = dict(zip(task.labels, task.verbalizers))
+    else:
+        tree["data"]["labels"] = list(task.labels)
+    tree["data"]["attribute_values"] = list(task.attribute_values)
+    return config_from_dict(tree, source="resolved config")
+
+
 def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, storage_path: str | os.PathLike,
                   callbacks=(), mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
                   resume: bool = False, fault: dict | None = None, progress=None,
@@ -644,8 +674,11 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, stor
     commit become the run's source tags."""
     run_dir = Path(run_dir)
     cfg = resolved_config(cfg)
+    task = resolve_task(cfg)
+    cfg = with_task(cfg, task)
     loop_config = {
         "config": cfg.to_dict(),
+        "task": task.to_dict(),
         "run_dir": str(run_dir.resolve()),
         "mlflow": {"tracking_uri": default_tracking_uri(cfg), "experiment": cfg.tracking.experiment,
                    "run_name": cfg.tracking.run_name or name, "parent_run_id": mlflow_parent_run_id,
@@ -688,12 +721,14 @@ def check_inputs(cfg: RunConfig) -> None:
         raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not a dev metric; allowed: {', '.join(EVAL_METRICS)}")
     if cfg.distributed.use_gpu and not torch.cuda.is_available() and not _ray_has_gpus():
         raise ConfigError("distributed.use_gpu is true but no GPU is visible (set distributed.use_gpu=false)")
-    df = read_manifest(manifest)
+    df = run_manifest(cfg.model_copy(update={"data": cfg.data.model_copy(update={"languages": None})}))
     if cfg.data.languages:
-        unknown = sorted(set(cfg.data.languages) - set(LANGUAGES))
+        present = sorted(set(df["language"]))
+        unknown = sorted(set(cfg.data.languages) - set(present))
         if unknown:
-            raise ConfigError(f"data.languages: unknown {unknown}; allowed: {list(LANGUAGES)}")
+            raise ConfigError(f"data.languages: {unknown} not in {manifest}; it has: {present}")
         df = df[df["language"].isin(cfg.data.languages)]
+    resolve_task(cfg, df)
     n_train, n_dev = int((df["split"] == "train").sum()), int((df["split"] == "dev").sum())
     if n_train < cfg.optim.effective_batch_size:
         raise ConfigError(f"optim.effective_batch_size ({cfg.optim.effective_batch_size}) is larger than the train "
@@ -749,6 +784,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
                                   f"or --resume {run_path} to continue it")
             shutil.rmtree(run_path)
     check_inputs(cfg)
+    cfg = with_task(cfg, resolve_task(cfg))
     fault = {"kill_at_step": _step_from_env(FAULT_ENV), "nan_at_step": _step_from_env(NAN_ENV)}
     run_path.mkdir(parents=True, exist_ok=True)
     if resume_dir is None:
@@ -782,5 +818,5 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     return final
 
 
-__all__ = ["LoRARecipe", "Strata", "absolute_paths", "build_trainer", "check_inputs", "resolved_config",
-           "run_training", "train_loop_per_worker"]
+__all__ = ["LoRARecipe", "Strata", "absolute_paths", "build_trainer", "check_inputs", "resolve_task",
+           "resolved_config", "run_manifest", "run_training", "train_loop_per_worker", "with_task"]

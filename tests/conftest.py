@@ -36,3 +36,14 @@ def tiny_model(tmp_path_factory) -> Path:
     from ermgap.model import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray cluster on 127.0.0.1 (2 CPUs, dashboard on: Train V2 needs it) for one test module."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=free_port(), _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

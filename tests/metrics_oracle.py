@@ -29,15 +29,16 @@ def random_preds(n: int, seed: int, *, invalid_rate: float = 0.1, skill: float =
     })
 
 
-def oracle(df: pd.DataFrame) -> dict[str, float]:
-    """The paper's metrics via fairlearn MetricFrame on the string labels (invalid = its own never-gold label)."""
-    y, p, g = df["gold"].to_numpy(), df["pred"].to_numpy(), df["gender"].to_numpy()
-    wf1 = functools.partial(f1_score, labels=list(EMOTIONS), average="weighted", zero_division=0)
+def oracle(df: pd.DataFrame, labels=EMOTIONS, attribute: str = "gender") -> dict[str, float]:
+    """The paper's metrics via fairlearn MetricFrame on the string labels (invalid = its own never-gold label).
+    With k > 2 attribute values fairlearn's between-groups difference is max − min over the groups."""
+    y, p, g = df["gold"].to_numpy(), df["pred"].to_numpy(), df[attribute].to_numpy()
+    wf1 = functools.partial(f1_score, labels=list(labels), average="weighted", zero_division=0)
     frame = MetricFrame(metrics={"w_f1": wf1, "acc": accuracy_score}, y_true=y, y_pred=p, sensitive_features=g)
     tpr_gaps, fpr_gaps = [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for c in EMOTIONS:
+        for c in labels:
             rates = MetricFrame(metrics={"tpr": true_positive_rate, "fpr": false_positive_rate},
                                 y_true=(y == c).astype(int), y_pred=(p == c).astype(int), sensitive_features=g)
             diff = rates.difference(method="between_groups")

@@ -29,18 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    from conftest import free_port
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), _node_ip_address="127.0.0.1", log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def small_manifest(synth_corpus, tmp_path_factory) -> Path:
     """8 train / 4 dev / 4 test rows per (language, gender): 48 / 24 / 24 utterances."""
     df = pd.read_csv(synth_corpus, dtype=str, keep_default_na=False)

@@ -11,7 +11,9 @@ import torch
 
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.model import load_adapter, load_backbone
+from ermgap.prompts import prompt_task
 from ermgap.scoring import generate, score_labels
+from ermgap.task import Task
 
 
 class LocalBackend:
@@ -23,8 +25,9 @@ class LocalBackend:
 
     def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
                  device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
-                 sample_rate: int = 16000):
+                 sample_rate: int = 16000, task: Task | None = None):
         self.name = model_cfg.name_or_path
+        self.task = prompt_task(prompt_cfg, task)  # labels (score order), answer strings, `{labels}`
         self.mode = mode
         self.has_scores = mode == "score"
         self.modality = modality

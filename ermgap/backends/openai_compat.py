@@ -34,8 +34,9 @@ import soundfile as sf
 from ermgap.backends import BackendError, Prediction
 from ermgap.config import PromptConfig
 from ermgap.data.audio import load_audio
-from ermgap.labels import EMOTIONS, INVALID
-from ermgap.prompts import instruction_text, parse_answer
+from ermgap.labels import INVALID
+from ermgap.prompts import instruction_text, parse_answer, prompt_task
+from ermgap.task import Task
 
 RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 ANSWER_KEY = "emotion"  # the JSON property a structured answer holds the label in
@@ -63,12 +64,14 @@ def _retry_after(value: str | None) -> float | None:
         return None
 
 
-def label_schema(prompt_cfg: PromptConfig) -> dict:
-    """A `response_format` allowing only `{"emotion": <one verbaliser>}` (EMOTIONS order)."""
+def label_schema(labels: PromptConfig | Task) -> dict:
+    """A `response_format` allowing only `{"emotion": <one verbaliser>}` (the task's label order; a PromptConfig
+    stands for the paper's task)."""
+    task = prompt_task(labels) if isinstance(labels, PromptConfig) else labels
     return {"type": "json_schema", "json_schema": {
         "name": "emotion_label", "strict": True,
         "schema": {"type": "object", "additionalProperties": False, "required": [ANSWER_KEY],
-                   "properties": {ANSWER_KEY: {"type": "string", "enum": [prompt_cfg.verbalizers[e] for e in EMOTIONS]}}},
+                   "properties": {ANSWER_KEY: {"type": "string", "enum": list(task.verbalizers)}}},
     }}
 
 
@@ -81,7 +84,7 @@ class OpenAICompatBackend:
                  api_key: str | None = None, timeout_s: float = 60.0, max_retries: int = 5,
                  backoff_s: float = 1.0, max_backoff_s: float = 60.0, concurrency: int = 4,
                  max_tokens: int = 32, sample_rate: int = 16000, structured: bool = False,
-                 max_requests: int | None = None):
+                 max_requests: int | None = None, task: Task | None = None):
         if not base_url.startswith(("http://", "https://")):
             raise BackendError(f"--base-url {base_url!r} must start with http:// or https://")
         self.base_url = base_url.rstrip("/")
@@ -89,6 +92,7 @@ class OpenAICompatBackend:
         self.name = model
         self.model = model
         self.prompt_cfg = prompt_cfg
+        self.task = prompt_task(prompt_cfg, task)
         self.modality = modality
         self.api_key = api_key
         self.timeout_s = timeout_s
@@ -105,7 +109,7 @@ class OpenAICompatBackend:
         self._count_lock = threading.Lock()
 
     def request_body(self, row: dict, audio) -> dict:
-        text = instruction_text(self.prompt_cfg, self.modality, row.get("transcript"))
+        text = instruction_text(self.prompt_cfg, self.modality, row.get("transcript"), task=self.task)
         body = {
             "model": self.model,
             "temperature": 0,
@@ -116,7 +120,7 @@ class OpenAICompatBackend:
             ]}],
         }
         if self.structured:
-            body["response_format"] = label_schema(self.prompt_cfg)
+            body["response_format"] = label_schema(self.task)
         return body
 
     def _spend_request(self, utt_id: str) -> None:
@@ -193,10 +197,10 @@ class OpenAICompatBackend:
             except ValueError:
                 value = None
             value = value.get(ANSWER_KEY) if isinstance(value, dict) else value
-            by_answer = {v: e for e, v in self.prompt_cfg.verbalizers.items()}
+            by_answer = {v: lab for lab, v in self.task.answer_of.items()}
             if isinstance(value, str) and value in by_answer:
                 return by_answer[value]
-        return parse_answer(text, self.prompt_cfg.verbalizers)
+        return parse_answer(text, self.task.answer_of)
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
         if self.concurrency == 1 or len(rows) == 1:

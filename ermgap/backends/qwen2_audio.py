@@ -12,13 +12,12 @@ from ermgap.backends.local import LocalBackend
 from ermgap.batching import EmotionCollator, audio_token_count, compute_features, pad_ids, to_device
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.data.audio import load_audio
-from ermgap.labels import EMOTIONS
 from ermgap.prompts import END_OF_TURN, answer_token_ids, parse_answer, user_turn
 from ermgap.scoring import generate, score_labels
 
 
 class Qwen2AudioBackend(LocalBackend):
-    """Label scoring (`mode="score"`, always a valid label, 7 scores) or greedy generation + parser.
+    """Label scoring (`mode="score"`, always a valid label, one score per label) or greedy generation + parser.
 
     `predict` builds its batches with the training collator (so evaluation sees the training prompts);
     `score_chat` / `generate_chat` take any instruction text and answer set (what `ermgap serve` needs).
@@ -26,11 +25,13 @@ class Qwen2AudioBackend(LocalBackend):
 
     def __init__(self, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, **options):
         super().__init__(model_cfg, prompt_cfg, modality=modality, **options)
-        self.collator = EmotionCollator(self.processor, prompt_cfg, modality, sample_rate=self.sample_rate)
+        self.collator = EmotionCollator(self.processor, prompt_cfg, modality, sample_rate=self.sample_rate,
+                                        task=self.task)
 
     def for_modality(self, modality: str):
         clone = super().for_modality(modality)
-        clone.collator = EmotionCollator(self.processor, self.prompt_cfg, modality, sample_rate=self.sample_rate)
+        clone.collator = EmotionCollator(self.processor, self.prompt_cfg, modality, sample_rate=self.sample_rate,
+                                         task=self.task)
         return clone
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
@@ -40,9 +41,9 @@ class Qwen2AudioBackend(LocalBackend):
         with torch.no_grad():
             if self.mode == "score":
                 scores = score_labels(self.model, batch).float().cpu()
-                return [Prediction(EMOTIONS[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
+                return [Prediction(self.task.labels[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
             texts = generate(self.model, batch, self.processor.tokenizer, max_new_tokens=self.max_new_tokens)
-        return [Prediction(parse_answer(t, self.prompt_cfg.verbalizers), None, t) for t in texts]
+        return [Prediction(parse_answer(t, self.task.answer_of), None, t) for t in texts]
 
     # ------------------------------------------------------------------ free-form chat (ermgap serve)
 

@@ -88,8 +88,9 @@ def check_local_model(model: str) -> None:
 
 def local_backend(name: str, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *, modality: str, mode: str = "score",
                   device: str = "cpu", adapter: str | None = None, max_new_tokens: int = 16,
-                  sample_rate: int = 16000):
-    """A qwen2_audio or voxtral backend (see those modules)."""
+                  sample_rate: int = 16000, task=None):
+    """A qwen2_audio or voxtral backend (see those modules); `task` (an ermgap.task.Task, default the paper's)
+    fixes the labels it scores and their order."""
     check_local_model(model_cfg.name_or_path)
     if canonical(name) == "qwen2_audio":
         from ermgap.backends.qwen2_audio import Qwen2AudioBackend as cls
@@ -98,7 +99,7 @@ def local_backend(name: str, model_cfg: ModelConfig, prompt_cfg: PromptConfig, *
     else:
         raise ConfigError(f"backend {name!r} is not a local backend; local: {', '.join(LOCAL_BACKENDS)}")
     return cls(model_cfg, prompt_cfg, modality=modality, mode=mode, device=device, adapter=adapter,
-               max_new_tokens=max_new_tokens, sample_rate=sample_rate)
+               max_new_tokens=max_new_tokens, sample_rate=sample_rate, task=task)
 
 
 def remote_settings(name: str, *, model: str | None = None, base_url: str | None = None,

@@ -28,7 +28,6 @@ from ermgap.batching import pad_ids, to_device
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.data.audio import load_audio
 from ermgap.errors import ConfigError
-from ermgap.labels import EMOTIONS
 from ermgap.prompts import answer_token_ids, instruction_text, parse_answer
 
 
@@ -86,9 +85,9 @@ class VoxtralBackend(LocalBackend):
 
     def predict(self, rows: list[dict]) -> list[Prediction]:
         audios = [load_audio(r["audio_path"], self.sample_rate) for r in rows]
-        texts = [instruction_text(self.prompt_cfg, self.modality, r.get("transcript")) for r in rows]
+        texts = [instruction_text(self.prompt_cfg, self.modality, r.get("transcript"), task=self.task) for r in rows]
         if self.mode == "score":
-            scores = self.score_chat(audios, texts, [self.prompt_cfg.verbalizers[e] for e in EMOTIONS])
-            return [Prediction(EMOTIONS[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
+            scores = self.score_chat(audios, texts, list(self.task.verbalizers))
+            return [Prediction(self.task.labels[int(s.argmax())], tuple(float(v) for v in s)) for s in scores]
         answers = self.generate_chat(audios, texts, self.max_new_tokens)
-        return [Prediction(parse_answer(t, self.prompt_cfg.verbalizers), None, t) for t in answers]
+        return [Prediction(parse_answer(t, self.task.answer_of), None, t) for t in answers]

@@ -15,22 +15,40 @@ from ermgap.errors import ManifestError
 app = typer.Typer(help="Prepare and inspect datasets (canonical manifests).", no_args_is_help=True)
 
 
+def _task_spec(config: Path | None, overrides: list[str] | None):
+    """The task a run config (and key=value overrides) declares; the paper's when neither is given."""
+    from ermgap.config import load_config
+    from ermgap.task import TaskSpec
+
+    if config is None and not overrides:
+        return TaskSpec(), None
+    cfg = load_config(config, overrides or [])
+    return TaskSpec.from_config(cfg), cfg
+
+
 @app.command("validate")
 def validate(
     manifest: Path = typer.Argument(..., help="Manifest CSV."),
+    overrides: list[str] = typer.Argument(None, help="key=value config overrides, e.g. data.labels=infer "
+                                          "data.attribute=age_group."),
+    config: Path = typer.Option(None, "--config", help="Run config YAML declaring the task (data.labels, "
+                                "data.attribute, data.attribute_values, objective.stratum); default: the paper's."),
     modality: str = typer.Option(None, "--modality", help="uni | multi (multi also requires transcripts)."),
     no_audio: bool = typer.Option(False, "--no-audio", help="Skip opening the audio files."),
     sample_rate: int = typer.Option(16000, "--sample-rate", help="Expected sample rate (Hz); 0 accepts any."),
     max_problems: int = typer.Option(200, "--max-problems", help="Print at most this many problems (0: all)."),
 ) -> None:
-    """Check columns, values, unique ids, splits, both genders per (split, language) and every audio file.
+    """Check columns, values (labels, attribute values and strata of the task), unique ids, splits, every
+    attribute value per (split, stratum) and every audio file.
 
-    Lists all problems with row and column; exits 2 when there is any."""
+    Lists all problems (errors and warnings) with row and column; exits 2 when there is any."""
     from ermgap.data.manifest import format_problems, validate_manifest
 
+    spec, cfg = _task_spec(config, overrides)
     rates: Counter = Counter()
-    problems = validate_manifest(manifest, modality=modality, check_audio=not no_audio,
-                                 expected_sample_rate=sample_rate or None, sample_rates=rates)
+    problems = validate_manifest(manifest, modality=modality or (cfg.data.modality if cfg else None),
+                                 check_audio=not no_audio, expected_sample_rate=sample_rate or None,
+                                 sample_rates=rates, task=spec)
     if rates:
         typer.echo("sample rates: " + ", ".join(f"{r} Hz × {n}" for r, n in sorted(rates.items())))
     if problems:
@@ -45,37 +63,46 @@ def validate(
 @app.command("stats")
 def stats(
     manifest: Path = typer.Argument(..., help="Manifest CSV."),
+    overrides: list[str] = typer.Argument(None, help="key=value config overrides (as for validate)."),
+    config: Path = typer.Option(None, "--config", help="Run config YAML declaring the task; default: the paper's."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
 ) -> None:
-    """Print the paper's Table 1 (language × gender × split) and the emotion distribution."""
+    """Print the paper's Table 1 (stratum × attribute × split: language × gender for the paper) and the label
+    distribution."""
     from ermgap.data.manifest import read_manifest
     from ermgap.data.stats import OVERALL, TOTAL, corpus_stats, emotion_distribution, language_label, table1
-    from ermgap.labels import EMOTIONS
 
-    df = read_manifest(manifest, require_splits=())
+    spec, cfg = _task_spec(config, overrides)
+    modality = cfg.data.modality if cfg else None
+    df = read_manifest(manifest, require_splits=(), task=spec, modality=modality, allow_warnings=True)
+    task = spec.resolve(df, file=str(manifest), modality=modality)
     if as_json:
-        typer.echo(json.dumps(corpus_stats(df), indent=2))
+        typer.echo(json.dumps(corpus_stats(df, task), indent=2))
         return
     console = Console()
-    t1 = table1(df)
+    t1 = table1(df, task)
+    paper = task.stratum == ("language",) and task.attribute == "gender"
+    heads = ("Language", "Gender") if paper else (task.stratum_name, task.attribute)
     table = Table(title=f"Table 1 layout: {manifest}")
-    for col in ("Language", "Gender", "Train", "Dev", "Test", "Total"):
-        table.add_column(col, justify="left" if col in ("Language", "Gender") else "right")
+    for col in (*heads, "Train", "Dev", "Test", "Total"):
+        table.add_column(col, justify="left" if col in heads else "right")
     prev = None
     for (lang, gender), row in t1.iterrows():
-        name = lang if lang == OVERALL else language_label(lang)
-        table.add_row(name if lang != prev else "", {"F": "Female", "M": "Male"}.get(gender, gender),
+        name = lang if lang == OVERALL or not paper else language_label(lang)
+        shown = {"F": "Female", "M": "Male"}.get(gender, gender) if paper else gender
+        table.add_row(name if lang != prev else "", shown,
                       *(str(row[c]) for c in ("train", "dev", "test", "total")),
                       end_section=gender == TOTAL)
         prev = lang
     console.print(table)
-    em = emotion_distribution(df)
-    table = Table(title="Emotions per language and gender (all splits)",
-                  caption=", ".join(f"{e[:3]} = {e}" for e in EMOTIONS))
-    for col in ("Lang", "Gender", *(e[:3] for e in EMOTIONS), "Total"):
-        table.add_column(col, justify="left" if col in ("Lang", "Gender") else "right", no_wrap=True)
+    em = emotion_distribution(df, task=task)
+    short = [lab[:3] if len({x[:3] for x in task.labels}) == task.num_labels else lab for lab in task.labels]
+    table = Table(title=f"Labels per {heads[0].lower()} and {heads[1].lower()} (all splits)",
+                  caption=", ".join(f"{s} = {lab}" for s, lab in zip(short, task.labels) if s != lab))
+    for col in (heads[0][:4], heads[1], *short, "Total"):
+        table.add_column(col, justify="left" if col in (heads[0][:4], heads[1]) else "right", no_wrap=True)
     for (lang, gender), row in em.iterrows():
-        table.add_row(lang, gender, *(str(row[e]) for e in EMOTIONS), str(row["total"]))
+        table.add_row(lang, gender, *(str(row[lab]) for lab in task.labels), str(row["total"]))
     console.print(table)
 
 

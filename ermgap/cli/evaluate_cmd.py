@@ -24,7 +24,7 @@ def evaluate(
                                 help="qwen2_audio | voxtral (local) | openai | ultravox | kimi_audio (chat-completions API)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Utterances per forward pass / request batch."),
     adapter: Path = typer.Option(None, "--adapter", help="peft LoRA adapter directory to apply (local backends)."),
-    config: Path = typer.Option(None, "--config", help="Run config YAML whose prompt/model settings to use."),
+    config: Path = typer.Option(None, "--config", help="Run config YAML whose prompt, model and task (data.labels, data.attribute, objective.stratum) settings to use."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
     dtype: str = typer.Option(None, "--dtype", help="auto | bf16 | fp16 | fp32 (default: the config's)."),
     max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Generation length (mode generate)."),
@@ -45,13 +45,13 @@ def evaluate(
     """Predict every utterance of a split and write PREDS.csv (resumes an interrupted run)."""
     from ermgap.backends.registry import LOCAL_BACKENDS, canonical, local_backend, remote_backend
     from ermgap.config import load_config
-    from ermgap.evaluate import evaluate_rows, load_split, summary
+    from ermgap.evaluate import evaluate_rows, load_split_and_task, summary
 
     if out.exists() and not force:
         from ermgap.errors import OutputExistsError
         raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
     cfg = load_config(config) if config else load_config()
-    rows = load_split(manifest, split, modality=modality, limit=limit)
+    rows, task = load_split_and_task(manifest, split, modality=modality, limit=limit, cfg=cfg)
     info = {"backend": canonical(backend), "model": model, "manifest": str(Path(manifest).resolve()), "split": split,
             "mode": mode, "adapter": str(adapter) if adapter else None, "limit": limit}
     name = info["backend"]
@@ -64,18 +64,18 @@ def evaluate(
         model_cfg = cfg.model.model_copy(update={"name_or_path": model, **({"dtype": dtype} if dtype else {})})
         be = local_backend(name, model_cfg, cfg.prompt, modality=modality, mode=mode, device=dev,
                            adapter=str(adapter) if adapter else None, max_new_tokens=max_new_tokens,
-                           sample_rate=cfg.data.sample_rate)
+                           sample_rate=cfg.data.sample_rate, task=task)
     else:
         if mode != "generate":
             raise ConfigError(f"--backend {name} answers in text: use --mode generate")
         be = remote_backend(name, cfg.prompt, modality=modality, model=model, base_url=base_url,
                             api_key_env=api_key_env, structured=structured, timeout_s=timeout,
                             max_retries=max_retries, concurrency=concurrency, sample_rate=cfg.data.sample_rate,
-                            max_requests=max_requests)
+                            max_requests=max_requests, task=task)
         info.update(model=be.model, base_url=be.base_url, structured=be.structured)
     t0 = time.perf_counter()
     df = evaluate_rows(be, rows, out, modality=modality, batch_size=batch_size, force=force, restart=restart,
-                       run_info=info)
+                       run_info=info, task=task)
     s = summary(df)
     Console().print(f"wrote {out}: {s['n']} utterances, acc {100 * s['acc']:.1f} %, "
                     f"invalid {100 * s['invalid_rate']:.1f} %, {time.perf_counter() - t0:.1f} s")

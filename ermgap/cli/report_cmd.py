@@ -26,6 +26,10 @@ def report(
     n_boot: int = typer.Option(1000, "--n-boot", min=10, help="Bootstrap resamples (with --ci)."),
     seed: int = typer.Option(0, "--seed", help="Bootstrap seed."),
     baseline: str = typer.Option(None, "--baseline", help="System name to compare every other system with (--ci)."),
+    attribute: str = typer.Option("gender", "--attribute", help="Protected attribute column of --preds/--systems files."),
+    by: str = typer.Option("language", "--by", help="Stratum column(s) of --preds/--systems files ('a+b' for several)."),
+    labels: str = typer.Option(None, "--labels", help="Labels of --preds/--systems files in class order (comma-separated, "
+                               "or 'infer'); default: their score_<label> columns, else MELD's seven."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
 ) -> None:
     """Write table2/table3 (.md/.csv/.tex), metrics.json and PNG plots for the given systems."""
@@ -33,10 +37,11 @@ def report(
 
     console = Console(soft_wrap=True)
     chosen: list = []
+    label_set = labels if labels in (None, "infer") else [x.strip() for x in labels.split(",") if x.strip()]
     for spec in preds or []:
-        chosen.append(R.parse_preds_spec(spec))
+        chosen.append(R.parse_preds_spec(spec, attribute=attribute, by=by, labels=label_set))
     if systems:
-        chosen += R.load_systems_yaml(systems)
+        chosen += R.load_systems_yaml(systems, attribute=attribute, by=by, labels=label_set)
     uri = None
     if mlflow_parent or runs or log_to:
         from ermgap.config import RunConfig, default_tracking_uri

@@ -4,21 +4,28 @@ Columns (CSV header, any order; extra columns are kept):
 
     utt_id      unique id (string)
     split       train | dev | test
-    language    deu | eng | jpn
-    emotion     neutral | joy | sadness | anger | fear | disgust | surprise
+    emotion     the gold label (the task's labels; default MELD's seven: neutral joy sadness anger fear
+                disgust surprise)
     speaker     speaker id (string; speakers should not cross splits)
-    gender      F | M
     transcript  text in the utterance's language (may be empty unless modality is "multi")
     audio       path of the wav, relative to the manifest's folder (absolute paths also work)
     duration_s  optional, seconds (speeds up length-grouped batching)
+    language    the default stratum; any column named by objective.stratum
+    gender      the default protected attribute (F | M); any column named by data.attribute
+
+Allowed values come from the task (`ermgap.task`): labels and attribute values as declared or inferred from the
+train split; stratum values as found in the train split. A dev/test value the task lacks is an error.
 
 Problems are reported with the CSV row (1 = first data row) and line (header = line 1), the column,
 the offending value and what is allowed; `validate_manifest` returns all of them at once and
-`read_manifest` raises one ManifestError listing them.
+`read_manifest` raises one ManifestError listing them. Coverage problems (a (split, stratum) without some
+attribute value, so its gap is undefined or compares fewer groups) are warnings: `data validate` reports
+them like errors, `read_manifest(allow_warnings=True)` (training) logs them and goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -29,15 +36,17 @@ import pandas as pd
 import soundfile as sf
 
 from ermgap.errors import ManifestError
-from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, MODALITIES, SPLITS
+from ermgap.labels import MODALITIES, SPLITS
+from ermgap.task import LABEL_COLUMN, RUN_MODALITY, Task, TaskError, TaskSpec
 
+# Columns every manifest has, whatever the task; the task adds its attribute and stratum columns.
+BASE_COLUMNS: tuple[str, ...] = ("utt_id", "split", LABEL_COLUMN, "speaker", "transcript", "audio")
+# The default task's full header (language stratum, gender attribute), in the canonical order.
 REQUIRED_COLUMNS: tuple[str, ...] = (
     "utt_id", "split", "language", "emotion", "speaker", "gender", "transcript", "audio",
 )
 OPTIONAL_COLUMNS: tuple[str, ...] = ("duration_s",)
-ALLOWED_VALUES: dict[str, tuple[str, ...]] = {
-    "split": SPLITS, "language": LANGUAGES, "emotion": EMOTIONS, "gender": GENDERS,
-}
+log = logging.getLogger(__name__)
 EXPECTED_SAMPLE_RATE = 16000
 # Columns that identify an utterance and must never be blank (transcript may be, in unimodal use).
 _NONEMPTY = ("utt_id", "speaker", "audio")
@@ -61,7 +70,8 @@ class Problem:
         if self.column is not None:
             parts.append(f"column '{self.column}'")
         where = ", ".join(parts)
-        shown = f"value {self.value!r}: " if self.value is not None else ""
+        shown = ("warning: " if self.kind == "warning" else "") + (f"value {self.value!r}: " if self.value is not None
+                                                                  else "")
         return f"{where}: {shown}{self.message}" if where else f"{shown}{self.message}"
 
     def __str__(self) -> str:
@@ -93,14 +103,28 @@ def _load_csv(path: Path, problems: list[Problem]) -> pd.DataFrame | None:
     return df
 
 
-def _check_rows(df: pd.DataFrame, name: str, modality: str | None, problems: list[Problem]) -> None:
+def _allowed_values(df: pd.DataFrame, task: Task) -> dict[str, tuple[tuple[str, ...], str]]:
+    """{column: (allowed values, where they come from)} for the split, label, attribute and stratum columns."""
+    train = df[df["split"] == "train"]
+    allowed = {"split": (SPLITS, ""), LABEL_COLUMN: (task.labels, task.labels_from),
+               task.attribute: (task.attribute_values, "data.attribute_values")}
+    for col in task.stratum:
+        if col in df.columns and col not in allowed and len(train):
+            allowed[col] = (tuple(sorted(set(train[col]))), "the train split")
+    return allowed
+
+
+def _check_rows(df: pd.DataFrame, name: str, modality: str | None, task: Task | None,
+                problems: list[Problem]) -> None:
     for col in _NONEMPTY:
         for i in df.index[df[col].str.strip() == ""]:
             problems.append(Problem(name, "must not be empty", row=i + 1, column=col, value=""))
-    for col, allowed in ALLOWED_VALUES.items():
+    checks = _allowed_values(df, task) if task is not None else {"split": (SPLITS, "")}
+    for col, (allowed, source) in checks.items():
         bad = ~df[col].isin(allowed)
+        note = f" ({source})" if source and source != "data.attribute_values" else ""
         for i in df.index[bad]:
-            problems.append(Problem(name, f"expected one of {', '.join(allowed)}", row=i + 1, column=col,
+            problems.append(Problem(name, f"expected one of {', '.join(allowed)}{note}", row=i + 1, column=col,
                                     value=df.at[i, col]))
     if modality == "multi":
         for i in df.index[df["transcript"].str.strip() == ""]:
@@ -120,23 +144,39 @@ def _check_rows(df: pd.DataFrame, name: str, modality: str | None, problems: lis
             first_row.setdefault(uid, i + 1)
 
 
-def _check_coverage(df: pd.DataFrame, name: str, require_splits: Sequence[str], problems: list[Problem]) -> None:
-    ok = df[df["split"].isin(SPLITS) & df["language"].isin(LANGUAGES) & df["gender"].isin(GENDERS)]
+def _check_splits(df: pd.DataFrame, name: str, require_splits: Sequence[str], problems: list[Problem]) -> None:
     for split in require_splits:
-        if not (ok["split"] == split).any():
+        if not (df["split"] == split).any():
             problems.append(Problem(name, f"split '{split}' is empty; a manifest needs rows in each of "
                                           f"{', '.join(require_splits)}", column="split"))
-    counts = Counter(zip(ok["split"], ok["language"], ok["gender"]))
-    languages = [lang for lang in LANGUAGES if (ok["language"] == lang).any()]
+
+
+def _check_coverage(df: pd.DataFrame, name: str, task: Task, modality: str | None, problems: list[Problem]) -> None:
+    """A warning per (split, stratum) lacking some attribute value: its gap is undefined (one value left) or
+    compares fewer groups; in dev an undefined gap cannot drive λ."""
+    attr, values = task.attribute, task.attribute_values
+    keys = pd.Series(task.stratum_keys(df, modality), index=df.index)
+    counts = Counter(zip(df["split"], keys, df[attr]))
+    what = " × ".join(task.stratum)
     for split in SPLITS:
-        if not (ok["split"] == split).any():
+        in_split = df["split"] == split
+        if not in_split.any():
             continue
-        for lang in languages:
-            missing = [g for g in GENDERS if counts[(split, lang, g)] == 0]
-            if missing:
-                problems.append(Problem(
-                    name, f"split '{split}', language '{lang}' has no {' or '.join(missing)} rows; gender gaps "
-                          f"need both {' and '.join(GENDERS)} in every (split, language)", column="gender"))
+        for key in task.stratum_values:
+            if not (in_split & (keys == key)).any():
+                continue
+            missing = [v for v in values if counts[(split, key, v)] == 0]
+            if not missing:
+                continue
+            left = len(values) - len(missing)
+            # The objective's loss gap needs every value present (a "valid" stratum); metric gaps need two.
+            consequence = "its gaps are undefined" if left < 2 else f"its metric gaps compare the other {left} values only"
+            if split == "dev":
+                consequence += "; its loss gap is undefined and will not drive λ"
+            need = f"both {' and '.join(values)}" if len(values) == 2 else f"all of {', '.join(values)}"
+            problems.append(Problem(
+                name, f"split '{split}', {what} '{key}' has no {' or '.join(missing)} rows; {attr} gaps need "
+                      f"{need} in every (split, {what}): {consequence}", column=attr, kind="warning"))
 
 
 def _check_audio(df: pd.DataFrame, path: Path, name: str, expected_sample_rate: int | None,
@@ -179,12 +219,14 @@ def validate_manifest(
     require_splits: Sequence[str] = SPLITS,
     expected_sample_rate: int | None = EXPECTED_SAMPLE_RATE,
     sample_rates: Counter | None = None,
+    task: TaskSpec | None = None,
 ) -> list[Problem]:
     """Check a manifest CSV and return every problem found (empty list: valid).
 
-    modality: "multi" also requires non-empty transcripts. check_audio: open every audio file
-    (present, decodable, mono, non-empty, `expected_sample_rate` Hz unless None). require_splits:
-    splits that must have rows. sample_rates: if given, filled with {rate_hz: file_count}.
+    modality: "multi" also requires non-empty transcripts (and is the value of a `modality` stratum part).
+    check_audio: open every audio file (present, decodable, mono, non-empty, `expected_sample_rate` Hz unless
+    None). require_splits: splits that must have rows. sample_rates: if given, filled with {rate_hz: file_count}.
+    task: what the config declares about labels, attribute and stratum (default: the paper's task).
     """
     if modality is not None and modality not in MODALITIES:
         raise ManifestError(f"modality {modality!r} is not allowed; expected one of {', '.join(MODALITIES)}")
@@ -194,24 +236,40 @@ def validate_manifest(
     df = _load_csv(path, problems)
     if df is None:
         return problems
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
+    spec = task or TaskSpec()
+    required = required_columns(spec)
+    missing = [c for c in required if c not in df.columns]
     for col in missing:
         problems.append(Problem(name, f"required column is missing (header has: {', '.join(df.columns)}; "
-                                      f"required: {', '.join(REQUIRED_COLUMNS)})", column=col))
+                                      f"required: {', '.join(required)})", column=col))
     if missing:
         return problems
     if len(df) == 0:
         problems.append(Problem(name, "manifest has a header but no rows"))
         return problems
-    _check_rows(df, name, modality, problems)
-    # Coverage problems would only echo a bad split/language/gender value already reported by row.
-    if all(df[col].isin(allowed).all() for col, allowed in ALLOWED_VALUES.items() if col != "emotion"):
-        _check_coverage(df, name, require_splits, problems)
+    resolved: Task | None = None
+    try:
+        resolved = spec.resolve(df[df["split"].isin(SPLITS)], file=name, modality=modality)
+    except TaskError as err:
+        problems.append(Problem(name, err.message, column=err.column, value=err.value))
+    _check_rows(df, name, modality, resolved, problems)
+    _check_splits(df, name, require_splits, problems)
+    # Coverage problems would only echo a bad split/attribute/stratum value already reported by row.
+    if resolved is not None and not any(p.row is not None and p.column in ("split", resolved.attribute, *resolved.stratum)
+                                        for p in problems):
+        _check_coverage(df, name, resolved, modality, problems)
     if check_audio:
         rates = _check_audio(df, path, name, expected_sample_rate, problems)
         if sample_rates is not None:
             sample_rates.update(rates)
     return problems
+
+
+def required_columns(spec: TaskSpec) -> list[str]:
+    """The header a manifest needs for `spec`: the base columns and the task's (canonical order first)."""
+    needed = set(BASE_COLUMNS) | {c for c in spec.columns if c != RUN_MODALITY}
+    cols = [c for c in REQUIRED_COLUMNS if c in needed]
+    return cols + [c for c in spec.columns if c in needed and c not in cols]
 
 
 def format_problems(problems: Sequence[Problem], limit: int | None = None, *, with_file: bool = False) -> str:
@@ -229,15 +287,24 @@ def read_manifest(
     check_audio: bool = False,
     modality: str | None = None,
     require_splits: Sequence[str] = SPLITS,
+    task: TaskSpec | None = None,
+    allow_warnings: bool = False,
 ) -> pd.DataFrame:
     """Read and validate a manifest; raises ManifestError listing all problems.
 
     Returns the rows as a DataFrame of strings (duration_s as float when present) with an added
     column `audio_path`: the absolute path of each audio file. Sample rates other than 16 kHz are
-    not an error here (load_audio resamples); `ermgap data validate` reports them.
+    not an error here (load_audio resamples); `ermgap data validate` reports them. With
+    `allow_warnings`, coverage warnings are logged instead of raised (training: a stratum whose gap is
+    undefined is left out of the objective).
     """
     problems = validate_manifest(path, modality=modality, check_audio=check_audio,
-                                 require_splits=require_splits, expected_sample_rate=None)
+                                 require_splits=require_splits, expected_sample_rate=None, task=task)
+    if allow_warnings:
+        for p in problems:
+            if p.kind == "warning":
+                log.warning("%s", p)
+        problems = [p for p in problems if p.kind != "warning"]
     if problems:
         raise ManifestError(f"manifest {path} has {len(problems)} problem(s):\n{format_problems(problems, 50)}")
     df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")

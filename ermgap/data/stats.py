@@ -1,11 +1,13 @@
-"""Corpus statistics: the paper's Table 1 (language × gender × split counts with totals) and the
-emotion distribution per language and gender. Plain functions over a manifest DataFrame."""
+"""Corpus statistics: the paper's Table 1 (stratum × attribute × split counts with totals: language × gender
+for the paper) and the label distribution per stratum and attribute value. Plain functions over a manifest
+DataFrame and its Task (default: the paper's)."""
 
 from __future__ import annotations
 
 import pandas as pd
 
-from ermgap.labels import EMOTIONS, GENDERS, LANGUAGE_NAMES, SPLITS
+from ermgap.labels import LANGUAGE_NAMES, SPLITS
+from ermgap.task import DEFAULT_TASK, LABEL_COLUMN, Task
 
 # Table 1 lists English, Japanese, German in this order.
 PAPER_LANGUAGE_ORDER = ("eng", "jpn", "deu")
@@ -13,45 +15,50 @@ OVERALL = "Overall"
 TOTAL = "Total"
 
 
-def _languages(df: pd.DataFrame) -> list[str]:
-    present = set(df["language"])
-    return [lang for lang in PAPER_LANGUAGE_ORDER if lang in present] + sorted(present - set(PAPER_LANGUAGE_ORDER))
+def _strata(df: pd.DataFrame, task: Task) -> tuple[list[str], pd.Series]:
+    """The stratum values present (the paper's language order first, then sorted) and each row's stratum."""
+    keys = pd.Series(task.stratum_keys(df), index=df.index, dtype=str)
+    present = set(keys)
+    ordered = [lang for lang in PAPER_LANGUAGE_ORDER if lang in present] if task.stratum == ("language",) else []
+    return ordered + sorted(present - set(ordered)), keys
 
 
-def table1(df: pd.DataFrame) -> pd.DataFrame:
-    """Counts indexed by (language, gender) with gender in F, M, Total and a final 'Overall' language;
-    columns train, dev, test, total (ints). Matches the paper's Table 1 layout."""
+def table1(df: pd.DataFrame, task: Task = DEFAULT_TASK) -> pd.DataFrame:
+    """Counts indexed by (stratum, attribute value) with the values, then Total, and a final 'Overall'
+    stratum; columns train, dev, test, total (ints). The paper's Table 1 layout (language × F, M, Total)."""
+    strata, keys = _strata(df, task)
     rows = []
-    for lang in [*_languages(df), OVERALL]:
-        part = df if lang == OVERALL else df[df["language"] == lang]
-        for gender in [*GENDERS, TOTAL]:
-            cell = part if gender == TOTAL else part[part["gender"] == gender]
+    for s in [*strata, OVERALL]:
+        part = df if s == OVERALL else df[keys == s]
+        for value in [*task.attribute_values, TOTAL]:
+            cell = part if value == TOTAL else part[part[task.attribute] == value]
             counts = {split: int((cell["split"] == split).sum()) for split in SPLITS}
-            rows.append({"language": lang, "gender": gender, **counts, "total": sum(counts.values())})
-    return pd.DataFrame(rows).set_index(["language", "gender"])
+            rows.append({task.stratum_name: s, task.attribute: value, **counts, "total": sum(counts.values())})
+    return pd.DataFrame(rows).set_index([task.stratum_name, task.attribute])
 
 
-def emotion_distribution(df: pd.DataFrame, *, split: str | None = None) -> pd.DataFrame:
-    """Counts indexed by (language, gender) (all splits, or one `split`), columns EMOTIONS + total."""
+def emotion_distribution(df: pd.DataFrame, *, split: str | None = None, task: Task = DEFAULT_TASK) -> pd.DataFrame:
+    """Counts indexed by (stratum, attribute value) (all splits, or one `split`), columns the labels + total."""
+    strata, keys = _strata(df, task)
     part = df if split is None else df[df["split"] == split]
     rows = []
-    for lang in _languages(df):
-        for gender in GENDERS:
-            cell = part[(part["language"] == lang) & (part["gender"] == gender)]
-            counts = {e: int((cell["emotion"] == e).sum()) for e in EMOTIONS}
-            rows.append({"language": lang, "gender": gender, **counts, "total": sum(counts.values())})
-    return pd.DataFrame(rows).set_index(["language", "gender"])
+    for s in strata:
+        for value in task.attribute_values:
+            cell = part[(keys[part.index] == s) & (part[task.attribute] == value)]
+            counts = {lab: int((cell[LABEL_COLUMN] == lab).sum()) for lab in task.labels}
+            rows.append({task.stratum_name: s, task.attribute: value, **counts, "total": sum(counts.values())})
+    return pd.DataFrame(rows).set_index([task.stratum_name, task.attribute])
 
 
-def corpus_stats(df: pd.DataFrame) -> dict:
+def corpus_stats(df: pd.DataFrame, task: Task = DEFAULT_TASK) -> dict:
     """Everything `ermgap data stats --json` prints: {"num_utterances", "num_speakers",
-    "table1": {lang: {gender: {split: n, "total": n}}}, "emotions": {lang: {gender: {emotion: n}}},
+    "table1": {stratum: {value: {split: n, "total": n}}}, "emotions": {stratum: {value: {label: n}}},
     "total_duration_s" (when the manifest has duration_s)}."""
-    t1 = table1(df)
-    em = emotion_distribution(df)
+    t1 = table1(df, task)
+    em = emotion_distribution(df, task=task)
     out: dict = {
         "num_utterances": int(len(df)),
-        "num_speakers": {g: int(df.loc[df["gender"] == g, "speaker"].nunique()) for g in GENDERS},
+        "num_speakers": {g: int(df.loc[df[task.attribute] == g, "speaker"].nunique()) for g in task.attribute_values},
         "table1": {lang: {g: {k: int(v) for k, v in t1.loc[(lang, g)].items()} for g in t1.loc[lang].index}
                    for lang in t1.index.get_level_values(0).unique()},
         "emotions": {lang: {g: {k: int(v) for k, v in em.loc[(lang, g)].items()} for g in em.loc[lang].index}
