@@ -54,7 +54,7 @@ def _evals_after_stop(out) -> list[int]:
     client = MlflowClient(out.tracking_uri)
     extra = []
     for _, row in out.leaderboard[out.leaderboard["status"] == "stopped"].iterrows():
-        logged = len(client.get_metric_history(row["mlflow_run_id"], "dev_w_f1")) if row["mlflow_run_id"] else 0
+        logged = len(client.get_metric_history(row["mlflow_run_id"], "eval/dev_w_f1")) if row["mlflow_run_id"] else 0
         extra.append(int(logged - (row["eval_rounds"] or 0)))
     return extra
 

@@ -1,7 +1,7 @@
 """Every reported metric declared once: name, direction (which way is better), label and unit.
 
-Keys in reports are `<split>_<metric>[_<stratum>]` (`dev_w_f1`, `test_avg_gap_deu`, `best_dev_w_f1`,
-`final/test_worst_lang_gap`); `lookup` resolves any of them to the declaration, so a place that ranks,
+Keys in reports are `<split>_<metric>[_<stratum>]` (`dev_w_f1`, `test_avg_gap_deu`, `best_dev_w_f1`),
+in MLflow with a namespace (`best/test_worst_lang_gap`, `eval/dev_w_f1`); `lookup` resolves any of them to the declaration, so a place that ranks,
 labels or selects by a metric reads its direction here instead of repeating it. Pure Python (no torch):
 the config imports it.
 """
@@ -50,7 +50,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in _DECLARED}
 # What the training recipe reports for each split, hence what `eval.metric` may select on.
 SPLIT_METRICS: tuple[str, ...] = ("w_f1", "acc", "avg_gap", "worst_lang_gap", "loss", "loss_gap")
 SPLITS: tuple[str, ...] = ("dev", "test")
-_PREFIXES = ("final/", "best_")
+_PREFIXES = ("best/", "eval/", "best_")  # MLflow namespaces (ermgap.tracking), the Tune report's best_
 
 
 def lookup(key: str) -> Metric:

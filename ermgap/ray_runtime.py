@@ -8,6 +8,7 @@ not released (the next worker group then times out on a small machine).
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 
@@ -48,12 +49,13 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
     driver: without it, `ermgap train` inside a job would start a second cluster on the head node.
     `num_cpus` caps a local cluster's CPUs (default: all cores); it is ignored when joining.
     Token authentication stays at Ray's default (on in 2.60). `log_to_driver=False` keeps worker
-    output in Ray's session logs only (sweeps print Tune's trial table instead; failed trials still
-    report their errors).
+    output in Ray's session logs only (sweeps show their own trial lines; failed trials still
+    report their errors) and also turns Ray's own INFO lines in this process off.
     """
 
     if ray.is_initialized():
         return
+    level = logging.INFO if log_to_driver else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
@@ -61,7 +63,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
         # machine's loopback: without naming it, Ray registers this driver under the host's own IP and
         # never reaches the GCS ("Timed out while waiting for GCS to become available").
         local = {"_node_ip_address": "127.0.0.1"} if is_loopback_host(host) else {}
-        ray.init(address=address, log_to_driver=log_to_driver, **local)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=level, **local)
         return
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
     ray.init(
@@ -72,6 +74,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
         dashboard_port=port,
         _node_ip_address="127.0.0.1",
         log_to_driver=log_to_driver,
+        logging_level=level,
         # Train V2's placement-group cleaner asks the dashboard whether a run's controller is alive.
         # Left to auto-detect the cluster, it fails when a second Ray instance runs on the machine
         # (another user, a test head), so a finished run's placement group is never removed and the

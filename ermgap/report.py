@@ -38,6 +38,7 @@ from ermgap.io import atomic_dir
 from ermgap.labels import MODALITIES
 from ermgap.metric_registry import METRICS
 from ermgap.task import Task, task_for_predictions
+from ermgap.tracking import describe_objective, objective_kind
 
 OVERALL = "multilingual"  # the pooled subset's key (the paper's "Multilingual" rows)
 MODALITY_TITLES = {"uni": "Unimodal (Speech only)", "multi": "Multimodal (Speech + Transcription)"}
@@ -198,8 +199,7 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
         if extras:
             name = f"{name} [{', '.join(extras)}]"
         history = [(float(m.step), float(m.value)) for m in client.get_metric_history(rid, "lambda")]
-        group = _objective_group(params)
-        systems.append(System(name=name, modality=modality, preds=preds, group=group, source=f"mlflow:{rid}",
+        systems.append(System(name=name, modality=modality, preds=preds, group=None, source=f"mlflow:{rid}",
                               lambda_history=history or None, params=dict(params), task=task))
     seen: dict[tuple[str, str], int] = {}
     for s in systems:  # same description twice (e.g. seeds not tagged): keep both rows apart
@@ -233,32 +233,62 @@ def _kind(params: dict) -> str:
     return params.get("objective.kind", "minmaxgap")
 
 
-def _objective_group(params: dict) -> str:
-    """Table 3 section: the paper's two for MinMaxGAP runs, one shared section for the other objectives."""
-    if _kind(params) != "minmaxgap":
-        return "Other objectives"
-    return "Lambda effect" if params.get("lambda.mode") == "fixed" else "Main components"
+MAIN, LAMBDA, PENALTY, OTHER = "Main components", "Lambda effect", "Penalty power effect", "Other objectives"
+PAPER_P = 2.0  # the paper's penalty power: the adaptive run it calls "Ours"
 
 
-def describe_objective(params: dict) -> str:
-    """A run's objective in words from its flattened params ("Group DRO (η=0.1)", "ERM (SFT)", ...); plain
-    ERM reads the same whether it is `objective.kind=erm` or MinMaxGAP with λ fixed at 0."""
-    # Lazy: the objectives import torch, which `ermgap report` on prediction files does not need.
-    from ermgap.objectives import OBJECTIVES
+def table3_layout(systems: Sequence[System]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The paper's Table 3 from what the systems are: [(section, [(system name, row label)])].
 
-    kind = _kind(params)
-    if kind == "group_dro":
-        return f"{OBJECTIVES[kind].label} (η={float(params.get('objective.group_dro.eta', 'nan')):g})"
-    if kind != "minmaxgap":
-        return OBJECTIVES[kind].label if kind in OBJECTIVES else kind
-    mode, init, p = params.get("lambda.mode"), params.get("lambda.init"), params.get("objective.p")
-    if mode == "fixed":
-        if init is None:
-            return "fixed λ"
-        return OBJECTIVES["erm"].label if float(init) == 0 else f"λ = {float(init):g}"  # the paper's Table 3 rows
-    if mode == "adaptive":
-        return f"ERM-MinMaxGAP (p={float(p):g})" if p else "ERM-MinMaxGAP"
-    return "run"
+    Main components: systems given with that group (zero-shot), "+ ERM (SFT)", "ERM-MinMaxGAP (Ours)"
+    (adaptive λ with p = 2, else the only adaptive run); Lambda effect: "λ = 0 (SFT)", "λ = 1", …,
+    "λ = adaptive (Ours)"; Penalty power effect: "p = 1", "p = 2 (Ours)"; other objectives and other
+    explicit groups after. A run can sit in several sections, as in the paper. Lambda and penalty
+    sections need two rows to compare (or hold a run shown nowhere else). Systems without training params (prediction files) keep their group.
+    """
+    first = {}
+    for s in systems:
+        first.setdefault(s.name, s)
+    adaptive = {n: float(s.params.get("objective.p", PAPER_P)) for n, s in first.items()
+                if s.params and objective_kind(s.params) == "minmaxgap" and s.params.get("lambda.mode") == "adaptive"}
+    ours = next((n for n, p in adaptive.items() if p == PAPER_P), next(iter(adaptive), None))
+    sections: dict[str, list[tuple[str, str, float]]] = {}
+
+    def add(section: str, name: str, label: str, order: float = 0.0) -> None:
+        s = first[name]
+        described = describe_objective(s.params) if s.params else name
+        suffix = name[len(described):] if name.startswith(described) else f" ({name})"
+        sections.setdefault(section, []).append((name, label + suffix if s.params else name, order))
+
+    for name, s in first.items():
+        if not s.params:
+            add(s.group or DEFAULT_GROUP, name, name, -1.0)
+            continue
+        kind, mode = objective_kind(s.params), s.params.get("lambda.mode")
+        lam = float(s.params.get("lambda.init", 0.0)) if kind == "minmaxgap" and mode == "fixed" else None
+        if kind == "erm" or lam == 0.0:
+            add(MAIN, name, "+ ERM (SFT)")
+            add(LAMBDA, name, "λ = 0 (SFT)", 0.0)
+        elif lam is not None:
+            add(LAMBDA, name, f"λ = {lam:g}", lam)
+        elif name in adaptive:
+            if name == ours:
+                add(MAIN, name, "ERM-MinMaxGAP (Ours)", 1.0)
+                add(LAMBDA, name, "λ = adaptive (Ours)", float("inf"))
+            add(PENALTY, name, f"p = {adaptive[name]:g}" + (" (Ours)" if name == ours else ""), adaptive[name])
+        else:
+            add(OTHER, name, describe_objective(s.params))
+    known = [MAIN, LAMBDA, PENALTY, OTHER]
+    order = [k for k in known if k in sections] + [k for k in sections if k not in known]
+    elsewhere = {n for t in order for n, _, _ in sections[t] if t not in (LAMBDA, PENALTY) or len(sections[t]) > 1}
+    layout = []
+    for title in order:
+        rows = sorted(sections[title], key=lambda r: r[2])
+        # A one-row comparison says nothing, unless it is the only place the run appears.
+        if title in (LAMBDA, PENALTY) and len(rows) < 2 and all(n in elsewhere for n, _, _ in rows):
+            continue
+        layout.append((title, [(n, label) for n, label, _ in rows]))
+    return layout
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -362,14 +392,14 @@ def _render(wide: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], latex:
     if latex:
         esc = _latex_escape
         arrows = {"↑": r"$\uparrow$", "↓": r"$\downarrow$"}
-        heads = [re.sub("[↑↓]", lambda m: arrows[m.group()], METRICS[c.split("_", 1)[1]].column) for c in metric_cols]
+        heads = [re.sub("[↑↓]", lambda m: arrows[m.group()], _head(c)) for c in metric_cols]
         lines = [r"\begin{tabular}{l" + "r" * (ncols - 1) + "}", r"\toprule",
                  " & ".join(["", *(rf"\multicolumn{{7}}{{c}}{{{MODALITY_TITLES[m]}}}" for m in mods)]
                             + ([r"$\Delta$AVG"] if delta else [])) + r" \\",
                  " & ".join(["Model", *heads] + ([r"uni$\to$multi"] if delta else [])) + r" \\", r"\midrule"]
     else:
         esc = _md_escape
-        head = ["Model", *(f"{c.split('_', 1)[0].capitalize()} {METRICS[c.split('_', 1)[1]].column}" for c in metric_cols)]
+        head = ["Model", *(f"{c.split('_', 1)[0].capitalize()} {_head(c)}" for c in metric_cols)]
         head += ["Δ AVG (uni→multi)"] if delta else []
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
     for title, block in sections:
@@ -383,7 +413,8 @@ def _render(wide: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], latex:
                 if mark == "best":
                     text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
                 elif mark == "second":
-                    text = rf"\underline{{{text}}}" if latex else f"<u>{text}</u>"
+                    # Markdown has no underline and MLflow's preview shows raw HTML: italic there.
+                    text = rf"\underline{{{text}}}" if latex else f"_{text}_"
                 cells.append(text)
             if delta:
                 cells.append(_delta(row["delta_avg"], latex))
@@ -391,6 +422,12 @@ def _render(wide: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], latex:
     if latex:
         lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+def _head(col: str) -> str:
+    """'uni_tpr_gap' → 'TPR gap↓' (the metric's own label: a gap column says so)."""
+    m = METRICS[col.split("_", 1)[1]]
+    return m.label + m.arrow
 
 
 def _md_escape(text: str) -> str:
@@ -411,12 +448,70 @@ def table2(results: pd.DataFrame, task: Task | None = None) -> tuple[pd.DataFram
     return wide, _render(wide, sections, latex=False), _render(wide, sections, latex=True)
 
 
-def table3(results: pd.DataFrame) -> tuple[pd.DataFrame, str, str]:
-    """(wide frame, Markdown, LaTeX) of Table 3: multilingual rows, one section per system group."""
-    wide = wide_table(results, [OVERALL])
-    groups = list(dict.fromkeys(wide["group"]))
-    sections = [(g, wide[wide["group"] == g]) for g in groups]
+def table3(results: pd.DataFrame, layout: list[tuple[str, list[tuple[str, str]]]] | None = None
+           ) -> tuple[pd.DataFrame, str, str]:
+    """(wide frame, Markdown, LaTeX) of Table 3: multilingual rows in the sections of `layout`
+    (`table3_layout`; default: one section per system group). The frame has one row per table row:
+    `group` its section, `model` its label, `system` the system it shows."""
+    base = wide_table(results, [OVERALL])
+    if layout is None:
+        layout = [(g, [(n, n) for n in base.loc[base["group"] == g, "model"]]) for g in dict.fromkeys(base["group"])]
+    by_model = base.set_index("model")
+    rows = [{**by_model.loc[name].to_dict(), "group": title, "model": label, "system": name}
+            for title, members in layout for name, label in members if name in by_model.index]
+    wide = pd.DataFrame(rows, columns=[*base.columns, "system"])
+    sections = [(title, wide[wide["group"] == title]) for title, _ in layout if (wide["group"] == title).any()]
     return wide, _render(wide, sections, latex=False), _render(wide, sections, latex=True)
+
+
+def caption(number: int, systems: Sequence[System], *, latex: bool = False) -> str:
+    """What a table shows, in words: split, n per gender (and language), seeds, units, directions and
+    what bold and the second mark mean."""
+    preds = systems[0].preds
+    same = all(set(s.preds["utt_id"]) == set(preds["utt_id"]) for s in systems)
+    genders = preds["gender"].value_counts()
+    per_lang = preds["language"].value_counts()
+    seeds = sorted({str(s.params["optim.seed"]) for s in systems if s.params.get("optim.seed")})
+    second, best = ("underlined", "bold") if latex else ("_italic_", "**bold**")
+    parts = [
+        f"Table {number}. " + ("Ablations, multilingual, " if number == 3 else "") + "test split: "
+        f"n = {len(preds)} utterances ({', '.join(f'{g} {n}' for g, n in genders.sort_index().items())}"
+        + ("" if number == 3 else "; " + ", ".join(f"{lg.upper()} {n}" for lg, n in per_lang.sort_index().items()))
+        + ")" + ("" if same else " for the first system (the systems' utterance sets differ)") + ".",
+        "Seeds: " + (", ".join(seeds) if seeds else "not recorded (prediction files)") + ".",
+        "W-F1 and ACC in % (↑ better); TPR, FPR, W-F1 and ACC gaps are |female − male| in % points, "
+        "AVG gap their mean (↓ better).",
+        f"{best}: best, {second}: second best within a block of three or more rows.",
+        "Δ AVG (uni→multi): multimodal minus unimodal AVG gap (↓: the transcript narrows the gap).",
+    ]
+    if number == 3:
+        parts.append("Sections as in the paper: main components, λ fixed vs adaptive, penalty power p.")
+    text = " ".join(parts)
+    if latex:
+        return "% " + text + "\n"  # after the tabular, so the file can still be \input
+    return text.replace(f"Table {number}.", f"**Table {number}.**", 1) + "\n\n"
+
+
+def paired_lines(paired: pd.DataFrame, subset: str = OVERALL) -> list[str]:
+    """'ERM (SFT)→Ours (uni): ΔW-F1 +3.88 [1.02, 6.50] · ΔAVG −1.48 [−5.10, 1.87]' per comparison
+    (paired bootstrap, 95 % percentile interval; a negative gap difference means a smaller gap)."""
+    out = []
+    rows = paired[paired["subset"] == subset]
+    for (comparison, modality), grp in rows.groupby(["comparison", "modality"], sort=False):
+        by = grp.set_index("metric")
+        cells = []
+        for key, name in (("w_f1", "ΔW-F1"), ("avg_gap", "ΔAVG")):
+            if key in by.index:
+                r = by.loc[key]
+                cells.append(f"{name} {_signed(r['diff'])} [{_signed(r['lo'], plus=False)}, {_signed(r['hi'], plus=False)}]")
+        out.append(f"{comparison} ({modality}): " + " · ".join(cells))
+    return out
+
+
+def _signed(v: float, plus: bool = True) -> str:
+    """2 decimals with a true minus sign (and + for a positive point estimate)."""
+    text = f"{abs(v):.2f}"
+    return ("−" if v < 0 else "+" if plus and v > 0 else "") + text
 
 
 def paired_comparisons(systems: Sequence[System], *, n_boot: int, seed: int = 0,
@@ -466,7 +561,7 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
     results = evaluate_systems(systems, n_boot=n_boot, seed=seed)
     task = shared_task(systems)
     wide2, md2, tex2 = table2(results, task)
-    wide3, md3, tex3 = table3(results)
+    wide3, md3, tex3 = table3(results, table3_layout(systems))
     paired = paired_comparisons(systems, n_boot=n_boot, seed=seed, baseline=baseline) if n_boot else None
     names: dict[str, str] = {}
     with atomic_dir(out_dir, force=force) as tmp:
@@ -475,29 +570,40 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
             (tmp / rel).write_text(text, encoding="utf-8")
             names[key] = rel
 
-        put("table2_md", "table2.md", md2)
-        put("table2_tex", "table2.tex", tex2)
+        put("table2_md", "table2.md", caption(2, systems) + md2)
+        put("table2_tex", "table2.tex", tex2 + caption(2, systems, latex=True))
         put("table2_csv", "table2.csv", wide2.to_csv(index=False))
-        put("table3_md", "table3.md", md3)
-        put("table3_tex", "table3.tex", tex3)
+        put("table3_md", "table3.md", caption(3, systems) + md3)
+        put("table3_tex", "table3.tex", tex3 + caption(3, systems, latex=True))
         put("table3_csv", "table3.csv", wide3.to_csv(index=False))
         put("results_csv", "results.csv", results.to_csv(index=False))
         if paired is not None and len(paired):
             put("paired_csv", "paired.csv", paired.to_csv(index=False))
+            put("paired_md", "paired.md", "**Paired bootstrap** (test, multilingual; difference b − a with its 95 % "
+                "interval, % points; ΔAVG < 0: smaller gap)\n\n" + "".join(f"- {ln}\n" for ln in paired_lines(paired)))
         put("metrics_json", "metrics.json", json.dumps(_metrics_doc(systems, results), indent=1, allow_nan=False)
             + "\n")
 
         multi = results[results["subset"] == OVERALL]
         labels = [f"{m} ({mod})" for m, mod in zip(multi["model"], multi["modality"])]
-        plots.fairness_accuracy_scatter(list(zip(multi["w_f1"], multi["avg_gap"])), labels,
-                                        tmp / "fairness_accuracy.png", xlabel=f"AVG {task.attribute} gap [%] ↓")
+        ci = n_boot > 0  # bootstrap 95 % intervals as error bars
+        plots.fairness_accuracy_scatter(
+            list(zip(multi["w_f1"], multi["avg_gap"])), labels, tmp / "fairness_accuracy.png",
+            xlabel=f"AVG {task.attribute} gap [%] ↓",
+            title="Performance–fairness trade-off, test split (all strata)" + (", bootstrap 95 %" if ci else ""),
+            errors=list(zip(zip(multi["w_f1_lo"], multi["w_f1_hi"]), zip(multi["avg_gap_lo"], multi["avg_gap_hi"])))
+            if ci else None)
         names["fairness_accuracy_png"] = "fairness_accuracy.png"
         order = {s: i for i, s in enumerate(subset_order(results))}
+        grouped = list(results.groupby(["model", "modality"], sort=False))
         gaps = {f"{m} ({mod})": {subset_title(s, task): v for s, v in sorted(zip(g["subset"], g["avg_gap"]),
                                                                            key=lambda sv: order[sv[0]])}
-                for (m, mod), g in results.groupby(["model", "modality"], sort=False)}
+                for (m, mod), g in grouped}
+        errors = {f"{m} ({mod})": {subset_title(s, task): (lo, hi)
+                                   for s, lo, hi in zip(g["subset"], g["avg_gap_lo"], g["avg_gap_hi"])}
+                  for (m, mod), g in grouped} if ci else None
         plots.gender_gap_bars(gaps, tmp / "gender_gaps.png", metric=f"AVG {task.attribute} gap [%]",
-                              stratum=task.stratum_name)
+                              stratum=task.stratum_name, split="test", errors=errors)
         names["gender_gaps_png"] = "gender_gaps.png"
         series = {s.label: s.lambda_history for s in systems if s.lambda_history}
         if series:

@@ -7,13 +7,24 @@ The run id is stored in every checkpoint and in `<run_dir>/mlflow_run_id`, so a 
 group or `ermgap train --resume` continues the SAME run instead of opening a new one.
 A sweep is one parent run (tag `ermgap.role=sweep`); each trial's training run is a child of it
 through MLflow's own parent tag, so the UI nests them and `child_runs` finds them.
+
+Metric names (one namespace each, shared by a sweep's parent and its children so the runs table
+shows them in the same columns):
+    best/<split>_<metric>   the best checkpoint's dev and test metrics (a child: its own best
+                            checkpoint; the parent: the selected trial's), logged once at the end
+    eval/<split>_<metric>   every dev evaluation, by optimizer step (also eval/lambda: λ after it)
+    train/…, lambda, lr     every optimizer step (λ trajectory, per-stratum gaps train/gap_<stratum>)
+Artifacts of a sqlite store go next to the database (`<db dir>/artifacts/<experiment>`), not into
+./mlruns of whatever directory a process happened to start in.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import socket
+import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -22,11 +33,12 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.data.pandas_dataset import from_pandas
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag, ViewType
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from ermgap.errors import ErmgapWarning
+from ermgap.errors import ConfigError, ErmgapWarning
 
 RUN_ID_FILE = "mlflow_run_id"
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
@@ -36,6 +48,9 @@ TAG_TRIAL = "ermgap.trial_id"
 TAG_ROLE = "ermgap.role"
 DRIVER_TAG = "ermgap.driver"  # "<host>:<pid>" of the process whose trainer.fit() drives the run
 TAG_PARAM_PREFIX = "ermgap.param."  # a trial's sampled params, as tags (the report groups runs by them)
+TAG_NOTE = "mlflow.note.content"   # the run's description in the UI
+BEST = "best/"
+EVAL = "eval/"
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -47,12 +62,20 @@ def _param(key: str, value: Any) -> Param:
     return Param(key, str(value)[:MAX_PARAM_VAL_LENGTH])
 
 
+def artifact_root(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment's artifacts go: beside a sqlite database; the server's choice otherwise."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri.removeprefix("sqlite:///")).resolve()
+    return (db.parent / "artifacts" / re.sub(r"[^A-Za-z0-9._-]+", "_", experiment)).as_uri()
+
+
 def experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri, name))
     except Exception:  # another process created it between our get and create
         exp = client.get_experiment_by_name(name)
         if exp is None:
@@ -163,6 +186,78 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def source_tags(entry_point: str) -> dict[str, str]:
+    """MLflow's source tags for a run started by `entry_point` ("ermgap train", "ermgap sweep"): the git
+    commit of the ermgap checkout (and whether it had local changes), or the installed version."""
+    import ermgap
+
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL",
+            "ermgap.version": getattr(ermgap, "__version__", "unknown")}
+    here = Path(ermgap.__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            tags["mlflow.source.git.commit"] = commit.stdout.strip()
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                   capture_output=True, text=True, timeout=10).stdout.strip()
+            tags["ermgap.git_dirty"] = str(bool(dirty)).lower()
+    except (OSError, subprocess.TimeoutExpired):  # no git on this machine: an installed package has its version
+        pass
+    return tags
+
+
+def log_manifest_input(tracking_uri: str, run_id: str, manifest: str | os.PathLike, frame: pd.DataFrame,
+                       context: str = "training") -> None:
+    """The manifest as the run's MLflow dataset input (name, digest, schema, source path)."""
+    path = Path(manifest).resolve()
+    dataset = from_pandas(frame, source=str(path), name=f"{path.parent.name}/{path.name}")
+    # _to_mlflow_entity is what mlflow.log_input calls; the client API takes the entity, and we keep
+    # no global active run (module docstring).
+    client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+
+
+def objective_kind(params: dict[str, Any]) -> str:
+    # Runs logged before `objective.kind` existed all trained ERM-MinMaxGAP (ERM was fixed λ = 0).
+    return params.get("objective.kind", "minmaxgap")
+
+
+def describe_objective(params: dict[str, Any]) -> str:
+    """A run's objective in the paper's words from its flattened config params ("ERM (SFT)", "λ = 3",
+    "ERM-MinMaxGAP (p=2)", "Group DRO (η=0.05)"): the MLflow param `objective` and the report's row name."""
+    # Lazy: the objectives import torch, which `ermgap report` on prediction files does not need.
+    from ermgap.objectives import OBJECTIVES
+
+    kind = objective_kind(params)
+    if kind == "group_dro":
+        return f"{OBJECTIVES[kind].label} (η={float(params.get('objective.group_dro.eta', 'nan')):g})"
+    if kind != "minmaxgap":
+        return OBJECTIVES[kind].label if kind in OBJECTIVES else kind
+    mode, init, p = params.get("lambda.mode"), params.get("lambda.init"), params.get("objective.p")
+    if mode == "fixed":
+        if init is None:
+            return "fixed λ"
+        return "ERM (SFT)" if float(init) == 0 else f"λ = {float(init):g}"  # the paper's Table 3 rows
+    if mode == "adaptive":
+        return f"ERM-MinMaxGAP (p={float(p):g})" if p else "ERM-MinMaxGAP"
+    return "run"
+
+
+def run_description(params: dict[str, Any], split_sizes: dict[str, int]) -> str:
+    """The run's note in the MLflow UI (Markdown): objective, variant, data, model, schedule."""
+    sizes = ", ".join(f"{n} {k}" for k, n in split_sizes.items())
+    lines = [f"**{params.get('objective', describe_objective(params))}**"
+             + (f" (variant `{params['variant']}`)" if params.get("variant") else ""),
+             "",
+             f"- data: `{params.get('data.manifest')}` ({sizes} utterances), modality {params.get('data.modality')}",
+             f"- model: `{params.get('model.name_or_path')}` + LoRA r={params.get('lora.r')}",
+             f"- {params.get('optim.epochs')} epochs, effective batch {params.get('optim.effective_batch_size')}, "
+             f"lr {params.get('optim.lr')}, seed {params.get('optim.seed')}",
+             "- metrics: `best/…` best checkpoint on dev (dev and test), `eval/…` every dev evaluation, "
+             "`train/…` every step"]
+    return "\n".join(lines)
+
+
 def mark_run(tracking_uri: str, run_dir: str | os.PathLike, status: str) -> str | None:
     """Set the status of the run recorded in run_dir (the driver's view of a failed/killed run)."""
     id_file = Path(run_dir) / RUN_ID_FILE
@@ -181,8 +276,8 @@ def start_sweep_run(tracking_uri: str, experiment: str, *, name: str, spec_hash:
     """Create the parent run of sweep `name` with its flattened spec as params; returns its run id."""
     c = client(tracking_uri)
     run = c.create_run(experiment_id(c, experiment), run_name=name,
-                       tags={TAG_SWEEP: name, TAG_HASH: spec_hash, TAG_ROLE: "sweep",
-                             "mlflow.note.content": description or f"ermgap sweep {name}"})
+                       tags={TAG_SWEEP: name, TAG_HASH: spec_hash, TAG_ROLE: "sweep", **source_tags("ermgap sweep"),
+                             TAG_NOTE: description or f"ermgap sweep {name}"})
     c.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
     return run.info.run_id
 
@@ -231,3 +326,66 @@ def set_status(tracking_uri: str, run_id: str, status: str) -> None:
         c.update_run(run_id, status="RUNNING")
     else:
         c.set_terminated(run_id, status=status)
+
+
+# --------------------------------------------------------------------------- finding runs
+
+
+def _all_runs(c: MlflowClient, experiment: str | None = None, filter_string: str = "") -> list:
+    """Every run (all pages) of `experiment` (a name), or of every experiment."""
+    if experiment is None:
+        exp_ids = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
+    else:
+        exp = c.get_experiment_by_name(experiment)
+        if exp is None:
+            raise ConfigError(f"--experiment {experiment!r}: no such MLflow experiment at {c.tracking_uri}")
+        exp_ids = [exp.experiment_id]
+    runs, token = [], None
+    while exp_ids:
+        page = c.search_runs(exp_ids, filter_string=filter_string, run_view_type=ViewType.ALL, max_results=5000,
+                             order_by=["attributes.start_time DESC"], page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    return runs
+
+
+def resolve_run_id(tracking_uri: str, ref: str, *, what: str = "run id") -> str:
+    """The full id of the run whose id is `ref` or starts with it (the 8 characters `ermgap runs list`
+    shows are enough while they are unique). ConfigError when no run or several runs match."""
+    ref = ref.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{1,32}", ref):
+        raise ConfigError(f"{what} {ref!r}: expected an MLflow run id (32 hex digits) or a prefix of it")
+    c = client(tracking_uri)
+    if len(ref) == 32:
+        try:
+            return c.get_run(ref).info.run_id
+        except mlflow.exceptions.MlflowException:
+            raise ConfigError(f"{what} {ref}: no such run at {tracking_uri}") from None
+    hits = [r for r in _all_runs(c) if r.info.run_id.startswith(ref)]
+    if not hits:
+        raise ConfigError(f"{what} {ref}: no run id at {tracking_uri} starts with it (see `ermgap runs list`)")
+    if len(hits) > 1:
+        shown = ", ".join(f"{r.info.run_id} ({r.info.run_name})" for r in hits[:5])
+        raise ConfigError(f"{what} {ref} is ambiguous: {len(hits)} runs start with it: {shown}; give more characters")
+    return hits[0].info.run_id
+
+
+LISTED_METRICS = ("best/dev_w_f1", "best/dev_avg_gap", "best/test_w_f1", "best/test_avg_gap")
+
+
+def list_runs(tracking_uri: str, *, experiment: str | None = None, sweeps_only: bool = False) -> pd.DataFrame:
+    """One row per run, newest first: experiment, name, id, status, start, parent id and `LISTED_METRICS`."""
+    c = client(tracking_uri)
+    names = {e.experiment_id: e.name for e in c.search_experiments(view_type=ViewType.ALL)}
+    runs = _all_runs(c, experiment, f"tags.`{TAG_ROLE}` = 'sweep'" if sweeps_only else "")
+    rows = []
+    for r in runs:
+        rows.append({"experiment": names.get(r.info.experiment_id, r.info.experiment_id), "name": r.info.run_name,
+                     "run_id": r.info.run_id, "status": r.info.status,
+                     "start": pd.Timestamp(r.info.start_time, unit="ms").strftime("%Y-%m-%d %H:%M"),
+                     "parent": r.data.tags.get(PARENT_TAG), "role": r.data.tags.get(TAG_ROLE),
+                     **{m: r.data.metrics.get(m) for m in LISTED_METRICS}})
+    return pd.DataFrame(rows, columns=["experiment", "name", "run_id", "status", "start", "parent", "role",
+                                       *LISTED_METRICS])

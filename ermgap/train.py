@@ -63,6 +63,7 @@ import transformers
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from rich.console import Console
 
 from ermgap import checkpointing
 from ermgap.batching import EmotionCollator, featurize, to_device
@@ -80,11 +81,24 @@ from ermgap.metrics import compute_metrics, per_key
 from ermgap.model import apply_lora, check_model, load_backbone
 from ermgap.objective import dev_gap
 from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective
+from ermgap.progress import ProgressBox, ProgressSender, TrainProgress
 from ermgap.ray_runtime import ensure_ray
 from ermgap.sampler import GlobalBatchPlan, shard_for_eval
 from ermgap.scoring import answer_loss_from_scores, per_sample_loss, score_labels
 from ermgap.task import RUN_MODALITY, Task, TaskSpec
-from ermgap.tracking import RunLogger, close_orphaned_runs, driver_tag, mark_run
+from ermgap.tracking import (
+    BEST,
+    EVAL,
+    TAG_NOTE,
+    RunLogger,
+    close_orphaned_runs,
+    describe_objective,
+    driver_tag,
+    log_manifest_input,
+    mark_run,
+    run_description,
+    source_tags,
+)
 
 ERROR_FILE = "error.txt"
 METRICS_FILE = "metrics.json"
@@ -186,6 +200,7 @@ class LoRARecipe:
         self.task = Task.from_dict(loop_config["task"])
         self.strata = Strata.from_task(self.task)
         self.faults = FaultInjector(loop_config.get("fault") or {}, rank=self.rank, world=self.world)
+        self.progress = ProgressSender(loop_config.get("progress"), rank=self.rank)
         self.state = TrainerState()
         self.best_adapter: dict[str, torch.Tensor] | None = None
         self.logger: RunLogger | None = None
@@ -303,6 +318,8 @@ class LoRARecipe:
             params.update(self.task.mlflow_params())
             params.update({"derived.grad_accum_steps": self.accum, "derived.world_size": self.world,
                            "derived.steps_per_epoch": self.plan.steps_per_epoch})
+            params.update(self.loop_config["mlflow"].get("params") or {})
+            params["objective"] = describe_objective(params)
             self.logger = RunLogger.open(self.loop_config["mlflow"], run_dir=self.run_dir,
                                          run_id=self.state.mlflow_run_id, params=params)
             self.state.mlflow_run_id = self.logger.run_id
@@ -312,6 +329,9 @@ class LoRARecipe:
                 if not cfg_file.is_file():
                     atomic_write_text(cfg_file, dump_yaml(self.cfg), force=True)
                 self.logger.log_artifact(cfg_file)
+                self.logger.set_tags({TAG_NOTE: run_description(params, {k: len(v.rows) for k, v in self.splits.items()})})
+                log_manifest_input(self.logger.tracking_uri, self.logger.run_id, self.cfg.data.manifest,
+                                   read_manifest(self.cfg.data.manifest))
         self.state.mlflow_run_id = self._broadcast(self.state.mlflow_run_id)
 
     # ----------------------------------------------------------------------------- helpers
@@ -360,6 +380,8 @@ class LoRARecipe:
     def train(self) -> None:
         cfg, st = self.cfg, self.state
         every = cfg.eval.every_steps
+        self.progress.send("start", step=st.global_step, total_steps=self.total_steps,
+                           steps_per_epoch=self.plan.steps_per_epoch, epochs=cfg.optim.epochs)
         while not st.done and st.epoch < cfg.optim.epochs:
             steps = self.plan.worker_micro_batches(st.epoch, self.rank, start_step=st.step_in_epoch)
             loader = iter(self._loader(self.splits["train"].features, [mb for step in steps for mb in step]))
@@ -370,6 +392,8 @@ class LoRARecipe:
                 st.step_in_epoch += 1
                 self.timing["train_s"] += time.perf_counter() - t0
                 self._log_step(res)
+                self.progress.send("step", step=st.global_step, epoch=st.epoch, loss=float(res.total.detach()),
+                                   lam=self.lam.value)
                 self.faults.after_step(st.global_step)
                 if every and st.global_step % every == 0:
                     self.evaluate_and_checkpoint()
@@ -523,8 +547,11 @@ class LoRARecipe:
         st.objective = self.objective.state_dict()
         st.history.append({k: v for k, v in metrics.items() if isinstance(v, (int, float, bool))})
         if self.logger is not None:
-            self.logger.log_metrics({k: v for k, v in metrics.items() if k not in ("eval_round", "step")},
+            self.logger.log_metrics({f"{EVAL}{k}": v for k, v in metrics.items() if k not in ("eval_round", "step")},
                                     step=st.global_step)
+        self.progress.send("eval", round=st.eval_round, step=st.global_step, lam=self.lam.value,
+                           metrics={k: metrics[k] for k in ("dev_w_f1", "dev_worst_lang_gap", "dev_loss_gap")},
+                           metric=cfg.eval.metric, best=st.best_score, best_round=st.best_round)
         self.save_checkpoint(metrics)
 
     # ----------------------------------------------------------------------------- checkpoint
@@ -543,6 +570,7 @@ class LoRARecipe:
         cfg, st = self.cfg, self.state
         if self.best_adapter is not None:
             checkpointing.apply_adapter_state(self.engine.module, self.best_adapter, cfg.distributed.zero_stage)
+        self.progress.send("phase", text=f"final evaluation: best checkpoint (eval {st.best_round}) on dev and test")
         t0 = time.perf_counter()
         dev, test = self.predict("dev"), self.predict("test")
         self.timing["eval_s"] += time.perf_counter() - t0
@@ -585,7 +613,8 @@ class LoRARecipe:
         if self.best_adapter is not None:
             checkpointing.save_adapter(self.engine.module, self.best_adapter, self.run_dir / "adapter")
         lg = self.logger
-        lg.log_metrics({f"final/{k}": v for k, v in final.items()}, step=st.global_step)
+        lg.log_metrics({f"{BEST}{k}": v for k, v in final.items() if k.startswith(("dev_", "test_"))}
+                       | {f"{BEST}eval_round": st.best_round}, step=st.global_step)
         if cache_stats is not None:
             lg.log_metrics({f"feature_cache/{k}": v for k, v in cache_stats.items()}, step=st.global_step)
         lg.log_artifact(self.run_dir / "dev_preds.csv", "predictions")
@@ -687,9 +716,13 @@ def with_task(cfg: RunConfig, task: Task) -> RunConfig:
 
 def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, storage_path: str | os.PathLike,
                   callbacks=(), mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
-                  resume: bool = False, fault: dict | None = None) -> TorchTrainer:
+                  resume: bool = False, fault: dict | None = None, progress=None,
+                  mlflow_params: dict | None = None, entry_point: str = "ermgap train") -> TorchTrainer:
     """A TorchTrainer for one run. Re-running it with the same storage_path + name resumes from the
-    latest checkpoint (Ray Train V2 restores the run's checkpoint manager from storage)."""
+    latest checkpoint (Ray Train V2 restores the run's checkpoint manager from storage).
+    progress: a `ProgressBox` actor handle rank 0 reports its steps to (ermgap.progress), or None.
+    mlflow_params: extra params of the MLflow run (a sweep trial's `variant`); `entry_point` and the git
+    commit become the run's source tags."""
     run_dir = Path(run_dir)
     cfg = resolved_config(cfg)
     task = resolve_task(cfg)
@@ -700,9 +733,10 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, stor
         "run_dir": str(run_dir.resolve()),
         "mlflow": {"tracking_uri": default_tracking_uri(cfg), "experiment": cfg.tracking.experiment,
                    "run_name": cfg.tracking.run_name or name, "parent_run_id": mlflow_parent_run_id,
-                   "tags": dict(mlflow_tags or {})},
+                   "tags": {**source_tags(entry_point), **(mlflow_tags or {})}, "params": dict(mlflow_params or {})},
         "fault": {**(fault or {}), "marker": str(run_dir.resolve() / ".fault_fired")},
         "resume": resume,
+        "progress": progress,
     }
     d = cfg.distributed
     storage = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
@@ -772,8 +806,13 @@ def _step_from_env(name: str) -> int | None:
 
 def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str | os.PathLike | None = None,
                  run_dir: str | os.PathLike | None = None, force: bool = False, num_cpus: int | None = None,
-                 mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None) -> dict[str, Any]:
+                 mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
+                 console: Console | None = None, verbose: bool = False) -> dict[str, Any]:
     """Train one model and return its final metrics (the `done=True` report; also in RUN_DIR/metrics.json).
+
+    Progress (rank 0's steps and evaluations) is shown on `console` (default: stdout) while it runs;
+    `verbose` lets worker output (DeepSpeed, transformers, Ray Train) through to this process when
+    this call starts the Ray connection.
 
     resume_dir: continue the run in that directory (its config.yaml is used, `cfg` is ignored).
     run_dir: where the run lives (default: <tracking.storage_path>/<timestamp>-<run_name or 'train'>).
@@ -810,20 +849,22 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         if resume_dir is None:
             atomic_write_text(run_path / CONFIG_FILE, dump_yaml(cfg), force=True)
         (run_path / ERROR_FILE).unlink(missing_ok=True)
-        ensure_ray(address, num_cpus=num_cpus)
+        ensure_ray(address, num_cpus=num_cpus, log_to_driver=verbose)
         check_cluster_gpus(cfg, f"the Ray cluster at {address}" if address else "the local Ray cluster")
         close_orphaned_runs(default_tracking_uri(cfg), cfg.tracking.experiment)
+        box = ProgressBox.remote()
         trainer = build_trainer(cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
                                 mlflow_parent_run_id=mlflow_parent_run_id,
                                 mlflow_tags={**(mlflow_tags or {}), **driver_tag()},
-                                resume=resume_dir is not None, fault=fault)
+                                resume=resume_dir is not None, fault=fault, progress=box)
     except BaseException:
         restore_aside(aside, run_path)  # nothing was trained: the replaced run comes back as it was
         raise
     kept = f"; the run it replaced is kept at {aside}" if aside is not None else ""
     uri = default_tracking_uri(cfg)
     try:
-        trainer.fit()
+        with TrainProgress(box, console or Console()):
+            trainer.fit()
     except KeyboardInterrupt:
         mark_run(uri, run_path, "KILLED")
         raise

@@ -21,7 +21,7 @@ def test_every_computed_and_reported_metric_is_declared():
 
 @pytest.mark.parametrize("key, want, text", [
     ("dev_w_f1", "max", "dev W-F1"), ("best_dev_w_f1", "max", "dev W-F1"), ("test_acc", "max", "test ACC"),
-    ("dev_avg_gap", "min", "dev AVG gap"), ("final/test_worst_lang_gap", "min", "test worst-lang gap"),
+    ("dev_avg_gap", "min", "dev AVG gap"), ("best/test_worst_lang_gap", "min", "test worst-lang gap"), ("eval/dev_loss_gap", "min", "dev Δloss"),
     ("test_avg_gap_deu", "min", "test AVG gap deu"), ("dev_loss_gap_jpn_multi", "min", "dev Δloss jpn multi"),
     ("w_f1_gap", "min", "W-F1 gap"), ("tpr_gap", "min", "TPR gap"), ("dev_loss", "min", "dev loss"),
 ])

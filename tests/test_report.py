@@ -39,7 +39,8 @@ def as_systems(frames, **kw) -> list[System]:
 def parse_markdown(text: str) -> tuple[list[str], list[list[str]]]:
     """(header cells, body rows as cells), with the bold/underline marks removed."""
     lines = [ln for ln in text.strip().splitlines() if ln.startswith("|")]
-    cells = [[re.sub(r"\*\*|</?u>", "", c).strip() for c in ln.strip("|").split(" | ")] for ln in lines]
+    cells = [[re.sub(r"^_(.+)_$", r"\1", re.sub(r"\*\*", "", c).strip()) for c in ln.strip("|").split(" | ")]
+             for ln in lines]
     return cells[0], cells[2:]
 
 
@@ -182,8 +183,9 @@ def test_report_from_mlflow_parent_run(tmp_path):
     assert set(got) == {("ERM (SFT)", "uni"), ("ERM-MinMaxGAP (p=2)", "uni"), ("λ = 1", "multi")}
     assert got[("λ = 1", "multi")]["overall"]["avg_gap"] == pytest.approx(oracle(frames[("Ours", "multi")])["avg_gap"])
     _, rows3 = parse_markdown((out / "table3.md").read_text())
-    assert [r[0] for r in rows3] == ["*Lambda effect*", "ERM (SFT)", "λ = 1", "*Main components*",
-                                     "ERM-MinMaxGAP (p=2)"]
+    # The paper's sections and row labels; the adaptive p = 2 run is "Ours" in two sections.
+    assert [r[0] for r in rows3] == ["*Main components*", "+ ERM (SFT)", "ERM-MinMaxGAP (Ours)",
+                                     "*Lambda effect*", "λ = 0 (SFT)", "λ = 1", "λ = adaptive (Ours)"]
     assert (out / "lambda_trajectory.png").read_bytes()[:8] == PNG_MAGIC
     logged = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/table2.md", "report/fairness_accuracy.png", "report/lambda_trajectory.png"} <= logged
@@ -193,7 +195,8 @@ def test_report_from_mlflow_parent_run(tmp_path):
     paths, skipped = report_from_mlflow(uri, tmp_path / "rep2", run_ids=list(children)[:2])
     assert skipped == []
     _, rows3 = parse_markdown(paths["table3_md"].read_text())
-    assert [r[0] for r in rows3] == ["*Lambda effect*", "ERM (SFT)", "*Main components*", "ERM-MinMaxGAP (p=2)"]
+    assert [r[0] for r in rows3] == ["*Main components*", "+ ERM (SFT)", "ERM-MinMaxGAP (Ours)",
+                                     "*Lambda effect*", "λ = 0 (SFT)", "λ = adaptive (Ours)"]
 
 
 def test_report_names_and_groups_runs_by_objective_kind(tmp_path):
@@ -221,8 +224,9 @@ def test_report_names_and_groups_runs_by_objective_kind(tmp_path):
         runs.append(run)
     paths, _ = report_from_mlflow(uri, tmp_path / "rep", run_ids=runs)
     _, rows3 = parse_markdown(paths["table3_md"].read_text())
-    assert [r[0] for r in rows3] == ["*Other objectives*", "ERM (SFT)", "Group DRO (η=0.05)", "Reweighting",
-                                     "*Main components*", "ERM-MinMaxGAP (p=2)"]
+    assert [r[0] for r in rows3] == ["*Main components*", "+ ERM (SFT)", "ERM-MinMaxGAP (Ours)",
+                                     "*Lambda effect*", "λ = 0 (SFT)", "λ = adaptive (Ours)",
+                                     "*Other objectives*", "Group DRO (η=0.05)", "Reweighting"]
 
 
 def test_top_two_marks_follow_the_metric_direction():
@@ -236,6 +240,55 @@ def test_top_two_marks_follow_the_metric_direction():
                      "n": 10, "invalid_rate": 0.0})
     _, md, tex = table2(pd.DataFrame(rows))
     body = {cells[0]: cells[1:] for cells in ([c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines()[3:])}
-    assert body["b"][0] == "**60.00**" and body["c"][0] == "<u>55.00</u>" and body["a"][0] == "50.00"
-    assert body["b"][6] == "**1.00**" and body["c"][6] == "<u>2.00</u>" and body["a"][6] == "3.00"
+    assert body["b"][0] == "**60.00**" and body["c"][0] == "_55.00_" and body["a"][0] == "50.00"
+    assert body["b"][6] == "**1.00**" and body["c"][6] == "_2.00_" and body["a"][6] == "3.00"
+    assert "<u>" not in md  # MLflow's Markdown preview shows raw HTML literally
     assert r"\textbf{60.00}" in tex and r"\underline{2.00}" in tex
+
+
+def test_table3_has_the_papers_sections_labels_and_a_caption(tmp_path):
+    """A sweep holding the paper's ablation (zero-shot from a file, ERM, fixed λ 1 and 5, adaptive p 1 and 2):
+    Table 3 shows it as the paper does, with a caption stating split, n per gender and seeds."""
+    from ermgap.tracking import describe_objective
+
+    frames = fake_systems()
+    base, ours = frames[("Base_1", "uni")], frames[("Ours", "uni")]
+    runs = [{"lambda.mode": "fixed", "lambda.init": "0.0"}, {"lambda.mode": "fixed", "lambda.init": "5.0"},
+            {"lambda.mode": "adaptive", "objective.p": "1.0"}, {"lambda.mode": "fixed", "lambda.init": "1.0"},
+            {"lambda.mode": "adaptive", "objective.p": "2.0"}]
+    systems = [System(name="Qwen2-Audio", modality="uni", preds=base, group="Main components")]
+    for i, params in enumerate(runs):
+        params = {**params, "optim.seed": "42"}
+        systems.append(System(name=describe_objective(params), modality="uni", preds=ours if i % 2 else base,
+                              params=params))
+    paths = build_report(systems, tmp_path / "rep")
+    text = paths["table3_md"].read_text()
+    header, rows3 = parse_markdown(text)
+    assert [r[0] for r in rows3] == [
+        "*Main components*", "Qwen2-Audio", "+ ERM (SFT)", "ERM-MinMaxGAP (Ours)",
+        "*Lambda effect*", "λ = 0 (SFT)", "λ = 1", "λ = 5", "λ = adaptive (Ours)",
+        "*Penalty power effect*", "p = 1", "p = 2 (Ours)"]
+    assert header[3] == "Uni TPR gap↓" and header[7] == "Uni AVG gap↓"
+    # A row shows its system's numbers (oracle: the metrics module's independent reimplementation).
+    by_label = {r[0]: r for r in rows3}
+    assert by_label["λ = 1"][7] == f"{oracle(ours)['avg_gap']:.2f}" and by_label["λ = 5"][7] == f"{oracle(ours)['avg_gap']:.2f}"
+    assert by_label["p = 1"][7] == f"{oracle(base)['avg_gap']:.2f}"
+    counts = base["gender"].value_counts()
+    assert text.startswith(f"**Table 3.** Ablations, multilingual, test split: n = {len(base)} utterances "
+                           f"(F {counts['F']}, M {counts['M']}).")
+    assert "Seeds: 42." in text and "**bold**: best, _italic_: second best" in text
+    csv = pd.read_csv(paths["table3_csv"])
+    assert list(csv.loc[csv["model"] == "p = 1", "system"]) == ["ERM-MinMaxGAP (p=1)"]
+
+
+def test_paired_comparison_lines_use_two_decimals_and_a_true_minus():
+    from ermgap.report import paired_lines
+
+    paired = pd.DataFrame([
+        {"comparison": "ERM→Ours", "model": "Ours", "modality": "uni", "subset": "multilingual", "metric": "w_f1",
+         "diff": 3.876, "lo": 1.0249, "hi": 6.5, "p_value": 0.01},
+        {"comparison": "ERM→Ours", "model": "Ours", "modality": "uni", "subset": "multilingual", "metric": "avg_gap",
+         "diff": -1.4812345, "lo": -5.1, "hi": 1.8712, "p_value": 0.4},
+        {"comparison": "ERM→Ours", "model": "Ours", "modality": "uni", "subset": "deu", "metric": "avg_gap",
+         "diff": 9.0, "lo": 8.0, "hi": 10.0, "p_value": 0.0}])
+    assert paired_lines(paired) == ["ERM→Ours (uni): ΔW-F1 +3.88 [1.02, 6.50] · ΔAVG −1.48 [−5.10, 1.87]"]

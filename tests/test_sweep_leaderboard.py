@@ -53,19 +53,19 @@ def _child(trial: str, run_id: str, metrics: dict[str, float]) -> dict:
 
 
 def test_leaderboard_reads_final_metrics_marks_pareto_and_best(tmp_path):
-    """Hand-made Tune records and MLflow child runs: a finished trial reports its `final/` metrics, a stopped
+    """Hand-made Tune records and MLflow child runs: a finished trial reports its `best/` metrics, a stopped
     one its last evaluation (no test metrics), an errored one has no run; Pareto and best by hand."""
     spec = load_sweep_spec(_spec(tmp_path, space={}))  # variants erm/adaptive, tolerance 2 on dev_avg_gap
     full = {m: 1.0 for m in DEV_METRICS + TEST_METRICS}
     runs = pd.DataFrame([
-        # t1: finished; its last evaluation (dev_w_f1 50) differs from the best checkpoint's (final/ 55).
-        _child("t1", "r1", {**{f"final/{m}": v for m, v in full.items()}, "final/dev_w_f1": 55.0,
-                            "final/dev_avg_gap": 3.0, "dev_w_f1": 50.0, "dev_avg_gap": 9.0}),
+        # t1: finished; its last evaluation (dev_w_f1 50) differs from the best checkpoint's (best/ 55).
+        _child("t1", "r1", {**{f"best/{m}": v for m, v in full.items()}, "best/dev_w_f1": 55.0,
+                            "best/dev_avg_gap": 3.0, "eval/dev_w_f1": 50.0, "eval/dev_avg_gap": 9.0}),
         # t2: finished, higher W-F1 but a gap 2.5 points above t1's: not admissible, still Pareto.
-        _child("t2", "r2", {**{f"final/{m}": v for m, v in full.items()}, "final/dev_w_f1": 60.0,
-                            "final/dev_avg_gap": 5.5}),
+        _child("t2", "r2", {**{f"best/{m}": v for m, v in full.items()}, "best/dev_w_f1": 60.0,
+                            "best/dev_avg_gap": 5.5}),
         # t3: stopped by ASHA after its 2nd evaluation: only per-evaluation metrics, no test metrics.
-        _child("t3", "r3", {"dev_w_f1": 40.0, "dev_avg_gap": 2.0, "dev_acc": 41.0}),
+        _child("t3", "r3", {"eval/dev_w_f1": 40.0, "eval/dev_avg_gap": 2.0, "eval/dev_acc": 41.0}),
     ])
     trials = {
         "t3": TrialRecord(params={"variant": "adaptive"}, status="stopped", last_round=2),
@@ -75,7 +75,7 @@ def test_leaderboard_reads_final_metrics_marks_pareto_and_best(tmp_path):
     }
     board = build_leaderboard(spec, runs, trials).set_index("trial")
     assert list(board.index) == ["t1", "t2", "t3", "t4"]
-    assert board.loc["t1", "dev_w_f1"] == 55.0 and board.loc["t1", "dev_avg_gap"] == 3.0  # final/, not last eval
+    assert board.loc["t1", "dev_w_f1"] == 55.0 and board.loc["t1", "dev_avg_gap"] == 3.0  # best/, not last eval
     assert board.loc["t3", "dev_w_f1"] == 40.0 and pd.isna(board.loc["t3", "test_w_f1"])
     assert pd.isna(board.loc["t4", "mlflow_run_id"]) and board.loc["t4", "n_child_runs"] == 0
     assert board.loc["t1", "mlflow_run_id"] == "r1" and board.loc["t1", "trial_s"] == 100.0

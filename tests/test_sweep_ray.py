@@ -94,9 +94,9 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
     client = MlflowClient(uri)
     frozen_run = client.get_run(board.loc["frozen", "mlflow_run_id"])
     assert frozen_run.info.status == "KILLED"
-    assert "final/test_w_f1" not in frozen_run.data.metrics
+    assert "best/test_w_f1" not in frozen_run.data.metrics
     # Compute a stopped trial still burnt: evaluations its workers logged after Tune's stop decision.
-    extra = len(client.get_metric_history(frozen_run.info.run_id, "dev_w_f1")) - 1
+    extra = len(client.get_metric_history(frozen_run.info.run_id, "eval/dev_w_f1")) - 1
     assert 0 <= extra <= 1
 
     # The leaderboard equals what the training runs wrote themselves (metrics.json in each run dir).
@@ -109,7 +109,16 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
         child = client.get_run(row["mlflow_run_id"])
         assert child.info.status == "FINISHED"
         assert child.data.tags["mlflow.parentRunId"] == out.parent_run_id
-        assert {"final/test_w_f1", "final/dev_avg_gap", "dev_w_f1", "lambda"} <= set(child.data.metrics)
+        assert {"best/test_w_f1", "best/dev_avg_gap", "eval/dev_w_f1", "lambda"} <= set(child.data.metrics)
+        # Self-describing: named by variant, variant and objective as params, commit, description, manifest input.
+        assert child.info.run_name == f"t_asha/{variant}"
+        assert child.data.params["variant"] == variant and child.data.params["objective.kind"] == "minmaxgap"
+        assert child.data.params["objective"] == {"erm": "ERM (SFT)", "adaptive": "ERM-MinMaxGAP (p=2)"}[variant]
+        assert child.data.tags["mlflow.source.name"] == "ermgap sweep" and child.data.tags.get("mlflow.note.content")
+        assert len(child.data.tags.get("mlflow.source.git.commit", "")) == 40
+        inputs = client.get_run(child.info.run_id).inputs.dataset_inputs
+        assert [i.dataset.source for i in inputs] and Path(synth_corpus).name in inputs[0].dataset.source
+        assert child.info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())  # beside the sqlite store
 
     # Pareto marks and the best trial follow the documented rules (oracles written here).
     done = out.leaderboard[out.leaderboard["dev_w_f1"].notna()].reset_index(drop=True)
@@ -122,6 +131,12 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
     # The parent run carries the spec, the search space and the leaderboard.
     parent = client.get_run(out.parent_run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["ermgap.sweep"] == "t_asha"
+    # Parent and children share the best-checkpoint metric names (one column in the runs table).
+    best_keys = {k for k in parent.data.metrics if k.startswith("best/")}
+    assert "best/dev_w_f1" in best_keys and "best/test_avg_gap" in best_keys
+    done_child = client.get_run(board.loc["erm", "mlflow_run_id"])
+    assert best_keys <= set(done_child.data.metrics)
+    assert parent.data.metrics["best/dev_w_f1"] == board.loc[board["best"], "dev_w_f1"].iloc[0]
     arts = {a.path for a in client.list_artifacts(out.parent_run_id)}
     assert {"sweep.yaml", "search_space.json", "leaderboard.csv", "leaderboard.md", "pareto.png", "report"} <= arts
     report = {a.path for a in client.list_artifacts(out.parent_run_id, "report")}
@@ -163,7 +178,7 @@ def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
                 continue
             parent = json.loads(state_file.read_text())["parent_run_id"]
             runs = _children(uri, "r", parent)
-            if len(runs) == 2 and "metrics.dev_w_f1" in runs and runs["metrics.dev_w_f1"].notna().all():
+            if len(runs) == 2 and "metrics.eval/dev_w_f1" in runs and runs["metrics.eval/dev_w_f1"].notna().all():
                 first = runs[runs["status"] == "FINISHED"]
                 break
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -193,6 +208,6 @@ def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
     assert client.get_run(parent).info.status == "FINISHED"
     # Trial 2 went on from its checkpoint: each evaluation logged once (2 epochs → 2 dev evaluations).
     second = next(r for r in after["run_id"] if r != first_id)
-    steps = [m.step for m in client.get_metric_history(second, "dev_w_f1")]
+    steps = [m.step for m in client.get_metric_history(second, "eval/dev_w_f1")]
     assert len(steps) == 2 and steps == sorted(set(steps)), steps
-    assert "best trial:" in output and not math.isnan(after["metrics.final/test_w_f1"].astype(float).max())
+    assert "best trial:" in output and not math.isnan(after["metrics.best/test_w_f1"].astype(float).max())

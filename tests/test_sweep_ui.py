@@ -45,7 +45,7 @@ def _sweep_like_runs(uri: str) -> tuple[str, str, list[str]]:
     names = ["demo/trial_0000a", "demo/trial_0000b"]
     for i, name in enumerate(names):
         run = c.create_run(exp, run_name=name, tags={PARENT_TAG: parent, TAG_SWEEP: "demo", TAG_TRIAL: name[-5:]})
-        c.log_metric(run.info.run_id, "final/dev_w_f1", 40.0 + i)
+        c.log_metric(run.info.run_id, "best/dev_w_f1", 40.0 + i)
         c.set_terminated(run.info.run_id)
     c.set_terminated(parent)
     return exp, parent, names
@@ -71,6 +71,11 @@ def test_ui_shows_parent_with_children(tmp_path):
                 pass
             assert time.monotonic() < deadline, "MLflow UI did not come up"
             time.sleep(1)
+        # `ermgap ui` announces readiness once the port answers (it polls /health itself).
+        ready = ""
+        while "MLflow UI ready on" not in ready and time.monotonic() < deadline:
+            ready += ui.stdout.readline()
+        assert f"MLflow UI ready on {base}" in ready
         profile = tmp_path / "chromium"
         # The experiment's runs table lists the parent (children are folded under it) ...
         runs_dom = _chromium(f"{base}/#/experiments/{exp}/runs", profile, "--dump-dom")

@@ -129,7 +129,7 @@ def test_reference_run_outputs(reference):
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
     assert arts == {"predictions/dev_preds.csv", "predictions/test_preds.csv"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"adapter", "config.yaml"}
-    assert len(_history(reference, "dev_w_f1")) == 4 and len(_history(reference, "train/gap")) == 12
+    assert len(_history(reference, "eval/dev_w_f1")) == 4 and len(_history(reference, "train/gap")) == 12
 
 
 def test_two_workers_equal_one_worker(reference, base):

@@ -27,6 +27,7 @@ _GROUPS: list[tuple[str, str, str]] = [
     ("ermgap.cli.config_cmd", "app", "config"),
     ("ermgap.cli.features_cmd", "app", "features"),
     ("ermgap.cli.submit_cmd", "jobs_app", "jobs"),
+    ("ermgap.cli.runs_cmd", "app", "runs"),
 ]
 # In the order of the workflow: train → evaluate → metrics/report/benchmark → serve → sweep → ui → submit.
 _COMMANDS: list[tuple[str, str, str]] = [

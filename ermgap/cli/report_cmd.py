@@ -16,8 +16,8 @@ def report(
     out: Path = typer.Option(..., "--out", help="Report folder to create (replaced only with --force)."),
     preds: list[str] = typer.Option(None, "--preds", help="NAME:MODALITY:PATH of a PREDS.csv (repeatable)."),
     systems: Path = typer.Option(None, "--systems", help="YAML listing systems (name, modality, preds, group, lambda)."),
-    mlflow_parent: str = typer.Option(None, "--mlflow-parent", help="A sweep's parent run id: report its child runs."),
-    runs: list[str] = typer.Option(None, "--runs", help="MLflow run id to report (repeatable)."),
+    mlflow_parent: str = typer.Option(None, "--mlflow-parent", help="A sweep's parent run id (or a unique prefix): report its child runs."),
+    runs: list[str] = typer.Option(None, "--runs", help="MLflow run id or unique prefix to report (repeatable)."),
     tracking_uri: str = typer.Option(None, "--tracking-uri",
                                      help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///runs/mlflow.db)."),
     log_to: str = typer.Option(None, "--log-to", help="MLflow run to log the report to (default: --mlflow-parent)."),
@@ -45,8 +45,13 @@ def report(
     uri = None
     if mlflow_parent or runs or log_to:
         from ermgap.config import RunConfig, default_tracking_uri
+        from ermgap.tracking import resolve_run_id
 
         uri = tracking_uri or default_tracking_uri(RunConfig())
+        # Unique prefixes (the 8 characters `ermgap runs list` shows) stand for the full ids.
+        mlflow_parent = mlflow_parent and resolve_run_id(uri, mlflow_parent, what="--mlflow-parent")
+        runs = [resolve_run_id(uri, r, what="--runs") for r in runs or []]
+        log_to = log_to and resolve_run_id(uri, log_to, what="--log-to")
     if mlflow_parent or runs:
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no tqdm bars in the CLI output
         with tempfile.TemporaryDirectory(prefix="ermgap-report-") as tmp:
@@ -65,4 +70,6 @@ def report(
         R.log_report_to_mlflow(out, tracking_uri=uri, run_id=target)
         console.print(f"logged the report to MLflow run {target} (artifacts/report)")
     typer.echo(paths["table2_md"].read_text(), nl=False)
+    if "paired_md" in paths:
+        typer.echo("\n" + paths["paired_md"].read_text(), nl=False)
     console.print(f"wrote {len(paths)} files to {out}")

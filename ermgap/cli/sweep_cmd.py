@@ -26,11 +26,17 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep after its driver died; finished trials are kept."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and the resource plan; start nothing."),
     force: bool = typer.Option(False, "--force", help="Delete a previous sweep of the same name and start over."),
+    verbose: bool = typer.Option(False, "--verbose", envvar="ERMGAP_VERBOSE",
+                                 help="Show Tune's status tables and the trials' Ray/DeepSpeed output (hidden by default)."),
 ) -> None:
     """Run a hyperparameter sweep: one Ray Train run per trial, a leaderboard and Pareto front at the end."""
+    from ermgap.progress import quiet_console
+
+    quiet_console(verbose)  # before importing the sweep: it loads Ray Tune and transformers
     from ermgap.sweep import run_sweep
 
-    run_sweep(spec, overrides=overrides or [], address=address, resume=resume, dry_run=dry_run, force=force)
+    run_sweep(spec, overrides=overrides or [], address=address, resume=resume, dry_run=dry_run, force=force,
+              verbose=verbose)
 
 
 def ui(
@@ -38,6 +44,7 @@ def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default; anything else exposes the UI)."),
     tracking_uri: str = typer.Option(None, "--tracking-uri",
                                      help="Backend store (default: $MLFLOW_TRACKING_URI, then sqlite:///runs/mlflow.db)."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Server worker processes (one is plenty for one user)."),
 ) -> None:
     """Start the MLflow UI on the project's run store (Ctrl-C stops it)."""
     from ermgap.config import RunConfig, default_tracking_uri
@@ -50,14 +57,38 @@ def ui(
     if not is_loopback_host(host):
         typer.secho(f"warning: binding {host} exposes the MLflow UI (no authentication) to the network; "
                     "use the default 127.0.0.1 and an SSH tunnel unless you trust that network", err=True, fg="yellow")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    typer.echo(f"MLflow UI on http://{host}:{port}  (store {uri})")
-    raise typer.Exit(_run_group(cmd))
+    from ermgap.tracking import artifact_root
+
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", str(workers)]
+    root = artifact_root(uri, "ui")
+    if root:  # experiments created in the UI keep their artifacts beside the store too
+        cmd += ["--default-artifact-root", root.rsplit("/", 1)[0]]
+    typer.echo(f"starting the MLflow UI (store {uri}) ...")
+    raise typer.Exit(_run_group(cmd, ready_url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"))
 
 
-def _run_group(cmd: list[str]) -> int:
+def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300.0) -> bool:
+    """Poll `url`/health until the server answers (it takes a while to start on a small machine)."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def _run_group(cmd: list[str], ready_url: str | None = None) -> int:
     """Run `cmd` in its own process group and take the whole group down with us: `mlflow ui` starts
-    uvicorn workers and job consumers that would otherwise outlive a SIGTERM to this process."""
+    uvicorn workers and job consumers that would otherwise outlive a SIGTERM to this process.
+    With `ready_url`, say when the server answers there."""
     proc = subprocess.Popen(cmd, env=dict(os.environ), start_new_session=True)
 
     def _stop(signum, frame):  # SIGTERM behaves like Ctrl-C
@@ -65,6 +96,8 @@ def _run_group(cmd: list[str]) -> int:
 
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
+        if ready_url is not None and _wait_ready(proc, ready_url):
+            typer.echo(f"MLflow UI ready on {ready_url}  (Ctrl-C stops it)")
         return proc.wait()
     except KeyboardInterrupt:
         return 0

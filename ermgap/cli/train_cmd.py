@@ -18,9 +18,14 @@ def train(
     resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
     run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: <tracking.storage_path>/<time>-<name>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
+    verbose: bool = typer.Option(False, "--verbose", envvar="ERMGAP_VERBOSE",
+                                 help="Show Ray, DeepSpeed, transformers and worker output (hidden by default)."),
 ) -> None:
     """Fine-tune with ERM-MinMaxGAP (or ERM, λ fixed at 0): dev evaluation, adaptive λ, early stopping,
     checkpoints, MLflow logging, and dev/test predictions of the best checkpoint."""
+    from ermgap.progress import quiet_console
+
+    quiet_console(verbose)  # before the imports below: they load transformers and Ray
     from ermgap.config import load_config
     from ermgap.errors import ConfigError
     from ermgap.train import run_training
@@ -31,9 +36,10 @@ def train(
         # The run's own config.yaml is authoritative: a resumed run must continue the same experiment.
         raise ConfigError("--resume uses the run's saved config.yaml; do not pass a config or overrides")
     cfg = load_config(config, overrides or []) if resume is None else None
-    final = run_training(cfg, address=address, resume_dir=resume, run_dir=run_dir, force=force)
-
     console = Console()
+    final = run_training(cfg, address=address, resume_dir=resume, run_dir=run_dir, force=force, console=console,
+                         verbose=verbose)
+
     table = Table(title="ermgap train: best checkpoint", show_lines=False)
     table.add_column("metric")
     table.add_column("dev", justify="right")

@@ -7,8 +7,8 @@
 
 `trials` maps a Tune trial id to `TrialRecord`; `child_runs_frame` is `mlflow.search_runs` output
 for the sweep's parent run (`metrics.*` and `tags.*` columns). A trial's numbers are those its
-MLflow child run logged last: `final/<metric>` (best checkpoint on dev, its test metrics) for a run
-that finished, else the last evaluation's `<metric>` (no test metrics).
+MLflow child run logged last: `best/<metric>` (best checkpoint on dev, its test metrics) for a run
+that finished, else the last evaluation's `eval/<metric>` (no test metrics).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ermgap.objective_comparison import compare_to_reference
 from ermgap.objectives import ERM
 from ermgap.report import describe_objective
 from ermgap.sweep.spec import SEED_KEY, SweepSpec
-from ermgap.tracking import TAG_TRIAL
+from ermgap.tracking import BEST, EVAL, TAG_TRIAL
 
 # What the recipe reports for each split (the registry's list). *_loss_gap is Δ, the worst
 # within-language gender gap in mean answer loss: the quantity MinMaxGAP penalises, shown next to
@@ -53,11 +53,11 @@ class TrialRecord:
 
 
 def final_metric(child: pd.Series | None, name: str) -> float | None:
-    """A finished run logs `final/<name>` (dev metrics of the best checkpoint, test metrics); a stopped
-    run only has its last evaluation's `<name>` (test metrics absent)."""
+    """A finished run logs `best/<name>` (dev metrics of the best checkpoint, test metrics); a stopped
+    run only has its last evaluation's `eval/<name>` (test metrics absent)."""
     if child is None:
         return None
-    for key in (f"metrics.final/{name}", f"metrics.{name}"):
+    for key in (f"metrics.{BEST}{name}", f"metrics.{EVAL}{name}"):
         v = child.get(key)
         if v is not None and not (isinstance(v, float) and math.isnan(v)):
             return float(v)

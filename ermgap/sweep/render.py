@@ -152,7 +152,8 @@ def write_artifacts(spec: SweepSpec, board: pd.DataFrame, summary: pd.DataFrame 
         ok["label"] = [f"{v} ({t})" if isinstance(v, str) else t
                        for v, t in zip(ok.get(VARIANT_PARAM, ok["trial"]), ok["trial"])]
         files["pareto_plot"] = art / "pareto.png"
-        pareto_plot(ok, files["pareto_plot"], x=PARETO_AXES[1], y=PARETO_AXES[0], label="label")
+        pareto_plot(ok, files["pareto_plot"], x=PARETO_AXES[1], y=PARETO_AXES[0], label="label",
+                    title=f"sweep {spec.name}: trade-off on the dev split (best checkpoint per trial)")
     return files
 
 

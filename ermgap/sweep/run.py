@@ -14,6 +14,7 @@ from rich.console import Console
 
 from ermgap import tracking
 from ermgap.config import default_tracking_uri, flatten
+from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
 from ermgap.io import claim_dir, discard_aside, restore_aside, set_aside
 from ermgap.ray_runtime import ensure_ray
@@ -61,11 +62,13 @@ class SweepOutcome:
 
 def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
               resume: bool = False, dry_run: bool = False, force: bool = False,
-              console: Console | None = None) -> SweepOutcome:
+              console: Console | None = None, verbose: bool = False) -> SweepOutcome:
     """Run (or resume, or only plan) a sweep; returns the leaderboard and where everything went.
 
     Every trial config is validated and resources are checked before any trial starts: against
     this machine before starting a local Ray cluster, against the cluster after joining `address`.
+    `verbose` shows Tune's status tables and the trials' worker output (hidden by default: each trial
+    is one live line, see sweep/live.py).
     """
     out = console or render.console()
     t0 = time.perf_counter()
@@ -87,7 +90,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
 
     started_here = not ray.is_initialized()
     t_ray = time.perf_counter()
-    ensure_ray(address, log_to_driver=False)
+    ensure_ray(address, log_to_driver=verbose)
     outcome.ray_start_s = time.perf_counter() - t_ray
     aside = None
     try:
@@ -102,7 +105,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
         except BaseException:
             restore_aside(aside, paths.root)
             raise
-        results = _fit(spec, paths, outcome, resume=state is not None)
+        results = _fit(spec, paths, outcome, resume=state is not None, verbose=verbose, out=out)
         discard_aside(aside)
         failed = _summarise(spec, paths, outcome, results, out)
     finally:
@@ -143,17 +146,20 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
     params.update({f"base.{k}": v for k, v in flatten(spec.base_tree).items()})
     parent_id = tracking.start_sweep_run(outcome.tracking_uri, outcome.experiment, name=spec.name,
                                          spec_hash=spec.hash(), description=spec.model.description, params=params)
+    manifest = (spec.base_tree.get("data") or {}).get("manifest")
+    if manifest:  # the trials' shared data, as the sweep's dataset input (each child logs its own too)
+        tracking.log_manifest_input(outcome.tracking_uri, parent_id, manifest, read_manifest(manifest))
     paths.write_state({"name": spec.name, "spec_hash": spec.hash(), "parent_run_id": parent_id,
                        "tracking_uri": outcome.tracking_uri, "experiment": outcome.experiment,
                        "tune_path": str(paths.tune), "spec_source": spec.source})
     return parent_id
 
 
-def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool):
+def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool, verbose: bool, out: Console):
     """Run Tune to the end; an interrupted sweep marks its parent KILLED and stays resumable."""
     ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment)
     try:
-        results = tuner(spec, ctx, resume=resume).fit()
+        results = tuner(spec, ctx, resume=resume, verbose=verbose, console=out).fit()
     except BaseException:
         tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
         raise
@@ -189,7 +195,8 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
         tags["ermgap.best_trial"] = b["trial"]
         if b["mlflow_run_id"]:
             tags["ermgap.best_run_id"] = b["mlflow_run_id"]
-        metrics = {f"best_{m}": b[m] for m in DEV_METRICS + TEST_METRICS if b[m] is not None}
+        # The children's names (best/<metric>): the runs table shows parent and children in the same columns.
+        metrics = {f"{tracking.BEST}{m}": b[m] for m in DEV_METRICS + TEST_METRICS if b[m] is not None}
     tracking.log_sweep_summary(uri, parent_id, files=list(outcome.artifacts.values()), tags=tags, metrics=metrics)
     outcome.artifacts.update(_paper_report(uri, parent_id, paths.report, out))
     failed = board.empty or bool((board["status"] == "ERROR").all())

@@ -19,8 +19,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
+from rich.console import Console
 
 from ermgap.sweep.leaderboard import TrialRecord
+from ermgap.sweep.live import SweepProgress, trial_label
 from ermgap.sweep.paths import SweepPaths
 from ermgap.sweep.spec import SEED_KEY, TRIAL_DRIVER_CPU, VARIANT_PARAM, SweepSpec
 from ermgap.tracking import trial_tags
@@ -89,14 +91,16 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     cfg = ctx.spec.trial_config(params)
     cfg.tracking.tracking_uri = ctx.tracking_uri
     cfg.tracking.experiment = ctx.experiment
-    cfg.tracking.run_name = f"{ctx.spec.name}/{trial_id}"
+    cfg.tracking.run_name = f"{ctx.spec.name}/{trial_label(ctx.spec, params)}"
     cfg.tracking.storage_path = str(ctx.paths.train)
     # A restored (interrupted) trial continues its Train run from the last checkpoint.
     resume = (ctx.paths.train / trial_id).exists()
     trainer = build_trainer(
         cfg, run_dir=ctx.paths.runs / trial_id, name=trial_id, storage_path=ctx.paths.train,
         callbacks=[TuneReportCallback()], mlflow_parent_run_id=ctx.parent_run_id,
-        mlflow_tags=trial_tags(ctx.spec.name, ctx.spec.hash(), trial_id, params), resume=resume)
+        mlflow_tags=trial_tags(ctx.spec.name, ctx.spec.hash(), trial_id, params), resume=resume,
+        mlflow_params={"variant": params[VARIANT_PARAM]} if VARIANT_PARAM in params else None,
+        entry_point="ermgap sweep")
     trainer.fit()
 
 
@@ -107,8 +111,12 @@ def trainable(ctx: TrialContext):
     return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPU})
 
 
-def tuner(spec: SweepSpec, ctx: TrialContext, resume: bool) -> tune.Tuner:
-    """A new Tuner for the spec, or the interrupted one restored from `<sweep>/tune` on --resume."""
+def tuner(spec: SweepSpec, ctx: TrialContext, resume: bool, *, verbose: bool = False,
+          console: Console | None = None) -> tune.Tuner:
+    """A new Tuner for the spec, or the interrupted one restored from `<sweep>/tune` on --resume.
+
+    Progress is `SweepProgress`'s one line per trial; Tune's status tables and result boxes only with
+    `verbose` (a restored Tuner keeps the settings it was started with)."""
     fn = trainable(ctx)
     if resume and tune.Tuner.can_restore(str(ctx.paths.tune)):
         return tune.Tuner.restore(str(ctx.paths.tune), fn, resume_unfinished=True, resume_errored=True)
@@ -118,9 +126,12 @@ def tuner(spec: SweepSpec, ctx: TrialContext, resume: bool) -> tune.Tuner:
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             search_alg=search_alg(spec), scheduler=scheduler(spec), num_samples=m.num_samples,
-            max_concurrent_trials=m.max_concurrent_trials,
+            # grid/random: the generator holds the limit (search_alg); passing it twice makes Tune warn
+            # that it "will be ignored".
+            max_concurrent_trials=None if m.algorithm in ("grid", "random") else m.max_concurrent_trials,
             trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=ctx.paths.tune.name, storage_path=str(ctx.paths.root), verbose=1),
+        run_config=tune.RunConfig(name=ctx.paths.tune.name, storage_path=str(ctx.paths.root),
+                                  verbose=2 if verbose else 0, callbacks=[SweepProgress(spec, console)]),
     )
 
 

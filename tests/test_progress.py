@@ -1,0 +1,72 @@
+"""What a user sees while training: rank 0's progress on the driver, and no library noise (real Ray,
+DeepSpeed and the tiny model for the end-to-end check)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from rich.console import Console
+
+from ermgap.progress import StepRate, TrainProgress, format_duration
+
+STEP_LINE = re.compile(r"epoch (\d+)/(\d+) · step (\d+)/(\d+) · loss [\d.]+ · λ [\d.]+ · ([\d.]+) steps/s · "
+                       r"ETA (\d+):(\d\d):(\d\d)")
+NOISE = ("TrainingReport(", "PreemptionWatcher", "built successfully", "FutureWarning", "Setting accelerator")
+
+
+def test_rate_and_eta_by_hand():
+    rate = StepRate(t0=100.0, step0=10, total=50)  # resumed at step 10
+    assert rate.rate(100.0, 10) is None and rate.eta(104.0, 10) is None
+    assert rate.rate(108.0, 14) == pytest.approx(0.5)  # 4 steps in 8 s
+    assert rate.eta(108.0, 14) == pytest.approx(72.0)  # 36 steps left at 0.5 steps/s
+    assert format_duration(72.4) == "0:01:12" and format_duration(3 * 3600 + 5) == "3:00:05"
+    assert format_duration(None) == "?"
+
+
+def test_plain_lines_name_epoch_step_rate_eta_and_evaluations():
+    p = TrainProgress(None, Console(width=300), live=False)
+    p._on_start({"kind": "start", "t": 0.0, "step": 0, "total_steps": 12, "steps_per_epoch": 6, "epochs": 2})
+    line = p.step_line({"kind": "step", "t": 4.0, "step": 2, "epoch": 0, "loss": 1.23456, "lam": 0.5})
+    assert line == "epoch 1/2 · step 2/12 · loss 1.2346 · λ 0.500 · 0.50 steps/s · ETA 0:00:20"
+    ev = p.eval_line({"kind": "eval", "t": 9.0, "round": 1, "step": 6, "lam": 0.75, "metric": "w_f1", "best": 41.5,
+                      "best_round": 1, "metrics": {"dev_w_f1": 41.5, "dev_worst_lang_gap": 12.25, "dev_loss_gap": 0.0312}})
+    assert ev == ("eval 1 @ step 6: dev W-F1 41.50 · dev worst-lang gap 12.25 · dev Δloss 0.0312 · λ → 0.750 · "
+                  "best dev W-F1 41.50 (eval 1)")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_train_output_shows_progress_and_no_library_noise(tmp_path, synth_corpus, tiny_model):
+    """`ermgap train` with stdout a pipe (as in CI or `ray job logs`): plain progress lines with steps/s
+    and ETA, one line per evaluation, and none of Ray's, DeepSpeed's or transformers' chatter."""
+    df = pd.read_csv(synth_corpus, dtype=str, keep_default_na=False)
+    df["audio"] = [str(Path(synth_corpus).parent / a) for a in df["audio"]]
+    small = pd.concat(g.head(4 if split == "train" else 2) for (split, _, _), g in df.groupby(["split", "language", "gender"]))
+    manifest = tmp_path / "manifest.csv"
+    small.to_csv(manifest, index=False)  # 24 train rows: 3 optimizer steps of 8
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ERMGAP_VERBOSE")}
+    env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    cmd = [sys.executable, "-m", "ermgap.cli.main", "train", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
+           f"data.manifest={manifest}", f"model.name_or_path={tiny_model}", "optim.epochs=1",
+           "optim.effective_batch_size=8", "optim.micro_batch_size=4", "distributed.num_workers=1",
+           "eval.batch_size=12", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+           f"tracking.storage_path={tmp_path / 'runs'}"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    steps = [m for m in STEP_LINE.finditer(out)]
+    assert steps, out[-3000:]
+    assert {(m.group(1), m.group(2)) for m in steps} == {("1", "1")}
+    assert [m.group(4) for m in steps] == ["3"] * len(steps) and steps[-1].group(3) == "3"
+    assert all(float(m.group(5)) > 0 for m in steps)
+    assert re.search(r"eval 1 @ step 3: dev W-F1 [\d.]+ · dev worst-lang gap", out)
+    assert "final evaluation: best checkpoint (eval 1) on dev and test" in out
+    assert [n for n in NOISE if n in out] == []
+    assert out.index("eval 1 @ step 3") < out.index("ermgap train: best checkpoint")  # progress, then the table
