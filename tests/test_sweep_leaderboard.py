@@ -117,7 +117,7 @@ def test_objective_comparison_pairs_each_configuration_with_erm(tmp_path):
         stopped = variant == "gdro" and seed == 2
         metrics = {"dev_w_f1": 40.0 + i, "dev_avg_gap": 5.0}
         if not stopped:
-            metrics.update({f"final/{k}": v for k, v in {"dev_w_f1": 40.0 + i, "dev_avg_gap": 5.0,
+            metrics.update({f"best/{k}": v for k, v in {"dev_w_f1": 40.0 + i, "dev_avg_gap": 5.0,
                                                          "test_w_f1": 30.0 + 3 * i, "test_worst_lang_gap": 10.0 - i}.items()})
         runs.append({**_child(tid, rid, metrics), **{f"params.{k}": v for k, v in params[variant].items()}})
         trials[tid] = TrialRecord(params={"variant": variant, "optim.seed": seed}, status="stopped" if stopped else "done")
