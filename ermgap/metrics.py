@@ -276,7 +276,9 @@ def confusion_by_attribute(df: pd.DataFrame, task: Task | None = None) -> dict[s
     out = {}
     for a, name in enumerate(task.attribute_values):
         m = codes["attribute"] == a
-        out[name] = confusion_matrix(codes["gold"][m], codes["pred"][m], labels=list(range(k + 1)))[:k]
+        # sklearn refuses an empty input; a group absent from the file has an all-zero matrix.
+        out[name] = (confusion_matrix(codes["gold"][m], codes["pred"][m], labels=list(range(k + 1)))[:k] if m.any()
+                     else np.zeros((k, k + 1), dtype=np.int64))
     return out
 
 

@@ -117,6 +117,17 @@ def test_one_gender_missing_gives_undefined_gaps():
     assert not math.isnan(m["w_f1"]) and m["tpr_classes"] == []
 
 
+def test_confusion_matrices_with_one_gender_missing():
+    """Only women in the file (e.g. `ermgap benchmark --limit`): F's matrix counts every row, M's is all zeros."""
+    df = random_preds(60, 7).assign(gender="F")
+    got = confusion_by_gender(df)
+    codes = encode(validate_predictions(df, source="t"))
+    expected = np.zeros((len(EMOTIONS), len(EMOTIONS) + 1), dtype=int)
+    np.add.at(expected, (codes["gold"], codes["pred"]), 1)  # hand count, invalid as the extra column
+    assert (got["F"] == expected).all() and got["F"].sum() == 60
+    assert got["M"].shape == expected.shape and got["M"].sum() == 0
+
+
 # ------------------------------------------------------------------------------------------------ bad files
 
 
