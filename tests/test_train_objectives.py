@@ -18,7 +18,6 @@ from test_train_distributed import (  # noqa: F401
     _history,
     _train,
     base,
-    ray_cluster,
     small_manifest,
 )
 
