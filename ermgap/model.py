@@ -266,12 +266,17 @@ def build_tiny(out_dir: str | os.PathLike, *, force: bool = False, seed: int = 0
     # init (std 0.02) no logit can exceed ~0.02*d = 2.6 nats at d=128, so CE is floored near
     # ln(vocab) - 2.6 whatever LoRA learns (measured: dev loss stuck at ~5.0). std 1/sqrt(d) gives
     # unit-scale initial logits and headroom of ~sqrt(d) nats, like a pretrained head.
-    with torch.no_grad():
-        head = model.get_output_embeddings().weight
-        head.normal_(0.0, d_model ** -0.5, generator=torch.Generator().manual_seed(seed + 1))
     model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.pad_token_id]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = Qwen2AudioProcessor(feature_extractor=fe, tokenizer=tokenizer)
+    return _save_tiny(model, processor, out_dir, d_model=d_model, seed=seed, force=force)
+
+
+def _save_tiny(model, processor, out_dir: str | os.PathLike, *, d_model: int, seed: int, force: bool) -> Path:
+    """A tiny model's last steps: the lm_head at std 1/sqrt(d) (see build_tiny), pad token, atomic save."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, d_model ** -0.5,
+                                                     generator=torch.Generator().manual_seed(seed + 1))
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
     with atomic_dir(out_dir, force=force) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -358,13 +363,6 @@ def build_tiny_voxtral(out_dir: str | os.PathLike, *, force: bool = False, seed:
     cfg = VoxtralConfig(audio_config=audio, text_config=text, audio_token_id=VOXTRAL_AUDIO_TOKEN_ID)
     torch.manual_seed(seed)
     model = VoxtralForConditionalGeneration(cfg)
-    with torch.no_grad():  # unit-scale initial logits, for the reason given in build_tiny
-        model.get_output_embeddings().weight.normal_(0.0, d_model ** -0.5,
-                                                     generator=torch.Generator().manual_seed(seed + 1))
     model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     processor = VoxtralProcessor(feature_extractor=fe, tokenizer=tokenizer)
-    with atomic_dir(out_dir, force=force) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-    return Path(out_dir)
+    return _save_tiny(model, processor, out_dir, d_model=d_model, seed=seed, force=force)
