@@ -36,7 +36,7 @@ def _bench_loop(loop_config: dict) -> None:
 
     recipe = LoRARecipe()
     recipe.setup(loop_config)
-    recipe.lam.value = 1.0  # a non-zero λ: the regulariser's backward is part of the step
+    recipe.objective.lam.value = 1.0  # a non-zero λ (MinMaxGAP): the regulariser's backward is part of the step
     steps = recipe.plan.worker_micro_batches(0, recipe.rank)
     loader = iter(recipe._loader(recipe.splits["train"].features, [mb for s in steps for mb in s]))
     batches = [[next(loader) for _ in range(recipe.accum)] for _ in steps]

@@ -170,7 +170,7 @@ class TrainProgress:
         rate = self.rate.rate(e["t"], e["step"]) if self.rate else None
         eta = self.rate.eta(e["t"], e["step"]) if self.rate else None
         return (f"epoch {e['epoch'] + 1}/{s.get('epochs', '?')} · step {e['step']}/{s.get('total_steps', '?')} · "
-                f"loss {e['loss']:.4f} · λ {e['lam']:.3f} · "
+                f"loss {e['loss']:.4f} · " + ("" if e.get("lam") is None else f"λ {e['lam']:.3f} · ") +
                 f"{'?' if rate is None else f'{rate:.2f}'} steps/s · ETA {format_duration(eta)}")
 
     def _on_step(self, e: dict[str, Any]) -> None:
@@ -192,7 +192,8 @@ class TrainProgress:
         best dev W-F1 41.67 (eval 2)'"""
         parts = [f"{label(k)} {fmt(v, 4 if k.endswith('loss_gap') else 2)}" for k, v in e["metrics"].items()]
         best = f"best {label('dev_' + e['metric'])} {fmt(e['best'])} (eval {e['best_round']})"
-        return f"eval {e['round']} @ step {e['step']}: " + " · ".join(parts) + f" · λ → {e['lam']:.3f} · {best}"
+        lam = "" if e.get("lam") is None else f" · λ → {e['lam']:.3f}"  # objectives without λ (ERM, Group DRO)
+        return f"eval {e['round']} @ step {e['step']}: " + " · ".join(parts) + f"{lam} · {best}"
 
     def _on_eval(self, e: dict[str, Any]) -> None:
         if self._bar is None and self.last is not None and self.last["t"] > self.last_printed:

@@ -393,7 +393,7 @@ class LoRARecipe:
                 self.timing["train_s"] += time.perf_counter() - t0
                 self._log_step(res)
                 self.progress.send("step", step=st.global_step, epoch=st.epoch, loss=float(res.total.detach()),
-                                   lam=self.lam.value)
+                                   lam=self.objective.log_values().get("lambda"))
                 self.faults.after_step(st.global_step)
                 if every and st.global_step % every == 0:
                     self.evaluate_and_checkpoint()
@@ -549,7 +549,8 @@ class LoRARecipe:
         if self.logger is not None:
             self.logger.log_metrics({f"{EVAL}{k}": v for k, v in metrics.items() if k not in ("eval_round", "step")},
                                     step=st.global_step)
-        self.progress.send("eval", round=st.eval_round, step=st.global_step, lam=self.lam.value,
+        self.progress.send("eval", round=st.eval_round, step=st.global_step,
+                           lam=self.objective.log_values().get("lambda"),
                            metrics={k: metrics[k] for k in ("dev_w_f1", "dev_worst_lang_gap", "dev_loss_gap")},
                            metric=cfg.eval.metric, best=st.best_score, best_round=st.best_round)
         self.save_checkpoint(metrics)
