@@ -38,9 +38,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, ray, deepspeed, transformers, peft, mlflow; print('ermgap setup ok: torch', torch.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"
 	# On CPU, DeepSpeed JIT-builds its shared-memory collective op on first use (~80 s cold); build it
 	# here once (cached in ~/.cache/torch_extensions) rather than inside the first training run.
-	$(PY) -c "from deepspeed.accelerator import get_accelerator as acc; \
-	cpu = acc().device_name() == 'cpu'; \
-	cpu and __import__('deepspeed.ops.op_builder.cpu', fromlist=['x']).ShareMemCommBuilder().load(verbose=False)"
+	# A build lock left by a killed process would make this wait forever: ermgap.deepspeed_ops clears it.
+	$(PY) -m ermgap.deepspeed_ops
 	@touch $(STAMP)
 
 system-deps:

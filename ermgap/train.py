@@ -65,7 +65,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 
-from ermgap import checkpointing
+from ermgap import checkpointing, deepspeed_ops
 from ermgap.batching import EmotionCollator, featurize, to_device
 from ermgap.checkpointing import TrainerState
 from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten, load_config
@@ -274,6 +274,8 @@ class LoRARecipe:
         # detection, and the driver (which imports this module) never builds an engine.
         import deepspeed
 
+        # A lock left by a killed process would hang deepspeed.initialize forever (see the module).
+        deepspeed_ops.clear_stale_lock()
         cfg = self.cfg
         trainable = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)

@@ -1,0 +1,72 @@
+"""DeepSpeed's JIT-built CPU op and the lock file that can wedge it.
+
+On CPU, every DeepSpeed process loads the shared-memory collective op (`deepspeed_shm_comm`)
+through torch's JIT extension loader, which takes a lock *file* in the build directory on each
+load and waits, forever and silently, while that file exists. A process killed inside that window
+(a fault-injection test, a preempted worker, Ctrl-C during set-up) leaves the file behind, and from
+then on every training run on the machine hangs in `deepspeed.initialize`. This module removes such
+a lock when it is provably stale, and prebuilds the op once for `make setup`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+OP_NAME = "deepspeed_shm_comm"
+# A cold build takes ~80 s on 2 idle cores; a lock younger than this may belong to a live build.
+STALE_AFTER_S = 120.0
+
+
+def _build_dir(name: str = OP_NAME) -> Path:
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return Path(_get_build_directory(name, verbose=False))
+
+
+def _compiler_running() -> bool:
+    """Whether a ninja or C++ compiler process runs on this machine (a build may hold the lock)."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().strip() in {"ninja", "c++", "g++", "cc1plus", "gcc", "ld"}:
+                return True
+        except OSError:  # the process ended while we looked
+            continue
+    return False
+
+
+def clear_stale_lock(name: str = OP_NAME, stale_after_s: float = STALE_AFTER_S) -> Path | None:
+    """Remove the op's build lock if it is older than `stale_after_s` and no compiler runs.
+
+    Returns the removed path, or None when there was nothing stale to remove.
+    """
+    lock = _build_dir(name) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if age < stale_after_s or _compiler_running():
+        return None
+    try:
+        lock.unlink()
+    except FileNotFoundError:  # another process cleared it first
+        return None
+    return lock
+
+
+def prebuild() -> None:
+    """Build (or load from cache) the CPU collective op once, so no training run pays for it."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return
+    removed = clear_stale_lock()
+    if removed is not None:
+        print(f"removed a stale DeepSpeed build lock left by a killed process: {removed}")
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
+
+
+if __name__ == "__main__":
+    prebuild()
