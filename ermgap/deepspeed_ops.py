@@ -35,23 +35,27 @@ def _compiler_running() -> bool:
     return False
 
 
-def clear_stale_lock(name: str = OP_NAME, stale_after_s: float = STALE_AFTER_S) -> Path | None:
-    """Remove the op's build lock if it is older than `stale_after_s` and no compiler runs.
+def clear_stale_lock(name: str = OP_NAME, stale_after_s: float = STALE_AFTER_S, wait: bool = True) -> Path | None:
+    """Remove the op's build lock once it is older than `stale_after_s` while no compiler runs.
 
-    Returns the removed path, or None when there was nothing stale to remove.
+    With `wait`, a young lock is watched until its build releases it or it turns stale, so the
+    caller never enters torch's unbounded wait. Returns the removed path, or None.
     """
     lock = _build_dir(name) / "lock"
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    if age < stale_after_s or _compiler_running():
-        return None
-    try:
-        lock.unlink()
-    except FileNotFoundError:  # another process cleared it first
-        return None
-    return lock
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        if age >= stale_after_s and not _compiler_running():
+            try:
+                lock.unlink()
+            except FileNotFoundError:  # another process cleared it first
+                return None
+            return lock
+        if not wait:
+            return None
+        time.sleep(1.0)
 
 
 def prebuild() -> None:

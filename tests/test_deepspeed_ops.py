@@ -27,13 +27,27 @@ def test_clear_stale_lock_removes_only_old_locks(tmp_path, monkeypatch):
     assert deepspeed_ops.clear_stale_lock() is None  # no lock at all
 
     lock.touch()  # a live build's lock: young
-    assert deepspeed_ops.clear_stale_lock() is None
+    assert deepspeed_ops.clear_stale_lock(wait=False) is None
     assert lock.exists()
 
     _age(lock, deepspeed_ops.STALE_AFTER_S + 5)
     if deepspeed_ops._compiler_running():
         pytest.skip("a compiler is running on this machine; the lock is rightly kept")
     assert deepspeed_ops.clear_stale_lock() == lock
+    assert not lock.exists()
+
+
+def test_clear_stale_lock_waits_out_a_young_lock_that_goes_stale(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    build = deepspeed_ops._build_dir()
+    build.mkdir(parents=True, exist_ok=True)
+    lock = build / "lock"
+    lock.touch()
+    if deepspeed_ops._compiler_running():
+        pytest.skip("a compiler is running on this machine; the lock is rightly kept")
+    t0 = time.monotonic()
+    assert deepspeed_ops.clear_stale_lock(stale_after_s=2.0) == lock
+    assert 1.5 <= time.monotonic() - t0 < 30
     assert not lock.exists()
 
 
