@@ -42,6 +42,7 @@ __all__ = [
     "all_reduce_sum",
     "avg_metric_gap",
     "dev_gap",
+    "lambda_drive",
     "erm_minmaxgap_loss",
     "group_stats",
     "minmaxgap_from_cells",
@@ -334,6 +335,20 @@ def avg_metric_gap(avg_gap_percent: float) -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 100.0:
         raise TrainingError(f"AVG metric gap must be a percentage in [0, 100], got {avg_gap_percent!r}")
     return value / 100.0
+
+
+def lambda_drive(kind: str, *, loss_gap: float, avg_gap_percent: float) -> float | None:
+    """Δdev of one dev evaluation as `lambda.dev_gap` = `kind` defines it: "loss_gap" (`dev_gap`'s value)
+    or "avg_metric_gap" (`avg_metric_gap` of the AVG gap in percent, range-checked).
+
+    None when it is undefined (NaN: e.g. no dev stratum has every attribute value, so there is no AVG gap):
+    the caller skips that evaluation's λ update. Treating it as 0 would lower λ by η·ε with no evidence.
+    """
+    if kind == "loss_gap":  # ±inf is not "undefined": AdaptiveLambda.update refuses it
+        return None if math.isnan(float(loss_gap)) else float(loss_gap)
+    if kind == "avg_metric_gap":
+        return None if math.isnan(float(avg_gap_percent)) else avg_metric_gap(avg_gap_percent)
+    raise ValueError(f"lambda.dev_gap must be 'loss_gap' or 'avg_metric_gap', got {kind!r}")
 
 
 # --------------------------------------------------------------------------- adaptive λ

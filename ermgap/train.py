@@ -49,6 +49,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +72,7 @@ from ermgap.checkpointing import TrainerState
 from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten, load_config
 from ermgap.data.dataset import UtteranceDataset
 from ermgap.data.manifest import read_manifest
-from ermgap.errors import ConfigError, ManifestError, TrainingError
+from ermgap.errors import ConfigError, ErmgapWarning, ManifestError, TrainingError
 from ermgap.evaluate import predictions_frame
 from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint, supports
 from ermgap.formatting import json_safe
@@ -79,7 +80,7 @@ from ermgap.io import atomic_path, atomic_write_text, claim_dir, discard_aside, 
 from ermgap.metric_registry import SPLIT_METRICS
 from ermgap.metrics import compute_metrics, per_key
 from ermgap.model import apply_lora, check_model, load_backbone
-from ermgap.objective import dev_gap
+from ermgap.objective import dev_gap, lambda_drive
 from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective
 from ermgap.progress import ProgressBox, ProgressSender, TrainProgress
 from ermgap.ray_runtime import ensure_ray
@@ -514,8 +515,13 @@ class LoRARecipe:
         """The objective's per-evaluation update on this evaluation's Δdev (`lambda.dev_gap`): MinMaxGAP's
         λ ← clip(λ + η(Δdev − ε), 0, λmax). Every rank holds the same gathered dev set, so the state stays
         identical everywhere."""
-        drive = metrics["dev_loss_gap"] if self.cfg.lam.dev_gap == "loss_gap" else metrics["dev_avg_gap"] / 100.0
-        self.objective.after_eval(drive if drive == drive else 0.0)
+        kind = self.cfg.lam.dev_gap
+        drive = lambda_drive(kind, loss_gap=metrics["dev_loss_gap"], avg_gap_percent=metrics["dev_avg_gap"])
+        if drive is None:
+            warnings.warn(f"evaluation {self.state.eval_round}: the dev gap lambda.dev_gap={kind} is undefined (NaN); "
+                          f"the objective's update (λ) is skipped this evaluation", ErmgapWarning, stacklevel=2)
+            return
+        self.objective.after_eval(drive)
 
     def track_best(self, score: float) -> None:
         """Keep the best adapter so far and count evaluations without improvement (early stopping)."""

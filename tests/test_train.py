@@ -242,3 +242,30 @@ def test_gpu_check_uses_the_cluster_it_joined(tmp_path, synth_corpus, tiny_model
             ray.shutdown()
     assert _snapshot(run) == before
     assert [p.name for p in run.parent.iterdir()] == ["myrun"]  # nothing left set aside
+
+
+@pytest.mark.parametrize("kind", ["avg_metric_gap", "loss_gap"])
+def test_an_undefined_dev_gap_skips_the_lambda_update(kind):
+    """Δdev NaN (e.g. a dev split where no language has both genders: no AVG gap) must leave λ where it is,
+    with a warning; it used to count as Δdev = 0 and lower λ by η·ε. A defined gap still moves λ by hand:
+    λ ← clip(1 + 0.5·(Δ − 0.02), 0, 10)."""
+    from ermgap.checkpointing import TrainerState
+    from ermgap.errors import ErmgapWarning, TrainingError
+    from ermgap.objectives import CellGrid, build_objective
+    from ermgap.train import LoRARecipe
+
+    recipe = LoRARecipe()  # only what update_objective reads: the config, the objective, the eval round
+    recipe.cfg = load_config(None, ["objective.kind=minmaxgap", "lambda.mode=adaptive", "lambda.init=1",
+                                    "lambda.eta=0.5", "lambda.epsilon=0.02", f"lambda.dev_gap={kind}"])
+    recipe.objective = build_objective(recipe.cfg, CellGrid(("eng", "deu"), ("F", "M"), torch.ones(2, 2)))
+    recipe.state = TrainerState(eval_round=3)
+    defined = {"dev_loss_gap": 0.12, "dev_avg_gap": 12.0}  # 12 AVG points = 0.12 as a fraction
+    undefined = {"dev_loss_gap": float("nan"), "dev_avg_gap": float("nan")}
+    with pytest.warns(ErmgapWarning, match=rf"evaluation 3: the dev gap lambda.dev_gap={kind} is undefined"):
+        recipe.update_objective(undefined)
+    assert recipe.objective.log_values()["lambda"] == 1.0 and recipe.objective.lam.history == []
+    recipe.update_objective(defined)
+    assert recipe.objective.log_values()["lambda"] == pytest.approx(1.0 + 0.5 * (0.12 - 0.02))
+    if kind == "avg_metric_gap":  # avg_metric_gap() range-checks: an AVG gap above 100 points is a bug upstream
+        with pytest.raises(TrainingError, match=r"percentage in \[0, 100\]"):
+            recipe.update_objective({"dev_loss_gap": 0.1, "dev_avg_gap": 250.0})
