@@ -46,6 +46,7 @@ TAG_SWEEP = "ermgap.sweep"
 TAG_HASH = "ermgap.sweep_hash"
 TAG_TRIAL = "ermgap.trial_id"
 TAG_ROLE = "ermgap.role"
+TAG_ERROR = "ermgap.error"  # why a run FAILED (or was KILLED): one message
 DRIVER_TAG = "ermgap.driver"  # "<host>:<pid>" of the process whose trainer.fit() drives the run
 TAG_PARAM_PREFIX = "ermgap.param."  # a trial's sampled params, as tags (the report groups runs by them)
 TAG_NOTE = "mlflow.note.content"   # the run's description in the UI
@@ -84,12 +85,18 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 class RunLogger:
-    """One MLflow run: params once, metrics by step, artifacts, status at the end."""
+    """One MLflow run: params once, metrics by step, artifacts, status at the end.
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    A resumed run redoes the steps after its checkpoint; MLflow cannot delete metric points, so the logger
+    skips every (metric, step) at or below the highest step that metric already has (`logged_through`):
+    each step of each curve is logged once.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, logged_through: dict[str, int] | None = None) -> None:
         self.client = client(tracking_uri)
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.logged_through = dict(logged_through or {})
 
     @classmethod
     def open(cls, mlflow_cfg: dict[str, Any], *, run_dir: str | os.PathLike, run_id: str | None = None,
@@ -106,7 +113,7 @@ class RunLogger:
             mlflow_client.update_run(run_id, status="RUNNING")
             if tags:
                 mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            return cls(uri, run_id)
+            return cls(uri, run_id, logged_through=last_steps(mlflow_client, run_id))
         if mlflow_cfg.get("parent_run_id"):
             tags[PARENT_TAG] = mlflow_cfg["parent_run_id"]
         run = mlflow_client.create_run(experiment_id(mlflow_client, mlflow_cfg["experiment"]),
@@ -127,8 +134,10 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-        self.client.log_batch(self.run_id, metrics=rows)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+                and int(step) > self.logged_through.get(k, -1)]
+        if rows:
+            self.client.log_batch(self.run_id, metrics=rows)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -143,6 +152,11 @@ class RunLogger:
     def end(self, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
+
+
+def last_steps(c: MlflowClient, run_id: str) -> dict[str, int]:
+    """{metric key: the highest step logged for it} of a run."""
+    return {key: max(m.step for m in c.get_metric_history(run_id, key)) for key in c.get_run(run_id).data.metrics}
 
 
 def driver_tag() -> dict[str, str]:
@@ -167,7 +181,7 @@ def close_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
     for run in runs:
         pid = run.data.tags[DRIVER_TAG].rpartition(":")[2]
         if pid.isdigit() and not _alive(int(pid)):
-            c.set_tag(run.info.run_id, "ermgap.error", f"driver {run.data.tags[DRIVER_TAG]} died without ending the run")
+            c.set_tag(run.info.run_id, TAG_ERROR, f"driver {run.data.tags[DRIVER_TAG]} died without ending the run")
             c.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
             warnings.warn(f"MLflow run {run.info.run_id} ({run.info.run_name}) was still RUNNING but its driver "
@@ -258,13 +272,17 @@ def run_description(params: dict[str, Any], split_sizes: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def mark_run(tracking_uri: str, run_dir: str | os.PathLike, status: str) -> str | None:
-    """Set the status of the run recorded in run_dir (the driver's view of a failed/killed run)."""
+def mark_run(tracking_uri: str, run_dir: str | os.PathLike, status: str, *, reason: str | None = None) -> str | None:
+    """Set the status of the run recorded in run_dir (the driver's view of a failed/killed run); `reason`
+    becomes its `ermgap.error` tag."""
     id_file = Path(run_dir) / RUN_ID_FILE
     if not id_file.is_file():
         return None
     run_id = id_file.read_text().strip()
-    client(tracking_uri).set_terminated(run_id, status=status)
+    c = client(tracking_uri)
+    if reason is not None:
+        c.set_tag(run_id, TAG_ERROR, reason[:5000])  # MLflow's tag value limit is 8000; keep it readable
+    c.set_terminated(run_id, status=status)
     return run_id
 
 
