@@ -51,6 +51,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,9 @@ from ermgap.checkpointing import TrainerState
 from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten, load_config
 from ermgap.data.dataset import UtteranceDataset
 from ermgap.data.manifest import read_manifest
-from ermgap.errors import ConfigError, ErmgapWarning, ManifestError, TrainingError
+from ermgap.errors import ConfigError, ErmgapError, ErmgapWarning, ManifestError, TrainingError
 from ermgap.evaluate import predictions_frame
+from ermgap.failures import RunFault, fit_run, record_error
 from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint, supports
 from ermgap.formatting import json_safe
 from ermgap.io import atomic_path, atomic_write_text, claim_dir, discard_aside, restore_aside, set_aside
@@ -101,7 +103,6 @@ from ermgap.tracking import (
     source_tags,
 )
 
-ERROR_FILE = "error.txt"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 # Fault injection for tests: kill the last rank after step N / make its first loss NaN at step N.
@@ -179,10 +180,6 @@ class _Split:
     rows: pd.DataFrame          # the manifest rows of the split, in manifest order
     base: UtteranceDataset      # decoded audio (lengths for batching)
     features: _CachedFeatures | EncodedDataset   # what the collator consumes: log-mels, or cached encoder output
-
-
-class _NonFiniteLoss(Exception):
-    pass
 
 
 class LoRARecipe:
@@ -335,6 +332,8 @@ class LoRARecipe:
                 self.logger.set_tags({TAG_NOTE: run_description(params, {k: len(v.rows) for k, v in self.splits.items()})})
                 log_manifest_input(self.logger.tracking_uri, self.logger.run_id, self.cfg.data.manifest,
                                    read_manifest(self.cfg.data.manifest))
+            else:  # the checkpoint step this attempt continues from (the redone steps are logged once: RunLogger)
+                self.logger.log_metrics({"resumed_at_step": self.state.global_step}, step=self.state.global_step)
         self.state.mlflow_run_id = self._broadcast(self.state.mlflow_run_id)
 
     # ----------------------------------------------------------------------------- helpers
@@ -449,7 +448,7 @@ class LoRARecipe:
         """Stop every rank together, naming the step and the utterances whose loss is NaN/inf."""
         bad_local = [u for u, ok in zip(utt_ids, torch.isfinite(losses.detach()).tolist()) if not ok]
         bad = [u for part in self._gather(bad_local) for u in part]
-        raise _NonFiniteLoss(f"non-finite training loss at optimizer step {self.state.global_step + 1} "
+        raise TrainingError(f"non-finite training loss at optimizer step {self.state.global_step + 1} "
                              f"(epoch {self.state.epoch}); utterances with NaN/inf loss: {', '.join(bad)}")
 
     # ----------------------------------------------------------------------------- evaluate
@@ -633,16 +632,8 @@ class LoRARecipe:
             lg.log_artifact(self.run_dir / "adapter", "adapter")
         lg.set_tags({"ermgap.stopped_early": final["stopped_early"], "ermgap.best_eval_round": st.best_round})
 
-    def fail(self, message: str) -> None:
-        """A run that cannot continue: the driver raises TrainingError with this message."""
-        if self.rank == 0:
-            (self.run_dir / ERROR_FILE).write_text(message + "\n")
-            if self.logger is not None:
-                self.logger.set_tags({"ermgap.error": message[:5000]})
-                self.logger.end("FAILED")
-
     def cleanup(self) -> None:
-        del self.engine
+        self.__dict__.pop("engine", None)  # absent when setup failed before building it
         gc.collect()
 
 
@@ -653,13 +644,15 @@ def _preds_only(frame: pd.DataFrame) -> pd.DataFrame:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function (see the module docstring for the order of the steps)."""
     recipe = LoRARecipe()
-    recipe.setup(loop_config)
     try:
+        recipe.setup(loop_config)
         if not recipe.state.done:
             recipe.train()
         recipe.finish()
-    except _NonFiniteLoss as err:
-        recipe.fail(str(err))
+    except ErmgapError as err:
+        # A user error: recorded for the driver, which ends the run without Ray's retry (ermgap.failures).
+        record_error(loop_config["run_dir"], err, ray.train.get_context().get_world_rank())
+        raise
     finally:
         recipe.cleanup()
 
@@ -757,7 +750,8 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, stor
                                      resources_per_worker={"CPU": d.cpus_per_worker}),
         run_config=RayRunConfig(
             name=name, storage_path=storage,
-            failure_config=FailureConfig(max_failures=d.max_failures),
+            # Retries are fit_run's (ermgap.failures): Ray's would retry user errors too.
+            failure_config=FailureConfig(max_failures=0),
             # The latest checkpoint is what resumes; the best adapter travels inside every checkpoint.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks)),
@@ -857,15 +851,15 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         claim_dir(run_path, "a training run")
         if resume_dir is None:
             atomic_write_text(run_path / CONFIG_FILE, dump_yaml(cfg), force=True)
-        (run_path / ERROR_FILE).unlink(missing_ok=True)
         ensure_ray(address, num_cpus=num_cpus, log_to_driver=verbose)
         check_cluster_gpus(cfg, f"the Ray cluster at {address}" if address else "the local Ray cluster")
         close_orphaned_runs(default_tracking_uri(cfg), cfg.tracking.experiment)
         box = ProgressBox.remote()
-        trainer = build_trainer(cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
-                                mlflow_parent_run_id=mlflow_parent_run_id,
-                                mlflow_tags={**(mlflow_tags or {}), **driver_tag()},
-                                resume=resume_dir is not None, fault=fault, progress=box)
+        make_trainer = partial(build_trainer, cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
+                               mlflow_parent_run_id=mlflow_parent_run_id,
+                               mlflow_tags={**(mlflow_tags or {}), **driver_tag()},
+                               resume=resume_dir is not None, fault=fault, progress=box)
+        first = [make_trainer()]  # built here, so that an error in it brings the replaced run back
     except BaseException:
         restore_aside(aside, run_path)  # nothing was trained: the replaced run comes back as it was
         raise
@@ -873,16 +867,17 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     uri = default_tracking_uri(cfg)
     try:
         with TrainProgress(box, console or Console()):
-            trainer.fit()
+            fit_run(lambda: first.pop() if first else make_trainer(), run_dir=run_path, tracking_uri=uri,
+                    max_failures=cfg.distributed.max_failures)
     except KeyboardInterrupt:
         mark_run(uri, run_path, "KILLED")
         raise
-    except Exception as err:
-        mark_run(uri, run_path, "FAILED")
-        raise TrainingError(f"training failed ({type(err).__name__}); run directory {run_path}; "
-                            f"continue with `ermgap train --resume {run_path}`{kept}:\n{err}") from err
-    if (run_path / ERROR_FILE).is_file():
-        raise TrainingError((run_path / ERROR_FILE).read_text().strip() + f" (run directory {run_path}{kept})")
+    except ErmgapError as err:  # a user error in a worker: retrying or resuming would meet it again
+        raise type(err)(f"{err} (run directory {run_path}{kept})") from None
+    except RunFault as fault:
+        err = fault.cause
+        raise TrainingError(f"training failed ({type(err).__name__}, {fault.attempts} attempt(s)); run directory "
+                            f"{run_path}; continue with `ermgap train --resume {run_path}`{kept}:\n{err}") from err
     discard_aside(aside)
     metrics_file = run_path / METRICS_FILE
     if not metrics_file.is_file():

@@ -39,17 +39,29 @@ PARETO_AXES = ("dev_w_f1", "dev_avg_gap")
 N_BOOT, BOOT_SEED = 1000, 0
 
 
+FAILED = "failed"
+
+
 @dataclass
 class TrialRecord:
     """What Tune knows of one trial: its sampled params, how it ended, its last evaluation round.
 
-    status: "done" (ran to its final report), "stopped" (ended by the scheduler before it), "ERROR".
+    status: "done" (ran to its final report), "stopped" (ended by the scheduler before it), FAILED (its
+    training raised: `reason` is the message, e.g. a NaN loss naming the step and utterances).
     """
 
     params: dict[str, Any] = field(default_factory=dict)
     status: str = "done"
     last_round: int | None = None
     time_total_s: float | None = None
+    reason: str | None = None
+
+
+def failure_reason(error: BaseException) -> str:
+    """The message of the exception a trial function raised (Tune hands it back wrapped in a RayTaskError,
+    whose text is a traceback)."""
+    cause = getattr(error, "cause", None) or error
+    return str(cause).strip() or type(cause).__name__
 
 
 def final_metric(child: pd.Series | None, name: str) -> float | None:
@@ -75,7 +87,8 @@ def build_leaderboard(spec: SweepSpec, runs: pd.DataFrame, trials: dict[str, Tri
         children = by_trial.get(trial_id, [])
         child = children[-1] if children else None
         row: dict[str, Any] = {"trial": trial_id, **{k: info.params.get(k) for k in spec.param_names()}}
-        row.update({"status": info.status, "eval_rounds": info.last_round, "n_child_runs": len(children),
+        row.update({"status": info.status, "reason": info.reason, "eval_rounds": info.last_round,
+                    "n_child_runs": len(children),
                     # Tune's wall time of the trial up to its last report.
                     "trial_s": info.time_total_s, "mlflow_run_id": None if child is None else child["run_id"]})
         row["objective"] = None if child is None else describe_objective(run_params(child))

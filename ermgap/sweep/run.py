@@ -22,6 +22,7 @@ from ermgap.report import report_from_mlflow, run_test_predictions
 from ermgap.sweep import render
 from ermgap.sweep.leaderboard import (
     DEV_METRICS,
+    FAILED,
     TEST_METRICS,
     build_leaderboard,
     objective_comparison,
@@ -40,6 +41,15 @@ class SweepInterrupted(ErmgapError):
     """The sweep stopped before every trial ended; it can be resumed."""
 
     exit_code = 130
+
+
+class TrialsFailed(TrainingError):
+    """The sweep ran to the end but some of its trials failed (their training raised); `outcome` holds the
+    leaderboard of all of them, the failed ones with status "failed" and their reason."""
+
+    def __init__(self, message: str, outcome: SweepOutcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 @dataclass
@@ -114,8 +124,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
     outcome.wall_s = time.perf_counter() - t0
     render.print_outcome(outcome, spec, out)
     if failed:
-        errs = [res.error for res in results if res.error is not None]
-        raise TrainingError(f"sweep {spec.name}: every trial failed; first error: {errs[0] if errs else 'no trials'}")
+        raise TrialsFailed(failed, outcome)
     return outcome
 
 
@@ -173,9 +182,9 @@ def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: b
     return results
 
 
-def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, results, out: Console) -> bool:
-    """Leaderboard, seed summary, best trial, parent-run artifacts and the paper's report; returns
-    whether every trial failed."""
+def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, results, out: Console) -> str | None:
+    """Leaderboard, seed summary, best trial, parent-run artifacts and the paper's report; returns the
+    message naming the failed trials and their reasons (None when no trial failed)."""
     uri, parent_id = outcome.tracking_uri, outcome.parent_run_id
     runs = tracking.child_runs(uri, outcome.experiment, parent_id)
     board = build_leaderboard(spec, runs, trial_records(results))
@@ -199,9 +208,23 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
         metrics = {f"{tracking.BEST}{m}": b[m] for m in DEV_METRICS + TEST_METRICS if b[m] is not None}
     tracking.log_sweep_summary(uri, parent_id, files=list(outcome.artifacts.values()), tags=tags, metrics=metrics)
     outcome.artifacts.update(_paper_report(uri, parent_id, paths.report, out))
-    failed = board.empty or bool((board["status"] == "ERROR").all())
+    failed = failure_message(spec.name, board)
+    if failed is not None:
+        tracking.client(uri).set_tag(parent_id, tracking.TAG_ERROR, failed[:5000])
     tracking.set_status(uri, parent_id, "FAILED" if failed else "FINISHED")
     return failed
+
+
+def failure_message(name: str, board: pd.DataFrame) -> str | None:
+    """One line per failed trial (its id and reason) under a headline; None when none failed."""
+    if board.empty:
+        return f"sweep {name}: no trial ran"
+    bad = board[board["status"] == FAILED]
+    if bad.empty:
+        return None
+    lines = [f"  {r['trial']}: {r['reason']}" for _, r in bad.iterrows()]
+    return "\n".join([f"sweep {name}: {len(bad)} of {len(board)} trial(s) failed (status 'failed' in the leaderboard):",
+                      *lines])
 
 
 def _test_predictions(tracking_uri: str, board: pd.DataFrame, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
