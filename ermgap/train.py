@@ -38,7 +38,8 @@ without frozen weights, best LoRA adapter, the objective's state (λ, q), data p
 (same storage_path + name: Ray Train V2 reloads the run's checkpoint manager) loads it and
 continues at the same step with the same data order and RNG, so on CPU the result equals an
 uninterrupted run. Tests inject faults through `FaultInjector` ($ERMGAP_FAULT_KILL_AT_STEP,
-$ERMGAP_FAULT_NAN_AT_STEP, read by `run_training` only).
+$ERMGAP_FAULT_NAN_AT_STEP, read by the drivers `run_training` and `run_sweep` only: `faults_from_env`).
+A worker's user error ends the run without a retry, faults are retried: ermgap.failures.
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class Strata:
 
 
 class FaultInjector:
-    """Test-only faults, configured by the driver (`run_training` reads $ERMGAP_FAULT_*): kill the last
+    """Test-only faults, configured by the driver (`faults_from_env` reads $ERMGAP_FAULT_*): kill the last
     rank once after optimizer step `kill_at_step` (like a lost node), or give its first per-sample
     loss of step `nan_at_step` a NaN. Inert unless configured."""
 
@@ -807,6 +808,11 @@ def _step_from_env(name: str) -> int | None:
         raise ConfigError(f"${name} must be an integer step, got {raw!r}") from None
 
 
+def faults_from_env() -> dict[str, int | None]:
+    """The test-only FaultInjector spec from $ERMGAP_FAULT_* (read by the drivers: `run_training`, `run_sweep`)."""
+    return {"kill_at_step": _step_from_env(FAULT_ENV), "nan_at_step": _step_from_env(NAN_ENV)}
+
+
 def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str | os.PathLike | None = None,
                  run_dir: str | os.PathLike | None = None, force: bool = False, num_cpus: int | None = None,
                  mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
@@ -846,7 +852,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         check_inputs(cfg)  # before anything on disk changes
         cfg = with_task(cfg, resolve_task(cfg))
         aside = set_aside(run_path, "run directory") if force else None
-    fault = {"kill_at_step": _step_from_env(FAULT_ENV), "nan_at_step": _step_from_env(NAN_ENV)}
+    fault = faults_from_env()
     try:
         claim_dir(run_path, "a training run")
         if resume_dir is None:

@@ -34,7 +34,7 @@ from ermgap.sweep.paths import SweepPaths
 from ermgap.sweep.resources import check_resources, check_trial_inputs, local_resources, resource_plan
 from ermgap.sweep.spec import SweepSpec, load_sweep_spec
 from ermgap.sweep.tune import TrialContext, trial_records, tuner, unfinished_trials
-from ermgap.train import absolute_paths
+from ermgap.train import absolute_paths, faults_from_env
 
 
 class SweepInterrupted(ErmgapError):
@@ -166,7 +166,8 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
 
 def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool, verbose: bool, out: Console):
     """Run Tune to the end; an interrupted sweep marks its parent KILLED and stays resumable."""
-    ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment)
+    ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment,
+                       fault=faults_from_env())
     try:
         results = tuner(spec, ctx, resume=resume, verbose=verbose, console=out).fit()
     except BaseException:

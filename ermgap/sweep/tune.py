@@ -84,6 +84,7 @@ class TrialContext:
     parent_run_id: str
     tracking_uri: str
     experiment: str
+    fault: dict | None = None  # test-only faults (ermgap.train.faults_from_env), as `ermgap train` gets them
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -104,7 +105,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             callbacks=[TuneReportCallback()], mlflow_parent_run_id=ctx.parent_run_id,
             mlflow_tags=trial_tags(ctx.spec.name, ctx.spec.hash(), trial_id, params), resume=resume,
             mlflow_params={"variant": params[VARIANT_PARAM]} if VARIANT_PARAM in params else None,
-            entry_point="ermgap sweep")
+            entry_point="ermgap sweep", fault=ctx.fault)
 
     # The same driver as `ermgap train`: a worker's user error (a NaN loss) fails the trial with its message
     # (Tune records it: the trial is FAILED, not "stopped"), faults are retried from the last checkpoint.
