@@ -251,7 +251,8 @@ class DistributedConfig(_Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+    max_failures: int = Field(1, ge=-1, description="Refits of the run from its last checkpoint after a fault such as a lost worker "
+                                                    "(-1: unlimited); a user error in a worker (bad audio, NaN loss) is not retried.")
 
 
 class TrackingConfig(_Section):
