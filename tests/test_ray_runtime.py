@@ -40,14 +40,16 @@ def _names(pids: list[int]) -> list[str]:
 
 
 @pytest.mark.parametrize("how", ["sigkill", "sigterm", "exit"])
-def test_the_local_cluster_stops_when_its_driver_ends(how):
+def test_the_local_cluster_stops_when_its_driver_ends(how, tmp_path):
     marker = uuid.uuid4().hex
     env = {**os.environ, MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = tmp_path / "driver.err"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
     try:
-        assert proc.stdout.readline().strip() == "READY"
+        assert proc.stdout.readline().strip() == "READY", log.read_text()[-3000:]
         # The raylet starts its agents right after the cluster is up: wait until they are there.
         deadline = time.monotonic() + 60
         while not {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= set(_names(pids_with_env(MARKER, marker))):
