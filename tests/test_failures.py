@@ -7,7 +7,6 @@ import json
 import multiprocessing
 
 import pandas as pd
-import pytest
 
 from ermgap.errors import ErmgapError, ManifestError, NoSpaceError, TrainingError
 from ermgap.failures import ERROR_FILE, clear_error, read_error, record_error
