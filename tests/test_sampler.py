@@ -151,3 +151,53 @@ def test_impossible_min_per_cell_is_one_config_error_before_ray(tmp_path, synth_
                                           r"expected data.min_per_cell ≤ 1"):
         run_training(cfg, run_dir=tmp_path / "run")
     assert not ray.is_initialized() and not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def demo_like_manifest(synth_corpus, tmp_path_factory):
+    """The demo's bias on the fixture corpus: 8 female vs 1 male train speaker rows per language (the demo
+    corpus has 12× fewer male rows), 4 dev / 4 test rows per (language, gender)."""
+    import pandas as pd
+
+    df = pd.read_csv(synth_corpus, dtype=str, keep_default_na=False)
+    df["audio"] = [str(synth_corpus.parent / a) for a in df["audio"]]
+    keep = {("train", "F"): 8, ("train", "M"): 1}
+    parts = [g.head(keep.get((split, gender), 4)) for (split, _, gender), g in df.groupby(["split", "language", "gender"])]
+    out = tmp_path_factory.mktemp("demo_like") / "manifest.csv"
+    pd.concat(parts).to_csv(out, index=False)
+    return out
+
+
+@pytest.mark.ray
+@pytest.mark.deepspeed
+@pytest.mark.slow
+def test_stratified_run_logs_a_valid_stratum_at_every_step(ray_cluster, demo_like_manifest, tiny_model, tmp_path):
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    from ermgap.sampler import GlobalBatchPlan
+    from ermgap.train import run_training
+
+    overrides = [f"data.manifest={demo_like_manifest}", f"model.name_or_path={tiny_model}", "model.dtype=fp32",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.storage_path={tmp_path}/runs",
+                 "optim.lr=5e-4", "optim.epochs=2", "optim.effective_batch_size=8", "optim.micro_batch_size=4",
+                 "eval.every_steps=3", "eval.batch_size=12", "eval.patience=0", "distributed.num_workers=2",
+                 "distributed.cpus_per_worker=1", "data.sampler=stratified", "data.min_per_cell=1"]
+    # What the default plan would do on these 27 train rows (3 male): steps without any valid stratum.
+    train = pd.read_csv(demo_like_manifest, dtype=str)
+    train = train[train["split"] == "train"].reset_index(drop=True)
+    male = (train["gender"] == "M").to_numpy()
+    default = GlobalBatchPlan([1] * len(train), effective_batch=8, num_workers=2, accum=1, seed=42)
+    assert any(not male[gb].any() for e in range(2) for gb in default.global_batches(e))
+
+    final = run_training(load_config(None, overrides), run_dir=tmp_path / "run")
+    client = MlflowClient(final["tracking_uri"])
+    steps = len(train) // 8 * 2
+    for key, want in (("train/valid_strata", 3), ("train/min_cell_count", 1)):
+        logged = {m.step: m.value for m in client.get_metric_history(final["mlflow_run_id"], key)}
+        assert logged == {s: want for s in range(1, steps + 1)}, key
+    assert final["train_valid_step_share"] == 1.0 and final["train_min_cell_count"] == 1
+    metrics = (tmp_path / "run" / "metrics.json").read_text()
+    assert '"train_valid_step_share": 1.0' in metrics
+    run = client.get_run(final["mlflow_run_id"])
+    assert run.data.metrics["train_valid_step_share"] == 1.0 and run.data.params["data.sampler"] == "stratified"
