@@ -190,7 +190,9 @@ def test_paper_specs_use_paper_hyperparameters():
     cfg = spec.trial_config({"variant": "erm_minmaxgap", "data.modality": "multi"})
     assert cfg.model.name_or_path == "Qwen/Qwen2-Audio-7B-Instruct"
     assert (cfg.optim.epochs, cfg.optim.effective_batch_size, cfg.optim.lr, cfg.optim.weight_decay) == (20, 64, 5e-5, 0.01)
-    assert (cfg.eval.patience, cfg.optim.seed, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (5, 42, 16, 32, 0.05)
+    # The paper's patience of 5 epochs, counted in evaluations: 5 per epoch (73 of MELD-ST's 365 steps).
+    assert (cfg.eval.every_steps, cfg.eval.patience) == (73, 25) and cfg.eval.patience * cfg.eval.every_steps == 5 * 365
+    assert (cfg.optim.seed, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (42, 16, 32, 0.05)
     assert (cfg.objective.p, cfg.lam.mode, cfg.lam.init, cfg.lam.epsilon, cfg.lam.eta, cfg.lam.lam_max) == \
         (2, "adaptive", 0.0, 0.02, 0.5, 10.0)
     assert cfg.distributed.use_gpu
