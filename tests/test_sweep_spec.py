@@ -244,3 +244,21 @@ def test_force_keeps_the_previous_sweep_when_a_check_fails(tmp_path):
     with pytest.raises(ConfigError, match="a trial needs 512.1 CPU"):
         run_sweep(spec, force=True)
     assert (old / "sweep_state.json").read_text() == '{"parent_run_id": "abc"}'
+
+
+def test_demo_seeds_spec_trains_every_objective_on_stratified_batches_over_three_seeds():
+    from typer.testing import CliRunner
+
+    from ermgap.cli.main import app
+
+    spec = load_sweep_spec(SWEEPS / "demo_seeds.yaml")
+    assert spec.num_trials() == 4 * 3 and spec.model.seeds == [42, 43, 44]
+    kinds = set()
+    for point in spec.example_trials():
+        cfg = spec.trial_config(point)
+        kinds.add(cfg.objective.kind)
+        assert (cfg.data.sampler, cfg.data.min_per_cell, cfg.objective.erm_weighting) == ("stratified", 2, "population")
+        assert (cfg.lam.eta, cfg.eval.every_steps, cfg.eval.patience) == (0.5, 17, 0)  # the paper's η, 16 updates
+    assert kinds == {"erm", "minmaxgap", "reweight", "group_dro"}
+    result = CliRunner().invoke(app, ["sweep", str(SWEEPS / "demo_seeds.yaml"), "--dry-run"], terminal_width=200)
+    assert result.exit_code == 0 and "12 trials" in result.output, result.output
