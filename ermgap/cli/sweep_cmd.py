@@ -65,7 +65,14 @@ def ui(
     if root:  # experiments created in the UI keep their artifacts beside the store too
         cmd += ["--default-artifact-root", root.rsplit("/", 1)[0]]
     typer.echo(f"starting the MLflow UI (store {uri}) ...")
-    raise typer.Exit(_run_group(cmd, ready_url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"))
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+    def views() -> list[str]:
+        from ermgap.tracking import shared_runs_views
+
+        return [f"  sweep {sweep}: {base}{fragment}" for sweep, fragment in shared_runs_views(uri)]
+
+    raise typer.Exit(_run_group(cmd, ready_url=base, on_ready=views))
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300.0) -> bool:
@@ -85,10 +92,10 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300.0) -> b
     return False
 
 
-def _run_group(cmd: list[str], ready_url: str | None = None) -> int:
+def _run_group(cmd: list[str], ready_url: str | None = None, on_ready=None) -> int:
     """Run `cmd` in its own process group and take the whole group down with us: `mlflow ui` starts
     uvicorn workers and job consumers that would otherwise outlive a SIGTERM to this process.
-    With `ready_url`, say when the server answers there."""
+    With `ready_url`, say when the server answers there, then print the lines `on_ready()` returns."""
     proc = subprocess.Popen(cmd, env=dict(os.environ), start_new_session=True)
 
     def _stop(signum, frame):  # SIGTERM behaves like Ctrl-C
@@ -98,6 +105,11 @@ def _run_group(cmd: list[str], ready_url: str | None = None) -> int:
     try:
         if ready_url is not None and _wait_ready(proc, ready_url):
             typer.echo(f"MLflow UI ready on {ready_url}  (Ctrl-C stops it)")
+            lines = on_ready() if on_ready is not None else []
+            if lines:
+                typer.echo("runs tables with W-F1 and gap columns, best dev W-F1 first:")
+                for line in lines:
+                    typer.echo(line)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
