@@ -3,7 +3,8 @@
 The math every objective kind shares lives here (`reduced_cell_stats`: global cell sums/counts in one
 all-reduce); `ermgap.objectives` puts ERM, MinMaxGAP, Group DRO and reweighting behind one interface.
 
-    L = erm + λ · Δmax^p,   erm = mean per-sample loss over the GLOBAL batch,
+    L = erm + λ · Δmax^p,   erm = mean per-sample loss over the GLOBAL batch (per-cell weighted with
+                                   stratified batches: `erm_mean`),
     Δmax = max over valid strata s of (max_a mean_{s,a} − min_a mean_{s,a})
 
 `stratum` is the group inside which the gender gap is measured (language, or language × modality);

@@ -29,8 +29,10 @@ activation memory of `accum` micro-batches (use gradient checkpointing on GPU, o
 With this, a run with W workers and accumulation A equals one with W' workers and A' whenever
 W·A·micro is the same (tests/test_train_distributed.py checks 2 workers vs 1 worker).
 
-Data: `ermgap.sampler.GlobalBatchPlan` (seeded per epoch, length-grouped) fixes which utterances
-form each optimizer step independently of the worker count; see its docstring for why not Ray Data.
+Data: the batch plan of `data.sampler` (`ermgap.sampler`: GlobalBatchPlan, seeded per epoch and
+length-grouped; StratifiedBatchPlan, a fixed quota of every train cell per step, with the ERM weights that
+keep the ERM term a population mean) fixes which utterances form each optimizer step independently of
+the worker count; see that module's docstring for why not Ray Data.
 
 Fault tolerance: every evaluation writes a checkpoint (ermgap.checkpointing: DeepSpeed state
 without frozen weights, best LoRA adapter, the objective's state (λ, q), data position, per-rank RNG, MLflow run id) through
