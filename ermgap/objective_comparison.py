@@ -8,13 +8,16 @@ and `ermgap.metrics.paired_bootstrap` resamples the pooled (utterance, seed) uni
 
 Reported: test W-F1 (overall) and the AVG gender gap in the *worst stratum*, the language whose pooled
 gap is largest under the reference (the paired bootstrap resamples per-language gaps, not their max, so
-the stratum is fixed by the reference: "how much narrower is the gap ERM leaves widest").
+the stratum is fixed by the reference: "how much narrower is the gap ERM leaves widest"). For each: the
+mean over seeds of the per-seed difference (`seed_mean`), the pooled difference with its interval, and for
+the gap the relative change with its interval (−0.5: half of ERM's gap), all from the same resamples.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import pandas as pd
 
 from ermgap.errors import PredictionsError
@@ -50,15 +53,26 @@ def paired_difference(reference: Mapping[int, pd.DataFrame], other: Mapping[int,
     b = pool_seeds({s: other[s] for s in seeds})
     worst = worst_language(a)
     boot = paired_bootstrap(a, b, n_boot=n_boot, seed=seed, level=level)
-    return {"seeds": seeds, "worst_language": worst, "w_f1": boot["overall"]["w_f1"],
-            "worst_gap": boot["per_language"][worst]["avg_gap"]}
+    out = {"seeds": seeds, "worst_language": worst, "w_f1": boot["overall"]["w_f1"],
+           "worst_gap": boot["per_language"][worst]["avg_gap"]}
+    per_seed = {"w_f1": [], "worst_gap": []}
+    for s in seeds:
+        ma, mb = compute_metrics(reference[s]), compute_metrics(other[s])
+        per_seed["w_f1"].append(mb["overall"]["w_f1"] - ma["overall"]["w_f1"])
+        gap_a, gap_b = (m["per_language"].get(worst, {}).get("avg_gap", float("nan")) for m in (ma, mb))
+        per_seed["worst_gap"].append(gap_b - gap_a)
+    for key, values in per_seed.items():
+        out[key] = {**out[key], "seed_mean": float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")}
+    return out
 
 
 def compare_to_reference(preds: Mapping[str, Mapping[int, pd.DataFrame]], reference: str, *,
                          n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
     """{configuration: {seed: test predictions}} → one row per non-reference configuration.
 
-    Columns: config, seeds, worst_language, d_test_w_f1, d_test_w_f1_lo/_hi, d_test_worst_gap, _lo/_hi.
+    Columns: config, seeds, worst_language, d_test_w_f1, d_test_w_f1_lo/_hi, d_test_worst_gap, _lo/_hi
+    (pooled over seeds), d_test_w_f1_seed_mean, d_test_worst_gap_seed_mean (mean of per-seed differences),
+    d_test_worst_gap_rel, _rel_lo/_rel_hi (relative change of the pooled gap, −0.5: halved).
     """
     if reference not in preds:
         raise PredictionsError(f"reference {reference!r} has no finished runs; have {sorted(preds)}")
@@ -70,5 +84,8 @@ def compare_to_reference(preds: Mapping[str, Mapping[int, pd.DataFrame]], refere
         row = {"config": name, "seeds": len(d["seeds"]), "worst_language": d["worst_language"]}
         for key, col in (("w_f1", "d_test_w_f1"), ("worst_gap", "d_test_worst_gap")):
             row[col], (row[f"{col}_lo"], row[f"{col}_hi"]) = d[key]["diff"], d[key]["ci"]
+            row[f"{col}_seed_mean"] = d[key]["seed_mean"]
+        row["d_test_worst_gap_rel"] = d["worst_gap"]["rel"]
+        row["d_test_worst_gap_rel_lo"], row["d_test_worst_gap_rel_hi"] = d["worst_gap"]["rel_ci"]
         rows.append(row)
     return pd.DataFrame(rows)

@@ -29,8 +29,10 @@ activation memory of `accum` micro-batches (use gradient checkpointing on GPU, o
 With this, a run with W workers and accumulation A equals one with W' workers and A' whenever
 W·A·micro is the same (tests/test_train_distributed.py checks 2 workers vs 1 worker).
 
-Data: `ermgap.sampler.GlobalBatchPlan` (seeded per epoch, length-grouped) fixes which utterances
-form each optimizer step independently of the worker count; see its docstring for why not Ray Data.
+Data: the batch plan of `data.sampler` (`ermgap.sampler`: GlobalBatchPlan, seeded per epoch and
+length-grouped; StratifiedBatchPlan, a fixed quota of every train cell per step, with the ERM weights that
+keep the ERM term a population mean) fixes which utterances form each optimizer step independently of
+the worker count; see that module's docstring for why not Ray Data.
 
 Fault tolerance: every evaluation writes a checkpoint (ermgap.checkpointing: DeepSpeed state
 without frozen weights, best LoRA adapter, the objective's state (λ, q), data position, per-rank RNG, MLflow run id) through
@@ -51,7 +53,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -80,14 +82,14 @@ from ermgap.failures import RunFault, fit_run, record_error
 from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint, supports
 from ermgap.formatting import json_safe
 from ermgap.io import atomic_path, atomic_write_text, claim_dir, discard_aside, restore_aside, set_aside
-from ermgap.metric_registry import SPLIT_METRICS
+from ermgap.metric_registry import RUN_COVERAGE, SPLIT_METRICS
 from ermgap.metrics import compute_metrics, per_key
 from ermgap.model import apply_lora, check_model, load_backbone
 from ermgap.objective import dev_gap, lambda_drive
 from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective
 from ermgap.progress import ProgressBox, ProgressSender, TrainProgress
 from ermgap.ray_runtime import ensure_ray
-from ermgap.sampler import GlobalBatchPlan, shard_for_eval
+from ermgap.sampler import BatchCoverage, StratifiedBatchPlan, build_plan, cell_quotas, shard_for_eval
 from ermgap.scoring import answer_loss_from_scores, per_sample_loss, score_labels
 from ermgap.task import RUN_MODALITY, Task, TaskSpec
 from ermgap.tracking import (
@@ -210,6 +212,7 @@ class LoRARecipe:
         self._setup_engine(model)
         self.objective = self._build_objective()
         resumed = self._restore()
+        self.coverage = BatchCoverage(**self.state.batch_coverage)
         self._setup_tracking(resumed)
         self.timing["setup_s"] = time.perf_counter() - t_setup
 
@@ -247,8 +250,9 @@ class LoRARecipe:
                 torch.distributed.barrier()
         self.collator = EmotionCollator(processor, cfg.prompt, cfg.data.modality, sample_rate=cfg.data.sample_rate,
                                         task=task)
-        self.plan = GlobalBatchPlan(self.splits["train"].base.lengths, effective_batch=cfg.optim.effective_batch_size,
-                                    num_workers=self.world, accum=self.accum, seed=cfg.optim.seed)
+        train = self.splits["train"]
+        self.plan = build_plan(cfg, train.base.lengths, task.cell_codes(train.rows, cfg.data.modality),
+                               num_workers=self.world, accum=self.accum)
         self.total_steps = cfg.optim.epochs * self.plan.steps_per_epoch
 
     def _open_feature_cache(self, model, processor) -> FeatureCache | None:
@@ -265,6 +269,9 @@ class LoRARecipe:
         manifest rows on every rank, so the same objective everywhere)."""
         stratum, attribute = self._cells(self.splits["train"].rows)
         grid = CellGrid.count(stratum, attribute, strata=self.strata.names, attributes=self.task.attribute_values)
+        if isinstance(self.plan, StratifiedBatchPlan) and self.cfg.objective.erm_weighting == "population":
+            # The ERM term estimates the train-population mean again (config: objective.erm_weighting).
+            grid = grid.with_erm_weights(self.plan.importance_weights())
         return build_objective(self.cfg, grid)
 
     def _setup_engine(self, model) -> None:
@@ -438,11 +445,14 @@ class LoRARecipe:
         return res
 
     def _log_step(self, res: ObjectiveOutput) -> None:
+        coverage = self.coverage.add(res.stats.counts.cpu(), res.stats.valid.cpu(), self.objective.grid.train_counts > 0)
+        self.state.batch_coverage = asdict(self.coverage)
         if self.logger is None:
             return
         row = {"train/loss": float(res.total.detach()), "train/erm": res.erm, "train/gap": res.gap,
                **self.objective.log_values(), "lr": self.scheduler.get_last_lr()[0]}
         row.update(self.strata.named("train/gap_", res.stratum_gaps))
+        row.update({f"train/{k}": v for k, v in coverage.items()})
         self.logger.log_metrics(row, step=self.state.global_step)
 
     def _non_finite(self, losses: torch.Tensor, utt_ids: list[str]) -> None:
@@ -586,6 +596,7 @@ class LoRARecipe:
         final = self.split_metrics(dev, "dev")
         if len(test):
             final.update(self.split_metrics(test, "test"))
+        final.update({f"train_{k}": v for k, v in self.coverage.summary().items()})
         final.update({
             "eval_round": st.eval_round, "epoch": float(st.epoch), "step": st.global_step,
             **self.objective.log_values(), f"best_dev_{cfg.eval.metric}": st.best_score,
@@ -624,6 +635,7 @@ class LoRARecipe:
         lg = self.logger
         lg.log_metrics({f"{BEST}{k}": v for k, v in final.items() if k.startswith(("dev_", "test_"))}
                        | {f"{BEST}eval_round": st.best_round}, step=st.global_step)
+        lg.log_metrics({f"train_{k}": final[f"train_{k}"] for k in RUN_COVERAGE}, step=st.global_step)
         if cache_stats is not None:
             lg.log_metrics({f"feature_cache/{k}": v for k, v in cache_stats.items()}, step=st.global_step)
         lg.log_artifact(self.run_dir / "dev_preds.csv", "predictions")
@@ -777,13 +789,31 @@ def check_inputs(cfg: RunConfig) -> None:
         if unknown:
             raise ConfigError(f"data.languages: {unknown} not in {manifest}; it has: {present}")
         df = df[df["language"].isin(cfg.data.languages)]
-    resolve_task(cfg, df)
+    task = resolve_task(cfg, df)
     n_train, n_dev = int((df["split"] == "train").sum()), int((df["split"] == "dev").sum())
     if n_train < cfg.optim.effective_batch_size:
         raise ConfigError(f"optim.effective_batch_size ({cfg.optim.effective_batch_size}) is larger than the train "
                           f"split of {manifest} ({n_train} utterances): not one optimizer step per epoch")
     if n_dev == 0:
         raise ManifestError(f"{manifest}: no dev rows; dev evaluation drives λ and early stopping")
+    if cfg.data.sampler == "stratified":
+        check_stratified(cfg, task, df[df["split"] == "train"])
+
+
+def check_stratified(cfg: RunConfig, task: Task, train: pd.DataFrame) -> None:
+    """data.sampler=stratified: the quotas of every train cell must fit in one global batch."""
+    cells, counts = np.unique(task.cell_codes(train, cfg.data.modality), return_counts=True)
+    try:
+        cell_quotas(dict(zip(cells.tolist(), counts.tolist())), batch=cfg.optim.effective_batch_size,
+                    min_per_cell=cfg.data.min_per_cell)
+    except ValueError:
+        names = [f"{s}_{a}" for s in task.stratum_values for a in task.attribute_values]
+        raise ConfigError(
+            f"data.min_per_cell: {cfg.data.min_per_cell} rows of each of the {len(cells)} (stratum, attribute) cells "
+            f"in the train split of {cfg.data.manifest} ({', '.join(names[c] for c in cells)}) need "
+            f"{cfg.data.min_per_cell * len(cells)} slots, but optim.effective_batch_size is "
+            f"{cfg.optim.effective_batch_size}; expected data.min_per_cell ≤ "
+            f"{cfg.optim.effective_batch_size // len(cells)} or a larger batch") from None
 
 
 def check_cluster_gpus(cfg: RunConfig, where: str = "the Ray cluster") -> None:

@@ -52,3 +52,16 @@ def test_only_shared_seeds_are_paired_and_errors_are_named():
         compare_to_reference({"x": other}, "erm")
     with pytest.raises(PredictionsError, match="no seed in common"):
         compare_to_reference({"erm": {1: erm[42]}, "x": {2: other[43]}}, "erm")
+
+
+def test_seed_means_and_the_relative_gap_change_match_the_oracle():
+    erm, fair = _runs(0.8), _runs(0.8, fair_deu=True)
+    row = compare_to_reference({"erm": erm, "fair": fair}, "erm", n_boot=300, seed=2).iloc[0]
+    deu = lambda df: df[df["language"] == "deu"]  # noqa: E731
+    per_seed_wf1 = [oracle(fair[s])["w_f1"] - oracle(erm[s])["w_f1"] for s in erm]
+    per_seed_gap = [oracle(deu(fair[s]))["avg_gap"] - oracle(deu(erm[s]))["avg_gap"] for s in erm]
+    assert row["d_test_w_f1_seed_mean"] == pytest.approx(np.mean(per_seed_wf1), abs=1e-9)
+    assert row["d_test_worst_gap_seed_mean"] == pytest.approx(np.mean(per_seed_gap), abs=1e-9)
+    pooled_gap = oracle(deu(pool_seeds(erm)))["avg_gap"]
+    assert row["d_test_worst_gap_rel"] == pytest.approx(row["d_test_worst_gap"] / pooled_gap, abs=1e-12)
+    assert row["d_test_worst_gap_rel_lo"] <= row["d_test_worst_gap_rel"] <= row["d_test_worst_gap_rel_hi"] < 0
