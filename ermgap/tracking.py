@@ -396,6 +396,7 @@ LISTED_METRICS = ("best/dev_w_f1", "best/dev_avg_gap", "best/test_w_f1", "best/t
 # The MLflow UI's "share view" state lives in an experiment tag with this prefix; the runs table opens
 # with the view when the URL carries `?viewStateShareKey=<key>`.
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
+VIEW_KEY_PREFIX = "ermgap-"  # view keys ermgap wrote: ermgap-<sweep>
 TABLE_PARAMS = ("variant", "objective", "optim.seed")
 
 
@@ -403,10 +404,10 @@ def share_runs_view(tracking_uri: str, experiment_id_: str, sweep: str) -> str:
     """Store a runs-table view of sweep `sweep`: its runs only, with the variant, objective and seed
     and the best checkpoint's W-F1 and gaps as columns, best dev W-F1 first. Returns the URL fragment
     that opens it (append to the UI's address)."""
-    key = f"ermgap-{sweep}"
+    key = VIEW_KEY_PREFIX + sweep
     columns = [*(f"params.`{p}`" for p in TABLE_PARAMS),
-               *(f"metrics.`{m}`" for m in (*LISTED_METRICS, "best/test_worst_lang_gap"))]
-    view = {"searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep}'", "orderByKey": "metrics.`best/dev_w_f1`",
+               *(f"metrics.`{m}`" for m in (*LISTED_METRICS, f"{BEST}test_worst_lang_gap"))]
+    view = {"searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep}'", "orderByKey": f"metrics.`{BEST}dev_w_f1`",
             "orderByAsc": False, "selectedColumns": columns}
     client(tracking_uri).set_experiment_tag(experiment_id_, SHARED_VIEW_TAG + key, json.dumps(view))
     return runs_view_fragment(experiment_id_, key)
@@ -421,9 +422,9 @@ def shared_runs_views(tracking_uri: str) -> list[tuple[str, str]]:
     views = []
     for e in client(tracking_uri).search_experiments(order_by=["last_update_time DESC"]):
         for tag in e.tags:
-            if tag.startswith(SHARED_VIEW_TAG + "ermgap-"):
-                views.append((tag.removeprefix(SHARED_VIEW_TAG + "ermgap-"),
-                              runs_view_fragment(e.experiment_id, tag.removeprefix(SHARED_VIEW_TAG))))
+            key = tag.removeprefix(SHARED_VIEW_TAG)
+            if key != tag and key.startswith(VIEW_KEY_PREFIX):
+                views.append((key.removeprefix(VIEW_KEY_PREFIX), runs_view_fragment(e.experiment_id, key)))
     return views
 
 
