@@ -225,7 +225,12 @@ def log_manifest_input(tracking_uri: str, run_id: str, manifest: str | os.PathLi
                        context: str = "training") -> None:
     """The manifest as the run's MLflow dataset input (name, digest, schema, source path)."""
     path = Path(manifest).resolve()
-    dataset = from_pandas(frame, source=str(path), name=f"{path.parent.name}/{path.name}")
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source class twice ("file" and "") and warns, on every local path,
+        # that the two identical candidates are ambiguous; either one records the same source.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted",
+                                category=UserWarning)
+        dataset = from_pandas(frame, source=str(path), name=f"{path.parent.name}/{path.name}")
     # _to_mlflow_entity is what mlflow.log_input calls; the client API takes the entity, and we keep
     # no global active run (module docstring).
     client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(

@@ -339,7 +339,7 @@ class LoRARecipe:
                 self.logger.log_artifact(cfg_file)
                 self.logger.set_tags({TAG_NOTE: run_description(params, {k: len(v.rows) for k, v in self.splits.items()})})
                 log_manifest_input(self.logger.tracking_uri, self.logger.run_id, self.cfg.data.manifest,
-                                   read_manifest(self.cfg.data.manifest))
+                                   run_manifest(self.cfg))
             else:  # the checkpoint step this attempt continues from (the redone steps are logged once: RunLogger)
                 self.logger.log_metrics({"resumed_at_step": self.state.global_step}, step=self.state.global_step)
         self.state.mlflow_run_id = self._broadcast(self.state.mlflow_run_id)

@@ -14,7 +14,6 @@ from rich.console import Console
 
 from ermgap import tracking
 from ermgap.config import default_tracking_uri, flatten
-from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
 from ermgap.io import claim_dir, discard_aside, restore_aside, set_aside
 from ermgap.ray_runtime import ensure_ray
@@ -34,7 +33,7 @@ from ermgap.sweep.paths import SweepPaths
 from ermgap.sweep.resources import check_resources, check_trial_inputs, local_resources, resource_plan
 from ermgap.sweep.spec import SweepSpec, load_sweep_spec
 from ermgap.sweep.tune import TrialContext, trial_records, tuner, unfinished_trials
-from ermgap.train import absolute_paths, faults_from_env
+from ermgap.train import absolute_paths, faults_from_env, run_manifest
 
 
 class SweepInterrupted(ErmgapError):
@@ -157,7 +156,9 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
                                          spec_hash=spec.hash(), description=spec.model.description, params=params)
     manifest = (spec.base_tree.get("data") or {}).get("manifest")
     if manifest:  # the trials' shared data, as the sweep's dataset input (each child logs its own too)
-        tracking.log_manifest_input(outcome.tracking_uri, parent_id, manifest, read_manifest(manifest))
+        # validated for the trials' task (a corpus with its own attribute has no gender column)
+        first = spec.trial_config(spec.grid_points()[0])
+        tracking.log_manifest_input(outcome.tracking_uri, parent_id, manifest, run_manifest(first))
     paths.write_state({"name": spec.name, "spec_hash": spec.hash(), "parent_run_id": parent_id,
                        "tracking_uri": outcome.tracking_uri, "experiment": outcome.experiment,
                        "tune_path": str(paths.tune), "spec_source": spec.source})
