@@ -215,31 +215,52 @@ def test_pre_flight_catches_worker_side_input_errors(tmp_path, synth_corpus, tin
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))
 
 
+# Runs in its own process: joining a cluster whose auth mode differs from the next test's would leave this
+# process's Ray client in that mode (CI: every later in-process `ray.init` then failed with InvalidAuthToken).
+_GPU_CHECK = """
+import json, sys
+import ray
+from ermgap.config import load_config
+from ermgap.errors import ConfigError
+from ermgap.train import check_cluster_gpus, run_training
+good, run, address = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+out = {}
+try:
+    run_training(load_config(None, good + ["distributed.num_workers=2"]), address=address, run_dir=run, force=True)
+except ConfigError as err:
+    out["error"] = str(err)
+out["joined"] = ray.is_initialized() and ray.cluster_resources().get("GPU")
+check_cluster_gpus(load_config(None, good + ["distributed.num_workers=1"]))  # raises if it does not pass
+out["one_worker_passes"] = True
+ray.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_gpu_check_uses_the_cluster_it_joined(tmp_path, synth_corpus, tiny_model, monkeypatch):
+def test_gpu_check_uses_the_cluster_it_joined(tmp_path, synth_corpus, tiny_model):
     """A CPU-only driver joining a cluster with a GPU passes the check; one GPU for two workers is refused,
     naming the cluster's count; the finished run that --force would have replaced comes back intact."""
+    import json
+    import os
+
     from _ray_head import LocalHead
 
-    from ermgap.train import check_cluster_gpus, run_training
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     good = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
             f"tracking.storage_path={tmp_path}/runs", "optim.effective_batch_size=8", "optim.micro_batch_size=4",
             "distributed.use_gpu=true"]
     run = tmp_path / "runs" / "myrun"
     before = _finished_run(run)
     with LocalHead(token=None, num_cpus=2, num_gpus=1) as head:
-        try:
-            with pytest.raises(ConfigError, match=rf"num_workers=2 needs 2 GPU\(s\), but the Ray cluster at "
-                                                  rf"{head.gcs_address} has 1"):
-                run_training(load_config(None, good + ["distributed.num_workers=2"]), address=head.gcs_address,
-                             run_dir=run, force=True)
-            assert ray.is_initialized() and ray.cluster_resources().get("GPU") == 1
-            check_cluster_gpus(load_config(None, good + ["distributed.num_workers=1"]))  # passes
-        finally:
-            ray.shutdown()
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        proc = subprocess.run([sys.executable, "-c", _GPU_CHECK, json.dumps(good), str(run), head.gcs_address],
+                              env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert f"num_workers=2 needs 2 GPU(s), but the Ray cluster at {head.gcs_address} has 1" in got["error"]
+    assert got["joined"] == 1 and got["one_worker_passes"] is True
     assert _snapshot(run) == before
     assert [p.name for p in run.parent.iterdir()] == ["myrun"]  # nothing left set aside
 
