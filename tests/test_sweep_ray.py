@@ -211,3 +211,7 @@ def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
     steps = [m.step for m in client.get_metric_history(second, "eval/dev_w_f1")]
     assert len(steps) == 2 and steps == sorted(set(steps)), steps
     assert "best trial:" in output and not math.isnan(after["metrics.best/test_w_f1"].astype(float).max())
+    # the console shows ermgap's trial lines, not Tune's boxes, Ray's auth notice or MLflow's source warning
+    noise = ("Configuration for experiment", "View detailed results", "TensorBoard", "Token authentication is enabled",
+             "interpreted in multiple ways", "Setting accelerator")
+    assert [n for n in noise if n in output] == [], output[-3000:]
