@@ -215,3 +215,40 @@ def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
     noise = ("Configuration for experiment", "View detailed results", "TensorBoard", "Token authentication is enabled",
              "interpreted in multiple ways", "Setting accelerator")
     assert [n for n in noise if n in output] == [], output[-3000:]
+
+
+def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, synth_corpus, tiny_model):
+    """SIGTERM while a trial trains: the driver exits 130 with the resume hint, and neither the parent nor
+    the trial's run is left RUNNING (before: Ray's handler ended the driver at once, every run RUNNING)."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = _write(tmp_path, {
+        "name": "t_term", "base": _base(synth_corpus, tiny_model, tmp_path),
+        "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0}},
+        "storage_path": str(tmp_path / "sweeps"), "mlflow": {"experiment": "term", "tracking_uri": uri},
+    })
+    state_file = tmp_path / "sweeps" / "t_term" / "sweep_state.json"
+    marker = uuid.uuid4().hex
+    proc = _cli(spec, marker)
+    try:
+        deadline = time.monotonic() + 300
+        parent = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            if state_file.exists():
+                parent = json.loads(state_file.read_text())["parent_run_id"]
+                if not _children(uri, "term", parent).empty:
+                    break
+        assert proc.poll() is None and parent is not None, proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)
+    assert proc.returncode == 130, output[-3000:]
+    assert "--resume" in output
+    client = MlflowClient(uri)
+    assert client.get_run(parent).info.status == "KILLED"
+    assert list(_children(uri, "term", parent)["status"]) == ["KILLED"]

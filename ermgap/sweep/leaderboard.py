@@ -26,6 +26,7 @@ from ermgap.objective_comparison import compare_to_reference
 from ermgap.objectives import ERM
 from ermgap.report import describe_objective
 from ermgap.sweep.spec import SEED_KEY, SweepSpec
+from ermgap.task import TaskError, task_for_predictions
 from ermgap.tracking import BEST, EVAL, TAG_TRIAL
 
 # What the recipe reports for each split (the registry's list). *_loss_gap is Δ, the worst
@@ -188,10 +189,15 @@ def objective_comparison(board: pd.DataFrame, spec: SweepSpec, test_preds: dict[
     erm = [label for label, _, grp, preds in groups if preds and grp["objective"].eq(ERM.label).all()]
     if len(erm) != 1:
         return None
+    # The trials' task (attribute, stratum) read off their predictions: a corpus may have no gender column.
+    tree = spec.base_tree
+    attribute = (tree.get("data") or {}).get("attribute", "gender")
+    stratum = (tree.get("objective") or {}).get("stratum", "language")
     try:
+        task = task_for_predictions(next(iter(test_preds.values())), attribute=attribute, by=stratum)
         versus = compare_to_reference({label: preds for label, _, _, preds in groups if preds}, erm[0],
-                                      n_boot=n_boot, seed=seed).set_index("config")
-    except PredictionsError:  # e.g. runs of one configuration predicted other test utterances
+                                      n_boot=n_boot, seed=seed, task=task).set_index("config")
+    except (PredictionsError, TaskError):  # e.g. runs of one configuration predicted other test utterances
         return None
     rows = []
     for label, params, grp, _ in groups:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -165,19 +167,40 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
     return parent_id
 
 
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """SIGTERM (a scheduler, `kill`, `docker stop`) stops the sweep as Ctrl-C does: Tune's SIGINT handler saves
+    its state and ends the trials. Installed after Ray started: Ray's driver installs its own SIGTERM handler,
+    which would end the process at once and leave every run RUNNING."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(outcome: SweepOutcome) -> None:
+    """A sweep that stopped early: the parent and the trials' runs still RUNNING become KILLED (a resume
+    reopens them)."""
+    runs = tracking.child_runs(outcome.tracking_uri, outcome.experiment, outcome.parent_run_id)
+    tracking.close_unfinished(outcome.tracking_uri, list(runs["run_id"]) if not runs.empty else [])
+    tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
+
+
 def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool, verbose: bool, out: Console):
-    """Run Tune to the end; an interrupted sweep marks its parent KILLED and stays resumable."""
+    """Run Tune to the end; an interrupted sweep (Ctrl-C, SIGTERM) marks its runs KILLED and stays resumable."""
     ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment,
                        fault=faults_from_env())
     try:
-        results = tuner(spec, ctx, resume=resume, verbose=verbose, console=out).fit()
+        with _sigterm_as_ctrl_c():
+            results = tuner(spec, ctx, resume=resume, verbose=verbose, console=out).fit()
     except BaseException:
-        tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
+        _interrupted(outcome)
         raise
     unfinished = unfinished_trials(results)
     if unfinished:
         # Ctrl-C (or a stop) ended Tune early: keep everything resumable, claim no result.
-        tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
+        _interrupted(outcome)
         raise SweepInterrupted(
             f"sweep {spec.name} interrupted with {unfinished} unfinished trial(s); continue it with "
             f"`ermgap sweep {spec.source.removesuffix(' + overrides')} --resume` (same overrides)")
