@@ -78,7 +78,6 @@ def test_group_dro_two_workers_equal_one_worker(group_dro_reference, base):  # n
     _assert_same_group_dro_run(group_dro_reference, one)
 
 
-@pytest.mark.xfail(strict=False, reason="its assertion was updated for #20 (each step logged once after a resume) at the end of session 4 and not yet run: remove this mark once it has passed")
 def test_group_dro_worker_fault_resumes_the_same_q_trajectory(group_dro_reference, base, monkeypatch):  # noqa: F811
     """Rank 1 dies after step 5; Ray restarts the worker group from the step-3 checkpoint, whose objective
     state holds q after step 3: the run ends exactly like the uninterrupted one."""
