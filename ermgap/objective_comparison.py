@@ -69,6 +69,11 @@ def paired_difference(reference: Mapping[int, pd.DataFrame], other: Mapping[int,
     return out
 
 
+COLUMNS = ["config", "seeds", "worst_language",
+           *(f"{c}{suffix}" for c in ("d_test_w_f1", "d_test_worst_gap") for suffix in ("", "_lo", "_hi", "_seed_mean")),
+           "d_test_worst_gap_rel", "d_test_worst_gap_rel_lo", "d_test_worst_gap_rel_hi"]
+
+
 def compare_to_reference(preds: Mapping[str, Mapping[int, pd.DataFrame]], reference: str, *,
                          n_boot: int = 1000, seed: int = 0, level: float = 0.95,
                          task: Task = DEFAULT_TASK) -> pd.DataFrame:
@@ -92,4 +97,4 @@ def compare_to_reference(preds: Mapping[str, Mapping[int, pd.DataFrame]], refere
         row["d_test_worst_gap_rel"] = d["worst_gap"]["rel"]
         row["d_test_worst_gap_rel_lo"], row["d_test_worst_gap_rel_hi"] = d["worst_gap"]["rel_ci"]
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=COLUMNS)  # the columns even when only the reference ran

@@ -91,3 +91,10 @@ def test_a_corpus_with_its_own_attribute_and_stratum_is_compared_on_them():
     want = (oracle(north(pool_seeds(fair)), attribute="age")["avg_gap"]
             - oracle(north(pool_seeds(erm)), attribute="age")["avg_gap"])
     assert row["d_test_worst_gap"] == pytest.approx(want, abs=1e-9)
+
+
+def test_a_sweep_of_the_reference_alone_compares_nothing_without_failing():
+    """Only ERM configurations ran (an ERM learning-rate sweep): no rows, but the same columns (the sweep
+    indexes them by config; an empty frame without columns ended such a sweep in a KeyError)."""
+    table = compare_to_reference({"erm": _runs(0.8, seeds=(42,))}, "erm", n_boot=10)
+    assert table.empty and list(table.set_index("config").columns)[:2] == ["seeds", "worst_language"]

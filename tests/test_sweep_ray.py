@@ -219,7 +219,8 @@ def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
 
 def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, synth_corpus, tiny_model):
     """SIGTERM while a trial trains: the driver exits 130 with the resume hint, and neither the parent nor
-    the trial's run is left RUNNING (before: Ray's handler ended the driver at once, every run RUNNING)."""
+    the trial's run is left RUNNING (before: Ray's handler ended the driver at once, every run RUNNING);
+    --resume then finishes that trial in its own run."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -243,12 +244,20 @@ def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, synth_corpus, tiny_model)
         assert proc.poll() is None and parent is not None, proc.stdout.read()[-3000:]
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, output[-3000:]
+        assert "--resume" in output
+        client = MlflowClient(uri)
+        assert client.get_run(parent).info.status == "KILLED"
+        killed = _children(uri, "term", parent)
+        assert list(killed["status"]) == ["KILLED"]
+        # Tune saved the stopped trial as unfinished: --resume continues it in the same run, to the end.
+        proc = _cli(spec, marker, "--resume")
+        output, _ = proc.communicate(timeout=420)
+        assert proc.returncode == 0, output[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
         kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)
-    assert proc.returncode == 130, output[-3000:]
-    assert "--resume" in output
-    client = MlflowClient(uri)
-    assert client.get_run(parent).info.status == "KILLED"
-    assert list(_children(uri, "term", parent)["status"]) == ["KILLED"]
+    after = _children(uri, "term", parent)
+    assert list(after["run_id"]) == list(killed["run_id"]) and list(after["status"]) == ["FINISHED"]
+    assert client.get_run(parent).info.status == "FINISHED"

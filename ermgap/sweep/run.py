@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,15 +169,28 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
 
 
 @contextlib.contextmanager
-def _sigterm_as_ctrl_c():
-    """SIGTERM (a scheduler, `kill`, `docker stop`) stops the sweep as Ctrl-C does: Tune's SIGINT handler saves
-    its state and ends the trials. Installed after Ray started: Ray's driver installs its own SIGTERM handler,
-    which would end the process at once and leave every run RUNNING."""
-    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+def _stop_signals(stopped: threading.Event):
+    """Ctrl-C and SIGTERM (a scheduler, `kill`, `docker stop`) set `stopped` and end Tune gracefully (SIGUSR1:
+    Tune saves its state with the running trials as they were, so --resume continues them). Tune's own SIGINT
+    handler is off: after it, the stopped trials look TERMINATED, like finished ones. Installed after Ray
+    started: Ray's driver installs a SIGTERM handler that ends the process at once, every run left RUNNING."""
+
+    def stop(*_):
+        stopped.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if before is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before
 
 
 def _interrupted(outcome: SweepOutcome) -> None:
@@ -191,18 +205,19 @@ def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: b
     """Run Tune to the end; an interrupted sweep (Ctrl-C, SIGTERM) marks its runs KILLED and stays resumable."""
     ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment,
                        fault=faults_from_env())
+    stopped = threading.Event()
     try:
-        with _sigterm_as_ctrl_c():
+        with _stop_signals(stopped):
             results = tuner(spec, ctx, resume=resume, verbose=verbose, console=out).fit()
     except BaseException:
         _interrupted(outcome)
         raise
     unfinished = unfinished_trials(results)
-    if unfinished:
+    if stopped.is_set() or unfinished:
         # Ctrl-C (or a stop) ended Tune early: keep everything resumable, claim no result.
         _interrupted(outcome)
         raise SweepInterrupted(
-            f"sweep {spec.name} interrupted with {unfinished} unfinished trial(s); continue it with "
+            f"sweep {spec.name} interrupted{f' with {unfinished} unfinished trial(s)' if unfinished else ''}; continue it with "
             f"`ermgap sweep {spec.source.removesuffix(' + overrides')} --resume` (same overrides)")
     return results
 
