@@ -13,7 +13,11 @@ NOISE = ("Setting accelerator to CPU", "Writing model shards", "Loading weights"
 
 
 def _model_tiny(tmp_path, **env) -> str:
-    environ = {k: v for k, v in os.environ.items() if k != "ERMGAP_VERBOSE"} | env
+    from ermgap.quiet import QUIET_ENV
+
+    # Not this process's environment as it is: a command run in-process by another test (CliRunner) may have
+    # quieted it, and the child would inherit that.
+    environ = {k: v for k, v in os.environ.items() if k != "ERMGAP_VERBOSE" and k not in QUIET_ENV} | env
     res = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "model", "tiny", "--out", str(tmp_path / "m"),
                           "--force"], env=environ, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
