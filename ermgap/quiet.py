@@ -18,6 +18,8 @@ NOISY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "deepspeed", "DeepS
 # Inherited by every process the driver starts (Ray workers of a local cluster included).
 QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
              "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+             # MLflow sets its logger to this level when it is imported (possibly after quiet_console ran).
+             "MLFLOW_LOGGING_LEVEL": "ERROR",
              "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
              "RAY_DEDUP_LOGS": "1",
              # Tune's new output engine prints its configuration box, a results path and a TensorBoard hint
