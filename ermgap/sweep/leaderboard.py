@@ -190,11 +190,10 @@ def objective_comparison(board: pd.DataFrame, spec: SweepSpec, test_preds: dict[
     if len(erm) != 1:
         return None
     # The trials' task (attribute, stratum) read off their predictions: a corpus may have no gender column.
-    tree = spec.base_tree
-    attribute = (tree.get("data") or {}).get("attribute", "gender")
-    stratum = (tree.get("objective") or {}).get("stratum", "language")
+    cfg = spec.first_trial_config()
     try:
-        task = task_for_predictions(next(iter(test_preds.values())), attribute=attribute, by=stratum)
+        task = task_for_predictions(next(iter(test_preds.values())), attribute=cfg.data.attribute,
+                                    by=cfg.objective.stratum)
         versus = compare_to_reference({label: preds for label, _, _, preds in groups if preds}, erm[0],
                                       n_boot=n_boot, seed=seed, task=task).set_index("config")
     except (PredictionsError, TaskError):  # e.g. runs of one configuration predicted other test utterances

@@ -160,8 +160,7 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
     manifest = (spec.base_tree.get("data") or {}).get("manifest")
     if manifest:  # the trials' shared data, as the sweep's dataset input (each child logs its own too)
         # validated for the trials' task (a corpus with its own attribute has no gender column)
-        first = spec.trial_config(spec.grid_points()[0])
-        tracking.log_manifest_input(outcome.tracking_uri, parent_id, manifest, run_manifest(first))
+        tracking.log_manifest_input(outcome.tracking_uri, parent_id, manifest, run_manifest(spec.first_trial_config()))
     paths.write_state({"name": spec.name, "spec_hash": spec.hash(), "parent_run_id": parent_id,
                        "tracking_uri": outcome.tracking_uri, "experiment": outcome.experiment,
                        "tune_path": str(paths.tune), "spec_source": spec.source})
