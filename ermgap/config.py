@@ -252,6 +252,9 @@ class DistributedConfig(_Section):
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+    placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        "SPREAD", description="Ray placement of a run's workers: SPREAD over the nodes that have room (best effort; "
+                              "on one machine the same as PACK), PACK onto as few nodes as fit (less gradient traffic).")
 
 
 class TrackingConfig(_Section):

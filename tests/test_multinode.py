@@ -1,0 +1,294 @@
+"""A sweep across a two-node Ray cluster with object storage and an MLflow tracking server, all real
+and all on 127.0.0.1: a Ray head and a second node (`ray start`), a moto S3 server, and `mlflow server`
+with its artifact root in the moto bucket.
+
+The nodes get AWS credentials but not the S3 endpoint: it reaches them inside the storage location the
+driver hands to Ray. Both nodes share this machine's disk, so "a worker cannot read it" is not what
+the guard rails can test here; they refuse by the cluster's node count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from _procs import free_port, kill_pids_with_env, wait_http
+from _ray_head import LocalHead, LocalNode
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
+
+BUCKET = "ermgap-mn"
+CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+MARKER_ENV = "ERMGAP_TEST_MULTINODE"
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    endpoint: str
+    tracking_uri: str
+    head: LocalHead
+    node_ids: list[str]
+    marker: str
+
+    def driver_env(self) -> dict[str, str]:
+        env = dict(os.environ, **CREDS, AWS_ENDPOINT_URL=self.endpoint, RAY_AUTH_MODE="disabled",
+                   RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+        env[MARKER_ENV] = self.marker
+        for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
+            env.pop(k, None)
+        return env
+
+    def s3(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, **{k.lower(): v for k, v in CREDS.items()
+                                                                    if k != "AWS_DEFAULT_REGION"},
+                            region_name=CREDS["AWS_DEFAULT_REGION"])
+
+    def keys(self, prefix: str = "") -> dict[str, object]:
+        """{key: LastModified} of every object under prefix (listed with boto3, not through ermgap)."""
+        out, token = {}, None
+        while True:
+            kw = {"Bucket": BUCKET, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            page = self.s3().list_objects_v2(**kw)
+            out.update({o["Key"]: o["LastModified"] for o in page.get("Contents", [])})
+            if not page.get("IsTruncated"):
+                return out
+            token = page["NextContinuationToken"]
+
+
+def _node_ids(gcs: str, env: dict[str, str], want: int, log: Path, timeout_s: float = 300) -> list[str]:
+    """The alive node ids, asked of the cluster by a separate driver (the test process stays off Ray)."""
+    code = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
+            "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))" % gcs)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        ids = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+        if len(ids) == want:
+            return ids
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cluster has {ids} nodes, not {want}: {out.stderr[-2000:]}\n"
+                               f"second node's log:\n{log.read_text()[-3000:]}")
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import boto3
+
+    tmp = tmp_path_factory.mktemp("multinode")
+    marker = uuid.uuid4().hex
+    base_env = dict(os.environ, **CREDS)
+    base_env[MARKER_ENV] = marker
+    for k in ("AWS_ENDPOINT_URL", "MLFLOW_TRACKING_URI", "RAY_ADDRESS"):
+        base_env.pop(k, None)
+    s3_port, mlflow_port = free_port(), free_port()
+    endpoint, tracking_uri = f"http://127.0.0.1:{s3_port}", f"http://127.0.0.1:{mlflow_port}"
+    procs: list[subprocess.Popen] = []
+
+    def spawn(cmd: list[str], env: dict[str, str], name: str) -> tuple[subprocess.Popen, Path]:
+        log = tmp / f"{name}.log"
+        with open(log, "w") as f:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=tmp,
+                                          start_new_session=True))
+        return procs[-1], log
+
+    head = node = None
+    try:
+        moto, log = spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)], base_env, "moto")
+        wait_http(endpoint, moto, log)
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=CREDS["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
+        # The documented way to start the tracking server (`mlflow server` underneath). One worker and no
+        # job runner: on a loaded machine uvicorn's supervisor kills workers slow to answer its health check.
+        mlflow, log = spawn([sys.executable, "-m", "ermgap.cli.main", "ui", "--serve", "--port", str(mlflow_port),
+                             "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                             "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"],
+                            dict(base_env, MLFLOW_S3_ENDPOINT_URL=endpoint, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+                            "mlflow")
+        wait_http(f"{tracking_uri}/health", mlflow, log, timeout_s=420)
+        # Trial drivers need `trial_driver`, which only the head has; each node has 2 CPUs, so a
+        # trial's 2 workers (1 CPU each) fit on the second node alone and land on both only by SPREAD.
+        node_env = {**CREDS, MARKER_ENV: marker}
+        head = LocalHead(token=None, num_cpus=2, extra_env=node_env,
+                         extra_args=["--resources", json.dumps({"trial_driver": 2})])
+        head.extra_env["RAY_API_SERVER_ADDRESS"] = head.address  # Train V2's placement-group cleaner
+        head.start()
+        node = LocalNode(head, num_cpus=2).start()
+        env = dict(base_env, RAY_AUTH_MODE="disabled")
+        ids = _node_ids(head.gcs_address, env, want=2, log=node.log_path)
+        yield Stack(tmp, endpoint, tracking_uri, head, ids, marker)
+    finally:
+        if node is not None:
+            node.stop()
+        if head is not None:
+            head.stop()
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        kill_pids_with_env(MARKER_ENV, marker)
+
+
+def _spec(stack: Stack, manifest: Path, model: Path, **over) -> Path:
+    spec = {
+        "name": "mn",
+        "base": {
+            "data": {"manifest": str(manifest), "modality": "uni"},
+            "model": {"name_or_path": str(model), "dtype": "fp32"},
+            "optim": {"lr": 1e-3, "epochs": 1, "effective_batch_size": 16, "micro_batch_size": 4,
+                      "scheduler": "constant"},
+            "eval": {"patience": 0, "batch_size": 16},
+            "distributed": {"num_workers": 2, "cpus_per_worker": 1, "zero_stage": 2, "max_failures": 0,
+                            "placement_strategy": "SPREAD"},
+        },
+        "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0},
+                     "adaptive": {"lambda.mode": "adaptive"}},
+        "max_concurrent_trials": 1,
+        "resources": {"trial_driver": {"trial_driver": 1}},
+        "storage_path": f"s3://{BUCKET}/sweeps",
+        "mlflow": {"experiment": "mn", "tracking_uri": stack.tracking_uri},
+        **over,
+    }
+    cwd = stack.tmp / "cwd"
+    cwd.mkdir(exist_ok=True)
+    path = cwd / f"{spec['name']}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _cli(stack: Stack, spec: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "sweep", str(spec),
+                             "--address", stack.head.gcs_address, *args],
+                            cwd=spec.parent, env=stack.driver_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _children(stack: Stack, parent: str):
+    from ermgap.tracking import child_runs
+
+    return child_runs(stack.tracking_uri, "mn", parent)
+
+
+def _tune_statuses(stack: Stack) -> dict[str, str]:
+    """Trial id → status in the newest Tune experiment state in the bucket (Tune's own file)."""
+    states = sorted(k for k in stack.keys("sweeps/mn/tune/") if k.rsplit("/", 1)[-1].startswith("experiment_state"))
+    if not states:
+        return {}
+    body = json.loads(stack.s3().get_object(Bucket=BUCKET, Key=states[-1])["Body"].read())
+    trials = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in body["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack, synth_corpus, tiny_model):
+    from mlflow import MlflowClient
+
+    t0 = time.monotonic()
+    spec = _spec(stack, synth_corpus, tiny_model)
+    proc = _cli(stack, spec)
+    try:
+        # Trial 1 done, trial 2 has logged a dev evaluation (so Tune has recorded trial 1's end in the
+        # bucket): then the driver dies without cleanup.
+        deadline = time.monotonic() + 400
+        parent = first = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(2)
+            if "sweeps/mn/sweep_state.json" not in stack.keys("sweeps/mn/"):
+                continue
+            body = stack.s3().get_object(Bucket=BUCKET, Key="sweeps/mn/sweep_state.json")["Body"].read()
+            parent = json.loads(body)["parent_run_id"]
+            runs = _children(stack, parent)
+            if len(runs) == 2 and "metrics.dev_w_f1" in runs and runs["metrics.dev_w_f1"].notna().all():
+                first = runs[runs["status"] == "FINISHED"]
+                if len(first) == 1 and "TERMINATED" in _tune_statuses(stack).values():
+                    break
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert first is not None and len(first) == 1, "trial 1 never finished before the deadline"
+        first_trial = first.iloc[0]["tags.ermgap.trial_id"]
+        assert _tune_statuses(stack)[first_trial] == "TERMINATED"
+        first_metrics_key = f"sweeps/mn/runs/{first_trial}/metrics.json"
+        first_written = stack.keys(first_metrics_key)[first_metrics_key]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        before = {r["run_id"]: r["start_time"] for _, r in _children(stack, parent).iterrows()}
+        t_kill = time.monotonic() - t0
+
+        proc = _cli(stack, spec, "--resume")
+        output, _ = proc.communicate(timeout=400)
+        assert proc.returncode == 0, output[-4000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    t_total = time.monotonic() - t0
+    print(f"multinode sweep: driver killed after {t_kill:.0f} s, resumed sweep done after {t_total:.0f} s")
+
+    # Both trials finished, as two child runs of the same parent; trial 1 was not run again.
+    after = _children(stack, parent)
+    assert set(after["run_id"]) == set(before) and len(after) == 2
+    assert (after["status"] == "FINISHED").all()
+    first_id = first.iloc[0]["run_id"]
+    assert after.set_index("run_id").loc[first_id, "start_time"] == before[first_id]
+    assert stack.keys(first_metrics_key)[first_metrics_key] == first_written
+    client = MlflowClient(stack.tracking_uri)
+    assert client.get_run(parent).info.status == "FINISHED"
+
+    # Every trial's two workers ran on the two different nodes (SPREAD; PACK would fit both on one).
+    for _, row in after.iterrows():
+        nodes = row["tags.ermgap.worker_nodes"].split(",")
+        assert len(nodes) == 2 and sorted(nodes) == stack.node_ids, nodes
+
+    # Checkpoints, Tune state, sweep state and run outputs are objects in the bucket.
+    keys = set(stack.keys("sweeps/mn/"))
+    trials = sorted(after["tags.ermgap.trial_id"])
+    assert "sweeps/mn/sweep_state.json" in keys and "sweeps/mn/tune/tuner.pkl" in keys
+    assert any(k.startswith("sweeps/mn/tune/experiment_state") for k in keys)
+    for trial in trials:
+        assert any(k.startswith(f"sweeps/mn/train/{trial}/checkpoint_") for k in keys), trial
+        for name in ("metrics.json", "dev_preds.csv", "test_preds.csv", "config.yaml", "mlflow_run_id",
+                     "adapter/adapter_model.safetensors"):
+            assert f"sweeps/mn/runs/{trial}/{name}" in keys, (trial, name)
+    assert {"sweeps/mn/artifacts/leaderboard.csv", "sweeps/mn/report/table2.md"} <= keys
+    # MLflow's artifacts went through the server into the bucket.
+    mlflow_keys = set(stack.keys("mlflow/"))
+    for run_id in after["run_id"]:
+        assert any(k.endswith(f"{run_id}/artifacts/predictions/test_preds.csv") for k in mlflow_keys), run_id
+    assert any(k.endswith(f"{parent}/artifacts/leaderboard.csv") for k in mlflow_keys)
+    # Nothing went to the local default paths of the driver's working directory.
+    assert not {"runs", "mlruns", "mlartifacts"} & {p.name for p in spec.parent.iterdir()}
+
+
+def test_guard_rails_refuse_node_local_storage_and_tracking_on_two_nodes(stack, synth_corpus, tiny_model, monkeypatch):
+    from ermgap.errors import ConfigError
+    from ermgap.sweep import run_sweep
+
+    for k, v in {**CREDS, "AWS_ENDPOINT_URL": stack.endpoint, "RAY_AUTH_MODE": "disabled"}.items():
+        monkeypatch.setenv(k, v)
+    local = stack.tmp / "local-sweeps"
+    spec = _spec(stack, synth_corpus, tiny_model, name="mn_guard", storage_path=str(local))
+    with pytest.raises(ConfigError, match=r"a directory on this node, but the Ray cluster has 2 nodes.*s3://"):
+        run_sweep(spec, address=stack.head.gcs_address)
+    assert not local.exists()
+
+    db = stack.tmp / "guard.db"
+    spec = _spec(stack, synth_corpus, tiny_model, name="mn_guard",
+                 mlflow={"experiment": "g", "tracking_uri": f"sqlite:///{db}"})
+    with pytest.raises(ConfigError, match=r"an MLflow store on this node.*http://HOST"):
+        run_sweep(spec, address=stack.head.gcs_address)
+    assert not db.exists()
+    assert "sweeps/mn_guard/sweep_state.json" not in stack.keys("sweeps/")
