@@ -28,7 +28,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from ermgap.errors import ConfigError, OutputExistsError, StorageError
-from ermgap.io import OWNER_MARKER, atomic_write_text, claim_dir, set_aside
+from ermgap.io import OWNER_MARKER, atomic_write_bytes, claim_dir, set_aside
 
 SCHEMES = ("s3", "gs")
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
@@ -149,17 +149,21 @@ class Location:
         except OSError as err:
             raise StorageError(f"storage {self.uri}: {err}") from err
 
-    def read_text(self) -> str:
-        """The file's text; FileNotFoundError if it does not exist."""
+    def read_bytes(self) -> bytes:
+        """The file's bytes; FileNotFoundError if it does not exist."""
         if not self.is_remote:
-            return self.local.read_text(encoding="utf-8")
+            return self.local.read_bytes()
         if not self.is_file():
             raise FileNotFoundError(self.uri)
         try:
             with self.fs.open_input_stream(self.path) as f:
-                return f.read().decode("utf-8")
+                return f.read()
         except OSError as err:
             raise StorageError(f"storage {self.uri}: {err}") from err
+
+    def read_text(self) -> str:
+        """The file's text; FileNotFoundError if it does not exist."""
+        return self.read_bytes().decode("utf-8")
 
     def check_reachable(self, where: str = "this node") -> None:
         """Fail now, naming the store and the reason, if `where` cannot talk to it."""
@@ -174,20 +178,23 @@ class Location:
             raise StorageError(f"{where}: bucket {bucket!r} of {self.uri} does not exist; create it first")
 
     # ------------------------------------------------------------------ writing
-    def write_text(self, text: str, *, force: bool = False) -> Location:
-        """Write atomically: a local temp file renamed into place; on an object store one PUT (an
-        object appears whole or not at all)."""
+    def write_bytes(self, data: bytes, *, force: bool = False) -> Location:
+        """Write atomically: a local temp file renamed into place (ermgap.io); on an object store one PUT
+        (an object appears whole or not at all)."""
         if not self.is_remote:
-            atomic_write_text(self.local, text, force=force)
+            atomic_write_bytes(self.local, data, force=force)
             return self
         if not force and self.is_file():
             raise OutputExistsError(f"{self.uri} already exists; pass --force to overwrite it")
         try:
             with self.fs.open_output_stream(self.path) as f:
-                f.write(text.encode("utf-8"))
+                f.write(data)
         except OSError as err:
             raise StorageError(f"storage {self.uri}: {err}") from err
         return self
+
+    def write_text(self, text: str, *, force: bool = False) -> Location:
+        return self.write_bytes(text.encode("utf-8"), force=force)
 
     def delete(self) -> None:
         """Remove this file if it exists."""

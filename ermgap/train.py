@@ -271,7 +271,7 @@ class LoRARecipe:
 
     def _open_feature_cache(self, model, processor) -> FeatureCache | None:
         """The encoder-output cache when the audio encoder is frozen (`ermgap.feature_cache`), else None."""
-        directory = cache_dir(self.cfg)
+        directory = self.loop_config["feature_cache"]  # the driver's cache_dir: an S3 endpoint travels with it
         if directory is None or not supports(model):
             return None
         fingerprint = encoder_fingerprint(model, processor.feature_extractor, sample_rate=self.cfg.data.sample_rate,
@@ -760,6 +760,7 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | Location, name
         "config": cfg.to_dict(),
         "task": task.to_dict(),
         "run_dir": run_loc,  # a Location: an object store's endpoint travels with it
+        "feature_cache": cache_dir(cfg),
         "mlflow": {"tracking_uri": default_tracking_uri(cfg), "experiment": cfg.tracking.experiment,
                    "run_name": cfg.tracking.run_name or name, "parent_run_id": mlflow_parent_run_id,
                    "tags": {**source_tags(entry_point), **(mlflow_tags or {})}, "params": dict(mlflow_params or {})},

@@ -3,8 +3,13 @@ and all on 127.0.0.1: a Ray head and a second node (`ray start`), a moto S3 serv
 with its artifact root in the moto bucket.
 
 The nodes get AWS credentials but not the S3 endpoint: it reaches them inside the storage location the
-driver hands to Ray. Both nodes share this machine's disk, so "a worker cannot read it" is not what
-the guard rails can test here; they refuse by the cluster's node count.
+driver hands to Ray. Ray's token authentication stays on (its default): the nodes and the drivers get
+the token in their environment. Both nodes share this machine's disk, so "a worker cannot read it" is
+not what the guard rails can test here; they refuse by the cluster's node count.
+
+Kept small for a loaded 2-core machine: 1 CPU per node (fewer idle Ray workers), 48/24/24 utterances,
+1 epoch, 2 trials one after the other. The test process never joins the cluster itself: it asks the
+head's state API (HTTP, with the token) which nodes are alive.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ import pytest
 import yaml
 from _procs import free_port, kill_pids_with_env, wait_http
 from _ray_head import LocalHead, LocalNode
+from test_train_distributed import small_manifest  # noqa: F401  (48/24/24 utterances of the synthetic corpus)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
 
@@ -41,12 +48,15 @@ class Stack:
     marker: str
 
     def driver_env(self) -> dict[str, str]:
-        env = dict(os.environ, **CREDS, AWS_ENDPOINT_URL=self.endpoint, RAY_AUTH_MODE="disabled",
+        env = dict(os.environ, **CREDS, **self.ray_auth(), AWS_ENDPOINT_URL=self.endpoint,
                    RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
         env[MARKER_ENV] = self.marker
-        for k in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
+        for k in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH", "MLFLOW_TRACKING_URI", "MLFLOW_S3_ENDPOINT_URL"):
             env.pop(k, None)
         return env
+
+    def ray_auth(self) -> dict[str, str]:
+        return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.head.token}
 
     def s3(self):
         import boto3
@@ -67,20 +77,26 @@ class Stack:
             token = page["NextContinuationToken"]
 
 
-def _node_ids(gcs: str, env: dict[str, str], want: int, log: Path, timeout_s: float = 300) -> list[str]:
-    """The alive node ids, asked of the cluster by a separate driver (the test process stays off Ray)."""
-    code = ("import json, ray; ray.init(address=%r, log_to_driver=False); "
-            "print(json.dumps(sorted(n['NodeID'] for n in ray.nodes() if n['Alive'])))" % gcs)
+def _alive_nodes(head: LocalHead, want: int, logs: list[Path], timeout_s: float = 180) -> list[str]:
+    """The ids of the cluster's alive nodes once there are `want`, from the head's state API (with the
+    token; the test process does not join the cluster)."""
+    req = urllib.request.Request(f"{head.address}/api/v0/nodes?limit=100",
+                                 headers={"Authorization": f"Bearer {head.token}"})
     deadline = time.monotonic() + timeout_s
+    ids: list[str] = []
     while True:
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        ids = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                rows = json.loads(r.read())["data"]["result"]["result"]
+            ids = sorted(n["node_id"] for n in rows if n["state"] == "ALIVE")
+        except OSError:
+            pass
         if len(ids) == want:
             return ids
         if time.monotonic() > deadline:
-            raise RuntimeError(f"cluster has {ids} nodes, not {want}: {out.stderr[-2000:]}\n"
-                               f"second node's log:\n{log.read_text()[-3000:]}")
-        time.sleep(2)
+            tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-2000:]}" for p in logs if p.exists())
+            raise RuntimeError(f"{len(ids)} alive node(s) after {timeout_s} s, not {want}:\n{tails}")
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -112,22 +128,26 @@ def stack(tmp_path_factory):
                      aws_secret_access_key=CREDS["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=BUCKET)
         # The documented way to start the tracking server (`mlflow server` underneath). One worker and no
         # job runner: on a loaded machine uvicorn's supervisor kills workers slow to answer its health check.
-        mlflow, log = spawn([sys.executable, "-m", "ermgap.cli.main", "ui", "--serve", "--port", str(mlflow_port),
-                             "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-                             "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"],
-                            dict(base_env, MLFLOW_S3_ENDPOINT_URL=endpoint, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-                            "mlflow")
-        wait_http(f"{tracking_uri}/health", mlflow, log, timeout_s=420)
-        # Trial drivers need `trial_driver`, which only the head has; each node has 2 CPUs, so a
-        # trial's 2 workers (1 CPU each) fit on the second node alone and land on both only by SPREAD.
+        # It starts while the Ray nodes come up (each takes tens of seconds on a loaded machine).
+        mlflow, mlflow_log = spawn([sys.executable, "-m", "ermgap.cli.main", "ui", "--serve", "--port", str(mlflow_port),
+                                    "--tracking-uri", f"sqlite:///{tmp / 'mlflow.db'}",
+                                    "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"],
+                                   dict(base_env, MLFLOW_S3_ENDPOINT_URL=endpoint,
+                                        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), "mlflow")
+        # Trial drivers need `trial_driver`, which only the head has. 1 CPU per node: the head keeps 0.9
+        # after a trial driver's 0.1, so PACK would put both workers (0.5 CPU each) on the second node;
+        # they land on both only by SPREAD. Workers bind random ports (`ray start` otherwise hands out
+        # 10002-19999, the same range every other `ray start` cluster on this machine uses), and a small
+        # object store is plenty for this test.
+        small = ["--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=200000000"]
         node_env = {**CREDS, MARKER_ENV: marker}
-        head = LocalHead(token=None, num_cpus=2, extra_env=node_env,
-                         extra_args=["--resources", json.dumps({"trial_driver": 2})])
+        head = LocalHead(token=uuid.uuid4().hex, num_cpus=1, extra_env=node_env,
+                         extra_args=["--resources", json.dumps({"trial_driver": 1}), *small])
         head.extra_env["RAY_API_SERVER_ADDRESS"] = head.address  # Train V2's placement-group cleaner
-        head.start()
-        node = LocalNode(head, num_cpus=2).start()
-        env = dict(base_env, RAY_AUTH_MODE="disabled")
-        ids = _node_ids(head.gcs_address, env, want=2, log=node.log_path)
+        head.start(timeout_s=180)
+        node = LocalNode(head, num_cpus=1, extra_args=["--resources", json.dumps({"second_node": 1}), *small]).start()
+        wait_http(f"{tracking_uri}/health", mlflow, mlflow_log, timeout_s=420)
+        ids = _alive_nodes(head, want=2, logs=[node.log_path, head.log_path])
         yield Stack(tmp, endpoint, tracking_uri, head, ids, marker)
     finally:
         if node is not None:
@@ -154,8 +174,8 @@ def _spec(stack: Stack, manifest: Path, model: Path, **over) -> Path:
             "model": {"name_or_path": str(model), "dtype": "fp32"},
             "optim": {"lr": 1e-3, "epochs": 1, "effective_batch_size": 16, "micro_batch_size": 4,
                       "scheduler": "constant"},
-            "eval": {"patience": 0, "batch_size": 16},
-            "distributed": {"num_workers": 2, "cpus_per_worker": 1, "zero_stage": 2, "max_failures": 0,
+            "eval": {"patience": 0, "batch_size": 12},
+            "distributed": {"num_workers": 2, "cpus_per_worker": 0.5, "zero_stage": 2, "max_failures": 0,
                             "placement_strategy": "SPREAD"},
         },
         "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0},
@@ -196,16 +216,39 @@ def _tune_statuses(stack: Stack) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in trials}
 
 
-def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack, synth_corpus, tiny_model):
+def test_guard_rails_refuse_node_local_storage_and_tracking_on_two_nodes(stack, small_manifest, tiny_model,  # noqa: F811
+                                                                         monkeypatch):
+    """Before any trial starts (and before anything is written), on the 2-node cluster."""
+    from ermgap.errors import ConfigError
+    from ermgap.sweep import run_sweep
+
+    for k, v in {**CREDS, **stack.ray_auth(), "AWS_ENDPOINT_URL": stack.endpoint}.items():
+        monkeypatch.setenv(k, v)
+    local = stack.tmp / "local-sweeps"
+    spec = _spec(stack, small_manifest, tiny_model, name="mn_guard", storage_path=str(local))
+    with pytest.raises(ConfigError, match=r"a directory on this node, but the Ray cluster has 2 nodes.*s3://"):
+        run_sweep(spec, address=stack.head.gcs_address)
+    assert not local.exists()
+
+    db = stack.tmp / "guard.db"
+    spec = _spec(stack, small_manifest, tiny_model, name="mn_guard",
+                 mlflow={"experiment": "g", "tracking_uri": f"sqlite:///{db}"})
+    with pytest.raises(ConfigError, match=r"an MLflow store on this node.*http://HOST"):
+        run_sweep(spec, address=stack.head.gcs_address)
+    assert not db.exists()
+    assert "sweeps/mn_guard/sweep_state.json" not in stack.keys("sweeps/")
+
+
+def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack, small_manifest, tiny_model):  # noqa: F811
     from mlflow import MlflowClient
 
     t0 = time.monotonic()
-    spec = _spec(stack, synth_corpus, tiny_model)
+    spec = _spec(stack, small_manifest, tiny_model)
     proc = _cli(stack, spec)
     try:
-        # Trial 1 done, trial 2 has logged a dev evaluation (so Tune has recorded trial 1's end in the
-        # bucket): then the driver dies without cleanup.
-        deadline = time.monotonic() + 400
+        # Trial 1's run finished and Tune's experiment state in the bucket says so (Tune uploads it at
+        # least every 10 s): then the driver dies without cleanup, while trial 2 starts or runs.
+        deadline = time.monotonic() + 420
         parent = first = None
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(2)
@@ -214,14 +257,13 @@ def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack
             body = stack.s3().get_object(Bucket=BUCKET, Key="sweeps/mn/sweep_state.json")["Body"].read()
             parent = json.loads(body)["parent_run_id"]
             runs = _children(stack, parent)
-            if len(runs) == 2 and "metrics.dev_w_f1" in runs and runs["metrics.dev_w_f1"].notna().all():
-                first = runs[runs["status"] == "FINISHED"]
-                if len(first) == 1 and "TERMINATED" in _tune_statuses(stack).values():
-                    break
+            done = runs[runs["status"] == "FINISHED"] if len(runs) else runs
+            if len(done) == 1 and _tune_statuses(stack).get(done.iloc[0]["tags.ermgap.trial_id"]) == "TERMINATED":
+                first = done
+                break
         assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert first is not None and len(first) == 1, "trial 1 never finished before the deadline"
+        assert first is not None, "trial 1 never finished before the deadline"
         first_trial = first.iloc[0]["tags.ermgap.trial_id"]
-        assert _tune_statuses(stack)[first_trial] == "TERMINATED"
         first_metrics_key = f"sweeps/mn/runs/{first_trial}/metrics.json"
         first_written = stack.keys(first_metrics_key)[first_metrics_key]
         proc.send_signal(signal.SIGKILL)
@@ -230,7 +272,7 @@ def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack
         t_kill = time.monotonic() - t0
 
         proc = _cli(stack, spec, "--resume")
-        output, _ = proc.communicate(timeout=400)
+        output, _ = proc.communicate(timeout=420)
         assert proc.returncode == 0, output[-4000:]
     finally:
         if proc.poll() is None:
@@ -271,24 +313,3 @@ def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack
     assert any(k.endswith(f"{parent}/artifacts/leaderboard.csv") for k in mlflow_keys)
     # Nothing went to the local default paths of the driver's working directory.
     assert not {"runs", "mlruns", "mlartifacts"} & {p.name for p in spec.parent.iterdir()}
-
-
-def test_guard_rails_refuse_node_local_storage_and_tracking_on_two_nodes(stack, synth_corpus, tiny_model, monkeypatch):
-    from ermgap.errors import ConfigError
-    from ermgap.sweep import run_sweep
-
-    for k, v in {**CREDS, "AWS_ENDPOINT_URL": stack.endpoint, "RAY_AUTH_MODE": "disabled"}.items():
-        monkeypatch.setenv(k, v)
-    local = stack.tmp / "local-sweeps"
-    spec = _spec(stack, synth_corpus, tiny_model, name="mn_guard", storage_path=str(local))
-    with pytest.raises(ConfigError, match=r"a directory on this node, but the Ray cluster has 2 nodes.*s3://"):
-        run_sweep(spec, address=stack.head.gcs_address)
-    assert not local.exists()
-
-    db = stack.tmp / "guard.db"
-    spec = _spec(stack, synth_corpus, tiny_model, name="mn_guard",
-                 mlflow={"experiment": "g", "tracking_uri": f"sqlite:///{db}"})
-    with pytest.raises(ConfigError, match=r"an MLflow store on this node.*http://HOST"):
-        run_sweep(spec, address=stack.head.gcs_address)
-    assert not db.exists()
-    assert "sweeps/mn_guard/sweep_state.json" not in stack.keys("sweeps/")

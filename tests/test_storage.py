@@ -143,3 +143,47 @@ def test_unreachable_store_or_tracking_server_is_refused_at_once(tmp_path, synth
         run_sweep(spec)
     assert time.monotonic() - t0 < 60
     assert not (tmp_path / "sw").exists() and not (tmp_path / "m.db").exists()
+
+
+def test_feature_cache_entries_are_objects_and_a_corrupt_one_is_recomputed(s3, moto_endpoint):
+    import torch
+
+    from ermgap.config import load_config
+    from ermgap.feature_cache import FeatureCache, cache_dir
+    from ermgap.storage import Location
+
+    where = cache_dir(load_config(None, [f"tracking.storage_path=s3://{BUCKET}/train"]))
+    assert where == Location(f"s3://{BUCKET}/train/feature_cache", moto_endpoint)
+    cache = FeatureCache(where, "fp")
+    t = torch.arange(600, dtype=torch.float32).reshape(20, 30)
+    key = cache.key("audio-digest")
+    cache.store(key, t)
+    obj = f"train/feature_cache/{key[:2]}/{key}.safetensors"
+    listed = {o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="train/feature_cache/")["Contents"]}
+    assert listed == {obj}
+    torch.testing.assert_close(FeatureCache(where, "fp").load(key), t, atol=0, rtol=0)
+    data = bytearray(_get(s3, obj))
+    data[-5] ^= 0xFF  # inside the tensor bytes: parses, but the checksum no longer matches
+    s3.put_object(Bucket=BUCKET, Key=obj, Body=bytes(data))
+    reader = FeatureCache(where, "fp")
+    with pytest.warns(UserWarning, match="checksum mismatch"):
+        assert reader.load(key) is None
+    assert reader.stats.corrupt == 1
+
+
+def test_force_replaces_only_a_prefix_ermgap_wrote(s3):
+    from ermgap.errors import ConfigError
+    from ermgap.storage import Location
+
+    foreign = Location.of(f"s3://{BUCKET}/foreign")
+    s3.put_object(Bucket=BUCKET, Key="foreign/data.bin", Body=b"x")
+    with pytest.raises(ConfigError, match="not a sweep directory ermgap created"):
+        foreign.set_aside("sweep directory")
+    assert _get(s3, "foreign/data.bin") == b"x"
+
+    ours = Location.of(f"s3://{BUCKET}/ours")
+    assert ours.set_aside("sweep directory") is None  # nothing there: nothing to replace
+    ours.claim("sweep x")
+    (ours / "sweep_state.json").write_text("{}")
+    assert ours.set_aside("sweep directory") is None
+    assert s3.list_objects_v2(Bucket=BUCKET, Prefix="ours/").get("KeyCount", 0) == 0
