@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -77,9 +78,13 @@ class Stack:
             token = page["NextContinuationToken"]
 
 
-def _alive_nodes(head: LocalHead, want: int, logs: list[Path], timeout_s: float = 180) -> list[str]:
+class _NodeDied(RuntimeError):
+    """A `ray start` exited while its node should be coming up."""
+
+
+def _alive_nodes(head: LocalHead, want: int, procs: list, logs: list[Path], timeout_s: float = 180) -> list[str]:
     """The ids of the cluster's alive nodes once there are `want`, from the head's state API (with the
-    token; the test process does not join the cluster)."""
+    token; the test process does not join the cluster). _NodeDied as soon as one of `procs` exits."""
     req = urllib.request.Request(f"{head.address}/api/v0/nodes?limit=100",
                                  headers={"Authorization": f"Bearer {head.token}"})
     deadline = time.monotonic() + timeout_s
@@ -93,10 +98,49 @@ def _alive_nodes(head: LocalHead, want: int, logs: list[Path], timeout_s: float 
             pass
         if len(ids) == want:
             return ids
+        tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-2000:]}" for p in logs if p.exists())
+        if any(p.poll() is not None for p in procs):
+            raise _NodeDied(f"a `ray start` exited with {len(ids)} node(s) up:\n{tails}")
         if time.monotonic() > deadline:
-            tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-2000:]}" for p in logs if p.exists())
             raise RuntimeError(f"{len(ids)} alive node(s) after {timeout_s} s, not {want}:\n{tails}")
         time.sleep(1)
+
+
+def _start_cluster(node_env: dict[str, str], attempts: int = 3) -> tuple[LocalHead, LocalNode, list[str]]:
+    """A head and a second node, both alive. `ray start` gives a node's raylet a fixed 30 s to register
+    with the GCS and exits otherwise (ray/_private/node.py), which a loaded machine can exceed: a node
+    that died that way is started again (a new head with a new token if the head died)."""
+    # Trial drivers need `trial_driver`, which only the head has. 1 CPU per node: the head keeps 0.9
+    # after a trial driver's 0.1, so PACK would put both workers (0.5 CPU each) on the second node;
+    # they land on both only by SPREAD. Workers bind random ports (`ray start` otherwise hands out
+    # 10002-19999, the same range every other `ray start` cluster on this machine uses), and a small
+    # object store is plenty for this test.
+    small = ["--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=200000000"]
+    failures: list[str] = []
+    for _ in range(attempts):
+        head = LocalHead(token=uuid.uuid4().hex, num_cpus=1, extra_env=node_env,
+                         extra_args=["--resources", json.dumps({"trial_driver": 1}), *small])
+        head.extra_env["RAY_API_SERVER_ADDRESS"] = head.address  # Train V2's placement-group cleaner
+        node = None
+        try:
+            head.start(timeout_s=180)
+            _alive_nodes(head, 1, [head.proc], [head.log_path])
+            for _ in range(attempts):
+                node = LocalNode(head, num_cpus=1, extra_args=["--resources", json.dumps({"second_node": 1}), *small])
+                try:
+                    return head, node, _alive_nodes(head, 2, [head.proc, node.start().proc],
+                                                    [node.log_path, head.log_path])
+                except _NodeDied as err:
+                    failures.append(str(err)[-1500:])
+                    node.stop()
+                    if head.proc.poll() is not None:
+                        break
+        except (_NodeDied, RuntimeError) as err:
+            failures.append(str(err)[-1500:])
+        if node is not None:
+            node.stop()
+        head.stop()
+    raise RuntimeError(f"no 2-node cluster after {attempts} attempts:\n" + "\n".join(failures))
 
 
 @pytest.fixture(scope="module")
@@ -134,20 +178,8 @@ def stack(tmp_path_factory):
                                     "--artifacts-destination", f"s3://{BUCKET}/mlflow", "--workers", "1"],
                                    dict(base_env, MLFLOW_S3_ENDPOINT_URL=endpoint,
                                         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), "mlflow")
-        # Trial drivers need `trial_driver`, which only the head has. 1 CPU per node: the head keeps 0.9
-        # after a trial driver's 0.1, so PACK would put both workers (0.5 CPU each) on the second node;
-        # they land on both only by SPREAD. Workers bind random ports (`ray start` otherwise hands out
-        # 10002-19999, the same range every other `ray start` cluster on this machine uses), and a small
-        # object store is plenty for this test.
-        small = ["--min-worker-port=0", "--max-worker-port=0", "--object-store-memory=200000000"]
-        node_env = {**CREDS, MARKER_ENV: marker}
-        head = LocalHead(token=uuid.uuid4().hex, num_cpus=1, extra_env=node_env,
-                         extra_args=["--resources", json.dumps({"trial_driver": 1}), *small])
-        head.extra_env["RAY_API_SERVER_ADDRESS"] = head.address  # Train V2's placement-group cleaner
-        head.start(timeout_s=180)
-        node = LocalNode(head, num_cpus=1, extra_args=["--resources", json.dumps({"second_node": 1}), *small]).start()
+        head, node, ids = _start_cluster({**CREDS, MARKER_ENV: marker})
         wait_http(f"{tracking_uri}/health", mlflow, mlflow_log, timeout_s=420)
-        ids = _alive_nodes(head, want=2, logs=[node.log_path, head.log_path])
         yield Stack(tmp, endpoint, tracking_uri, head, ids, marker)
     finally:
         if node is not None:
@@ -216,27 +248,28 @@ def _tune_statuses(stack: Stack) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in trials}
 
 
-def test_guard_rails_refuse_node_local_storage_and_tracking_on_two_nodes(stack, small_manifest, tiny_model,  # noqa: F811
-                                                                         monkeypatch):
-    """Before any trial starts (and before anything is written), on the 2-node cluster."""
-    from ermgap.errors import ConfigError
-    from ermgap.sweep import run_sweep
+def test_guard_rails_refuse_node_local_storage_and_tracking_on_two_nodes(stack, small_manifest, tiny_model):  # noqa: F811
+    """`ermgap sweep --address` on the 2-node cluster: refused before any trial starts and before anything
+    is written, with what to use instead (exit 2, one error line, no traceback)."""
+    def refused(spec: Path) -> str:
+        proc = _cli(stack, spec)
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in out, out[-3000:]
+        return out
 
-    for k, v in {**CREDS, **stack.ray_auth(), "AWS_ENDPOINT_URL": stack.endpoint}.items():
-        monkeypatch.setenv(k, v)
     local = stack.tmp / "local-sweeps"
-    spec = _spec(stack, small_manifest, tiny_model, name="mn_guard", storage_path=str(local))
-    with pytest.raises(ConfigError, match=r"a directory on this node, but the Ray cluster has 2 nodes.*s3://"):
-        run_sweep(spec, address=stack.head.gcs_address)
+    out = refused(_spec(stack, small_manifest, tiny_model, name="mn_guard", storage_path=str(local)))
+    assert re.search(rf"storage_path {local}/mn_guard: a directory on this node, but the Ray cluster has 2 nodes.*"
+                     r"use s3://BUCKET/PREFIX.*--allow-local-paths", out), out[-3000:]
     assert not local.exists()
 
     db = stack.tmp / "guard.db"
-    spec = _spec(stack, small_manifest, tiny_model, name="mn_guard",
-                 mlflow={"experiment": "g", "tracking_uri": f"sqlite:///{db}"})
-    with pytest.raises(ConfigError, match=r"an MLflow store on this node.*http://HOST"):
-        run_sweep(spec, address=stack.head.gcs_address)
+    out = refused(_spec(stack, small_manifest, tiny_model, name="mn_guard",
+                        mlflow={"experiment": "g", "tracking_uri": f"sqlite:///{db}"}))
+    assert re.search(rf"tracking URI sqlite:///{db}: an MLflow store on this node.*tracking_uri=http://HOST", out), \
+        out[-3000:]
     assert not db.exists()
-    assert "sweeps/mn_guard/sweep_state.json" not in stack.keys("sweeps/")
+    assert not any(k.startswith("sweeps/mn_guard/") for k in stack.keys("sweeps/"))
 
 
 def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack, small_manifest, tiny_model):  # noqa: F811
