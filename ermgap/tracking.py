@@ -20,6 +20,7 @@ Artifacts of a sqlite store go next to the database (`<db dir>/artifacts/<experi
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -305,6 +306,7 @@ def start_sweep_run(tracking_uri: str, experiment: str, *, name: str, spec_hash:
                        tags={TAG_SWEEP: name, TAG_HASH: spec_hash, TAG_ROLE: "sweep", **source_tags("ermgap sweep"),
                              TAG_NOTE: description or f"ermgap sweep {name}"})
     c.log_batch(run.info.run_id, params=[_param(k, v) for k, v in params.items()])
+    share_runs_view(tracking_uri, run.info.experiment_id, name)
     return run.info.run_id
 
 
@@ -399,6 +401,38 @@ def resolve_run_id(tracking_uri: str, ref: str, *, what: str = "run id") -> str:
 
 
 LISTED_METRICS = ("best/dev_w_f1", "best/dev_avg_gap", "best/test_w_f1", "best/test_avg_gap")
+# The MLflow UI's "share view" state lives in an experiment tag with this prefix; the runs table opens
+# with the view when the URL carries `?viewStateShareKey=<key>`.
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+TABLE_PARAMS = ("variant", "objective", "optim.seed")
+
+
+def share_runs_view(tracking_uri: str, experiment_id_: str, sweep: str) -> str:
+    """Store a runs-table view of sweep `sweep`: its runs only, with the variant, objective and seed
+    and the best checkpoint's W-F1 and gaps as columns, best dev W-F1 first. Returns the URL fragment
+    that opens it (append to the UI's address)."""
+    key = f"ermgap-{sweep}"
+    columns = [*(f"params.`{p}`" for p in TABLE_PARAMS),
+               *(f"metrics.`{m}`" for m in (*LISTED_METRICS, "best/test_worst_lang_gap"))]
+    view = {"searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep}'", "orderByKey": "metrics.`best/dev_w_f1`",
+            "orderByAsc": False, "selectedColumns": columns}
+    client(tracking_uri).set_experiment_tag(experiment_id_, SHARED_VIEW_TAG + key, json.dumps(view))
+    return runs_view_fragment(experiment_id_, key)
+
+
+def runs_view_fragment(experiment_id_: str, key: str) -> str:
+    return f"/#/experiments/{experiment_id_}/runs?viewStateShareKey={key}"
+
+
+def shared_runs_views(tracking_uri: str) -> list[tuple[str, str]]:
+    """(sweep, URL fragment) of every runs-table view ermgap stored in the store, newest experiment first."""
+    views = []
+    for e in client(tracking_uri).search_experiments(order_by=["last_update_time DESC"]):
+        for tag in e.tags:
+            if tag.startswith(SHARED_VIEW_TAG + "ermgap-"):
+                views.append((tag.removeprefix(SHARED_VIEW_TAG + "ermgap-"),
+                              runs_view_fragment(e.experiment_id, tag.removeprefix(SHARED_VIEW_TAG))))
+    return views
 
 
 def list_runs(tracking_uri: str, *, experiment: str | None = None, sweeps_only: bool = False) -> pd.DataFrame:

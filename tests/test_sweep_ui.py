@@ -34,24 +34,25 @@ def _chromium(url: str, profile: Path, *extra: str) -> str:
 
 
 def _sweep_like_runs(uri: str) -> tuple[str, str, list[str]]:
-    """A parent run and two children exactly as a sweep leaves them (tags included)."""
+    """A parent run opened by the sweep's own code and two children tagged and named as a sweep leaves them."""
     from mlflow import MlflowClient
 
-    from ermgap.tracking import PARENT_TAG, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
+    from ermgap.tracking import PARENT_TAG, start_sweep_run, trial_tags
 
     c = MlflowClient(uri)
-    exp = c.create_experiment("ermgap-demo")
-    parent = c.create_run(exp, run_name="demo", tags={TAG_SWEEP: "demo", TAG_ROLE: "sweep"}).info.run_id
-    names = ["demo/trial_0000a", "demo/trial_0000b"]
+    parent = start_sweep_run(uri, "ermgap-demo", name="demo", spec_hash="h", description="demo sweep", params={})
+    exp = c.get_run(parent).info.experiment_id
+    names = ["demo/erm", "demo/minmaxgap_adaptive"]
     for i, name in enumerate(names):
-        run = c.create_run(exp, run_name=name, tags={PARENT_TAG: parent, TAG_SWEEP: "demo", TAG_TRIAL: name[-5:]})
+        variant = name.split("/")[1]
+        run = c.create_run(exp, run_name=name, tags={PARENT_TAG: parent, **trial_tags("demo", "h", f"t{i}", {"variant": variant})})
+        c.log_param(run.info.run_id, "variant", variant)
         c.log_metric(run.info.run_id, "best/dev_w_f1", 40.0 + i)
         c.set_terminated(run.info.run_id)
     c.set_terminated(parent)
     return exp, parent, names
 
 
-@pytest.mark.xfail(strict=False, reason="changed in session 3 on a machine too loaded to run it to completion; not yet seen passing after the final merges: remove this mark once it has")
 def test_ui_shows_parent_with_children(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp, parent, children = _sweep_like_runs(uri)
@@ -61,7 +62,7 @@ def test_ui_shows_parent_with_children(tmp_path):
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # the UI takes ~20 s idle, minutes on a loaded 2-core machine
         while True:
             assert ui.poll() is None, ui.stdout.read()[-2000:]
             try:
@@ -74,13 +75,23 @@ def test_ui_shows_parent_with_children(tmp_path):
             time.sleep(1)
         # `ermgap ui` announces readiness once the port answers (it polls /health itself).
         ready = ""
-        while "MLflow UI ready on" not in ready and time.monotonic() < deadline:
+        while "sweep demo: " not in ready and time.monotonic() < deadline:
             ready += ui.stdout.readline()
         assert f"MLflow UI ready on {base}" in ready
+        # ... and prints a link to the sweep's runs table (the UI's own shared-view state).
+        view_url = ready.split("sweep demo: ", 1)[1].split()[0]
+        assert view_url.startswith(f"{base}/#/experiments/{exp}/runs?viewStateShareKey=")
         profile = tmp_path / "chromium"
         # The experiment's runs table lists the parent (children are folded under it) ...
         runs_dom = _chromium(f"{base}/#/experiments/{exp}/runs", profile, "--dump-dom")
         assert ">demo<" in runs_dom and f"#/experiments/{exp}/runs/{parent}" in runs_dom
+        # The sweep's view lists parent and children by name, with the best checkpoint's W-F1 as a column.
+        view_dom = _chromium(view_url, profile, "--dump-dom")
+        assert all(name in view_dom for name in children), "variant names missing from the runs table"
+        assert "best/dev_w_f1" in view_dom, "no W-F1 column in the runs table"
+        table_shot = tmp_path / "runs_table.png"
+        _chromium(view_url, profile, f"--screenshot={table_shot}")
+        assert table_shot.is_file() and table_shot.stat().st_size > 10_000
         # ... and the parent run's page lists its child runs.
         parent_url = f"{base}/#/experiments/{exp}/runs/{parent}"
         parent_dom = _chromium(parent_url, profile, "--dump-dom")

@@ -84,8 +84,14 @@ def ui(
     elif beside:
         cmd += ["--default-artifact-root", beside]
     typer.echo(f"starting the {what} (store {uri}) ...")
-    raise typer.Exit(_run_group(cmd, ready_url=f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}",
-                                what=what))
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+
+    def views() -> list[str]:
+        from ermgap.tracking import shared_runs_views
+
+        return [f"  sweep {sweep}: {base}{fragment}" for sweep, fragment in shared_runs_views(uri)]
+
+    raise typer.Exit(_run_group(cmd, ready_url=base, on_ready=views, what=what))
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300.0) -> bool:
@@ -105,10 +111,10 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300.0) -> b
     return False
 
 
-def _run_group(cmd: list[str], ready_url: str | None = None, what: str = "MLflow UI") -> int:
+def _run_group(cmd: list[str], ready_url: str | None = None, on_ready=None, what: str = "MLflow UI") -> int:
     """Run `cmd` in its own process group and take the whole group down with us: `mlflow ui` starts
     uvicorn workers and job consumers that would otherwise outlive a SIGTERM to this process.
-    With `ready_url`, say when the server answers there."""
+    With `ready_url`, say when the server answers there, then print the lines `on_ready()` returns."""
     proc = subprocess.Popen(cmd, env=dict(os.environ), start_new_session=True)
 
     def _stop(signum, frame):  # SIGTERM behaves like Ctrl-C
@@ -118,6 +124,11 @@ def _run_group(cmd: list[str], ready_url: str | None = None, what: str = "MLflow
     try:
         if ready_url is not None and _wait_ready(proc, ready_url):
             typer.echo(f"{what} ready on {ready_url}  (Ctrl-C stops it)")
+            lines = on_ready() if on_ready is not None else []
+            if lines:
+                typer.echo("runs tables with W-F1 and gap columns, best dev W-F1 first:")
+                for line in lines:
+                    typer.echo(line)
         return proc.wait()
     except KeyboardInterrupt:
         return 0

@@ -120,7 +120,8 @@ def print_outcome(outcome, spec: SweepSpec, out: Console) -> None:
     for k, p in outcome.artifacts.items():
         out.print(f"{k}: {p}")
     out.print(f"MLflow: experiment '{outcome.experiment}', parent run {outcome.parent_run_id} at {outcome.tracking_uri}")
-    out.print(f"open the UI: {ui_command(outcome.tracking_uri)}")
+    out.print(f"open the UI: {ui_command(outcome.tracking_uri)}  (it prints a link to this sweep's runs table "
+              "with W-F1 and gap columns)")
 
 
 def write_artifacts(spec: SweepSpec, board: pd.DataFrame, summary: pd.DataFrame | None, art: Path,
