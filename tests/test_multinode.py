@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def _alive_nodes(head: LocalHead, want: int, procs: list, logs: list[Path], time
             pass
         if len(ids) == want:
             return ids
-        tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-2000:]}" for p in logs if p.exists())
+        tails = "\n".join(f"--- {p.name}:\n{p.read_text()[-1200:]}" for p in logs if p.exists())
         if any(p.poll() is not None for p in procs):
             raise _NodeDied(f"a `ray start` exited with {len(ids)} node(s) up:\n{tails}")
         if time.monotonic() > deadline:
@@ -131,7 +132,7 @@ def _start_cluster(node_env: dict[str, str], attempts: int = 3) -> tuple[LocalHe
                     return head, node, _alive_nodes(head, 2, [head.proc, node.start().proc],
                                                     [node.log_path, head.log_path])
                 except _NodeDied as err:
-                    failures.append(str(err)[-1500:])
+                    failures.append(str(err)[-2600:])
                     node.stop()
                     if head.proc.poll() is not None:
                         break
@@ -182,6 +183,9 @@ def stack(tmp_path_factory):
         wait_http(f"{tracking_uri}/health", mlflow, mlflow_log, timeout_s=420)
         yield Stack(tmp, endpoint, tracking_uri, head, ids, marker)
     finally:
+        if head is not None:  # the nodes' logs outlive the cluster's temp dir, for a failure's post-mortem
+            shutil.copytree(Path(head.temp_dir) / "session_latest" / "logs", tmp / "ray-logs", dirs_exist_ok=True,
+                            ignore_dangling_symlinks=True)
         if node is not None:
             node.stop()
         if head is not None:
@@ -225,10 +229,12 @@ def _spec(stack: Stack, manifest: Path, model: Path, **over) -> Path:
     return path
 
 
-def _cli(stack: Stack, spec: Path, *args: str) -> subprocess.Popen:
+def _cli(stack: Stack, spec: Path, *args: str, log: Path | None = None) -> subprocess.Popen:
+    """`ermgap sweep SPEC --address HEAD` as a new driver; its output to `log`, or a pipe."""
+    out = open(log, "w") if log is not None else subprocess.PIPE  # noqa: SIM115 (open for the test's duration)
     return subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "sweep", str(spec),
                              "--address", stack.head.gcs_address, *args],
-                            cwd=spec.parent, env=stack.driver_env(), stdout=subprocess.PIPE,
+                            cwd=spec.parent, env=stack.driver_env(), stdout=out,
                             stderr=subprocess.STDOUT, text=True)
 
 
@@ -277,11 +283,13 @@ def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack
 
     t0 = time.monotonic()
     spec = _spec(stack, small_manifest, tiny_model)
-    proc = _cli(stack, spec)
+    driver_log = stack.tmp / "driver1.log"
+    proc = _cli(stack, spec, log=driver_log)
     try:
         # Trial 1's run finished and Tune's experiment state in the bucket says so (Tune uploads it at
         # least every 10 s): then the driver dies without cleanup, while trial 2 starts or runs.
-        deadline = time.monotonic() + 420
+        # A guard against a hang, not the expected time (about 4 min idle; far more on a loaded machine).
+        deadline = time.monotonic() + 900
         parent = first = None
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(2)
@@ -294,8 +302,8 @@ def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack
             if len(done) == 1 and _tune_statuses(stack).get(done.iloc[0]["tags.ermgap.trial_id"]) == "TERMINATED":
                 first = done
                 break
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        assert first is not None, "trial 1 never finished before the deadline"
+        assert proc.poll() is None, driver_log.read_text()[-4000:]
+        assert first is not None, f"trial 1 never finished before the deadline:\n{driver_log.read_text()[-4000:]}"
         first_trial = first.iloc[0]["tags.ermgap.trial_id"]
         first_metrics_key = f"sweeps/mn/runs/{first_trial}/metrics.json"
         first_written = stack.keys(first_metrics_key)[first_metrics_key]
@@ -305,7 +313,7 @@ def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack
         t_kill = time.monotonic() - t0
 
         proc = _cli(stack, spec, "--resume")
-        output, _ = proc.communicate(timeout=420)
+        output, _ = proc.communicate(timeout=900)
         assert proc.returncode == 0, output[-4000:]
     finally:
         if proc.poll() is None:
