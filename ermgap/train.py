@@ -760,7 +760,7 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | Location, name
         "config": cfg.to_dict(),
         "task": task.to_dict(),
         "run_dir": run_loc,  # a Location: an object store's endpoint travels with it
-        "feature_cache": cache_dir(cfg),
+        "feature_cache": _feature_cache_location(cfg, storage_path),
         "mlflow": {"tracking_uri": default_tracking_uri(cfg), "experiment": cfg.tracking.experiment,
                    "run_name": cfg.tracking.run_name or name, "parent_run_id": mlflow_parent_run_id,
                    "tags": {**source_tags(entry_point), **(mlflow_tags or {})}, "params": dict(mlflow_params or {})},
@@ -785,6 +785,15 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | Location, name
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks)),
     )
+
+
+def _feature_cache_location(cfg: RunConfig, storage_path) -> Path | Location | None:
+    """cache_dir(cfg), on an object store with the run storage's S3 endpoint: this process may be a sweep's
+    trial driver on a node without $AWS_ENDPOINT_URL, but the storage Location carries the sweep driver's."""
+    where = cache_dir(cfg)
+    if isinstance(where, Location):
+        where = Location.of(where.uri, endpoint=Location.of(storage_path).endpoint or where.endpoint)
+    return where
 
 
 def check_inputs(cfg: RunConfig) -> None:
