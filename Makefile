@@ -3,6 +3,7 @@
 #   make setup   venv + pinned torch + package + DeepSpeed + system packages (idempotent; seconds when done)
 #   make test    setup, then the test suite
 #   make demo    setup, synthetic corpus + tiny model (cached), the ERM vs ERM-MinMaxGAP demo sweep
+#   make demo-seeds  the same corpus and model: 4 objectives × seeds 42-44, stratified batches, vs ERM with intervals
 #   make bench   all benchmarks (prints ratios; JSON in bench/results/)
 #   make lint    ruff (unused names, import order) over the package
 
@@ -21,10 +22,10 @@ PYTEST_ARGS ?=
 REQUIRED_CMDS := espeak-ng sox
 OPTIONAL_CMDS := chromium
 
-.PHONY: setup system-deps test demo bench lint clean-demo help
+.PHONY: setup system-deps test demo demo-seeds bench lint clean-demo help
 
 help:
-	@sed -n '1,9p' Makefile
+	@sed -n '1,10p' Makefile
 
 setup: system-deps $(STAMP)
 
@@ -68,6 +69,9 @@ $(DEMO_MODEL): | setup
 
 demo: setup $(DEMO_CORPUS) $(DEMO_MODEL)
 	$(VENV)/bin/ermgap sweep sweeps/demo.yaml --force
+
+demo-seeds: setup $(DEMO_CORPUS) $(DEMO_MODEL)
+	$(VENV)/bin/ermgap sweep sweeps/demo_seeds.yaml --force
 
 lint: setup
 	$(VENV)/bin/ruff check ermgap

@@ -56,6 +56,7 @@ class TrainerState:
     mlflow_run_id: str | None = None
     objective: dict[str, Any] = field(default_factory=dict)  # Objective.state_dict(): λ or q and its trajectory
     history: list[dict[str, Any]] = field(default_factory=list)  # one row per evaluation
+    batch_coverage: dict[str, Any] = field(default_factory=dict)  # sampler.BatchCoverage of the steps done
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)

@@ -48,6 +48,14 @@ class DataConfig(_Section):
     sample_rate: int = Field(16000, gt=0, description="Audio is resampled to this rate (Hz).")
     max_audio_s: float | None = Field(None, gt=0, description="Crop audio longer than this (default: the feature extractor's window).")
     num_loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per Ray Train worker.")
+    sampler: Literal["length", "stratified"] = Field(
+        "length", description="How train rows form each optimizer step's global batch. length: a seeded permutation, "
+                              "length-grouped, every row once per epoch. stratified: every global batch holds at least "
+                              "data.min_per_cell rows of every (stratum, attribute) cell present in train, small cells "
+                              "cycled more often (the ERM term is reweighted: objective.erm_weighting).")
+    min_per_cell: int = Field(1, ge=1, description="(data.sampler=stratified) Rows of every train (stratum, attribute) cell "
+                                                   "in every global batch; × the number of cells must not exceed "
+                                                   "optim.effective_batch_size.")
     feature_cache: str = Field("", description="Encoder-output cache directory (frozen audio encoder only); 'off' disables; "
                                                "default <tracking.storage_path>/feature_cache.")
 
@@ -157,6 +165,11 @@ class ObjectiveConfig(_Section):
     kind: ObjectiveKind = Field("minmaxgap", description="erm: global-batch mean; minmaxgap: the paper's erm + λ·Δmax^p (uses `p` and the `lambda` block); group_dro: online Group DRO over stratum × gender cells; reweight: examples weighted inversely to their cell's train frequency.")
     p: float = Field(2.0, gt=0, description="minmaxgap: exponent of the worst-language gap (paper: 1 or 2).")
     stratum: str = Field("language", description="Group within which the attribute gap is measured: a manifest column or columns joined by `+` (`language+modality`); the cells of group_dro and reweight are stratum × attribute value.")
+    erm_weighting: Literal["population", "batch"] = Field(
+        "population", description="(data.sampler=stratified) population: the ERM mean weights each example by its cell's "
+                                  "population share over its sampling share, so it estimates the train-population "
+                                  "mean loss; batch: the plain mean of the stratified batch (small cells weigh more). "
+                                  "Cell means, hence the gap term and Group DRO, are the same either way.")
     group_dro: GroupDROConfig = Field(default_factory=GroupDROConfig)
 
     @field_validator("stratum")
@@ -251,7 +264,8 @@ class DistributedConfig(_Section):
     use_gpu: bool = Field(False, description="One GPU per worker.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per worker.")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
-    max_failures: int = Field(1, ge=-1, description="Worker-group restarts from the last checkpoint (-1: unlimited).")
+    max_failures: int = Field(1, ge=-1, description="Refits of the run from its last checkpoint after a fault such as a lost worker "
+                                                    "(-1: unlimited); a user error in a worker (bad audio, NaN loss) is not retried.")
     placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = Field(
         "SPREAD", description="Ray placement of a run's workers: SPREAD over the nodes that have room (best effort; "
                               "on one machine the same as PACK), PACK onto as few nodes as fit (less gradient traffic).")

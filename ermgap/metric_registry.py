@@ -45,12 +45,25 @@ _DECLARED = (
     Metric("worst_lang_gap", "min", "worst-lang gap", "worst-lang", "% points", "largest per-stratum (language) AVG gap"),
     Metric("loss", "min", "loss", "loss", "nats", "mean per-utterance cross-entropy of the answer"),
     Metric("loss_gap", "min", "Δloss", "Δloss", "nats", "largest within-stratum attribute gap of the mean loss"),
+    # Batch coverage (ermgap.sampler.BatchCoverage), from each optimizer step's global cell counts: the
+    # gap term is 0 in a step without a valid stratum, and a cell mean of 1 example is noise.
+    Metric("valid_strata", "max", "valid strata", "valid strata", "strata",
+           "strata of a step's global batch with every attribute value present (train/, every step)"),
+    Metric("min_cell_count", "max", "min cell count", "min cell", "examples",
+           "fewest examples of a train (stratum, attribute) cell in a step's global batch (train/ every step; "
+           "train_: over all steps)"),
+    Metric("valid_step_share", "max", "valid-stratum steps", "valid steps", "fraction",
+           "share of optimizer steps whose global batch has at least one valid stratum"),
 )
+# The per-step coverage values `ermgap.train` logs as train/<name>, and the run summary it writes as train_<name>.
+STEP_COVERAGE: tuple[str, ...] = ("valid_strata", "min_cell_count")
+RUN_COVERAGE: tuple[str, ...] = ("valid_step_share", "min_cell_count")
 METRICS: dict[str, Metric] = {m.name: m for m in _DECLARED}
 # What the training recipe reports for each split, hence what `eval.metric` may select on.
 SPLIT_METRICS: tuple[str, ...] = ("w_f1", "acc", "avg_gap", "worst_lang_gap", "loss", "loss_gap")
 SPLITS: tuple[str, ...] = ("dev", "test")
-_PREFIXES = ("best/", "eval/", "best_")  # MLflow namespaces (ermgap.tracking), the Tune report's best_
+_PREFIXES = ("best/", "eval/", "train/", "best_")  # MLflow namespaces (ermgap.tracking), the Tune report's best_
+_PARTS = (*SPLITS, "train")  # `train_<metric>`: a run's summary of its training steps
 
 
 def lookup(key: str) -> Metric:
@@ -58,7 +71,7 @@ def lookup(key: str) -> Metric:
     name = key
     for prefix in _PREFIXES:
         name = name.removeprefix(prefix)
-    for split in SPLITS:
+    for split in _PARTS:
         name = name.removeprefix(f"{split}_")
     if name in METRICS:
         return METRICS[name]
@@ -85,7 +98,7 @@ def label(key: str) -> str:
     bare = key
     for prefix in _PREFIXES:
         bare = bare.removeprefix(prefix)
-    split = next((s for s in SPLITS if bare.startswith(f"{s}_")), None)
+    split = next((s for s in _PARTS if bare.startswith(f"{s}_")), None)
     rest = bare.removeprefix(f"{split}_") if split else bare
     tail = rest[len(m.name):].lstrip("_").replace("_", " ")
     return " ".join(x for x in (split, m.label, tail) if x)

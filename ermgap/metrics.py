@@ -410,9 +410,11 @@ def paired_bootstrap(
     """Paired bootstrap of metric(b) − metric(a) on the same utterances (aligned by utt_id).
 
     Returns ``{"overall": {metric: {...}}, "per_<stratum>": {value: {metric: {...}}}}`` where each entry has
-    ``diff`` (point estimate, percent points), ``ci`` ([lo, hi] percentile interval) and ``p_value``: the
+    ``diff`` (point estimate, percent points), ``ci`` ([lo, hi] percentile interval), ``p_value``: the
     two-sided bootstrap fraction 2·min(P*(d ≤ 0), P*(d ≥ 0)), capped at 1 (small = the sign of the
-    difference is stable under resampling). For gaps a negative diff means b has the smaller gap.
+    difference is stable under resampling), and ``rel`` / ``rel_ci``: the relative difference
+    (metric(b) − metric(a)) / metric(a) and its interval, from the same resamples (NaN where metric(a) is 0).
+    For gaps a negative diff means b has the smaller gap (rel = −0.5: half of a's gap).
     Raises PredictionsError if the utterance sets differ or an utterance's stratum/attribute/gold disagree.
     """
     task = task or DEFAULT_TASK
@@ -446,19 +448,24 @@ def paired_bootstrap(
     diffs = {m: sb[m] - sa[m] for m in METRIC_KEYS}
     point_a, point_b = compute_metrics(a, task), compute_metrics(b, task)
 
-    def summarise(key: str, d: np.ndarray, subset: tuple[str, ...]) -> dict:
+    def summarise(key: str, col: int, subset: tuple[str, ...]) -> dict:
         pa, pb = point_a, point_b
         for part in subset:
             pa, pb = pa[part], pb[part]
+        d, base = diffs[key][:, col], sa[key][:, col]
         finite = d[np.isfinite(d)]
         p = min(1.0, 2 * min(np.mean(finite <= 0), np.mean(finite >= 0))) if finite.size else math.nan
-        return {"diff": float(pb[key] - pa[key]), "ci": _percentile_ci(d, level), "p_value": float(p)}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = d / base
+        return {"diff": float(pb[key] - pa[key]), "ci": _percentile_ci(d, level), "p_value": float(p),
+                "rel": float((pb[key] - pa[key]) / pa[key]) if pa[key] else math.nan,
+                "rel_ci": _percentile_ci(rel, level)}
 
     per = per_key(task)
     return {
-        "overall": {m: summarise(m, diffs[m][:, -1], ("overall",)) for m in METRIC_KEYS},
+        "overall": {m: summarise(m, -1, ("overall",)) for m in METRIC_KEYS},
         per: {
-            task.stratum_values[si]: {m: summarise(m, diffs[m][:, si], (per, task.stratum_values[si]))
+            task.stratum_values[si]: {m: summarise(m, si, (per, task.stratum_values[si]))
                                       for m in METRIC_KEYS}
             for si in _present(ca, task)
         },

@@ -3,7 +3,8 @@
 The math every objective kind shares lives here (`reduced_cell_stats`: global cell sums/counts in one
 all-reduce); `ermgap.objectives` puts ERM, MinMaxGAP, Group DRO and reweighting behind one interface.
 
-    L = erm + λ · Δmax^p,   erm = mean per-sample loss over the GLOBAL batch,
+    L = erm + λ · Δmax^p,   erm = mean per-sample loss over the GLOBAL batch (per-cell weighted with
+                                   stratified batches: `erm_mean`),
     Δmax = max over valid strata s of (max_a mean_{s,a} − min_a mean_{s,a})
 
 `stratum` is the group inside which the gender gap is measured (language, or language × modality);
@@ -42,6 +43,8 @@ __all__ = [
     "all_reduce_sum",
     "avg_metric_gap",
     "dev_gap",
+    "erm_mean",
+    "lambda_drive",
     "erm_minmaxgap_loss",
     "group_stats",
     "minmaxgap_from_cells",
@@ -261,10 +264,24 @@ def reduced_cell_stats(losses: torch.Tensor, stratum: torch.Tensor, attribute: t
     return sums, counts
 
 
-def minmaxgap_from_cells(sums: torch.Tensor, counts: torch.Tensor, *, lam: float, p: float) -> ObjectiveResult:
-    """ERM-MinMaxGAP from global cell sums/counts [num_strata, num_attrs] (see `reduced_cell_stats`)."""
-    n_total = counts.sum()
-    erm = sums.sum() / n_total
+def erm_mean(sums: torch.Tensor, counts: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The ERM term from global cell sums/counts: Σ_c w_c · sum_c / Σ_c count_c (w = 1: the batch mean).
+
+    weights [num_strata, num_attrs] are per-cell constants, identical on every rank (a stratified batch
+    plan's population share / sampling share, `ermgap.sampler.StratifiedBatchPlan.importance_weights`), so
+    the weighted sum is still a sum of the all-reduced cell sums and the distributed contract holds.
+    """
+    if weights is None:
+        return sums.sum() / counts.sum()
+    return (weights.to(device=sums.device, dtype=sums.dtype) * sums).sum() / counts.sum()
+
+
+def minmaxgap_from_cells(sums: torch.Tensor, counts: torch.Tensor, *, lam: float, p: float,
+                         erm_weights: torch.Tensor | None = None) -> ObjectiveResult:
+    """ERM-MinMaxGAP from global cell sums/counts [num_strata, num_attrs] (see `reduced_cell_stats`).
+    erm_weights: per-cell weights of the ERM term (`erm_mean`); the gap term uses cell means, which no
+    per-cell weight changes."""
+    erm = erm_mean(sums, counts, erm_weights)
     nonempty = counts > 0
     # Safe denominators: empty cells get 1 (their sum is 0), so no 0/0 NaN can reach the gradient.
     means = sums / torch.where(nonempty, counts, torch.ones_like(counts))
@@ -334,6 +351,20 @@ def avg_metric_gap(avg_gap_percent: float) -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 100.0:
         raise TrainingError(f"AVG metric gap must be a percentage in [0, 100], got {avg_gap_percent!r}")
     return value / 100.0
+
+
+def lambda_drive(kind: str, *, loss_gap: float, avg_gap_percent: float) -> float | None:
+    """Δdev of one dev evaluation as `lambda.dev_gap` = `kind` defines it: "loss_gap" (`dev_gap`'s value)
+    or "avg_metric_gap" (`avg_metric_gap` of the AVG gap in percent, range-checked).
+
+    None when it is undefined (NaN: e.g. no dev stratum has every attribute value, so there is no AVG gap):
+    the caller skips that evaluation's λ update. Treating it as 0 would lower λ by η·ε with no evidence.
+    """
+    if kind == "loss_gap":  # ±inf is not "undefined": AdaptiveLambda.update refuses it
+        return None if math.isnan(float(loss_gap)) else float(loss_gap)
+    if kind == "avg_metric_gap":
+        return None if math.isnan(float(avg_gap_percent)) else avg_metric_gap(avg_gap_percent)
+    raise ValueError(f"lambda.dev_gap must be 'loss_gap' or 'avg_metric_gap', got {kind!r}")
 
 
 # --------------------------------------------------------------------------- adaptive λ

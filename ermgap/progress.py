@@ -1,4 +1,4 @@
-"""What a user sees while a training run runs: rank 0's progress on the driver, and a quiet console.
+"""What a user sees while a training run runs: rank 0's progress on the driver (the quiet console: ermgap.quiet).
 
 The channel: rank 0 pushes small dicts to a `ProgressBox`, a Ray actor with no resources, through
 fire-and-forget `.remote` calls (an optimizer step never waits for the driver); the driver drains
@@ -21,11 +21,8 @@ every `interval_s` seconds and at the end of each epoch.
 from __future__ import annotations
 
 import datetime
-import logging
-import os
 import threading
 import time
-import warnings
 from typing import Any
 
 import ray
@@ -34,31 +31,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from ermgap.formatting import fmt
 from ermgap.metric_registry import label
-
-# Libraries whose INFO/WARNING chatter (accelerator detection, deprecations, Tune's status tables)
-# is hidden unless --verbose; errors still show.
-NOISY_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.data", "deepspeed", "DeepSpeed", "transformers",
-                 "torch.distributed", "mlflow", "alembic", "urllib3", "filelock")
-# Inherited by every process the driver starts (Ray workers of a local cluster included).
-QUIET_ENV = {"TRANSFORMERS_VERBOSITY": "error", "TQDM_DISABLE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-             "DS_ACCELERATOR_LOG_LEVEL": "error", "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
-             "RAY_DEDUP_LOGS": "1"}
-
-
-def quiet_console(verbose: bool) -> None:
-    """Silence Ray, DeepSpeed, transformers, MLflow and tqdm in this process and its children unless
-    `verbose`. The CLI calls it once (`--verbose` / $ERMGAP_VERBOSE); a notebook may call it too.
-
-    Worker output is kept out of the driver separately (`ensure_ray(log_to_driver=verbose)`); it is
-    still in Ray's session logs. Python's own "once per location" rule keeps other warnings visible."""
-    if verbose:
-        return
-    for key, value in QUIET_ENV.items():
-        os.environ.setdefault(key, value)
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    for category in (FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
 
 
 @ray.remote(num_cpus=0)

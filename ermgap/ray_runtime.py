@@ -3,6 +3,10 @@
 Local clusters bind 127.0.0.1 and keep the dashboard on: Ray 2.60's Train V2 placement-group
 cleaner queries actor state through the dashboard, and without it a finished run's resources are
 not released (the next worker group then times out on a small machine).
+
+A local cluster ermgap starts ends with the process that started it: `ermgap.ray_reaper` watches that
+process and stops the cluster's processes when it exits, however it exits (Ray's own agents outlive a
+SIGKILLed driver).
 """
 
 from __future__ import annotations
@@ -10,11 +14,17 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import select
 import socket
+import subprocess
+import sys
 
 import ray
 
 DEFAULT_DASHBOARD_PORT = 8265
+REAPER_START_S = 30.0  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
+# The reapers this process started: held so that their Popen objects are not collected (and reaped) early.
+_REAPERS: list[subprocess.Popen] = []
 
 
 def is_loopback_host(host: str) -> bool:
@@ -66,7 +76,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=level, **local)
         return
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
-    ray.init(
+    context = ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=True,
@@ -81,6 +91,21 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
         # next worker group times out. Naming this cluster's dashboard avoids that.
         runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
     )
+    _REAPERS.append(start_reaper(context.address_info["session_dir"]))
+
+
+def start_reaper(session_dir: str) -> subprocess.Popen:
+    """Start `ermgap.ray_reaper` for the local cluster of `session_dir`, which this process started: it stops
+    that cluster's processes when this process exits, however it exits (a SIGKILL included)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ermgap.ray_reaper", str(os.getpid()), session_dir],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            # Its own session: a Ctrl-C or a hang-up that ends the driver must not end it first.
+                            start_new_session=True, close_fds=True)
+    # Return once it watches: a driver killed right after this call still has its cluster stopped.
+    if select.select([proc.stdout], [], [], REAPER_START_S)[0]:
+        proc.stdout.readline()
+    proc.stdout.close()
+    return proc
 
 
 def shutdown_ray() -> None:

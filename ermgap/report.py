@@ -465,22 +465,27 @@ def table3(results: pd.DataFrame, layout: list[tuple[str, list[tuple[str, str]]]
 
 
 def caption(number: int, systems: Sequence[System], *, latex: bool = False) -> str:
-    """What a table shows, in words: split, n per gender (and language), seeds, units, directions and
-    what bold and the second mark mean."""
-    preds = systems[0].preds
+    """What a table shows, in words: split, n per attribute value (and stratum), seeds, units, directions
+    and what bold and the second mark mean."""
+    preds, task = systems[0].preds, systems[0].task
     same = all(set(s.preds["utt_id"]) == set(preds["utt_id"]) for s in systems)
-    genders = preds["gender"].value_counts()
-    per_lang = preds["language"].value_counts()
+    groups = preds[task.attribute].astype(str).value_counts()
+    strata = pd.Series(task.stratum_keys(preds, systems[0].modality)).value_counts()
     seeds = sorted({str(s.params["optim.seed"]) for s in systems if s.params.get("optim.seed")})
     second, best = ("underlined", "bold") if latex else ("_italic_", "**bold**")
+    values = task.attribute_values
+    words = {"F": "female", "M": "male"} if task.attribute == "gender" else {}
+    gap = (f"|{words.get(values[0], values[0])} − {words.get(values[1], values[1])}|" if len(values) == 2
+           else f"max − min over the {len(values)} {task.attribute} values")
     parts = [
-        f"Table {number}. " + ("Ablations, multilingual, " if number == 3 else "") + "test split: "
-        f"n = {len(preds)} utterances ({', '.join(f'{g} {n}' for g, n in genders.sort_index().items())}"
-        + ("" if number == 3 else "; " + ", ".join(f"{lg.upper()} {n}" for lg, n in per_lang.sort_index().items()))
+        f"Table {number}. " + ("Ablations, " + ("multilingual, " if task.stratum == ("language",) else "")
+                               if number == 3 else "") + "test split: "
+        f"n = {len(preds)} utterances ({', '.join(f'{g} {n}' for g, n in groups.sort_index().items())}"
+        + ("" if number == 3 else "; " + ", ".join(f"{k.upper()} {n}" for k, n in strata.sort_index().items()))
         + ")" + ("" if same else " for the first system (the systems' utterance sets differ)") + ".",
         "Seeds: " + (", ".join(seeds) if seeds else "not recorded (prediction files)") + ".",
-        "W-F1 and ACC in % (↑ better); TPR, FPR, W-F1 and ACC gaps are |female − male| in % points, "
-        "AVG gap their mean (↓ better).",
+        f"W-F1 and ACC in % (↑ better); TPR, FPR, W-F1 and ACC gaps are {gap} in % points "
+        f"({task.attribute}, within each {task.stratum_name}), AVG gap their mean (↓ better).",
         f"{best}: best, {second}: second best within a block of three or more rows.",
         "Δ AVG (uni→multi): multimodal minus unimodal AVG gap (↓: the transcript narrows the gap).",
     ]

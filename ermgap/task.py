@@ -128,6 +128,12 @@ class Task:
     def stratum_codes(self, frame: pd.DataFrame, modality: str | None = None) -> np.ndarray:
         return self.codes(self.stratum_keys(frame, modality), self.stratum_values)
 
+    def cell_codes(self, frame: pd.DataFrame, modality: str | None = None) -> np.ndarray:
+        """Each row's (stratum, attribute) cell, row-major: stratum × len(attribute_values) + attribute (the
+        order of `ermgap.objectives.CellGrid.cell_names`); int64 [N], values already validated."""
+        return (self.stratum_codes(frame, modality) * len(self.attribute_values)
+                + self.attribute_codes(frame[self.attribute]))
+
     # ----------------------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
         """Plain lists (for the resolved config YAML, MLflow params and the Ray loop config)."""

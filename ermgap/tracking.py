@@ -50,6 +50,7 @@ TAG_SWEEP = "ermgap.sweep"
 TAG_HASH = "ermgap.sweep_hash"
 TAG_TRIAL = "ermgap.trial_id"
 TAG_ROLE = "ermgap.role"
+TAG_ERROR = "ermgap.error"  # why a run FAILED (or was KILLED): one message
 DRIVER_TAG = "ermgap.driver"  # "<host>:<pid>" of the process whose trainer.fit() drives the run
 TAG_PARAM_PREFIX = "ermgap.param."  # a trial's sampled params, as tags (the report groups runs by them)
 TAG_NOTE = "mlflow.note.content"   # the run's description in the UI
@@ -111,12 +112,18 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 
 
 class RunLogger:
-    """One MLflow run: params once, metrics by step, artifacts, status at the end."""
+    """One MLflow run: params once, metrics by step, artifacts, status at the end.
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    A resumed run redoes the steps after its checkpoint; MLflow cannot delete metric points, so the logger
+    skips every (metric, step) at or below the highest step that metric already has (`logged_through`):
+    each step of each curve is logged once.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, logged_through: dict[str, int] | None = None) -> None:
         self.client = client(tracking_uri)
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        self.logged_through = dict(logged_through or {})
 
     @classmethod
     def open(cls, mlflow_cfg: dict[str, Any], *, run_dir: str | os.PathLike | Location, run_id: str | None = None,
@@ -133,7 +140,7 @@ class RunLogger:
             mlflow_client.update_run(run_id, status="RUNNING")
             if tags:
                 mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            return cls(uri, run_id)
+            return cls(uri, run_id, logged_through=last_steps(mlflow_client, run_id))
         if mlflow_cfg.get("parent_run_id"):
             tags[PARENT_TAG] = mlflow_cfg["parent_run_id"]
         run = mlflow_client.create_run(experiment_id(mlflow_client, mlflow_cfg["experiment"]),
@@ -151,8 +158,10 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
-        self.client.log_batch(self.run_id, metrics=rows)
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+                and int(step) > self.logged_through.get(k, -1)]
+        if rows:
+            self.client.log_batch(self.run_id, metrics=rows)
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
@@ -170,6 +179,11 @@ class RunLogger:
     def end(self, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status=status)
+
+
+def last_steps(c: MlflowClient, run_id: str) -> dict[str, int]:
+    """{metric key: the highest step logged for it} of a run."""
+    return {key: max(m.step for m in c.get_metric_history(run_id, key)) for key in c.get_run(run_id).data.metrics}
 
 
 def driver_tag() -> dict[str, str]:
@@ -194,7 +208,7 @@ def close_orphaned_runs(tracking_uri: str, experiment: str) -> list[str]:
     for run in runs:
         pid = run.data.tags[DRIVER_TAG].rpartition(":")[2]
         if pid.isdigit() and not _alive(int(pid)):
-            c.set_tag(run.info.run_id, "ermgap.error", f"driver {run.data.tags[DRIVER_TAG]} died without ending the run")
+            c.set_tag(run.info.run_id, TAG_ERROR, f"driver {run.data.tags[DRIVER_TAG]} died without ending the run")
             c.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
             warnings.warn(f"MLflow run {run.info.run_id} ({run.info.run_name}) was still RUNNING but its driver "
@@ -237,7 +251,12 @@ def log_manifest_input(tracking_uri: str, run_id: str, manifest: str | os.PathLi
                        context: str = "training") -> None:
     """The manifest as the run's MLflow dataset input (name, digest, schema, source path)."""
     path = Path(manifest).resolve()
-    dataset = from_pandas(frame, source=str(path), name=f"{path.parent.name}/{path.name}")
+    with warnings.catch_warnings():
+        # MLflow registers its local-file source class twice ("file" and "") and warns, on every local path,
+        # that the two identical candidates are ambiguous; either one records the same source.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted",
+                                category=UserWarning)
+        dataset = from_pandas(frame, source=str(path), name=f"{path.parent.name}/{path.name}")
     # _to_mlflow_entity is what mlflow.log_input calls; the client API takes the entity, and we keep
     # no global active run (module docstring).
     client(tracking_uri).log_inputs(run_id, datasets=[DatasetInput(
@@ -285,13 +304,18 @@ def run_description(params: dict[str, Any], split_sizes: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def mark_run(tracking_uri: str, run_dir: str | os.PathLike | Location, status: str) -> str | None:
-    """Set the status of the run recorded in run_dir (the driver's view of a failed/killed run)."""
+def mark_run(tracking_uri: str, run_dir: str | os.PathLike | Location, status: str, *,
+             reason: str | None = None) -> str | None:
+    """Set the status of the run recorded in run_dir (the driver's view of a failed/killed run); `reason`
+    becomes its `ermgap.error` tag."""
     id_file = Location.of(run_dir) / RUN_ID_FILE
     if not id_file.is_file():
         return None
     run_id = id_file.read_text().strip()
-    client(tracking_uri).set_terminated(run_id, status=status)
+    c = client(tracking_uri)
+    if reason is not None:
+        c.set_tag(run_id, TAG_ERROR, reason[:5000])  # MLflow's tag value limit is 8000; keep it readable
+    c.set_terminated(run_id, status=status)
     return run_id
 
 
@@ -404,6 +428,7 @@ LISTED_METRICS = ("best/dev_w_f1", "best/dev_avg_gap", "best/test_w_f1", "best/t
 # The MLflow UI's "share view" state lives in an experiment tag with this prefix; the runs table opens
 # with the view when the URL carries `?viewStateShareKey=<key>`.
 SHARED_VIEW_TAG = "mlflow.sharedViewState."
+VIEW_KEY_PREFIX = "ermgap-"  # view keys ermgap wrote: ermgap-<sweep>
 TABLE_PARAMS = ("variant", "objective", "optim.seed")
 
 
@@ -411,10 +436,10 @@ def share_runs_view(tracking_uri: str, experiment_id_: str, sweep: str) -> str:
     """Store a runs-table view of sweep `sweep`: its runs only, with the variant, objective and seed
     and the best checkpoint's W-F1 and gaps as columns, best dev W-F1 first. Returns the URL fragment
     that opens it (append to the UI's address)."""
-    key = f"ermgap-{sweep}"
+    key = VIEW_KEY_PREFIX + sweep
     columns = [*(f"params.`{p}`" for p in TABLE_PARAMS),
-               *(f"metrics.`{m}`" for m in (*LISTED_METRICS, "best/test_worst_lang_gap"))]
-    view = {"searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep}'", "orderByKey": "metrics.`best/dev_w_f1`",
+               *(f"metrics.`{m}`" for m in (*LISTED_METRICS, f"{BEST}test_worst_lang_gap"))]
+    view = {"searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep}'", "orderByKey": f"metrics.`{BEST}dev_w_f1`",
             "orderByAsc": False, "selectedColumns": columns}
     client(tracking_uri).set_experiment_tag(experiment_id_, SHARED_VIEW_TAG + key, json.dumps(view))
     return runs_view_fragment(experiment_id_, key)
@@ -429,9 +454,9 @@ def shared_runs_views(tracking_uri: str) -> list[tuple[str, str]]:
     views = []
     for e in client(tracking_uri).search_experiments(order_by=["last_update_time DESC"]):
         for tag in e.tags:
-            if tag.startswith(SHARED_VIEW_TAG + "ermgap-"):
-                views.append((tag.removeprefix(SHARED_VIEW_TAG + "ermgap-"),
-                              runs_view_fragment(e.experiment_id, tag.removeprefix(SHARED_VIEW_TAG))))
+            key = tag.removeprefix(SHARED_VIEW_TAG)
+            if key != tag and key.startswith(VIEW_KEY_PREFIX):
+                views.append((key.removeprefix(VIEW_KEY_PREFIX), runs_view_fragment(e.experiment_id, key)))
     return views
 
 

@@ -29,8 +29,10 @@ activation memory of `accum` micro-batches (use gradient checkpointing on GPU, o
 With this, a run with W workers and accumulation A equals one with W' workers and A' whenever
 W·A·micro is the same (tests/test_train_distributed.py checks 2 workers vs 1 worker).
 
-Data: `ermgap.sampler.GlobalBatchPlan` (seeded per epoch, length-grouped) fixes which utterances
-form each optimizer step independently of the worker count; see its docstring for why not Ray Data.
+Data: the batch plan of `data.sampler` (`ermgap.sampler`: GlobalBatchPlan, seeded per epoch and
+length-grouped; StratifiedBatchPlan, a fixed quota of every train cell per step, with the ERM weights that
+keep the ERM term a population mean) fixes which utterances form each optimizer step independently of
+the worker count; see that module's docstring for why not Ray Data.
 
 Fault tolerance: every evaluation writes a checkpoint (ermgap.checkpointing: DeepSpeed state
 without frozen weights, best LoRA adapter, the objective's state (λ, q), data position, per-rank RNG, MLflow run id) through
@@ -38,7 +40,8 @@ without frozen weights, best LoRA adapter, the objective's state (λ, q), data p
 (same storage_path + name: Ray Train V2 reloads the run's checkpoint manager) loads it and
 continues at the same step with the same data order and RNG, so on CPU the result equals an
 uninterrupted run. Tests inject faults through `FaultInjector` ($ERMGAP_FAULT_KILL_AT_STEP,
-$ERMGAP_FAULT_NAN_AT_STEP, read by `run_training` only).
+$ERMGAP_FAULT_NAN_AT_STEP, read by the drivers `run_training` and `run_sweep` only: `faults_from_env`).
+A worker's user error ends the run without a retry, faults are retried: ermgap.failures.
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,20 +78,21 @@ from ermgap.checkpointing import TrainerState
 from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten, load_config
 from ermgap.data.dataset import UtteranceDataset
 from ermgap.data.manifest import read_manifest
-from ermgap.errors import ConfigError, ManifestError, TrainingError
+from ermgap.errors import ConfigError, ErmgapError, ErmgapWarning, ManifestError, TrainingError
 from ermgap.evaluate import predictions_frame
+from ermgap.failures import RunFault, fit_run, record_error
 from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint, supports
 from ermgap.formatting import json_safe
 from ermgap.io import atomic_path, discard_aside, restore_aside
-from ermgap.metric_registry import SPLIT_METRICS
+from ermgap.metric_registry import RUN_COVERAGE, SPLIT_METRICS
 from ermgap.metrics import compute_metrics, per_key
 from ermgap.model import apply_lora, check_model, load_backbone
 from ermgap.multinode import check_shared_paths, input_paths
-from ermgap.objective import dev_gap
+from ermgap.objective import dev_gap, lambda_drive
 from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective
 from ermgap.progress import ProgressBox, ProgressSender, TrainProgress
 from ermgap.ray_runtime import ensure_ray
-from ermgap.sampler import GlobalBatchPlan, shard_for_eval
+from ermgap.sampler import BatchCoverage, StratifiedBatchPlan, build_plan, cell_quotas, shard_for_eval
 from ermgap.scoring import answer_loss_from_scores, per_sample_loss, score_labels
 from ermgap.storage import Location
 from ermgap.task import RUN_MODALITY, Task, TaskSpec
@@ -107,7 +113,6 @@ from ermgap.tracking import (
     source_tags,
 )
 
-ERROR_FILE = "error.txt"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.yaml"
 # Fault injection for tests: kill the last rank after step N / make its first loss NaN at step N.
@@ -142,7 +147,7 @@ class Strata:
 
 
 class FaultInjector:
-    """Test-only faults, configured by the driver (`run_training` reads $ERMGAP_FAULT_*): kill the last
+    """Test-only faults, configured by the driver (`faults_from_env` reads $ERMGAP_FAULT_*): kill the last
     rank once after optimizer step `kill_at_step` (like a lost node), or give its first per-sample
     loss of step `nan_at_step` a NaN. Inert unless configured."""
 
@@ -187,10 +192,6 @@ class _Split:
     features: _CachedFeatures | EncodedDataset   # what the collator consumes: log-mels, or cached encoder output
 
 
-class _NonFiniteLoss(Exception):
-    pass
-
-
 class LoRARecipe:
     """One worker's view of a training run. Methods run in the order they are listed."""
 
@@ -219,6 +220,7 @@ class LoRARecipe:
         self._setup_engine(model)
         self.objective = self._build_objective()
         resumed = self._restore()
+        self.coverage = BatchCoverage(**self.state.batch_coverage)
         self._setup_tracking(resumed)
         self.timing["setup_s"] = time.perf_counter() - t_setup
 
@@ -265,8 +267,9 @@ class LoRARecipe:
                 torch.distributed.barrier()
         self.collator = EmotionCollator(processor, cfg.prompt, cfg.data.modality, sample_rate=cfg.data.sample_rate,
                                         task=task)
-        self.plan = GlobalBatchPlan(self.splits["train"].base.lengths, effective_batch=cfg.optim.effective_batch_size,
-                                    num_workers=self.world, accum=self.accum, seed=cfg.optim.seed)
+        train = self.splits["train"]
+        self.plan = build_plan(cfg, train.base.lengths, task.cell_codes(train.rows, cfg.data.modality),
+                               num_workers=self.world, accum=self.accum)
         self.total_steps = cfg.optim.epochs * self.plan.steps_per_epoch
 
     def _open_feature_cache(self, model, processor) -> FeatureCache | None:
@@ -283,6 +286,9 @@ class LoRARecipe:
         manifest rows on every rank, so the same objective everywhere)."""
         stratum, attribute = self._cells(self.splits["train"].rows)
         grid = CellGrid.count(stratum, attribute, strata=self.strata.names, attributes=self.task.attribute_values)
+        if isinstance(self.plan, StratifiedBatchPlan) and self.cfg.objective.erm_weighting == "population":
+            # The ERM term estimates the train-population mean again (config: objective.erm_weighting).
+            grid = grid.with_erm_weights(self.plan.importance_weights())
         return build_objective(self.cfg, grid)
 
     def _setup_engine(self, model) -> None:
@@ -355,7 +361,9 @@ class LoRARecipe:
                 self.logger.log_text(cfg_file.read_text(), CONFIG_FILE)
                 self.logger.set_tags({TAG_NOTE: run_description(params, {k: len(v.rows) for k, v in self.splits.items()})})
                 log_manifest_input(self.logger.tracking_uri, self.logger.run_id, self.cfg.data.manifest,
-                                   read_manifest(self.cfg.data.manifest))
+                                   run_manifest(self.cfg))
+            else:  # the checkpoint step this attempt continues from (the redone steps are logged once: RunLogger)
+                self.logger.log_metrics({"resumed_at_step": self.state.global_step}, step=self.state.global_step)
         self.state.mlflow_run_id = self._broadcast(self.state.mlflow_run_id)
 
     # ----------------------------------------------------------------------------- helpers
@@ -461,18 +469,21 @@ class LoRARecipe:
         return res
 
     def _log_step(self, res: ObjectiveOutput) -> None:
+        coverage = self.coverage.add(res.stats.counts.cpu(), res.stats.valid.cpu(), self.objective.grid.train_counts > 0)
+        self.state.batch_coverage = asdict(self.coverage)
         if self.logger is None:
             return
         row = {"train/loss": float(res.total.detach()), "train/erm": res.erm, "train/gap": res.gap,
                **self.objective.log_values(), "lr": self.scheduler.get_last_lr()[0]}
         row.update(self.strata.named("train/gap_", res.stratum_gaps))
+        row.update({f"train/{k}": v for k, v in coverage.items()})
         self.logger.log_metrics(row, step=self.state.global_step)
 
     def _non_finite(self, losses: torch.Tensor, utt_ids: list[str]) -> None:
         """Stop every rank together, naming the step and the utterances whose loss is NaN/inf."""
         bad_local = [u for u, ok in zip(utt_ids, torch.isfinite(losses.detach()).tolist()) if not ok]
         bad = [u for part in self._gather(bad_local) for u in part]
-        raise _NonFiniteLoss(f"non-finite training loss at optimizer step {self.state.global_step + 1} "
+        raise TrainingError(f"non-finite training loss at optimizer step {self.state.global_step + 1} "
                              f"(epoch {self.state.epoch}); utterances with NaN/inf loss: {', '.join(bad)}")
 
     # ----------------------------------------------------------------------------- evaluate
@@ -538,8 +549,13 @@ class LoRARecipe:
         """The objective's per-evaluation update on this evaluation's Δdev (`lambda.dev_gap`): MinMaxGAP's
         λ ← clip(λ + η(Δdev − ε), 0, λmax). Every rank holds the same gathered dev set, so the state stays
         identical everywhere."""
-        drive = metrics["dev_loss_gap"] if self.cfg.lam.dev_gap == "loss_gap" else metrics["dev_avg_gap"] / 100.0
-        self.objective.after_eval(drive if drive == drive else 0.0)
+        kind = self.cfg.lam.dev_gap
+        drive = lambda_drive(kind, loss_gap=metrics["dev_loss_gap"], avg_gap_percent=metrics["dev_avg_gap"])
+        if drive is None:
+            warnings.warn(f"evaluation {self.state.eval_round}: the dev gap lambda.dev_gap={kind} is undefined (NaN); "
+                          f"the objective's update (λ) is skipped this evaluation", ErmgapWarning, stacklevel=2)
+            return
+        self.objective.after_eval(drive)
 
     def track_best(self, score: float) -> None:
         """Keep the best adapter so far and count evaluations without improvement (early stopping)."""
@@ -604,6 +620,7 @@ class LoRARecipe:
         final = self.split_metrics(dev, "dev")
         if len(test):
             final.update(self.split_metrics(test, "test"))
+        final.update({f"train_{k}": v for k, v in self.coverage.summary().items()})
         final.update({
             "eval_round": st.eval_round, "epoch": float(st.epoch), "step": st.global_step,
             **self.objective.log_values(), f"best_dev_{cfg.eval.metric}": st.best_score,
@@ -643,6 +660,7 @@ class LoRARecipe:
                 checkpointing.save_adapter(self.engine.module, self.best_adapter, out / "adapter")
             lg.log_metrics({f"{BEST}{k}": v for k, v in final.items() if k.startswith(("dev_", "test_"))}
                            | {f"{BEST}eval_round": st.best_round}, step=st.global_step)
+            lg.log_metrics({f"train_{k}": final[f"train_{k}"] for k in RUN_COVERAGE}, step=st.global_step)
             if cache_stats is not None:
                 lg.log_metrics({f"feature_cache/{k}": v for k, v in cache_stats.items()}, step=st.global_step)
             lg.log_artifact(out / "dev_preds.csv", "predictions")
@@ -652,16 +670,8 @@ class LoRARecipe:
                 lg.log_artifact(out / "adapter", "adapter")
         lg.set_tags({"ermgap.stopped_early": final["stopped_early"], "ermgap.best_eval_round": st.best_round})
 
-    def fail(self, message: str) -> None:
-        """A run that cannot continue: the driver raises TrainingError with this message."""
-        if self.rank == 0:
-            (self.run_dir / ERROR_FILE).write_text(message + "\n", force=True)
-            if self.logger is not None:
-                self.logger.set_tags({"ermgap.error": message[:5000]})
-                self.logger.end("FAILED")
-
     def cleanup(self) -> None:
-        del self.engine
+        self.__dict__.pop("engine", None)  # absent when setup failed before building it
         gc.collect()
 
 
@@ -672,13 +682,15 @@ def _preds_only(frame: pd.DataFrame) -> pd.DataFrame:
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """The Ray Train worker function (see the module docstring for the order of the steps)."""
     recipe = LoRARecipe()
-    recipe.setup(loop_config)
     try:
+        recipe.setup(loop_config)
         if not recipe.state.done:
             recipe.train()
         recipe.finish()
-    except _NonFiniteLoss as err:
-        recipe.fail(str(err))
+    except ErmgapError as err:
+        # A user error: recorded for the driver, which ends the run without Ray's retry (ermgap.failures).
+        record_error(loop_config["run_dir"], err, ray.train.get_context().get_world_rank())
+        raise
     finally:
         recipe.cleanup()
 
@@ -780,7 +792,8 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | Location, name
                                      placement_strategy=d.placement_strategy),
         run_config=RayRunConfig(
             name=name, storage_path=storage, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=d.max_failures),
+            # Retries are fit_run's (ermgap.failures): Ray's would retry user errors too.
+            failure_config=FailureConfig(max_failures=0),
             # The latest checkpoint is what resumes; the best adapter travels inside every checkpoint.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks)),
@@ -814,13 +827,31 @@ def check_inputs(cfg: RunConfig) -> None:
         if unknown:
             raise ConfigError(f"data.languages: {unknown} not in {manifest}; it has: {present}")
         df = df[df["language"].isin(cfg.data.languages)]
-    resolve_task(cfg, df)
+    task = resolve_task(cfg, df)
     n_train, n_dev = int((df["split"] == "train").sum()), int((df["split"] == "dev").sum())
     if n_train < cfg.optim.effective_batch_size:
         raise ConfigError(f"optim.effective_batch_size ({cfg.optim.effective_batch_size}) is larger than the train "
                           f"split of {manifest} ({n_train} utterances): not one optimizer step per epoch")
     if n_dev == 0:
         raise ManifestError(f"{manifest}: no dev rows; dev evaluation drives λ and early stopping")
+    if cfg.data.sampler == "stratified":
+        check_stratified(cfg, task, df[df["split"] == "train"])
+
+
+def check_stratified(cfg: RunConfig, task: Task, train: pd.DataFrame) -> None:
+    """data.sampler=stratified: the quotas of every train cell must fit in one global batch."""
+    cells, counts = np.unique(task.cell_codes(train, cfg.data.modality), return_counts=True)
+    try:
+        cell_quotas(dict(zip(cells.tolist(), counts.tolist())), batch=cfg.optim.effective_batch_size,
+                    min_per_cell=cfg.data.min_per_cell)
+    except ValueError:
+        names = [f"{s}_{a}" for s in task.stratum_values for a in task.attribute_values]
+        raise ConfigError(
+            f"data.min_per_cell: {cfg.data.min_per_cell} rows of each of the {len(cells)} (stratum, attribute) cells "
+            f"in the train split of {cfg.data.manifest} ({', '.join(names[c] for c in cells)}) need "
+            f"{cfg.data.min_per_cell * len(cells)} slots, but optim.effective_batch_size is "
+            f"{cfg.optim.effective_batch_size}; expected data.min_per_cell ≤ "
+            f"{cfg.optim.effective_batch_size // len(cells)} or a larger batch") from None
 
 
 def check_cluster_gpus(cfg: RunConfig, where: str = "the Ray cluster") -> None:
@@ -851,6 +882,11 @@ def _run_config(run_path: Location) -> RunConfig:
         return load_config(run_path.local / CONFIG_FILE)
     return config_from_dict(yaml.safe_load((run_path / CONFIG_FILE).read_text()) or {},
                             source=str(run_path / CONFIG_FILE))
+
+
+def faults_from_env() -> dict[str, int | None]:
+    """The test-only FaultInjector spec from $ERMGAP_FAULT_* (read by the drivers: `run_training`, `run_sweep`)."""
+    return {"kill_at_step": _step_from_env(FAULT_ENV), "nan_at_step": _step_from_env(NAN_ENV)}
 
 
 def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str | os.PathLike | None = None,
@@ -901,38 +937,39 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     check_server(uri, "the driver")
     if resume_dir is None and force:
         aside = run_path.set_aside("run directory")
-    fault = {"kill_at_step": _step_from_env(FAULT_ENV), "nan_at_step": _step_from_env(NAN_ENV)}
+    fault = faults_from_env()
     try:
         run_path.claim("a training run")
         if resume_dir is None:
             (run_path / CONFIG_FILE).write_text(dump_yaml(cfg), force=True)
-        (run_path / ERROR_FILE).delete()
         ensure_ray(address, num_cpus=num_cpus, log_to_driver=verbose)
         check_cluster_gpus(cfg, f"the Ray cluster at {address}" if address else "the local Ray cluster")
         check_shared_paths(storage=str(run_path), tracking_uri=uri, inputs=input_paths(cfg),
                            allow_local_paths=allow_local_paths)
         close_orphaned_runs(default_tracking_uri(cfg), cfg.tracking.experiment)
         box = ProgressBox.remote()
-        trainer = build_trainer(cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
-                                mlflow_parent_run_id=mlflow_parent_run_id,
-                                mlflow_tags={**(mlflow_tags or {}), **driver_tag()},
-                                resume=resume_dir is not None, fault=fault, progress=box)
+        make_trainer = partial(build_trainer, cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
+                               mlflow_parent_run_id=mlflow_parent_run_id,
+                               mlflow_tags={**(mlflow_tags or {}), **driver_tag()},
+                               resume=resume_dir is not None, fault=fault, progress=box)
+        first = [make_trainer()]  # built here, so that an error in it brings the replaced run back
     except BaseException:
         restore_aside(aside, str(run_path))  # nothing was trained: the replaced run comes back as it was
         raise
     kept = f"; the run it replaced is kept at {aside}" if aside is not None else ""
     try:
         with TrainProgress(box, console or Console()):
-            trainer.fit()
+            fit_run(lambda: first.pop() if first else make_trainer(), run_dir=run_path, tracking_uri=uri,
+                    max_failures=cfg.distributed.max_failures)
     except KeyboardInterrupt:
         mark_run(uri, run_path, "KILLED")
         raise
-    except Exception as err:
-        mark_run(uri, run_path, "FAILED")
-        raise TrainingError(f"training failed ({type(err).__name__}); run directory {run_path}; "
-                            f"continue with `ermgap train --resume {run_path}`{kept}:\n{err}") from err
-    if (run_path / ERROR_FILE).is_file():
-        raise TrainingError((run_path / ERROR_FILE).read_text().strip() + f" (run directory {run_path}{kept})")
+    except ErmgapError as err:  # a user error in a worker: retrying or resuming would meet it again
+        raise type(err)(f"{err} (run directory {run_path}{kept})") from None
+    except RunFault as fault:
+        err = fault.cause
+        raise TrainingError(f"training failed ({type(err).__name__}, {fault.attempts} attempt(s)); run directory "
+                            f"{run_path}; continue with `ermgap train --resume {run_path}`{kept}:\n{err}") from err
     discard_aside(aside)
     metrics_file = run_path / METRICS_FILE
     if not metrics_file.is_file():

@@ -207,7 +207,6 @@ def test_evaluate_backend_with_cache_equals_without(tiny_model, rows, tmp_path):
         assert c1.scores == pytest.approx(p.scores, abs=1e-5) and c2.scores == pytest.approx(p.scores, abs=1e-5)
 
 
-@pytest.mark.xfail(strict=False, reason="changed in session 3 on a machine too loaded to run it to completion; not yet seen passing after the final merges: remove this mark once it has")
 @pytest.mark.slow
 @pytest.mark.ray
 def test_features_build_cli_fills_the_cache_once(synth_corpus, tiny_model, tmp_path):

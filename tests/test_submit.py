@@ -225,7 +225,8 @@ def test_tiny_training_job_logs_to_mlflow(token_head, synth_corpus, tiny_model, 
     assert "is relative" not in r.stderr  # storage_path was absolute
     runs = _mlflow_runs(store, "submit-test")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert "dev_w_f1" in runs[0].data.metrics
+    # Metric names are namespaced: per evaluation under eval/, the best checkpoint's under best/.
+    assert {"eval/dev_w_f1", "best/dev_w_f1"} <= set(runs[0].data.metrics)
 
     # The same config with a manifest that does not exist on the cluster: validates locally (paths are
     # the cluster's business), fails in the job; the CLI exits 1 and shows the job's error. --no-upload:

@@ -211,3 +211,53 @@ def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
     steps = [m.step for m in client.get_metric_history(second, "eval/dev_w_f1")]
     assert len(steps) == 2 and steps == sorted(set(steps)), steps
     assert "best trial:" in output and not math.isnan(after["metrics.best/test_w_f1"].astype(float).max())
+    # the console shows ermgap's trial lines, not Tune's boxes, Ray's auth notice or MLflow's source warning
+    noise = ("Configuration for experiment", "View detailed results", "TensorBoard", "Token authentication is enabled",
+             "interpreted in multiple ways", "Setting accelerator")
+    assert [n for n in noise if n in output] == [], output[-3000:]
+
+
+def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, synth_corpus, tiny_model):
+    """SIGTERM while a trial trains: the driver exits 130 with the resume hint, and neither the parent nor
+    the trial's run is left RUNNING (before: Ray's handler ended the driver at once, every run RUNNING);
+    --resume then finishes that trial in its own run."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    spec = _write(tmp_path, {
+        "name": "t_term", "base": _base(synth_corpus, tiny_model, tmp_path),
+        "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0}},
+        "storage_path": str(tmp_path / "sweeps"), "mlflow": {"experiment": "term", "tracking_uri": uri},
+    })
+    state_file = tmp_path / "sweeps" / "t_term" / "sweep_state.json"
+    marker = uuid.uuid4().hex
+    proc = _cli(spec, marker)
+    try:
+        deadline = time.monotonic() + 300
+        parent = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(1)
+            if state_file.exists():
+                parent = json.loads(state_file.read_text())["parent_run_id"]
+                if not _children(uri, "term", parent).empty:
+                    break
+        assert proc.poll() is None and parent is not None, proc.stdout.read()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, output[-3000:]
+        assert "--resume" in output
+        client = MlflowClient(uri)
+        assert client.get_run(parent).info.status == "KILLED"
+        killed = _children(uri, "term", parent)
+        assert list(killed["status"]) == ["KILLED"]
+        # Tune saved the stopped trial as unfinished: --resume continues it in the same run, to the end.
+        proc = _cli(spec, marker, "--resume")
+        output, _ = proc.communicate(timeout=420)
+        assert proc.returncode == 0, output[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)
+    after = _children(uri, "term", parent)
+    assert list(after["run_id"]) == list(killed["run_id"]) and list(after["status"]) == ["FINISHED"]
+    assert client.get_run(parent).info.status == "FINISHED"

@@ -190,7 +190,9 @@ def test_paper_specs_use_paper_hyperparameters():
     cfg = spec.trial_config({"variant": "erm_minmaxgap", "data.modality": "multi"})
     assert cfg.model.name_or_path == "Qwen/Qwen2-Audio-7B-Instruct"
     assert (cfg.optim.epochs, cfg.optim.effective_batch_size, cfg.optim.lr, cfg.optim.weight_decay) == (20, 64, 5e-5, 0.01)
-    assert (cfg.eval.patience, cfg.optim.seed, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (5, 42, 16, 32, 0.05)
+    # The paper's patience of 5 epochs, counted in evaluations: 5 per epoch (73 of MELD-ST's 365 steps).
+    assert (cfg.eval.every_steps, cfg.eval.patience) == (73, 25) and cfg.eval.patience * cfg.eval.every_steps == 5 * 365
+    assert (cfg.optim.seed, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (42, 16, 32, 0.05)
     assert (cfg.objective.p, cfg.lam.mode, cfg.lam.init, cfg.lam.epsilon, cfg.lam.eta, cfg.lam.lam_max) == \
         (2, "adaptive", 0.0, 0.02, 0.5, 10.0)
     assert cfg.distributed.use_gpu
@@ -242,3 +244,21 @@ def test_force_keeps_the_previous_sweep_when_a_check_fails(tmp_path):
     with pytest.raises(ConfigError, match="a trial needs 512.1 CPU"):
         run_sweep(spec, force=True)
     assert (old / "sweep_state.json").read_text() == '{"parent_run_id": "abc"}'
+
+
+def test_demo_seeds_spec_trains_every_objective_on_stratified_batches_over_three_seeds():
+    from typer.testing import CliRunner
+
+    from ermgap.cli.main import app
+
+    spec = load_sweep_spec(SWEEPS / "demo_seeds.yaml")
+    assert spec.num_trials() == 4 * 3 and spec.model.seeds == [42, 43, 44]
+    kinds = set()
+    for point in spec.example_trials():
+        cfg = spec.trial_config(point)
+        kinds.add(cfg.objective.kind)
+        assert (cfg.data.sampler, cfg.data.min_per_cell, cfg.objective.erm_weighting) == ("stratified", 2, "population")
+        assert (cfg.lam.eta, cfg.eval.every_steps, cfg.eval.patience) == (0.5, 17, 0)  # the paper's η, 16 updates
+    assert kinds == {"erm", "minmaxgap", "reweight", "group_dro"}
+    result = CliRunner().invoke(app, ["sweep", str(SWEEPS / "demo_seeds.yaml"), "--dry-run"], terminal_width=200)
+    assert result.exit_code == 0 and "12 trials" in result.output, result.output

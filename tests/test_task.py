@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -232,6 +233,10 @@ def test_evaluate_and_metrics_on_the_custom_corpus_match_sklearn(corpus, tiny_mo
     assert res.exit_code == 0, res.output
     table = (rep / "table2.md").read_text()
     assert "*FRA*" in table and "*SPA*" in table and "*DEU*" not in table
+    # the caption counts the corpus's own groups (n per age group and per language), not F/M
+    counts = preds["age_group"].value_counts()
+    assert ", ".join(f"{g} {n}" for g, n in counts.sort_index().items()) in table
+    assert f"max − min over the {len(AGES)} age_group values" in table
     doc = json.loads((rep / "metrics.json").read_text())
     assert set(doc["systems"][0]["per_language"]) == set(LANGS)
     assert (rep / "confusion" / "tiny_uni.png").is_file()
@@ -334,3 +339,26 @@ def test_data_stats_on_the_custom_corpus(corpus, tmp_path):
     for (lang, age), row in oracle_em.iterrows():
         assert {k: v for k, v in doc["emotions"][lang][age].items() if k != "total"} == row.to_dict()
     assert set(doc["num_speakers"]) == set(AGES)
+
+
+def test_a_sweep_on_the_custom_corpus_logs_its_manifest_as_the_parent_input(corpus, tiny_model, tmp_path):
+    """The sweep's parent run reads the manifest for the trials' task (attribute age_group): the default
+    task would require a gender column this corpus does not have (a regression: it did)."""
+    from mlflow import MlflowClient
+
+    from ermgap.sweep.paths import SweepPaths
+    from ermgap.sweep.run import SweepOutcome, _open_parent
+    from ermgap.sweep.spec import load_sweep_spec
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    spec = load_sweep_spec({
+        "name": "ages", "base": str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"),
+        "overrides": {"data.manifest": str(corpus), "data.labels": "infer", "data.attribute": "age_group",
+                      "model.name_or_path": str(tiny_model)},
+        "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0}}, "algorithm": "grid",
+        "mlflow": {"experiment": "ages"}, "storage_path": str(tmp_path / "sweeps")})
+    outcome = SweepOutcome(name="ages", root=tmp_path / "sweeps" / "ages", parent_run_id=None, tracking_uri=uri,
+                           experiment="ages")
+    parent = _open_parent(spec, SweepPaths(outcome.root), outcome, None)
+    inputs = MlflowClient(uri).get_run(parent).inputs.dataset_inputs
+    assert [i.dataset.source for i in inputs] and "age_group" in inputs[0].dataset.schema

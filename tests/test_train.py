@@ -215,30 +215,78 @@ def test_pre_flight_catches_worker_side_input_errors(tmp_path, synth_corpus, tin
     assert not any((tmp_path / f"r{i}").exists() for i in range(1, 5))
 
 
+# Runs in its own process: joining a cluster whose auth mode differs from the next test's would leave this
+# process's Ray client in that mode (CI: every later in-process `ray.init` then failed with InvalidAuthToken).
+_GPU_CHECK = """
+import json, sys
+import ray
+from ermgap.config import load_config
+from ermgap.errors import ConfigError
+from ermgap.train import check_cluster_gpus, run_training
+good, run, address = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+out = {}
+try:
+    run_training(load_config(None, good + ["distributed.num_workers=2"]), address=address, run_dir=run, force=True)
+except ConfigError as err:
+    out["error"] = str(err)
+out["joined"] = ray.is_initialized() and ray.cluster_resources().get("GPU")
+check_cluster_gpus(load_config(None, good + ["distributed.num_workers=1"]))  # raises if it does not pass
+out["one_worker_passes"] = True
+ray.shutdown()
+print("RESULT " + json.dumps(out))
+"""
+
+
 @pytest.mark.slow
 @pytest.mark.ray
-def test_gpu_check_uses_the_cluster_it_joined(tmp_path, synth_corpus, tiny_model, monkeypatch):
+def test_gpu_check_uses_the_cluster_it_joined(tmp_path, synth_corpus, tiny_model):
     """A CPU-only driver joining a cluster with a GPU passes the check; one GPU for two workers is refused,
     naming the cluster's count; the finished run that --force would have replaced comes back intact."""
+    import json
+    import os
+
     from _ray_head import LocalHead
 
-    from ermgap.train import check_cluster_gpus, run_training
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     good = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
             f"tracking.storage_path={tmp_path}/runs", "optim.effective_batch_size=8", "optim.micro_batch_size=4",
             "distributed.use_gpu=true"]
     run = tmp_path / "runs" / "myrun"
     before = _finished_run(run)
     with LocalHead(token=None, num_cpus=2, num_gpus=1) as head:
-        try:
-            with pytest.raises(ConfigError, match=rf"num_workers=2 needs 2 GPU\(s\), but the Ray cluster at "
-                                                  rf"{head.gcs_address} has 1"):
-                run_training(load_config(None, good + ["distributed.num_workers=2"]), address=head.gcs_address,
-                             run_dir=run, force=True)
-            assert ray.is_initialized() and ray.cluster_resources().get("GPU") == 1
-            check_cluster_gpus(load_config(None, good + ["distributed.num_workers=1"]))  # passes
-        finally:
-            ray.shutdown()
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        proc = subprocess.run([sys.executable, "-c", _GPU_CHECK, json.dumps(good), str(run), head.gcs_address],
+                              env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1][len("RESULT "):])
+    assert f"num_workers=2 needs 2 GPU(s), but the Ray cluster at {head.gcs_address} has 1" in got["error"]
+    assert got["joined"] == 1 and got["one_worker_passes"] is True
     assert _snapshot(run) == before
     assert [p.name for p in run.parent.iterdir()] == ["myrun"]  # nothing left set aside
+
+
+@pytest.mark.parametrize("kind", ["avg_metric_gap", "loss_gap"])
+def test_an_undefined_dev_gap_skips_the_lambda_update(kind):
+    """Δdev NaN (e.g. a dev split where no language has both genders: no AVG gap) must leave λ where it is,
+    with a warning; it used to count as Δdev = 0 and lower λ by η·ε. A defined gap still moves λ by hand:
+    λ ← clip(1 + 0.5·(Δ − 0.02), 0, 10)."""
+    from ermgap.checkpointing import TrainerState
+    from ermgap.errors import ErmgapWarning, TrainingError
+    from ermgap.objectives import CellGrid, build_objective
+    from ermgap.train import LoRARecipe
+
+    recipe = LoRARecipe()  # only what update_objective reads: the config, the objective, the eval round
+    recipe.cfg = load_config(None, ["objective.kind=minmaxgap", "lambda.mode=adaptive", "lambda.init=1",
+                                    "lambda.eta=0.5", "lambda.epsilon=0.02", f"lambda.dev_gap={kind}"])
+    recipe.objective = build_objective(recipe.cfg, CellGrid(("eng", "deu"), ("F", "M"), torch.ones(2, 2)))
+    recipe.state = TrainerState(eval_round=3)
+    defined = {"dev_loss_gap": 0.12, "dev_avg_gap": 12.0}  # 12 AVG points = 0.12 as a fraction
+    undefined = {"dev_loss_gap": float("nan"), "dev_avg_gap": float("nan")}
+    with pytest.warns(ErmgapWarning, match=rf"evaluation 3: the dev gap lambda.dev_gap={kind} is undefined"):
+        recipe.update_objective(undefined)
+    assert recipe.objective.log_values()["lambda"] == 1.0 and recipe.objective.lam.history == []
+    recipe.update_objective(defined)
+    assert recipe.objective.log_values()["lambda"] == pytest.approx(1.0 + 0.5 * (0.12 - 0.02))
+    if kind == "avg_metric_gap":  # avg_metric_gap() range-checks: an AVG gap above 100 points is a bug upstream
+        with pytest.raises(TrainingError, match=r"percentage in \[0, 100\]"):
+            recipe.update_objective({"dev_loss_gap": 0.1, "dev_avg_gap": 250.0})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import warnings
 
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ermgap.errors import ErmgapError, ErmgapWarning
+from ermgap.quiet import quiet_console
 
 app = typer.Typer(
     name="ermgap",
@@ -56,6 +58,9 @@ def main() -> None:
     raises exceptions that are not `click.ClickException`, so catching them here would need private names.
     """
     warnings.showwarning = _show_warning
+    # Every command is quiet unless asked (train and sweep also take --verbose themselves): the libraries
+    # some commands import (DeepSpeed, transformers) print on import, before a command's body runs.
+    quiet_console("--verbose" in sys.argv[1:] or os.environ.get("ERMGAP_VERBOSE", "").lower() in ("1", "true", "yes"))
     try:
         app()
     except SystemExit as done:

@@ -33,7 +33,7 @@ def sweep(
                                  help="Show Tune's status tables and the trials' Ray/DeepSpeed output (hidden by default)."),
 ) -> None:
     """Run a hyperparameter sweep: one Ray Train run per trial, a leaderboard and Pareto front at the end."""
-    from ermgap.progress import quiet_console
+    from ermgap.quiet import quiet_console
 
     quiet_console(verbose)  # before importing the sweep: it loads Ray Tune and transformers
     from ermgap.sweep import run_sweep

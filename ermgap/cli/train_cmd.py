@@ -27,7 +27,7 @@ def train(
 ) -> None:
     """Fine-tune with ERM-MinMaxGAP (or ERM, λ fixed at 0): dev evaluation, adaptive λ, early stopping,
     checkpoints, MLflow logging, and dev/test predictions of the best checkpoint."""
-    from ermgap.progress import quiet_console
+    from ermgap.quiet import quiet_console
 
     quiet_console(verbose)  # before the imports below: they load transformers and Ray
     from ermgap.config import load_config

@@ -17,7 +17,8 @@ training (λ, q) is updated only from reduced values, so it stays identical on e
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -33,11 +34,15 @@ class CellGrid:
 
     strata / attributes name the indices the recipe passes (e.g. ("eng", "deu", "jpn"), ("F", "M"));
     train_counts [num_strata, num_attrs] (float64) is what Group DRO's size adjustment and reweighting need.
+    erm_weights [num_strata, num_attrs] (float64, > 0) or None (all 1): how much one example of each cell
+    weighs in the ERM mean, the population share over the batch plan's sampling share when batches are
+    stratified (`with_erm_weights`); every kind's ERM term and logged `erm` use them.
     """
 
     strata: tuple[str, ...]
     attributes: tuple[str, ...]
     train_counts: torch.Tensor
+    erm_weights: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         counts = torch.as_tensor(self.train_counts, dtype=torch.float64)
@@ -51,6 +56,11 @@ class CellGrid:
         if not float(counts.sum()):
             raise ValueError("train_counts are all 0: the train split has no examples")
         object.__setattr__(self, "train_counts", counts)
+        if self.erm_weights is not None:
+            w = torch.as_tensor(self.erm_weights, dtype=torch.float64)
+            if w.shape != counts.shape or not bool(torch.isfinite(w).all()) or bool((w <= 0).any()):
+                raise ValueError(f"erm_weights must be finite numbers > 0 of shape {tuple(counts.shape)}, got {w.tolist()}")
+            object.__setattr__(self, "erm_weights", w)
 
     @classmethod
     def count(cls, stratum: torch.Tensor, attribute: torch.Tensor, *, strata, attributes) -> CellGrid:
@@ -60,6 +70,13 @@ class CellGrid:
         cell = stratum.long() * len(attributes) + attribute.long()
         counts = torch.bincount(cell, minlength=len(strata) * len(attributes)).view(len(strata), len(attributes))
         return cls(tuple(strata), tuple(attributes), counts.to(torch.float64))
+
+    def with_erm_weights(self, weights: Mapping[int, float]) -> CellGrid:
+        """This grid with ERM weights {row-major cell index: weight} (cells not listed: 1)."""
+        w = torch.ones(self.num_strata * self.num_attrs, dtype=torch.float64)
+        for cell, value in weights.items():
+            w[int(cell)] = float(value)
+        return replace(self, erm_weights=w.view(self.num_strata, self.num_attrs))
 
     @property
     def num_strata(self) -> int:
@@ -179,10 +196,11 @@ class Objective(ABC):
         pass
 
 
-def diagnostics(sums: torch.Tensor, counts: torch.Tensor) -> ObjectiveResult:
-    """erm, Δmax and per-stratum gaps of the global batch, detached (logged for every kind alike)."""
+def diagnostics(sums: torch.Tensor, counts: torch.Tensor, grid: CellGrid) -> ObjectiveResult:
+    """erm (with the grid's ERM weights), Δmax and per-stratum gaps of the global batch, detached (logged
+    for every kind alike)."""
     with torch.no_grad():
-        return minmaxgap_from_cells(sums.detach(), counts, lam=0.0, p=1.0)
+        return minmaxgap_from_cells(sums.detach(), counts, lam=0.0, p=1.0, erm_weights=grid.erm_weights)
 
 
 def check_cells_in_train(counts: torch.Tensor, grid: CellGrid, kind: str) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from ermgap.objective import erm_mean
 from ermgap.objectives.base import CellGrid, Objective, ObjectiveOutput, diagnostics
 
 
 class ERM(Objective):
-    """total = Σ_i ℓ_i / B over the global batch. Equals `minmaxgap` with `lambda.mode=fixed lambda.init=0`."""
+    """total = Σ_i w_{c(i)} ℓ_i / B over the global batch (w = the grid's ERM weights, 1 unless batches are
+    stratified). Equals `minmaxgap` with `lambda.mode=fixed lambda.init=0`."""
 
     kind = "erm"
     label = "ERM (SFT)"
@@ -16,4 +18,5 @@ class ERM(Objective):
         return cls(grid)
 
     def from_cells(self, sums, counts) -> ObjectiveOutput:
-        return ObjectiveOutput(total=sums.sum() / counts.sum(), stats=diagnostics(sums, counts))
+        return ObjectiveOutput(total=erm_mean(sums, counts, self.grid.erm_weights),
+                               stats=diagnostics(sums, counts, self.grid))

@@ -59,7 +59,7 @@ class GroupDRO(Objective):
             q = torch.softmax((self.q.log() + step).flatten(), dim=0).view_as(self.q)
         total = (q.to(device=means.device, dtype=means.dtype) * torch.where(present, means, torch.zeros_like(means))).sum()
         logs = {f"q_{name}": v for name, v in zip(self.grid.cell_names(), q.flatten().tolist())}
-        return ObjectiveOutput(total=total, stats=diagnostics(sums, counts), logs=logs, pending={"q": q})
+        return ObjectiveOutput(total=total, stats=diagnostics(sums, counts, self.grid), logs=logs, pending={"q": q})
 
     def after_step(self, out: ObjectiveOutput) -> None:
         self.q = out.pending["q"]

@@ -24,7 +24,7 @@ class MinMaxGAP(Objective):
         return cls(grid, p=cfg.objective.p, lam=AdaptiveLambda.from_config(cfg.lam))
 
     def from_cells(self, sums, counts) -> ObjectiveOutput:
-        res = minmaxgap_from_cells(sums, counts, lam=self.lam.value, p=self.p)
+        res = minmaxgap_from_cells(sums, counts, lam=self.lam.value, p=self.p, erm_weights=self.grid.erm_weights)
         return ObjectiveOutput(total=res.total, stats=res, logs={"lambda": self.lam.value})
 
     def after_eval(self, dev_gap: float) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ermgap.objective import erm_mean
 from ermgap.objectives.base import CellGrid, Objective, ObjectiveOutput, check_cells_in_train, diagnostics
 
 
@@ -13,7 +14,8 @@ class Reweight(Objective):
 
     n_c: train examples in cell c, N = Σ n_c, K = number of cells with train examples. So the weights have
     mean 1 over the train split (Σ_c n_c w_c / N = 1) and every cell carries the same total weight N/K:
-    over an epoch the objective is the cell-balanced risk at the scale of ERM's.
+    over an epoch the objective is the cell-balanced risk at the scale of ERM's. With stratified batches the
+    grid's ERM weights (population share / sampling share) multiply w_c, so the target stays the same risk.
     """
 
     kind = "reweight"
@@ -31,8 +33,8 @@ class Reweight(Objective):
 
     def from_cells(self, sums, counts) -> ObjectiveOutput:
         check_cells_in_train(counts, self.grid, self.kind)
-        w = self.weights.to(device=sums.device, dtype=sums.dtype)
-        return ObjectiveOutput(total=(w * sums).sum() / counts.sum(), stats=diagnostics(sums, counts))
+        w = self.weights if self.grid.erm_weights is None else self.weights * self.grid.erm_weights
+        return ObjectiveOutput(total=erm_mean(sums, counts, w), stats=diagnostics(sums, counts, self.grid))
 
     def log_values(self) -> dict[str, float]:
         return {f"weight_{name}": v for name, v in zip(self.grid.cell_names(), self.weights.flatten().tolist())}

@@ -19,16 +19,20 @@ Tune samples a params dict ({"variant": "erm", "optim.lr": 3e-4, ...}); the tria
 recipe on its own Ray Train worker group (see ARCHITECTURE.md).
 """
 
-from ermgap.sweep.leaderboard import (
-           DEV_METRICS,
-           TEST_METRICS,
-           TrialRecord,
-           build_leaderboard,
-           seed_summary,
-           select_best,
-)
-from ermgap.sweep.run import SweepInterrupted, SweepOutcome, run_sweep
-from ermgap.sweep.spec import SweepSpec, load_sweep_spec
+import importlib
 
-__all__ = ["DEV_METRICS", "TEST_METRICS", "SweepInterrupted", "SweepOutcome", "SweepSpec", "TrialRecord",
-           "build_leaderboard", "load_sweep_spec", "run_sweep", "seed_summary", "select_best"]
+# Loaded on first use (PEP 562): `ermgap.sweep.spec` is read by commands that never run a sweep (`ermgap
+# submit`, `--help`), and `run` pulls in Ray Tune, the training recipe, peft and transformers (seconds).
+_EXPORTS = {
+    "DEV_METRICS": "leaderboard", "TEST_METRICS": "leaderboard", "TrialRecord": "leaderboard",
+    "build_leaderboard": "leaderboard", "seed_summary": "leaderboard", "select_best": "leaderboard",
+    "SweepInterrupted": "run", "SweepOutcome": "run", "run_sweep": "run",
+    "SweepSpec": "spec", "load_sweep_spec": "spec",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'ermgap.sweep' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"ermgap.sweep.{_EXPORTS[name]}"), name)

@@ -26,6 +26,7 @@ from ermgap.objective_comparison import compare_to_reference
 from ermgap.objectives import ERM
 from ermgap.report import describe_objective
 from ermgap.sweep.spec import SEED_KEY, SweepSpec
+from ermgap.task import TaskError, task_for_predictions
 from ermgap.tracking import BEST, EVAL, TAG_TRIAL
 
 # What the recipe reports for each split (the registry's list). *_loss_gap is Δ, the worst
@@ -39,17 +40,29 @@ PARETO_AXES = ("dev_w_f1", "dev_avg_gap")
 N_BOOT, BOOT_SEED = 1000, 0
 
 
+FAILED = "failed"
+
+
 @dataclass
 class TrialRecord:
     """What Tune knows of one trial: its sampled params, how it ended, its last evaluation round.
 
-    status: "done" (ran to its final report), "stopped" (ended by the scheduler before it), "ERROR".
+    status: "done" (ran to its final report), "stopped" (ended by the scheduler before it), FAILED (its
+    training raised: `reason` is the message, e.g. a NaN loss naming the step and utterances).
     """
 
     params: dict[str, Any] = field(default_factory=dict)
     status: str = "done"
     last_round: int | None = None
     time_total_s: float | None = None
+    reason: str | None = None
+
+
+def failure_reason(error: BaseException) -> str:
+    """The message of the exception a trial function raised (Tune hands it back wrapped in a RayTaskError,
+    whose text is a traceback)."""
+    cause = getattr(error, "cause", None) or error
+    return str(cause).strip() or type(cause).__name__
 
 
 def final_metric(child: pd.Series | None, name: str) -> float | None:
@@ -75,7 +88,8 @@ def build_leaderboard(spec: SweepSpec, runs: pd.DataFrame, trials: dict[str, Tri
         children = by_trial.get(trial_id, [])
         child = children[-1] if children else None
         row: dict[str, Any] = {"trial": trial_id, **{k: info.params.get(k) for k in spec.param_names()}}
-        row.update({"status": info.status, "eval_rounds": info.last_round, "n_child_runs": len(children),
+        row.update({"status": info.status, "reason": info.reason, "eval_rounds": info.last_round,
+                    "n_child_runs": len(children),
                     # Tune's wall time of the trial up to its last report.
                     "trial_s": info.time_total_s, "mlflow_run_id": None if child is None else child["run_id"]})
         row["objective"] = None if child is None else describe_objective(run_params(child))
@@ -175,10 +189,14 @@ def objective_comparison(board: pd.DataFrame, spec: SweepSpec, test_preds: dict[
     erm = [label for label, _, grp, preds in groups if preds and grp["objective"].eq(ERM.label).all()]
     if len(erm) != 1:
         return None
+    # The trials' task (attribute, stratum) read off their predictions: a corpus may have no gender column.
+    cfg = spec.first_trial_config()
     try:
+        task = task_for_predictions(next(iter(test_preds.values())), attribute=cfg.data.attribute,
+                                    by=cfg.objective.stratum)
         versus = compare_to_reference({label: preds for label, _, _, preds in groups if preds}, erm[0],
-                                      n_boot=n_boot, seed=seed).set_index("config")
-    except PredictionsError:  # e.g. runs of one configuration predicted other test utterances
+                                      n_boot=n_boot, seed=seed, task=task).set_index("config")
+    except (PredictionsError, TaskError):  # e.g. runs of one configuration predicted other test utterances
         return None
     rows = []
     for label, params, grp, _ in groups:

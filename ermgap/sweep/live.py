@@ -20,6 +20,7 @@ from rich.table import Table
 from ermgap.formatting import fmt
 from ermgap.metric_registry import label
 from ermgap.progress import format_duration
+from ermgap.sweep.leaderboard import failure_reason
 from ermgap.sweep.spec import SEED_KEY, VARIANT_PARAM, SweepSpec
 
 STATUS = {"PENDING": "pending", "RUNNING": "running", "PAUSED": "paused", "TERMINATED": "ended", "ERROR": "failed"}
@@ -85,8 +86,9 @@ class SweepProgress(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         row = self._row(trial)
-        self._say(f"trial {row['label']} ({trial.trial_id}) FAILED after {format_duration(self._elapsed(row))}; "
-                  f"error: {trial.error_file or trial.path}")
+        error = trial.get_pickled_error()
+        why = failure_reason(error) if error is not None else f"see {trial.error_file or trial.path}"
+        self._say(f"trial {row['label']} ({trial.trial_id}) FAILED after {format_duration(self._elapsed(row))}: {why}")
         self._refresh(force=True)
 
     def on_step_end(self, iteration, trials, **info) -> None:

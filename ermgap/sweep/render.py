@@ -76,12 +76,20 @@ def comparison_rows(versus: pd.DataFrame, spec: SweepSpec) -> tuple[list[str], l
     worst = versus["worst_language"].dropna().unique() if "worst_language" in versus else []
     where = f" ({', '.join(worst)})" if len(worst) else ""
     headers = [*keys, "objective", "seeds", "test W-F1 (mean ± sd)", "test worst-lang gap (mean ± sd)",
+               "Δ W-F1, mean over seeds", "Δ gap, mean over seeds", "relative Δ gap [95 % CI]",
                "Δ test W-F1 vs ERM [95 % CI]", f"Δ test gap of ERM's worst language{where} vs ERM [95 % CI]"]
     rows = []
     for _, r in versus.iterrows():
-        diffs = ["reference", "reference"] if r["reference"] else (
-            [_interval(r, "d_test_w_f1"), _interval(r, "d_test_worst_gap")] if r.get("d_test_w_f1") == r.get("d_test_w_f1")
-            else ["-", "-"])
+        paired = r.get("d_test_w_f1") == r.get("d_test_w_f1")
+        if r["reference"]:
+            diffs = ["reference"] * 5
+        elif paired:
+            rel = [100 * r[c] for c in ("d_test_worst_gap_rel", "d_test_worst_gap_rel_lo", "d_test_worst_gap_rel_hi")]
+            diffs = [fmt(r["d_test_w_f1_seed_mean"]), fmt(r["d_test_worst_gap_seed_mean"]),
+                     f"{fmt(rel[0])} % [{fmt(rel[1])}, {fmt(rel[2])}]",
+                     _interval(r, "d_test_w_f1"), _interval(r, "d_test_worst_gap")]
+        else:
+            diffs = ["-"] * 5
         rows.append([*[fmt(r[k]) for k in keys], fmt(r["objective"]), str(r["n_seeds"]),
                      f"{fmt(r['test_w_f1_mean'])} ± {fmt(r['test_w_f1_sd'])}",
                      f"{fmt(r['test_worst_lang_gap_mean'])} ± {fmt(r['test_worst_lang_gap_sd'])}", *diffs])
@@ -99,7 +107,7 @@ def print_objective_comparison(versus: pd.DataFrame, spec: SweepSpec, out: Conso
     table = Table(title=f"sweep {spec.name}: objectives vs ERM, paired bootstrap over the test utterances of "
                         "the seeds both finished (points; negative Δ gap: narrower than ERM)")
     for i, c in enumerate(headers):
-        table.add_column(c, justify="left" if i <= len(headers) - 5 else "right")
+        table.add_column(c, justify="left" if i < len(headers) - 7 else "right")
     for r in rows:
         table.add_row(*r)
     out.print(table)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +17,6 @@ from rich.console import Console
 
 from ermgap import tracking
 from ermgap.config import default_tracking_uri, flatten
-from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
 from ermgap.io import discard_aside, restore_aside
 from ermgap.multinode import check_shared_paths, input_paths
@@ -24,6 +26,7 @@ from ermgap.storage import Location
 from ermgap.sweep import render
 from ermgap.sweep.leaderboard import (
     DEV_METRICS,
+    FAILED,
     TEST_METRICS,
     build_leaderboard,
     objective_comparison,
@@ -35,13 +38,22 @@ from ermgap.sweep.paths import SweepPaths
 from ermgap.sweep.resources import check_resources, check_trial_inputs, local_resources, resource_plan
 from ermgap.sweep.spec import SweepSpec, load_sweep_spec
 from ermgap.sweep.tune import TrialContext, trial_records, tuner, unfinished_trials
-from ermgap.train import absolute_paths
+from ermgap.train import absolute_paths, faults_from_env, run_manifest
 
 
 class SweepInterrupted(ErmgapError):
     """The sweep stopped before every trial ended; it can be resumed."""
 
     exit_code = 130
+
+
+class TrialsFailed(TrainingError):
+    """The sweep ran to the end but some of its trials failed (their training raised); `outcome` holds the
+    leaderboard of all of them, the failed ones with status "failed" and their reason."""
+
+    def __init__(self, message: str, outcome: SweepOutcome) -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 @dataclass
@@ -123,8 +135,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
     outcome.wall_s = time.perf_counter() - t0
     render.print_outcome(outcome, spec, out)
     if failed:
-        errs = [res.error for res in results if res.error is not None]
-        raise TrainingError(f"sweep {spec.name}: every trial failed; first error: {errs[0] if errs else 'no trials'}")
+        raise TrialsFailed(failed, outcome)
     return outcome
 
 
@@ -158,34 +169,71 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
                                          spec_hash=spec.hash(), description=spec.model.description, params=params)
     manifest = (spec.base_tree.get("data") or {}).get("manifest")
     if manifest:  # the trials' shared data, as the sweep's dataset input (each child logs its own too)
-        tracking.log_manifest_input(outcome.tracking_uri, parent_id, manifest, read_manifest(manifest))
+        # validated for the trials' task (a corpus with its own attribute has no gender column)
+        tracking.log_manifest_input(outcome.tracking_uri, parent_id, manifest, run_manifest(spec.first_trial_config()))
     paths.write_state({"name": spec.name, "spec_hash": spec.hash(), "parent_run_id": parent_id,
                        "tracking_uri": outcome.tracking_uri, "experiment": outcome.experiment,
                        "tune_path": str(paths.tune), "spec_source": spec.source})
     return parent_id
 
 
-def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool, verbose: bool, out: Console):
-    """Run Tune to the end; an interrupted sweep marks its parent KILLED and stays resumable."""
-    ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment)
+@contextlib.contextmanager
+def _stop_signals(stopped: threading.Event):
+    """Ctrl-C and SIGTERM (a scheduler, `kill`, `docker stop`) set `stopped` and end Tune gracefully (SIGUSR1:
+    Tune saves its state with the running trials as they were, so --resume continues them). Tune's own SIGINT
+    handler is off: after it, the stopped trials look TERMINATED, like finished ones. Installed after Ray
+    started: Ray's driver installs a SIGTERM handler that ends the process at once, every run left RUNNING."""
+
+    def stop(*_):
+        stopped.set()
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    before = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
-        results = tuner(spec, ctx, resume=resume, verbose=verbose, console=out).fit()
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if before is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = before
+
+
+def _interrupted(outcome: SweepOutcome) -> None:
+    """A sweep that stopped early: the parent and the trials' runs still RUNNING become KILLED (a resume
+    reopens them)."""
+    runs = tracking.child_runs(outcome.tracking_uri, outcome.experiment, outcome.parent_run_id)
+    tracking.close_unfinished(outcome.tracking_uri, list(runs["run_id"]) if not runs.empty else [])
+    tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
+
+
+def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool, verbose: bool, out: Console):
+    """Run Tune to the end; an interrupted sweep (Ctrl-C, SIGTERM) marks its runs KILLED and stays resumable."""
+    ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment,
+                       fault=faults_from_env())
+    stopped = threading.Event()
+    try:
+        with _stop_signals(stopped):
+            results = tuner(spec, ctx, resume=resume, verbose=verbose, console=out).fit()
     except BaseException:
-        tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
+        _interrupted(outcome)
         raise
     unfinished = unfinished_trials(results)
-    if unfinished:
+    if stopped.is_set() or unfinished:
         # Ctrl-C (or a stop) ended Tune early: keep everything resumable, claim no result.
-        tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
+        _interrupted(outcome)
         raise SweepInterrupted(
-            f"sweep {spec.name} interrupted with {unfinished} unfinished trial(s); continue it with "
+            f"sweep {spec.name} interrupted{f' with {unfinished} unfinished trial(s)' if unfinished else ''}; continue it with "
             f"`ermgap sweep {spec.source.removesuffix(' + overrides')} --resume` (same overrides)")
     return results
 
 
-def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, results, out: Console) -> bool:
-    """Leaderboard, seed summary, best trial, parent-run artifacts and the paper's report; returns
-    whether every trial failed."""
+def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, results, out: Console) -> str | None:
+    """Leaderboard, seed summary, best trial, parent-run artifacts and the paper's report; returns the
+    message naming the failed trials and their reasons (None when no trial failed)."""
     uri, parent_id = outcome.tracking_uri, outcome.parent_run_id
     runs = tracking.child_runs(uri, outcome.experiment, parent_id)
     board = build_leaderboard(spec, runs, trial_records(results))
@@ -212,7 +260,9 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
     outcome.artifacts = _stored(files, art, paths.artifacts)
     with paths.report.staged() as rep_dir:
         outcome.artifacts.update(_stored(_paper_report(uri, parent_id, rep_dir, out), rep_dir, paths.report))
-    failed = board.empty or bool((board["status"] == "ERROR").all())
+    failed = failure_message(spec.name, board)
+    if failed is not None:
+        tracking.client(uri).set_tag(parent_id, tracking.TAG_ERROR, failed[:5000])
     tracking.set_status(uri, parent_id, "FAILED" if failed else "FINISHED")
     return failed
 
@@ -222,6 +272,18 @@ def _stored(files: dict[str, Path], staged: Path, loc: Location) -> dict[str, Pa
     if not loc.is_remote:
         return dict(files)
     return {k: loc / p.relative_to(staged).as_posix() for k, p in files.items()}
+
+
+def failure_message(name: str, board: pd.DataFrame) -> str | None:
+    """One line per failed trial (its id and reason) under a headline; None when none failed."""
+    if board.empty:
+        return f"sweep {name}: no trial ran"
+    bad = board[board["status"] == FAILED]
+    if bad.empty:
+        return None
+    lines = [f"  {r['trial']}: {r['reason']}" for _, r in bad.iterrows()]
+    return "\n".join([f"sweep {name}: {len(bad)} of {len(board)} trial(s) failed (status 'failed' in the leaderboard):",
+                      *lines])
 
 
 def _test_predictions(tracking_uri: str, board: pd.DataFrame, runs: pd.DataFrame) -> dict[str, pd.DataFrame]:

@@ -275,6 +275,10 @@ class SweepSpec:
         """The RunConfig of one trial from its Tune params ({'variant': name, 'optim.lr': 3e-4, ...})."""
         return validate_tree(self.trial_tree(params), f"{self.source}: trial {_show(params)}")
 
+    def first_trial_config(self) -> RunConfig:
+        """The first grid point's RunConfig: what every trial shares (data, task), read before any trial runs."""
+        return self.trial_config(self.grid_points()[0])
+
     def grid_points(self) -> list[dict[str, Any]]:
         """Every grid combination (variants × grid dimensions × seeds), sampled dimensions left out."""
         axes: list[tuple[str, list[Any]]] = []

@@ -21,7 +21,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
-from ermgap.sweep.leaderboard import TrialRecord
+from ermgap.failures import fit_run
+from ermgap.sweep.leaderboard import FAILED, TrialRecord, failure_reason
 from ermgap.sweep.live import SweepProgress, trial_label
 from ermgap.sweep.paths import SweepPaths
 from ermgap.sweep.spec import SEED_KEY, TRIAL_DRIVER_CPU, VARIANT_PARAM, SweepSpec
@@ -83,6 +84,7 @@ class TrialContext:
     parent_run_id: str
     tracking_uri: str
     experiment: str
+    fault: dict | None = None  # test-only faults (ermgap.train.faults_from_env), as `ermgap train` gets them
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -95,13 +97,19 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     cfg.tracking.storage_path = str(ctx.paths.train)
     # A restored (interrupted) trial continues its Train run from the last checkpoint.
     resume = (ctx.paths.train / trial_id).exists()
-    trainer = build_trainer(
-        cfg, run_dir=ctx.paths.runs / trial_id, name=trial_id, storage_path=ctx.paths.train,
-        callbacks=[TuneReportCallback()], mlflow_parent_run_id=ctx.parent_run_id,
-        mlflow_tags=trial_tags(ctx.spec.name, ctx.spec.hash(), trial_id, params), resume=resume,
-        mlflow_params={"variant": params[VARIANT_PARAM]} if VARIANT_PARAM in params else None,
-        entry_point="ermgap sweep")
-    trainer.fit()
+    run_dir = ctx.paths.runs / trial_id
+
+    def make_trainer():
+        return build_trainer(
+            cfg, run_dir=run_dir, name=trial_id, storage_path=ctx.paths.train,
+            callbacks=[TuneReportCallback()], mlflow_parent_run_id=ctx.parent_run_id,
+            mlflow_tags=trial_tags(ctx.spec.name, ctx.spec.hash(), trial_id, params), resume=resume,
+            mlflow_params={"variant": params[VARIANT_PARAM]} if VARIANT_PARAM in params else None,
+            entry_point="ermgap sweep", fault=ctx.fault)
+
+    # The same driver as `ermgap train`: a worker's user error (a NaN loss) fails the trial with its message
+    # (Tune records it: the trial is FAILED, not "stopped"), faults are retried from the last checkpoint.
+    fit_run(make_trainer, run_dir=run_dir, tracking_uri=ctx.tracking_uri, max_failures=cfg.distributed.max_failures)
 
 
 def trainable(ctx: TrialContext):
@@ -148,13 +156,14 @@ def trial_records(results: tune.ResultGrid) -> dict[str, TrialRecord]:
     records = {}
     for res in results:
         metrics = res.metrics or {}
+        reason = None
         if res.error is not None:
-            status = "ERROR"
+            status, reason = FAILED, failure_reason(res.error)
         elif metrics.get("test_w_f1") is not None:
             status = "done"
         else:
             status = "stopped"  # ended by the scheduler (or its training stopped before the final report)
         records[res.path.rstrip("/").rsplit("/", 1)[-1]] = TrialRecord(
             params=dict(res.config), status=status, last_round=metrics.get("eval_round"),
-            time_total_s=metrics.get("time_total_s"))
+            time_total_s=metrics.get("time_total_s"), reason=reason)
     return records

@@ -1,0 +1,118 @@
+"""How a training run fails, at one seam for `ermgap train` and every sweep trial.
+
+    worker:  except ErmgapError → record_error(run_dir, err, rank); raise    (train_loop_per_worker)
+    driver:  fit_run(make_trainer, ...)                                     (run_training, sweep's run_trial)
+
+A user error raised inside a Ray Train worker (`ermgap.errors`: an audio file that stopped decoding after
+the pre-flight, a NaN loss, a full disk) is recorded in RUN_DIR/error.json by the first rank that hits it,
+then re-raised so that Ray Train stops the whole worker group (a rank that returned instead would leave
+the others waiting in a collective). `fit_run` reads the record: a user error ends the run at once with
+its own message and exit code; anything else (a lost worker or node, a network fault) is a fault and is
+retried from the latest checkpoint, up to `distributed.max_failures` times.
+
+Ray Train's own retry (FailureConfig.max_failures) cannot tell the two apart and would retry a user error
+(the same bad file, the same NaN), so the trainer is built with max_failures=0 and the retries are made
+here: a new `fit()` with the same storage path and name continues from the latest checkpoint, as
+`ermgap train --resume` does (Ray Train V2 restores the run's checkpoint manager from storage).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from ermgap import errors
+from ermgap.errors import ErmgapError, OutputExistsError
+from ermgap.storage import Location
+from ermgap.tracking import mark_run
+
+ERROR_FILE = "error.json"
+
+log = logging.getLogger(__name__)
+
+
+class RunFault(Exception):
+    """A run that kept failing for a reason that is not a user error, after every retry."""
+
+    def __init__(self, cause: BaseException, attempts: int) -> None:
+        super().__init__(f"{type(cause).__name__} after {attempts} attempt(s): {cause}")
+        self.cause, self.attempts = cause, attempts
+
+
+def record_error(run_dir: str | os.PathLike | Location, err: ErmgapError, rank: int) -> bool:
+    """Record a worker's user error for the driver; only the first rank's record is kept (the others
+    usually fail the same way, or only because the first one stopped). Returns whether this one was kept.
+    `run_dir` may be an object-store prefix (ermgap.storage), as on a multi-node cluster."""
+    loc = Location.of(run_dir)
+    body = json.dumps({"type": type(err).__name__, "message": str(err), "rank": rank}) + "\n"
+    if loc.is_remote:
+        # No exclusive create on an object store: a second rank racing the first may replace its record,
+        # which is as good (both are user errors of this run, and both end it).
+        try:
+            (loc / ERROR_FILE).write_text(body)
+            return True
+        except OutputExistsError:
+            return False
+    target = loc.local / ERROR_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{ERROR_FILE}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        os.link(tmp, target)  # atomic and exclusive: fails if another rank's record is already there
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+
+
+def read_error(run_dir: str | os.PathLike | Location) -> ErmgapError | None:
+    """The user error a worker of the run in `run_dir` recorded, as its ermgap.errors class; None if none."""
+    path = Location.of(run_dir) / ERROR_FILE
+    if not path.is_file():
+        return None
+    record: dict[str, Any] = json.loads(path.read_text())
+    cls = getattr(errors, record.get("type", ""), None)
+    if not (isinstance(cls, type) and issubclass(cls, ErmgapError)):
+        cls = ErmgapError
+    return cls(record["message"])
+
+
+def clear_error(run_dir: str | os.PathLike | Location) -> None:
+    (Location.of(run_dir) / ERROR_FILE).delete()
+
+
+def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike | Location, tracking_uri: str,
+            max_failures: int) -> Any:
+    """Fit the trainer `make_trainer()` builds (a Ray Train TorchTrainer with FailureConfig(max_failures=0))
+    and return its Result; after a fault, fit a new one (it continues from the latest checkpoint), at most
+    `max_failures` times (-1: no limit).
+
+    Raises the worker's user error (an ermgap.errors class, with its message) at the first failure that
+    recorded one, or RunFault once the retries are spent. Either way the run's MLflow run is marked FAILED
+    with the reason (tag ermgap.error): a worker may die before it can say so itself.
+    """
+    failures = 0
+    while True:
+        clear_error(run_dir)
+        try:
+            return make_trainer().fit()
+        except ErmgapError:  # raised here on the driver (building the trainer): nothing to retry
+            raise
+        except Exception as err:  # Ray Train's TrainingFailedError (WorkerGroupError, ControllerError)
+            user = read_error(run_dir)
+            if user is not None:
+                mark_run(tracking_uri, run_dir, "FAILED", reason=str(user))
+                raise user from None
+            failures += 1
+            if max_failures != -1 and failures > max_failures:
+                fault = RunFault(err, failures)
+                mark_run(tracking_uri, run_dir, "FAILED", reason=str(fault))
+                raise fault from err
+            log.warning("training run %s: attempt %d failed (%s); retrying from its latest checkpoint",
+                        run_dir, failures, type(err).__name__)

@@ -1,0 +1,78 @@
+"""The local Ray cluster a driver starts (ensure_ray) ends with that driver, however the driver ends.
+
+The cluster's processes are found by a marker in their environment (set for the driver only, inherited by
+everything it starts), so the check sees exactly this cluster, never another one on the machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from _procs import kill_pids_with_env, pids_with_env
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = """
+import sys
+from ermgap.ray_runtime import ensure_ray
+ensure_ray(None, num_cpus=1, log_to_driver=False)
+print("READY", flush=True)
+sys.stdin.readline()  # then exit normally (Ray's atexit shutdown)
+"""
+MARKER = "ERMGAP_TEST_RAY_RUNTIME"
+
+
+def _names(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()[:80])
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("how", ["sigkill", "sigterm", "exit"])
+def test_the_local_cluster_stops_when_its_driver_ends(how, tmp_path):
+    marker = uuid.uuid4().hex
+    env = {**os.environ, MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "driver.err"
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY", log.read_text()[-3000:]
+        # The raylet starts its agents (the processes that outlive a killed driver) right after the cluster is
+        # up: end the driver once they are there. On a loaded machine they may take longer than this; the check
+        # below then still covers whatever the cluster has started by the time the driver ends.
+        deadline = time.monotonic() + 120
+        while (not {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= set(_names(pids_with_env(MARKER, marker)))
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+        if how == "sigkill":
+            proc.kill()
+        elif how == "sigterm":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            proc.stdin.write("done\n")
+            proc.stdin.flush()
+        proc.wait(60)
+        # Seconds on an idle machine; a loaded 2-core one (a full suite beside other work) needs longer.
+        wait_s = 90
+        deadline = time.monotonic() + wait_s
+        while pids_with_env(MARKER, marker) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = _names(pids_with_env(MARKER, marker))
+        assert left == [], f"still running {time.monotonic() - deadline + wait_s:.0f} s after the driver ended: {left}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_pids_with_env(MARKER, marker)
