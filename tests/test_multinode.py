@@ -321,9 +321,10 @@ def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack
     t_total = time.monotonic() - t0
     print(f"multinode sweep: driver killed after {t_kill:.0f} s, resumed sweep done after {t_total:.0f} s")
 
-    # Both trials finished, as two child runs of the same parent; trial 1 was not run again.
+    # Both trials finished, as two child runs of the same parent; trial 1 was not run again. (Trial 2 may not
+    # have opened its run before the kill: the driver dies as soon as Tune has trial 1 TERMINATED.)
     after = _children(stack, parent)
-    assert set(after["run_id"]) == set(before) and len(after) == 2
+    assert set(before) <= set(after["run_id"]) and len(after) == 2, (before, list(after["run_id"]))
     assert (after["status"] == "FINISHED").all()
     first_id = first.iloc[0]["run_id"]
     assert after.set_index("run_id").loc[first_id, "start_time"] == before[first_id]
