@@ -266,6 +266,9 @@ class DistributedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     max_failures: int = Field(1, ge=-1, description="Refits of the run from its last checkpoint after a fault such as a lost worker "
                                                     "(-1: unlimited); a user error in a worker (bad audio, NaN loss) is not retried.")
+    placement_strategy: Literal["SPREAD", "PACK", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        "SPREAD", description="Ray placement of a run's workers: SPREAD over the nodes that have room (best effort; "
+                              "on one machine the same as PACK), PACK onto as few nodes as fit (less gradient traffic).")
 
 
 class TrackingConfig(_Section):

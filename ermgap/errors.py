@@ -36,3 +36,9 @@ class NoSpaceError(ErmgapError):
 class ErmgapWarning(UserWarning):
     """Something in the user's input that is allowed but probably not meant (a speaker in two splits, an
     empty config file). Raised with `warnings.warn`; the CLI prints it as one `warning:` line."""
+
+
+class StorageError(ErmgapError):
+    """The run's storage (a directory, or an s3:// / gs:// store) or tracking server cannot be reached or written."""
+
+    exit_code = 1

@@ -23,11 +23,11 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ermgap import errors
-from ermgap.errors import ErmgapError
+from ermgap.errors import ErmgapError, OutputExistsError
+from ermgap.storage import Location
 from ermgap.tracking import mark_run
 
 ERROR_FILE = "error.json"
@@ -43,16 +43,26 @@ class RunFault(Exception):
         self.cause, self.attempts = cause, attempts
 
 
-def record_error(run_dir: str | os.PathLike, err: ErmgapError, rank: int) -> bool:
+def record_error(run_dir: str | os.PathLike | Location, err: ErmgapError, rank: int) -> bool:
     """Record a worker's user error for the driver; only the first rank's record is kept (the others
-    usually fail the same way, or only because the first one stopped). Returns whether this one was kept."""
-    target = Path(run_dir) / ERROR_FILE
+    usually fail the same way, or only because the first one stopped). Returns whether this one was kept.
+    `run_dir` may be an object-store prefix (ermgap.storage), as on a multi-node cluster."""
+    loc = Location.of(run_dir)
+    body = json.dumps({"type": type(err).__name__, "message": str(err), "rank": rank}) + "\n"
+    if loc.is_remote:
+        # No exclusive create on an object store: a second rank racing the first may replace its record,
+        # which is as good (both are user errors of this run, and both end it).
+        try:
+            (loc / ERROR_FILE).write_text(body)
+            return True
+        except OutputExistsError:
+            return False
+    target = loc.local / ERROR_FILE
     target.parent.mkdir(parents=True, exist_ok=True)
-    body = json.dumps({"type": type(err).__name__, "message": str(err), "rank": rank})
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{ERROR_FILE}.")
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(body + "\n")
+            f.write(body)
         os.link(tmp, target)  # atomic and exclusive: fails if another rank's record is already there
         return True
     except FileExistsError:
@@ -61,9 +71,9 @@ def record_error(run_dir: str | os.PathLike, err: ErmgapError, rank: int) -> boo
         os.unlink(tmp)
 
 
-def read_error(run_dir: str | os.PathLike) -> ErmgapError | None:
+def read_error(run_dir: str | os.PathLike | Location) -> ErmgapError | None:
     """The user error a worker of the run in `run_dir` recorded, as its ermgap.errors class; None if none."""
-    path = Path(run_dir) / ERROR_FILE
+    path = Location.of(run_dir) / ERROR_FILE
     if not path.is_file():
         return None
     record: dict[str, Any] = json.loads(path.read_text())
@@ -73,11 +83,11 @@ def read_error(run_dir: str | os.PathLike) -> ErmgapError | None:
     return cls(record["message"])
 
 
-def clear_error(run_dir: str | os.PathLike) -> None:
-    (Path(run_dir) / ERROR_FILE).unlink(missing_ok=True)
+def clear_error(run_dir: str | os.PathLike | Location) -> None:
+    (Location.of(run_dir) / ERROR_FILE).delete()
 
 
-def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike, tracking_uri: str,
+def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike | Location, tracking_uri: str,
             max_failures: int) -> Any:
     """Fit the trainer `make_trainer()` builds (a Ray Train TorchTrainer with FailureConfig(max_failures=0))
     and return its Result; after a fault, fit a new one (it continues from the latest checkpoint), at most

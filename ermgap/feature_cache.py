@@ -16,16 +16,20 @@ extractor's settings and the crop (sample rate, `data.max_audio_s`): any change 
 key, never a stale entry. Writes go to a temp file beside the entry and are renamed onto it, so
 concurrent writers (trials of a sweep, ranks of a run) cannot leave a torn file; a truncated or
 corrupt entry fails to parse or fails its checksum, is reported with a warning and recomputed.
+The directory may also be an s3:// / gs:// prefix (ermgap.storage: each entry is one object, written
+by one PUT), which every node of a cluster shares.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -46,27 +50,23 @@ from ermgap.errors import ConfigError
 from ermgap.io import atomic_write_bytes
 from ermgap.model import load_backbone
 from ermgap.scoring import causal_lm
+from ermgap.storage import Location, is_uri
 
 OFF = "off"
 FORMAT = 1  # bump when the entry layout or what is encoded changes: old entries then get other keys
 TENSOR = "audio_embeds"
 
 
-def cache_dir(cfg) -> Path | None:
-    """Where a run's cache lives (a RunConfig), or None when it is off.
+def cache_dir(cfg) -> Path | Location | None:
+    """Where a run's cache lives (a RunConfig): a directory, an object-store prefix, or None when it is off.
 
     Off when the audio encoder is trained (its output changes every step) or `data.feature_cache: off`.
     Default: `<tracking.storage_path>/feature_cache`, which every trial of a sweep shares.
     """
     if cfg.lora.train_audio_encoder or cfg.data.feature_cache == OFF:
         return None
-    if cfg.data.feature_cache:
-        return Path(cfg.data.feature_cache).expanduser()
-    storage = cfg.tracking.storage_path
-    if "://" in storage:
-        raise ConfigError(f"data.feature_cache: the default location is under tracking.storage_path ({storage}), "
-                          "which is a URI; set data.feature_cache to a local or shared (NFS) directory, or to 'off'")
-    return Path(storage).expanduser() / "feature_cache"
+    where = cfg.data.feature_cache or f"{cfg.tracking.storage_path.rstrip('/')}/feature_cache"
+    return Location.of(where) if is_uri(where) else Path(where).expanduser()
 
 
 def supports(model) -> bool:
@@ -147,15 +147,15 @@ class CacheStats:
 class FeatureCache:
     """Entries of one encoder fingerprint in a directory (see the module docstring for the layout)."""
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: str) -> None:
-        self.dir = Path(directory)
+    def __init__(self, directory: str | os.PathLike | Location, fingerprint: str) -> None:
+        self.dir = Location.of(directory) if isinstance(directory, Location) or is_uri(directory) else Path(directory)
         self.fingerprint = fingerprint
         self.stats = CacheStats()
 
     def key(self, audio_digest: str) -> str:
         return hashlib.blake2b(f"{self.fingerprint}:{audio_digest}".encode(), digest_size=20).hexdigest()
 
-    def path(self, key: str) -> Path:
+    def path(self, key: str) -> Path | Location:
         return self.dir / key[:2] / f"{key}.safetensors"
 
     def load(self, key: str) -> torch.Tensor | None:
@@ -165,7 +165,7 @@ class FeatureCache:
             return None
         why = None
         try:
-            with safe_open(path, "pt") as fh:
+            with _local_copy(path) as local, safe_open(local, "pt") as fh:
                 stored = (fh.metadata() or {}).get("sha256")
                 tensor = fh.get_tensor(TENSOR).clone()  # own memory, not a view of the file's mapping
             if stored != hashlib.sha256(_tensor_bytes(tensor)).hexdigest():
@@ -182,8 +182,25 @@ class FeatureCache:
         tensor = tensor.detach().contiguous().cpu()
         data = st_save({TENSOR: tensor}, metadata={"sha256": hashlib.sha256(_tensor_bytes(tensor)).hexdigest(),
                                                    "format": str(FORMAT)})
-        self.path(key).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path(key), data, force=True)  # temp file + rename: readers never see a torn entry
+        path = self.path(key)
+        if isinstance(path, Location):
+            path.write_bytes(data, force=True)  # one PUT: readers see the whole object or none
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, data, force=True)  # temp file + rename: readers never see a torn entry
+
+
+@contextlib.contextmanager
+def _local_copy(path: Path | Location) -> Iterator[Path]:
+    """A local file with the entry's bytes: the file itself, or (object store) a downloaded copy, since
+    safetensors opens files by name."""
+    if isinstance(path, Path):
+        yield path
+        return
+    with tempfile.NamedTemporaryFile(suffix=".safetensors") as tmp:
+        tmp.write(path.read_bytes())
+        tmp.flush()
+        yield Path(tmp.name)
 
 
 class EncodedDataset(torch.utils.data.Dataset):
@@ -244,7 +261,7 @@ class EncodedDataset(torch.utils.data.Dataset):
 class _Encoder:
     """A Ray actor holding the backbone once and filling the cache for chunks of manifest rows."""
 
-    def __init__(self, cfg_tree: dict, directory: str, device: str, threads: int) -> None:
+    def __init__(self, cfg_tree: dict, directory: str | Location, device: str, threads: int) -> None:
         torch.set_num_threads(threads)
         self.cfg = config_from_dict(cfg_tree, source="features build")
         self.device = device
@@ -264,7 +281,7 @@ class _Encoder:
 
 
 def fill_cache(cfg, rows: pd.DataFrame, *, workers: int | None = None, chunk: int = 32,
-               progress: bool = True) -> tuple[Path, CacheStats]:
+               progress: bool = True) -> tuple[Path | Location, CacheStats]:
     """Encode every utterance of `rows` (the run's manifest rows, all splits) into its cache with Ray actors.
 
     `cfg`: a resolved RunConfig (absolute paths: actors start elsewhere); Ray must be initialised.
@@ -280,7 +297,9 @@ def fill_cache(cfg, rows: pd.DataFrame, *, workers: int | None = None, chunk: in
     n_actors = max(1, min(workers or d.num_workers, -(-len(records) // chunk)))
     actor = ray.remote(num_cpus=d.cpus_per_worker, num_gpus=1 if d.use_gpu else 0)(_Encoder)
     device = "cuda" if d.use_gpu else "cpu"
-    actors = [actor.remote(cfg.to_dict(), str(directory.resolve()), device, max(1, int(d.cpus_per_worker)))
+    # A Location travels as itself: its S3 endpoint reaches actors on nodes without $AWS_ENDPOINT_URL.
+    where = directory if isinstance(directory, Location) else str(directory.resolve())
+    actors = [actor.remote(cfg.to_dict(), where, device, max(1, int(d.cpus_per_worker)))
               for _ in range(n_actors)]
     pool = ActorPool(actors)
     chunks = [records[i:i + chunk] for i in range(0, len(records), chunk)]

@@ -27,6 +27,8 @@ import re
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import warnings
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,8 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag, ViewT
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
-from ermgap.errors import ConfigError, ErmgapWarning
+from ermgap.errors import ConfigError, ErmgapWarning, StorageError
+from ermgap.storage import Location
 
 RUN_ID_FILE = "mlflow_run_id"
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
@@ -51,8 +54,31 @@ TAG_ERROR = "ermgap.error"  # why a run FAILED (or was KILLED): one message
 DRIVER_TAG = "ermgap.driver"  # "<host>:<pid>" of the process whose trainer.fit() drives the run
 TAG_PARAM_PREFIX = "ermgap.param."  # a trial's sampled params, as tags (the report groups runs by them)
 TAG_NOTE = "mlflow.note.content"   # the run's description in the UI
+TAG_WORKER_NODES = "ermgap.worker_nodes"  # Ray node ids of the run's workers, in rank order
+TAG_WORKER_IPS = "ermgap.worker_ips"
 BEST = "best/"
 EVAL = "eval/"
+# A tracking server that does not answer within this fails the run at start instead of hanging it.
+SERVER_CHECK_TIMEOUT_S = 15.0
+
+
+def is_node_local(tracking_uri: str) -> bool:
+    """A store that lives on one node's disk (sqlite, a file path) rather than a server every node reaches."""
+    if tracking_uri.startswith("databricks"):
+        return False
+    return tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri
+
+
+def check_server(tracking_uri: str, where: str = "this node") -> None:
+    """Fail now, with the reason, if `where` cannot reach the tracking server (`/health`)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=SERVER_CHECK_TIMEOUT_S):
+            pass
+    except (urllib.error.URLError, OSError) as err:
+        raise StorageError(f"{where} cannot reach the MLflow tracking server {tracking_uri}: {err}") from err
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -100,12 +126,12 @@ class RunLogger:
         self.logged_through = dict(logged_through or {})
 
     @classmethod
-    def open(cls, mlflow_cfg: dict[str, Any], *, run_dir: str | os.PathLike, run_id: str | None = None,
+    def open(cls, mlflow_cfg: dict[str, Any], *, run_dir: str | os.PathLike | Location, run_id: str | None = None,
              params: dict[str, Any] | None = None) -> RunLogger:
         """Reuse `run_id` (or the id recorded in run_dir) or create a new run and record its id."""
         uri = mlflow_cfg["tracking_uri"]
         mlflow_client = client(uri)
-        id_file = Path(run_dir) / RUN_ID_FILE
+        id_file = Location.of(run_dir) / RUN_ID_FILE
         if run_id is None and id_file.is_file():
             run_id = id_file.read_text().strip() or None
         tags = {str(k): str(v) for k, v in (mlflow_cfg.get("tags") or {}).items()}
@@ -120,10 +146,7 @@ class RunLogger:
         run = mlflow_client.create_run(experiment_id(mlflow_client, mlflow_cfg["experiment"]),
                                 run_name=mlflow_cfg.get("run_name"), tags=tags)
         logger = cls(uri, run.info.run_id)
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = id_file.with_name(f".{RUN_ID_FILE}.tmp")
-        tmp.write_text(logger.run_id)
-        os.replace(tmp, id_file)
+        id_file.write_text(logger.run_id, force=True)
         if params:
             logger.log_params(params)
         return logger
@@ -149,6 +172,9 @@ class RunLogger:
             self.client.log_artifacts(self.run_id, str(p), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
 
     def end(self, status: str = "FINISHED") -> None:
         """status: FINISHED, FAILED or KILLED."""
@@ -278,10 +304,11 @@ def run_description(params: dict[str, Any], split_sizes: dict[str, int]) -> str:
     return "\n".join(lines)
 
 
-def mark_run(tracking_uri: str, run_dir: str | os.PathLike, status: str, *, reason: str | None = None) -> str | None:
+def mark_run(tracking_uri: str, run_dir: str | os.PathLike | Location, status: str, *,
+             reason: str | None = None) -> str | None:
     """Set the status of the run recorded in run_dir (the driver's view of a failed/killed run); `reason`
     becomes its `ermgap.error` tag."""
-    id_file = Path(run_dir) / RUN_ID_FILE
+    id_file = Location.of(run_dir) / RUN_ID_FILE
     if not id_file.is_file():
         return None
     run_id = id_file.read_text().strip()

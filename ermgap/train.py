@@ -60,11 +60,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
 import torch
 import transformers
+import yaml
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
 from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -81,22 +83,27 @@ from ermgap.evaluate import predictions_frame
 from ermgap.failures import RunFault, fit_run, record_error
 from ermgap.feature_cache import CacheStats, EncodedDataset, FeatureCache, cache_dir, encoder_fingerprint, supports
 from ermgap.formatting import json_safe
-from ermgap.io import atomic_path, atomic_write_text, claim_dir, discard_aside, restore_aside, set_aside
+from ermgap.io import atomic_path, discard_aside, restore_aside
 from ermgap.metric_registry import RUN_COVERAGE, SPLIT_METRICS
 from ermgap.metrics import compute_metrics, per_key
 from ermgap.model import apply_lora, check_model, load_backbone
+from ermgap.multinode import check_shared_paths, input_paths
 from ermgap.objective import dev_gap, lambda_drive
 from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective
 from ermgap.progress import ProgressBox, ProgressSender, TrainProgress
 from ermgap.ray_runtime import ensure_ray
 from ermgap.sampler import BatchCoverage, StratifiedBatchPlan, build_plan, cell_quotas, shard_for_eval
 from ermgap.scoring import answer_loss_from_scores, per_sample_loss, score_labels
+from ermgap.storage import Location
 from ermgap.task import RUN_MODALITY, Task, TaskSpec
 from ermgap.tracking import (
     BEST,
     EVAL,
     TAG_NOTE,
+    TAG_WORKER_IPS,
+    TAG_WORKER_NODES,
     RunLogger,
+    check_server,
     close_orphaned_runs,
     describe_objective,
     driver_tag,
@@ -193,9 +200,10 @@ class LoRARecipe:
         t_setup = time.perf_counter()
         self.loop_config = loop_config
         self.cfg = cfg = config_from_dict(loop_config["config"], source="loop_config")
-        self.run_dir = Path(loop_config["run_dir"])
+        self.run_dir = Location.of(loop_config["run_dir"])
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self._check_services()
         self.accum = cfg.optim.effective_batch_size // (cfg.optim.micro_batch_size * self.world)
         # Resolved once on the driver (build_trainer): every rank, split and evaluation uses these indices.
         self.task = Task.from_dict(loop_config["task"])
@@ -215,6 +223,15 @@ class LoRARecipe:
         self.coverage = BatchCoverage(**self.state.batch_coverage)
         self._setup_tracking(resumed)
         self.timing["setup_s"] = time.perf_counter() - t_setup
+
+    def _check_services(self) -> None:
+        """Fail the run at once, naming the node and the reason, when this worker cannot reach the
+        run's store or (rank 0) the tracking server: otherwise the first checkpoint or MLflow call
+        would retry for minutes."""
+        where = f"worker {self.rank} on node {ray.util.get_node_ip_address()}"
+        self.run_dir.check_reachable(where)
+        if self.rank == 0:
+            check_server(self.loop_config["mlflow"]["tracking_uri"], where)
 
     def _setup_model(self):
         """Seeded backbone + LoRA on this worker's device; the same seed on every rank gives an
@@ -257,7 +274,7 @@ class LoRARecipe:
 
     def _open_feature_cache(self, model, processor) -> FeatureCache | None:
         """The encoder-output cache when the audio encoder is frozen (`ermgap.feature_cache`), else None."""
-        directory = cache_dir(self.cfg)
+        directory = self.loop_config["feature_cache"]  # the driver's cache_dir: an S3 endpoint travels with it
         if directory is None or not supports(model):
             return None
         fingerprint = encoder_fingerprint(model, processor.feature_extractor, sample_rate=self.cfg.data.sample_rate,
@@ -320,7 +337,9 @@ class LoRARecipe:
         return True
 
     def _setup_tracking(self, resumed: bool) -> None:
-        """Rank 0 opens (or, resumed, reopens) the MLflow run; every rank learns its id."""
+        """Rank 0 opens (or, resumed, reopens) the MLflow run and records where the workers run;
+        every rank learns the run id."""
+        nodes = self._gather((ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()))
         if self.rank == 0:
             params = flatten(self.cfg.to_dict())
             params.update(self.task.mlflow_params())
@@ -331,12 +350,15 @@ class LoRARecipe:
             self.logger = RunLogger.open(self.loop_config["mlflow"], run_dir=self.run_dir,
                                          run_id=self.state.mlflow_run_id, params=params)
             self.state.mlflow_run_id = self.logger.run_id
+            # A restarted worker group may land elsewhere: the tags show the latest placement.
+            self.logger.set_tags({TAG_WORKER_NODES: ",".join(n for n, _ in nodes),
+                                  TAG_WORKER_IPS: ",".join(ip for _, ip in nodes)})
             if not resumed:
                 # run_training writes it; a sweep trial's run_dir may not have it yet.
                 cfg_file = self.run_dir / CONFIG_FILE
                 if not cfg_file.is_file():
-                    atomic_write_text(cfg_file, dump_yaml(self.cfg), force=True)
-                self.logger.log_artifact(cfg_file)
+                    cfg_file.write_text(dump_yaml(self.cfg), force=True)
+                self.logger.log_text(cfg_file.read_text(), CONFIG_FILE)
                 self.logger.set_tags({TAG_NOTE: run_description(params, {k: len(v.rows) for k, v in self.splits.items()})})
                 log_manifest_input(self.logger.tracking_uri, self.logger.run_id, self.cfg.data.manifest,
                                    run_manifest(self.cfg))
@@ -352,8 +374,10 @@ class LoRARecipe:
         choice = None
         if self.rank == 0:
             choice = registered.path if registered is not None else None
-            exp_dir = Path(ray.train.get_context().get_storage().experiment_fs_path)
-            if exp_dir.is_dir():
+            storage = ray.train.get_context().get_storage()
+            exp_dir = Path(storage.experiment_fs_path)
+            # Only a local (or NFS) store can hold a newer checkpoint Ray did not register.
+            if isinstance(storage.storage_filesystem, pyarrow.fs.LocalFileSystem) and exp_dir.is_dir():
                 newest = checkpointing.newest_on_disk(exp_dir, self.world)
                 reg_step = -1
                 if registered is not None and (Path(registered.path) / "trainer_state.json").is_file():
@@ -621,28 +645,29 @@ class LoRARecipe:
 
     def _write_outputs(self, final: dict[str, Any], dev: pd.DataFrame, test: pd.DataFrame,
                        cache_stats: dict[str, Any] | None) -> None:
-        """Rank 0: predictions, metrics.json and the best adapter in the run directory and in MLflow."""
-        st = self.state
-        for name, frame in (("dev_preds.csv", dev), ("test_preds.csv", test)):
-            with atomic_path(self.run_dir / name, force=True) as tmp:
-                _preds_only(frame).to_csv(tmp, index=False)
-        with atomic_path(self.run_dir / METRICS_FILE, force=True) as tmp:
-            tmp.write_text(json.dumps({**json_safe(final, nan_to_none=False), **self.objective.outputs(),
-                                       "history": st.history, "timing": self.timing,
-                                       "feature_cache": cache_stats}, indent=1))
-        if self.best_adapter is not None:
-            checkpointing.save_adapter(self.engine.module, self.best_adapter, self.run_dir / "adapter")
-        lg = self.logger
-        lg.log_metrics({f"{BEST}{k}": v for k, v in final.items() if k.startswith(("dev_", "test_"))}
-                       | {f"{BEST}eval_round": st.best_round}, step=st.global_step)
-        lg.log_metrics({f"train_{k}": final[f"train_{k}"] for k in RUN_COVERAGE}, step=st.global_step)
-        if cache_stats is not None:
-            lg.log_metrics({f"feature_cache/{k}": v for k, v in cache_stats.items()}, step=st.global_step)
-        lg.log_artifact(self.run_dir / "dev_preds.csv", "predictions")
-        lg.log_artifact(self.run_dir / "test_preds.csv", "predictions")
-        lg.log_artifact(self.run_dir / METRICS_FILE)
-        if (self.run_dir / "adapter").is_dir():
-            lg.log_artifact(self.run_dir / "adapter", "adapter")
+        """Rank 0: predictions, metrics.json and the best adapter in the run directory (written locally
+        and uploaded when it is on object storage) and in MLflow."""
+        st, lg = self.state, self.logger
+        with self.run_dir.staged() as out:
+            for name, frame in (("dev_preds.csv", dev), ("test_preds.csv", test)):
+                with atomic_path(out / name, force=True) as tmp:
+                    _preds_only(frame).to_csv(tmp, index=False)
+            with atomic_path(out / METRICS_FILE, force=True) as tmp:
+                tmp.write_text(json.dumps({**json_safe(final, nan_to_none=False), **self.objective.outputs(),
+                                           "history": st.history, "timing": self.timing,
+                                           "feature_cache": cache_stats}, indent=1))
+            if self.best_adapter is not None:
+                checkpointing.save_adapter(self.engine.module, self.best_adapter, out / "adapter")
+            lg.log_metrics({f"{BEST}{k}": v for k, v in final.items() if k.startswith(("dev_", "test_"))}
+                           | {f"{BEST}eval_round": st.best_round}, step=st.global_step)
+            lg.log_metrics({f"train_{k}": final[f"train_{k}"] for k in RUN_COVERAGE}, step=st.global_step)
+            if cache_stats is not None:
+                lg.log_metrics({f"feature_cache/{k}": v for k, v in cache_stats.items()}, step=st.global_step)
+            lg.log_artifact(out / "dev_preds.csv", "predictions")
+            lg.log_artifact(out / "test_preds.csv", "predictions")
+            lg.log_artifact(out / METRICS_FILE)
+            if (out / "adapter").is_dir():
+                lg.log_artifact(out / "adapter", "adapter")
         lg.set_tags({"ermgap.stopped_early": final["stopped_early"], "ermgap.best_eval_round": st.best_round})
 
     def cleanup(self) -> None:
@@ -729,46 +754,59 @@ def with_task(cfg: RunConfig, task: Task) -> RunConfig:
     return config_from_dict(tree, source="resolved config")
 
 
-def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike, name: str, storage_path: str | os.PathLike,
-                  callbacks=(), mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
+def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | Location, name: str,
+                  storage_path: str | os.PathLike | Location, callbacks=(), mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
                   resume: bool = False, fault: dict | None = None, progress=None,
                   mlflow_params: dict | None = None, entry_point: str = "ermgap train") -> TorchTrainer:
     """A TorchTrainer for one run. Re-running it with the same storage_path + name resumes from the
     latest checkpoint (Ray Train V2 restores the run's checkpoint manager from storage).
     progress: a `ProgressBox` actor handle rank 0 reports its steps to (ermgap.progress), or None.
     mlflow_params: extra params of the MLflow run (a sweep trial's `variant`); `entry_point` and the git
-    commit become the run's source tags."""
-    run_dir = Path(run_dir)
+    commit become the run's source tags. Both locations may be local/NFS directories or s3:// / gs://
+    prefixes (ermgap.storage)."""
+    run_loc = Location.of(run_dir)
     cfg = resolved_config(cfg)
     task = resolve_task(cfg)
     cfg = with_task(cfg, task)
     loop_config = {
         "config": cfg.to_dict(),
         "task": task.to_dict(),
-        "run_dir": str(run_dir.resolve()),
+        "run_dir": run_loc,  # a Location: an object store's endpoint travels with it
+        "feature_cache": _feature_cache_location(cfg, storage_path),
         "mlflow": {"tracking_uri": default_tracking_uri(cfg), "experiment": cfg.tracking.experiment,
                    "run_name": cfg.tracking.run_name or name, "parent_run_id": mlflow_parent_run_id,
                    "tags": {**source_tags(entry_point), **(mlflow_tags or {})}, "params": dict(mlflow_params or {})},
-        "fault": {**(fault or {}), "marker": str(run_dir.resolve() / ".fault_fired")},
+        # Fault injection is for local test runs: its marker is a local file.
+        "fault": {**(fault or {}), "marker": None if run_loc.is_remote else str(run_loc.local / ".fault_fired")},
         "resume": resume,
         "progress": progress,
     }
     d = cfg.distributed
-    storage = str(storage_path) if "://" in str(storage_path) else str(Path(storage_path).resolve())
+    storage, storage_fs = Location.of(storage_path).ray_storage()
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
-                                     resources_per_worker={"CPU": d.cpus_per_worker}),
+                                     resources_per_worker={"CPU": d.cpus_per_worker},
+                                     placement_strategy=d.placement_strategy),
         run_config=RayRunConfig(
-            name=name, storage_path=storage,
+            name=name, storage_path=storage, storage_filesystem=storage_fs,
             # Retries are fit_run's (ermgap.failures): Ray's would retry user errors too.
             failure_config=FailureConfig(max_failures=0),
             # The latest checkpoint is what resumes; the best adapter travels inside every checkpoint.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=list(callbacks)),
     )
+
+
+def _feature_cache_location(cfg: RunConfig, storage_path) -> Path | Location | None:
+    """cache_dir(cfg), on an object store with the run storage's S3 endpoint: this process may be a sweep's
+    trial driver on a node without $AWS_ENDPOINT_URL, but the storage Location carries the sweep driver's."""
+    where = cache_dir(cfg)
+    if isinstance(where, Location):
+        where = Location.of(where.uri, endpoint=Location.of(storage_path).endpoint or where.endpoint)
+    return where
 
 
 def check_inputs(cfg: RunConfig) -> None:
@@ -838,6 +876,14 @@ def _step_from_env(name: str) -> int | None:
         raise ConfigError(f"${name} must be an integer step, got {raw!r}") from None
 
 
+def _run_config(run_path: Location) -> RunConfig:
+    """A run's saved config.yaml (a local file, or an object under an s3:// / gs:// run prefix)."""
+    if not run_path.is_remote:
+        return load_config(run_path.local / CONFIG_FILE)
+    return config_from_dict(yaml.safe_load((run_path / CONFIG_FILE).read_text()) or {},
+                            source=str(run_path / CONFIG_FILE))
+
+
 def faults_from_env() -> dict[str, int | None]:
     """The test-only FaultInjector spec from $ERMGAP_FAULT_* (read by the drivers: `run_training`, `run_sweep`)."""
     return {"kill_at_step": _step_from_env(FAULT_ENV), "nan_at_step": _step_from_env(NAN_ENV)}
@@ -846,7 +892,8 @@ def faults_from_env() -> dict[str, int | None]:
 def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str | os.PathLike | None = None,
                  run_dir: str | os.PathLike | None = None, force: bool = False, num_cpus: int | None = None,
                  mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
-                 console: Console | None = None, verbose: bool = False) -> dict[str, Any]:
+                 console: Console | None = None, verbose: bool = False,
+                 allow_local_paths: bool = False) -> dict[str, Any]:
     """Train one model and return its final metrics (the `done=True` report; also in RUN_DIR/metrics.json).
 
     Progress (rank 0's steps and evaluations) is shown on `console` (default: stdout) while it runs;
@@ -855,16 +902,20 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
 
     resume_dir: continue the run in that directory (its config.yaml is used, `cfg` is ignored).
     run_dir: where the run lives (default: <tracking.storage_path>/<timestamp>-<run_name or 'train'>).
+    Both may be local/NFS directories or s3:// / gs:// prefixes (ermgap.storage).
+    allow_local_paths: on a Ray cluster of more than one node, accept a directory run_dir and a sqlite/file
+    tracking URI (NFS mounted at the same path on every node; ermgap.multinode).
     force: replace an existing run directory. Everything is validated first; only a directory ermgap
     created is replaced (io.OWNER_MARKER); the old one is moved aside and deleted once the new run
-    has finished, and moved back if the new one fails before training starts.
+    has finished, and moved back if the new one fails before training starts (an s3:// / gs:// prefix
+    cannot be moved: ermgap's old one is deleted once the checks passed).
     """
     aside = None
     if resume_dir is not None:
-        run_path = Path(resume_dir).resolve()
+        run_path = Location.of(resume_dir)
         if not (run_path / CONFIG_FILE).is_file():
             raise ConfigError(f"--resume {resume_dir}: not a run directory (no {CONFIG_FILE})")
-        cfg = load_config(run_path / CONFIG_FILE)
+        cfg = _run_config(run_path)
         if (run_path / METRICS_FILE).is_file():  # finished already: nothing to resume
             final = json.loads((run_path / METRICS_FILE).read_text())
             return {**final, "run_dir": str(run_path), "tracking_uri": default_tracking_uri(cfg)}
@@ -874,21 +925,27 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         cfg = resolved_config(cfg)
         if run_dir is None:
             stamp = time.strftime("%Y%m%d-%H%M%S")
-            run_dir = Path(cfg.tracking.storage_path) / f"{stamp}-{cfg.tracking.run_name or 'train'}"
-        run_path = Path(run_dir).resolve()
-        if run_path.exists() and (not run_path.is_dir() or any(run_path.iterdir())) and not force:
+            run_dir = Location.of(cfg.tracking.storage_path) / f"{stamp}-{cfg.tracking.run_name or 'train'}"
+        run_path = Location.of(run_dir)
+        if (run_path.is_file() or run_path.list()) and not force:
             raise ConfigError(f"run directory {run_path} already exists; pass --force to replace it "
                               f"or --resume {run_path} to continue it")
         check_inputs(cfg)  # before anything on disk changes
         cfg = with_task(cfg, resolve_task(cfg))
-        aside = set_aside(run_path, "run directory") if force else None
+    uri = default_tracking_uri(cfg)
+    run_path.check_reachable("the driver")
+    check_server(uri, "the driver")
+    if resume_dir is None and force:
+        aside = run_path.set_aside("run directory")
     fault = faults_from_env()
     try:
-        claim_dir(run_path, "a training run")
+        run_path.claim("a training run")
         if resume_dir is None:
-            atomic_write_text(run_path / CONFIG_FILE, dump_yaml(cfg), force=True)
+            (run_path / CONFIG_FILE).write_text(dump_yaml(cfg), force=True)
         ensure_ray(address, num_cpus=num_cpus, log_to_driver=verbose)
         check_cluster_gpus(cfg, f"the Ray cluster at {address}" if address else "the local Ray cluster")
+        check_shared_paths(storage=str(run_path), tracking_uri=uri, inputs=input_paths(cfg),
+                           allow_local_paths=allow_local_paths)
         close_orphaned_runs(default_tracking_uri(cfg), cfg.tracking.experiment)
         box = ProgressBox.remote()
         make_trainer = partial(build_trainer, cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
@@ -897,10 +954,9 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
                                resume=resume_dir is not None, fault=fault, progress=box)
         first = [make_trainer()]  # built here, so that an error in it brings the replaced run back
     except BaseException:
-        restore_aside(aside, run_path)  # nothing was trained: the replaced run comes back as it was
+        restore_aside(aside, str(run_path))  # nothing was trained: the replaced run comes back as it was
         raise
     kept = f"; the run it replaced is kept at {aside}" if aside is not None else ""
-    uri = default_tracking_uri(cfg)
     try:
         with TrainProgress(box, console or Console()):
             fit_run(lambda: first.pop() if first else make_trainer(), run_dir=run_path, tracking_uri=uri,

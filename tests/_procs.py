@@ -42,6 +42,21 @@ def kill_pids_with_env(key: str, value: str) -> None:
             pass
 
 
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 120) -> None:
+    """Wait until `url` answers (any 2xx/3xx); fail with the log's tail if `proc` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:4]} exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} not up after {timeout_s} s:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.5)
+
+
 class ServerProcess:
     """`python -m ermgap.cli.main serve ...` on a free loopback port; start() waits for /health."""
 

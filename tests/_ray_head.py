@@ -30,16 +30,17 @@ class LocalHead:
     """`with LocalHead(token="...") as head:` → head.address (http://127.0.0.1:PORT) on a fresh cluster."""
 
     def __init__(self, *, token: str | None, num_cpus: int = 2, num_gpus: int | None = None,
-                 extra_env: dict[str, str] | None = None):
+                 extra_env: dict[str, str] | None = None, extra_args: list[str] | None = None):
         self.token = token
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus  # Ray accepts a declared GPU on a machine without one
         self.extra_env = extra_env or {}
+        self.extra_args = extra_args or []
         self.marker = uuid.uuid4().hex
         self.dashboard_port = free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.gcs_port = str(free_port())
-        self.gcs_address = f"127.0.0.1:{self.gcs_port}"  # what `ray.init(address=...)` joins
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"  # what `ray start --address` and ray.init join
         self.temp_dir = tempfile.mkdtemp(prefix="egr-", dir="/tmp")  # short: Unix socket paths are limited
         self.log_path = Path(self.temp_dir) / "head.log"
         self.proc: subprocess.Popen | None = None
@@ -70,7 +71,7 @@ class LocalHead:
                  # Ray's fixed defaults (agent 52365, client server 10001) would collide with another
                  # cluster on this machine: its job agent then never comes up ("No available agent").
                  f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-                 *([f"--num-gpus={self.num_gpus}"] if self.num_gpus is not None else [])],
+                 *([f"--num-gpus={self.num_gpus}"] if self.num_gpus is not None else []), *self.extra_args],
                 env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         deadline = time.monotonic() + timeout_s
@@ -87,13 +88,7 @@ class LocalHead:
                 time.sleep(0.5)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        _stop_blocking(self.proc)
         for _ in range(20):
             left = pids_with_env("ERMGAP_TEST_HEAD", self.marker)
             if not left:
@@ -114,3 +109,38 @@ class LocalHead:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class LocalNode:
+    """A second Ray node on this machine joined to `head` (`ray start --block --address`): same marker,
+    so `head.stop()` also catches what is left of it. Stop it (SIGTERM to its `ray start`) first."""
+
+    def __init__(self, head: LocalHead, *, num_cpus: int = 2, extra_args: list[str] | None = None):
+        self.head = head
+        self.num_cpus = num_cpus
+        self.extra_args = extra_args or []
+        self.log_path = Path(head.temp_dir) / f"node-{uuid.uuid4().hex[:6]}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> LocalNode:
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "ray"), "start", "--block", "--address", self.head.gcs_address,
+                 "--node-ip-address", "127.0.0.1", f"--num-cpus={self.num_cpus}", "--disable-usage-stats",
+                 f"--dashboard-agent-listen-port={free_port()}", *self.extra_args],
+                env=self.head.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def stop(self) -> None:
+        _stop_blocking(self.proc)
+
+
+def _stop_blocking(proc: subprocess.Popen | None) -> None:
+    """SIGTERM to a `ray start --block` drains its node; its session is killed if it does not exit."""
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)

@@ -17,6 +17,8 @@ _OVERRIDES_HELP = (
     "space.<config key>=\\[a, b] replaces a search dimension (a list is a grid; or a mapping like {choice: \\[a, b]}); "
     "variants.<name>.<config key>=V edits one variant; any other dotted spec key sets it "
     "(e.g. max_concurrent_trials=1, scheduler.grace_period=2, seeds=\\[1,2]).")
+ALLOW_LOCAL_HELP = ("On a multi-node Ray cluster, accept a directory storage_path and a sqlite/file tracking URI "
+                    "(only for an NFS mount at the same path on every node).")
 
 
 def sweep(
@@ -26,6 +28,7 @@ def sweep(
     resume: bool = typer.Option(False, "--resume", help="Continue the sweep after its driver died; finished trials are kept."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the trials and the resource plan; start nothing."),
     force: bool = typer.Option(False, "--force", help="Delete a previous sweep of the same name and start over."),
+    allow_local_paths: bool = typer.Option(False, "--allow-local-paths", help=ALLOW_LOCAL_HELP),
     verbose: bool = typer.Option(False, "--verbose", envvar="ERMGAP_VERBOSE",
                                  help="Show Tune's status tables and the trials' Ray/DeepSpeed output (hidden by default)."),
 ) -> None:
@@ -36,7 +39,7 @@ def sweep(
     from ermgap.sweep import run_sweep
 
     run_sweep(spec, overrides=overrides or [], address=address, resume=resume, dry_run=dry_run, force=force,
-              verbose=verbose)
+              allow_local_paths=allow_local_paths, verbose=verbose)
 
 
 def ui(
@@ -45,26 +48,42 @@ def ui(
     tracking_uri: str = typer.Option(None, "--tracking-uri",
                                      help="Backend store (default: $MLFLOW_TRACKING_URI, then sqlite:///runs/mlflow.db)."),
     workers: int = typer.Option(1, "--workers", min=1, help="Server worker processes (one is plenty for one user)."),
+    serve: bool = typer.Option(False, "--serve", help="Start a tracking server for a multi-node cluster (`mlflow server`: "
+                               "workers log to http://HOST:PORT, artifacts go through it to --artifacts-destination)."),
+    artifacts_destination: str = typer.Option(None, "--artifacts-destination",
+                                              help="With --serve: artifact store, e.g. s3://bucket/mlflow (S3-compatible: "
+                                                   "set MLFLOW_S3_ENDPOINT_URL). Default: beside a sqlite store."),
 ) -> None:
-    """Start the MLflow UI on the project's run store (Ctrl-C stops it)."""
+    """Start the MLflow UI on the project's run store, or with --serve a tracking server that the nodes
+    of a cluster log to (Ctrl-C stops it)."""
     from ermgap.config import RunConfig, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(RunConfig())
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+    if not serve and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise ConfigError(f"--tracking-uri {uri}: no MLflow store there yet (run `ermgap train` or `ermgap sweep` first)")
+    if artifacts_destination and not serve:
+        raise ConfigError("--artifacts-destination needs --serve (the UI reads artifacts where the runs put them)")
+    if serve and uri.startswith(("http://", "https://")):
+        raise ConfigError(f"--tracking-uri {uri}: --serve needs a backend store (sqlite:///…, postgresql://…), "
+                          "not another server")
     from ermgap.submit import is_loopback_host
 
+    what = "MLflow tracking server" if serve else "MLflow UI"
     if not is_loopback_host(host):
-        typer.secho(f"warning: binding {host} exposes the MLflow UI (no authentication) to the network; "
+        typer.secho(f"warning: binding {host} exposes the {what} (no authentication) to the network; "
                     "use the default 127.0.0.1 and an SSH tunnel unless you trust that network", err=True, fg="yellow")
     from ermgap.tracking import artifact_root
 
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-           "--workers", str(workers)]
+    cmd = [sys.executable, "-m", "mlflow", "server" if serve else "ui", "--backend-store-uri", uri, "--host", host,
+           "--port", str(port), "--workers", str(workers)]
     root = artifact_root(uri, "ui")
-    if root:  # experiments created in the UI keep their artifacts beside the store too
-        cmd += ["--default-artifact-root", root.rsplit("/", 1)[0]]
-    typer.echo(f"starting the MLflow UI (store {uri}) ...")
+    beside = root.rsplit("/", 1)[0] if root else None  # experiments' artifacts beside a sqlite store
+    if serve and (artifacts_destination or beside):
+        # Clients upload through the server (mlflow's --serve-artifacts), so no node needs the store's path.
+        cmd += ["--artifacts-destination", artifacts_destination or beside]
+    elif beside:
+        cmd += ["--default-artifact-root", beside]
+    typer.echo(f"starting the {what} (store {uri}) ...")
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
 
     def views() -> list[str]:
@@ -72,7 +91,7 @@ def ui(
 
         return [f"  sweep {sweep}: {base}{fragment}" for sweep, fragment in shared_runs_views(uri)]
 
-    raise typer.Exit(_run_group(cmd, ready_url=base, on_ready=views))
+    raise typer.Exit(_run_group(cmd, ready_url=base, on_ready=views, what=what))
 
 
 def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300.0) -> bool:
@@ -92,7 +111,7 @@ def _wait_ready(proc: subprocess.Popen, url: str, timeout_s: float = 300.0) -> b
     return False
 
 
-def _run_group(cmd: list[str], ready_url: str | None = None, on_ready=None) -> int:
+def _run_group(cmd: list[str], ready_url: str | None = None, on_ready=None, what: str = "MLflow UI") -> int:
     """Run `cmd` in its own process group and take the whole group down with us: `mlflow ui` starts
     uvicorn workers and job consumers that would otherwise outlive a SIGTERM to this process.
     With `ready_url`, say when the server answers there, then print the lines `on_ready()` returns."""
@@ -104,7 +123,7 @@ def _run_group(cmd: list[str], ready_url: str | None = None, on_ready=None) -> i
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
         if ready_url is not None and _wait_ready(proc, ready_url):
-            typer.echo(f"MLflow UI ready on {ready_url}  (Ctrl-C stops it)")
+            typer.echo(f"{what} ready on {ready_url}  (Ctrl-C stops it)")
             lines = on_ready() if on_ready is not None else []
             if lines:
                 typer.echo("runs tables with W-F1 and gap columns, best dev W-F1 first:")

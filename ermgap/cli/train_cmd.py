@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ermgap.cli.sweep_cmd import ALLOW_LOCAL_HELP
 from ermgap.formatting import fmt
 
 
@@ -15,9 +16,12 @@ def train(
     config: Path = typer.Argument(None, help="Run config YAML (see configs/tiny.yaml); omit with --resume."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. objective.p=1 lambda.eta=0.25."),
     address: str = typer.Option(None, "--address", help="Join this Ray cluster (default: start one on 127.0.0.1)."),
-    resume: Path = typer.Option(None, "--resume", help="Continue the run in this directory from its last checkpoint."),
-    run_dir: Path = typer.Option(None, "--run-dir", help="Run directory (default: <tracking.storage_path>/<time>-<name>)."),
+    resume: str = typer.Option(None, "--resume", help="Continue the run in this directory (or s3:// / gs:// prefix) "
+                               "from its last checkpoint."),
+    run_dir: str = typer.Option(None, "--run-dir", help="Run directory or s3:// / gs:// prefix "
+                                "(default: <tracking.storage_path>/<time>-<name>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory."),
+    allow_local_paths: bool = typer.Option(False, "--allow-local-paths", help=ALLOW_LOCAL_HELP),
     verbose: bool = typer.Option(False, "--verbose", envvar="ERMGAP_VERBOSE",
                                  help="Show Ray, DeepSpeed, transformers and worker output (hidden by default)."),
 ) -> None:
@@ -38,7 +42,7 @@ def train(
     cfg = load_config(config, overrides or []) if resume is None else None
     console = Console()
     final = run_training(cfg, address=address, resume_dir=resume, run_dir=run_dir, force=force, console=console,
-                         verbose=verbose)
+                         verbose=verbose, allow_local_paths=allow_local_paths)
 
     table = Table(title="ermgap train: best checkpoint", show_lines=False)
     table.add_column("metric")

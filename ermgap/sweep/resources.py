@@ -25,6 +25,13 @@ def check_resources(spec: SweepSpec, available: dict[str, float], where: str) ->
                     f"{d.cpus_per_worker if res == 'CPU' else 1:g} {res} + {TRIAL_DRIVER_CPU if res == 'CPU' else 0:g} "
                     f"for the trial driver) but {where} has {available.get(res, 0.0):g}; lower "
                     f"resources.num_workers / resources.cpus_per_worker / resources.gpus_per_worker")
+    for res, amount in spec.model.resources.trial_driver.items():
+        if amount > available.get(res, 0.0) + 1e-9:
+            # Tune would keep every trial PENDING forever.
+            raise ConfigError(
+                f"{spec.source}: resources.trial_driver asks for {amount:g} {res!r} per trial driver but {where} has "
+                f"{available.get(res, 0.0):g}; start the nodes meant for trial drivers with "
+                f"`ray start ... --resources '{{\"{res}\": 1}}'`, or drop resources.trial_driver")
 
 
 def check_trial_inputs(spec: SweepSpec) -> None:

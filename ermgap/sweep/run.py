@@ -18,9 +18,11 @@ from rich.console import Console
 from ermgap import tracking
 from ermgap.config import default_tracking_uri, flatten
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
-from ermgap.io import claim_dir, discard_aside, restore_aside, set_aside
+from ermgap.io import discard_aside, restore_aside
+from ermgap.multinode import check_shared_paths, input_paths
 from ermgap.ray_runtime import ensure_ray
 from ermgap.report import report_from_mlflow, run_test_predictions
+from ermgap.storage import Location
 from ermgap.sweep import render
 from ermgap.sweep.leaderboard import (
     DEV_METRICS,
@@ -59,7 +61,7 @@ class SweepOutcome:
     """What a finished sweep leaves: the leaderboard frame, the chosen trial and where things are."""
 
     name: str
-    root: Path
+    root: Location
     parent_run_id: str | None
     tracking_uri: str
     experiment: str
@@ -67,18 +69,21 @@ class SweepOutcome:
     seed_summary: pd.DataFrame | None = None  # per-configuration mean ± sd when the spec repeats seeds
     objective_comparison: pd.DataFrame | None = None  # each configuration vs the ERM one (paired bootstrap)
     best_trial: str | None = None
-    artifacts: dict[str, Path] = field(default_factory=dict)
+    artifacts: dict[str, Path | Location] = field(default_factory=dict)
     wall_s: float = 0.0
     ray_start_s: float = 0.0
 
 
 def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
-              resume: bool = False, dry_run: bool = False, force: bool = False,
+              resume: bool = False, dry_run: bool = False, force: bool = False, allow_local_paths: bool = False,
               console: Console | None = None, verbose: bool = False) -> SweepOutcome:
     """Run (or resume, or only plan) a sweep; returns the leaderboard and where everything went.
 
     Every trial config is validated and resources are checked before any trial starts: against
-    this machine before starting a local Ray cluster, against the cluster after joining `address`.
+    this machine before starting a local Ray cluster, against the cluster after joining `address`
+    (on more than one node also its shared storage, tracking server and inputs: ermgap.multinode;
+    `allow_local_paths` accepts directories on NFS). The sweep may live in a directory or under an
+    s3:// / gs:// prefix (ermgap.storage), and --resume needs nothing but that location.
     `verbose` shows Tune's status tables and the trials' worker output (hidden by default: each trial
     is one live line, see sweep/live.py).
     """
@@ -96,6 +101,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
     state = _claim_root(spec, paths, resume=resume, force=force)
     if state is not None:
         outcome.tracking_uri, outcome.experiment = state["tracking_uri"], state["experiment"]
+    tracking.check_server(outcome.tracking_uri, "the sweep driver")
     if address is None:
         check_resources(spec, local_resources(), "this machine")
         check_trial_inputs(spec)
@@ -107,15 +113,18 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
     aside = None
     try:
         check_resources(spec, ray.cluster_resources(), "the Ray cluster")
+        for inputs in {tuple(input_paths(spec.trial_config(p)).items()) for p in spec.example_trials()}:
+            check_shared_paths(storage=str(paths.root), tracking_uri=outcome.tracking_uri, inputs=dict(inputs),
+                               allow_local_paths=allow_local_paths, where=spec.source)
         if address is not None:
             check_trial_inputs(spec)
         # Only now, with every check passed, does --force move the previous sweep out of the way.
-        aside = set_aside(paths.root, "sweep directory") if force else None
+        aside = paths.root.set_aside("sweep directory") if force else None
         try:
-            claim_dir(paths.root, f"sweep {spec.name}")
+            paths.root.claim(f"sweep {spec.name}")
             outcome.parent_run_id = _open_parent(spec, paths, outcome, state)
         except BaseException:
-            restore_aside(aside, paths.root)
+            restore_aside(aside, str(paths.root))
             raise
         results = _fit(spec, paths, outcome, resume=state is not None, verbose=verbose, out=out)
         discard_aside(aside)
@@ -132,6 +141,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
 
 def _claim_root(spec: SweepSpec, paths: SweepPaths, *, resume: bool, force: bool) -> dict | None:
     """The sweep's directory for this invocation: its saved state on --resume, else a fresh start."""
+    paths.root.check_reachable("the sweep driver")
     if resume and force:
         raise ConfigError("--resume and --force contradict each other: resume continues the sweep, force starts over")
     if resume:
@@ -151,7 +161,7 @@ def _open_parent(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, stat
     if state is not None:
         tracking.set_status(outcome.tracking_uri, state["parent_run_id"], "RUNNING")
         return state["parent_run_id"]
-    paths.root.mkdir(parents=True, exist_ok=True)
+    paths.root.mkdir()
     params = flatten({k: v for k, v in spec.raw.items() if k != "base"})
     params["base"] = spec.model.base if isinstance(spec.model.base, str) else "<inline>"
     params.update({f"base.{k}": v for k, v in flatten(spec.base_tree).items()})
@@ -234,8 +244,6 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
     outcome.seed_summary = seed_summary(board, spec)
     outcome.objective_comparison = objective_comparison(board, spec, _test_predictions(uri, board, runs))
     outcome.best_trial = select_best(board, spec) if not board.empty else None
-    outcome.artifacts = render.write_artifacts(spec, board, outcome.seed_summary, paths.artifacts,
-                                               outcome.objective_comparison)
     tags, metrics = {}, {}
     best = board[board["best"]] if "best" in board else board.iloc[:0]
     if not best.empty:
@@ -245,13 +253,25 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
             tags["ermgap.best_run_id"] = b["mlflow_run_id"]
         # The children's names (best/<metric>): the runs table shows parent and children in the same columns.
         metrics = {f"{tracking.BEST}{m}": b[m] for m in DEV_METRICS + TEST_METRICS if b[m] is not None}
-    tracking.log_sweep_summary(uri, parent_id, files=list(outcome.artifacts.values()), tags=tags, metrics=metrics)
-    outcome.artifacts.update(_paper_report(uri, parent_id, paths.report, out))
+    # Written locally (staged, and uploaded when the sweep lives on object storage), then logged.
+    with paths.artifacts.staged() as art:
+        files = render.write_artifacts(spec, board, outcome.seed_summary, art, outcome.objective_comparison)
+        tracking.log_sweep_summary(uri, parent_id, files=list(files.values()), tags=tags, metrics=metrics)
+    outcome.artifacts = _stored(files, art, paths.artifacts)
+    with paths.report.staged() as rep_dir:
+        outcome.artifacts.update(_stored(_paper_report(uri, parent_id, rep_dir, out), rep_dir, paths.report))
     failed = failure_message(spec.name, board)
     if failed is not None:
         tracking.client(uri).set_tag(parent_id, tracking.TAG_ERROR, failed[:5000])
     tracking.set_status(uri, parent_id, "FAILED" if failed else "FINISHED")
     return failed
+
+
+def _stored(files: dict[str, Path], staged: Path, loc: Location) -> dict[str, Path | Location]:
+    """Where files written under `staged` live now: there, or (object storage) their uploaded copies."""
+    if not loc.is_remote:
+        return dict(files)
+    return {k: loc / p.relative_to(staged).as_posix() for k, p in files.items()}
 
 
 def failure_message(name: str, board: pd.DataFrame) -> str | None:

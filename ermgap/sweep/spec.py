@@ -130,6 +130,19 @@ class ResourcesSpec(_Section):
     num_workers: int | None = Field(None, gt=0, description="Ray Train workers per trial (default: the base config's).")
     cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per worker (default: the base config's).")
     gpus_per_worker: int | None = Field(None, ge=0, le=1, description="0 or 1 GPU per worker (default: the base config's).")
+    trial_driver: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each trial driver requests besides its 0.1 CPU, e.g. {on_demand: 0.01} "
+                    "to pin drivers to non-spot nodes started with --resources '{\"on_demand\": 1}'.")
+
+    @field_validator("trial_driver")
+    @classmethod
+    def _custom_only(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, amount in v.items():
+            if k.upper() in ("CPU", "GPU", "MEMORY") or amount <= 0:
+                raise ValueError(f"{k}: {amount}: name a custom resource with a positive amount "
+                                 "(CPU/GPU come from num_workers and cpus_per_worker)")
+        return v
 
 
 class MlflowSpec(_Section):

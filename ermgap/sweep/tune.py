@@ -115,8 +115,9 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 def trainable(ctx: TrialContext):
     fn = partial(run_trial, ctx=ctx)
     fn.__name__ = "ermgap_trial"  # Tune names the trainable after the function
-    # The trial function only waits on trainer.fit(); its workers hold the real resources.
-    return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPU})
+    # The trial function only waits on trainer.fit(); its workers hold the real resources. A custom
+    # resource (resources.trial_driver) pins the drivers to nodes that carry it (non-spot ones).
+    return tune.with_resources(fn, {"cpu": TRIAL_DRIVER_CPU, **ctx.spec.model.resources.trial_driver})
 
 
 def tuner(spec: SweepSpec, ctx: TrialContext, resume: bool, *, verbose: bool = False,
@@ -126,8 +127,9 @@ def tuner(spec: SweepSpec, ctx: TrialContext, resume: bool, *, verbose: bool = F
     Progress is `SweepProgress`'s one line per trial; Tune's status tables and result boxes only with
     `verbose` (a restored Tuner keeps the settings it was started with)."""
     fn = trainable(ctx)
-    if resume and tune.Tuner.can_restore(str(ctx.paths.tune)):
-        return tune.Tuner.restore(str(ctx.paths.tune), fn, resume_unfinished=True, resume_errored=True)
+    tune_path, fs = ctx.paths.tune.ray_storage()
+    if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=fs):
+        return tune.Tuner.restore(tune_path, fn, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     m = spec.model
     return tune.Tuner(
         fn,
@@ -138,7 +140,8 @@ def tuner(spec: SweepSpec, ctx: TrialContext, resume: bool, *, verbose: bool = F
             # that it "will be ignored".
             max_concurrent_trials=None if m.algorithm in ("grid", "random") else m.max_concurrent_trials,
             trial_dirname_creator=lambda t: t.trial_id),
-        run_config=tune.RunConfig(name=ctx.paths.tune.name, storage_path=str(ctx.paths.root),
+        run_config=tune.RunConfig(name=ctx.paths.tune.name, storage_path=ctx.paths.root.ray_storage()[0],
+                                  storage_filesystem=fs,
                                   verbose=2 if verbose else 0, callbacks=[SweepProgress(spec, console)]),
     )
 
