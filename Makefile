@@ -16,9 +16,6 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.ermgap-setup
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist; whole files per process, so a module's Ray cluster fixture starts once).
-# Most tests are one Ray Train worker on one core waiting on Ray start-up, so two processes fit 2 cores.
-TEST_WORKERS ?= 2
 
 # Commands the project needs from Debian: espeak-ng (the synthetic corpus), sox (audio tools),
 # chromium (the MLflow UI screenshot test; optional for non-root users).
@@ -59,7 +56,7 @@ system-deps:
 	fi
 
 test: setup
-	$(PY) -m pytest -q --durations=15 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 DEMO_CORPUS := data/synth/manifest.csv
 DEMO_MODEL  := models/tiny/config.json

@@ -234,14 +234,16 @@ def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, synth_corpus, tiny_model)
     proc = _cli(spec, marker)
     try:
         deadline = time.monotonic() + 300
-        parent = None
+        parent, started = None, False
         while time.monotonic() < deadline and proc.poll() is None:
             time.sleep(1)
             if state_file.exists():
                 parent = json.loads(state_file.read_text())["parent_run_id"]
-                if not _children(uri, "term", parent).empty:
+                started = not _children(uri, "term", parent).empty
+                if started:
                     break
         assert proc.poll() is None and parent is not None, proc.stdout.read()[-3000:]
+        assert started, "the trial opened no MLflow run within 300 s"
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=120)
         assert proc.returncode == 130, output[-3000:]

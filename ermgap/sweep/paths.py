@@ -23,6 +23,9 @@ STATE_FILE = "sweep_state.json"
 class SweepPaths:
     root: Location
 
+    def __post_init__(self) -> None:
+        self.root = Location.of(self.root)  # a plain directory path works too
+
     @classmethod
     def of(cls, spec: SweepSpec) -> SweepPaths:
         try:
