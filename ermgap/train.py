@@ -946,7 +946,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         check_cluster_gpus(cfg, f"the Ray cluster at {address}" if address else "the local Ray cluster")
         check_shared_paths(storage=str(run_path), tracking_uri=uri, inputs=input_paths(cfg),
                            allow_local_paths=allow_local_paths)
-        close_orphaned_runs(default_tracking_uri(cfg), cfg.tracking.experiment)
+        close_orphaned_runs(uri, cfg.tracking.experiment)
         box = ProgressBox.remote()
         make_trainer = partial(build_trainer, cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
                                mlflow_parent_run_id=mlflow_parent_run_id,
