@@ -77,6 +77,14 @@ VOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "F": {"train": ("f1", "f2", "Annie", "belinda"), "eval": ("f3", "anika", "steph2", "linda", "Andrea", "steph3")},
     "M": {"train": ("m1", "m2", "m3", "m6"), "eval": ("m7", "david", "john", "adam", "michel", "robert")},
 }
+# The pretraining corpus of `ermgap model tiny --pretrain` (ermgap.pretrain): voices heard nowhere in the
+# corpus above (five per gender, so the backbone learns emotion from both genders alike) and its own
+# sentences, so a zero-shot evaluation of the pretrained backbone on the demo corpus is on unseen voices
+# and unseen sentences.
+PRETRAIN_VOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "F": {"train": ("Alicia", "aunty", "steph", "f4"), "eval": ("f5",)},
+    "M": {"train": ("m4", "m8", "Andy", "paul"), "eval": ("m5",)},
+}
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,33 @@ SENTENCES: dict[str, tuple[str, ...]] = {
         "へやにいすがよっつあります。", "かのじょがしんぶんをよんでいます。",
         "くるまがそとにとめてあります。", "らいしゅうのけいかくについてはなしました。",
         "かれがどようびにへいをぬりました。", "でんわがつくえのうえにあります。",
+    ),
+}
+
+PRETRAIN_SENTENCES: dict[str, tuple[str, ...]] = {
+    "eng": (
+        "The river runs past the old mill.", "Our neighbours planted two trees.",
+        "The report is due at the end of the month.", "A taxi is waiting at the gate.",
+        "The museum opens at ten on Sundays.", "He keeps his bicycle in the hall.",
+        "The soup needs a little more salt.", "We watched the boats in the harbour.",
+        "The printer on the third floor is new.", "Her sister lives near the park.",
+        "The lamp is next to the sofa.", "They sold the house in spring.",
+    ),
+    "deu": (
+        "Der Fluss fließt an der alten Mühle vorbei.", "Unsere Nachbarn haben zwei Bäume gepflanzt.",
+        "Der Bericht ist Ende des Monats fällig.", "Ein Taxi wartet am Tor.",
+        "Das Museum öffnet sonntags um zehn.", "Er stellt sein Fahrrad in den Flur.",
+        "Die Suppe braucht etwas mehr Salz.", "Wir haben die Boote im Hafen angeschaut.",
+        "Der Drucker im dritten Stock ist neu.", "Ihre Schwester wohnt in der Nähe des Parks.",
+        "Die Lampe steht neben dem Sofa.", "Sie haben das Haus im Frühling verkauft.",
+    ),
+    "jpn": (
+        "かわがふるいすいしゃのそばをながれています。", "となりのひとがきをにほんうえました。",
+        "レポートのしめきりがつきのおわりです。", "タクシーがもんのまえでまっています。",
+        "はくぶつかんがにちようびのじゅうじにあきます。", "かれがじてんしゃをろうかにおいています。",
+        "スープにもうすこししおがひつようです。", "みなとでふねをみました。",
+        "さんがいのプリンターがあたらしいです。", "かのじょのいもうとがこうえんのちかくにすんでいます。",
+        "ランプがソファのとなりにあります。", "かれらがはるにいえをうりました。",
     ),
 }
 
@@ -265,8 +300,13 @@ def _jittered(centre: Prosody, speaker: Prosody, rng: np.random.Generator) -> Pr
 
 def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, str], float], seed: int,
                 lexical_cue_rate: float, dev_per_cell: int | None = None,
-                train_share: Mapping[tuple[str, str], float] | None = None) -> tuple[list[dict], list[Job]]:
-    """Decide every utterance (rows of the manifest + render jobs) from `seed`; pure, no I/O."""
+                train_share: Mapping[tuple[str, str], float] | None = None,
+                voices: Mapping[str, Mapping[str, tuple[str, ...]]] = VOICES,
+                sentences: Mapping[str, tuple[str, ...]] = SENTENCES,
+                id_prefix: str = "syn") -> tuple[list[dict], list[Job]]:
+    """Decide every utterance (rows of the manifest + render jobs) from `seed`; pure, no I/O.
+    `voices` ({gender: {"train"|"eval": variants}}) and `sentences` ({language: texts}) default to the
+    demo corpus's; the pretraining corpus passes PRETRAIN_VOICES / PRETRAIN_SENTENCES."""
     train_share = dict(train_share or {})
     rng = np.random.default_rng(seed)
     speaker_offset: dict[str, Prosody] = {}
@@ -279,7 +319,7 @@ def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, s
                 n = sizes[split]
                 if split == "train" and (lang, gender) in train_share:
                     n = max(1, int(np.floor(train_share[(lang, gender)] * n + 0.5)))
-                voices = VOICES[gender]["train" if split == "train" else "eval"]
+                pool_voices = voices[gender]["train" if split == "train" else "eval"]
                 strength = float(bias.get((lang, gender), 0.0))
                 # Voices rotate over the whole (split, language, gender) block, so every voice is used
                 # even when a cell has fewer utterances than there are voices.
@@ -289,7 +329,7 @@ def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, s
                     # flip), so a small corpus still carries the requested bias.
                     neutralised = set(rng.permutation(n)[: int(np.floor(strength * n + 0.5))].tolist())
                     for k in range(n):
-                        variant = voices[turn % len(voices)]
+                        variant = pool_voices[turn % len(pool_voices)]
                         turn += 1
                         speaker = f"{lang}_{variant}"
                         if speaker not in speaker_offset:
@@ -299,11 +339,11 @@ def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, s
                                 rate=SPEAKER_JITTER.rate * z[2], amplitude=0, word_gap=0)
                         flat = emotion != "neutral" and k in neutralised
                         cue = bool(rng.random() < lexical_cue_rate)
-                        pool = CUE_SENTENCES[lang][emotion] if cue else SENTENCES[lang]
+                        pool = CUE_SENTENCES[lang][emotion] if cue else sentences[lang]
                         text = pool[int(rng.integers(len(pool)))]
                         centre = EMOTION_PROSODY["neutral" if flat else emotion]
                         prosody = _jittered(centre, speaker_offset[speaker], rng)
-                        utt_id = f"syn_{split}_{lang}_{len(rows):05d}"
+                        utt_id = f"{id_prefix}_{split}_{lang}_{len(rows):05d}"
                         rel = f"wavs/{split}/{lang}/{utt_id}.wav"
                         rows.append(dict(utt_id=utt_id, split=split, language=lang, emotion=emotion,
                                          speaker=speaker, gender=gender, transcript=text, audio=rel,
@@ -363,6 +403,9 @@ def synthesize(
     force: bool = False,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    voices: Mapping[str, Mapping[str, tuple[str, ...]]] = VOICES,
+    sentences: Mapping[str, tuple[str, ...]] = SENTENCES,
+    id_prefix: str = "syn",
 ) -> Path:
     """Generate the corpus into `out_dir` (atomically; refuses an existing dir unless force) and return
     the manifest path. bias: {(language, gender): strength in [0, 1]}; None means DEMO_BIAS, {} none.
@@ -380,7 +423,8 @@ def synthesize(
     check_writable(out_dir, force)
     version = espeak_version()
     rows, jobs = plan_corpus(per_cell=per_cell, eval_per_cell=eval_per_cell, bias=bias, seed=seed,
-                             lexical_cue_rate=lexical_cue_rate, dev_per_cell=dev_per_cell, train_share=train_share)
+                             lexical_cue_rate=lexical_cue_rate, dev_per_cell=dev_per_cell, train_share=train_share,
+                             voices=voices, sentences=sentences, id_prefix=id_prefix)
     total = len(jobs)
     with atomic_dir(out_dir, force=force) as tmp:
         # Chunks keep process overhead low; order of results is the order of jobs, so output is
@@ -418,7 +462,7 @@ def synthesize(
             "lexical_cue_rate": lexical_cue_rate,
             "bias": [{"language": k[0], "gender": k[1], "strength": v} for k, v in sorted(bias.items())],
             "train_share": [{"language": k[0], "gender": k[1], "share": v} for k, v in sorted(train_share.items())],
-            "sample_rate": SAMPLE_RATE, "voices": VOICES, "espeak_language": ESPEAK_LANG,
+            "sample_rate": SAMPLE_RATE, "voices": voices, "espeak_language": ESPEAK_LANG,
             "emotion_prosody": {e: asdict(p) for e, p in EMOTION_PROSODY.items()},
             "jitter_sd": asdict(JITTER), "speaker_jitter_sd": asdict(SPEAKER_JITTER),
             "num_utterances": total, "num_prosody_neutralised": int(df["prosody_neutralised"].sum()),
