@@ -207,7 +207,9 @@ class LambdaConfig(_Section):
 class OptimConfig(_Section):
     lr: float = Field(5e-5, gt=0, le=1, description="Peak learning rate (at most 1).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
-    epochs: int = Field(20, gt=0, description="Maximum epochs.")
+    epochs: int = Field(20, ge=0, description="Maximum epochs. 0 trains nothing: the run evaluates the backbone as "
+                                              "it is (a zero-shot row of the paper's Table 3; LoRA starts as the "
+                                              "identity).")
     effective_batch_size: int = Field(64, gt=0, description="Global batch per optimizer step = micro × accumulation × workers.")
     micro_batch_size: int = Field(4, gt=0, description="Per-worker micro-batch.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps with linear warm-up.")

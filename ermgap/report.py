@@ -38,7 +38,7 @@ from ermgap.io import atomic_dir
 from ermgap.labels import MODALITIES
 from ermgap.metric_registry import METRICS
 from ermgap.task import Task, task_for_predictions
-from ermgap.tracking import describe_objective, objective_kind
+from ermgap.tracking import ZERO_SHOT, describe_objective, is_zero_shot, objective_kind
 
 OVERALL = "multilingual"  # the pooled subset's key (the paper's "Multilingual" rows)
 MODALITY_TITLES = {"uni": "Unimodal (Speech only)", "multi": "Multimodal (Speech + Transcription)"}
@@ -240,7 +240,8 @@ PAPER_P = 2.0  # the paper's penalty power: the adaptive run it calls "Ours"
 def table3_layout(systems: Sequence[System]) -> list[tuple[str, list[tuple[str, str]]]]:
     """The paper's Table 3 from what the systems are: [(section, [(system name, row label)])].
 
-    Main components: systems given with that group (zero-shot), "+ ERM (SFT)", "ERM-MinMaxGAP (Ours)"
+    Main components: systems given with that group (zero-shot) and runs that trained nothing (`optim.epochs` 0:
+    "<backbone> (zero-shot)"), "+ ERM (SFT)", "ERM-MinMaxGAP (Ours)"
     (adaptive λ with p = 2, else the only adaptive run); Lambda effect: "λ = 0 (SFT)", "λ = 1", …,
     "λ = adaptive (Ours)"; Penalty power effect: "p = 1", "p = 2 (Ours)"; other objectives and other
     explicit groups after. A run can sit in several sections, as in the paper. Lambda and penalty
@@ -263,6 +264,10 @@ def table3_layout(systems: Sequence[System]) -> list[tuple[str, list[tuple[str, 
     for name, s in first.items():
         if not s.params:
             add(s.group or DEFAULT_GROUP, name, name, -1.0)
+            continue
+        if is_zero_shot(s.params):
+            backbone = Path(str(s.params.get("model.name_or_path", "backbone")).rstrip("/")).name
+            add(MAIN, name, f"{backbone} ({ZERO_SHOT})", -1.0)
             continue
         kind, mode = objective_kind(s.params), s.params.get("lambda.mode")
         lam = float(s.params.get("lambda.init", 0.0)) if kind == "minmaxgap" and mode == "fixed" else None

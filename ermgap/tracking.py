@@ -268,12 +268,25 @@ def objective_kind(params: dict[str, Any]) -> str:
     return params.get("objective.kind", "minmaxgap")
 
 
+ZERO_SHOT = "zero-shot"
+
+
+def is_zero_shot(params: dict[str, Any]) -> bool:
+    """Whether a run trained nothing (`optim.epochs` 0): its metrics are the backbone's, as it is."""
+    try:
+        return int(float(params.get("optim.epochs", 1))) == 0
+    except (TypeError, ValueError):
+        return False
+
+
 def describe_objective(params: dict[str, Any]) -> str:
     """A run's objective in the paper's words from its flattened config params ("ERM (SFT)", "λ = 3",
     "ERM-MinMaxGAP (p=2)", "Group DRO (η=0.05)"): the MLflow param `objective` and the report's row name."""
     # Lazy: the objectives import torch, which `ermgap report` on prediction files does not need.
     from ermgap.objectives import OBJECTIVES
 
+    if is_zero_shot(params):
+        return ZERO_SHOT
     kind = objective_kind(params)
     if kind == "group_dro":
         return f"{OBJECTIVES[kind].label} (η={float(params.get('objective.group_dro.eta', 'nan')):g})"

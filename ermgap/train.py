@@ -304,7 +304,8 @@ class LoRARecipe:
         optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         scheduler = transformers.get_scheduler(
             SCHEDULERS[cfg.optim.scheduler], optimizer,
-            num_warmup_steps=int(cfg.optim.warmup_ratio * self.total_steps), num_training_steps=self.total_steps)
+            num_warmup_steps=int(cfg.optim.warmup_ratio * self.total_steps),
+            num_training_steps=max(1, self.total_steps))  # a zero-shot run (epochs 0) takes no step
         ds_config = {
             # Accumulation is ours (module docstring): DeepSpeed sees one micro-batch per step.
             "train_micro_batch_size_per_gpu": cfg.optim.micro_batch_size * self.accum,

@@ -281,6 +281,25 @@ def test_table3_has_the_papers_sections_labels_and_a_caption(tmp_path):
     assert list(csv.loc[csv["model"] == "p = 1", "system"]) == ["ERM-MinMaxGAP (p=1)"]
 
 
+def test_a_run_that_trained_nothing_is_tables_zero_shot_row(tmp_path):
+    """A sweep's zero-shot trial (optim.epochs 0; objective params as ERM's) is Table 3's first main row,
+    named after its backbone, and never taken for ERM."""
+    from ermgap.tracking import describe_objective
+
+    frames = fake_systems()
+    base, ours = frames[("Base_1", "uni")], frames[("Ours", "uni")]
+    zero = {"objective.kind": "erm", "optim.epochs": "0", "model.name_or_path": "models/tiny-pretrained/"}
+    erm = {"objective.kind": "erm", "optim.epochs": "6"}
+    adaptive = {"lambda.mode": "adaptive", "objective.p": "2.0", "optim.epochs": "6"}
+    assert describe_objective(zero) == "zero-shot" and describe_objective(erm) == "ERM (SFT)"
+    systems = [System(name=describe_objective(p), modality="uni", preds=pr, params=p)
+               for p, pr in ((adaptive, ours), (erm, base), (zero, base))]
+    _, rows3 = parse_markdown(build_report(systems, tmp_path / "rep")["table3_md"].read_text())
+    assert [r[0] for r in rows3][:4] == ["*Main components*", "tiny-pretrained (zero-shot)", "+ ERM (SFT)",
+                                         "ERM-MinMaxGAP (Ours)"]
+    assert sum(r[0].startswith("λ = 0") for r in rows3) == 1  # the zero-shot run is not a λ = 0 row
+
+
 def test_paired_comparison_lines_use_two_decimals_and_a_true_minus():
     from ermgap.report import paired_lines
 

@@ -151,6 +151,28 @@ def test_cached_encoder_outputs_give_the_same_run_as_recomputing_them(reference,
     _assert_same_run(reference, off)
 
 
+def test_a_zero_epoch_run_is_the_backbone_zero_shot(reference, base, small_manifest, tiny_model):
+    """optim.epochs 0 (a sweep's zero-shot trial) trains nothing: its test predictions are the backbone's own
+    label scores. Oracle: the zero-shot evaluation backend on the same rows (raw audio, no LoRA, no cache)."""
+    from ermgap.backends.qwen2_audio import Qwen2AudioBackend
+    from ermgap.config import ModelConfig, PromptConfig
+    from ermgap.data.manifest import read_manifest
+
+    zero = _train(base, "zero_shot", ["optim.epochs=0", "distributed.num_workers=1"])
+    assert zero["done"] is True and zero["step"] == 0 and zero["stopped_early"] is False
+    got = pd.read_csv(Path(zero["run_dir"]) / "test_preds.csv").set_index("utt_id")
+    rows = read_manifest(small_manifest)
+    rows = rows[rows["split"] == "test"].to_dict("records")
+    backend = Qwen2AudioBackend(ModelConfig(name_or_path=str(tiny_model), dtype="fp32"), PromptConfig(), modality="uni")
+    want = {r["utt_id"]: p for r, p in zip(rows, backend.predict(rows))}
+    assert sorted(got.index) == sorted(want)
+    score_columns = [c for c in got.columns if c.startswith("score_")]  # in the task's label order
+    assert len(score_columns) == 7
+    for utt, p in want.items():
+        assert got.at[utt, "pred"] == p.pred, utt
+        assert [got.at[utt, c] for c in score_columns] == pytest.approx(list(p.scores), abs=1e-4), utt
+
+
 def _newest_step(run_dir: Path) -> int:
     """Optimizer steps of the newest checkpoint whose files from both ranks are all on disk."""
     from ermgap.checkpointing import newest_on_disk
