@@ -221,20 +221,23 @@ class EncodedDataset(torch.utils.data.Dataset):
         return len(self.base)
 
     def fill(self, indices: Sequence[int] | None = None, *, on_done: Callable[[int], None] | None = None) -> None:
-        """Ensure every entry of `indices` (default: all) is in the cache; counts hits and misses."""
-        todo = []
-        for i in range(len(self)) if indices is None else indices:
-            if self.cache.load(self.keys[i]) is None:
-                todo.append(i)
-            else:
-                self.cache.stats.hits += 1
-                if on_done:
-                    on_done(1)
-        for start in range(0, len(todo), self.batch_size):
-            chunk = todo[start:start + self.batch_size]
-            self._compute(chunk)
+        """Ensure every entry of `indices` (default: all) is in the cache; counts hits and misses.
+
+        Entries are looked up a batch at a time, just before that batch would be encoded, so that trials
+        filling one cache at once (a sweep's first trials) take up each other's entries instead of all
+        encoding everything."""
+        order = list(range(len(self)) if indices is None else indices)
+        for start in range(0, len(order), self.batch_size):
+            todo = []
+            for i in order[start:start + self.batch_size]:
+                if self.cache.load(self.keys[i]) is None:
+                    todo.append(i)
+                else:
+                    self.cache.stats.hits += 1
+            if todo:
+                self._compute(todo)
             if on_done:
-                on_done(len(chunk))
+                on_done(len(order[start:start + self.batch_size]))
 
     def _compute(self, indices: Sequence[int]) -> list[torch.Tensor]:
         items = [self.base[i] for i in indices]

@@ -260,9 +260,11 @@ class LoRARecipe:
                 base, self.feature_cache, model, processor, batch_size=cfg.eval.batch_size, device=self.device)
             self.splits[split] = _Split(rows, base, features)
         if self.feature_cache is not None:
-            # Each rank encodes its share of the missing entries, then every rank reads all of them.
-            for data in self.splits.values():
-                data.features.fill(range(self.rank, len(data.features), self.world))
+            # Each rank encodes its share of the missing entries, then every rank reads all of them. A run
+            # that trains nothing (zero-shot) never reads the train split.
+            for name, data in self.splits.items():
+                if name != "train" or cfg.optim.epochs > 0:
+                    data.features.fill(range(self.rank, len(data.features), self.world))
             if self.world > 1:
                 torch.distributed.barrier()
         self.collator = EmotionCollator(processor, cfg.prompt, cfg.data.modality, sample_rate=cfg.data.sample_rate,

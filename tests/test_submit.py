@@ -146,7 +146,7 @@ def test_token_cluster_end_to_end(token_head, tmp_path):
     r = _cli("submit", str(PAPER_SPEC), "--address", head.address, "--follow", "--", "--dry-run", env=env)
     outputs.append(r.stdout + r.stderr)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "sweep paper_main: 4 trials" in r.stdout
+    assert "sweep paper_main: 6 trials" in r.stdout
     assert "storage_path=runs/sweeps" in r.stderr and "is relative" in r.stderr  # Tune state would be lost
     assert "SUCCEEDED" in r.stderr
     job_id = r.stdout.splitlines()[0].strip()

@@ -135,11 +135,15 @@ def test_trial_config_equals_independently_loaded_config():
     """Oracle: config.load_config(base, dotted overrides) built by hand for one demo trial."""
     spec = load_sweep_spec(SWEEPS / "demo.yaml")
     got = spec.trial_config({"variant": "adaptive_p1"})
-    want = load_config(TINY, ["optim.epochs=8", "optim.scheduler=cosine", "lora.train_audio_encoder=true",
+    want = load_config(TINY, ["model.name_or_path=models/tiny-pretrained", "lora.train_audio_encoder=false",
+                              "optim.epochs=5", "optim.scheduler=cosine",
                               "eval.patience=0", "lambda.eta=5.0", "distributed.num_workers=1",
                               "distributed.cpus_per_worker=0.9", "distributed.use_gpu=false",
                               "lambda.mode=adaptive", "lambda.init=0.0", "objective.p=1"])
     assert got.to_dict() == want.to_dict()
+    # The zero-shot trial is the same config with nothing trained.
+    zero = spec.trial_config({"variant": "zero_shot"}).to_dict()
+    assert zero["optim"]["epochs"] == 0 and zero["model"] == want.to_dict()["model"]
 
 
 def test_grid_is_the_cartesian_product(tmp_path):
@@ -171,7 +175,7 @@ def test_spec_hash_changes_with_overrides(tmp_path):
 # --------------------------------------------------------------------------- shipped specs
 
 
-@pytest.mark.parametrize("name,trials", [("demo", 4), ("paper_main", 2 * 2), ("paper_ablation", 5 * 2 * 2),
+@pytest.mark.parametrize("name,trials", [("demo", 5), ("paper_main", 3 * 2), ("paper_ablation", 5 * 2 * 2),
                                          ("fairness_grid", 3 * 3 * 3)])
 def test_shipped_specs_validate_and_dry_run(name, trials):
     from typer.testing import CliRunner

@@ -24,8 +24,8 @@ def tiny(
     arch: str = typer.Option("qwen2-audio", "--arch", help="qwen2-audio | voxtral."),
     pretrain: bool = typer.Option(False, "--pretrain", help="Train the tiny Qwen2-Audio in full on a pretraining corpus "
                                   "of its own (voices and sentences the demo corpus never uses, genders balanced; "
-                                  "~2 min on 2 cores), so LoRA on its language model alone can learn (the paper's setting)."),
-    pretrain_epochs: int = typer.Option(None, "--pretrain-epochs", min=1, help="Pretraining epochs (default 14; the "
+                                  "~1.5 min on 2 cores), so LoRA on its language model alone can learn (the paper's setting)."),
+    pretrain_epochs: int = typer.Option(None, "--pretrain-epochs", min=1, help="Pretraining epochs (default 10; the "
                                         "weights of the best epoch on the pretraining corpus's dev split are kept)."),
 ) -> None:
     """A tiny Qwen2-Audio or Voxtral with a locally trained BPE tokenizer (no download): random weights, or
