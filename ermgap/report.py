@@ -251,7 +251,8 @@ def table3_layout(systems: Sequence[System]) -> list[tuple[str, list[tuple[str, 
     for s in systems:
         first.setdefault(s.name, s)
     adaptive = {n: float(s.params.get("objective.p", PAPER_P)) for n, s in first.items()
-                if s.params and objective_kind(s.params) == "minmaxgap" and s.params.get("lambda.mode") == "adaptive"}
+                if s.params and objective_kind(s.params) == "minmaxgap" and s.params.get("lambda.mode") == "adaptive"
+                and not is_zero_shot(s.params)}  # a zero-shot trial keeps its sweep's λ settings but trained nothing
     ours = next((n for n, p in adaptive.items() if p == PAPER_P), next(iter(adaptive), None))
     sections: dict[str, list[tuple[str, str, float]]] = {}
 

@@ -288,12 +288,14 @@ def test_a_run_that_trained_nothing_is_tables_zero_shot_row(tmp_path):
 
     frames = fake_systems()
     base, ours = frames[("Base_1", "uni")], frames[("Ours", "uni")]
-    zero = {"objective.kind": "erm", "optim.epochs": "0", "model.name_or_path": "models/tiny-pretrained/"}
+    # The sweep's λ settings (adaptive, p = 2) stay on its zero-shot trial: it must not become "Ours".
+    zero = {"objective.kind": "minmaxgap", "lambda.mode": "adaptive", "objective.p": "2.0", "optim.epochs": "0",
+            "model.name_or_path": "models/tiny-pretrained/"}
     erm = {"objective.kind": "erm", "optim.epochs": "6"}
     adaptive = {"lambda.mode": "adaptive", "objective.p": "2.0", "optim.epochs": "6"}
     assert describe_objective(zero) == "zero-shot" and describe_objective(erm) == "ERM (SFT)"
     systems = [System(name=describe_objective(p), modality="uni", preds=pr, params=p)
-               for p, pr in ((adaptive, ours), (erm, base), (zero, base))]
+               for p, pr in ((zero, base), (adaptive, ours), (erm, base))]
     _, rows3 = parse_markdown(build_report(systems, tmp_path / "rep")["table3_md"].read_text())
     assert [r[0] for r in rows3][:4] == ["*Main components*", "tiny-pretrained (zero-shot)", "+ ERM (SFT)",
                                          "ERM-MinMaxGAP (Ours)"]
