@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import tempfile
 import time
 import warnings
@@ -223,13 +224,16 @@ class EncodedDataset(torch.utils.data.Dataset):
     def fill(self, indices: Sequence[int] | None = None, *, on_done: Callable[[int], None] | None = None) -> None:
         """Ensure every entry of `indices` (default: all) is in the cache; counts hits and misses.
 
-        Entries are looked up a batch at a time, just before that batch would be encoded, so that trials
-        filling one cache at once (a sweep's first trials) take up each other's entries instead of all
-        encoding everything."""
+        Trials that start together (a sweep's first wave) fill one cache at once. Each process visits the
+        batches in an order of its own (random) and looks a batch's entries up just before encoding it, so
+        concurrent fillers mostly take up each other's entries instead of all encoding everything; the
+        batches themselves are fixed, so an entry's content does not depend on who computed it."""
         order = list(range(len(self)) if indices is None else indices)
-        for start in range(0, len(order), self.batch_size):
+        batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+        random.Random(int.from_bytes(os.urandom(8), "little")).shuffle(batches)
+        for batch in batches:
             todo = []
-            for i in order[start:start + self.batch_size]:
+            for i in batch:
                 if self.cache.load(self.keys[i]) is None:
                     todo.append(i)
                 else:
@@ -237,7 +241,7 @@ class EncodedDataset(torch.utils.data.Dataset):
             if todo:
                 self._compute(todo)
             if on_done:
-                on_done(len(order[start:start + self.batch_size]))
+                on_done(len(batch))
 
     def _compute(self, indices: Sequence[int]) -> list[torch.Tensor]:
         items = [self.base[i] for i in indices]

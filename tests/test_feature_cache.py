@@ -169,6 +169,36 @@ def test_concurrent_writers_never_leave_a_torn_entry(tmp_path):
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [reader.path(reader.key("same-audio")).name]
 
 
+def _filler(model_dir: str, manifest: str, directory: str, barrier, results) -> None:
+    torch.set_num_threads(1)
+    model, processor = load_backbone(ModelConfig(name_or_path=model_dir, dtype="fp32"))
+    data = _encoded(model, processor, read_manifest(manifest), directory)
+    barrier.wait()  # both start filling at the same moment, like a sweep's first two trials
+    with torch.no_grad():
+        data.fill()
+    results.put((data.cache.stats.misses, data.cache.stats.hits))
+
+
+def test_two_trials_filling_one_cache_at_once_encode_each_utterance_about_once(synth_corpus, tiny_model, tmp_path):
+    """Oracle: the corpus size. Two processes that visited the batches in the same order would each encode
+    nearly all of it (measured before the change: 1.85x the corpus for a 4-trial sweep)."""
+    n = len(read_manifest(synth_corpus))
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_filler, args=(str(tiny_model), str(synth_corpus), str(tmp_path), barrier, results))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    got = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(misses + hits == n for misses, hits in got)
+    assert len(list(tmp_path.rglob("*.safetensors"))) == n
+    total = sum(misses for misses, _ in got)
+    assert total <= 1.3 * n, f"{total} encodings for {n} utterances: {got}"
+
+
 def test_cache_location_and_off_switch(tmp_path):
     cfg = load_config(None, [f"tracking.storage_path={tmp_path}/runs"])
     assert cache_dir(cfg) == tmp_path / "runs" / "feature_cache"
