@@ -40,10 +40,10 @@ def one_encoder_pass(manifest: Path, model: Path) -> dict:
     """Seconds to encode every utterance of the corpus once (audio decode + log-mel + encoder + projector)."""
     import torch
 
+    from ermgap.batching import compute_features
     from ermgap.config import ModelConfig
     from ermgap.data.dataset import UtteranceDataset
     from ermgap.data.manifest import read_manifest
-    from ermgap.batching import compute_features
     from ermgap.feature_cache import encode
     from ermgap.model import load_backbone
 
