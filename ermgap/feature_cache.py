@@ -225,23 +225,32 @@ class EncodedDataset(torch.utils.data.Dataset):
         """Ensure every entry of `indices` (default: all) is in the cache; counts hits and misses.
 
         Trials that start together (a sweep's first wave) fill one cache at once. Each process visits the
-        batches in an order of its own (random) and looks a batch's entries up just before encoding it, so
-        concurrent fillers mostly take up each other's entries instead of all encoding everything; the
-        batches themselves are fixed, so an entry's content does not depend on who computed it."""
+        entries batch by batch in an order of its own (random) and looks them up shortly before encoding, so
+        concurrent fillers mostly take up each other's entries instead of all encoding everything. Misses are
+        gathered into full batches before they are encoded (a mostly filled cache is not topped up one entry
+        at a time)."""
         order = list(range(len(self)) if indices is None else indices)
         batches = [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
-        random.Random(int.from_bytes(os.urandom(8), "little")).shuffle(batches)
+        random.Random().shuffle(batches)
+        pending: list[int] = []
         for batch in batches:
-            todo = []
             for i in batch:
                 if self.cache.load(self.keys[i]) is None:
-                    todo.append(i)
+                    pending.append(i)
                 else:
                     self.cache.stats.hits += 1
-            if todo:
-                self._compute(todo)
-            if on_done:
-                on_done(len(batch))
+                    if on_done:
+                        on_done(1)
+            if len(pending) >= self.batch_size:
+                self._encode_done(pending[:self.batch_size], on_done)
+                pending = pending[self.batch_size:]
+        if pending:
+            self._encode_done(pending, on_done)
+
+    def _encode_done(self, indices: list[int], on_done: Callable[[int], None] | None) -> None:
+        self._compute(indices)
+        if on_done:
+            on_done(len(indices))
 
     def _compute(self, indices: Sequence[int]) -> list[torch.Tensor]:
         items = [self.base[i] for i in indices]
