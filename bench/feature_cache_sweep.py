@@ -58,12 +58,11 @@ def one_encoder_pass(manifest: Path, model: Path) -> dict:
     return {"utterances": len(data), "seconds": time.perf_counter() - t0}
 
 
-def sweep(spec_path: Path, name: str, root: Path, epochs: int, cache: str) -> dict:
+def sweep(spec_path: Path, variants: dict, name: str, root: Path, epochs: int, cache: str) -> dict:
     spec = load_sweep_spec(spec_path, [f"name={name}", f"storage_path={root / 'sweeps'}",
                                        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
                                        f"base.optim.epochs={epochs}", f"base.data.feature_cache={cache}",
-                                       "variants=" + json.dumps({v: load_sweep_spec(spec_path).model.variants[v]
-                                                                 for v in TRAINING_VARIANTS})])
+                                       "variants=" + json.dumps(variants)])
     t0 = time.perf_counter()
     out = run_sweep(spec, force=True)
     wall = time.perf_counter() - t0
@@ -86,10 +85,12 @@ def main() -> None:
     spec = load_sweep_spec(args.spec)
     cfg = spec.first_trial_config()
     manifest, model = Path(cfg.data.manifest), Path(cfg.model.name_or_path)
+    variants = {v: spec.model.variants[v] for v in TRAINING_VARIANTS}
     with tempfile.TemporaryDirectory(prefix="ermgap-bench-cache-") as tmp:
         root = Path(tmp)
-        results = {"uncached": sweep(Path(args.spec), "bench_cache_off", root / "off", args.epochs, "off"),
-                   "cached": sweep(Path(args.spec), "bench_cache_on", root / "on", args.epochs, str(root / "cache"))}
+        results = {"uncached": sweep(Path(args.spec), variants, "bench_cache_off", root / "off", args.epochs, "off"),
+                   "cached": sweep(Path(args.spec), variants, "bench_cache_on", root / "on", args.epochs,
+                                   str(root / "cache"))}
     one_pass = one_encoder_pass(manifest, model)
     stats = [t["feature_cache"] for t in results["cached"]["trials"] if t["feature_cache"]]
     encoder_s = sum(s["encoder_s"] for s in stats)

@@ -77,11 +77,14 @@ def pretrain_corpus(out_dir: str | os.PathLike, settings: PretrainSettings, *, w
                       progress=(lambda d, t: progress("corpus", {"done": d, "total": t})) if progress else None)
 
 
-def _features(processor, manifest: Path, split: str) -> list[dict]:
+def _features(processor, manifest: Path, splits: tuple[str, ...]) -> list[list[dict]]:
+    """Featurised examples of each split, the manifest read (and validated) once."""
     df = read_manifest(manifest)
-    rows = df[df["split"] == split]
-    data = UtteranceDataset(rows, sample_rate=processor.feature_extractor.sampling_rate)
-    return featurize(processor, [data[i] for i in range(len(data))])
+    out = []
+    for split in splits:
+        data = UtteranceDataset(df[df["split"] == split], sample_rate=processor.feature_extractor.sampling_rate)
+        out.append(featurize(processor, [data[i] for i in range(len(data))]))
+    return out
 
 
 @torch.no_grad()
@@ -100,7 +103,7 @@ def train_full(model, processor, manifest: Path, settings: PretrainSettings, *,
     """Train every parameter on the corpus's train split; keep the weights of the best dev accuracy.
     Returns the per-epoch history [{epoch, train_loss, dev_acc, seconds}]."""
     collator = EmotionCollator(processor, PromptConfig(), "uni")
-    train, dev = _features(processor, manifest, "train"), _features(processor, manifest, "dev")
+    train, dev = _features(processor, manifest, ("train", "dev"))
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)

@@ -53,10 +53,8 @@ def _pretrain(out: Path, *, force: bool, seed: int, layers: int, audio_seconds: 
               d_model: int = 128) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ermgap.io import check_writable
     from ermgap.pretrain import PretrainSettings, pretrain_tiny
 
-    check_writable(out, force)  # before minutes of work
     settings = PretrainSettings(seed=seed, **({"epochs": epochs} if epochs else {}))
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
