@@ -6,6 +6,7 @@
 #   make demo-seeds  the same corpus and model: 4 objectives × seeds 42-44, stratified batches, vs ERM with intervals
 #   make bench   all benchmarks (prints ratios; JSON in bench/results/)
 #   make lint    ruff (unused names, import order) over the package
+#   make docs    regenerate the CLI and config references in docs/, build the docs site into site/ (strict)
 
 PYTHON     ?= python3
 VENV       ?= .venv
@@ -22,10 +23,10 @@ PYTEST_ARGS ?=
 REQUIRED_CMDS := espeak-ng sox
 OPTIONAL_CMDS := chromium
 
-.PHONY: setup system-deps test demo demo-seeds bench lint clean-demo help
+.PHONY: setup system-deps test demo demo-seeds bench lint docs clean-demo help
 
 help:
-	@sed -n '1,10p' Makefile
+	@sed -n '1,11p' Makefile
 
 setup: system-deps $(STAMP)
 
@@ -81,6 +82,10 @@ demo-seeds: setup $(DEMO_CORPUS) $(DEMO_MODEL)
 
 lint: setup
 	$(VENV)/bin/ruff check ermgap
+
+docs: setup
+	$(PY) -m ermgap.cli.reference docs
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
 
 bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

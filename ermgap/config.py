@@ -453,7 +453,7 @@ def default_tracking_uri(cfg: RunConfig) -> str:
 
 
 def reference_markdown(model: type[BaseModel] = RunConfig, prefix: str = "") -> str:
-    """A Markdown table of every config key with its default and description (the README's config reference)."""
+    """A Markdown table of every config key with its default and description (docs/config.md, `ermgap config reference`)."""
     rows: list[str] = []
     if not prefix:
         rows += ["| key | default | description |", "| --- | --- | --- |"]

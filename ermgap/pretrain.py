@@ -45,7 +45,7 @@ CORPUS_SEED_OFFSET = 1000
 @dataclass(frozen=True)
 class PretrainSettings:
     """What the pretraining run does. Defaults: 3 languages × 2 genders × 7 emotions × 12 = 504 training
-    utterances, 10 epochs at batch 16 (~1.5 min on 2 cores; README "The pretrained tiny backbone")."""
+    utterances, 10 epochs at batch 16 (~1.5 min on 2 cores; docs/demo.md, "The pretrained tiny backbone")."""
 
     epochs: int = 10
     lr: float = 3e-4          # full training of the tiny model from random init: 1e-3 stays at chance (NOTES)
