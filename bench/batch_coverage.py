@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ermgap.config import load_config  # noqa: E402
 from ermgap.data.dataset import UtteranceDataset  # noqa: E402
 from ermgap.io import atomic_write_text  # noqa: E402
+from ermgap.preflight import resolve_task, run_manifest  # noqa: E402
 from ermgap.sampler import build_plan  # noqa: E402
-from ermgap.train import resolve_task, run_manifest  # noqa: E402
 
 
 def coverage(cfg, epochs: int) -> dict:

@@ -32,7 +32,7 @@ def _bench_loop(loop_config: dict) -> None:
     """Ray Train worker: the recipe's setup, then timed optimizer steps, ERM and MinMaxGAP interleaved."""
     import torch
 
-    from ermgap.train import LoRARecipe
+    from ermgap.recipe import LoRARecipe
 
     recipe = LoRARecipe()
     recipe.setup(loop_config)
@@ -66,7 +66,7 @@ def _step_run(cfg, workers: int, steps: int, tmp: Path) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ermgap.train import resolved_config
+    from ermgap.preflight import resolved_config
 
     tree = cfg.to_dict()
     tree["distributed"]["num_workers"] = workers
@@ -103,8 +103,8 @@ def main() -> None:
     import torch
 
     from ermgap.config import load_config
+    from ermgap.driver import run_training
     from ermgap.ray_runtime import ensure_ray
-    from ermgap.train import run_training
 
     paths = ([f"data.manifest={args.manifest}"] if args.manifest else []) + \
         ([f"model.name_or_path={args.model}"] if args.model else [])

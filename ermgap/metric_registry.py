@@ -55,7 +55,7 @@ _DECLARED = (
     Metric("valid_step_share", "max", "valid-stratum steps", "valid steps", "fraction",
            "share of optimizer steps whose global batch has at least one valid stratum"),
 )
-# The per-step coverage values `ermgap.train` logs as train/<name>, and the run summary it writes as train_<name>.
+# The per-step coverage values the training recipe (`ermgap.recipe`) logs as train/<name>, and the run summary it writes as train_<name>.
 STEP_COVERAGE: tuple[str, ...] = ("valid_strata", "min_cell_count")
 RUN_COVERAGE: tuple[str, ...] = ("valid_step_share", "min_cell_count")
 METRICS: dict[str, Metric] = {m.name: m for m in _DECLARED}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from _faults import NanAtStep
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
 
@@ -77,7 +78,7 @@ def test_a_user_error_inside_a_worker_ends_the_run_once_with_one_message(corpus,
     assert len(_actors(ray_cluster, "RayTrainWorker") - workers) == 1
 
 
-def test_a_trial_whose_loss_turns_nan_is_a_failed_trial(corpus, tiny_model, tmp_path, ray_cluster, monkeypatch):
+def test_a_trial_whose_loss_turns_nan_is_a_failed_trial(corpus, tiny_model, tmp_path, ray_cluster):
     """Two trials: "short" (1 epoch) ends before the injected NaN (the first step of epoch 2), "long" (2 epochs)
     reaches it. The leaderboard says failed with the NaN message for "long" and done for "short"; the child
     run is FAILED with that reason; run_sweep raises (the CLI exits 2) naming the failed trial."""
@@ -88,7 +89,6 @@ def test_a_trial_whose_loss_turns_nan_is_a_failed_trial(corpus, tiny_model, tmp_
 
     df = pd.read_csv(corpus, dtype=str, keep_default_na=False)
     steps_per_epoch = int((df["split"] == "train").sum()) // 16
-    monkeypatch.setenv("ERMGAP_FAULT_NAN_AT_STEP", str(steps_per_epoch + 1))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = tmp_path / "t_nan.yaml"
     spec.write_text(yaml.safe_dump({
@@ -102,7 +102,7 @@ def test_a_trial_whose_loss_turns_nan_is_a_failed_trial(corpus, tiny_model, tmp_
         "mlflow": {"experiment": "nan", "tracking_uri": uri},
     }, sort_keys=False))
     with pytest.raises(TrialsFailed, match=r"sweep t_nan: 1 of 2 trial\(s\) failed") as caught:
-        run_sweep(spec)
+        run_sweep(spec, step_hook=NanAtStep(steps_per_epoch + 1))
     board = caught.value.outcome.leaderboard.set_index("variant")
     assert board.loc["short", "status"] == "done" and board.loc["long", "status"] == "failed"
     reason = board.loc["long", "reason"]

@@ -140,7 +140,7 @@ def test_build_plan_follows_the_config_and_coverage_counts_valid_steps():
 def test_impossible_min_per_cell_is_one_config_error_before_ray(tmp_path, synth_corpus, tiny_model):
     import ray
 
-    from ermgap.train import run_training
+    from ermgap.driver import run_training
 
     # The fixture corpus has 3 languages × 2 genders = 6 train cells; 6 × 2 = 12 > a batch of 8.
     cfg = load_config(None, [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
@@ -176,7 +176,7 @@ def test_stratified_run_logs_a_valid_stratum_at_every_step(ray_cluster, demo_lik
     from mlflow import MlflowClient
 
     from ermgap.sampler import GlobalBatchPlan
-    from ermgap.train import run_training
+    from ermgap.driver import run_training
 
     overrides = [f"data.manifest={demo_like_manifest}", f"model.name_or_path={tiny_model}", "model.dtype=fp32",
                  f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.storage_path={tmp_path}/runs",

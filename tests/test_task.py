@@ -284,7 +284,7 @@ def test_train_one_epoch_on_the_custom_corpus(ray_cluster, corpus, tiny_model, t
     import yaml
     from mlflow import MlflowClient
 
-    from ermgap.train import run_training
+    from ermgap.driver import run_training
 
     cfg = load_config(None, [
         f"data.manifest={corpus}", "data.labels=infer", "data.attribute=age_group",

@@ -99,7 +99,7 @@ def _ray_up() -> bool:
 
 
 def test_missing_manifest_is_caught_before_ray(tmp_path):
-    from ermgap.train import run_training
+    from ermgap.driver import run_training
 
     cfg = load_config(None, [f"data.manifest={tmp_path}/nope.csv", f"tracking.storage_path={tmp_path}/runs"])
     with pytest.raises(ConfigError, match="data.manifest"):
@@ -108,7 +108,7 @@ def test_missing_manifest_is_caught_before_ray(tmp_path):
 
 
 def test_input_errors_are_caught_before_ray(tmp_path, synth_corpus, tiny_model):
-    from ermgap.train import run_training
+    from ermgap.driver import run_training
 
     good = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
             f"tracking.storage_path={tmp_path}/runs", "optim.effective_batch_size=8", "optim.micro_batch_size=4"]
@@ -162,7 +162,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def test_force_validates_before_replacing_and_only_replaces_ermgap_runs(tmp_path, synth_corpus, tiny_model):
-    from ermgap.train import run_training
+    from ermgap.driver import run_training
 
     good = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
             f"tracking.storage_path={tmp_path}/runs", "optim.effective_batch_size=8", "optim.micro_batch_size=4"]
@@ -186,7 +186,7 @@ def test_pre_flight_catches_worker_side_input_errors(tmp_path, synth_corpus, tin
     import shutil
 
     from ermgap.errors import ManifestError
-    from ermgap.train import run_training
+    from ermgap.driver import run_training
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
@@ -222,7 +222,8 @@ import json, sys
 import ray
 from ermgap.config import load_config
 from ermgap.errors import ConfigError
-from ermgap.train import check_cluster_gpus, run_training
+from ermgap.driver import run_training
+from ermgap.preflight import check_cluster_gpus
 good, run, address = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 out = {}
 try:
@@ -273,7 +274,7 @@ def test_an_undefined_dev_gap_skips_the_lambda_update(kind):
     from ermgap.checkpointing import TrainerState
     from ermgap.errors import ErmgapWarning, TrainingError
     from ermgap.objectives import CellGrid, build_objective
-    from ermgap.train import LoRARecipe
+    from ermgap.recipe import LoRARecipe
 
     recipe = LoRARecipe()  # only what update_objective reads: the config, the objective, the eval round
     recipe.cfg = load_config(None, ["objective.kind=minmaxgap", "lambda.mode=adaptive", "lambda.init=1",

@@ -10,7 +10,6 @@ in the equivalence runs: dropout masks are drawn per rank, so with dropout the t
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from _faults import NanAtStep
 
 from ermgap.config import load_config
 
@@ -54,7 +54,7 @@ def base(small_manifest, tiny_model, tmp_path_factory):
 
 
 def _train(base, name, extra=(), **kw):
-    from ermgap.train import run_training
+    from ermgap.driver import run_training
 
     cfg = load_config(None, base["overrides"] + list(extra))
     return run_training(cfg, run_dir=base["root"] / "runs" / name, **kw)
@@ -193,10 +193,9 @@ def test_worker_fault_then_driver_kill_then_resume(reference, base, ray_cluster)
     run_dir = base["root"] / "runs" / "interrupted"
     cfg_file = base["root"] / "interrupted.yaml"
     cfg_file.write_text("{}\n")
-    env = {**os.environ, "ERMGAP_FAULT_KILL_AT_STEP": "5"}
-    proc = subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "train", str(cfg_file), *base["overrides"],
-                             "--run-dir", str(run_dir), "--address", ray_cluster],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "_faults.py"), "kill-after-step", "5", "train",
+                             str(cfg_file), *base["overrides"], "--run-dir", str(run_dir), "--address", ray_cluster],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 400
         while time.time() < deadline and _newest_step(run_dir) < 6:
@@ -214,7 +213,7 @@ def test_worker_fault_then_driver_kill_then_resume(reference, base, ray_cluster)
     uri = base["overrides"][3].split("=", 1)[1]
     killed_after = max(_history({"tracking_uri": uri, "mlflow_run_id": run_id}, "train/loss"))[0]
 
-    from ermgap.train import run_training
+    from ermgap.driver import run_training
 
     final = run_training(None, resume_dir=run_dir)
     assert final["mlflow_run_id"] == run_id
@@ -262,15 +261,14 @@ def test_minmaxgap_shrinks_the_train_gap_relative_to_erm(ray_cluster, base):
     assert mean_mmg < 0.6 * mean_erm, (mean_mmg, mean_erm)
 
 
-def test_nan_loss_stops_the_run_naming_step_and_utterances(ray_cluster, base, monkeypatch):
+def test_nan_loss_stops_the_run_naming_step_and_utterances(ray_cluster, base):
     """A NaN loss on one rank stops every rank at that step; the MLflow run is marked FAILED."""
     from mlflow import MlflowClient
 
     from ermgap.errors import TrainingError
 
-    monkeypatch.setenv("ERMGAP_FAULT_NAN_AT_STEP", "2")
     with pytest.raises(TrainingError, match=r"non-finite training loss at optimizer step 2 .*utterances") as err:
-        _train(base, "nan")
+        _train(base, "nan", step_hook=NanAtStep(2))
     run_dir = base["root"] / "runs" / "nan"
     manifest = pd.read_csv(base["overrides"][0].split("=", 1)[1])
     named = [u for u in manifest["utt_id"] if u in str(err.value)]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _faults import KillAfterStep
 from test_train_distributed import (  # noqa: F401
     _assert_same_outputs,
     _history,
@@ -78,11 +79,10 @@ def test_group_dro_two_workers_equal_one_worker(group_dro_reference, base):  # n
     _assert_same_group_dro_run(group_dro_reference, one)
 
 
-def test_group_dro_worker_fault_resumes_the_same_q_trajectory(group_dro_reference, base, monkeypatch):  # noqa: F811
+def test_group_dro_worker_fault_resumes_the_same_q_trajectory(group_dro_reference, base):  # noqa: F811
     """Rank 1 dies after step 5; Ray restarts the worker group from the step-3 checkpoint, whose objective
     state holds q after step 3: the run ends exactly like the uninterrupted one."""
-    monkeypatch.setenv("ERMGAP_FAULT_KILL_AT_STEP", "5")
-    final = _train(base, "group_dro_fault", GROUP_DRO)
+    final = _train(base, "group_dro_fault", GROUP_DRO, step_hook=KillAfterStep(5))
     assert (Path(final["run_dir"]) / ".fault_fired").is_file()
     # Steps 4-5 were redone after the restart (from the step-3 checkpoint) ...
     resumed = [s for s, _ in _history(final, "resumed_at_step")]

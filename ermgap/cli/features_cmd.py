@@ -20,8 +20,8 @@ def build(
 ) -> None:
     """Encode every utterance of the manifest once (Ray actors in parallel) so trials start with cache hits."""
     from ermgap.feature_cache import fill_cache
+    from ermgap.preflight import check_inputs, run_manifest
     from ermgap.ray_runtime import ensure_ray
-    from ermgap.train import check_inputs, run_manifest
 
     cfg = _run_config(config, overrides or [])
     check_inputs(cfg)
@@ -36,7 +36,7 @@ def _run_config(path: Path, overrides: list[str]):
     """The resolved run config of a run config YAML, or of a sweep spec's first trial with the storage
     path its trials use (so the default cache location is theirs)."""
     from ermgap.config import load_config, read_yaml
-    from ermgap.train import resolved_config
+    from ermgap.preflight import resolved_config
 
     if "base" not in read_yaml(path):
         return resolved_config(load_config(path, overrides))

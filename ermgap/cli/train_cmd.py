@@ -31,8 +31,8 @@ def train(
 
     quiet_console(verbose)  # before the imports below: they load transformers and Ray
     from ermgap.config import load_config
+    from ermgap.driver import run_training
     from ermgap.errors import ConfigError
-    from ermgap.train import run_training
 
     if resume is None and config is None:
         raise ConfigError("give a CONFIG.yaml, or --resume RUN_DIR to continue a run")

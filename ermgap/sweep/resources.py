@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from ermgap.errors import ConfigError
+from ermgap.preflight import check_inputs
 from ermgap.sweep.spec import TRIAL_DRIVER_CPU, SweepSpec
-from ermgap.train import check_inputs
 
 
 def check_resources(spec: SweepSpec, available: dict[str, float], where: str) -> None:

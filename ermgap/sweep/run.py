@@ -20,6 +20,7 @@ from ermgap.config import default_tracking_uri, flatten
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
 from ermgap.io import discard_aside, restore_aside
 from ermgap.multinode import check_shared_paths, input_paths
+from ermgap.preflight import absolute_paths, run_manifest
 from ermgap.ray_runtime import ensure_ray
 from ermgap.report import report_from_mlflow, run_test_predictions
 from ermgap.storage import Location
@@ -38,7 +39,6 @@ from ermgap.sweep.paths import SweepPaths
 from ermgap.sweep.resources import check_resources, check_trial_inputs, local_resources, resource_plan
 from ermgap.sweep.spec import SweepSpec, load_sweep_spec
 from ermgap.sweep.tune import TrialContext, trial_records, tuner, unfinished_trials
-from ermgap.train import absolute_paths, faults_from_env, run_manifest
 
 
 class SweepInterrupted(ErmgapError):
@@ -76,7 +76,7 @@ class SweepOutcome:
 
 def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | None = None, address: str | None = None,
               resume: bool = False, dry_run: bool = False, force: bool = False, allow_local_paths: bool = False,
-              console: Console | None = None, verbose: bool = False) -> SweepOutcome:
+              console: Console | None = None, verbose: bool = False, step_hook=None) -> SweepOutcome:
     """Run (or resume, or only plan) a sweep; returns the leaderboard and where everything went.
 
     Every trial config is validated and resources are checked before any trial starts: against
@@ -85,7 +85,8 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
     `allow_local_paths` accepts directories on NFS). The sweep may live in a directory or under an
     s3:// / gs:// prefix (ermgap.storage), and --resume needs nothing but that location.
     `verbose` shows Tune's status tables and the trials' worker output (hidden by default: each trial
-    is one live line, see sweep/live.py).
+    is one live line, see sweep/live.py). `step_hook` (ermgap.recipe.StepHook) reaches every trial's
+    workers (tests inject faults with it).
     """
     out = console or render.console()
     t0 = time.perf_counter()
@@ -126,7 +127,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
         except BaseException:
             restore_aside(aside, str(paths.root))
             raise
-        results = _fit(spec, paths, outcome, resume=state is not None, verbose=verbose, out=out)
+        results = _fit(spec, paths, outcome, resume=state is not None, verbose=verbose, out=out, step_hook=step_hook)
         discard_aside(aside)
         failed = _summarise(spec, paths, outcome, results, out)
     finally:
@@ -210,10 +211,11 @@ def _interrupted(outcome: SweepOutcome) -> None:
     tracking.set_status(outcome.tracking_uri, outcome.parent_run_id, "KILLED")
 
 
-def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool, verbose: bool, out: Console):
+def _fit(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, *, resume: bool, verbose: bool, out: Console,
+         step_hook=None):
     """Run Tune to the end; an interrupted sweep (Ctrl-C, SIGTERM) marks its runs KILLED and stays resumable."""
     ctx = TrialContext(spec, paths, outcome.parent_run_id, outcome.tracking_uri, outcome.experiment,
-                       fault=faults_from_env())
+                       step_hook=step_hook)
     stopped = threading.Event()
     try:
         with _stop_signals(stopped):

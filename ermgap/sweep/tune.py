@@ -2,7 +2,7 @@
 and the Tuner that runs it.
 
 One Tune trial = one training run: the trial function builds the run's `RunConfig` from its sampled
-params (`SweepSpec.trial_config`) and fits `ermgap.train.build_trainer`'s TorchTrainer, the same
+params (`SweepSpec.trial_config`) and fits `ermgap.driver.build_trainer`'s TorchTrainer, the same
 recipe `ermgap train` runs, on its own Ray Train worker group. Rank 0's reports reach Tune through
 `TuneReportCallback` (Ray's Train-V2-inside-Tune pattern), so ASHA can stop a trial; the run logs its
 own MLflow child run, tagged with the sweep's parent run id.
@@ -21,13 +21,13 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
+from ermgap.driver import build_trainer
 from ermgap.failures import fit_run
 from ermgap.sweep.leaderboard import FAILED, TrialRecord, failure_reason
 from ermgap.sweep.live import SweepProgress, trial_label
 from ermgap.sweep.paths import SweepPaths
 from ermgap.sweep.spec import SEED_KEY, TRIAL_DRIVER_CPU, VARIANT_PARAM, SweepSpec
 from ermgap.tracking import trial_tags
-from ermgap.train import build_trainer
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -84,7 +84,7 @@ class TrialContext:
     parent_run_id: str
     tracking_uri: str
     experiment: str
-    fault: dict | None = None  # test-only faults (ermgap.train.faults_from_env), as `ermgap train` gets them
+    step_hook: Any = None  # a test's per-step hook (ermgap.recipe.StepHook), as `run_training` takes it
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
@@ -105,7 +105,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
             callbacks=[TuneReportCallback()], mlflow_parent_run_id=ctx.parent_run_id,
             mlflow_tags=trial_tags(ctx.spec.name, ctx.spec.hash(), trial_id, params), resume=resume,
             mlflow_params={"variant": params[VARIANT_PARAM]} if VARIANT_PARAM in params else None,
-            entry_point="ermgap sweep", fault=ctx.fault)
+            entry_point="ermgap sweep", step_hook=ctx.step_hook)
 
     # The same driver as `ermgap train`: a worker's user error (a NaN loss) fails the trial with its message
     # (Tune records it: the trial is FAILED, not "stopped"), faults are retried from the last checkpoint.

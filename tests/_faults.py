@@ -1,0 +1,66 @@
+"""Test-only faults for training runs, injected through the recipe's per-step hook (ermgap.recipe.StepHook)
+that `run_training`, `build_trainer` and `run_sweep` pass to every worker in the loop config:
+
+    run_training(cfg, step_hook=KillAfterStep(5))      # the last rank dies after step 5, once per run dir
+    run_sweep(spec, step_hook=NanAtStep(7))            # the last rank's first loss of step 7 is NaN
+
+As a script it is `ermgap train` with a fault, a driver a test can SIGKILL:
+
+    python tests/_faults.py kill-after-step 5 train CONFIG.yaml [key=value ...] [--run-dir D] [--address A]
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import ray.cloudpickle
+import torch
+
+from ermgap.recipe import StepHook
+
+FAULT_MARKER = ".fault_fired"
+
+
+class KillAfterStep(StepHook):
+    """The last rank exits without cleanup (like a lost node) after optimizer step `step`, once: the marker
+    file in the (local) run directory keeps a refitted run from dying again."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def after_step(self, recipe, step: int) -> None:
+        if step != self.step or recipe.rank != recipe.world - 1 or recipe.run_dir.is_remote:
+            return
+        marker = recipe.run_dir.local / FAULT_MARKER
+        if marker.exists():
+            return
+        marker.write_text(f"killed rank {recipe.rank} after step {step}\n")
+        os._exit(1)
+
+
+class NanAtStep(StepHook):
+    """The last rank's first per-sample loss of optimizer step `step` becomes NaN."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def losses(self, recipe, step: int, losses: torch.Tensor) -> torch.Tensor:
+        if step != self.step or recipe.rank != recipe.world - 1:
+            return losses
+        return losses * torch.where(torch.arange(len(losses)) == 0, float("nan"), 1.0)
+
+
+if __name__ == "__main__":
+    import ermgap.driver
+    from ermgap.cli.main import main
+
+    assert sys.argv[1] == "kill-after-step", sys.argv
+    hook = KillAfterStep(int(sys.argv[2]))
+    # The CLI calls ermgap.driver.run_training; this run's one gets the hook.
+    ermgap.driver.run_training = functools.partial(ermgap.driver.run_training, step_hook=hook)
+    sys.argv = ["ermgap", *sys.argv[3:]]
+    main()
+else:  # Ray workers cannot import this module (tests/ is not on their path): ship its classes by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
