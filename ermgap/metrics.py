@@ -84,9 +84,13 @@ def read_predictions_csv(path: str | Path) -> pd.DataFrame:
     if path.stat().st_size == 0:
         raise PredictionsError(f"{path}: empty file (expected a CSV header {', '.join(REQUIRED_COLUMNS)})")
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise PredictionsError(f"{path}: not a readable CSV: {err}") from None
+    if not isinstance(df.index, pd.RangeIndex):  # pandas made the leading values of longer rows an index
+        raise PredictionsError(f"{path}: data row 1 (CSV line 2) has more fields than the header "
+                               f"({', '.join(map(str, df.columns))}); a stray comma?")
+    return df
 
 
 def validate_predictions(df: pd.DataFrame, *, source: str = "predictions", task: Task | None = None) -> pd.DataFrame:

@@ -262,6 +262,11 @@ def task_for_predictions(df: pd.DataFrame, *, labels: Sequence[str] | str | None
     """
     from ermgap.labels import INVALID
 
+    missing = [c for c in ("gold", "pred") if c not in df.columns]
+    if missing:  # checked before the labels are inferred from them
+        raise TaskError(file, f"required column(s) {', '.join(map(repr, missing))} missing; a predictions file "
+                              f"needs utt_id, {by.replace('+', ', ')}, {attribute}, gold, pred "
+                              f"(found: {', '.join(map(str, df.columns))})")
     if labels is None or labels == INFER:
         scored = [c[len("score_"):] for c in df.columns if str(c).startswith("score_")]
         seen = set(df["gold"].astype(str).str.strip()) | (set(df["pred"].astype(str).str.strip()) - {INVALID})

@@ -25,6 +25,7 @@ them like errors, `read_manifest(allow_warnings=True)` (training) logs them and 
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import warnings
@@ -97,16 +98,33 @@ def _load_csv(path: Path, problems: list[Problem]) -> pd.DataFrame | None:
                                       f"({', '.join(REQUIRED_COLUMNS)}) and one row per utterance"))
         return None
     try:
+        ragged = ragged_rows(path)
         # dtype=str and no NA parsing: ids like "007" and transcripts like "NA" stay as written.
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False, encoding="utf-8-sig")
+        df = None if ragged else pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False,
+                                             encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         problems.append(Problem(name, f"is not UTF-8 text ({err.reason} at byte {err.start})"))
         return None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
+    except (csv.Error, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         problems.append(Problem(name, f"is not a valid CSV file ({str(err).strip()})"))
+        return None
+    for row, fields, expected in ragged:
+        problems.append(Problem(name, f"has {fields} fields but the header has {expected} (a stray or missing "
+                                      "comma? quote values that contain commas)", row=row))
+    if df is None:  # pandas would shift the values of such rows into other columns (or into the index)
         return None
     df.columns = [str(c).strip() for c in df.columns]
     return df
+
+
+def ragged_rows(path: Path) -> list[tuple[int, int, int]]:
+    """(data row, its number of fields, the header's) for every row of a CSV file whose field count differs
+    from the header's. Rows are counted as pandas counts them (1 = first data row, blank lines skipped);
+    quoted fields may hold commas and newlines."""
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        records = (r for r in csv.reader(fh) if r)
+        header = next(records, [])
+        return [(i, len(r), len(header)) for i, r in enumerate(records, start=1) if len(r) != len(header)]
 
 
 def _allowed_values(df: pd.DataFrame, task: Task) -> dict[str, tuple[tuple[str, ...], str]]:
