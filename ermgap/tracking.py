@@ -81,6 +81,15 @@ def check_server(tracking_uri: str, where: str = "this node") -> None:
         raise StorageError(f"{where} cannot reach the MLflow tracking server {tracking_uri}: {err}") from err
 
 
+def check_store_exists(tracking_uri: str) -> None:
+    """For commands that only read runs: a sqlite store must already be there (MLflow would create an empty
+    one and find no run in it). ConfigError naming the option otherwise."""
+    if tracking_uri.startswith("sqlite:///") and not Path(tracking_uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(f"--tracking-uri {tracking_uri}: no MLflow store there (no file "
+                          f"{tracking_uri.removeprefix('sqlite:///')}); run `ermgap train` or `ermgap sweep` first, "
+                          "or point --tracking-uri (or $MLFLOW_TRACKING_URI) at the store that has the runs")
+
+
 def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 

@@ -45,9 +45,10 @@ def report(
     uri = None
     if mlflow_parent or runs or log_to:
         from ermgap.config import RunConfig, default_tracking_uri
-        from ermgap.tracking import resolve_run_id
+        from ermgap.tracking import check_store_exists, resolve_run_id
 
         uri = tracking_uri or default_tracking_uri(RunConfig())
+        check_store_exists(uri)
         # Unique prefixes (the 8 characters `ermgap runs list` shows) stand for the full ids.
         mlflow_parent = mlflow_parent and resolve_run_id(uri, mlflow_parent, what="--mlflow-parent")
         runs = [resolve_run_id(uri, r, what="--runs") for r in runs or []]

@@ -22,9 +22,10 @@ def list_cmd(
     from ermgap.formatting import fmt
     from ermgap.metric_registry import label
     from ermgap.sweep.render import console
-    from ermgap.tracking import LISTED_METRICS, list_runs
+    from ermgap.tracking import LISTED_METRICS, check_store_exists, list_runs
 
     uri = tracking_uri or default_tracking_uri(RunConfig())
+    check_store_exists(uri)
     runs = list_runs(uri, experiment=experiment, sweeps_only=sweeps)
     table = Table(title=f"MLflow runs at {uri}" + (f", experiment {experiment}" if experiment else ""))
     for c in ("experiment", "name", "id", "status", "start", *(label(m) for m in LISTED_METRICS)):

@@ -59,8 +59,10 @@ def ui(
     from ermgap.config import RunConfig, default_tracking_uri
 
     uri = tracking_uri or default_tracking_uri(RunConfig())
-    if not serve and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise ConfigError(f"--tracking-uri {uri}: no MLflow store there yet (run `ermgap train` or `ermgap sweep` first)")
+    if not serve:
+        from ermgap.tracking import check_store_exists
+
+        check_store_exists(uri)
     if artifacts_destination and not serve:
         raise ConfigError("--artifacts-destination needs --serve (the UI reads artifacts where the runs put them)")
     if serve and uri.startswith(("http://", "https://")):
