@@ -394,14 +394,54 @@ def validate_tree(tree: dict[str, Any], source: str, model: type[BaseModel] = Ru
         raise ConfigError(format_errors(err, source, model)) from None
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    root = None  # the document's node, for naming where a duplicate is
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if key in seen:
+                where = ".".join([*_key_path(self.root, node), str(key)])
+                raise ConfigError(f"key {where!r} appears twice (lines {seen[key]} and {line}); YAML would keep "
+                                  "only the last one: merge them into one")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _key_path(current, target, keys: tuple[str, ...] = ()) -> list[str] | None:
+    """The keys leading from node `current` to node `target` (None: not below it)."""
+    if current is target:
+        return list(keys)
+    children = (((str(k.value), v) for k, v in current.value) if isinstance(current, yaml.MappingNode) else
+                ((str(i), v) for i, v in enumerate(current.value)) if isinstance(current, yaml.SequenceNode) else ())
+    return next((p for k, v in children if (p := _key_path(v, target, (*keys, k))) is not None), None)
+
+
+def safe_load_strict(text: str, source: str) -> Any:
+    """yaml.safe_load, but a duplicated key is a ConfigError naming it and both of its lines."""
+    loader = _StrictLoader(text)
+    try:
+        loader.root = loader.get_single_node()
+        return None if loader.root is None else loader.construct_document(loader.root)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {err}") from None
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        hint = f"; did you mean {p / 'config.yaml'} (a run's config)?" if (p / "config.yaml").is_file() else ""
+        raise ConfigError(f"{p} is a directory, not a config YAML file{hint}")
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
-    try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p}: not valid YAML: {err}") from None
+    tree = safe_load_strict(p.read_text(encoding="utf-8"), str(p))
     if tree is None:
         warnings.warn(f"{p} is empty: every setting takes its default (model.name_or_path "
                       f"{ModelConfig().name_or_path}, data.manifest {DataConfig().manifest})", ErmgapWarning,

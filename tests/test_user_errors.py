@@ -107,3 +107,46 @@ def test_metrics_on_predictions_whose_first_row_has_an_extra_field(tmp_path, mon
     preds.write_text("utt_id,language,gender,gold,pred\nu0,eng,F,joy,joy,\nu1,eng,M,joy,anger\n")
     line = _one_error(*run_cli(monkeypatch, capsys, "metrics", str(preds)))
     assert "data row 1 (CSV line 2) has more fields than the header" in line, line
+
+
+# ------------------------------------------------------------------------- a tracking store that is not there
+
+
+@pytest.mark.parametrize("where", ["nonexistent/x.db", "x.db"])  # a missing folder, or only a missing file
+def test_reading_commands_refuse_a_tracking_store_that_does_not_exist(tmp_path, monkeypatch, capsys, where):
+    db = tmp_path / where
+    uri = f"sqlite:///{db}"
+    for args in (["runs", "list", "--tracking-uri", uri],
+                 ["report", "--runs", "abcd1234", "--tracking-uri", uri, "--out", str(tmp_path / "rep")],
+                 ["ui", "--tracking-uri", uri]):
+        line = _one_error(*run_cli(monkeypatch, capsys, *args))
+        assert f"--tracking-uri {uri}: no MLflow store there" in line, (args, line)
+    assert not db.exists() and not (tmp_path / "rep").exists()
+
+
+# ------------------------------------------------------------------------- config files
+
+
+def test_a_config_with_a_duplicated_key_is_refused_naming_both_lines(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("optim:\n  lr: 1.0e-4\nlora:\n  r: 8\noptim:\n  epochs: 3\n")
+    line = _one_error(*run_cli(monkeypatch, capsys, "config", "show", str(cfg)))
+    assert f"{cfg}: key 'optim' appears twice (lines 1 and 5)" in line, line
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("optim:\n  lr: 1.0e-4\n  epochs: 2\n  lr: 3.0e-4\n")
+    line = _one_error(*run_cli(monkeypatch, capsys, "config", "show", str(nested)))
+    assert "key 'optim.lr' appears twice (lines 2 and 4)" in line, line
+    spec = tmp_path / "sweep.yaml"  # a sweep spec is read the same way
+    spec.write_text("name: s\nname: t\nbase: {}\n")
+    line = _one_error(*run_cli(monkeypatch, capsys, "sweep", str(spec), "--dry-run"))
+    assert "key 'name' appears twice (lines 1 and 2)" in line, line
+
+
+def test_config_show_on_a_folder_says_it_is_a_folder(tmp_path, monkeypatch, capsys):
+    line = _one_error(*run_cli(monkeypatch, capsys, "config", "show", str(tmp_path)))
+    assert f"{tmp_path} is a directory, not a config YAML file" in line, line
+    (tmp_path / "config.yaml").write_text("optim:\n  lr: 1.0e-4\n")  # a run directory: point at its config
+    line = _one_error(*run_cli(monkeypatch, capsys, "config", "show", str(tmp_path)))
+    assert f"did you mean {tmp_path / 'config.yaml'}" in line, line
+    line = _one_error(*run_cli(monkeypatch, capsys, "config", "show", str(tmp_path / "nope.yaml")))
+    assert f"{tmp_path / 'nope.yaml'}: config file not found" in line, line
