@@ -42,7 +42,7 @@ from ermgap.backends.registry import (
 from ermgap.config import ModelConfig, PromptConfig
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError
 from ermgap.evaluate import evaluate_rows, load_split
-from ermgap.io import atomic_write_text
+from ermgap.io import atomic_write_text, check_replaceable
 from ermgap.labels import MODALITIES
 
 SYSTEM_KEYS = {"name", "backend", "model", "adapter", "modalities", "mode", "base_url", "api_key_env", "structured"}
@@ -200,6 +200,8 @@ def run_benchmark(specs: list[SystemSpec], manifest: str | os.PathLike, out_dir:
     report_dir = out_dir / "report"
     if report_dir.exists() and not force:
         raise OutputExistsError(f"{report_dir} already exists; pass --force to replace it (predictions are reused)")
+    if force:
+        check_replaceable(report_dir, "report")  # before any system runs
     prompt_cfg = prompt_cfg or PromptConfig()
     rows = {m: load_split(manifest, split, modality=m, limit=limit)
             for m in sorted({m for s in specs for m in s.modalities})}

@@ -147,15 +147,17 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         if (run_path.is_file() or run_path.list()) and not force:
             raise ConfigError(f"run directory {run_path} already exists; pass --force to replace it "
                               f"or --resume {run_path} to continue it")
+        if force:
+            run_path.check_replaceable("run")
         check_inputs(cfg)  # before anything on disk changes
         cfg = with_task(cfg, resolve_task(cfg))
     uri = default_tracking_uri(cfg)
     run_path.check_reachable("the driver")
     check_server(uri, "the driver")
     if resume_dir is None and force:
-        aside = run_path.set_aside("run directory")
+        aside = run_path.set_aside("run")
     try:
-        run_path.claim("a training run")
+        run_path.claim("run")
         if resume_dir is None:
             (run_path / CONFIG_FILE).write_text(dump_yaml(cfg), force=True)
         ensure_ray(address, num_cpus=num_cpus, log_to_driver=verbose)

@@ -122,6 +122,28 @@ def _csv_lines(df: pd.DataFrame, header: bool) -> str:
     return buf.getvalue()
 
 
+def check_replaceable_predictions(out: str | os.PathLike, force: bool) -> Path:
+    """Before writing PREDS.csv at `out`: OutputExistsError if it exists without `force`; with `force`,
+    ConfigError unless it is a predictions file (a header with utt_id, gold and pred): --force replaces a
+    predictions file with a predictions file, never a manifest or a folder."""
+    out = Path(out)
+    if not out.exists():
+        return out
+    if not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a directory, not a predictions file: --force only replaces a predictions "
+                          "file with a predictions file; give a file name (e.g. preds.csv)")
+    with open(out, newline="", encoding="utf-8", errors="replace") as fh:
+        header = next(csv.reader(fh), [])
+    if not {"utt_id", "gold", "pred"} <= set(header):
+        shown = ", ".join(header[:8]) + (", ..." if len(header) > 8 else "") or "none"
+        raise ConfigError(f"--out {out} is not a predictions file (its header: {shown}; a predictions file has "
+                          "utt_id, gold and pred columns): --force only replaces a predictions file with a "
+                          f"predictions file; choose another --out or remove {out} yourself")
+    return out
+
+
 def evaluate_rows(backend, rows: pd.DataFrame, out: str | os.PathLike, *, modality: str, batch_size: int = 8,
                   force: bool = False, restart: bool = False, run_info: dict | None = None,
                   progress: bool = True, task: Task = DEFAULT_TASK) -> pd.DataFrame:
@@ -133,9 +155,7 @@ def evaluate_rows(backend, rows: pd.DataFrame, out: str | os.PathLike, *, modali
     Resumes from `<out>.partial` when its recorded `run_info` (model, split, modality, mode...) matches;
     `restart=True` discards it. Raises OutputExistsError if `out` exists and not `force`.
     """
-    out = Path(out)
-    if out.exists() and not force:
-        raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
+    out = check_replaceable_predictions(out, force)
     if batch_size <= 0:
         raise ConfigError(f"--batch-size must be positive, got {batch_size}")
     partial, meta_path = _partial_paths(out)

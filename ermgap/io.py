@@ -96,16 +96,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, force: bool = Fa
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `path` (a directory), on error it is removed."""
-    target = Path(path)
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target} already exists; pass --force to overwrite it")
+def atomic_dir(path: str | os.PathLike, *, kind: str, force: bool = False, name: str | None = None) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces `path`, on error it is removed.
+
+    The output is marked as ermgap's of `kind` (claim_dir, optionally `name`d). An existing `path` is replaced
+    only with `force` and only when it is an output of the same kind (check_writable_dir)."""
+    target = check_writable_dir(path, kind, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         with no_space_reported(target):
             yield tmp
+            claim_dir(tmp, kind, name)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -119,36 +121,92 @@ def atomic_dir(path: str | os.PathLike, *, force: bool = False) -> Iterator[Path
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-# ----------------------------------------------------------------------------- directories ermgap owns
+# ----------------------------------------------------------------------------- outputs ermgap owns
 
-# Written into every run and sweep directory ermgap creates; --force replaces only directories that have it.
+# Written into every output directory ermgap creates: its first line names the kind of output, and --force
+# replaces a directory only with an output of the same kind.
 OWNER_MARKER = ".ermgap-output"
+OUTPUT_KINDS = {"run": "training run", "sweep": "sweep", "report": "report", "corpus": "corpus", "model": "model",
+                "predictions": "predictions file"}
+# Markers written before the kind line existed.
+_LEGACY = (("a training run", "run"), ("sweep ", "sweep"))
 
 
-def claim_dir(path: str | os.PathLike, what: str) -> Path:
-    """Create `path` (if needed) and mark it as ermgap's, so a later --force may replace it."""
+def marker_text(kind: str, name: str | None = None) -> str:
+    """The OWNER_MARKER content of an output of `kind` (one of OUTPUT_KINDS), optionally named."""
+    what = OUTPUT_KINDS[kind] + (f" {name}" if name else "")
+    return f"kind: {kind}\n{what} written by ermgap; `--force` may replace it with another {OUTPUT_KINDS[kind]}\n"
+
+
+def parse_marker(text: str) -> tuple[str | None, str]:
+    """(kind, description) of an OWNER_MARKER's text; kind None when it names none ermgap knows."""
+    lines = text.strip().splitlines() or [""]
+    if lines[0].startswith("kind: "):
+        kind = lines[0].removeprefix("kind: ").strip()
+        return (kind if kind in OUTPUT_KINDS else None), (lines[1] if len(lines) > 1 else lines[0]).split(";")[0]
+    for prefix, kind in _LEGACY:
+        if lines[0].startswith(prefix):
+            return kind, lines[0].split(";")[0]
+    return None, lines[0].split(";")[0]
+
+
+def refuse_other_kind(path, kind: str, marker: str | None, *, thing: str = "directory") -> None:
+    """Raise ConfigError unless `marker` (an OWNER_MARKER's text; None: there is none) says `path` is an output
+    of `kind`: --force replaces an output only with one of the same kind, and never what ermgap did not write."""
+    want = OUTPUT_KINDS[kind]
+    if marker is None:
+        raise ConfigError(f"{path} is not a {want} ermgap created (no {OWNER_MARKER} marker in it); --force only "
+                          f"replaces ermgap's own outputs: choose another {thing} or remove {path} yourself")
+    found, described = parse_marker(marker)
+    if found != kind:
+        raise ConfigError(f"{path} holds a {OUTPUT_KINDS.get(found, 'different output')} ({described}), not a "
+                          f"{want}: --force only replaces a {want} with a {want}; choose another {thing} or remove "
+                          f"{path} yourself")
+
+
+def check_replaceable(path: str | os.PathLike, kind: str) -> None:
+    """For --force: `path` is absent, an empty directory, or an output of `kind` ermgap wrote; else ConfigError."""
+    p = Path(path)
+    if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+        return
+    marker = p / OWNER_MARKER
+    if not p.is_dir():
+        raise ConfigError(f"{p} is a file, not a {OUTPUT_KINDS[kind]} ermgap created; --force only replaces "
+                          f"ermgap's own outputs: choose another directory or remove {p} yourself")
+    refuse_other_kind(p, kind, marker.read_text(encoding="utf-8") if marker.is_file() else None)
+
+
+def check_writable_dir(path: str | os.PathLike, kind: str, force: bool) -> Path:
+    """Before writing an output directory of `kind`: OutputExistsError if it exists without `force`, ConfigError if
+    `force` would replace something else (check_replaceable)."""
+    p = check_writable(path, force)
+    if force:
+        check_replaceable(p, kind)
+    return p
+
+
+def claim_dir(path: str | os.PathLike, kind: str, name: str | None = None) -> Path:
+    """Create `path` (if needed) and mark it as ermgap's output of `kind`, so a later --force may replace it
+    with another output of that kind."""
     p = Path(path)
     p.mkdir(parents=True, exist_ok=True)
     marker = p / OWNER_MARKER
     if not marker.is_file():
-        marker.write_text(f"{what} written by ermgap; `--force` may replace this directory\n", encoding="utf-8")
+        marker.write_text(marker_text(kind, name), encoding="utf-8")
     return p
 
 
-def set_aside(path: str | os.PathLike, what: str) -> Path | None:
+def set_aside(path: str | os.PathLike, kind: str) -> Path | None:
     """For --force: move an existing, non-empty `path` to a hidden sibling and return where it went.
 
-    Refuses (ConfigError) a directory without OWNER_MARKER: --force replaces ermgap's own outputs, never a
-    folder it did not create. The caller deletes the returned directory once the new output has started
-    (`discard_aside`) or moves it back when the new one fails before that (`restore_aside`). None: nothing
-    to set aside.
+    Refuses (ConfigError) anything but an output of `kind` ermgap wrote (check_replaceable). The caller deletes
+    the returned directory once the new output has started (`discard_aside`) or moves it back when the new
+    one fails before that (`restore_aside`). None: nothing to set aside.
     """
     p = Path(path)
-    if not p.exists() or (p.is_dir() and not any(p.iterdir())):
+    check_replaceable(p, kind)
+    if not p.exists() or not any(p.iterdir()):
         return None
-    if not p.is_dir() or not (p / OWNER_MARKER).is_file():
-        raise ConfigError(f"{p} is not a {what} ermgap created (no {OWNER_MARKER} marker in it); --force only "
-                          f"replaces ermgap's own outputs: choose another directory or remove {p} yourself")
     aside = p.with_name(f".{p.name}.replaced-{os.getpid()}-{os.urandom(3).hex()}")
     os.replace(p, aside)
     return aside

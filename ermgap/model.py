@@ -277,7 +277,7 @@ def _save_tiny(model, processor, out_dir: str | os.PathLike, *, d_model: int, se
         model.get_output_embeddings().weight.normal_(0.0, d_model ** -0.5,
                                                      generator=torch.Generator().manual_seed(seed + 1))
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, kind="model", force=force) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return Path(out_dir)

@@ -32,7 +32,7 @@ from ermgap.data.dataset import UtteranceDataset
 from ermgap.data.manifest import read_manifest
 from ermgap.data.synth import PRETRAIN_SENTENCES, PRETRAIN_VOICES, synthesize
 from ermgap.errors import ConfigError
-from ermgap.io import atomic_dir, check_writable
+from ermgap.io import atomic_dir, check_writable_dir
 from ermgap.model import build_tiny, load_backbone
 from ermgap.scoring import per_sample_loss, score_labels
 
@@ -140,7 +140,7 @@ def pretrain_tiny(out_dir: str | os.PathLike, *, settings: PretrainSettings = Pr
                   progress: Progress | None = None) -> Path:
     """Build the tiny Qwen2-Audio (seed `settings.seed`), pretrain it in full and save it (atomically) at
     `out_dir` as an ordinary Qwen2-Audio directory with `pretraining.json`. Returns `out_dir`."""
-    check_writable(out_dir, force)
+    check_writable_dir(out_dir, "model", force)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ermgap-pretrain-") as work:
         manifest = pretrain_corpus(Path(work) / "corpus", settings, workers=workers, progress=progress)
@@ -149,7 +149,7 @@ def pretrain_tiny(out_dir: str | os.PathLike, *, settings: PretrainSettings = Pr
         model, processor = load_backbone(ModelConfig(name_or_path=str(init), dtype="fp32"))
         history = train_full(model, processor, manifest, settings, progress=progress)
         corpus = json.loads((manifest.parent / "corpus.json").read_text(encoding="utf-8"))
-        with atomic_dir(out_dir, force=force) as tmp:
+        with atomic_dir(out_dir, kind="model", force=force) as tmp:
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
             best = max(history, key=lambda r: r["dev_acc"])

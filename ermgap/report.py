@@ -575,7 +575,7 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
     wide3, md3, tex3 = table3(results, table3_layout(systems))
     paired = paired_comparisons(systems, n_boot=n_boot, seed=seed, baseline=baseline) if n_boot else None
     names: dict[str, str] = {}
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, kind="report", force=force) as tmp:
         def put(key: str, rel: str, text: str) -> None:
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             (tmp / rel).write_text(text, encoding="utf-8")

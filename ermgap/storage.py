@@ -28,7 +28,15 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from ermgap.errors import ConfigError, OutputExistsError, StorageError
-from ermgap.io import OWNER_MARKER, atomic_write_bytes, claim_dir, set_aside
+from ermgap.io import (
+    OWNER_MARKER,
+    atomic_write_bytes,
+    check_replaceable,
+    claim_dir,
+    marker_text,
+    refuse_other_kind,
+    set_aside,
+)
 
 SCHEMES = ("s3", "gs")
 ENDPOINT_ENV = "AWS_ENDPOINT_URL"
@@ -207,27 +215,33 @@ class Location:
         if not self.is_remote:
             self.local.mkdir(parents=True, exist_ok=True)
 
-    def claim(self, what: str) -> None:
-        """Mark this location as ermgap's output (io.claim_dir; on an object store a marker object),
-        so a later --force may replace it."""
+    def claim(self, kind: str, name: str | None = None) -> None:
+        """Mark this location as ermgap's output of `kind` (io.claim_dir; on an object store a marker object),
+        so a later --force may replace it with another output of that kind."""
         if not self.is_remote:
-            claim_dir(self.local, what)
+            claim_dir(self.local, kind, name)
         elif not (self / OWNER_MARKER).is_file():
-            (self / OWNER_MARKER).write_text(f"{what} written by ermgap; `--force` may replace this prefix\n")
+            (self / OWNER_MARKER).write_text(marker_text(kind, name))
 
-    def set_aside(self, what: str) -> Path | None:
+    def check_replaceable(self, kind: str) -> None:
+        """For --force, before anything changes: ConfigError unless this location is absent or an output of
+        `kind` ermgap wrote (io.check_replaceable)."""
+        if not self.is_remote:
+            check_replaceable(self.local, kind)
+        elif self.exists():
+            marker = self / OWNER_MARKER
+            refuse_other_kind(self, kind, marker.read_text() if marker.is_file() else None, thing="prefix")
+
+    def set_aside(self, kind: str) -> Path | None:
         """For --force, after every check passed: a directory is moved aside (io.set_aside: kept until the
         new output has started, moved back if it fails before). An object-store prefix cannot be moved,
-        so a prefix ermgap wrote (its marker object) is deleted here and None returned. A location
-        ermgap did not write is refused either way."""
+        so a prefix ermgap wrote (its marker object) is deleted here and None returned. Anything but an
+        output of `kind` ermgap wrote is refused either way."""
         if not self.is_remote:
-            return set_aside(self.local, what)
-        if not self.exists():
-            return None
-        if not (self / OWNER_MARKER).is_file():
-            raise ConfigError(f"{self} is not a {what} ermgap created (no {OWNER_MARKER} object in it); --force only "
-                              f"replaces ermgap's own outputs: choose another prefix or remove {self} yourself")
-        self.rmtree()
+            return set_aside(self.local, kind)
+        self.check_replaceable(kind)
+        if self.exists():
+            self.rmtree()
         return None
 
     def upload(self, local: str | os.PathLike) -> None:

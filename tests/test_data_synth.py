@@ -167,8 +167,9 @@ def test_synth_refuses_existing_out_without_force(tmp_path, monkeypatch, capsys)
 
 
 def test_synth_cli_small_corpus_with_force(tmp_path, monkeypatch, capsys):
-    out = tmp_path / "corpus"
-    out.mkdir()
+    from ermgap.io import claim_dir
+
+    out = claim_dir(tmp_path / "corpus", "corpus")  # a corpus ermgap wrote before: --force replaces it
     (out / "old.txt").write_text("old")
     code, text = run_cli(monkeypatch, capsys, "data", "synth", "--out", str(out), "--per-cell", "1",
                          "--eval-per-cell", "1", "--bias", "none", "--workers", "2", "--force")

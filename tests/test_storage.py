@@ -177,13 +177,13 @@ def test_force_replaces_only_a_prefix_ermgap_wrote(s3):
 
     foreign = Location.of(f"s3://{BUCKET}/foreign")
     s3.put_object(Bucket=BUCKET, Key="foreign/data.bin", Body=b"x")
-    with pytest.raises(ConfigError, match="not a sweep directory ermgap created"):
-        foreign.set_aside("sweep directory")
+    with pytest.raises(ConfigError, match="not a sweep ermgap created"):
+        foreign.set_aside("sweep")
     assert _get(s3, "foreign/data.bin") == b"x"
 
     ours = Location.of(f"s3://{BUCKET}/ours")
-    assert ours.set_aside("sweep directory") is None  # nothing there: nothing to replace
-    ours.claim("sweep x")
+    assert ours.set_aside("sweep") is None  # nothing there: nothing to replace
+    ours.claim("sweep", "x")
     (ours / "sweep_state.json").write_text("{}")
-    assert ours.set_aside("sweep directory") is None
+    assert ours.set_aside("sweep") is None
     assert s3.list_objects_v2(Bucket=BUCKET, Prefix="ours/").get("KeyCount", 0) == 0

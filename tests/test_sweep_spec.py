@@ -242,7 +242,7 @@ def test_force_keeps_the_previous_sweep_when_a_check_fails(tmp_path):
     from ermgap.io import claim_dir
     from ermgap.sweep import run_sweep
 
-    old = claim_dir(tmp_path / "sweeps" / "t", "sweep t")
+    old = claim_dir(tmp_path / "sweeps" / "t", "sweep", "t")
     (old / "sweep_state.json").write_text('{"parent_run_id": "abc"}')
     spec = _spec(tmp_path, resources={"num_workers": 1, "cpus_per_worker": 512.0})
     with pytest.raises(ConfigError, match="a trial needs 512.1 CPU"):

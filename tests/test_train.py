@@ -149,7 +149,7 @@ def _finished_run(folder: Path) -> dict[str, bytes]:
     """A run directory as a finished run leaves it (ermgap's marker, metrics, adapter); returns its files."""
     from ermgap.io import claim_dir
 
-    claim_dir(folder, "a training run")
+    claim_dir(folder, "run")
     (folder / "config.yaml").write_text("{}\n")
     (folder / "metrics.json").write_text('{"test_w_f1": 0.5}\n')
     (folder / "adapter").mkdir()
@@ -174,7 +174,7 @@ def test_force_validates_before_replacing_and_only_replaces_ermgap_runs(tmp_path
     folder = tmp_path / "my_thesis"
     folder.mkdir()
     (folder / "chapter1.tex").write_text("precious")
-    with pytest.raises(ConfigError, match=r"my_thesis is not a run directory ermgap created .*--force only"):
+    with pytest.raises(ConfigError, match=r"my_thesis is not a training run ermgap created .*--force only"):
         run_training(load_config(None, good), run_dir=folder, force=True)
     assert (folder / "chapter1.tex").read_text() == "precious"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing set aside

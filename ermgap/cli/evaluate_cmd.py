@@ -48,11 +48,9 @@ def evaluate(
     """Predict every utterance of a split and write PREDS.csv (resumes an interrupted run)."""
     from ermgap.backends.registry import LOCAL_BACKENDS, canonical, local_backend, remote_backend
     from ermgap.config import load_config
-    from ermgap.evaluate import evaluate_rows, load_split_and_task, summary
+    from ermgap.evaluate import check_replaceable_predictions, evaluate_rows, load_split_and_task, summary
 
-    if out.exists() and not force:
-        from ermgap.errors import OutputExistsError
-        raise OutputExistsError(f"{out} already exists; pass --force to overwrite it")
+    check_replaceable_predictions(out, force)  # before any model is loaded
     cfg = load_config(config) if config else load_config()
     rows, task = load_split_and_task(manifest, split, modality=modality, limit=limit, cfg=cfg)
     info = {"backend": canonical(backend), "model": model, "manifest": str(Path(manifest).resolve()), "split": split,

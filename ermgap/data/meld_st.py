@@ -48,7 +48,7 @@ import soundfile as sf
 
 from ermgap.data.manifest import format_problems, validate_manifest, warn_problems, write_manifest
 from ermgap.errors import ConfigError, ManifestError
-from ermgap.io import atomic_dir, check_writable
+from ermgap.io import atomic_dir, check_writable_dir
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGE_NAMES
 
 DEFAULT_SPEAKERS = Path(__file__).with_name("meld_speakers.csv")
@@ -243,10 +243,10 @@ def import_meld_st(
 
 
     check_audio_pattern(audio_pattern)
-    check_writable(out_dir, force)
+    check_writable_dir(out_dir, "corpus", force)
     table = load_speaker_genders(genders)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, kind="corpus", force=force) as tmp:
         df, summary = build_rows(root, table, audio_pattern, out_dir, require_audio=require_audio)
         if df.empty:
             raise ManifestError(f"MELD-ST import from {root} kept no utterances:\n{summary.format()}")

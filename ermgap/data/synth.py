@@ -53,7 +53,7 @@ import soundfile as sf
 from ermgap.data.audio import resample
 from ermgap.data.manifest import format_problems, validate_manifest, write_manifest
 from ermgap.errors import ConfigError, ErmgapError
-from ermgap.io import atomic_dir, check_writable
+from ermgap.io import atomic_dir, check_writable_dir
 from ermgap.labels import EMOTIONS, GENDERS, LANGUAGES, SPLITS
 
 SAMPLE_RATE = 16000
@@ -420,13 +420,13 @@ def synthesize(
     _check_args(per_cell, eval_per_cell, bias, lexical_cue_rate, workers, train_share)
     if dev_per_cell is not None and dev_per_cell < 1:
         raise ConfigError(f"dev_per_cell={dev_per_cell} is out of range; expected an integer >= 1")
-    check_writable(out_dir, force)
+    check_writable_dir(out_dir, "corpus", force)
     version = espeak_version()
     rows, jobs = plan_corpus(per_cell=per_cell, eval_per_cell=eval_per_cell, bias=bias, seed=seed,
                              lexical_cue_rate=lexical_cue_rate, dev_per_cell=dev_per_cell, train_share=train_share,
                              voices=voices, sentences=sentences, id_prefix=id_prefix)
     total = len(jobs)
-    with atomic_dir(out_dir, force=force) as tmp:
+    with atomic_dir(out_dir, kind="corpus", force=force) as tmp:
         # Chunks keep process overhead low; order of results is the order of jobs, so output is
         # independent of scheduling.
         size = max(1, min(32, total // (workers * 4) or 1))

@@ -120,9 +120,9 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
         if address is not None:
             check_trial_inputs(spec)
         # Only now, with every check passed, does --force move the previous sweep out of the way.
-        aside = paths.root.set_aside("sweep directory") if force else None
+        aside = paths.root.set_aside("sweep") if force else None
         try:
-            paths.root.claim(f"sweep {spec.name}")
+            paths.root.claim("sweep", spec.name)
             outcome.parent_run_id = _open_parent(spec, paths, outcome, state)
         except BaseException:
             restore_aside(aside, str(paths.root))
@@ -154,6 +154,8 @@ def _claim_root(spec: SweepSpec, paths: SweepPaths, *, resume: bool, force: bool
     if paths.root.exists() and not force:
         raise OutputExistsError(f"{paths.root} already holds sweep '{spec.name}'; pass --resume to continue "
                                 "it or --force to start over")
+    if force:  # refused here, before Ray starts, when it is not a sweep (set_aside checks again later)
+        paths.root.check_replaceable("sweep")
     return None
 
 
