@@ -10,8 +10,11 @@ Losses and label scores live in `ermgap.scoring` (`per_sample_loss`, `score_labe
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,8 @@ def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+# A hub that does not answer within this is taken as unreachable (its client would retry for ~40 s).
+HUB_PROBE_TIMEOUT_S = 5.0
 MODEL_TYPE = "qwen2_audio"  # config.json's model_type for Qwen2AudioForConditionalGeneration (the default)
 
 
@@ -77,13 +82,47 @@ def model_source(name_or_path: str) -> str:
     looks_local = (name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
                    or (first and Path(first).is_dir()))
     if not (local.exists() or looks_local):
-        return name_or_path  # a hub id such as Qwen/Qwen2-Audio-7B-Instruct
+        return hub_source(name_or_path)  # a hub id such as Qwen/Qwen2-Audio-7B-Instruct
     if not (local / "config.json").is_file():
         what = "does not exist" if not local.exists() else "is not a saved model directory (no config.json)"
         raise ConfigError(f"model.name_or_path: {name_or_path} {what}; expected a Qwen2-Audio model directory or "
                           "a hub id like Qwen/Qwen2-Audio-7B-Instruct (build a local one with "
                           "`ermgap model tiny --out DIR`)")
     return str(local.resolve())
+
+
+def hub_source(repo_id: str) -> str:
+    """What `from_pretrained` should load for the hub id `repo_id`: the id while the hub answers; the cached
+    snapshot directory when it does not (offline mode, or no network: the hub client would retry each file
+    for ~40 s first). A ConfigError at once when the model is neither reachable nor cached."""
+    from huggingface_hub import constants, is_offline_mode, try_to_load_from_cache
+
+    why = "offline mode is on (HF_HUB_OFFLINE)" if is_offline_mode() else hub_unreachable()
+    if why is None:
+        return repo_id
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return str(Path(cached).parent)
+    where = "" if is_offline_mode() else f"the Hugging Face Hub ({constants.ENDPOINT}) "
+    raise ConfigError(f"model.name_or_path: {repo_id} is not a local directory and not in the Hugging Face cache "
+                      f"({constants.HF_HUB_CACHE}), and {where}{why}; download it where the hub is reachable "
+                      "(`hf download REPO_ID`, then copy the cache) or set model.name_or_path to a local model "
+                      "directory")
+
+
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub does not answer from this process (None: it does). Asked once per process."""
+    from huggingface_hub import constants
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"),
+                                    timeout=HUB_PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError:  # it answered
+        return None
+    except (urllib.error.URLError, OSError) as err:
+        return f"cannot be reached ({getattr(err, 'reason', err)})"
 
 
 def open_model_config(name_or_path: str, model_type: str = MODEL_TYPE):

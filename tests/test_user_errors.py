@@ -150,3 +150,26 @@ def test_config_show_on_a_folder_says_it_is_a_folder(tmp_path, monkeypatch, caps
     assert f"did you mean {tmp_path / 'config.yaml'}" in line, line
     line = _one_error(*run_cli(monkeypatch, capsys, "config", "show", str(tmp_path / "nope.yaml")))
     assert f"{tmp_path / 'nope.yaml'}: config file not found" in line, line
+
+
+# ------------------------------------------------------------------------- a hub id without the hub
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_hub_id_that_cannot_be_fetched_is_one_clear_error_at_once(tmp_path, monkeypatch, capsys, offline):
+    """This machine reaches no model hub: a hub-like id that is not in the local cache is refused at the first
+    look (offline mode on, or the hub does not answer), without the hub client's retry lines."""
+    import huggingface_hub.constants
+    import huggingface_hub.utils  # noqa: F401  (the CLI's quiet_console reaches it as an attribute)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline)
+    path = write_valid(tmp_path / "corpus")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("{}\n")
+    code, out = run_cli(monkeypatch, capsys, "train", str(cfg), f"data.manifest={path}",
+                        "model.name_or_path=ermgap-test/not-a-model", f"tracking.storage_path={tmp_path}/runs")
+    line = _one_error(code, out)
+    assert "model.name_or_path: ermgap-test/not-a-model is not a local directory and not in the Hugging Face " \
+           "cache" in line, line
+    assert ("offline mode is on (HF_HUB_OFFLINE)" if offline else "cannot be reached") in line, line
+    assert "Retry" not in out and "thrown while requesting" not in out, out
