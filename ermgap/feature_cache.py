@@ -70,6 +70,16 @@ def cache_dir(cfg) -> Path | Location | None:
     return Location.of(where) if is_uri(where) else Path(where).expanduser()
 
 
+def why_uncached(cfg) -> str | None:
+    """Why a RunConfig's run has no cache (cache_dir is None), in words; None when it has one."""
+    if cfg.lora.train_audio_encoder:
+        return ("lora.train_audio_encoder is true: the audio encoder is trained, so its output changes every step "
+                "and is never cached")
+    if cfg.data.feature_cache == OFF:
+        return "data.feature_cache is off in this config (unset it, or set it to a directory, to use a cache)"
+    return None
+
+
 def supports(model) -> bool:
     """Whether the model has Qwen2-Audio's layout (an audio tower and projector feeding the LM), which
     `encode` reproduces; other speech LLMs (Voxtral) run uncached."""
@@ -306,8 +316,7 @@ def fill_cache(cfg, rows: pd.DataFrame, *, workers: int | None = None, chunk: in
     """
     directory = cache_dir(cfg)
     if directory is None:
-        raise ConfigError("data.feature_cache is off for this config (it is off whenever "
-                          "lora.train_audio_encoder=true): nothing to build")
+        raise ConfigError(f"nothing to build: {why_uncached(cfg)}")
     records = rows.to_dict("records")
     d = cfg.distributed
     n_actors = max(1, min(workers or d.num_workers, -(-len(records) // chunk)))
@@ -333,4 +342,4 @@ def fill_cache(cfg, rows: pd.DataFrame, *, workers: int | None = None, chunk: in
 
 
 __all__ = ["CacheStats", "EncodedDataset", "FeatureCache", "OFF", "cache_dir", "encode", "encoder_fingerprint",
-           "file_digest", "fill_cache", "supports"]
+           "file_digest", "fill_cache", "supports", "why_uncached"]

@@ -173,3 +173,24 @@ def test_a_hub_id_that_cannot_be_fetched_is_one_clear_error_at_once(tmp_path, mo
            "cache" in line, line
     assert ("offline mode is on (HF_HUB_OFFLINE)" if offline else "cannot be reached") in line, line
     assert "Retry" not in out and "thrown while requesting" not in out, out
+
+
+# ------------------------------------------------------------------------- features build with no cache to fill
+
+
+@pytest.mark.parametrize(("override", "reason"), [
+    ("lora.train_audio_encoder=true", "lora.train_audio_encoder is true: the audio encoder is trained, so its "
+                                      "output changes every step and is never cached"),
+    ("data.feature_cache=off", "data.feature_cache is off in this config"),
+])
+def test_features_build_without_a_cache_says_why_before_ray(tmp_path, monkeypatch, capsys, tiny_model, override,
+                                                           reason):
+    import ray
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("{}\n")
+    line = _one_error(*run_cli(monkeypatch, capsys, "features", "build", str(cfg), override,
+                               f"data.manifest={write_valid(tmp_path / 'corpus')}", f"model.name_or_path={tiny_model}",
+                               "optim.effective_batch_size=4", "optim.micro_batch_size=2"))
+    assert f"nothing to build: {reason}" in line, line
+    assert not ray.is_initialized()

@@ -19,11 +19,14 @@ def build(
     workers: int = typer.Option(None, "--workers", min=1, help="Encoder actors (default: distributed.num_workers)."),
 ) -> None:
     """Encode every utterance of the manifest once (Ray actors in parallel) so trials start with cache hits."""
-    from ermgap.feature_cache import fill_cache
+    from ermgap.errors import ConfigError
+    from ermgap.feature_cache import fill_cache, why_uncached
     from ermgap.preflight import check_inputs, run_manifest
     from ermgap.ray_runtime import ensure_ray
 
     cfg = _run_config(config, overrides or [])
+    if why_uncached(cfg):
+        raise ConfigError(f"nothing to build: {why_uncached(cfg)}")
     check_inputs(cfg)
     ensure_ray(address)
     directory, stats = fill_cache(cfg, run_manifest(cfg), workers=workers)
