@@ -176,3 +176,91 @@ def test_atomic_bytes_and_marker_round_trip(tmp_path):
     assert listed == {"deepspeed/latest": 5, "rng/rank0.pt": 10,
                       "trainer_state.json": len(TrainerState(global_step=4).to_json())}
     assert incomplete_reason(part, 1) is None
+
+
+ROUND_TRIP = textwrap.dedent("""
+    import json, os, random, sys
+    from pathlib import Path
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    import numpy as np, torch, deepspeed, transformers
+    from ermgap import checkpointing
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    x, y = torch.randn(8, 32, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 4
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Dropout(0.3), torch.nn.Linear(32, 4))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        sched = transformers.get_scheduler("linear", opt, num_warmup_steps=2, num_training_steps=20)
+        engine, _, _, sched = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config={
+            "train_micro_batch_size_per_gpu": 8, "gradient_clipping": 0.5, "zero_optimization": {"stage": 2},
+            "zero_allow_untested_optimizer": True, "steps_per_print": 10**9})
+        return engine, sched
+
+    def step(engine):  # dropout draws from the global torch RNG; numpy and python draws stand for the sampler's
+        engine.train()
+        loss = torch.nn.functional.cross_entropy(engine(x), y) + 0 * float(np.random.rand()) + 0 * random.random()
+        engine.backward(loss)
+        engine.step()
+        return loss.item()
+
+    def tensors(obj, prefix=""):
+        if isinstance(obj, torch.Tensor):
+            return {prefix: obj.detach().clone()}
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+        return {k: v for key, value in items for k, v in tensors(value, f"{prefix}/{key}").items()}
+
+    def state(engine, sched):
+        return {"params": tensors(list(engine.module.parameters())), "optim": tensors(engine.optimizer.state_dict()),
+                "rng": checkpointing.rng_state(), "sched": sched.state_dict(), "global_steps": engine.global_steps,
+                "lr": [g["lr"] for g in engine.optimizer.param_groups]}
+
+    engine, sched = build(1)
+    for _ in range(3):
+        step(engine)
+    out = Path(sys.argv[1]) / "ckpt"
+    checkpointing.save(out, engine=engine, rank=0, zero_stage=2, state=checkpointing.TrainerState(global_step=3),
+                       best_adapter=None)
+    saved = state(engine, sched)
+    ahead = [step(engine) for _ in range(2)]
+
+    fresh, fresh_sched = build(2)  # other weights, and other RNG states, until the load
+    step(fresh)
+    checkpointing.load(out, engine=fresh, rank=0)
+    loaded = state(fresh, fresh_sched)
+    report = {}
+    for part in ("params", "optim"):
+        a, b = saved[part], loaded[part]
+        report[part] = sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or not torch.equal(a[k], b[k]))
+    report["n_optim"] = len(saved["optim"])
+    report["rng"] = [k for k in ("torch", "numpy", "python")
+                     if not (torch.equal(saved["rng"][k], loaded["rng"][k]) if k == "torch"
+                             else repr(saved["rng"][k]) == repr(loaded["rng"][k]) if k == "python"
+                             else all(np.array_equal(np.asarray(p), np.asarray(q))
+                                      for p, q in zip(saved["rng"][k], loaded["rng"][k])))]
+    report["sched"] = saved["sched"] == loaded["sched"]
+    report["lr"] = saved["lr"] == loaded["lr"]
+    report["global_steps"] = [saved["global_steps"], loaded["global_steps"]]
+    report["continued"] = [ahead, [step(fresh) for _ in range(2)]]
+    print("RESULT " + json.dumps(report))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.deepspeed
+def test_a_loaded_checkpoint_restores_every_state_the_next_step_reads(tmp_path):
+    """Oracle: the state just before `checkpointing.save`. After `checkpointing.load` into an engine built with
+    another seed (and stepped once), the weights, every ZeRO-2 optimizer tensor (fp32 partition, Adam moments,
+    step), the LR schedule, the torch / numpy / python RNG and DeepSpeed's step count are those saved, and the
+    next steps (dropout on) give the same losses to the last bit."""
+    from _procs import free_port
+
+    proc = subprocess.run([sys.executable, "-c", ROUND_TRIP, str(tmp_path), str(free_port())], capture_output=True,
+                          text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    got = json.loads(lines[-1].removeprefix("RESULT "))
+    assert got["params"] == [] and got["optim"] == [] and got["n_optim"] >= 3, got
+    assert got["rng"] == [] and got["sched"] and got["lr"] and got["global_steps"] == [3, 3], got
+    assert got["continued"][0] == got["continued"][1], got["continued"]
