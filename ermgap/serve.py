@@ -3,11 +3,20 @@
     ERMGAP_SERVE_TOKEN=... ermgap serve models/tiny --adapter runs/train/my-run/adapter --port 8000
 
 A request is one user message whose content holds one `input_audio` part (base64 WAV/FLAC/MP3) and
-text parts (the instruction). The prompt is built with the model's own chat template, audio first, as
-the training collator does. With `response_format` a JSON schema whose answer is a string enum
-(`{"type": "string", "enum": [...]}` or an object with one such property), the answer is chosen by label
-scoring: every enum value's log-likelihood in one forward, the best returned as JSON, all of them in
-`choices[0].label_logprobs`. Otherwise the answer is greedy free text.
+text parts (the instruction), optionally after system (or developer) messages, whose text is PREPENDED to
+the instruction (the chat template keeps the system turn the model was trained with; a system message equal
+to that default, "You are a helpful assistant.", is already there and is not repeated). The prompt is built
+with the model's own chat template, audio first, as the training collator does. With `response_format` a
+JSON schema whose answer is a string enum (`{"type": "string", "enum": [...]}` or an object with one such
+property), the answer is chosen by label scoring: every enum value's log-likelihood in one forward, the best
+returned as JSON, all of them in `choices[0].label_logprobs` (and, with `logprobs: true`, in OpenAI's
+`logprobs.content` layout: one entry per answer, the labels as its `top_logprobs`). Otherwise the answer is
+greedy free text (`logprobs` is refused there).
+
+Decoding is always greedy, whatever `temperature` (0–2) or `top_p` say: the response's `ermgap` object says
+so (`decoding`, the `temperature` asked for), with what was done to the audio (channels averaged to mono,
+resampled). `usage` counts the prompt's tokens as the model saw them (audio positions included) and the
+returned content's tokens. Audio output, streaming and n > 1 are refused with 400.
 
 Security: binds 127.0.0.1 unless told otherwise; every route but `/health` needs
 `Authorization: Bearer <token>` (the token comes from an environment variable and is never printed)
@@ -28,6 +37,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -45,6 +55,11 @@ from ermgap.submit import is_loopback_host
 
 AUDIO_FORMATS = ("wav", "flac", "mp3")
 MAX_TOKENS_LIMIT = 256
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+# The system turn Qwen2-Audio's chat template always has (and training used); a client sending it is not
+# asking for anything else.
+TEMPLATE_SYSTEM = "You are a helpful assistant."
+SYSTEM_ROLES = ("system", "developer")
 
 
 class RequestError(Exception):
@@ -60,20 +75,41 @@ class RequestError(Exception):
 
 
 @dataclass(frozen=True)
+class AudioInput:
+    """A decoded `input_audio` part: mono float32 at the model's rate, and what it was before."""
+
+    samples: np.ndarray
+    channels: int
+    sample_rate: int
+
+    def note(self, target_rate: int) -> dict:
+        done = []
+        if self.channels > 1:
+            done.append(f"{self.channels} channels averaged to mono")
+        if self.sample_rate != target_rate:
+            done.append(f"resampled from {self.sample_rate} Hz to {target_rate} Hz")
+        return {"channels": self.channels, "sample_rate": self.sample_rate, "converted": "; ".join(done) or "none"}
+
+
+@dataclass(frozen=True)
 class ChatRequest:
-    """What a validated request asks for: one audio clip, the instruction, and either an answer set
-    (`labels`, scored; `label_key` is the JSON property holding the answer, None for a bare string)
-    or free generation of at most `max_tokens` tokens."""
+    """What a validated request asks for: one audio clip, the instruction (system text first), and either an
+    answer set (`labels`, scored; `label_key` is the JSON property holding the answer, None for a bare
+    string) or free generation of at most `max_tokens` tokens; `top_logprobs` None unless logprobs asked."""
 
     audio: np.ndarray
     text: str
     labels: tuple[str, ...] | None
     label_key: str | None
     max_tokens: int
+    temperature: float = 0.0
+    top_logprobs: int | None = None
+    audio_note: dict | None = None
 
 
-def decode_audio(data: str, fmt: str, sample_rate: int, *, param: str) -> np.ndarray:
-    """base64 audio → mono float32 at `sample_rate` Hz (channels averaged); RequestError(400) if unreadable."""
+def decode_audio(data: str, fmt: str, sample_rate: int, *, param: str) -> AudioInput:
+    """base64 audio → mono float32 at `sample_rate` Hz (channels averaged); RequestError(400) if unreadable,
+    empty or holding NaN/infinite samples (the manifest check refuses such files too)."""
     if fmt not in AUDIO_FORMATS:
         raise RequestError(400, f"{param}.format {fmt!r} is not supported; use one of {', '.join(AUDIO_FORMATS)}",
                            param=f"{param}.format")
@@ -92,7 +128,11 @@ def decode_audio(data: str, fmt: str, sample_rate: int, *, param: str) -> np.nda
                            param=f"{param}.data", code="invalid_audio") from None
     if x.shape[0] == 0:
         raise RequestError(400, f"{param}.data holds no audio samples", param=f"{param}.data", code="invalid_audio")
-    return resample(x.mean(axis=1), int(sr), sample_rate)
+    bad = int((~np.isfinite(x)).sum())
+    if bad:  # a float WAV can hold them; every feature and score would silently become NaN
+        raise RequestError(400, f"{param}.data has {bad} NaN or infinite sample(s); expected finite samples in "
+                           "[-1, 1]", param=f"{param}.data", code="invalid_audio")
+    return AudioInput(resample(x.mean(axis=1), int(sr), sample_rate), channels=x.shape[1], sample_rate=int(sr))
 
 
 def answer_labels(response_format) -> tuple[tuple[str, ...] | None, str | None]:
@@ -120,35 +160,90 @@ def answer_labels(response_format) -> tuple[tuple[str, ...] | None, str | None]:
     return tuple(values), key
 
 
-def parse_request(body, *, served_model: str, sample_rate: int, default_max_tokens: int = 16) -> ChatRequest:
-    """Validate a chat-completions request body → ChatRequest; RequestError (4xx) naming the field otherwise."""
-    if not isinstance(body, dict):
-        raise RequestError(400, "the request body must be a JSON object")
-    if body.get("model") != served_model:
-        if "model" not in body:
-            raise RequestError(400, "missing 'model'", param="model")
-        raise RequestError(404, f"model {body.get('model')!r} is not served here; this server serves "
-                           f"{served_model!r}", param="model", code="model_not_found")
+def _text_content(content, param: str) -> str:
+    """A system message's content: a string or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    raise RequestError(400, f"{param} must be a string or a list of text parts", param=param)
+
+
+def _number(body: dict, key: str, lo: float, hi: float, *, lo_open: bool = False) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (lo < value if lo_open else lo <= value) \
+        and value <= hi
+    if not ok:
+        raise RequestError(400, f"{key} {value!r}: expected a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]",
+                           param=key)
+    return float(value)
+
+
+def _sampling(body: dict) -> float:
+    """The requested temperature (OpenAI's range), after checking top_p; decoding stays greedy."""
+    _number(body, "top_p", 0, 1, lo_open=True)
+    temperature = _number(body, "temperature", 0, 2)
+    return 0.0 if temperature is None else temperature
+
+
+def _output_options(body: dict) -> None:
+    """Refuse what this server cannot return: streams, several choices, audio."""
     if body.get("stream"):
         raise RequestError(400, "streaming is not supported; send stream: false", param="stream")
-    if body.get("n", 1) != 1:
+    if body.get("n", 1) not in (1, None):
         raise RequestError(400, "only n = 1 is supported", param="n")
-    temperature = body.get("temperature", 0)
-    if temperature not in (0, 0.0, None):
-        raise RequestError(400, f"temperature {temperature!r}: this server decodes greedily; send temperature 0",
-                           param="temperature")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or len(messages) != 1 or not isinstance(messages[0], dict) \
-            or messages[0].get("role") != "user":
-        raise RequestError(400, "messages must hold exactly one message with role 'user' (single-turn requests)",
-                           param="messages")
-    content = messages[0].get("content")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise RequestError(400, f"modalities {modalities!r}: this server answers with text only; send ['text']",
+                           param="modalities")
+    if body.get("audio") is not None:
+        raise RequestError(400, "audio output is not supported (this server answers with text)", param="audio")
+
+
+def _top_logprobs(body: dict, scored: bool) -> int | None:
+    """How many label alternatives to return with logprobs (None: logprobs not asked for)."""
+    want, top = body.get("logprobs"), body.get("top_logprobs")
+    if want not in (None, True, False):
+        raise RequestError(400, f"logprobs {want!r}: expected true or false", param="logprobs")
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise RequestError(400, f"top_logprobs {top!r}: expected an integer in [0, {MAX_TOP_LOGPROBS}]",
+                           param="top_logprobs")
+    if not want:
+        if top is not None:
+            raise RequestError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return None
+    if not scored:
+        raise RequestError(400, "logprobs are only returned for label scoring: send a response_format JSON schema "
+                           "whose answer is a string enum (free-text generation has no token log-probabilities "
+                           "here)", param="logprobs")
+    return top or 0
+
+
+def _messages(messages, sample_rate: int) -> tuple[str, AudioInput, str]:
+    """(system text, audio, user text) of a single-turn conversation: system/developer messages, then one user
+    message holding one input_audio part."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in (*SYSTEM_ROLES, "user") or (role == "user") != (i == len(messages) - 1):
+            raise RequestError(400, "messages must be optional system (or developer) messages followed by exactly "
+                               f"one message with role 'user' (single-turn requests); messages[{i}] has role "
+                               f"{role!r}", param=f"messages[{i}]")
+    system = "\n".join(_text_content(m.get("content"), f"messages[{i}].content") for i, m in enumerate(messages[:-1]))
+    if system.strip() == TEMPLATE_SYSTEM:
+        system = ""
+    at = f"messages[{len(messages) - 1}]"
+    content = messages[-1].get("content")
     if not isinstance(content, list):
-        raise RequestError(400, "messages[0].content must be a list of parts with one input_audio part",
-                           param="messages[0].content")
+        raise RequestError(400, f"{at}.content must be a list of parts with one input_audio part",
+                           param=f"{at}.content")
     audio, texts = None, []
     for i, part in enumerate(content):
-        param = f"messages[0].content[{i}]"
+        param = f"{at}.content[{i}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
@@ -161,32 +256,90 @@ def parse_request(body, *, served_model: str, sample_rate: int, default_max_toke
             raise RequestError(400, f"{param}: expected {{'type': 'text', 'text': ...}} or "
                                "{'type': 'input_audio', 'input_audio': {'data': ..., 'format': 'wav'}}", param=param)
     if audio is None:
-        raise RequestError(400, "messages[0].content has no input_audio part", param="messages[0].content")
+        raise RequestError(400, f"{at}.content has no input_audio part", param=f"{at}.content")
+    return system, audio, "\n".join(texts)
+
+
+def parse_request(body, *, served_model: str, sample_rate: int, default_max_tokens: int = 16) -> ChatRequest:
+    """Validate a chat-completions request body → ChatRequest; RequestError (4xx) naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    if body.get("model") != served_model:
+        if "model" not in body:
+            raise RequestError(400, "missing 'model'", param="model")
+        raise RequestError(404, f"model {body.get('model')!r} is not served here; this server serves "
+                           f"{served_model!r}", param="model", code="model_not_found")
+    _output_options(body)
+    temperature = _sampling(body)
+    system, audio, text = _messages(body.get("messages"), sample_rate)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens", default_max_tokens))
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise RequestError(400, f"max_tokens {max_tokens!r}: expected an integer in [1, {MAX_TOKENS_LIMIT}]",
                            param="max_tokens")
     labels, key = answer_labels(body.get("response_format"))
-    return ChatRequest(audio=audio, text="\n".join(texts), labels=labels, label_key=key, max_tokens=max_tokens)
+    return ChatRequest(audio=audio.samples, text="\n".join(t for t in (system, text) if t), labels=labels,
+                       label_key=key, max_tokens=max_tokens, temperature=temperature,
+                       top_logprobs=_top_logprobs(body, scored=labels is not None),
+                       audio_note=audio.note(sample_rate))
 
 
-def answer(model, req: ChatRequest) -> tuple[str, dict[str, float] | None]:
-    """The reply text for one request (JSON for an answer set) and the label log-probabilities if scored."""
+@dataclass(frozen=True)
+class Answer:
+    """The reply to one request: its text (JSON for an answer set), the label log-probabilities if scored,
+    and the token counts of `usage`."""
+
+    text: str
+    label_logprobs: dict[str, float] | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def answer(model, req: ChatRequest) -> Answer:
+    """Answer one request with a local backend (`chat_batch`, `score_chat`, `generate_chat`, `tokenizer`)."""
     if req.labels is None:
-        return model.generate_chat([req.audio], [req.text], req.max_tokens)[0], None
-    scores = model.score_chat([req.audio], [req.text], list(req.labels))[0]
-    best = req.labels[int(scores.argmax())]
-    text = json.dumps({req.label_key: best} if req.label_key else best, ensure_ascii=False)
-    return text, {label: float(s) for label, s in zip(req.labels, scores)}
+        text, logprobs = model.generate_chat([req.audio], [req.text], req.max_tokens)[0], None
+    else:
+        scores = model.score_chat([req.audio], [req.text], list(req.labels))[0]
+        best = req.labels[int(scores.argmax())]
+        text = json.dumps({req.label_key: best} if req.label_key else best, ensure_ascii=False)
+        logprobs = {label: float(s) for label, s in zip(req.labels, scores)}
+    # The prompt as the model saw it: chat template, audio positions included.
+    prompt = int(model.chat_batch([req.audio], [req.text])["prompt_attention_mask"].sum())
+    completion = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return Answer(text, logprobs, prompt, completion)
 
 
-def completion_body(served_model: str, text: str, label_logprobs: dict[str, float] | None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
-              "logprobs": None}
-    if label_logprobs is not None:
-        choice["label_logprobs"] = label_logprobs
+def _logprob_entry(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+
+def logprobs_body(label_logprobs: dict[str, float], chosen: str, top: int) -> dict:
+    """OpenAI's `choices[0].logprobs` from label scores: one content entry for the chosen label (its summed
+    log-probability over its tokens and terminator), its `top_logprobs` the `top` best labels."""
+    ranked = sorted(label_logprobs.items(), key=lambda kv: -kv[1])[:top]
+    entry = {**_logprob_entry(chosen, label_logprobs[chosen]), "top_logprobs": [_logprob_entry(k, v) for k, v in ranked]}
+    return {"content": [entry], "refusal": None}
+
+
+def completion_body(served_model: str, req: ChatRequest, out: Answer) -> dict:
+    """The chat.completion response (OpenAI's layout, plus `label_logprobs` and the `ermgap` notes)."""
+    finish = "length" if req.labels is None and out.completion_tokens >= req.max_tokens else "stop"
+    choice = {"index": 0, "message": {"role": "assistant", "content": out.text, "refusal": None},
+              "finish_reason": finish, "logprobs": None}
+    if out.label_logprobs is not None:
+        choice["label_logprobs"] = out.label_logprobs
+        if req.top_logprobs is not None:
+            chosen = max(out.label_logprobs, key=out.label_logprobs.get)
+            choice["logprobs"] = logprobs_body(out.label_logprobs, chosen, req.top_logprobs)
+    notes = {"decoding": "greedy label scoring" if req.labels is not None else "greedy",
+             "temperature": req.temperature, "audio": req.audio_note}
+    if req.temperature > 0:
+        notes["note"] = f"temperature {req.temperature:g} was accepted, but this server always decodes greedily"
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-            "model": served_model, "choices": [choice]}
+            "model": served_model, "choices": [choice],
+            "usage": {"prompt_tokens": out.prompt_tokens, "completion_tokens": out.completion_tokens,
+                      "total_tokens": out.prompt_tokens + out.completion_tokens},
+            "ermgap": notes}
 
 
 def create_app(model, *, served_model: str, token: str | None, max_request_bytes: int):
@@ -247,12 +400,12 @@ def create_app(model, *, served_model: str, token: str | None, max_request_bytes
                 raise RequestError(400, f"the request body is not valid JSON ({err})") from None
             req = parse_request(body, served_model=served_model, sample_rate=model.sample_rate)
             try:
-                text, logprobs = await run_in_threadpool(run_model, req)
+                out = await run_in_threadpool(run_model, req)
             except ConfigError as err:  # e.g. enum values whose tokens are prefixes of each other
                 raise RequestError(400, str(err), param="response_format") from None
         except RequestError as err:
             return error(err)
-        return JSONResponse(completion_body(served_model, text, logprobs))
+        return JSONResponse(completion_body(served_model, req, out))
 
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error(RequestError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}"))
@@ -283,5 +436,12 @@ def serve(model, *, served_model: str, host: str, port: int, token: str | None,
     uvicorn.run(app, host=host, port=port, log_level=log_level, server_header=False)
 
 
-__all__: Sequence[str] = ["ChatRequest", "RequestError", "answer", "answer_labels", "create_app", "decode_audio",
-                          "parse_request", "resolve_token", "serve"]
+def default_served_name(model: str) -> str:
+    """The model id clients send by default: a local directory's name, or the hub id as given."""
+    path = Path(model)
+    return path.resolve().name if path.is_dir() else model
+
+
+__all__: Sequence[str] = ["Answer", "AudioInput", "ChatRequest", "RequestError", "answer", "answer_labels",
+                          "create_app", "decode_audio", "default_served_name", "parse_request", "resolve_token",
+                          "serve"]

@@ -60,12 +60,13 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout_s: float = 12
 class ServerProcess:
     """`python -m ermgap.cli.main serve ...` on a free loopback port; start() waits for /health."""
 
-    def __init__(self, model: Path, log: Path, *, token: str, served: str, adapter: Path | None = None,
+    def __init__(self, model: Path, log: Path, *, token: str, served: str | None = None, adapter: Path | None = None,
                  max_request_mb: float = 1.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.args = [sys.executable, "-m", "ermgap.cli.main", "serve", str(model), "--port", str(self.port),
-                     "--served-model-name", served, "--max-request-mb", str(max_request_mb), "--device", "cpu",
+                     *(["--served-model-name", served] if served else []),  # default: the model directory's name
+                     "--max-request-mb", str(max_request_mb), "--device", "cpu",
                      *(["--adapter", str(adapter)] if adapter else [])]
         self.log = log
         self.token = token

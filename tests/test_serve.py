@@ -35,9 +35,9 @@ N_ROWS = 10
 # ----------------------------------------------------------------------------- request validation (no server)
 
 
-def _body(**over):
+def _body(model=SERVED, **over):
     wav = base64.b64encode(_wav_bytes(np.zeros(1600, dtype=np.float32))).decode()
-    body = {"model": SERVED, "temperature": 0, "messages": [{"role": "user", "content": [
+    body = {"model": model, "temperature": 0, "messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}, {"type": "text", "text": "Emotion?"}]}]}
     body.update(over)
     return body
@@ -61,6 +61,8 @@ def test_parse_request_reads_audio_text_and_label_enum():
     req = parse_request(body, served_model=SERVED, sample_rate=16000)
     assert req.text == "Emotion?" and req.labels == EMOTIONS and req.label_key == "emotion"
     assert req.audio.shape == (16000,)  # 8 kHz stereo → 16 kHz mono
+    assert req.audio_note == {"channels": 2, "sample_rate": 8000,
+                              "converted": "2 channels averaged to mono; resampled from 8000 Hz to 16000 Hz"}
     assert answer_labels({"type": "json_schema", "json_schema": {"schema": {"type": "string", "enum": ["a", "b"]}}}) \
         == (("a", "b"), None)
     assert answer_labels(None) == (None, None)
@@ -68,9 +70,18 @@ def test_parse_request_reads_audio_text_and_label_enum():
 
 @pytest.mark.parametrize("change, status, message", [
     ({"model": "other"}, 404, "is not served here"),
-    ({"temperature": 0.7}, 400, "greedily"),
+    ({"temperature": 2.5}, 400, r"temperature 2.5: expected a number in \[0, 2\]"),
+    ({"top_p": 0}, 400, "top_p"),
     ({"stream": True}, 400, "streaming"),
-    ({"messages": []}, 400, "exactly one message"),
+    ({"n": 2}, 400, "n = 1"),
+    ({"messages": []}, 400, "non-empty list"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, 400, "exactly one message with role 'user'"),
+    ({"modalities": ["text", "audio"]}, 400, "text only"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, 400, "audio output is not supported"),
+    ({"logprobs": True}, 400, "only returned for label scoring"),
+    ({"top_logprobs": 2}, 400, "needs logprobs: true"),
+    ({"logprobs": True, "top_logprobs": 21, "response_format": {"type": "json_schema", "json_schema": {
+        "schema": {"type": "string", "enum": ["a", "b"]}}}}, 400, r"top_logprobs 21: expected an integer"),
     ({"response_format": {"type": "json_object"}}, 400, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "enum": ["a"]}}}},
      400, "at least 2"),
@@ -94,6 +105,42 @@ def test_bad_audio_is_a_400_naming_the_part(data, fmt, message):
     with pytest.raises(RequestError, match=message) as err:
         parse_request(body, served_model=SERVED, sample_rate=16000)
     assert err.value.status == 400 and err.value.param.startswith("messages[0].content[0].input_audio")
+
+
+def _float_wav(x, sr=16000) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def test_nan_samples_are_invalid_audio_like_the_manifest_check(tmp_path):
+    x = np.zeros(1600, dtype=np.float32)
+    x[[3, 700]] = [np.nan, np.inf]
+    body = _body()
+    body["messages"][0]["content"][0]["input_audio"]["data"] = base64.b64encode(_float_wav(x)).decode()
+    with pytest.raises(RequestError, match=r"has 2 NaN or infinite sample\(s\)") as err:
+        parse_request(body, served_model=SERVED, sample_rate=16000)
+    assert err.value.status == 400 and err.value.code == "invalid_audio"
+    # the manifest check (the oracle) refuses the same file
+    (tmp_path / "bad.wav").write_bytes(_float_wav(x))
+    with pytest.raises(Exception, match="2 NaN or infinite sample"):
+        load_audio(tmp_path / "bad.wav")
+
+
+def test_system_messages_are_prepended_and_the_template_default_is_not_repeated():
+    def text_of(*system):
+        body = _body()
+        body["messages"] = [*({"role": r, "content": c} for r, c in system), *body["messages"]]
+        return parse_request(body, served_model=SERVED, sample_rate=16000).text
+
+    assert text_of() == "Emotion?"
+    assert text_of(("system", "You are a helpful assistant.")) == "Emotion?"
+    assert text_of(("system", "Be brief."), ("developer", [{"type": "text", "text": "One word."}])) \
+        == "Be brief.\nOne word.\nEmotion?"
 
 
 def test_token_resolution_and_no_auth_only_on_loopback():
@@ -133,8 +180,10 @@ def adapter(tiny_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(tiny_model, adapter, tmp_path_factory):
-    srv = ServerProcess(tiny_model, tmp_path_factory.mktemp("serve") / "serve.log", adapter=adapter, token=TOKEN,
-                        served=SERVED)
+    """One `ermgap serve` process for the module, with no --served-model-name: clients name the model by its
+    directory's name."""
+    srv = ServerProcess(tiny_model, tmp_path_factory.mktemp("serve") / "serve.log", adapter=adapter, token=TOKEN)
+    srv.model_id = tiny_model.name
     srv.start()
     yield srv
     srv.kill()
@@ -157,7 +206,7 @@ def local_scores(tiny_model, adapter, rows) -> tuple[list[str], np.ndarray]:
 def _client(server, **kw) -> OpenAICompatBackend:
     opts = dict(modality="multi", api_key=TOKEN, structured=True, concurrency=2, max_retries=1, backoff_s=0.1)
     opts.update(kw)
-    return OpenAICompatBackend(server.url, SERVED, PromptConfig(), **opts)
+    return OpenAICompatBackend(server.url, server.model_id, PromptConfig(), **opts)
 
 
 def _post(server, body: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
@@ -221,13 +270,13 @@ def test_wrong_or_missing_token_is_refused(server, rows):
 
 @pytest.mark.slow
 def test_malformed_and_oversized_audio_get_a_4xx_with_a_message(server):
-    body = _body()
+    body = _body(server.model_id)
     body["messages"][0]["content"][0]["input_audio"]["data"] = base64.b64encode(b"not a wav at all").decode()
     status, out = _post(server, json.dumps(body).encode())
     assert status == 400 and "not a decodable wav file" in out["error"]["message"]
     status, out = _post(server, b'{"model": ')
     assert status == 400 and "not valid JSON" in out["error"]["message"]
-    big = _body()  # 40 s of noise at 16 kHz ≈ 1.7 MB of base64 > the 1 MB limit this server runs with
+    big = _body(server.model_id)  # 40 s of noise at 16 kHz ≈ 1.7 MB of base64 > the 1 MB limit this server runs with
     noise = np.random.default_rng(0).uniform(-0.5, 0.5, 16000 * 40).astype(np.float32)
     big["messages"][0]["content"][0]["input_audio"]["data"] = base64.b64encode(_wav_bytes(noise)).decode()
     status, out = _post(server, json.dumps(big).encode())
@@ -260,6 +309,7 @@ class _KillAfter:
 @pytest.mark.slow
 def test_server_killed_mid_run_then_restarted_resumes_cleanly(tiny_model, adapter, rows, local_scores, tmp_path):
     srv = ServerProcess(tiny_model, tmp_path / "serve.log", adapter=adapter, token=TOKEN, served=SERVED)
+    srv.model_id = SERVED
     srv.start()
     out = tmp_path / "preds.csv"
     info = {"backend": "openai", "model": SERVED}
@@ -279,3 +329,150 @@ def test_server_killed_mid_run_then_restarted_resumes_cleanly(tiny_model, adapte
     assert second.requests == N_ROWS - 6  # only the unfinished rows were sent
     assert df["utt_id"].tolist() == rows["utt_id"].tolist()
     assert df["pred"].tolist() == local_scores[0]
+
+
+# ----------------------------------------------------------------------------- the official openai SDK
+
+
+@pytest.fixture(scope="module")
+def sdk(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url, api_key=TOKEN, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model, adapter) -> Qwen2AudioBackend:
+    """The local backend with the same adapter, called in-process: what the server must answer."""
+    return Qwen2AudioBackend(ModelConfig(name_or_path=str(tiny_model)), PromptConfig(), modality="uni",
+                             adapter=str(adapter))
+
+
+def _wav_b64(x) -> str:
+    return base64.b64encode(_wav_bytes(np.asarray(x, dtype=np.float32))).decode()
+
+
+def _user(audio_b64: str, text: str) -> dict:
+    return {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio_b64, "format": "wav"}},
+                                        {"type": "text", "text": text}]}
+
+
+@pytest.fixture(scope="module")
+def clip(rows) -> np.ndarray:
+    """A test utterance as 16-bit PCM would carry it (what the server decodes)."""
+    import io
+
+    import soundfile as sf
+
+    x, _ = sf.read(io.BytesIO(_wav_bytes(load_audio(rows.iloc[0]["audio_path"]))), dtype="float32")
+    return x
+
+
+TEXT = "Which emotion does the speaker express?"
+
+
+@pytest.mark.slow
+def test_sdk_defaults_model_id_usage_and_label_scores(sdk, server, oracle, clip, tiny_model):
+    from transformers import AutoProcessor
+
+    assert [m.id for m in sdk.models.list().data] == [tiny_model.name]  # the directory's name, not its path
+    out = sdk.chat.completions.create(model=tiny_model.name, messages=[_user(_wav_b64(clip), TEXT)],
+                                      response_format=label_schema(PromptConfig()))
+    want = oracle.score_chat([clip], [TEXT], list(EMOTIONS))[0].numpy()
+    got = out.choices[0].model_extra["label_logprobs"]
+    np.testing.assert_allclose([got[e] for e in EMOTIONS], want, rtol=0, atol=1e-4)
+    assert json.loads(out.choices[0].message.content) == {"emotion": EMOTIONS[int(want.argmax())]}
+    assert out.choices[0].logprobs is None and out.model_extra["ermgap"]["decoding"] == "greedy label scoring"
+    # usage: the prompt as Hugging Face's own processor expands it (audio placeholders included), and the content
+    proc = AutoProcessor.from_pretrained(tiny_model)
+    chat = proc.apply_chat_template([{"role": "user", "content": [{"type": "audio", "audio_url": "x"},
+                                                                  {"type": "text", "text": TEXT}]}],
+                                    add_generation_prompt=True, tokenize=False)
+    prompt = proc(text=chat, audio=[clip], sampling_rate=16000, return_tensors="pt")["input_ids"].shape[1]
+    completion = len(proc.tokenizer(out.choices[0].message.content, add_special_tokens=False)["input_ids"])
+    assert (out.usage.prompt_tokens, out.usage.completion_tokens, out.usage.total_tokens) \
+        == (prompt, completion, prompt + completion)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
+def test_sdk_temperature_is_accepted_and_decoding_stays_greedy(sdk, server, oracle, clip, temperature):
+    out = sdk.chat.completions.create(model=server.model_id, messages=[_user(_wav_b64(clip), TEXT)],
+                                      temperature=temperature, max_tokens=6)
+    assert out.choices[0].message.content == oracle.generate_chat([clip], [TEXT], 6)[0]
+    notes = out.model_extra["ermgap"]
+    assert notes["decoding"] == "greedy" and notes["temperature"] == temperature
+    assert ("always decodes greedily" in notes.get("note", "")) == (temperature > 0)
+    assert out.usage.completion_tokens <= 6 and out.choices[0].finish_reason in ("stop", "length")
+
+
+@pytest.mark.slow
+def test_sdk_system_message_is_prepended_to_the_instruction(sdk, server, oracle, clip):
+    fmt = label_schema(PromptConfig())
+
+    def scores(*system: str) -> list[float]:
+        msgs = [*({"role": "system", "content": s} for s in system), _user(_wav_b64(clip), TEXT)]
+        got = sdk.chat.completions.create(model=server.model_id, messages=msgs, response_format=fmt)
+        return [got.choices[0].model_extra["label_logprobs"][e] for e in EMOTIONS]
+
+    plain = scores()
+    np.testing.assert_allclose(scores("You are a helpful assistant."), plain, rtol=0, atol=1e-5)
+    system = "You are an expert annotator of emotional speech."
+    want = oracle.score_chat([clip], [f"{system}\n{TEXT}"], list(EMOTIONS))[0].numpy()
+    got = scores(system)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
+    assert np.abs(np.array(got) - np.array(plain)).max() > 1e-3  # the system text reached the prompt
+
+
+@pytest.mark.slow
+def test_sdk_logprobs_come_from_the_label_scores(sdk, server, oracle, clip):
+    import openai
+
+    out = sdk.chat.completions.create(model=server.model_id, messages=[_user(_wav_b64(clip), TEXT)],
+                                      response_format=label_schema(PromptConfig()), logprobs=True, top_logprobs=3)
+    want = oracle.score_chat([clip], [TEXT], list(EMOTIONS))[0].numpy()
+    order = np.argsort(-want)
+    entry = out.choices[0].logprobs.content[0]
+    assert entry.token == EMOTIONS[order[0]] and entry.logprob == pytest.approx(want[order[0]], abs=1e-4)
+    assert [t.token for t in entry.top_logprobs] == [EMOTIONS[i] for i in order[:3]]
+    np.testing.assert_allclose([t.logprob for t in entry.top_logprobs], want[order[:3]], rtol=0, atol=1e-4)
+    with pytest.raises(openai.BadRequestError, match="only returned for label scoring"):
+        sdk.chat.completions.create(model=server.model_id, messages=[_user(_wav_b64(clip), TEXT)], logprobs=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("option, message", [
+    ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "text only"),
+    ({"audio": {"voice": "alloy", "format": "wav"}}, "audio output is not supported"),
+    ({"n": 2}, "only n = 1"),
+    ({"stream": True}, "streaming is not supported"),
+])
+def test_sdk_refuses_what_it_cannot_return(sdk, server, clip, option, message):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match=message) as err:
+        sdk.chat.completions.create(model=server.model_id, messages=[_user(_wav_b64(clip), TEXT)], **option)
+    assert err.value.status_code == 400
+
+
+@pytest.mark.slow
+def test_sdk_nan_audio_is_refused_and_stereo_is_mixed_down(sdk, server, oracle, clip, tmp_path):
+    import openai
+
+    bad = clip.copy()
+    bad[100] = np.nan
+    with pytest.raises(openai.BadRequestError, match="NaN or infinite") as err:
+        sdk.chat.completions.create(model=server.model_id, messages=[_user(base64.b64encode(_float_wav(bad)).decode(),
+                                                                           TEXT)])
+    assert err.value.code == "invalid_audio"
+    # Stereo: the two channels are averaged (as the docs say), and the response says so.
+    other = (0.5 * np.roll(clip, 400)).astype(np.float32)
+    stereo = np.stack([clip, other], 1)
+    fmt = label_schema(PromptConfig())
+    out = sdk.chat.completions.create(model=server.model_id, response_format=fmt, messages=[_user(
+        base64.b64encode(_float_wav(stereo)).decode(), TEXT)])
+    assert out.model_extra["ermgap"]["audio"] == {"channels": 2, "sample_rate": 16000,
+                                                  "converted": "2 channels averaged to mono"}
+    want = oracle.score_chat([(clip + other) / 2], [TEXT], list(EMOTIONS))[0].numpy()
+    got = out.choices[0].model_extra["label_logprobs"]
+    np.testing.assert_allclose([got[e] for e in EMOTIONS], want, rtol=0, atol=1e-4)

@@ -21,7 +21,7 @@ def serve(
     no_auth: bool = typer.Option(False, "--no-auth", help="No token (refused unless --host is a loopback address)."),
     backend: str = typer.Option("auto", "--backend", help="auto (from the model's config) | qwen2_audio | voxtral."),
     served_model_name: str = typer.Option(None, "--served-model-name",
-                                          help="Name clients put in 'model' (default: MODEL as given)."),
+                                          help="Name clients put in 'model' (default: the model directory's name, or the hub id)."),
     max_request_mb: float = typer.Option(25.0, "--max-request-mb", min=0.001, help="Largest request body accepted."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda[:N]."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | bf16 | fp16 | fp32."),
@@ -46,7 +46,7 @@ def serve(
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     be = local_backend(name, ModelConfig(name_or_path=model, dtype=dtype), PromptConfig(), modality="uni",
                        device=dev, adapter=str(adapter) if adapter else None)
-    served = served_model_name or model
+    served = served_model_name or S.default_served_name(model)
     auth = f"bearer token from ${token_env}" if token else "no authentication (--no-auth, loopback only)"
     Console(stderr=True).print(f"ermgap serve: {served!r} ({name}{', adapter ' + str(adapter) if adapter else ''}) "
                                f"on http://{host}:{port}/v1 — {auth}", highlight=False)
