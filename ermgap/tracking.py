@@ -42,6 +42,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from ermgap.errors import ConfigError, ErmgapWarning, StorageError
+from ermgap.mlflow_ui import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, chart_sections, readable
 from ermgap.storage import Location
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -108,16 +109,22 @@ def artifact_root(tracking_uri: str, experiment: str) -> str | None:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment `name`, created if needed; an experiment without a kind is marked as a
+    machine-learning one (EXPERIMENT_KIND_TAG) so the UI opens it on its runs. A kind set by hand stays."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri, name))
-    except Exception:  # another process created it between our get and create
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri, name),
+                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:  # another process created it between our get and create
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+        else:
+            return exp_id
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
 class RunLogger:
@@ -166,7 +173,8 @@ class RunLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())
+        rows = [Metric(k, readable(k, v) if k.startswith(BEST) else float(v), now, int(step))
+                for k, v in sorted(metrics.items())
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
                 and int(step) > self.logged_through.get(k, -1)]
         if rows:
@@ -389,7 +397,8 @@ def log_sweep_summary(tracking_uri: str, parent_run_id: str, *, files: list[Path
         c.log_artifact(parent_run_id, str(f))
     now = int(time.time() * 1000)
     c.log_batch(parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
-                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
+                metrics=[Metric(k, readable(k, v) if k.startswith(BEST) else float(v), now, 0)
+                         for k, v in metrics.items()
                          if v is not None and math.isfinite(float(v))])
 
 
@@ -462,7 +471,7 @@ def share_runs_view(tracking_uri: str, experiment_id_: str, sweep: str) -> str:
     columns = [*(f"params.`{p}`" for p in TABLE_PARAMS),
                *(f"metrics.`{m}`" for m in (*LISTED_METRICS, f"{BEST}test_worst_lang_gap"))]
     view = {"searchFilter": f"tags.`{TAG_SWEEP}` = '{sweep}'", "orderByKey": f"metrics.`{BEST}dev_w_f1`",
-            "orderByAsc": False, "selectedColumns": columns}
+            "orderByAsc": False, "selectedColumns": columns, **chart_sections(VIEW_KEY_PREFIX + sweep)}
     client(tracking_uri).set_experiment_tag(experiment_id_, SHARED_VIEW_TAG + key, json.dumps(view))
     return runs_view_fragment(experiment_id_, key)
 

@@ -47,15 +47,25 @@ def _sweep_like_runs(uri: str) -> tuple[str, str, list[str]]:
         variant = name.split("/")[1]
         run = c.create_run(exp, run_name=name, tags={PARENT_TAG: parent, **trial_tags("demo", "h", f"t{i}", {"variant": variant})})
         c.log_param(run.info.run_id, "variant", variant)
+        for step in (10, 20, 30):  # an evaluation curve and a training curve, as a trial leaves them
+            c.log_metric(run.info.run_id, "eval/dev_w_f1", 30.0 + i + step / 10, step=step)
+            c.log_metric(run.info.run_id, "train/loss", 2.0 - step / 20, step=step)
         c.log_metric(run.info.run_id, "best/dev_w_f1", 40.0 + i)
+        c.log_metric(run.info.run_id, "best/test_avg_gap", 5.0 + i)
         c.set_terminated(run.info.run_id)
     c.set_terminated(parent)
     return exp, parent, names
 
 
 def test_ui_shows_parent_with_children(tmp_path):
+    from mlflow import MlflowClient
+
+    from ermgap.mlflow_ui import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp, parent, children = _sweep_like_runs(uri)
+    # The experiment says it is a machine-learning one, so the UI opens it on its runs (not the GenAI overview).
+    assert MlflowClient(uri).get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     port, marker = free_port(), uuid.uuid4().hex
     env = dict(os.environ, ERMGAP_TEST_UI=marker)
     ui = subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "ui", "--port", str(port), "--tracking-uri", uri],
@@ -82,6 +92,10 @@ def test_ui_shows_parent_with_children(tmp_path):
         view_url = ready.split("sweep demo: ", 1)[1].split()[0]
         assert view_url.startswith(f"{base}/#/experiments/{exp}/runs?viewStateShareKey=")
         profile = tmp_path / "chromium"
+        # The experiment's own page (what the sidebar and bookmarks open) is its runs table ...
+        exp_dom = _chromium(f"{base}/#/experiments/{exp}", profile, "--dump-dom")
+        assert ">demo<" in exp_dom and f"#/experiments/{exp}/runs/{parent}" in exp_dom, "experiment page: no runs"
+        _chromium(f"{base}/#/experiments/{exp}", profile, f"--screenshot={tmp_path / 'experiment_page.png'}")
         # The experiment's runs table lists the parent (children are folded under it) ...
         runs_dom = _chromium(f"{base}/#/experiments/{exp}/runs", profile, "--dump-dom")
         assert ">demo<" in runs_dom and f"#/experiments/{exp}/runs/{parent}" in runs_dom
@@ -92,6 +106,12 @@ def test_ui_shows_parent_with_children(tmp_path):
         table_shot = tmp_path / "runs_table.png"
         _chromium(view_url, profile, f"--screenshot={table_shot}")
         assert table_shot.is_file() and table_shot.stat().st_size > 10_000
+        # Chart mode of the view: the evaluation curves' section first, the best checkpoint's values last.
+        charts_dom = _chromium(view_url + "&compareRunsMode=CHART", profile, "--dump-dom")
+        _chromium(view_url + "&compareRunsMode=CHART", profile, f"--screenshot={tmp_path / 'charts.png'}")
+        sections = [name for name in ("eval", "train", "best") if f">{name}<" in charts_dom]
+        assert sections and sections[0] == "eval", sections
+        assert charts_dom.index(">eval<") < charts_dom.index(">best<"), "best/ section before the eval curves"
         # ... and the parent run's page lists its child runs.
         parent_url = f"{base}/#/experiments/{exp}/runs/{parent}"
         parent_dom = _chromium(parent_url, profile, "--dump-dom")

@@ -60,3 +60,27 @@ def test_a_resumed_run_logs_each_step_of_each_metric_once(tmp_path):
     assert sorted(m.step for m in c.get_metric_history(first.run_id, "lambda")) == list(range(1, 9))
     assert sorted((m.step, m.value) for m in c.get_metric_history(first.run_id, "eval/dev_w_f1")) == \
         [(3, 30.0), (6, 40.0)]
+
+
+def test_experiments_open_on_their_runs_and_summaries_are_readable(tmp_path):
+    """Experiments ermgap creates are machine-learning experiments (MLflow's UI opens their runs table); an
+    existing one without a kind gets it, one whose kind a person chose keeps it; best/ values are rounded for
+    the table, curves are not."""
+    from ermgap.mlflow_ui import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from ermgap.tracking import experiment_id
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    logger = RunLogger.open({"tracking_uri": uri, "experiment": "e", "run_name": "r"}, run_dir=tmp_path / "run")
+    exp = c.get_run(logger.run_id).info.experiment_id
+    assert c.get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    old = c.create_experiment("made-elsewhere")
+    chosen = c.create_experiment("genai", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert experiment_id(c, "made-elsewhere") == old and experiment_id(c, "genai") == chosen
+    assert c.get_experiment(old).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert c.get_experiment(chosen).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    logger.log_metrics({"best/test_w_f1": 53.98765432, "best/dev_loss_gap": 0.123456789, "best/eval_round": 4,
+                        "eval/dev_w_f1": 53.98765432}, step=7)
+    m = c.get_run(logger.run_id).data.metrics
+    assert (m["best/test_w_f1"], m["best/dev_loss_gap"], m["best/eval_round"]) == (53.99, 0.1235, 4.0)
+    assert m["eval/dev_w_f1"] == 53.98765432

@@ -1,0 +1,41 @@
+"""How ermgap's runs look in the MLflow UI (3.17): what kind of experiment it is, how chart mode orders its
+sections, and how precise the runs table's summary values are. `ermgap.tracking` writes them."""
+
+from __future__ import annotations
+
+import math
+
+# MLflow 3's UI opens an experiment on its GenAI overview (traces, latency) unless the experiment says it is a
+# machine-learning one; with this tag (the value the UI's own "experiment type" switch writes) the
+# experiment's page is its runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+# Chart mode's sections, in the order a person reads them: the evaluation curves, the training curves
+# (train/…, and λ / lr under the UI's "Model metrics"), then the best checkpoint's single values, collapsed.
+CHART_SECTIONS = (("eval", True), ("train", True), ("Model metrics", True), ("feature_cache", False), ("best", False))
+
+
+def chart_sections(view_key: str) -> dict:
+    """The chart-mode part of a runs view (the UI's view state): the sections of CHART_SECTIONS in that order
+    (`isAccordionReordered`: the UI keeps it instead of sorting sections by name). The UI adds a chart per
+    metric to its section itself; a metric with another prefix gets a section after these."""
+    sections = [{"uuid": f"{view_key}-{name}", "name": name, "display": shown, "isReordered": False,
+                 "deleted": False, "isGenerated": True} for name, shown in CHART_SECTIONS]
+    return {"compareRunCharts": [], "compareRunSections": sections, "isAccordionReordered": True}
+
+
+def readable(key: str, value: float) -> float:
+    """A best-checkpoint summary value as the runs table shows it: percentages to 2 decimals (the paper's
+    tables), anything else to 4 significant digits, counts exact. Curves (eval/, train/) are logged
+    unrounded, and a run's metrics.json keeps every value in full."""
+    from ermgap.metric_registry import lookup
+
+    value = float(value)
+    if value.is_integer() or not math.isfinite(value):
+        return value
+    try:
+        percent = lookup(key).unit in ("%", "% points")
+    except KeyError:
+        percent = False
+    return round(value, 2) if percent else float(f"{value:.4g}")
