@@ -140,7 +140,9 @@ def encode(model, input_features: torch.Tensor, feature_attention_mask: torch.Te
 
 @dataclass
 class CacheStats:
-    """What a run's cache did: entries read, entries computed, encoder seconds, corrupt entries replaced."""
+    """What a run's cache did: `hits` reads served from the cache (a fill finding an entry, and every training
+    or evaluation read of one: a 10-epoch run reads each entry 10 times), `misses` encoder computations,
+    encoder seconds, corrupt entries replaced. Reads in DataLoader worker processes are not counted."""
 
     hits: int = 0
     misses: int = 0
@@ -278,6 +280,8 @@ class EncodedDataset(torch.utils.data.Dataset):
         embeds = self.cache.load(self.keys[i])
         if embeds is None:
             embeds = self._compute([i])[0]
+        else:
+            self.cache.stats.hits += 1
         return {**self.base.fields(i), "audio_embeds": embeds}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -42,6 +43,39 @@ class _TokenAuthEnabled(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("Token authentication is enabled")
+
+
+# Ray 2.60's raylet tells every driver on the cluster when a burst of worker processes starts (its exact text,
+# from the raylet's format string). On a small machine every sweep trips it: Tune's trial drivers and Ray
+# Train's workers start together, each asking for a fraction of a CPU, which is how ermgap packs trials.
+RAYLET_WORKER_BURST = re.compile(
+    r"WARNING: \d+ \w+ worker processes have been started on node: \S+ with address: \S+, which is \d+x the "
+    r"maximum expected startup concurrency \(\d+\)\. This could be a result of using a large number of actors, "
+    r"tasks blocked in ray\.get\(\) calls, or tasks with fractional CPU requests \(e\.g\., num_cpus=0\.1\) "
+    r"allowing high concurrency\. See https://github\.com/ray-project/ray/issues/3644 for some discussion of "
+    r"workarounds\.")
+
+
+def drop_raylet_notices() -> None:
+    """Keep RAYLET_WORKER_BURST off the driver's console (a quiet console only; Ray's own logs keep it).
+
+    Ray prints raylet messages on the driver with `print`, not through logging (`listen_error_messages` →
+    `ray._private.worker.print_to_stdstream`), so a logging filter cannot reach it: the printer is wrapped,
+    dropping that message only. Call after importing Ray, before `ray.init` (idempotent)."""
+    import ray._private.worker as ray_worker
+
+    printer = ray_worker.print_to_stdstream
+    if getattr(printer, "ermgap_filtered", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix):
+        lines = data.get("lines") or []
+        kept = [ln for ln in lines if not (data.get("pid") == "raylet" and RAYLET_WORKER_BURST.search(ln))]
+        if kept or not lines:
+            printer({**data, "lines": kept}, ignore_prefix)
+
+    print_to_stdstream.ermgap_filtered = True
+    ray_worker.print_to_stdstream = print_to_stdstream
 
 
 _QUIETED = False

@@ -21,6 +21,8 @@ import sys
 
 import ray
 
+from ermgap.quiet import drop_raylet_notices
+
 DEFAULT_DASHBOARD_PORT = 8265
 REAPER_START_S = 30.0  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
 # The reapers this process started: held so that their Popen objects are not collected (and reaped) early.
@@ -65,6 +67,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
 
     if ray.is_initialized():
         return
+    if not log_to_driver:
+        drop_raylet_notices()
     level = logging.INFO if log_to_driver else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:

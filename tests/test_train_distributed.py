@@ -143,7 +143,10 @@ def test_cached_encoder_outputs_give_the_same_run_as_recomputing_them(reference,
     """The reference run (frozen encoder: the cache is on by default) read every utterance's encoder
     output from the cache; a run that recomputes the encoder every step is the same run."""
     cache = reference["feature_cache"]
-    assert cache["hits"] + cache["misses"] == 96 and cache["corrupt"] == 0  # 48 train + 24 dev + 24 test
+    # The fill finds or encodes each of the 96 utterances (48 train + 24 dev + 24 test) once; then every read is
+    # a hit: at least 2 epochs × 48 train rows and 4 evaluations × 24 dev rows.
+    assert cache["misses"] <= 96 and cache["corrupt"] == 0
+    assert cache["hits"] + cache["misses"] >= 96 + 2 * 48 + 4 * 24
     assert cache["misses"] == 0 or cache["encoder_s"] > 0
     assert len(list((base["root"] / "runs" / "feature_cache").rglob("*.safetensors"))) == 96
     off = _train(base, "cache_off", ["data.feature_cache=off"])

@@ -119,7 +119,9 @@ class SweepProgress(Callback):
         elapsed, epoch = self._elapsed(row), row.get("epoch")
         frac = epoch / row["epochs"] if epoch else None
         eta = elapsed * (1 - frac) / frac if elapsed is not None and frac and row["status"] == "running" else None
-        return [row["label"], row["status"], f"{fmt(epoch, 1) if epoch is not None else 0}/{row['epochs']}",
+        # A zero-shot trial (optim.epochs 0) trains nothing: it has no epochs to count.
+        progress = "zero-shot" if row["epochs"] == 0 else f"{fmt(epoch, 1) if epoch is not None else 0}/{row['epochs']}"
+        return [row["label"], row["status"], progress,
                 fmt(row.get("lambda"), 3), fmt(row.get("w_f1")), fmt(row.get("gap")), format_duration(elapsed),
                 format_duration(eta) if row["status"] == "running" else "-"]
 

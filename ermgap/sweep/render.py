@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -20,16 +21,24 @@ from ermgap.plots import pareto_plot
 from ermgap.sweep.leaderboard import PARETO_AXES
 from ermgap.sweep.spec import SEED_KEY, TRIAL_DRIVER_CPU, VARIANT_PARAM, SweepSpec, dump_spec_yaml
 
-# Leaderboard columns shown in the console, headed by their registry labels ("dev W-F1", "test Δloss").
-SHOWN = {k: label(k) for k in ("dev_w_f1", "dev_acc", "dev_avg_gap", "dev_worst_lang_gap", "dev_loss_gap",
-                               "test_w_f1", "test_acc", "test_avg_gap", "test_worst_lang_gap", "test_loss_gap")}
-SEED_SHOWN = ("dev_w_f1", "dev_worst_lang_gap", "test_w_f1", "test_avg_gap", "test_worst_lang_gap", "test_loss_gap")
+# The console shows few columns, so that every table fits a 100-column terminal or log; the CSV and Markdown
+# files next to the report have them all. Metric columns are headed by their registry labels ("test Δloss").
+CONSOLE_WIDTH = 100
+SHOWN = {k: label(k) for k in ("dev_w_f1", "test_w_f1", "test_worst_lang_gap", "test_loss_gap")}
+SEED_SHOWN = ("dev_w_f1", "test_w_f1", "test_worst_lang_gap", "test_loss_gap")
+# The objectives-vs-ERM columns the console shows (the CSV/MD add the means over seeds and the per-seed Δ).
+COMPARISON_SHOWN = 3
 
 
 def console() -> Console:
-    """A console wide enough for the leaderboard even when stdout is a pipe or a CI log."""
+    """The terminal as it is, or 100 columns when stdout is a pipe or a CI log."""
     c = Console()
-    return c if c.is_terminal and c.width >= 160 else Console(width=200)
+    return c if c.is_terminal else Console(width=CONSOLE_WIDTH)
+
+
+def _table(title: str) -> Table:
+    """A compact table: no outer border, one space between columns (the console's tables fit 100 columns)."""
+    return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), title_justify="left")
 
 
 def leaderboard_markdown(board: pd.DataFrame) -> str:
@@ -40,26 +49,40 @@ def leaderboard_markdown(board: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _trial_name(spec: SweepSpec, r: pd.Series) -> str:
+    """What a person calls the trial (its variant, swept values, seed), as the live view and MLflow name it."""
+    from ermgap.sweep.live import trial_label
+
+    params = {k: r[k] for k in spec.param_names() if k in r and r[k] == r[k]}
+    return trial_label(spec, params)
+
+
 def print_leaderboard(board: pd.DataFrame, spec: SweepSpec, out: Console) -> None:
     sel = spec.model.selection
     axes = " / ".join(f"{label(m)} {lookup(m).arrow}" for m in PARETO_AXES)
-    table = Table(title=f"sweep {spec.name}: {len(board)} trials  (★ best: {sel.metric} {sel.mode} among "
-                        f"{sel.gap_metric} ≤ min + {sel.tolerance:g};  ◆ Pareto: {axes})")
-    params = spec.param_names()
-    for c in ["", "trial", *params, "objective", "status", "rounds", *SHOWN.values()]:
-        table.add_column(c, justify="right" if c in SHOWN.values() or c == "rounds" else "left")
+    gap = {sel.gap_metric.removeprefix("best_"): label(sel.gap_metric)}
+    shown = {"dev_w_f1": SHOWN["dev_w_f1"], **gap, **{k: v for k, v in SHOWN.items() if k != "dev_w_f1"}}
+    table = _table(f"sweep {spec.name}: {len(board)} trials (★ best: {sel.metric} {sel.mode} among "
+                   f"{sel.gap_metric} ≤ min + {sel.tolerance:g}; ◆ Pareto: {axes}; every column: leaderboard.csv)")
+    table.add_column("", no_wrap=True)
+    for c in ["trial", "objective", "status"]:
+        table.add_column(c, no_wrap=True)
+    for c in shown.values():
+        table.add_column(c, justify="right", max_width=12)
     for _, r in board.iterrows():
         mark = ("★" if r["best"] else "") + ("◆" if r["pareto"] else "")
-        table.add_row(mark, r["trial"], *[fmt(r[p]) for p in params], fmt(r.get("objective")), str(r["status"]),
-                      fmt(r["eval_rounds"]), *[fmt(r[k]) for k in SHOWN])
+        table.add_row(mark, _trial_name(spec, r), fmt(r.get("objective")), str(r["status"]),
+                      *[fmt(r.get(k)) for k in shown])
     out.print(table)
 
 
 def print_seed_summary(summary: pd.DataFrame, spec: SweepSpec, out: Console) -> None:
     keys = [p for p in spec.param_names() if p != SEED_KEY]
-    table = Table(title=f"sweep {spec.name}: mean ± sd over seeds {spec.model.seeds}")
-    for c in [*keys, "seeds", *SEED_SHOWN]:
-        table.add_column(c, justify="left" if c in keys else "right")
+    table = _table(f"sweep {spec.name}: mean ± sd over seeds {spec.model.seeds} (every column: seed_summary.csv)")
+    for c in keys:
+        table.add_column(c, no_wrap=True)
+    for c in ["seeds", *(label(m) for m in SEED_SHOWN)]:
+        table.add_column(c, justify="right", max_width=13)
     for _, r in summary.iterrows():
         table.add_row(*[fmt(r[k]) for k in keys], str(r["n_seeds"]),
                       *[f"{fmt(r[f'{m}_mean'])} ± {fmt(r[f'{m}_sd'])}" for m in SEED_SHOWN])
@@ -103,13 +126,18 @@ def comparison_markdown(versus: pd.DataFrame, spec: SweepSpec) -> str:
 
 
 def print_objective_comparison(versus: pd.DataFrame, spec: SweepSpec, out: Console) -> None:
+    """The objective, its seeds and its three intervals against ERM (the CSV/MD have every column)."""
     headers, rows = comparison_rows(versus, spec)
-    table = Table(title=f"sweep {spec.name}: objectives vs ERM, paired bootstrap over the test utterances of "
-                        "the seeds both finished (points; negative Δ gap: narrower than ERM)")
-    for i, c in enumerate(headers):
-        table.add_column(c, justify="left" if i < len(headers) - 7 else "right")
+    keep = [headers.index("objective"), headers.index("seeds"), *range(len(headers) - COMPARISON_SHOWN, len(headers))]
+    table = _table(f"sweep {spec.name}: objectives vs ERM, paired bootstrap over the test utterances of the seeds "
+                   "both finished (points; negative Δ gap: narrower than ERM; every column: objective_comparison.csv)")
+    for i in keep:
+        if headers[i] == "objective":
+            table.add_column(headers[i], no_wrap=True)
+        else:
+            table.add_column(headers[i], justify="right", max_width=22)
     for r in rows:
-        table.add_row(*r)
+        table.add_row(*(r[i] for i in keep))
     out.print(table)
 
 
