@@ -1,5 +1,6 @@
 """Fairness plots as PNG (matplotlib, Agg backend): trade-off scatter with Pareto front, per-stratum attribute
-gaps, λ trajectories, per-group confusion matrices. Each function writes one file atomically and returns it."""
+gaps, λ trajectories, per-group confusion matrices. Each function writes one file atomically and returns it;
+the `*_figure` builders return the matplotlib Figure itself (the tests read its artists back)."""
 
 from __future__ import annotations
 
@@ -29,73 +30,111 @@ def _save(fig, out_path: str | os.PathLike, force: bool) -> Path:
     return Path(out_path)
 
 
-def fairness_accuracy_scatter(
+def trade_off_figure(
     points: Sequence[tuple[float, float]],
     labels: Sequence[str],
-    out_path: str | os.PathLike,
     *,
+    split: str,
     title: str = "Performance–fairness trade-off",
     xlabel: str = "AVG gender gap [%] ↓",
     ylabel: str = "W-F1 [%] ↑",
-    force: bool = False,
     errors: Sequence[tuple[tuple[float, float], tuple[float, float]]] | None = None,
-) -> Path:
-    """Scatter of (accuracy-like ↑, gap ↓) points, gap on x; the Pareto front is drawn as a step line.
+    note: str = "",
+):
+    """The trade-off scatter as a matplotlib Figure (see fairness_accuracy_scatter); the title names the split.
 
-    points: [(w_f1, avg_gap)] in the order of labels (the same convention as metrics.pareto_front).
-    errors: per point ((w_f1 lo, hi), (gap lo, hi)) bootstrap intervals, drawn as error bars.
-    """
+    Axes: the gap axis starts at 0 (a gap's natural origin), so a 1-point difference is not drawn as a chasm;
+    the score axis spans at least 10 points. Points on the Pareto front are red; with two or more of them
+    the front is drawn as a step line."""
     if len(points) != len(labels):
         raise ValueError(f"{len(points)} points but {len(labels)} labels")
     front = pareto_front(points)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    xs, ys = [], []
     for i, ((acc, gap), label, on) in enumerate(zip(points, labels, front)):
         if not (math.isfinite(acc) and math.isfinite(gap)):
             continue
+        xs.append(gap)
+        ys.append(acc)
         if errors is not None:
             (a_lo, a_hi), (g_lo, g_hi) = errors[i]
             # A percentile interval of a gap (an absolute value) need not contain the point estimate.
             ax.errorbar(gap, acc, xerr=[[max(0.0, gap - g_lo)], [max(0.0, g_hi - gap)]],
                         yerr=[[max(0.0, acc - a_lo)], [max(0.0, a_hi - acc)]],
-                        fmt="none", ecolor="grey", alpha=0.6, capsize=2, zorder=2)
-        ax.scatter(gap, acc, s=48 if on else 28, color="tab:red" if on else "tab:blue", zorder=3)
+                        fmt="none", ecolor="grey", alpha=0.6, capsize=2, zorder=2, label=f"_ci {label}")
+            xs += [g_lo, g_hi]
+            ys += [a_lo, a_hi]
+        ax.scatter(gap, acc, s=48 if on else 28, color="tab:red" if on else "tab:blue", zorder=3,
+                   label=f"_point {label}")
         ax.annotate(label, (gap, acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    pts = sorted((gap, acc) for (acc, gap), on in zip(points, front) if on)
-    if pts:
+    pts = sorted((gap, acc) for (acc, gap), on in zip(points, front) if on and math.isfinite(acc + gap))
+    if len(pts) >= 2:
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:red", alpha=0.6,
                 label="Pareto front")
-        ax.legend(loc="best", fontsize=8)
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if pts:
+        ax.scatter([], [], s=48, color="tab:red", label="on the Pareto front (no other is better on both axes)")
+        ax.legend(loc="best", fontsize=7)
+    xs, ys = [v for v in xs if math.isfinite(v)], [v for v in ys if math.isfinite(v)]
+    if xs:
+        ax.set_xlim(0.0, max(1.0, max(xs)) * 1.15)
+        lo, hi = min(ys), max(ys)
+        pad = max(0.0, 10.0 - (hi - lo)) / 2 + 1.0
+        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    errs = ", bootstrap 95 % intervals" if errors is not None else ""
+    ax.set(title=f"{title} ({split} split{errs})" + (f"\n{note}" if note else ""), xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
+    return fig
+
+
+def fairness_accuracy_scatter(
+    points: Sequence[tuple[float, float]],
+    labels: Sequence[str],
+    out_path: str | os.PathLike,
+    *,
+    split: str,
+    title: str = "Performance–fairness trade-off",
+    xlabel: str = "AVG gender gap [%] ↓",
+    ylabel: str = "W-F1 [%] ↑",
+    force: bool = False,
+    errors: Sequence[tuple[tuple[float, float], tuple[float, float]]] | None = None,
+    note: str = "",
+) -> Path:
+    """Scatter of (accuracy-like ↑, gap ↓) points, gap on x, one split per plot (named in the title).
+
+    points: [(w_f1, avg_gap)] in the order of labels (the same convention as metrics.pareto_front).
+    errors: per point ((w_f1 lo, hi), (gap lo, hi)) bootstrap intervals, drawn as error bars.
+    note: a second title line (e.g. n per group).
+    """
+    fig = trade_off_figure(points, labels, split=split, title=title, xlabel=xlabel, ylabel=ylabel, errors=errors,
+                           note=note)
     return _save(fig, out_path, force)
 
 
-def pareto_plot(frame, out_path: str | os.PathLike, *, x: str, y: str, label: str,
-                title: str = "Performance–fairness trade-off",
-                force: bool = True) -> Path:
+def pareto_plot(frame, out_path: str | os.PathLike, *, x: str, y: str, label: str, split: str,
+                title: str = "Performance–fairness trade-off", force: bool = True, note: str = "") -> Path:
     """fairness_accuracy_scatter over a DataFrame: column `x` is the gap (↓), `y` the score (↑), `label` names
-    the points. Overwrites by default: the caller (a sweep) owns the folder it writes into."""
+    the points; `<x>_lo`/`<x>_hi` and `<y>_lo`/`<y>_hi` columns, when present, are drawn as error bars.
+    Overwrites by default: the caller (a sweep) owns the folder it writes into."""
     points = list(zip(frame[y].astype(float), frame[x].astype(float)))
+    bounds = [f"{c}_{e}" for c in (y, x) for e in ("lo", "hi")]
+    errors = None
+    if all(c in frame for c in bounds) and frame[bounds].notna().all(axis=None):
+        errors = [((r[f"{y}_lo"], r[f"{y}_hi"]), (r[f"{x}_lo"], r[f"{x}_hi"])) for _, r in frame.iterrows()]
     return fairness_accuracy_scatter(points, [str(v) for v in frame[label]], out_path, xlabel=f"{metric_label(x)} ↓",
-                                     ylabel=f"{metric_label(y)} ↑", title=title, force=force)
+                                     ylabel=f"{metric_label(y)} ↑", title=title, split=split, force=force,
+                                     errors=errors, note=note)
 
 
-def gender_gap_bars(
+def gap_bars_figure(
     gaps: Mapping[str, Mapping[str, float]],
-    out_path: str | os.PathLike,
     *,
     metric: str = "AVG gender gap [%]",
     split: str = "test",
     stratum: str = "language",
-    force: bool = False,
     errors: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
-) -> Path:
-    """Grouped bars: one group per subset (e.g. Multilingual, DEU, ENG, JPN: each stratum value), one bar per
-    system.
-
-    gaps: {system label: {subset: gap in percent}}; missing or NaN values leave a hole.
-    errors: {system label: {subset: (lo, hi)}} bootstrap intervals, drawn as error bars.
-    """
+    note: str = "",
+):
+    """Grouped bars as a matplotlib Figure (see gender_gap_bars)."""
     systems = list(gaps)
     subsets = list(dict.fromkeys(s for g in gaps.values() for s in g))
     width = 0.8 / max(len(systems), 1)
@@ -112,10 +151,32 @@ def gender_gap_bars(
                yerr=yerr, capsize=2, error_kw={"alpha": 0.6})
     ax.set_xticks(x, subsets)
     ci = ", bootstrap 95 % intervals" if errors is not None else ""
-    ax.set(ylabel=metric, title=f"{metric} by {stratum} ({split} split{ci})")
+    ax.set(ylabel=metric, title=f"{metric} by {stratum} ({split} split{ci})" + (f"\n{note}" if note else ""))
     ax.legend(fontsize=7, ncol=2)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out_path, force)
+    return fig
+
+
+def gender_gap_bars(
+    gaps: Mapping[str, Mapping[str, float]],
+    out_path: str | os.PathLike,
+    *,
+    metric: str = "AVG gender gap [%]",
+    split: str = "test",
+    stratum: str = "language",
+    force: bool = False,
+    errors: Mapping[str, Mapping[str, tuple[float, float]]] | None = None,
+    note: str = "",
+) -> Path:
+    """Grouped bars: one group per subset (e.g. Multilingual, DEU, ENG, JPN: each stratum value), one bar per
+    system.
+
+    gaps: {system label: {subset: gap in percent}}; missing or NaN values leave a hole.
+    errors: {system label: {subset: (lo, hi)}} bootstrap intervals, drawn as error bars.
+    note: a second title line (e.g. n per group).
+    """
+    return _save(gap_bars_figure(gaps, metric=metric, split=split, stratum=stratum, errors=errors, note=note),
+                 out_path, force)
 
 
 def lambda_trajectories(
@@ -145,15 +206,22 @@ def confusion_matrices(
     labels: Sequence[str] = EMOTIONS,
     force: bool = False,
 ) -> Path:
-    """One heat map per attribute value, rows gold `labels`, columns predicted labels + "invalid" (counts shown,
-    colour = row-normalised rate so groups with different support compare).
+    """One heat map per attribute value, rows gold `labels`, columns predicted labels, plus "invalid" when some
+    answer could not be parsed (free generation; label scoring never has one), counts shown, colour =
+    row-normalised rate so groups with different support compare.
 
-    matrices: {"F": int array [K, K+1], "M": ...}.
+    matrices: {"F": int array [K, K+1], "M": ...} (the last column counts invalid answers).
     """
+    return _save(confusion_figure(matrices, title=title, labels=labels), out_path, force)
+
+
+def confusion_figure(matrices: Mapping[str, np.ndarray], *, title: str = "", labels: Sequence[str] = EMOTIONS):
+    """The confusion matrices as a matplotlib Figure (see confusion_matrices)."""
+    any_invalid = any(np.asarray(cm)[:, len(labels):].sum() > 0 for cm in matrices.values())
     fig, axes = plt.subplots(1, len(matrices), figsize=(5.2 * len(matrices), 4.6), squeeze=False)
-    cols = [*labels, INVALID]
+    cols = [*labels, INVALID] if any_invalid else list(labels)
     for ax, (name, cm) in zip(axes[0], matrices.items()):
-        cm = np.asarray(cm)
+        cm = np.asarray(cm)[:, :len(cols)]
         rows = cm.sum(1, keepdims=True)
         rate = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
         ax.imshow(rate, cmap="Blues", vmin=0, vmax=1)
@@ -165,4 +233,4 @@ def confusion_matrices(
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.set(xlabel="predicted", ylabel="gold", title=f"{title} — {name} (n={int(cm.sum())})".strip(" —"))
     fig.tight_layout()
-    return _save(fig, out_path, force)
+    return fig

@@ -600,8 +600,8 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
         ci = n_boot > 0  # bootstrap 95 % intervals as error bars
         plots.fairness_accuracy_scatter(
             list(zip(multi["w_f1"], multi["avg_gap"])), labels, tmp / "fairness_accuracy.png",
-            xlabel=f"AVG {task.attribute} gap [%] ↓",
-            title="Performance–fairness trade-off, test split (all strata)" + (", bootstrap 95 %" if ci else ""),
+            xlabel=f"AVG {task.attribute} gap [%] ↓", split="test",
+            title=f"Performance–fairness trade-off, all {task.stratum_name} values pooled",
             errors=list(zip(zip(multi["w_f1_lo"], multi["w_f1_hi"]), zip(multi["avg_gap_lo"], multi["avg_gap_hi"])))
             if ci else None)
         names["fairness_accuracy_png"] = "fairness_accuracy.png"

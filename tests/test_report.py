@@ -100,11 +100,12 @@ def test_report_pngs_and_ci_outputs(tmp_path):
 
 
 def test_plot_functions_write_pngs(tmp_path):
-    out = plots.fairness_accuracy_scatter([(50, 4), (55, 5), (40, 6)], ["a", "b", "c"], tmp_path / "s.png")
+    out = plots.fairness_accuracy_scatter([(50, 4), (55, 5), (40, 6)], ["a", "b", "c"], tmp_path / "s.png",
+                                          split="test")
     out2 = plots.lambda_trajectories({"run": [(1, 0.0), (2, 0.5)]}, tmp_path / "l.png")
     out3 = plots.pareto_plot(pd.DataFrame({"trial": ["t1", "t2"], "dev_w_f1": [40.0, 50.0],
                                            "dev_avg_gap": [3.0, 2.0]}), tmp_path / "p.png",
-                             x="dev_avg_gap", y="dev_w_f1", label="trial")
+                             x="dev_avg_gap", y="dev_w_f1", label="trial", split="dev")
     for p in (out, out2, out3):
         assert p.read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(OutputExistsError):

@@ -19,7 +19,7 @@ from ermgap.io import atomic_write_text
 from ermgap.metric_registry import label, lookup
 from ermgap.plots import pareto_plot
 from ermgap.sweep.leaderboard import PARETO_AXES
-from ermgap.sweep.spec import SEED_KEY, TRIAL_DRIVER_CPU, VARIANT_PARAM, SweepSpec, dump_spec_yaml
+from ermgap.sweep.spec import SEED_KEY, TRIAL_DRIVER_CPU, SweepSpec, dump_spec_yaml
 
 # The console shows few columns, so that every table fits a 100-column terminal or log; the CSV and Markdown
 # files next to the report have them all. Metric columns are headed by their registry labels ("test Δloss").
@@ -186,12 +186,20 @@ def write_artifacts(spec: SweepSpec, board: pd.DataFrame, summary: pd.DataFrame 
                                                              comparison_markdown(versus, spec), force=True)
     ok = board[board[list(PARETO_AXES)].notna().all(axis=1)].copy() if not board.empty else board
     if not ok.empty:
-        ok["label"] = [f"{v} ({t})" if isinstance(v, str) else t
-                       for v, t in zip(ok.get(VARIANT_PARAM, ok["trial"]), ok["trial"])]
+        ok["label"] = paper_names(ok, spec)
         files["pareto_plot"] = art / "pareto.png"
-        pareto_plot(ok, files["pareto_plot"], x=PARETO_AXES[1], y=PARETO_AXES[0], label="label",
-                    title=f"sweep {spec.name}: trade-off on the dev split (best checkpoint per trial)")
+        pareto_plot(ok, files["pareto_plot"], x=PARETO_AXES[1], y=PARETO_AXES[0], label="label", split="dev",
+                    title=f"sweep {spec.name}: trade-off, best checkpoint per trial")
     return files
+
+
+def paper_names(board: pd.DataFrame, spec: SweepSpec) -> list[str]:
+    """Each trial by the paper's name of its objective ("ERM (SFT)", "ERM-MinMaxGAP (p=2)"), with its trial name
+    (variant, swept values, seed) added only where two trials share an objective name."""
+    names = [str(o) if isinstance(o, str) and o else _trial_name(spec, r) for o, (_, r) in
+             zip(board.get("objective", [None] * len(board)), board.iterrows())]
+    counts = pd.Series(names).value_counts()
+    return [f"{n} [{_trial_name(spec, r)}]" if counts[n] > 1 else n for n, (_, r) in zip(names, board.iterrows())]
 
 
 def _fmt_cluster(c: dict[str, float]) -> str:
