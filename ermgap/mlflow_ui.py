@@ -11,6 +11,14 @@ import math
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
+def mark_kind(client, experiment) -> str:
+    """Tag an MLflow experiment without a kind as a machine-learning one (its UI page is then the runs table);
+    a kind a person chose stays. Returns the experiment's id."""
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
 # Chart mode's sections, in the order a person reads them: the evaluation curves, the training curves
 # (train/…, and λ / lr under the UI's "Model metrics"), then the best checkpoint's single values, collapsed.
 CHART_SECTIONS = (("eval", True), ("train", True), ("Model metrics", True), ("feature_cache", False), ("best", False))

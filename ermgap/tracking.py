@@ -42,7 +42,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from ermgap.errors import ConfigError, ErmgapWarning, StorageError
-from ermgap.mlflow_ui import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, chart_sections, readable
+from ermgap.mlflow_ui import chart_sections, mark_kind, readable
 from ermgap.storage import Location
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -109,22 +109,16 @@ def artifact_root(tracking_uri: str, experiment: str) -> str | None:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created if needed; an experiment without a kind is marked as a
-    machine-learning one (EXPERIMENT_KIND_TAG) so the UI opens it on its runs. A kind set by hand stays."""
+    """The id of experiment `name`, created if needed, marked so MLflow's UI opens it on its runs (mark_kind)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
-            exp_id = client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri, name),
-                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            client.create_experiment(name, artifact_location=artifact_root(client.tracking_uri, name))
         except Exception:  # another process created it between our get and create
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
+            if client.get_experiment_by_name(name) is None:
                 raise
-        else:
-            return exp_id
-    if EXPERIMENT_KIND_TAG not in exp.tags:
-        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return exp.experiment_id
+        exp = client.get_experiment_by_name(name)
+    return mark_kind(client, exp)
 
 
 class RunLogger:
