@@ -168,8 +168,10 @@ def answer_loss_from_scores(scores: torch.Tensor, batch: dict) -> torch.Tensor:
     return -scores.gather(1, gold[:, None])[:, 0] / lengths[gold]
 
 
-def generate(model, batch: dict, tokenizer, *, max_new_tokens: int = 16) -> list[str]:
-    """Greedy decoding from the left-padded prompts; returns the decoded answers (special tokens removed)."""
+def generate(model, batch: dict, tokenizer, *, max_new_tokens: int = 16, with_counts: bool = False):
+    """Greedy decoding from the left-padded prompts; returns the decoded answers (special tokens removed), and
+    with `with_counts` also the tokens each row generated (its end-of-turn token included; `max_new_tokens`
+    when it stopped for length)."""
     prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     end_ids = [i for i in {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id,
                            tokenizer.pad_token_id} if i is not None and i != tokenizer.unk_token_id]
@@ -177,4 +179,8 @@ def generate(model, batch: dict, tokenizer, *, max_new_tokens: int = 16) -> list
                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                          eos_token_id=end_ids, pad_token_id=tokenizer.pad_token_id)
     new = out[:, prompt_ids.shape[1]:]
-    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    texts = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    if not with_counts:
+        return texts
+    counts = [next((j + 1 for j, t in enumerate(row.tolist()) if t in end_ids), len(row)) for row in new]
+    return texts, counts

@@ -16,7 +16,7 @@ greedy free text (`logprobs` is refused there).
 Decoding is always greedy, whatever `temperature` (0–2) or `top_p` say: the response's `ermgap` object says
 so (`decoding`, the `temperature` asked for), with what was done to the audio (channels averaged to mono,
 resampled). `usage` counts the prompt's tokens as the model saw them (audio positions included) and the
-returned content's tokens. Audio output, streaming and n > 1 are refused with 400.
+generated tokens (end-of-turn included), or for a scored answer the returned JSON's tokens. Audio output, streaming and n > 1 are refused with 400.
 
 Security: binds 127.0.0.1 unless told otherwise; every route but `/health` needs
 `Authorization: Bearer <token>` (the token comes from an environment variable and is never printed)
@@ -296,8 +296,10 @@ class Answer:
 
 def answer(model, req: ChatRequest) -> Answer:
     """Answer one request with a local backend (`chat_batch`, `score_chat`, `generate_chat`, `tokenizer`)."""
+    completion = None
     if req.labels is None:
-        text, logprobs = model.generate_chat([req.audio], [req.text], req.max_tokens)[0], None
+        (text,), (completion,) = model.generate_chat([req.audio], [req.text], req.max_tokens, with_counts=True)
+        logprobs = None
     else:
         scores = model.score_chat([req.audio], [req.text], list(req.labels))[0]
         best = req.labels[int(scores.argmax())]
@@ -305,7 +307,8 @@ def answer(model, req: ChatRequest) -> Answer:
         logprobs = {label: float(s) for label, s in zip(req.labels, scores)}
     # The prompt as the model saw it: chat template, audio positions included.
     prompt = int(model.chat_batch([req.audio], [req.text])["prompt_attention_mask"].sum())
-    completion = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if completion is None:  # a scored answer: the returned JSON's tokens
+        completion = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
     return Answer(text, logprobs, prompt, completion)
 
 
@@ -323,7 +326,7 @@ def logprobs_body(label_logprobs: dict[str, float], chosen: str, top: int) -> di
 
 def completion_body(served_model: str, req: ChatRequest, out: Answer) -> dict:
     """The chat.completion response (OpenAI's layout, plus `label_logprobs` and the `ermgap` notes)."""
-    finish = "length" if req.labels is None and out.completion_tokens >= req.max_tokens else "stop"
+    finish = "length" if req.labels is None and out.completion_tokens >= req.max_tokens else "stop"  # all it may use
     choice = {"index": 0, "message": {"role": "assistant", "content": out.text, "refusal": None},
               "finish_reason": finish, "logprobs": None}
     if out.label_logprobs is not None:

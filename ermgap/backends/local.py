@@ -56,7 +56,10 @@ class LocalBackend:
         with torch.no_grad():
             return score_labels(self.model, self.chat_batch(audios, texts, answers)).float().cpu()
 
-    def generate_chat(self, audios: Sequence[np.ndarray], texts: Sequence[str], max_new_tokens: int) -> list[str]:
-        """Greedy answers to each prompt (special tokens removed)."""
+    def generate_chat(self, audios: Sequence[np.ndarray], texts: Sequence[str], max_new_tokens: int,
+                      with_counts: bool = False):
+        """Greedy answers to each prompt (special tokens removed); with `with_counts` also the generated token
+        counts (scoring.generate)."""
         with torch.no_grad():
-            return generate(self.model, self.chat_batch(audios, texts), self.tokenizer, max_new_tokens=max_new_tokens)
+            return generate(self.model, self.chat_batch(audios, texts), self.tokenizer, max_new_tokens=max_new_tokens,
+                            with_counts=with_counts)

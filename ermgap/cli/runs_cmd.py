@@ -27,15 +27,22 @@ def list_cmd(
     uri = tracking_uri or default_tracking_uri(RunConfig())
     check_store_exists(uri)
     runs = list_runs(uri, experiment=experiment, sweeps_only=sweeps)
-    table = Table(title=f"MLflow runs at {uri}" + (f", experiment {experiment}" if experiment else ""))
-    for c in ("experiment", "name", "id", "status", "start", *(label(m) for m in LISTED_METRICS)):
-        table.add_column(c, justify="right" if c not in ("experiment", "name", "id", "status", "start") else "left")
+    from rich import box
+
+    several = runs["experiment"].nunique() > 1
+    table = Table(title=f"MLflow runs at {uri}" + (f", experiment {experiment}" if experiment else ""),
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1), title_justify="left")
+    # Fits 100 columns: the experiment only when there are several, metrics under short wrapped headers.
+    for c in (("experiment",) if several else ()) + ("name", "id", "status", "start"):
+        table.add_column(c, no_wrap=c != "experiment")
+    for m in LISTED_METRICS:
+        table.add_column(label(m), justify="right", max_width=12)
     # Parents first with their children right below them (children start after their parent).
     ids = set(runs["run_id"])
     tops = runs[~runs["parent"].isin(ids)]
     for _, r in tops.iterrows():
         for depth, row in [(0, r), *((1, c) for _, c in runs[runs["parent"] == r["run_id"]].iloc[::-1].iterrows())]:
-            table.add_row(row["experiment"], ("  └ " if depth else "") + str(row["name"]), row["run_id"][:8],
-                          row["status"], row["start"], *(fmt(row[m]) for m in LISTED_METRICS))
+            table.add_row(*((row["experiment"],) if several else ()), ("└ " if depth else "") + str(row["name"]),
+                          row["run_id"][:8], row["status"], row["start"][5:], *(fmt(row[m]) for m in LISTED_METRICS))
     console().print(table)
     typer.echo(f"{len(runs)} run(s); pass an id (or a unique prefix) to `ermgap report --mlflow-parent ID` or `--runs ID`")
