@@ -74,6 +74,8 @@ def test_seed_summary_and_objective_comparison_fit_100_columns():
 def test_a_zero_shot_trial_is_shown_as_zero_shot():
     progress = SweepProgress(load_sweep_spec(SWEEPS / "demo.yaml"), Console(file=io.StringIO()))
     start = time.time() - 30
-    zero = progress.cells({"label": "zero_shot", "epochs": 0, "status": "running", "start": start, "epoch": 0.0})
-    erm = progress.cells({"label": "erm", "epochs": 5, "status": "running", "start": start, "epoch": 2.0})
-    assert zero[2] == "zero-shot" and erm[2] == "2.0/5"
+    row = {"status": "running", "start": start, "objective": "-", "shown": {}}
+    zero = progress.cells({**row, "label": "zero_shot", "epochs": 0, "epoch": 0.0})
+    erm = progress.cells({**row, "label": "erm", "epochs": 5, "epoch": 2.0})
+    at = progress.headers().index("epoch")
+    assert zero[at] == "zero-shot" and erm[at] == "2.0/5"
