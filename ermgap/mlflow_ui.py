@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 
-# MLflow 3's UI opens an experiment on its GenAI overview (traces, latency) unless the experiment says it is a
-# machine-learning one; with this tag (the value the UI's own "experiment type" switch writes) the
-# experiment's page is its runs table.
+# The experiment's type, as the UI's own "experiment type" setting writes it ("Machine learning"): MLflow UIs
+# that choose an experiment's page by its kind open this one on its runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# MLflow 3.17's UI ignores that tag: a global "GenAI | Model training" selector decides every experiment's
+# page, from the URL's `workflowType` or else the browser's last choice (GenAI at first). Every link ermgap
+# prints carries this query, so it opens the runs table ("Model training").
+UI_QUERY = "workflowType=machine_learning"
 
 def mark_kind(client, experiment) -> str:
     """Tag an MLflow experiment without a kind as a machine-learning one (its UI page is then the runs table);

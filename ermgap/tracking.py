@@ -42,7 +42,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from ermgap.errors import ConfigError, ErmgapWarning, StorageError
-from ermgap.mlflow_ui import chart_sections, mark_kind, readable
+from ermgap.mlflow_ui import UI_QUERY, chart_sections, mark_kind, readable
 from ermgap.storage import Location
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -471,7 +471,7 @@ def share_runs_view(tracking_uri: str, experiment_id_: str, sweep: str) -> str:
 
 
 def runs_view_fragment(experiment_id_: str, key: str) -> str:
-    return f"/#/experiments/{experiment_id_}/runs?viewStateShareKey={key}"
+    return f"/#/experiments/{experiment_id_}/runs?viewStateShareKey={key}&{UI_QUERY}"
 
 
 def shared_runs_views(tracking_uri: str) -> list[tuple[str, str]]:

@@ -60,11 +60,11 @@ def _sweep_like_runs(uri: str) -> tuple[str, str, list[str]]:
 def test_ui_shows_parent_with_children(tmp_path):
     from mlflow import MlflowClient
 
-    from ermgap.mlflow_ui import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from ermgap.mlflow_ui import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, UI_QUERY
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     exp, parent, children = _sweep_like_runs(uri)
-    # The experiment says it is a machine-learning one, so the UI opens it on its runs (not the GenAI overview).
+    # The experiment says it is a machine-learning one (the UI's own experiment-type setting).
     assert MlflowClient(uri).get_experiment(exp).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     port, marker = free_port(), uuid.uuid4().hex
     env = dict(os.environ, ERMGAP_TEST_UI=marker)
@@ -90,12 +90,14 @@ def test_ui_shows_parent_with_children(tmp_path):
         assert f"MLflow UI ready on {base}" in ready
         # ... and prints a link to the sweep's runs table (the UI's own shared-view state).
         view_url = ready.split("sweep demo: ", 1)[1].split()[0]
-        assert view_url.startswith(f"{base}/#/experiments/{exp}/runs?viewStateShareKey=")
+        assert view_url.startswith(f"{base}/#/experiments/{exp}/runs?viewStateShareKey=") and UI_QUERY in view_url
         profile = tmp_path / "chromium"
-        # The experiment's own page (what the sidebar and bookmarks open) is its runs table ...
-        exp_dom = _chromium(f"{base}/#/experiments/{exp}", profile, "--dump-dom")
+        # The experiment's own page, with the query ermgap's links carry, is its runs table (MLflow 3.17 shows its
+        # GenAI overview there otherwise) ...
+        exp_dom = _chromium(f"{base}/#/experiments/{exp}?{UI_QUERY}", profile, "--dump-dom")
         assert ">demo<" in exp_dom and f"#/experiments/{exp}/runs/{parent}" in exp_dom, "experiment page: no runs"
-        _chromium(f"{base}/#/experiments/{exp}", profile, f"--screenshot={tmp_path / 'experiment_page.png'}")
+        assert "Token Usage" not in exp_dom, "experiment page: the GenAI overview"
+        _chromium(f"{base}/#/experiments/{exp}?{UI_QUERY}", profile, f"--screenshot={tmp_path / 'experiment.png'}")
         # The experiment's runs table lists the parent (children are folded under it) ...
         runs_dom = _chromium(f"{base}/#/experiments/{exp}/runs", profile, "--dump-dom")
         assert ">demo<" in runs_dom and f"#/experiments/{exp}/runs/{parent}" in runs_dom
