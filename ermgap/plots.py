@@ -34,7 +34,7 @@ def trade_off_figure(
     points: Sequence[tuple[float, float]],
     labels: Sequence[str],
     *,
-    split: str,
+    split: str | None,
     title: str = "Performance–fairness trade-off",
     xlabel: str = "AVG gender gap [%] ↓",
     ylabel: str = "W-F1 [%] ↑",
@@ -81,7 +81,8 @@ def trade_off_figure(
         pad = max(0.0, 10.0 - (hi - lo)) / 2 + 1.0
         ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
     errs = ", bootstrap 95 % intervals" if errors is not None else ""
-    ax.set(title=f"{title} ({split} split{errs})" + (f"\n{note}" if note else ""), xlabel=xlabel, ylabel=ylabel)
+    named = f"{title} ({split} split{errs})" if split else title  # split None: the title already names it
+    ax.set(title=named + (f"\n{note}" if note else ""), xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     return fig
 
@@ -91,7 +92,7 @@ def fairness_accuracy_scatter(
     labels: Sequence[str],
     out_path: str | os.PathLike,
     *,
-    split: str,
+    split: str | None = None,
     title: str = "Performance–fairness trade-off",
     xlabel: str = "AVG gender gap [%] ↓",
     ylabel: str = "W-F1 [%] ↑",
@@ -110,7 +111,7 @@ def fairness_accuracy_scatter(
     return _save(fig, out_path, force)
 
 
-def pareto_plot(frame, out_path: str | os.PathLike, *, x: str, y: str, label: str, split: str,
+def pareto_plot(frame, out_path: str | os.PathLike, *, x: str, y: str, label: str, split: str | None = None,
                 title: str = "Performance–fairness trade-off", force: bool = True, note: str = "") -> Path:
     """fairness_accuracy_scatter over a DataFrame: column `x` is the gap (↓), `y` the score (↑), `label` names
     the points; `<x>_lo`/`<x>_hi` and `<y>_lo`/`<y>_hi` columns, when present, are drawn as error bars.

@@ -598,9 +598,10 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
         multi = results[results["subset"] == OVERALL]
         labels = [f"{m} ({mod})" for m, mod in zip(multi["model"], multi["modality"])]
         ci = n_boot > 0  # bootstrap 95 % intervals as error bars
+        pooled, per_stratum = group_sizes(systems[0])
         plots.fairness_accuracy_scatter(
             list(zip(multi["w_f1"], multi["avg_gap"])), labels, tmp / "fairness_accuracy.png",
-            xlabel=f"AVG {task.attribute} gap [%] ↓", split="test",
+            xlabel=f"AVG {task.attribute} gap [%] ↓", split="test", note=pooled,
             title=f"Performance–fairness trade-off, all {task.stratum_name} values pooled",
             errors=list(zip(zip(multi["w_f1_lo"], multi["w_f1_hi"]), zip(multi["avg_gap_lo"], multi["avg_gap_hi"])))
             if ci else None)
@@ -614,7 +615,7 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
                                    for s, lo, hi in zip(g["subset"], g["avg_gap_lo"], g["avg_gap_hi"])}
                   for (m, mod), g in grouped} if ci else None
         plots.gender_gap_bars(gaps, tmp / "gender_gaps.png", metric=f"AVG {task.attribute} gap [%]",
-                              stratum=task.stratum_name, split="test", errors=errors)
+                              stratum=task.stratum_name, split="test", errors=errors, note=per_stratum)
         names["gender_gaps_png"] = "gender_gaps.png"
         series = {s.label: s.lambda_history for s in systems if s.lambda_history}
         if series:
@@ -627,6 +628,17 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
                                      labels=s.task.labels)
             names[f"confusion_{_slug(s.name)}_{s.modality}"] = rel
     return {k: out_dir / rel for k, rel in names.items()}
+
+
+def group_sizes(system: System) -> tuple[str, str]:
+    """The plots' n notes from a system's test predictions: per attribute value pooled over strata
+    ("n = 672: F 336, M 336"), and the range per (stratum, attribute value) ("n per (language, gender): 112")."""
+    preds, task = system.preds, system.task
+    values = preds[task.attribute].astype(str)
+    pooled = f"n = {len(preds)}: " + ", ".join(f"{g} {n}" for g, n in values.value_counts().sort_index().items())
+    cells = pd.Series(list(zip(task.stratum_keys(preds, system.modality), values))).value_counts()
+    lo, hi = int(cells.min()), int(cells.max())
+    return pooled, f"n per ({task.stratum_name}, {task.attribute}): {lo}" + (f"–{hi}" if hi != lo else "")
 
 
 def _metrics_doc(systems: Sequence[System], results: pd.DataFrame) -> dict:

@@ -314,3 +314,16 @@ def test_paired_comparison_lines_use_two_decimals_and_a_true_minus():
         {"comparison": "ERM→Ours", "model": "Ours", "modality": "uni", "subset": "deu", "metric": "avg_gap",
          "diff": 9.0, "lo": 8.0, "hi": 10.0, "p_value": 0.0}])
     assert paired_lines(paired) == ["ERM→Ours (uni): ΔW-F1 +3.88 [1.02, 6.50] · ΔAVG −1.48 [−5.10, 1.87]"]
+
+
+def test_plot_notes_give_n_per_group():
+    """Oracle: pandas counts of the predictions' (language, gender) cells."""
+    from ermgap.report import group_sizes
+
+    system = as_systems(fake_systems())[0]
+    pooled, per_stratum = group_sizes(system)
+    by_gender = system.preds["gender"].value_counts().sort_index()
+    assert pooled == "n = 900: " + ", ".join(f"{g} {n}" for g, n in by_gender.items())
+    cells = system.preds.groupby(["language", "gender"]).size()
+    want = f"{cells.min()}" + (f"–{cells.max()}" if cells.max() != cells.min() else "")
+    assert per_stratum == f"n per (language, gender): {want}"
