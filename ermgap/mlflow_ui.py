@@ -13,6 +13,7 @@ EXPERIMENT_KIND = "custom_model_development"
 # page, from the URL's `workflowType` or else the browser's last choice (GenAI at first). Every link ermgap
 # prints carries this query, so it opens the runs table ("Model training").
 UI_QUERY = "workflowType=machine_learning"
+SUMMARY_PREFIX = "best/"  # the best checkpoint's values, one per run (ermgap.tracking.BEST)
 
 def mark_kind(client, experiment) -> str:
     """Tag an MLflow experiment without a kind as a machine-learning one (its UI page is then the runs table);
@@ -36,14 +37,19 @@ def chart_sections(view_key: str) -> dict:
     return {"compareRunCharts": [], "compareRunSections": sections, "isAccordionReordered": True}
 
 
+def runs_view_fragment(experiment_id: str, key: str) -> str:
+    """The URL fragment (after the UI's address) that opens a stored runs view, as a runs table."""
+    return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={key}&{UI_QUERY}"
+
+
 def readable(key: str, value: float) -> float:
-    """A best-checkpoint summary value as the runs table shows it: percentages to 2 decimals (the paper's
-    tables), anything else to 4 significant digits, counts exact. Curves (eval/, train/) are logged
-    unrounded, and a run's metrics.json keeps every value in full."""
+    """A metric value as MLflow stores it: a best-checkpoint summary (`best/…`) as the runs table shows it,
+    percentages to 2 decimals (the paper's tables), anything else to 4 significant digits, counts exact;
+    curves (eval/, train/) unrounded. A run's metrics.json keeps every value in full."""
     from ermgap.metric_registry import lookup
 
     value = float(value)
-    if value.is_integer() or not math.isfinite(value):
+    if not key.startswith(SUMMARY_PREFIX) or value.is_integer() or not math.isfinite(value):
         return value
     try:
         percent = lookup(key).unit in ("%", "% points")

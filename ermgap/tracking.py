@@ -42,7 +42,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from ermgap.errors import ConfigError, ErmgapWarning, StorageError
-from ermgap.mlflow_ui import UI_QUERY, chart_sections, mark_kind, readable
+from ermgap.mlflow_ui import SUMMARY_PREFIX as BEST  # the best/ namespace
+from ermgap.mlflow_ui import chart_sections, mark_kind, readable, runs_view_fragment
 from ermgap.storage import Location
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -57,7 +58,6 @@ TAG_PARAM_PREFIX = "ermgap.param."  # a trial's sampled params, as tags (the rep
 TAG_NOTE = "mlflow.note.content"   # the run's description in the UI
 TAG_WORKER_NODES = "ermgap.worker_nodes"  # Ray node ids of the run's workers, in rank order
 TAG_WORKER_IPS = "ermgap.worker_ips"
-BEST = "best/"
 EVAL = "eval/"
 # A tracking server that does not answer within this fails the run at start instead of hanging it.
 SERVER_CHECK_TIMEOUT_S = 15.0
@@ -109,7 +109,6 @@ def artifact_root(tracking_uri: str, experiment: str) -> str | None:
 
 
 def experiment_id(client: MlflowClient, name: str) -> str:
-    """The id of experiment `name`, created if needed, marked so MLflow's UI opens it on its runs (mark_kind)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         try:
@@ -167,8 +166,7 @@ class RunLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        rows = [Metric(k, readable(k, v) if k.startswith(BEST) else float(v), now, int(step))
-                for k, v in sorted(metrics.items())
+        rows = [Metric(k, readable(k, v), now, int(step)) for k, v in sorted(metrics.items())
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
                 and int(step) > self.logged_through.get(k, -1)]
         if rows:
@@ -391,8 +389,7 @@ def log_sweep_summary(tracking_uri: str, parent_run_id: str, *, files: list[Path
         c.log_artifact(parent_run_id, str(f))
     now = int(time.time() * 1000)
     c.log_batch(parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
-                metrics=[Metric(k, readable(k, v) if k.startswith(BEST) else float(v), now, 0)
-                         for k, v in metrics.items()
+                metrics=[Metric(k, readable(k, v), now, 0) for k, v in metrics.items()
                          if v is not None and math.isfinite(float(v))])
 
 
@@ -468,10 +465,6 @@ def share_runs_view(tracking_uri: str, experiment_id_: str, sweep: str) -> str:
             "orderByAsc": False, "selectedColumns": columns, **chart_sections(VIEW_KEY_PREFIX + sweep)}
     client(tracking_uri).set_experiment_tag(experiment_id_, SHARED_VIEW_TAG + key, json.dumps(view))
     return runs_view_fragment(experiment_id_, key)
-
-
-def runs_view_fragment(experiment_id_: str, key: str) -> str:
-    return f"/#/experiments/{experiment_id_}/runs?viewStateShareKey={key}&{UI_QUERY}"
 
 
 def shared_runs_views(tracking_uri: str) -> list[tuple[str, str]]:
