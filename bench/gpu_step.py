@@ -34,7 +34,7 @@ from ermgap.config import LoraConfig, ModelConfig  # noqa: E402
 from ermgap.io import atomic_write_text  # noqa: E402
 from ermgap.labels import LANGUAGES  # noqa: E402
 from ermgap.model import apply_lora, build_random, build_tiny, load_backbone  # noqa: E402
-from ermgap.objective import erm_minmaxgap_loss  # noqa: E402
+from ermgap.objectives.minmaxgap import erm_minmaxgap_loss  # noqa: E402
 from ermgap.scoring import per_sample_loss  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s. Matched by substring of

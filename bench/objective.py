@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ermgap.io import atomic_write_text
-from ermgap.objective import erm_minmaxgap_loss
+from ermgap.objectives.minmaxgap import erm_minmaxgap_loss
 
 BATCH, NUM_STRATA, NUM_CLASSES = 64, 3, 7
 

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, create_model, field_validator, model_validator
 
 from ermgap.errors import ConfigError, ErmgapWarning
 from ermgap.labels import EMOTIONS
-from ermgap.metric_registry import METRICS, SPLIT_METRICS
+from ermgap.metric_registry import METRICS, SPLIT_METRICS, split_metrics
+from ermgap.objectives import OBJECTIVES
+from ermgap.settings import Section
 from ermgap.task import MAX_LABELS, STRATUM_JOIN, stratum_columns
 
 # Choices shared by the config tree and the command line (one declaration each).
@@ -28,9 +30,7 @@ Modality = Literal["uni", "multi"]
 PredictMode = Literal["score", "generate"]
 
 
-class _Section(BaseModel):
-    # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats but no setting means anything with them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True, allow_inf_nan=False)
+_Section = Section
 
 
 class DataConfig(_Section):
@@ -151,28 +151,45 @@ class PromptConfig(_Section):
         return self
 
 
-# The training objectives (`ermgap.objectives.OBJECTIVES` maps each to its class).
-ObjectiveKind = Literal["erm", "minmaxgap", "group_dro", "reweight"]
+# The training objectives: `ermgap.objectives.OBJECTIVES` (each kind's module declares its own config keys,
+# composed into the tree below at their paths).
+ObjectiveKind = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
 OBJECTIVE_KINDS: tuple[str, ...] = get_args(ObjectiveKind)
 
 
-class GroupDROConfig(_Section):
-    eta: float = Field(0.01, gt=0, description="Step size η_q of the group-weight update q_g ← q_g·exp(η_q·L_g) (Sagawa et al. 2020: 0.01).")
-    size_adjustment: float = Field(0.0, ge=0, description="C of the group-size adjustment L_g + C/√n_g in the q update (n_g: train examples of the cell; 0: off).")
+def _kind_fields(parent: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The objective kinds' settings under `parent` ("" = top level): (leaves, sections), pydantic field
+    definitions by attribute name, in registry order."""
+    leaves: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for cls in OBJECTIVES.values():
+        for setting in cls.settings:
+            if setting.parent != parent:
+                continue
+            attr = setting.attr or setting.name
+            if setting.is_section:
+                alias = {"alias": setting.name} if attr != setting.name else {}
+                sections[attr] = (setting.model, Field(default_factory=setting.model, **alias))
+            else:
+                leaves[attr] = setting.model
+    return leaves, sections
 
 
-class ObjectiveConfig(_Section):
-    kind: ObjectiveKind = Field("minmaxgap", description="erm: global-batch mean; minmaxgap: the paper's erm + λ·Δmax^p (uses `p` and the `lambda` block); group_dro: online Group DRO over stratum × gender cells; reweight: examples weighted inversely to their cell's train frequency.")
-    p: float = Field(2.0, gt=0, description="minmaxgap: exponent of the worst-language gap (paper: 1 or 2).")
-    stratum: str = Field("language", description="Group within which the attribute gap is measured: a manifest column or columns joined by `+` (`language+modality`); the cells of group_dro and reweight are stratum × attribute value.")
-    erm_weighting: Literal["population", "batch"] = Field(
-        "population", description="(data.sampler=stratified) population: the ERM mean weights each example by its cell's "
-                                  "population share over its sampling share, so it estimates the train-population "
-                                  "mean loss; batch: the plain mean of the stratified batch (small cells weigh more). "
-                                  "Cell means, hence the gap term and Group DRO, are the same either way.")
-    group_dro: GroupDROConfig = Field(default_factory=GroupDROConfig)
+_KIND_HELP = "; ".join(f"{k}: {c.summary}" for k, c in OBJECTIVES.items()) + "."
 
-    @field_validator("stratum")
+
+class _ObjectiveChecks(_Section):
+    """ObjectiveConfig's rules (its fields are composed below)."""
+
+    @field_validator("kind", check_fields=False)
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        if v not in OBJECTIVES:  # the live registry: a kind registered at run time (register_objective) is valid
+            kinds = [repr(k) for k in OBJECTIVES]
+            raise ValueError(f"Input should be {', '.join(kinds[:-1])} or {kinds[-1]}")
+        return v
+
+    @field_validator("stratum", check_fields=False)
     @classmethod
     def _stratum_columns(cls, v: str) -> str:
         try:
@@ -181,27 +198,22 @@ class ObjectiveConfig(_Section):
             raise ValueError(str(err)) from None
 
 
-class LambdaConfig(_Section):
-    mode: Literal["adaptive", "fixed"] = Field("adaptive", description="(objective.kind=minmaxgap) adaptive: Lagrangian update after each dev evaluation; fixed: λ stays at init.")
-    init: float = Field(0.0, ge=0, le=1000, description="λ0 (at most 1000, like λmax).")
-    eta: float = Field(0.5, ge=0, le=100, description="Update rate η: each dev evaluation moves λ by η·(Δdev − ε) (at most 100).")
-    epsilon: float = Field(
-        0.02, ge=0, description="Target tolerance ε for Δdev, in Δdev's units (see lambda.dev_gap). With loss_gap "
-                                "the per-utterance loss averages the terminator's near-zero loss with the label's: "
-                                "for a one-token answer Δdev is about half the label-token loss gap, so ε = 0.02 "
-                                "allows ≈ 0.04 nats on the label token alone.")
-    lam_max: float = Field(10.0, ge=0, le=1000, description="Upper clip λmax (at most 1000: the gap term would swamp the task loss).")
-    dev_gap: Literal["loss_gap", "avg_metric_gap"] = Field(
-        "loss_gap", description="Which dev gap Δdev drives the update. loss_gap: the largest within-stratum "
-                                "(objective.stratum) F/M gap of the mean per-utterance answer loss (nats of cross-entropy averaged "
-                                "over the answer's tokens and terminator, see prompt.verbalizers). avg_metric_gap: "
-                                "the AVG metric gap as a fraction (2 points = 0.02).")
+def _objective_config() -> type[_Section]:
+    """`objective:` = kind, the kinds' own leaves (`p`), stratum, erm_weighting, the kinds' sections (`group_dro`)."""
+    leaves, sections = _kind_fields("objective")
+    return create_model(
+        "ObjectiveConfig", __base__=_ObjectiveChecks, __doc__="The `objective:` section.",
+        kind=(str, Field("minmaxgap", description=_KIND_HELP)), **leaves,
+        stratum=(str, Field("language", description="Group within which the attribute gap is measured: a manifest column or columns joined by `+` (`language+modality`); the cells of group_dro and reweight are stratum × attribute value.")),
+        erm_weighting=(Literal["population", "batch"], Field(
+            "population", description="(data.sampler=stratified) population: the ERM mean weights each example by its cell's "
+                                      "population share over its sampling share, so it estimates the train-population "
+                                      "mean loss; batch: the plain mean of the stratified batch (small cells weigh more). "
+                                      "Cell means, hence the gap term and Group DRO, are the same either way.")),
+        **sections)
 
-    @model_validator(mode="after")
-    def _init_le_max(self) -> LambdaConfig:
-        if self.mode == "adaptive" and self.init > self.lam_max:
-            raise ValueError(f"init ({self.init}) must not exceed lam_max ({self.lam_max})")
-        return self
+
+ObjectiveConfig = _objective_config()
 
 
 class OptimConfig(_Section):
@@ -235,7 +247,7 @@ class EvalConfig(_Section):
     @classmethod
     def _score_only(cls, v: str) -> str:
         if v != "score":
-            raise ValueError("'generate' is not supported during training (dev/test predictions, λ and early "
+            raise ValueError("'generate' is not supported during training (dev/test predictions, the objective's updates and early "
                              "stopping use label scoring); set eval.predict=score and run `ermgap evaluate --mode "
                              "generate --adapter RUN_DIR/adapter` for generated answers")
         return v
@@ -243,8 +255,8 @@ class EvalConfig(_Section):
     @field_validator("metric")
     @classmethod
     def _known_metric(cls, v: str) -> str:
-        if v not in SPLIT_METRICS:
-            raise ValueError(f"{v!r} is not a dev metric; allowed: {', '.join(SPLIT_METRICS)}")
+        if v not in split_metrics():
+            raise ValueError(f"{v!r} is not a dev metric; allowed: {', '.join(split_metrics())}")
         return v
 
     @field_validator("metric_mode")
@@ -280,20 +292,11 @@ class TrackingConfig(_Section):
     storage_path: str = Field("runs/ray", description="Ray Train/Tune storage (local dir, or s3:// / gs:// / NFS on a cluster).")
 
 
-class RunConfig(_Section):
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    prompt: PromptConfig = Field(default_factory=PromptConfig)
-    objective: ObjectiveConfig = Field(default_factory=ObjectiveConfig)
-    lam: LambdaConfig = Field(default_factory=LambdaConfig, alias="lambda")
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+class _RunChecks(_Section):
+    """RunConfig's rules across sections (its fields are composed below)."""
 
     @model_validator(mode="after")
-    def _batch_divides(self) -> RunConfig:
+    def _batch_divides(self) -> _RunChecks:
         per_step = self.optim.micro_batch_size * self.distributed.num_workers
         if self.optim.effective_batch_size % per_step:
             raise ValueError(
@@ -303,7 +306,7 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _no_fp16_training(self) -> RunConfig:
+    def _no_fp16_training(self) -> _RunChecks:
         # fp16 without DeepSpeed's dynamic loss scaling underflows small gradients to zero (LoRA's are).
         if self.model.dtype == "fp16":
             raise ValueError("model.dtype fp16 is refused for training: no loss scaling is configured, so small "
@@ -318,6 +321,19 @@ class RunConfig(_Section):
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with YAML key names (`lambda`, not `lam`)."""
         return self.model_dump(mode="json", by_alias=True)
+
+
+def _section(model: type[_Section]) -> tuple[type[_Section], Any]:
+    return model, Field(default_factory=model)
+
+
+# The whole tree, in the order config.yaml shows it; the objective kinds' own top-level sections (`lambda`)
+# follow `objective`.
+RunConfig = create_model(
+    "RunConfig", __base__=_RunChecks, __doc__="One training run's configuration (the YAML file's tree).",
+    data=_section(DataConfig), model=_section(ModelConfig), lora=_section(LoraConfig), prompt=_section(PromptConfig),
+    objective=_section(ObjectiveConfig), **_kind_fields("")[1], optim=_section(OptimConfig), eval=_section(EvalConfig),
+    distributed=_section(DistributedConfig), tracking=_section(TrackingConfig))
 
 
 # --------------------------------------------------------------------------- loading

@@ -26,12 +26,13 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 
-from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, load_config
+from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten, load_config
 from ermgap.errors import ConfigError, ErmgapError, TrainingError
 from ermgap.failures import RunFault, fit_run
 from ermgap.feature_cache import cache_dir
 from ermgap.io import discard_aside, restore_aside
 from ermgap.multinode import check_shared_paths, input_paths
+from ermgap.objectives import describe_objective, live_values, objective_class
 from ermgap.preflight import check_cluster_gpus, check_inputs, resolve_task, resolved_config, with_task
 from ermgap.progress import ProgressBox, TrainProgress
 from ermgap.ray_runtime import ensure_ray
@@ -61,10 +62,13 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | Location, name
         "task": task.to_dict(),
         "run_dir": run_loc,  # a Location: an object store's endpoint travels with it
         "feature_cache": _feature_cache_location(cfg, storage_path),
+        # A run without a name of its own is named after its directory and its objective ("… · Group DRO (η=0.01)").
         "mlflow": {"tracking_uri": default_tracking_uri(cfg), "experiment": cfg.tracking.experiment,
-                   "run_name": cfg.tracking.run_name or name, "parent_run_id": mlflow_parent_run_id,
+                   "run_name": cfg.tracking.run_name or f"{name} · {describe_objective(flatten(cfg.to_dict()))}", "parent_run_id": mlflow_parent_run_id,
                    "tags": {**source_tags(entry_point), **(mlflow_tags or {})}, "params": dict(mlflow_params or {})},
         "step_hook": step_hook,
+        # A kind registered at run time (register_objective) is not in the workers' registry: it travels.
+        "objective_class": objective_class(cfg.objective.kind),
         "resume": resume,
         "progress": progress,
     }
@@ -110,7 +114,8 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
                  mlflow_parent_run_id: str | None = None, mlflow_tags: dict | None = None,
                  console: Console | None = None, verbose: bool = False,
                  allow_local_paths: bool = False, step_hook: StepHook | None = None) -> dict[str, Any]:
-    """Train one model and return its final metrics (the `done=True` report; also in RUN_DIR/metrics.json).
+    """Train one model and return its final metrics (the `done=True` report; also in RUN_DIR/metrics.json),
+    with `run_dir`, `tracking_uri` and the objective's `objective_name` and `objective_shown` (see `_described`).
 
     Progress (rank 0's steps and evaluations) is shown on `console` (default: stdout) while it runs;
     `verbose` lets worker output (DeepSpeed, transformers, Ray Train) through to this process when
@@ -135,7 +140,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         cfg = _run_config(run_path)
         if (run_path / METRICS_FILE).is_file():  # finished already: nothing to resume
             final = json.loads((run_path / METRICS_FILE).read_text())
-            return {**final, "run_dir": str(run_path), "tracking_uri": default_tracking_uri(cfg)}
+            return _described({**final, "run_dir": str(run_path), "tracking_uri": default_tracking_uri(cfg)}, cfg)
         check_inputs(cfg)
         cfg = with_task(cfg, resolve_task(cfg))
     else:
@@ -195,7 +200,14 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     final = json.loads(metrics_file.read_text())
     final["run_dir"] = str(run_path)
     final["tracking_uri"] = uri
-    return final
+    return _described(final, cfg)
+
+
+def _described(final: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """`final` with what the run's objective says of itself: its description (`objective_name`) and the
+    values of its final state a person is shown (`objective_shown`: `Objective.live_values`; {} for ERM)."""
+    params = flatten(cfg.to_dict())
+    return {**final, "objective_name": describe_objective(params), "objective_shown": live_values(params, final)}
 
 
 __all__ = ["build_trainer", "run_training"]

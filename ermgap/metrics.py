@@ -1,11 +1,16 @@
 """The paper's SER and fairness metrics (section 3.4), bootstrap CIs and the Pareto front.
 
+Each metric is declared once, with its formula on per-group confusion counts, in `ermgap.metric_registry`;
+this module builds the counts (of a predictions file, of every bootstrap resample) and applies those
+formulas: point estimates, intervals and paired differences share one implementation. scikit-learn and
+fairlearn are the tests' oracle, not a second implementation.
+
 Pure functions on DataFrames / numpy arrays (no torch), for any task (`ermgap.task.Task`: its labels, its
 protected attribute with k >= 2 values, its stratum). Without a task, the paper's: MELD's 7 emotions, gender
 F/M, per language. All metrics are over all the task's labels, even when a subset lacks some of them.
 
 Definitions (reported in percent, like the paper):
-- ``w_f1``: support-weighted F1 (sklearn ``f1_score(average="weighted", labels=all labels)``); ``acc``: accuracy.
+- ``w_f1``: support-weighted F1 (as sklearn ``f1_score(average="weighted", labels=all labels)``); ``acc``: accuracy.
 - ``tpr_gap``: mean over classes c of the spread of TPR_c over the attribute's groups, one-vs-rest,
   TPR_c = TP/(TP+FN). The spread is max − min over the groups (for two groups, |TPR_c(F) − TPR_c(M)|; for
   k > 2 values, the largest difference between any two groups, as fairlearn's ``difference()``).
@@ -32,16 +37,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 
 from ermgap.errors import PredictionsError
 from ermgap.labels import INVALID, MODALITIES
+from ermgap.metric_registry import ConfusionCounts, counts_metrics, spread
 from ermgap.task import DEFAULT_TASK, Task
 
 # The paper's task's columns; a task's are prediction_columns(task).
 REQUIRED_COLUMNS: tuple[str, ...] = ("utt_id", "language", "gender", "gold", "pred")
-# The headline numbers, in the paper's column order.
-METRIC_KEYS: tuple[str, ...] = ("w_f1", "acc", "tpr_gap", "fpr_gap", "w_f1_gap", "acc_gap", "avg_gap")
+# The headline numbers, in the paper's column order: the registry's counts metrics.
+METRIC_KEYS: tuple[str, ...] = counts_metrics()
 _TRUE = {"true", "1", "yes"}
 _FALSE = {"false", "0", "no"}
 
@@ -174,81 +179,26 @@ def encode(df: pd.DataFrame, task: Task | None = None) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------------------------- point estimates
 
 
-def _rates(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """One-vs-rest TPR and FPR per class from a [K, K+1] gold × pred confusion matrix; NaN where undefined."""
-    k = cm.shape[0]
-    tp = np.diag(cm[:, :k]).astype(float)
-    positives = cm.sum(axis=1).astype(float)
-    negatives = cm.sum() - positives
-    fp = cm[:, :k].sum(axis=0) - tp
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(positives > 0, tp / positives, np.nan), np.where(negatives > 0, fp / negatives, np.nan)
+def _counts(codes: dict[str, np.ndarray], k: int, a: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Confusion counts [A groups, K gold, K+1 pred] of the rows selected by the bool mask `rows` (all: None)."""
+    m = slice(None) if rows is None else rows
+    cell = (codes["attribute"][m] * k + codes["gold"][m]) * (k + 1) + codes["pred"][m]
+    return np.bincount(cell, minlength=a * k * (k + 1)).reshape(a, k, k + 1)
 
 
-def spread(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """max − min over `axis` of the finite entries; NaN where fewer than two are finite (the k-group gap)."""
-    finite = np.isfinite(x)
-    hi = np.where(finite, x, -np.inf).max(axis=axis)
-    lo = np.where(finite, x, np.inf).min(axis=axis)
-    with np.errstate(invalid="ignore"):
-        return np.where(finite.sum(axis=axis) >= 2, hi - lo, np.nan)
-
-
-def _class_gap(rates: np.ndarray, labels: Sequence[str]) -> tuple[float, list[str]]:
-    """rates [A groups, K classes] → (mean over usable classes of the spread, the usable classes)."""
-    per_class = spread(rates, axis=0)
-    usable = np.isfinite(per_class)
-    if not usable.any():
-        return math.nan, []
-    return float(np.mean(per_class[usable])), [labels[c] for c in np.flatnonzero(usable)]
-
-
-def _nanmean(values: Sequence[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def _subset_metrics(gold: np.ndarray, pred: np.ndarray, attribute: np.ndarray, task: Task | None = None) -> dict:
-    task = task or DEFAULT_TASK
-    k = task.num_labels
-    labels = list(range(k))
-    w_f1 = f1_score(gold, pred, labels=labels, average="weighted", zero_division=0)
-    per_group: dict[str, dict] = {}
-    tprs, fprs = [], []
-    for a, name in enumerate(task.attribute_values):
-        m = attribute == a
-        if not m.any():
-            per_group[name] = {"w_f1": math.nan, "acc": math.nan, "n": 0}
-            tprs.append(np.full(k, np.nan))
-            fprs.append(np.full(k, np.nan))
-            continue
-        cm = confusion_matrix(gold[m], pred[m], labels=list(range(k + 1)))[:k]
-        per_group[name] = {
-            "w_f1": 100 * f1_score(gold[m], pred[m], labels=labels, average="weighted", zero_division=0),
-            "acc": 100 * accuracy_score(gold[m], pred[m]),
-            "n": int(m.sum()),
-        }
-        tpr, fpr = _rates(cm)
-        tprs.append(tpr)
-        fprs.append(fpr)
-    tpr_gap, tpr_classes = _class_gap(np.stack(tprs), task.labels)
-    fpr_gap, fpr_classes = _class_gap(np.stack(fprs), task.labels)
-    out = {
-        "w_f1": 100 * float(w_f1),
-        "acc": 100 * float(accuracy_score(gold, pred)),
-        "tpr_gap": 100 * tpr_gap,
-        "fpr_gap": 100 * fpr_gap,
-        "w_f1_gap": float(spread(np.array([g["w_f1"] for g in per_group.values()]))),
-        "acc_gap": float(spread(np.array([g["acc"] for g in per_group.values()]))),
-    }
-    out["avg_gap"] = _nanmean([out["tpr_gap"], out["fpr_gap"], out["w_f1_gap"], out["acc_gap"]])
-    out.update(
-        n=int(len(gold)),
-        invalid_rate=float(np.mean(pred == k)),
-        tpr_classes=tpr_classes,
-        fpr_classes=fpr_classes,
-    )
-    out[by_key(task)] = per_group
+def _block(counts: np.ndarray, task: Task) -> dict:
+    """One subset's metrics from its counts [A, K, K+1]: every counts metric (percent), n, invalid_rate, the
+    classes each rate gap averaged over, and by_<attribute> {value: {w_f1, acc, n}}."""
+    c = ConfusionCounts(counts)
+    out = {m: float(c.value(m)) for m in counts_metrics()}
+    tpr, fpr = c.rates
+    used = [[task.labels[i] for i in np.flatnonzero(np.isfinite(spread(r, axis=0)))] for r in (tpr, fpr)]
+    n = int(counts.sum())
+    wf1_g, acc_g = c.per_group
+    out.update(n=n, invalid_rate=float(counts[..., -1].sum() / n) if n else math.nan,
+               tpr_classes=used[0], fpr_classes=used[1])
+    out[by_key(task)] = {name: {"w_f1": 100 * float(wf1_g[i]), "acc": 100 * float(acc_g[i]),
+                                "n": int(counts[i].sum())} for i, name in enumerate(task.attribute_values)}
     return out
 
 
@@ -264,11 +214,12 @@ def compute_metrics(df: pd.DataFrame, task: Task | None = None) -> dict:
     """
     task = task or DEFAULT_TASK
     codes = encode(validate_predictions(df, source="predictions frame", task=task), task)
-    out = {"overall": _subset_metrics(codes["gold"], codes["pred"], codes["attribute"], task), per_key(task): {}}
+    k, a = task.num_labels, len(task.attribute_values)
+    out = {"overall": _block(_counts(codes, k, a), task), per_key(task): {}}
     for si, name in enumerate(task.stratum_values):
         m = codes["stratum"] == si
         if m.any():
-            out[per_key(task)][name] = _subset_metrics(codes["gold"][m], codes["pred"][m], codes["attribute"][m], task)
+            out[per_key(task)][name] = _block(_counts(codes, k, a, m), task)
     return out
 
 
@@ -277,13 +228,8 @@ def confusion_by_attribute(df: pd.DataFrame, task: Task | None = None) -> dict[s
     task = task or DEFAULT_TASK
     codes = encode(validate_predictions(df, source="predictions frame", task=task), task)
     k = task.num_labels
-    out = {}
-    for a, name in enumerate(task.attribute_values):
-        m = codes["attribute"] == a
-        # sklearn refuses an empty input; a group absent from the file has an all-zero matrix.
-        out[name] = (confusion_matrix(codes["gold"][m], codes["pred"][m], labels=list(range(k + 1)))[:k] if m.any()
-                     else np.zeros((k, k + 1), dtype=np.int64))
-    return out
+    counts = _counts(codes, k, len(task.attribute_values))
+    return {name: counts[i].astype(np.int64) for i, name in enumerate(task.attribute_values)}
 
 
 confusion_by_gender = confusion_by_attribute  # the paper's name
@@ -292,54 +238,12 @@ confusion_by_gender = confusion_by_attribute  # the paper's name
 # ----------------------------------------------------------------------------------------------- vectorised
 
 
-def _nanmean_last(x: np.ndarray) -> np.ndarray:
-    """Mean over the last axis of the finite entries; NaN where there is none (no warning)."""
-    defined = np.isfinite(x).sum(-1)
-    return np.nansum(x, -1) / np.where(defined > 0, defined, np.nan)
-
-
 def metrics_from_counts(counts: np.ndarray) -> dict[str, np.ndarray]:
-    """The 7 METRIC_KEYS (percent) from confusion counts of shape [..., A groups, K gold, K+1 pred].
-
-    Same definitions as compute_metrics, computed for every leading index at once (one bootstrap resample
-    per index). Returns arrays of shape counts.shape[:-3]; NaN where undefined.
-    """
-    c = counts.astype(np.float64)
-    k = c.shape[-2]
-    with np.errstate(invalid="ignore", divide="ignore"):
-
-        def wf1_acc(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            tp = np.diagonal(cm[..., :k], axis1=-2, axis2=-1)
-            support = cm.sum(-1)
-            predicted = cm[..., :k].sum(-2)
-            n = support.sum(-1)
-            denom = support + predicted
-            f1 = np.where(denom > 0, 2 * tp / np.where(denom > 0, denom, 1), 0.0)
-            n_safe = np.where(n > 0, n, np.nan)
-            return (support * f1).sum(-1) / n_safe, tp.sum(-1) / n_safe
-
-        w_f1, acc = wf1_acc(c.sum(-3))
-        wf1_g, acc_g = wf1_acc(c)  # [..., A]
-        tp = np.diagonal(c[..., :k], axis1=-2, axis2=-1)  # [..., A, K]
-        pos = c.sum(-1)
-        neg = pos.sum(-1, keepdims=True) - pos
-        fp = c[..., :k].sum(-2) - tp
-        tpr = np.where(pos > 0, tp / pos, np.nan)
-        fpr = np.where(neg > 0, fp / neg, np.nan)
-        # a class defined in fewer than two groups is left out of the class average, as in compute_metrics
-        tpr_gap = _nanmean_last(spread(tpr, axis=-2))
-        fpr_gap = _nanmean_last(spread(fpr, axis=-2))
-        out = {
-            "w_f1": 100 * w_f1,
-            "acc": 100 * acc,
-            "tpr_gap": 100 * tpr_gap,
-            "fpr_gap": 100 * fpr_gap,
-            "w_f1_gap": 100 * spread(wf1_g),
-            "acc_gap": 100 * spread(acc_g),
-        }
-        out["avg_gap"] = _nanmean_last(np.stack([out[key] for key in ("tpr_gap", "fpr_gap", "w_f1_gap", "acc_gap")],
-                                                -1))
-    return out
+    """Every counts metric (METRIC_KEYS, percent) from confusion counts of shape [..., A groups, K gold, K+1
+    pred], for every leading index at once (one bootstrap resample per index): the registry's formulas.
+    Returns arrays of shape counts.shape[:-3]; NaN where undefined."""
+    c = ConfusionCounts(counts)
+    return {m: c.value(m) for m in counts_metrics()}
 
 
 def _cells(codes: dict[str, np.ndarray], k: int, *preds: np.ndarray) -> np.ndarray:

@@ -106,7 +106,7 @@ def check_inputs(cfg: RunConfig) -> None:
         raise ConfigError(f"optim.effective_batch_size ({cfg.optim.effective_batch_size}) is larger than the train "
                           f"split of {manifest} ({n_train} utterances): not one optimizer step per epoch")
     if n_dev == 0:
-        raise ManifestError(f"{manifest}: no dev rows; dev evaluation drives λ and early stopping")
+        raise ManifestError(f"{manifest}: no dev rows; dev evaluation drives the objective's updates and early stopping")
     if cfg.data.sampler == "stratified":
         check_stratified(cfg, task, df[df["split"] == "train"])
 

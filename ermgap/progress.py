@@ -9,11 +9,13 @@ and the driver may be on different nodes of a cluster.
 
 Events (every one has `kind` and `t`, rank 0's wall clock, so rates do not depend on polling):
     start  step, total_steps, steps_per_epoch, epochs   (step > 0 when resumed)
-    step   step, epoch, loss, lam
-    eval   round, step, metrics {dev_w_f1, dev_worst_lang_gap, dev_loss_gap}, lam, best, best_round, metric
+    step   step, epoch, loss, shown
+    eval   round, step, metrics {dev_w_f1, dev_worst_lang_gap, dev_loss_gap}, shown, best, best_round, metric
+
+`shown` is what the run's objective puts on a live display ({name: value}: `Objective.live_values`).
     phase  text                                           (e.g. the final evaluation of the best checkpoint)
 
-On a terminal a rich progress bar shows epoch x/N, step, loss, λ, steps/s and ETA, with one line
+On a terminal a rich progress bar shows epoch x/N, step, loss, the objective's shown values, steps/s and ETA, with one line
 per evaluation above it; elsewhere (CI, `ray job logs`, a pipe) the same step line is printed
 every `interval_s` seconds and at the end of each epoch.
 """
@@ -137,12 +139,12 @@ class TrainProgress:
             self._task = self._bar.add_task("epoch", total=e["total_steps"], completed=e["step"], info="")
 
     def step_line(self, e: dict[str, Any]) -> str:
-        """'epoch 1/2 · step 3/12 · loss 2.0812 · λ 0.000 · 0.41 steps/s · ETA 0:00:22'"""
+        """'epoch 1/2 · step 3/12 · loss 2.0812 · <shown values> · 0.41 steps/s · ETA 0:00:22'"""
         s = self.start
         rate = self.rate.rate(e["t"], e["step"]) if self.rate else None
         eta = self.rate.eta(e["t"], e["step"]) if self.rate else None
         return (f"epoch {e['epoch'] + 1}/{s.get('epochs', '?')} · step {e['step']}/{s.get('total_steps', '?')} · "
-                f"loss {e['loss']:.4f} · " + ("" if e.get("lam") is None else f"λ {e['lam']:.3f} · ") +
+                f"loss {e['loss']:.4f} · " + "".join(f"{k} {v:.3f} · " for k, v in (e.get("shown") or {}).items()) +
                 f"{'?' if rate is None else f'{rate:.2f}'} steps/s · ETA {format_duration(eta)}")
 
     def _on_step(self, e: dict[str, Any]) -> None:
@@ -160,12 +162,12 @@ class TrainProgress:
             self.last_printed = e["t"]
 
     def eval_line(self, e: dict[str, Any]) -> str:
-        """'eval 2 @ step 6: dev W-F1 41.67 · dev worst-lang gap 12.50 · dev Δloss 0.0312 · λ → 0.520 ·
+        """'eval 2 @ step 6: dev W-F1 41.67 · dev worst-lang gap 12.50 · dev Δloss 0.0312 · <shown> → 0.520 ·
         best dev W-F1 41.67 (eval 2)'"""
         parts = [f"{label(k)} {fmt(v, 4 if k.endswith('loss_gap') else 2)}" for k, v in e["metrics"].items()]
         best = f"best {label('dev_' + e['metric'])} {fmt(e['best'])} (eval {e['best_round']})"
-        lam = "" if e.get("lam") is None else f" · λ → {e['lam']:.3f}"  # objectives without λ (ERM, Group DRO)
-        return f"eval {e['round']} @ step {e['step']}: " + " · ".join(parts) + f"{lam} · {best}"
+        shown = "".join(f" · {k} → {v:.3f}" for k, v in (e.get("shown") or {}).items())  # ERM shows nothing
+        return f"eval {e['round']} @ step {e['step']}: " + " · ".join(parts) + f"{shown} · {best}"
 
     def _on_eval(self, e: dict[str, Any]) -> None:
         if self._bar is None and self.last is not None and self.last["t"] > self.last_printed:

@@ -3,19 +3,20 @@
 Read it top to bottom (torchtune style, no Trainer base class); the driver is ermgap.driver:
 
     train_loop_per_worker        setup → train → finish → cleanup
-        LoRARecipe.setup           model + LoRA → data (ermgap.run_data) → engine (ermgap.engine) → objective
+        LoRARecipe.setup           model + LoRA → data (ermgap.run_data) → objective → engine (ermgap.engine)
                                    → _restore (checkpoint) → _setup_tracking (MLflow, rank 0)
         LoRARecipe.train           epochs of optimizer_step; evaluate_and_checkpoint each epoch (or every N steps)
         LoRARecipe.optimizer_step  per-sample losses of all micro-batches → objective (the all-reduce) → backward
-                                   → objective.after_step (Group DRO's q)
-        LoRARecipe.evaluate_and_checkpoint   dev metrics (predict → split_metrics) → update_objective (λ) → track_best
+                                   → objective.after_step (per-step state)
+        LoRARecipe.evaluate_and_checkpoint   dev metrics (predict → split_metrics) → objective.on_evaluation
+                                   → track_best
                                    → save_checkpoint (ray.train.report)
         LoRARecipe.finish          best adapter → dev/test predictions, final report
         LoRARecipe.cleanup
 
 The objective is `objective.kind` (ermgap.objectives: erm, minmaxgap, group_dro, reweight), built once in
 setup over the train split's stratum × gender cells. Where the distributed reduction happens: only inside
-the objective's `ermgap.objective.reduced_cell_stats` (cell loss sums/counts all-reduced with autograd)
+the objective's `ermgap.objectives.cells.reduced_cell_stats` (cell loss sums/counts all-reduced with autograd)
 and DeepSpeed's gradient averaging.
 
 Gradient accumulation is done at the LOSS level, not by DeepSpeed: the objective's worst-language
@@ -34,7 +35,7 @@ keep the ERM term a population mean) fixes which utterances form each optimizer 
 the worker count; see that module's docstring for why not Ray Data.
 
 Fault tolerance: every evaluation writes a checkpoint (ermgap.checkpointing: DeepSpeed state
-without frozen weights, best LoRA adapter, the objective's state (λ, q), data position, per-rank RNG, MLflow run id) through
+without frozen weights, best LoRA adapter, the objective's state, data position, per-rank RNG, MLflow run id) through
 `ray.train.report`. A restarted worker group or `ermgap train --resume RUN_DIR`
 (same storage_path + name: Ray Train V2 reloads the run's checkpoint manager) loads it and
 continues at the same step with the same data order and RNG, so on CPU the result equals an
@@ -49,7 +50,6 @@ import gc
 import shutil
 import tempfile
 import time
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -66,20 +66,18 @@ from ermgap.batching import EmotionCollator, to_device
 from ermgap.checkpointing import TrainerState
 from ermgap.config import config_from_dict
 from ermgap.engine import build_engine
-from ermgap.errors import ErmgapError, ErmgapWarning, TrainingError
+from ermgap.errors import ErmgapError, TrainingError
 from ermgap.failures import record_error
 from ermgap.feature_cache import CacheStats
 from ermgap.formatting import json_safe
-from ermgap.metrics import compute_metrics, per_key
 from ermgap.model import apply_lora, load_backbone
-from ermgap.objective import dev_gap, lambda_drive
-from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective
+from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective, register_objective
 from ermgap.preflight import run_manifest
 from ermgap.progress import ProgressSender
-from ermgap.run_data import Strata, cell_indices, load_splits, open_feature_cache, predict_split, preds_only
+from ermgap.run_data import Strata, cell_indices, load_splits, open_feature_cache, predict_split, split_metrics
 from ermgap.run_outputs import open_run_logger, write_outputs
 from ermgap.sampler import BatchCoverage, StratifiedBatchPlan, build_plan
-from ermgap.scoring import per_sample_loss
+from ermgap.scoring import FORWARD_INPUTS, per_sample_loss
 from ermgap.storage import Location
 from ermgap.task import Task
 from ermgap.tracking import EVAL, RunLogger
@@ -106,6 +104,8 @@ class LoRARecipe:
     def setup(self, loop_config: dict[str, Any]) -> None:
         t_setup = time.perf_counter()
         self.loop_config = loop_config
+        if loop_config.get("objective_class") is not None:  # before the config names its kind
+            register_objective(loop_config["objective_class"])
         self.cfg = cfg = config_from_dict(loop_config["config"], source="loop_config")
         self.run_dir = Location.of(loop_config["run_dir"])
         self.group = WorkerGroup.current()
@@ -124,8 +124,8 @@ class LoRARecipe:
 
         model, processor = self._setup_model()
         self._setup_data(processor, model)
-        self._setup_engine(model)
         self.objective = self._build_objective()
+        self._setup_engine(model)
         resumed = self._restore()
         self.coverage = BatchCoverage(**self.state.batch_coverage)
         self._setup_tracking(resumed)
@@ -168,7 +168,15 @@ class LoRARecipe:
         return build_objective(self.cfg, grid)
 
     def _setup_engine(self, model) -> None:
-        """AdamW + LR schedule inside a DeepSpeed engine (ermgap.engine)."""
+        """AdamW + LR schedule inside a DeepSpeed engine (ermgap.engine), over the LoRA weights and the
+        objective's own parameters if it has any."""
+        own = self.objective.module()
+        if own is not None:
+            model.add_module("objective_module", own.to(self.device))
+        unknown = set(self.objective.forward_inputs) - set(FORWARD_INPUTS)
+        if unknown:
+            raise TrainingError(f"objective.kind={self.objective.kind} needs forward inputs {sorted(unknown)}; "
+                                f"the recipe provides {list(FORWARD_INPUTS)}")
         self.engine, self.scheduler, self.timing["deepspeed_init_s"] = build_engine(
             model, self.cfg, accum=self.accum, total_steps=self.total_steps)
         # Dropout masks differ across ranks (a checkpoint restores each rank's own RNG state).
@@ -223,7 +231,7 @@ class LoRARecipe:
                 self.timing["train_s"] += time.perf_counter() - t0
                 self._log_step(res)
                 self.progress.send("step", step=st.global_step, epoch=st.epoch, loss=float(res.total.detach()),
-                                   lam=self.objective.log_values().get("lambda"))
+                                   shown=self.objective.live_values(self.objective.log_values()))
                 self.step_hook.after_step(self, st.global_step)
                 if every and st.global_step % every == 0:
                     self.evaluate_and_checkpoint()
@@ -243,9 +251,16 @@ class LoRARecipe:
         """
         self.engine.train()
         losses, stratum, attribute, utt_ids = [], [], [], []
+        wanted = self.objective.forward_inputs
+        inputs: dict[str, list[torch.Tensor]] = {name: [] for name in wanted}
         for batch in micro_batches:
             dev_batch = to_device(batch, self.device)
-            losses.append(per_sample_loss(self.engine, dev_batch))
+            if wanted:
+                loss, extra = per_sample_loss(self.engine, dev_batch, answer_hidden=True)
+                inputs["answer_hidden"].append(extra)
+            else:
+                loss = per_sample_loss(self.engine, dev_batch)
+            losses.append(loss)
             stratum.append(dev_batch["stratum"])
             attribute.append(dev_batch["attribute"])
             utt_ids += batch["utt_id"]
@@ -256,7 +271,8 @@ class LoRARecipe:
             self.engine.step()
             return loss
         try:
-            res = self.objective(losses_t, torch.cat(stratum), torch.cat(attribute))
+            res = self.objective(losses_t, torch.cat(stratum), torch.cat(attribute),
+                                 inputs={name: torch.cat(parts) for name, parts in inputs.items()})
         except TrainingError:  # raised on every rank alike: the bad-loss count is all-reduced
             self._non_finite(losses_t, utt_ids)
         self.engine.backward(res.total)
@@ -290,42 +306,16 @@ class LoRARecipe:
                              world=self.world, device=self.device, gather=self.group.gather)
 
     def split_metrics(self, frame: pd.DataFrame, prefix: str) -> dict[str, float]:
-        """The paper's metrics of a predictions frame, plus Δ (the objective's loss gap) per stratum.
-        `worst_lang_gap` is the largest per-stratum AVG gap (per language in the paper's task)."""
-        task = self.task
-        m = compute_metrics(preds_only(frame), task)
-        stratum, attribute = self._cells(frame)
-        loss_gap, stratum_gaps = dev_gap(torch.tensor(frame["loss"].to_numpy()), stratum, attribute,
-                                         num_strata=self.strata.num, num_attrs=len(task.attribute_values))
-        per = m[per_key(task)]
-        lang_gaps = {lg: v["avg_gap"] for lg, v in per.items()}
-        finite = [v for v in lang_gaps.values() if v == v]
-        out = {
-            f"{prefix}_w_f1": m["overall"]["w_f1"], f"{prefix}_acc": m["overall"]["acc"],
-            f"{prefix}_avg_gap": m["overall"]["avg_gap"],
-            f"{prefix}_worst_lang_gap": max(finite) if finite else float("nan"),
-            f"{prefix}_loss": float(frame["loss"].mean()), f"{prefix}_loss_gap": float(loss_gap),
-        }
-        for lg, v in lang_gaps.items():
-            out[f"{prefix}_avg_gap_{lg}"] = v
-            out[f"{prefix}_w_f1_{lg}"] = per[lg]["w_f1"]
-        out.update(self.strata.named(f"{prefix}_loss_gap_", stratum_gaps))
-        return out
+        """Every reported metric of a predictions frame (ermgap.metric_registry; ermgap.run_data.split_metrics)."""
+        return split_metrics(frame, prefix, self.task, self.cfg.data.modality)
 
     def _cells(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
         return cell_indices(frame, self.task, self.cfg.data.modality)
 
     def update_objective(self, metrics: dict[str, float]) -> None:
-        """The objective's per-evaluation update on this evaluation's Δdev (`lambda.dev_gap`): MinMaxGAP's
-        λ ← clip(λ + η(Δdev − ε), 0, λmax). Every rank holds the same gathered dev set, so the state stays
-        identical everywhere."""
-        kind = self.cfg.lam.dev_gap
-        drive = lambda_drive(kind, loss_gap=metrics["dev_loss_gap"], avg_gap_percent=metrics["dev_avg_gap"])
-        if drive is None:
-            warnings.warn(f"evaluation {self.state.eval_round}: the dev gap lambda.dev_gap={kind} is undefined (NaN); "
-                          f"the objective's update (λ) is skipped this evaluation", ErmgapWarning, stacklevel=2)
-            return
-        self.objective.after_eval(drive)
+        """The objective's own reaction to this evaluation's dev metrics (every rank holds the same gathered
+        dev set, so its state stays identical everywhere)."""
+        self.objective.on_evaluation(metrics, eval_round=self.state.eval_round)
 
     def track_best(self, score: float) -> None:
         """Keep the best adapter so far and count evaluations without improvement (early stopping)."""
@@ -341,7 +331,7 @@ class LoRARecipe:
             st.done = True
 
     def evaluate_and_checkpoint(self) -> None:
-        """Dev evaluation → objective update (λ) → best/early-stopping bookkeeping → checkpoint + report."""
+        """Dev evaluation → the objective's update → best/early-stopping bookkeeping → checkpoint + report."""
         cfg, st = self.cfg, self.state
         t0 = time.perf_counter()
         metrics = self.split_metrics(self.predict("dev"), "dev")
@@ -362,7 +352,7 @@ class LoRARecipe:
             self.logger.log_metrics({f"{EVAL}{k}": v for k, v in metrics.items() if k not in ("eval_round", "step")},
                                     step=st.global_step)
         self.progress.send("eval", round=st.eval_round, step=st.global_step,
-                           lam=self.objective.log_values().get("lambda"),
+                           shown=self.objective.live_values(self.objective.log_values()),
                            metrics={k: metrics[k] for k in ("dev_w_f1", "dev_worst_lang_gap", "dev_loss_gap")},
                            metric=cfg.eval.metric, best=st.best_score, best_round=st.best_round)
         self.save_checkpoint(metrics)

@@ -16,33 +16,36 @@ with the transcript). `build_report` writes everything into one folder atomicall
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import yaml
-from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from ermgap import metrics as M
-from ermgap import plots
+from ermgap import plots, tracking
 from ermgap.errors import ConfigError, PredictionsError
-from ermgap.formatting import fmt, json_safe
+from ermgap.formatting import json_safe
 from ermgap.io import atomic_dir
 from ermgap.labels import MODALITIES
-from ermgap.metric_registry import METRICS
+from ermgap.objectives import describe_objective, trajectory_metric
+from ermgap.report_tables import (
+    DEFAULT_GROUP,
+    OVERALL,
+    caption,
+    paired_lines,
+    subset_order,
+    subset_title,
+    table2,
+    table3,
+    table3_layout,
+)
 from ermgap.task import Task, task_for_predictions
-from ermgap.tracking import ZERO_SHOT, describe_objective, is_zero_shot, objective_kind
 
-OVERALL = "multilingual"  # the pooled subset's key (the paper's "Multilingual" rows)
-MODALITY_TITLES = {"uni": "Unimodal (Speech only)", "multi": "Multimodal (Speech + Transcription)"}
-DEFAULT_GROUP = "Systems"
 PREDS_ARTIFACT = "predictions/test_preds.csv"
 
 
@@ -164,20 +167,7 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     objective kinds (ERM, Group DRO, reweighting) to "Other objectives". Returns (systems, skipped) where skipped says which runs
     had no predictions (e.g. trials stopped early by ASHA).
     """
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    try:
-        if parent_run_id:
-            parent = client.get_run(parent_run_id)
-            runs = client.search_runs([parent.info.experiment_id],
-                                      filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
-                                      order_by=["attributes.start_time ASC"], max_results=10_000)
-            if not runs:
-                raise ConfigError(f"MLflow run {parent_run_id} at {tracking_uri} has no child runs")
-        else:
-            runs = [client.get_run(r) for r in run_ids]
-    except MlflowException as err:
-        raise ConfigError(f"MLflow ({tracking_uri}): {err.message}") from None
+    runs = tracking.training_runs(tracking_uri, parent_run_id=parent_run_id, run_ids=run_ids)
     if not runs:
         raise ConfigError("no MLflow runs given (use a parent run id or run ids)")
 
@@ -198,7 +188,8 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
         extras = [f"{k}={tags.get(f'ermgap.param.{k}')}" for k in varying]
         if extras:
             name = f"{name} [{', '.join(extras)}]"
-        history = [(float(m.step), float(m.value)) for m in client.get_metric_history(rid, "lambda")]
+        key = trajectory_metric(params)  # the objective's logged state over training, if it has one
+        history = tracking.metric_history(tracking_uri, rid, key) if key else []
         systems.append(System(name=name, modality=modality, preds=preds, group=None, source=f"mlflow:{rid}",
                               lambda_history=history or None, params=dict(params), task=task))
     seen: dict[tuple[str, str], int] = {}
@@ -215,10 +206,8 @@ def run_test_predictions(tracking_uri: str, run_id: str, params: dict[str, str],
     """A training run's test predictions (its `predictions/test_preds.csv` artifact, downloaded under
     `download_dir/<run_id>`), validated against the task its `task.*` params name, and that task; None
     when the run logged none (e.g. stopped before the end)."""
-    try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDS_ARTIFACT,
-                                                    dst_path=str(Path(download_dir) / run_id), tracking_uri=tracking_uri)
-    except (MlflowException, OSError):
+    local = tracking.download_artifact(tracking_uri, run_id, PREDS_ARTIFACT, Path(download_dir) / run_id)
+    if local is None:
         return None
     raw = M.read_predictions_csv(local)
     labels = params.get("task.labels")
@@ -226,78 +215,6 @@ def run_test_predictions(tracking_uri: str, run_id: str, params: dict[str, str],
                                 attribute=params.get("task.attribute", "gender"),
                                 by=params.get("task.stratum", "language"), file=f"mlflow:{run_id}")
     return M.validate_predictions(raw, source=f"mlflow:{run_id}/{PREDS_ARTIFACT}", task=task), task
-
-
-def _kind(params: dict) -> str:
-    # Runs logged before `objective.kind` existed all trained ERM-MinMaxGAP (ERM was fixed λ = 0).
-    return params.get("objective.kind", "minmaxgap")
-
-
-MAIN, LAMBDA, PENALTY, OTHER = "Main components", "Lambda effect", "Penalty power effect", "Other objectives"
-PAPER_P = 2.0  # the paper's penalty power: the adaptive run it calls "Ours"
-
-
-def table3_layout(systems: Sequence[System]) -> list[tuple[str, list[tuple[str, str]]]]:
-    """The paper's Table 3 from what the systems are: [(section, [(system name, row label)])].
-
-    Main components: systems given with that group (zero-shot) and runs that trained nothing (`optim.epochs` 0:
-    "<backbone> (zero-shot)"), "+ ERM (SFT)", "ERM-MinMaxGAP (Ours)"
-    (adaptive λ with p = 2, else the only adaptive run); Lambda effect: "λ = 0 (SFT)", "λ = 1", …,
-    "λ = adaptive (Ours)"; Penalty power effect: "p = 1", "p = 2 (Ours)"; other objectives and other
-    explicit groups after. A run can sit in several sections, as in the paper. Lambda and penalty
-    sections need two rows to compare (or hold a run shown nowhere else). Systems without training params (prediction files) keep their group.
-    """
-    first = {}
-    for s in systems:
-        first.setdefault(s.name, s)
-    adaptive = {n: float(s.params.get("objective.p", PAPER_P)) for n, s in first.items()
-                if s.params and objective_kind(s.params) == "minmaxgap" and s.params.get("lambda.mode") == "adaptive"
-                and not is_zero_shot(s.params)}  # a zero-shot trial keeps its sweep's λ settings but trained nothing
-    ours = next((n for n, p in adaptive.items() if p == PAPER_P), next(iter(adaptive), None))
-    sections: dict[str, list[tuple[str, str, float]]] = {}
-
-    def add(section: str, name: str, label: str, order: float = 0.0) -> None:
-        s = first[name]
-        described = describe_objective(s.params) if s.params else name
-        suffix = name[len(described):] if name.startswith(described) else f" ({name})"
-        sections.setdefault(section, []).append((name, label + suffix if s.params else name, order))
-
-    for name, s in first.items():
-        if not s.params:
-            add(s.group or DEFAULT_GROUP, name, name, -1.0)
-            continue
-        if is_zero_shot(s.params):
-            backbone = Path(str(s.params.get("model.name_or_path", "backbone")).rstrip("/")).name
-            add(MAIN, name, f"{backbone} ({ZERO_SHOT})", -1.0)
-            continue
-        kind, mode = objective_kind(s.params), s.params.get("lambda.mode")
-        lam = float(s.params.get("lambda.init", 0.0)) if kind == "minmaxgap" and mode == "fixed" else None
-        if kind == "erm" or lam == 0.0:
-            add(MAIN, name, "+ ERM (SFT)")
-            add(LAMBDA, name, "λ = 0 (SFT)", 0.0)
-        elif lam is not None:
-            add(LAMBDA, name, f"λ = {lam:g}", lam)
-        elif name in adaptive:
-            if name == ours:
-                add(MAIN, name, "ERM-MinMaxGAP (Ours)", 1.0)
-                add(LAMBDA, name, "λ = adaptive (Ours)", float("inf"))
-            add(PENALTY, name, f"p = {adaptive[name]:g}" + (" (Ours)" if name == ours else ""), adaptive[name])
-        else:
-            add(OTHER, name, describe_objective(s.params))
-    known = [MAIN, LAMBDA, PENALTY, OTHER]
-    order = [k for k in known if k in sections] + [k for k in sections if k not in known]
-    elsewhere = {n for t in order for n, _, _ in sections[t] if t not in (LAMBDA, PENALTY) or len(sections[t]) > 1}
-    layout = []
-    for title in order:
-        rows = sorted(sections[title], key=lambda r: r[2])
-        # A one-row comparison says nothing, unless it is the only place the run appears.
-        if title in (LAMBDA, PENALTY) and len(rows) < 2 and all(n in elsewhere for n, _, _ in rows):
-            continue
-        layout.append((title, [(n, label) for n, label, _ in rows]))
-    return layout
-
-
-# ----------------------------------------------------------------------------------------------- tables
 
 
 def evaluate_systems(systems: Sequence[System], *, n_boot: int = 0, seed: int = 0) -> pd.DataFrame:
@@ -335,194 +252,6 @@ def shared_task(systems: Sequence[System]) -> Task:
                               f"{systems[0].label} {first.attribute} gaps per {first.stratum_name}; one report "
                               "compares one attribute within one stratum")
     return first
-
-
-def subset_order(results: pd.DataFrame) -> list[str]:
-    """The pooled subset first, then every stratum value found in the results, sorted."""
-    return [OVERALL] + sorted(set(results["subset"]) - {OVERALL})
-
-
-def subset_title(subset: str, task: Task) -> str:
-    """`Multilingual`, `DEU` for the paper's language strata; `Overall` and the value itself otherwise."""
-    language = task.stratum == ("language",)
-    if subset == OVERALL:
-        return "Multilingual" if language else "Overall"
-    return subset.upper() if language else subset
-
-
-def wide_table(results: pd.DataFrame, subsets: Iterable[str]) -> pd.DataFrame:
-    """Paper layout: one row per (subset, model); columns `<modality>_<metric>` for the modalities present,
-    and `delta_avg` = multi AVG − uni AVG when both are."""
-    mods = [m for m in MODALITIES if (results["modality"] == m).any()]
-    value_cols = [c for c in results.columns if c not in ("model", "modality", "group", "subset")]
-    rows = []
-    models = list(dict.fromkeys(results["model"]))
-    for subset in subsets:
-        for model in models:
-            row = {"subset": subset, "model": model,
-                   "group": results.loc[results["model"] == model, "group"].iloc[0]}
-            found = False
-            for mod in mods:
-                hit = results[(results["model"] == model) & (results["modality"] == mod) & (results["subset"] == subset)]
-                for c in value_cols:
-                    row[f"{mod}_{c}"] = float(hit[c].iloc[0]) if len(hit) else math.nan
-                found |= len(hit) > 0
-            if len(mods) == 2:
-                row["delta_avg"] = row["multi_avg_gap"] - row["uni_avg_gap"]
-            if found:
-                rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def _delta(v: float, latex: bool) -> str:
-    if not math.isfinite(v):
-        return "–"
-    arrow = "↓" if v < 0 else "↑" if v > 0 else "="
-    if latex:
-        arrow = {"↓": r"$\downarrow$", "↑": r"$\uparrow$", "=": "="}[arrow]
-    return f"{arrow}{abs(v):.2f}"
-
-
-def _marks(block: pd.DataFrame, col: str, higher: bool) -> dict[int, str]:
-    """Top two of a column within a block (the paper's bold / underline)."""
-    vals = block[col].dropna()
-    ranked = vals.sort_values(ascending=not higher).index.tolist()
-    return {i: ("best", "second")[r] for r, i in enumerate(ranked[:2])} if len(vals) > 2 else {}
-
-
-def _render(wide: pd.DataFrame, sections: list[tuple[str, pd.DataFrame]], latex: bool) -> str:
-    mods = [m for m in MODALITIES if f"{m}_w_f1" in wide.columns]
-    delta = "delta_avg" in wide.columns
-    metric_cols = [f"{m}_{k}" for m in mods for k in M.METRIC_KEYS]
-    ncols = 1 + len(metric_cols) + delta
-    if latex:
-        esc = _latex_escape
-        arrows = {"↑": r"$\uparrow$", "↓": r"$\downarrow$"}
-        heads = [re.sub("[↑↓]", lambda m: arrows[m.group()], _head(c)) for c in metric_cols]
-        lines = [r"\begin{tabular}{l" + "r" * (ncols - 1) + "}", r"\toprule",
-                 " & ".join(["", *(rf"\multicolumn{{7}}{{c}}{{{MODALITY_TITLES[m]}}}" for m in mods)]
-                            + ([r"$\Delta$AVG"] if delta else [])) + r" \\",
-                 " & ".join(["Model", *heads] + ([r"uni$\to$multi"] if delta else [])) + r" \\", r"\midrule"]
-    else:
-        esc = _md_escape
-        head = ["Model", *(f"{c.split('_', 1)[0].capitalize()} {_head(c)}" for c in metric_cols)]
-        head += ["Δ AVG (uni→multi)"] if delta else []
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    for title, block in sections:
-        lines.append(rf"\multicolumn{{{ncols}}}{{l}}{{\textit{{{esc(title)}}}}} \\" if latex
-                     else "| *" + esc(title) + "* |" + " |" * (ncols - 1))
-        marks = {c: _marks(block, c, METRICS[c.split("_", 1)[1]].direction == "max") for c in metric_cols}
-        for idx, row in block.iterrows():
-            cells = [esc(row["model"])]
-            for c in metric_cols:
-                text, mark = fmt(row[c]), marks[c].get(idx)
-                if mark == "best":
-                    text = rf"\textbf{{{text}}}" if latex else f"**{text}**"
-                elif mark == "second":
-                    # Markdown has no underline and MLflow's preview shows raw HTML: italic there.
-                    text = rf"\underline{{{text}}}" if latex else f"_{text}_"
-                cells.append(text)
-            if delta:
-                cells.append(_delta(row["delta_avg"], latex))
-            lines.append(" & ".join(cells) + r" \\" if latex else "| " + " | ".join(cells) + " |")
-    if latex:
-        lines += [r"\bottomrule", r"\end{tabular}"]
-    return "\n".join(lines) + "\n"
-
-
-def _head(col: str) -> str:
-    """'uni_tpr_gap' → 'TPR gap↓' (the metric's own label: a gap column says so)."""
-    m = METRICS[col.split("_", 1)[1]]
-    return m.label + m.arrow
-
-
-def _md_escape(text: str) -> str:
-    return str(text).replace("|", r"\|")
-
-
-def _latex_escape(text: str) -> str:
-    return re.sub(r"([&%$#_{}])", r"\\\1", str(text)).replace("λ", r"$\lambda$")
-
-
-def table2(results: pd.DataFrame, task: Task | None = None) -> tuple[pd.DataFrame, str, str]:
-    """(wide frame, Markdown, LaTeX) of Table 2: every model, blocks Multilingual then one per stratum value
-    (DEU, ENG, JPN in the paper)."""
-    task = task or Task()
-    order = subset_order(results)
-    wide = wide_table(results, order)
-    sections = [(subset_title(s, task), wide[wide["subset"] == s]) for s in order if (wide["subset"] == s).any()]
-    return wide, _render(wide, sections, latex=False), _render(wide, sections, latex=True)
-
-
-def table3(results: pd.DataFrame, layout: list[tuple[str, list[tuple[str, str]]]] | None = None
-           ) -> tuple[pd.DataFrame, str, str]:
-    """(wide frame, Markdown, LaTeX) of Table 3: multilingual rows in the sections of `layout`
-    (`table3_layout`; default: one section per system group). The frame has one row per table row:
-    `group` its section, `model` its label, `system` the system it shows."""
-    base = wide_table(results, [OVERALL])
-    if layout is None:
-        layout = [(g, [(n, n) for n in base.loc[base["group"] == g, "model"]]) for g in dict.fromkeys(base["group"])]
-    by_model = base.set_index("model")
-    rows = [{**by_model.loc[name].to_dict(), "group": title, "model": label, "system": name}
-            for title, members in layout for name, label in members if name in by_model.index]
-    wide = pd.DataFrame(rows, columns=[*base.columns, "system"])
-    sections = [(title, wide[wide["group"] == title]) for title, _ in layout if (wide["group"] == title).any()]
-    return wide, _render(wide, sections, latex=False), _render(wide, sections, latex=True)
-
-
-def caption(number: int, systems: Sequence[System], *, latex: bool = False) -> str:
-    """What a table shows, in words: split, n per attribute value (and stratum), seeds, units, directions
-    and what bold and the second mark mean."""
-    preds, task = systems[0].preds, systems[0].task
-    same = all(set(s.preds["utt_id"]) == set(preds["utt_id"]) for s in systems)
-    groups = preds[task.attribute].astype(str).value_counts()
-    strata = pd.Series(task.stratum_keys(preds, systems[0].modality)).value_counts()
-    seeds = sorted({str(s.params["optim.seed"]) for s in systems if s.params.get("optim.seed")})
-    second, best = ("underlined", "bold") if latex else ("_italic_", "**bold**")
-    values = task.attribute_values
-    words = {"F": "female", "M": "male"} if task.attribute == "gender" else {}
-    gap = (f"|{words.get(values[0], values[0])} − {words.get(values[1], values[1])}|" if len(values) == 2
-           else f"max − min over the {len(values)} {task.attribute} values")
-    parts = [
-        f"Table {number}. " + ("Ablations, " + ("multilingual, " if task.stratum == ("language",) else "")
-                               if number == 3 else "") + "test split: "
-        f"n = {len(preds)} utterances ({', '.join(f'{g} {n}' for g, n in groups.sort_index().items())}"
-        + ("" if number == 3 else "; " + ", ".join(f"{k.upper()} {n}" for k, n in strata.sort_index().items()))
-        + ")" + ("" if same else " for the first system (the systems' utterance sets differ)") + ".",
-        "Seeds: " + (", ".join(seeds) if seeds else "not recorded (prediction files)") + ".",
-        f"W-F1 and ACC in % (↑ better); TPR, FPR, W-F1 and ACC gaps are {gap} in % points "
-        f"({task.attribute}, within each {task.stratum_name}), AVG gap their mean (↓ better).",
-        f"{best}: best, {second}: second best within a block of three or more rows.",
-        "Δ AVG (uni→multi): multimodal minus unimodal AVG gap (↓: the transcript narrows the gap).",
-    ]
-    if number == 3:
-        parts.append("Sections as in the paper: main components, λ fixed vs adaptive, penalty power p.")
-    text = " ".join(parts)
-    if latex:
-        return "% " + text + "\n"  # after the tabular, so the file can still be \input
-    return text.replace(f"Table {number}.", f"**Table {number}.**", 1) + "\n\n"
-
-
-def paired_lines(paired: pd.DataFrame, subset: str = OVERALL) -> list[str]:
-    """'ERM (SFT)→Ours (uni): ΔW-F1 +3.88 [1.02, 6.50] · ΔAVG −1.48 [−5.10, 1.87]' per comparison
-    (paired bootstrap, 95 % percentile interval; a negative gap difference means a smaller gap)."""
-    out = []
-    rows = paired[paired["subset"] == subset]
-    for (comparison, modality), grp in rows.groupby(["comparison", "modality"], sort=False):
-        by = grp.set_index("metric")
-        cells = []
-        for key, name in (("w_f1", "ΔW-F1"), ("avg_gap", "ΔAVG")):
-            if key in by.index:
-                r = by.loc[key]
-                cells.append(f"{name} {_signed(r['diff'])} [{_signed(r['lo'], plus=False)}, {_signed(r['hi'], plus=False)}]")
-        out.append(f"{comparison} ({modality}): " + " · ".join(cells))
-    return out
-
-
-def _signed(v: float, plus: bool = True) -> str:
-    """2 decimals with a true minus sign (and + for a positive point estimate)."""
-    text = f"{abs(v):.2f}"
-    return ("−" if v < 0 else "+" if plus and v > 0 else "") + text
 
 
 def paired_comparisons(systems: Sequence[System], *, n_boot: int, seed: int = 0,
@@ -653,13 +382,6 @@ def _metrics_doc(systems: Sequence[System], results: pd.DataFrame) -> dict:
     return doc
 
 
-def log_report_to_mlflow(out_dir: str | os.PathLike, *, tracking_uri: str, run_id: str,
-                         artifact_path: str = "report") -> None:
-    """Log the whole report folder (tables and PNGs) as artifacts of `run_id` under `artifact_path`."""
-
-    MlflowClient(tracking_uri=tracking_uri).log_artifacts(run_id, str(out_dir), artifact_path)
-
-
 def report_from_mlflow(tracking_uri: str, out_dir: str | os.PathLike, *, parent_run_id: str | None = None,
                        run_ids: Sequence[str] = (), force: bool = False, n_boot: int = 0, seed: int = 0,
                        log_to: str | None = None) -> tuple[dict[str, Path], list[str]]:
@@ -673,5 +395,5 @@ def report_from_mlflow(tracking_uri: str, out_dir: str | os.PathLike, *, parent_
         raise ConfigError(f"no MLflow run has a {PREDS_ARTIFACT} artifact: " + "; ".join(skipped))
     paths = build_report(systems, out_dir, force=force, n_boot=n_boot, seed=seed)
     if log_to:
-        log_report_to_mlflow(out_dir, tracking_uri=tracking_uri, run_id=log_to)
+        tracking.log_artifacts(tracking_uri, log_to, out_dir, "report")  # tables and PNGs
     return paths, skipped

@@ -1,5 +1,5 @@
-"""One worker's data for a run: the three splits with their features, the cells of a frame, and the
-predictions of a split sharded over the workers and gathered.
+"""One worker's data for a run: the three splits with their features, the cells of a frame, the
+predictions of a split sharded over the workers and gathered, and a split's reported metrics.
 
 Features: log-mel computed once per worker and reused every epoch (`CachedFeatures`), or, when the audio
 encoder is frozen, the encoder's output from the run's feature cache (ermgap.feature_cache), which each
@@ -21,6 +21,10 @@ from ermgap.config import RunConfig
 from ermgap.data.dataset import UtteranceDataset
 from ermgap.evaluate import predictions_frame
 from ermgap.feature_cache import EncodedDataset, FeatureCache, encoder_fingerprint, supports
+from ermgap.metric_registry import METRICS
+from ermgap.metric_registry import split_metrics as reported_metrics
+from ermgap.metrics import compute_metrics, per_key
+from ermgap.objectives.cells import loss_gap
 from ermgap.sampler import shard_for_eval
 from ermgap.scoring import answer_loss_from_scores, score_labels
 from ermgap.task import RUN_MODALITY, Task
@@ -136,10 +140,50 @@ def predict_split(engine, data: Split, collator: EmotionCollator, task: Task, cf
     return frame
 
 
+class SplitLosses:
+    """A split's per-sample answer losses with their cells: what the `losses` metrics are computed from."""
+
+    def __init__(self, frame: pd.DataFrame, task: Task, modality: str) -> None:
+        self.losses = torch.tensor(frame["loss"].to_numpy())
+        self.stratum, self.attribute = cell_indices(frame, task, modality)
+        self.strata, self.num_attrs = task.stratum_values, len(task.attribute_values)
+
+    def mean(self) -> float:
+        return float(self.losses.mean())
+
+    def gap(self) -> tuple[float, dict[str, float]]:
+        """The largest within-stratum attribute gap of the mean loss, and each valid stratum's gap."""
+        gap, per = loss_gap(self.losses, self.stratum, self.attribute, num_strata=len(self.strata),
+                            num_attrs=self.num_attrs)
+        return float(gap), {name: v for name, v in zip(self.strata, per.tolist()) if v == v}
+
+
+def split_metrics(frame: pd.DataFrame, prefix: str, task: Task, modality: str) -> dict[str, float]:
+    """Every reported metric (ermgap.metric_registry) of a predictions frame with per-sample losses:
+    `<prefix>_<metric>`, and `<prefix>_<metric>_<stratum>` for the per-stratum ones."""
+    computed = compute_metrics(preds_only(frame), task)
+    per = computed[per_key(task)]
+    losses = SplitLosses(frame, task, modality)
+    out: dict[str, float] = {}
+    by_stratum: dict[str, float] = {}
+    for name in reported_metrics():
+        metric = METRICS[name]
+        if metric.source == "counts":
+            value, strata = computed["overall"][name], {s: block[name] for s, block in per.items()}
+        elif metric.source == "strata":
+            value, strata = metric.formula(per), {}
+        else:
+            value, strata = metric.formula(losses)
+        out[f"{prefix}_{name}"] = float(value)
+        if metric.per_stratum:
+            by_stratum.update({f"{prefix}_{name}_{s}": float(v) for s, v in strata.items()})
+    return {**out, **by_stratum}
+
+
 def preds_only(frame: pd.DataFrame) -> pd.DataFrame:
     """A predictions frame without the per-sample loss column (what PREDS.csv holds)."""
     return frame.drop(columns=["loss"])
 
 
-__all__ = ["CachedFeatures", "Split", "Strata", "cell_indices", "load_splits", "open_feature_cache",
-           "predict_split", "preds_only"]
+__all__ = ["CachedFeatures", "Split", "SplitLosses", "Strata", "cell_indices", "load_splits", "open_feature_cache",
+           "predict_split", "preds_only", "split_metrics"]

@@ -14,6 +14,7 @@ from ermgap.config import RunConfig, dump_yaml, flatten
 from ermgap.formatting import json_safe
 from ermgap.io import atomic_path
 from ermgap.metric_registry import RUN_COVERAGE
+from ermgap.objectives import describe_objective
 from ermgap.run_data import preds_only
 from ermgap.storage import Location
 from ermgap.task import Task
@@ -23,7 +24,6 @@ from ermgap.tracking import (
     TAG_WORKER_IPS,
     TAG_WORKER_NODES,
     RunLogger,
-    describe_objective,
     log_manifest_input,
     run_description,
 )

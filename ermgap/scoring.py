@@ -90,26 +90,41 @@ def _run(model, select, **inputs):
     return out.logits, out
 
 
-def per_sample_loss(model, batch: dict) -> torch.Tensor:
+# What the training forward can hand an objective besides the losses (`Objective.forward_inputs`).
+FORWARD_INPUTS = ("answer_hidden",)
+
+
+def per_sample_loss(model, batch: dict, *, answer_hidden: bool = False):
     """Mean cross-entropy over each example's answer tokens → Tensor[B] (grad flows to trainable params).
 
     Uses `input_ids` / `attention_mask` / `labels` (right-padded; `labels` is -100 outside the answer)
     and the audio (`input_features` or cached `audio_embeds`). Padding and prompt tokens never enter
     the loss, and the LM head runs only on the positions that predict an answer token.
+    answer_hidden: also return the last hidden state at the position that predicts each example's first
+    answer token, [B, hidden] with autograd: (losses, hidden).
     """
     labels = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = labels != IGNORE
     counts = keep.sum(-1)
     if bool((counts == 0).any()):
         raise ValueError(f"{int((counts == 0).sum())} example(s) in the batch have no answer tokens (labels all -100)")
-    logits, _ = _run(model, lambda states: states[:, :-1][keep.to(states.device)], use_cache=False,
-                     **model_inputs(model, batch))  # [N_answer_tokens, V]
+    seen: dict[str, torch.Tensor] = {}
+
+    def select(states: torch.Tensor) -> torch.Tensor:
+        states, mask = states[:, :-1], keep.to(states.device)
+        if answer_hidden:
+            first = mask.int().argmax(-1)  # every row has an answer token (checked above)
+            seen["hidden"] = states[torch.arange(states.shape[0], device=states.device), first]
+        return states[mask]
+
+    logits, _ = _run(model, select, use_cache=False, **model_inputs(model, batch))  # [N_answer_tokens, V]
     keep = keep.to(logits.device)
     labels = labels.to(logits.device)
     token_ce = F.cross_entropy(logits.float(), labels[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token_ce.dtype, device=token_ce.device).index_add(0, rows, token_ce)
-    return sums / counts.to(sums.device)
+    losses = sums / counts.to(sums.device)
+    return (losses, seen["hidden"]) if answer_hidden else losses
 
 
 def score_labels(model, batch: dict) -> torch.Tensor:

@@ -12,8 +12,10 @@ Metric names (one namespace each, shared by a sweep's parent and its children so
 shows them in the same columns):
     best/<split>_<metric>   the best checkpoint's dev and test metrics (a child: its own best
                             checkpoint; the parent: the selected trial's), logged once at the end
-    eval/<split>_<metric>   every dev evaluation, by optimizer step (also eval/lambda: λ after it)
-    train/…, lambda, lr     every optimizer step (λ trajectory, per-stratum gaps train/gap_<stratum>)
+    eval/<split>_<metric>   every dev evaluation, by optimizer step (also eval/<name> of the objective's
+                            `log_values` after it)
+    train/…, lr, <name>     every optimizer step (per-stratum gaps train/gap_<stratum>; the objective's state
+                            under its `log_values` names: its trajectory)
 Artifacts of a sqlite store go next to the database (`<db dir>/artifacts/<experiment>`), not into
 ./mlruns of whatever directory a process happened to start in.
 """
@@ -30,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
@@ -272,49 +276,11 @@ def log_manifest_input(tracking_uri: str, run_id: str, manifest: str | os.PathLi
         dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
 
 
-def objective_kind(params: dict[str, Any]) -> str:
-    # Runs logged before `objective.kind` existed all trained ERM-MinMaxGAP (ERM was fixed λ = 0).
-    return params.get("objective.kind", "minmaxgap")
-
-
-ZERO_SHOT = "zero-shot"
-
-
-def is_zero_shot(params: dict[str, Any]) -> bool:
-    """Whether a run trained nothing (`optim.epochs` 0): its metrics are the backbone's, as it is."""
-    try:
-        return int(float(params.get("optim.epochs", 1))) == 0
-    except (TypeError, ValueError):
-        return False
-
-
-def describe_objective(params: dict[str, Any]) -> str:
-    """A run's objective in the paper's words from its flattened config params ("ERM (SFT)", "λ = 3",
-    "ERM-MinMaxGAP (p=2)", "Group DRO (η=0.05)"): the MLflow param `objective` and the report's row name."""
-    # Lazy: the objectives import torch, which `ermgap report` on prediction files does not need.
-    from ermgap.objectives import OBJECTIVES
-
-    if is_zero_shot(params):
-        return ZERO_SHOT
-    kind = objective_kind(params)
-    if kind == "group_dro":
-        return f"{OBJECTIVES[kind].label} (η={float(params.get('objective.group_dro.eta', 'nan')):g})"
-    if kind != "minmaxgap":
-        return OBJECTIVES[kind].label if kind in OBJECTIVES else kind
-    mode, init, p = params.get("lambda.mode"), params.get("lambda.init"), params.get("objective.p")
-    if mode == "fixed":
-        if init is None:
-            return "fixed λ"
-        return "ERM (SFT)" if float(init) == 0 else f"λ = {float(init):g}"  # the paper's Table 3 rows
-    if mode == "adaptive":
-        return f"ERM-MinMaxGAP (p={float(p):g})" if p else "ERM-MinMaxGAP"
-    return "run"
-
-
 def run_description(params: dict[str, Any], split_sizes: dict[str, int]) -> str:
-    """The run's note in the MLflow UI (Markdown): objective, variant, data, model, schedule."""
+    """The run's note in the MLflow UI (Markdown): objective (the param `objective`, its description), variant,
+    data, model, schedule."""
     sizes = ", ".join(f"{n} {k}" for k, n in split_sizes.items())
-    lines = [f"**{params.get('objective', describe_objective(params))}**"
+    lines = [f"**{params['objective']}**"
              + (f" (variant `{params['variant']}`)" if params.get("variant") else ""),
              "",
              f"- data: `{params.get('data.manifest')}` ({sizes} utterances), modality {params.get('data.modality')}",
@@ -423,6 +389,42 @@ def _all_runs(c: MlflowClient, experiment: str | None = None, filter_string: str
         if not token:
             break
     return runs
+
+
+def training_runs(tracking_uri: str, *, parent_run_id: str | None = None, run_ids: Sequence[str] = ()) -> list:
+    """The children of a sweep's parent run (oldest first), or the runs `run_ids`; ConfigError naming the store
+    when MLflow cannot find them."""
+    c = client(tracking_uri)
+    try:
+        if parent_run_id:
+            runs = c.search_runs([c.get_run(parent_run_id).info.experiment_id], max_results=10_000,
+                                 filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                 order_by=["attributes.start_time ASC"])
+            if not runs:
+                raise ConfigError(f"MLflow run {parent_run_id} at {tracking_uri} has no child runs")
+            return runs
+        return [c.get_run(r) for r in run_ids]
+    except MlflowException as err:
+        raise ConfigError(f"MLflow ({tracking_uri}): {err.message}") from None
+
+
+def download_artifact(tracking_uri: str, run_id: str, artifact_path: str, dst: str | os.PathLike) -> str | None:
+    """A run's artifact downloaded under `dst` (its local path), or None when the run has none."""
+    try:
+        return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=str(dst),
+                                                   tracking_uri=tracking_uri)
+    except (MlflowException, OSError):
+        return None
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[float, float]]:
+    """[(step, value)] of one metric of a run."""
+    return [(float(m.step), float(m.value)) for m in client(tracking_uri).get_metric_history(run_id, key)]
+
+
+def log_artifacts(tracking_uri: str, run_id: str, local_dir: str | os.PathLike, artifact_path: str) -> None:
+    """Log a whole folder as artifacts of `run_id` under `artifact_path`."""
+    client(tracking_uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
 def resolve_run_id(tracking_uri: str, ref: str, *, what: str = "run id") -> str:

@@ -2,7 +2,7 @@
 outside the math (broadcast of rank 0's choice, gather of every rank's rows), the services it must reach,
 and the checkpoint every rank resumes from.
 
-None of this is the objective's all-reduce (ermgap.objective.all_reduce_sum): these move Python objects
+None of this is the objective's all-reduce (ermgap.objectives.cells.all_reduce_sum): these move Python objects
 (run ids, predictions, cache statistics), never tensors with gradients.
 """
 

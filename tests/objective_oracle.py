@@ -1,6 +1,6 @@
 """An independent, loop-based ERM-MinMaxGAP for tests: plain Python over examples, no vectorised masks.
 
-Written straight from the paper's definitions so it shares no code (and no tricks) with ermgap.objective.
+Written straight from the paper's definitions so it shares no code (and no tricks) with ermgap.objectives.
 """
 
 from __future__ import annotations

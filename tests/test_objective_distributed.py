@@ -88,7 +88,7 @@ def _average_grads(model, world):
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from ermgap.errors import TrainingError
-    from ermgap.objective import erm_minmaxgap_loss, sample_weights
+    from ermgap.objectives.minmaxgap import erm_minmaxgap_loss, sample_weights
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,

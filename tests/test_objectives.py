@@ -12,7 +12,7 @@ from objective_oracle import oracle_erm, oracle_group_dro_step, oracle_objective
 
 from ermgap.config import OBJECTIVE_KINDS, load_config
 from ermgap.errors import ConfigError, TrainingError
-from ermgap.objective import AdaptiveLambda, erm_minmaxgap_loss
+from ermgap.objectives.minmaxgap import AdaptiveLambda, erm_minmaxgap_loss
 from ermgap.objectives import OBJECTIVES, ERM, CellGrid, GroupDRO, MinMaxGAP, Reweight, build_objective
 
 STRATA, ATTRS = ("a", "b", "c"), ("F", "M")

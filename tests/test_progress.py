@@ -32,9 +32,9 @@ def test_rate_and_eta_by_hand():
 def test_plain_lines_name_epoch_step_rate_eta_and_evaluations():
     p = TrainProgress(None, Console(width=300), live=False)
     p._on_start({"kind": "start", "t": 0.0, "step": 0, "total_steps": 12, "steps_per_epoch": 6, "epochs": 2})
-    line = p.step_line({"kind": "step", "t": 4.0, "step": 2, "epoch": 0, "loss": 1.23456, "lam": 0.5})
+    line = p.step_line({"kind": "step", "t": 4.0, "step": 2, "epoch": 0, "loss": 1.23456, "shown": {"λ": 0.5}})
     assert line == "epoch 1/2 · step 2/12 · loss 1.2346 · λ 0.500 · 0.50 steps/s · ETA 0:00:20"
-    ev = p.eval_line({"kind": "eval", "t": 9.0, "round": 1, "step": 6, "lam": 0.75, "metric": "w_f1", "best": 41.5,
+    ev = p.eval_line({"kind": "eval", "t": 9.0, "round": 1, "step": 6, "shown": {"λ": 0.75}, "metric": "w_f1", "best": 41.5,
                       "best_round": 1, "metrics": {"dev_w_f1": 41.5, "dev_worst_lang_gap": 12.25, "dev_loss_gap": 0.0312}})
     assert ev == ("eval 1 @ step 6: dev W-F1 41.50 · dev worst-lang gap 12.25 · dev Δloss 0.0312 · λ → 0.750 · "
                   "best dev W-F1 41.50 (eval 1)")

@@ -250,7 +250,7 @@ def test_top_two_marks_follow_the_metric_direction():
 def test_table3_has_the_papers_sections_labels_and_a_caption(tmp_path):
     """A sweep holding the paper's ablation (zero-shot from a file, ERM, fixed λ 1 and 5, adaptive p 1 and 2):
     Table 3 shows it as the paper does, with a caption stating split, n per gender and seeds."""
-    from ermgap.tracking import describe_objective
+    from ermgap.objectives import describe_objective
 
     frames = fake_systems()
     base, ours = frames[("Base_1", "uni")], frames[("Ours", "uni")]
@@ -285,7 +285,7 @@ def test_table3_has_the_papers_sections_labels_and_a_caption(tmp_path):
 def test_a_run_that_trained_nothing_is_tables_zero_shot_row(tmp_path):
     """A sweep's zero-shot trial (optim.epochs 0; objective params as ERM's) is Table 3's first main row,
     named after its backbone, and never taken for ERM."""
-    from ermgap.tracking import describe_objective
+    from ermgap.objectives import describe_objective
 
     frames = fake_systems()
     base, ours = frames[("Base_1", "uni")], frames[("Ours", "uni")]

@@ -17,7 +17,7 @@ import torch
 from ermgap.config import load_config
 from ermgap.errors import ConfigError
 from ermgap.objectives import ERM, CellGrid, MinMaxGAP, Reweight
-from ermgap.objective import AdaptiveLambda
+from ermgap.objectives.minmaxgap import AdaptiveLambda
 from ermgap.sampler import BatchCoverage, StratifiedBatchPlan, build_plan, cell_quotas
 
 # 3 strata × 2 attribute values, one cell (stratum 1, attribute 1) tiny: like the demo's male speakers.

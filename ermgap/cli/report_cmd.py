@@ -68,7 +68,9 @@ def report(
     paths = R.build_report(chosen, out, force=force, n_boot=n_boot if ci else 0, seed=seed, baseline=baseline)
     target = log_to or mlflow_parent
     if target and not no_log:
-        R.log_report_to_mlflow(out, tracking_uri=uri, run_id=target)
+        from ermgap.tracking import log_artifacts
+
+        log_artifacts(uri, target, out, "report")
         console.print(f"logged the report to MLflow run {target} (artifacts/report)")
     typer.echo(paths["table2_md"].read_text(), nl=False)
     if "paired_md" in paths:

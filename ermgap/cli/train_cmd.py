@@ -12,6 +12,19 @@ from ermgap.cli.sweep_cmd import ALLOW_LOCAL_HELP
 from ermgap.formatting import fmt
 
 
+def final_table(final: dict) -> Table:
+    """The best checkpoint's dev and test value of every reported metric (ermgap.metric_registry)."""
+    from ermgap.metric_registry import split_metrics
+
+    table = Table(title="ermgap train: best checkpoint", show_lines=False)
+    table.add_column("metric")
+    table.add_column("dev", justify="right")
+    table.add_column("test", justify="right")
+    for key in split_metrics():
+        table.add_row(key, fmt(final.get(f"dev_{key}"), 3), fmt(final.get(f"test_{key}"), 3))
+    return table
+
+
 def train(
     config: Path = typer.Argument(None, help="Run config YAML (see configs/tiny.yaml); omit with --resume."),
     overrides: list[str] = typer.Argument(None, help="Dotted overrides, e.g. objective.p=1 lambda.eta=0.25."),
@@ -25,8 +38,9 @@ def train(
     verbose: bool = typer.Option(False, "--verbose", envvar="ERMGAP_VERBOSE",
                                  help="Show Ray, DeepSpeed, transformers and worker output (hidden by default)."),
 ) -> None:
-    """Fine-tune with ERM-MinMaxGAP (or ERM, λ fixed at 0): dev evaluation, adaptive λ, early stopping,
-    checkpoints, MLflow logging, and dev/test predictions of the best checkpoint."""
+    """Fine-tune with the objective `objective.kind` names (default: the paper's ERM-MinMaxGAP): dev evaluation,
+    the objective's own updates, early stopping, checkpoints, MLflow logging, and dev/test predictions of the
+    best checkpoint."""
     from ermgap.quiet import quiet_console
 
     quiet_console(verbose)  # before the imports below: they load transformers and Ray
@@ -44,14 +58,10 @@ def train(
     final = run_training(cfg, address=address, resume_dir=resume, run_dir=run_dir, force=force, console=console,
                          verbose=verbose, allow_local_paths=allow_local_paths)
 
-    table = Table(title="ermgap train: best checkpoint", show_lines=False)
-    table.add_column("metric")
-    table.add_column("dev", justify="right")
-    table.add_column("test", justify="right")
-    for key in ("w_f1", "acc", "avg_gap", "worst_lang_gap", "loss", "loss_gap"):
-        table.add_row(key, fmt(final.get(f"dev_{key}"), 3), fmt(final.get(f"test_{key}"), 3))
-    console.print(table)
-    console.print(f"λ final {final['lambda']:.4f} · steps {final['step']} · evaluations {final['eval_round']} · "
-                  f"best round {final.get('best_eval_round')}" + (" · stopped early" if final.get("stopped_early") else ""))
+    console.print(final_table(final))
+    shown = "".join(f"{name} final {value:.4f} · " for name, value in final["objective_shown"].items())
+    console.print(f"objective {final['objective_name']} · {shown}steps {final['step']} · evaluations "
+                  f"{final['eval_round']} · best round {final.get('best_eval_round')}"
+                  + (" · stopped early" if final.get("stopped_early") else ""))
     console.print(f"run directory: {final['run_dir']}  (predictions: dev_preds.csv, test_preds.csv; adapter/)")
     console.print(f"MLflow run {final['mlflow_run_id']} in {final['tracking_uri']}  (open with `ermgap ui`)")

@@ -19,15 +19,27 @@ The update runs in log space (a softmax), which is the same arithmetic without o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
+from pydantic import Field
 
-from ermgap.objectives.base import CellGrid, Objective, ObjectiveOutput, check_cells_in_train, diagnostics
+from ermgap.objectives.base import Objective, ObjectiveOutput
+from ermgap.objectives.cells import CellGrid, cell_stats, check_cells_in_train
+from ermgap.settings import Section, Setting
+
+
+class GroupDROConfig(Section):
+    eta: float = Field(0.01, gt=0, description="Step size η_q of the group-weight update q_g ← q_g·exp(η_q·L_g) (Sagawa et al. 2020: 0.01).")
+    size_adjustment: float = Field(0.0, ge=0, description="C of the group-size adjustment L_g + C/√n_g in the q update (n_g: train examples of the cell; 0: off).")
 
 
 class GroupDRO(Objective):
     kind = "group_dro"
     label = "Group DRO"
+    summary = "online Group DRO over stratum × gender cells"
+    settings = (Setting("objective.group_dro", GroupDROConfig),)
 
     def __init__(self, grid: CellGrid, *, eta: float, size_adjustment: float = 0.0) -> None:
         super().__init__(grid)
@@ -49,6 +61,16 @@ class GroupDRO(Objective):
         g = cfg.objective.group_dro
         return cls(grid, eta=g.eta, size_adjustment=g.size_adjustment)
 
+    @classmethod
+    def describe(cls, params: Mapping[str, Any]) -> str:
+        return f"{cls.label} (η={float(params.get('objective.group_dro.eta', 'nan')):g})"
+
+    @classmethod
+    def live_values(cls, reported: Mapping[str, Any]) -> dict[str, float]:
+        """The largest group weight: how far q has moved from uniform towards the worst cell."""
+        q = [v for k, v in reported.items() if k.startswith("q_") and v is not None]
+        return {"max q": max(q)} if q else {}
+
     def from_cells(self, sums, counts) -> ObjectiveOutput:
         check_cells_in_train(counts, self.grid, self.kind)
         present = counts > 0
@@ -59,7 +81,7 @@ class GroupDRO(Objective):
             q = torch.softmax((self.q.log() + step).flatten(), dim=0).view_as(self.q)
         total = (q.to(device=means.device, dtype=means.dtype) * torch.where(present, means, torch.zeros_like(means))).sum()
         logs = {f"q_{name}": v for name, v in zip(self.grid.cell_names(), q.flatten().tolist())}
-        return ObjectiveOutput(total=total, stats=diagnostics(sums, counts, self.grid), logs=logs, pending={"q": q})
+        return ObjectiveOutput(total=total, stats=cell_stats(sums, counts, self.grid.erm_weights), logs=logs, pending={"q": q})
 
     def after_step(self, out: ObjectiveOutput) -> None:
         self.q = out.pending["q"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from ermgap.objective import erm_mean
-from ermgap.objectives.base import CellGrid, Objective, ObjectiveOutput, check_cells_in_train, diagnostics
+from ermgap.objectives.base import Objective, ObjectiveOutput
+from ermgap.objectives.cells import CellGrid, cell_stats, check_cells_in_train, erm_mean
 
 
 class Reweight(Objective):
@@ -20,6 +20,7 @@ class Reweight(Objective):
 
     kind = "reweight"
     label = "Reweighting"
+    summary = "examples weighted inversely to their cell's train frequency"
 
     def __init__(self, grid: CellGrid) -> None:
         super().__init__(grid)
@@ -34,7 +35,7 @@ class Reweight(Objective):
     def from_cells(self, sums, counts) -> ObjectiveOutput:
         check_cells_in_train(counts, self.grid, self.kind)
         w = self.weights if self.grid.erm_weights is None else self.weights * self.grid.erm_weights
-        return ObjectiveOutput(total=erm_mean(sums, counts, w), stats=diagnostics(sums, counts, self.grid))
+        return ObjectiveOutput(total=erm_mean(sums, counts, w), stats=cell_stats(sums, counts, self.grid.erm_weights))
 
     def log_values(self) -> dict[str, float]:
         return {f"weight_{name}": v for name, v in zip(self.grid.cell_names(), self.weights.flatten().tolist())}

@@ -1,8 +1,10 @@
-"""A sweep's live view: one line per trial (variant, status, epoch x/N, λ, dev W-F1, dev gap, elapsed,
-ETA), a line when a trial ends; Tune's own status tables stay off (`verbose=0`) unless --verbose.
+"""A sweep's live view: one line per trial (variant, objective, status, epoch x/N, the objective's state, dev
+W-F1, dev gap, elapsed, ETA), a line when a trial ends; Tune's own status tables stay off (`verbose=0`) unless
+--verbose. The objective's name and state come from the objective (`ermgap.objectives`: `describe_objective`,
+`live_values`).
 
 It is a Tune `Callback`, so it runs in the sweep driver's event loop and sees every trial's
-reports (one per dev evaluation: `epoch`, `lambda`, the dev metrics) as Tune does; a terminal gets a
+reports (one per dev evaluation: `epoch`, the objective's `log_values`, the dev metrics) as Tune does; a terminal gets a
 table refreshed in place (rich Live), anything else the same rows every `interval_s` seconds.
 The ETA extrapolates the trial's elapsed time over the fraction of its epochs done.
 """
@@ -17,8 +19,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from ermgap.config import flatten
 from ermgap.formatting import fmt
 from ermgap.metric_registry import label
+from ermgap.objectives import describe_objective, live_values
 from ermgap.progress import format_duration
 from ermgap.sweep.leaderboard import failure_reason
 from ermgap.sweep.spec import SEED_KEY, VARIANT_PARAM, SweepSpec
@@ -73,15 +77,17 @@ class SweepProgress(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         row = self._row(trial)
-        row.update({"epoch": result.get("epoch"), "lambda": result.get("lambda"), "w_f1": result.get("dev_w_f1"),
-                    "gap": result.get(self.gap), "round": result.get("eval_round"), "done": result.get("done")})
+        row.update({"epoch": result.get("epoch"), "shown": live_values(row["params"], result),
+                    "w_f1": result.get("dev_w_f1"), "gap": result.get(self.gap), "round": result.get("eval_round"),
+                    "done": result.get("done")})
         self._refresh()
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         row = self._row(trial)
         how = "finished" if row.get("done") else f"stopped by the scheduler after eval {fmt(row.get('round'))}"
-        self._say(f"trial {row['label']} ({trial.trial_id}) {how} in {format_duration(self._elapsed(row))}: "
-                  f"dev W-F1 {fmt(row.get('w_f1'))} · {label(self.gap)} {fmt(row.get('gap'))} · λ {fmt(row.get('lambda'), 3)}")
+        self._say(f"trial {row['label']} ({trial.trial_id}) · {row['objective']} {how} in "
+                  f"{format_duration(self._elapsed(row))}: dev W-F1 {fmt(row.get('w_f1'))} · {label(self.gap)} "
+                  f"{fmt(row.get('gap'))}" + "".join(f" · {k} {fmt(v, 3)}" for k, v in row.get("shown", {}).items()))
         self._refresh(force=True)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
@@ -105,8 +111,10 @@ class SweepProgress(Callback):
     def _row(self, trial) -> dict[str, Any]:
         row = self.rows.get(trial.trial_id)
         if row is None:
-            epochs = self.spec.trial_config(dict(trial.config)).optim.epochs
-            row = self.rows[trial.trial_id] = {"label": trial_label(self.spec, trial.config), "epochs": epochs}
+            cfg = self.spec.trial_config(dict(trial.config))
+            params = flatten(cfg.to_dict())
+            row = self.rows[trial.trial_id] = {"label": trial_label(self.spec, trial.config), "epochs": cfg.optim.epochs,
+                                               "params": params, "objective": describe_objective(params)}
         row["status"] = STATUS.get(trial.status, trial.status.lower())
         return row
 
@@ -115,23 +123,24 @@ class SweepProgress(Callback):
         return time.time() - row["start"] if "start" in row else None
 
     def cells(self, row: dict[str, Any]) -> list[str]:
-        """variant, status, epoch x/N, λ, dev W-F1, dev gap, elapsed, ETA."""
+        """variant, objective, status, epoch x/N, the objective's state, dev W-F1, dev gap, elapsed, ETA."""
         elapsed, epoch = self._elapsed(row), row.get("epoch")
         frac = epoch / row["epochs"] if epoch else None
         eta = elapsed * (1 - frac) / frac if elapsed is not None and frac and row["status"] == "running" else None
         # A zero-shot trial (optim.epochs 0) trains nothing: it has no epochs to count.
         progress = "zero-shot" if row["epochs"] == 0 else f"{fmt(epoch, 1) if epoch is not None else 0}/{row['epochs']}"
-        return [row["label"], row["status"], progress,
-                fmt(row.get("lambda"), 3), fmt(row.get("w_f1")), fmt(row.get("gap")), format_duration(elapsed),
+        state = " ".join(f"{k} {fmt(v, 3)}" for k, v in row.get("shown", {}).items()) or "-"
+        return [row["label"], row["objective"], row["status"], progress,
+                state, fmt(row.get("w_f1")), fmt(row.get("gap")), format_duration(elapsed),
                 format_duration(eta) if row["status"] == "running" else "-"]
 
     def headers(self) -> list[str]:
-        return ["trial", "status", "epoch", "λ", "dev W-F1", label(self.gap), "elapsed", "ETA"]
+        return ["trial", "objective", "status", "epoch", "state", "dev W-F1", label(self.gap), "elapsed", "ETA"]
 
     def table(self) -> Table:
         t = Table(title=f"sweep {self.spec.name}", title_justify="left")
         for h in self.headers():
-            t.add_column(h, justify="left" if h in ("trial", "status") else "right")
+            t.add_column(h, justify="left" if h in ("trial", "objective", "status") else "right")
         for row in self.rows.values():
             t.add_row(*self.cells(row))
         return t

@@ -26,9 +26,8 @@ from ermgap.report import report_from_mlflow, run_test_predictions
 from ermgap.storage import Location
 from ermgap.sweep import render
 from ermgap.sweep.leaderboard import (
-    DEV_METRICS,
     FAILED,
-    TEST_METRICS,
+    board_metrics,
     build_leaderboard,
     objective_comparison,
     run_params,
@@ -256,7 +255,7 @@ def _summarise(spec: SweepSpec, paths: SweepPaths, outcome: SweepOutcome, result
         if b["mlflow_run_id"]:
             tags["ermgap.best_run_id"] = b["mlflow_run_id"]
         # The children's names (best/<metric>): the runs table shows parent and children in the same columns.
-        metrics = {f"{tracking.BEST}{m}": b[m] for m in DEV_METRICS + TEST_METRICS if b[m] is not None}
+        metrics = {f"{tracking.BEST}{m}": b[m] for m in board_metrics() if b[m] is not None}
     # Written locally (staged, and uploaded when the sweep lives on object storage), then logged.
     with paths.artifacts.staged() as art:
         files = render.write_artifacts(spec, board, outcome.seed_summary, art, outcome.objective_comparison)

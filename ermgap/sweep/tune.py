@@ -10,7 +10,7 @@ own MLflow child run, tagged with the sweep's parent run id.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -23,6 +23,7 @@ from rich.console import Console
 
 from ermgap.driver import build_trainer
 from ermgap.failures import fit_run
+from ermgap.objectives import OBJECTIVES, register_objective
 from ermgap.sweep.leaderboard import FAILED, TrialRecord, failure_reason
 from ermgap.sweep.live import SweepProgress, trial_label
 from ermgap.sweep.paths import SweepPaths
@@ -85,11 +86,16 @@ class TrialContext:
     tracking_uri: str
     experiment: str
     step_hook: Any = None  # a test's per-step hook (ermgap.recipe.StepHook), as `run_training` takes it
+    # The objective kinds the sweep driver knows, a kind registered at run time included (register_objective):
+    # a trial runs in its own process, whose registry holds only the shipped kinds.
+    objective_classes: tuple = field(default_factory=lambda: tuple(OBJECTIVES.values()))
 
 
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """One Tune trial = one training run on its own Ray Train worker group."""
     trial_id = tune.get_context().get_trial_id()
+    for cls in ctx.objective_classes:
+        register_objective(cls)
     cfg = ctx.spec.trial_config(params)
     cfg.tracking.tracking_uri = ctx.tracking_uri
     cfg.tracking.experiment = ctx.experiment
