@@ -161,11 +161,11 @@ def systems_from_mlflow(tracking_uri: str, *, parent_run_id: str | None = None, 
     """Systems from MLflow training runs (the children of a sweep's parent run, or explicit run ids).
 
     Each run contributes its `predictions/test_preds.csv` artifact, its modality (param `data.modality`),
-    its λ metric history and a name: the sweep variant tag `ermgap.param.variant` or a description of the
-    objective params (param `objective.kind`), plus the sweep params that differ between runs. MinMaxGAP runs
-    with fixed λ go to the Table 3 section "Lambda effect", adaptive ones to "Main components", the other
-    objective kinds (ERM, Group DRO, reweighting) to "Other objectives". Returns (systems, skipped) where skipped says which runs
-    had no predictions (e.g. trials stopped early by ASHA).
+    the history of its objective's `trajectory` metric (if its kind has one) and a name: the sweep variant tag
+    `ermgap.param.variant` or its objective's description (`objectives.describe_objective`), plus the sweep
+    params that differ between runs; its Table 3 rows are its objective's (`report_tables.table3_layout`).
+    Returns (systems, skipped) where skipped says which runs had no predictions (e.g. trials stopped early by
+    ASHA).
     """
     runs = tracking.training_runs(tracking_uri, parent_run_id=parent_run_id, run_ids=run_ids)
     if not runs:
