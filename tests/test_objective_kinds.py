@@ -82,7 +82,9 @@ def test_sweep_cli_names_each_kind_in_its_trial_line(small, tiny_model, tmp_path
     spec = tmp_path / "kinds.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "kinds", "base": str(REPO / "configs" / "tiny.yaml"),
-        "overrides": {k: yaml.safe_load(v) for k, v in base.items() if not k.startswith("tracking.")},
+        # 0.9 CPU per worker + 0.1 per trial driver: two trials at a time on the module's 2-CPU cluster.
+        "overrides": {**{k: yaml.safe_load(v) for k, v in base.items() if not k.startswith("tracking.")},
+                      "distributed.cpus_per_worker": 0.9},
         "variants": {kind: {"objective.kind": kind} for kind in KINDS},
         "max_concurrent_trials": 2, "storage_path": str(tmp_path / "sweeps"),
         "mlflow": {"experiment": "kinds", "tracking_uri": base["tracking.tracking_uri"]},
