@@ -21,7 +21,7 @@ from ermgap.errors import ConfigError, ErmgapWarning
 from ermgap.labels import EMOTIONS
 from ermgap.metric_registry import METRICS, SPLIT_METRICS, split_metrics
 from ermgap.objectives import OBJECTIVES
-from ermgap.settings import Section
+from ermgap.settings import Section, mounted_fields, section_reference
 from ermgap.task import MAX_LABELS, STRATUM_JOIN, stratum_columns
 
 # Choices shared by the config tree and the command line (one declaration each).
@@ -157,25 +157,7 @@ ObjectiveKind = Literal[tuple(OBJECTIVES)]  # type: ignore[valid-type]
 OBJECTIVE_KINDS: tuple[str, ...] = get_args(ObjectiveKind)
 
 
-def _kind_fields(parent: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The objective kinds' settings under `parent` ("" = top level): (leaves, sections), pydantic field
-    definitions by attribute name, in registry order."""
-    leaves: dict[str, Any] = {}
-    sections: dict[str, Any] = {}
-    for cls in OBJECTIVES.values():
-        for setting in cls.settings:
-            if setting.parent != parent:
-                continue
-            attr = setting.attr or setting.name
-            if setting.is_section:
-                alias = {"alias": setting.name} if attr != setting.name else {}
-                sections[attr] = (setting.model, Field(default_factory=setting.model, **alias))
-            else:
-                leaves[attr] = setting.model
-    return leaves, sections
-
-
-_KIND_HELP = "; ".join(f"{k}: {c.summary}" for k, c in OBJECTIVES.items()) + "."
+_KIND_SETTINGS = [setting for cls in OBJECTIVES.values() for setting in cls.settings]  # in registry order
 
 
 class _ObjectiveChecks(_Section):
@@ -200,10 +182,11 @@ class _ObjectiveChecks(_Section):
 
 def _objective_config() -> type[_Section]:
     """`objective:` = kind, the kinds' own leaves (`p`), stratum, erm_weighting, the kinds' sections (`group_dro`)."""
-    leaves, sections = _kind_fields("objective")
+    leaves, sections = mounted_fields(_KIND_SETTINGS, "objective")
     return create_model(
         "ObjectiveConfig", __base__=_ObjectiveChecks, __doc__="The `objective:` section.",
-        kind=(str, Field("minmaxgap", description=_KIND_HELP)), **leaves,
+        kind=(str, Field("minmaxgap", description="; ".join(f"{k}: {c.summary}" for k, c in OBJECTIVES.items()) + ".")),
+        **leaves,
         stratum=(str, Field("language", description="Group within which the attribute gap is measured: a manifest column or columns joined by `+` (`language+modality`); the cells of group_dro and reweight are stratum × attribute value.")),
         erm_weighting=(Literal["population", "batch"], Field(
             "population", description="(data.sampler=stratified) population: the ERM mean weights each example by its cell's "
@@ -332,7 +315,7 @@ def _section(model: type[_Section]) -> tuple[type[_Section], Any]:
 RunConfig = create_model(
     "RunConfig", __base__=_RunChecks, __doc__="One training run's configuration (the YAML file's tree).",
     data=_section(DataConfig), model=_section(ModelConfig), lora=_section(LoraConfig), prompt=_section(PromptConfig),
-    objective=_section(ObjectiveConfig), **_kind_fields("")[1], optim=_section(OptimConfig), eval=_section(EvalConfig),
+    objective=_section(ObjectiveConfig), **mounted_fields(_KIND_SETTINGS, "")[1], optim=_section(OptimConfig), eval=_section(EvalConfig),
     distributed=_section(DistributedConfig), tracking=_section(TrackingConfig))
 
 
@@ -510,20 +493,4 @@ def default_tracking_uri(cfg: RunConfig) -> str:
 
 def reference_markdown(model: type[BaseModel] = RunConfig, prefix: str = "") -> str:
     """A Markdown table of every config key with its default and description (docs/config.md, `ermgap config reference`)."""
-    rows: list[str] = []
-    if not prefix:
-        rows += ["| key | default | description |", "| --- | --- | --- |"]
-    instance = model()
-    for name, field in model.model_fields.items():
-        key = prefix + (field.alias or name)
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.append(reference_markdown(ann, key + "."))
-            continue
-        default = getattr(instance, name)
-        shown = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
-        if len(shown) > 60:
-            shown = shown[:57] + "..."
-        desc = (field.description or "").replace("|", "\\|")
-        rows.append(f"| `{key}` | `{shown}` | {desc} |")
-    return "\n".join(rows)
+    return section_reference(model, prefix)

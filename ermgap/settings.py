@@ -9,10 +9,12 @@ a model it declared itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
@@ -43,4 +45,42 @@ class Setting:
         return isinstance(self.model, type) and issubclass(self.model, BaseModel)
 
 
-__all__ = ["Section", "Setting"]
+def mounted_fields(settings: Iterable[Setting], parent: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The `settings` mounted directly under `parent` ("" = the top level) as pydantic field definitions by
+    attribute name, in order: (leaves, sections), for `create_model`."""
+    leaves: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
+    for setting in settings:
+        if setting.parent != parent:
+            continue
+        attr = setting.attr or setting.name
+        if setting.is_section:
+            alias = {"alias": setting.name} if attr != setting.name else {}
+            sections[attr] = (setting.model, Field(default_factory=setting.model, **alias))
+        else:
+            leaves[attr] = setting.model
+    return leaves, sections
+
+
+def section_reference(model: type[BaseModel], prefix: str = "") -> str:
+    """A Markdown table of every key of a section tree with its default and description."""
+    rows: list[str] = []
+    if not prefix:
+        rows += ["| key | default | description |", "| --- | --- | --- |"]
+    instance = model()
+    for name, field in model.model_fields.items():
+        key = prefix + (field.alias or name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append(section_reference(ann, key + "."))
+            continue
+        default = getattr(instance, name)
+        shown = yaml.safe_dump(default, default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{key}` | `{shown}` | {desc} |")
+    return "\n".join(rows)
+
+
+__all__ = ["Section", "Setting", "mounted_fields", "section_reference"]
