@@ -3,8 +3,6 @@ sections, and how precise the runs table's summary values are. `ermgap.tracking`
 
 from __future__ import annotations
 
-import math
-
 # The experiment's type, as the UI's own "experiment type" setting writes it ("Machine learning"): MLflow UIs
 # that choose an experiment's page by its kind open this one on its runs table.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -40,19 +38,3 @@ def chart_sections(view_key: str) -> dict:
 def runs_view_fragment(experiment_id: str, key: str) -> str:
     """The URL fragment (after the UI's address) that opens a stored runs view, as a runs table."""
     return f"/#/experiments/{experiment_id}/runs?viewStateShareKey={key}&{UI_QUERY}"
-
-
-def readable(key: str, value: float) -> float:
-    """A metric value as MLflow stores it: a best-checkpoint summary (`best/…`) as the runs table shows it,
-    percentages to 2 decimals (the paper's tables), anything else to 4 significant digits, counts exact;
-    curves (eval/, train/) unrounded. A run's metrics.json keeps every value in full."""
-    from ermgap.metric_registry import lookup
-
-    value = float(value)
-    if not key.startswith(SUMMARY_PREFIX) or value.is_integer() or not math.isfinite(value):
-        return value
-    try:
-        percent = lookup(key).unit in ("%", "% points")
-    except KeyError:
-        percent = False
-    return round(value, 2) if percent else float(f"{value:.4g}")

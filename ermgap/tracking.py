@@ -47,7 +47,7 @@ from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
 
 from ermgap.errors import ConfigError, ErmgapWarning, StorageError
 from ermgap.mlflow_ui import SUMMARY_PREFIX as BEST  # the best/ namespace
-from ermgap.mlflow_ui import chart_sections, mark_kind, readable, runs_view_fragment
+from ermgap.mlflow_ui import chart_sections, mark_kind, runs_view_fragment
 from ermgap.storage import Location
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -170,7 +170,7 @@ class RunLogger:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        rows = [Metric(k, readable(k, v), now, int(step)) for k, v in sorted(metrics.items())
+        rows = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
                 and int(step) > self.logged_through.get(k, -1)]
         if rows:
@@ -355,7 +355,7 @@ def log_sweep_summary(tracking_uri: str, parent_run_id: str, *, files: list[Path
         c.log_artifact(parent_run_id, str(f))
     now = int(time.time() * 1000)
     c.log_batch(parent_run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
-                metrics=[Metric(k, readable(k, v), now, 0) for k, v in metrics.items()
+                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()
                          if v is not None and math.isfinite(float(v))])
 
 

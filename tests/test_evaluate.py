@@ -300,7 +300,14 @@ def test_missing_local_model_path_is_not_a_hub_id(tmp_path, monkeypatch):
     (tmp_path / "models").mkdir()
     with pytest.raises(ConfigError, match="models/nope does not exist"):
         model_source("models/nope")
-    assert model_source("Qwen/Qwen2-Audio-7B-Instruct") == "Qwen/Qwen2-Audio-7B-Instruct"
+    # A hub-like id goes to the hub path (offline here, so it is refused as a hub id, not as a missing folder):
+    # whether the hub answers depends on the machine's network, which the test must not.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="Qwen/Qwen2-Audio-7B-Instruct is not a local directory and not in the "
+                                          "Hugging Face cache"):
+        model_source("Qwen/Qwen2-Audio-7B-Instruct")
 
 
 def test_nan_label_scores_are_an_error_not_neutral(manifest, tiny_model):

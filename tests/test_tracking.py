@@ -62,10 +62,10 @@ def test_a_resumed_run_logs_each_step_of_each_metric_once(tmp_path):
         [(3, 30.0), (6, 40.0)]
 
 
-def test_experiments_open_on_their_runs_and_summaries_are_readable(tmp_path):
+def test_experiments_open_on_their_runs_and_summaries_are_exact(tmp_path):
     """Experiments ermgap creates are machine-learning experiments (MLflow's UI opens their runs table); an
-    existing one without a kind gets it, one whose kind a person chose keeps it; best/ values are rounded for
-    the table, curves are not."""
+    existing one without a kind gets it, one whose kind a person chose keeps it; best/ values are stored in
+    full (the sweep's leaderboard, selection rule and seed summaries are computed from them)."""
     from ermgap.mlflow_ui import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
     from ermgap.tracking import experiment_id
 
@@ -82,5 +82,5 @@ def test_experiments_open_on_their_runs_and_summaries_are_readable(tmp_path):
     logger.log_metrics({"best/test_w_f1": 53.98765432, "best/dev_loss_gap": 0.123456789, "best/eval_round": 4,
                         "eval/dev_w_f1": 53.98765432}, step=7)
     m = c.get_run(logger.run_id).data.metrics
-    assert (m["best/test_w_f1"], m["best/dev_loss_gap"], m["best/eval_round"]) == (53.99, 0.1235, 4.0)
+    assert (m["best/test_w_f1"], m["best/dev_loss_gap"], m["best/eval_round"]) == (53.98765432, 0.123456789, 4.0)
     assert m["eval/dev_w_f1"] == 53.98765432
