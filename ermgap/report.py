@@ -282,6 +282,24 @@ def paired_comparisons(systems: Sequence[System], *, n_boot: int, seed: int = 0,
 # ----------------------------------------------------------------------------------------------- report
 
 
+MODALITY_WORDS = {"uni": "speech", "multi": "speech + transcript"}
+
+
+def plot_names(systems: Sequence[System]) -> dict[tuple[str, str], str]:
+    """What a plot's legend calls each (name, modality): a trained run by its objective's description (its own
+    name added where two share one), anything else by its name; the modality in words only when the report
+    holds both."""
+    described = {s.name: describe_objective(s.params) if s.params else s.name for s in systems}
+    shared = {d for d in described.values() if list(described.values()).count(d) > 1}
+    mixed = len({s.modality for s in systems}) > 1
+    out = {}
+    for s in systems:
+        d = described[s.name]
+        name = s.name if d == s.name else (f"{d} ({s.name})" if d in shared else d)
+        out[(s.name, s.modality)] = f"{name}, {MODALITY_WORDS.get(s.modality, s.modality)}" if mixed else name
+    return out
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "system"
 
@@ -310,11 +328,13 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
             (tmp / rel).write_text(text, encoding="utf-8")
             names[key] = rel
 
-        put("table2_md", "table2.md", caption(2, systems) + md2)
-        put("table2_tex", "table2.tex", tex2 + caption(2, systems, latex=True))
+        delta = "delta_avg" in wide2.columns
+        put("table2_md", "table2.md", caption(2, systems, delta=delta, intervals=n_boot > 0) + md2)
+        put("table2_tex", "table2.tex", tex2 + caption(2, systems, latex=True, delta=delta, intervals=n_boot > 0))
         put("table2_csv", "table2.csv", wide2.to_csv(index=False))
-        put("table3_md", "table3.md", caption(3, systems) + md3)
-        put("table3_tex", "table3.tex", tex3 + caption(3, systems, latex=True))
+        delta = "delta_avg" in wide3.columns
+        put("table3_md", "table3.md", caption(3, systems, delta=delta, intervals=n_boot > 0) + md3)
+        put("table3_tex", "table3.tex", tex3 + caption(3, systems, latex=True, delta=delta, intervals=n_boot > 0))
         put("table3_csv", "table3.csv", wide3.to_csv(index=False))
         put("results_csv", "results.csv", results.to_csv(index=False))
         if paired is not None and len(paired):
@@ -325,7 +345,8 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
             + "\n")
 
         multi = results[results["subset"] == OVERALL]
-        labels = [f"{m} ({mod})" for m, mod in zip(multi["model"], multi["modality"])]
+        legend = plot_names(systems)
+        labels = [legend[(m, mod)] for m, mod in zip(multi["model"], multi["modality"])]
         ci = n_boot > 0  # bootstrap 95 % intervals as error bars
         pooled, per_stratum = group_sizes(systems[0])
         plots.fairness_accuracy_scatter(
@@ -337,16 +358,16 @@ def build_report(systems: Sequence[System], out_dir: str | os.PathLike, *, force
         names["fairness_accuracy_png"] = "fairness_accuracy.png"
         order = {s: i for i, s in enumerate(subset_order(results))}
         grouped = list(results.groupby(["model", "modality"], sort=False))
-        gaps = {f"{m} ({mod})": {subset_title(s, task): v for s, v in sorted(zip(g["subset"], g["avg_gap"]),
+        gaps = {legend[(m, mod)]: {subset_title(s, task): v for s, v in sorted(zip(g["subset"], g["avg_gap"]),
                                                                            key=lambda sv: order[sv[0]])}
                 for (m, mod), g in grouped}
-        errors = {f"{m} ({mod})": {subset_title(s, task): (lo, hi)
+        errors = {legend[(m, mod)]: {subset_title(s, task): (lo, hi)
                                    for s, lo, hi in zip(g["subset"], g["avg_gap_lo"], g["avg_gap_hi"])}
                   for (m, mod), g in grouped} if ci else None
         plots.gender_gap_bars(gaps, tmp / "gender_gaps.png", metric=f"AVG {task.attribute} gap [%]",
                               stratum=task.stratum_name, split="test", errors=errors, note=per_stratum)
         names["gender_gaps_png"] = "gender_gaps.png"
-        series = {s.label: s.lambda_history for s in systems if s.lambda_history}
+        series = {legend[(s.name, s.modality)]: s.lambda_history for s in systems if s.lambda_history}
         if series:
             plots.lambda_trajectories(series, tmp / "lambda_trajectory.png")
             names["lambda_trajectory_png"] = "lambda_trajectory.png"

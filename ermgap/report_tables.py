@@ -66,7 +66,9 @@ def table3_layout(systems: Sequence[Any]) -> list[tuple[str, list[tuple[str, str
     for r in rows:
         s = first[r.name]
         described = describe_objective(s.params) if s.params else r.name
-        suffix = r.name[len(described):] if r.name.startswith(described) else f" ({r.name})"
+        # The run's own name only where it adds something ("zero_shot" repeats "zero-shot").
+        same = _plain(r.name) == _plain(described)
+        suffix = r.name[len(described):] if r.name.startswith(described) else "" if same else f" ({r.name})"
         sections.setdefault(r.section, []).append((r.name, r.label + suffix if s.params else r.name, r.order))
     comparisons = [t for cls in OBJECTIVES.values() for t in cls.table3_sections]
     known = [TABLE3_MAIN, *comparisons, TABLE3_OTHER]
@@ -181,6 +183,11 @@ def _head(col: str) -> str:
     return m.label + m.arrow
 
 
+def _plain(text: str) -> str:
+    """Letters and digits only, lower case: 'zero_shot' and 'zero-shot' are the same name."""
+    return re.sub(r"[\W_]+", "", text.lower())
+
+
 def _md_escape(text: str) -> str:
     return str(text).replace("|", r"\|")
 
@@ -215,9 +222,11 @@ def table3(results: pd.DataFrame, layout: list[tuple[str, list[tuple[str, str]]]
     return wide, _render(wide, sections, latex=False), _render(wide, sections, latex=True)
 
 
-def caption(number: int, systems: Sequence[Any], *, latex: bool = False) -> str:
-    """What a table shows, in words: split, n per attribute value (and stratum), seeds, units, directions
-    and what bold and the second mark mean."""
+def caption(number: int, systems: Sequence[Any], *, latex: bool = False, delta: bool = True,
+            intervals: bool = False) -> str:
+    """What a table shows, in words: split, n per attribute value (and stratum), seeds, units, directions,
+    what bold and the second mark mean (point estimates), and the Δ AVG column when the table has one
+    (`delta`); `intervals`: the report computed bootstrap intervals (where to read them)."""
     preds, task = systems[0].preds, systems[0].task
     same = all(set(s.preds["utt_id"]) == set(preds["utt_id"]) for s in systems)
     groups = preds[task.attribute].astype(str).value_counts()
@@ -237,9 +246,14 @@ def caption(number: int, systems: Sequence[Any], *, latex: bool = False) -> str:
         "Seeds: " + (", ".join(seeds) if seeds else "not recorded (prediction files)") + ".",
         f"W-F1 and ACC in % (↑ better); TPR, FPR, W-F1 and ACC gaps are {gap} in % points "
         f"({task.attribute}, within each {task.stratum_name}), AVG gap their mean (↓ better).",
-        f"{best}: best, {second}: second best within a block of three or more rows.",
-        "Δ AVG (uni→multi): multimodal minus unimodal AVG gap (↓: the transcript narrows the gap).",
+        f"{best}: best, {second}: second best within a block of three or more rows, by point estimate; "
+        + ("marked rows may differ by less than their 95 % bootstrap intervals (the _lo/_hi columns of "
+           f"table{number}.csv; paired differences in paired.csv)." if intervals else
+           "no intervals were computed (--ci adds them), so a mark does not say the difference is "
+           "beyond noise."),
     ]
+    if delta:
+        parts.append("Δ AVG (uni→multi): multimodal minus unimodal AVG gap (↓: the transcript narrows the gap).")
     if number == 3:
         parts.append("Sections as in the paper: main components, λ fixed vs adaptive, penalty power p.")
     text = " ".join(parts)

@@ -327,3 +327,45 @@ def test_plot_notes_give_n_per_group():
     cells = system.preds.groupby(["language", "gender"]).size()
     want = f"{cells.min()}" + (f"–{cells.max()}" if cells.max() != cells.min() else "")
     assert per_stratum == f"n per (language, gender): {want}"
+
+
+def test_a_sweeps_zero_shot_variant_is_named_once_and_captions_say_what_the_table_has(tmp_path):
+    """A sweep's variant named `zero_shot` is 'tiny-pretrained (zero-shot)', not '… (zero-shot) (zero_shot)'; a
+    variant whose name says more than its objective keeps it. A one-modality Table 3 has no Δ AVG column, so
+    its caption does not describe one; a two-modality Table 2 does. Bold marks point estimates: the caption
+    says whether intervals were computed and where to read them."""
+    frames = fake_systems()
+    base, ours = frames[("Base_1", "uni")], frames[("Ours", "uni")]
+    zero = {"objective.kind": "erm", "optim.epochs": "0", "model.name_or_path": "models/tiny-pretrained"}
+    adaptive = {"lambda.mode": "adaptive", "objective.p": "1.0", "optim.epochs": "6"}
+    systems = [System(name="zero_shot", modality="uni", preds=base, params=zero),
+               System(name="adaptive_p1", modality="uni", preds=ours, params=adaptive)]
+    paths = build_report(systems, tmp_path / "rep")
+    text = paths["table3_md"].read_text()
+    rows = [r[0] for r in parse_markdown(text)[1]]
+    assert "tiny-pretrained (zero-shot)" in rows and not any("zero_shot" in r for r in rows), rows
+    assert any(r.endswith("(adaptive_p1)") for r in rows), rows
+    assert "Δ AVG" not in text and "no intervals were computed" in text
+    both = build_report(as_systems(frames), tmp_path / "rep2", n_boot=20)
+    text2 = both["table2_md"].read_text()
+    assert "Δ AVG (uni→multi)" in parse_markdown(text2)[0] and "Δ AVG (uni→multi): multimodal minus" in text2
+    assert "95 % bootstrap intervals" in text2 and "no intervals" not in text2
+
+
+def test_plot_legends_name_objectives_and_modalities_in_words():
+    """Legends read as a paper's: a trained run by its objective (its name only where two share one), the
+    modality in words and only when the report holds both (hand-written expectations)."""
+    from ermgap.report import plot_names
+
+    preds = fake_systems()[("Base_1", "uni")]
+    p1 = {"lambda.mode": "adaptive", "objective.p": "1.0", "optim.epochs": "6"}
+    erm = {"objective.kind": "erm", "optim.epochs": "6"}
+    one = [System(name="adaptive_p1", modality="uni", preds=preds, params=p1),
+           System(name="erm", modality="uni", preds=preds, params=erm),
+           System(name="erm_seed2", modality="uni", preds=preds, params=erm),
+           System(name="Qwen2-Audio", modality="uni", preds=preds)]
+    assert plot_names(one) == {("adaptive_p1", "uni"): "ERM-MinMaxGAP (p=1)", ("erm", "uni"): "ERM (SFT) (erm)",
+                               ("erm_seed2", "uni"): "ERM (SFT) (erm_seed2)", ("Qwen2-Audio", "uni"): "Qwen2-Audio"}
+    two = [System(name="Qwen2-Audio", modality=m, preds=preds) for m in ("uni", "multi")]
+    assert plot_names(two) == {("Qwen2-Audio", "uni"): "Qwen2-Audio, speech",
+                               ("Qwen2-Audio", "multi"): "Qwen2-Audio, speech + transcript"}
