@@ -127,16 +127,14 @@ def experiment_id(client: MlflowClient, name: str) -> str:
 class RunLogger:
     """One MLflow run: params once, metrics by step, artifacts, status at the end.
 
-    A resumed run redoes the steps after its checkpoint; MLflow cannot delete metric points, so the logger
-    skips every (metric, step) at or below the highest step that metric already has (`logged_through`):
-    each step of each curve is logged once.
-    """
+    A resumed run redoes the steps after its checkpoint; MLflow cannot delete points: a redone step is logged
+    again only when its value differs from what an earlier attempt logged (`logged`). """
 
-    def __init__(self, tracking_uri: str, run_id: str, logged_through: dict[str, int] | None = None) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, logged: dict[str, dict[int, set[float]]] | None = None) -> None:
         self.client = client(tracking_uri)
         self.tracking_uri = tracking_uri
         self.run_id = run_id
-        self.logged_through = dict(logged_through or {})
+        self.logged = logged or {}
 
     @classmethod
     def open(cls, mlflow_cfg: dict[str, Any], *, run_dir: str | os.PathLike | Location, run_id: str | None = None,
@@ -149,11 +147,13 @@ class RunLogger:
             run_id = id_file.read_text().strip() or None
         tags = {str(k): str(v) for k, v in (mlflow_cfg.get("tags") or {}).items()}
         if run_id is not None:
-            # A resumed run: mark it running again, under its new driver (DRIVER_TAG).
+            # A resumed run: running again, under its new driver (DRIVER_TAG); an earlier attempt's TAG_ERROR goes.
             mlflow_client.update_run(run_id, status="RUNNING")
+            if TAG_ERROR in mlflow_client.get_run(run_id).data.tags:
+                mlflow_client.delete_tag(run_id, TAG_ERROR)
             if tags:
                 mlflow_client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-            return cls(uri, run_id, logged_through=last_steps(mlflow_client, run_id))
+            return cls(uri, run_id, logged=logged_points(mlflow_client, run_id))
         if mlflow_cfg.get("parent_run_id"):
             tags[PARENT_TAG] = mlflow_cfg["parent_run_id"]
         run = mlflow_client.create_run(experiment_id(mlflow_client, mlflow_cfg["experiment"]),
@@ -164,15 +164,14 @@ class RunLogger:
             logger.log_params(params)
         return logger
 
-    def log_params(self, params: dict[str, Any]) -> None:
-        # log_batch splits into MLflow's per-request limits itself.
+    def log_params(self, params: dict[str, Any]) -> None:  # log_batch splits into MLflow's request limits
         self.client.log_batch(self.run_id, params=[_param(k, v) for k, v in sorted(params.items())])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, int(step)) for k, v in sorted(metrics.items())
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-                and int(step) > self.logged_through.get(k, -1)]
+                and float(v) not in self.logged.get(k, {}).get(int(step), ())]
         if rows:
             self.client.log_batch(self.run_id, metrics=rows)
 
@@ -194,9 +193,13 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status=status)
 
 
-def last_steps(c: MlflowClient, run_id: str) -> dict[str, int]:
-    """{metric key: the highest step logged for it} of a run."""
-    return {key: max(m.step for m in c.get_metric_history(run_id, key)) for key in c.get_run(run_id).data.metrics}
+def logged_points(c: MlflowClient, run_id: str) -> dict[str, dict[int, set[float]]]:
+    """{metric key: {step: the values logged at that step}} of a run."""
+    out: dict[str, dict[int, set[float]]] = {key: {} for key in c.get_run(run_id).data.metrics}
+    for key, points in out.items():
+        for m in c.get_metric_history(run_id, key):
+            points.setdefault(m.step, set()).add(m.value)
+    return out
 
 
 def driver_tag() -> dict[str, str]:

@@ -35,13 +35,15 @@ def test_runs_of_a_dead_driver_are_marked_killed_and_live_ones_kept(tmp_path):
     RunLogger.open({**cfg, "tags": driver_tag()}, run_dir=tmp_path / "a")
     assert c.get_run(orphan).info.status == "RUNNING" and c.get_run(orphan).data.tags[DRIVER_TAG] == \
         driver_tag()[DRIVER_TAG]
+    assert "ermgap.error" not in c.get_run(orphan).data.tags  # why the killed attempt ended is no longer true
     assert close_orphaned_runs(uri, "e") == [] and close_orphaned_runs(uri, "no-such-experiment") == []
 
 
 def test_a_resumed_run_logs_each_step_of_each_metric_once(tmp_path):
     """An attempt logs steps 1-5 and dies; the resumed one restarts from its step-3 checkpoint and logs 4-8.
-    MLflow keeps one point per step (the first attempt's for 4-5); a metric first logged after the resume
-    (eval at step 6) and one the first attempt never reached are logged in full."""
+    A redone step with the value the first attempt logged is not logged again (λ: an exact resume); one with
+    another value (the loss) is logged as a newer point, so the curve holds what the finished run computed; a
+    metric first logged after the resume (eval at step 6) and one the first attempt never reached are logged."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = {"tracking_uri": uri, "experiment": "e", "run_name": "r"}
     first = RunLogger.open(cfg, run_dir=tmp_path / "run")
@@ -49,14 +51,15 @@ def test_a_resumed_run_logs_each_step_of_each_metric_once(tmp_path):
         first.log_metrics({"train/loss": 10.0 + step, "lambda": 0.1 * step}, step=step)
     first.log_metrics({"eval/dev_w_f1": 30.0}, step=3)
     again = RunLogger.open(cfg, run_dir=tmp_path / "run")  # the id recorded in run_dir: the same MLflow run
-    assert again.run_id == first.run_id and again.logged_through == {"train/loss": 5, "lambda": 5, "eval/dev_w_f1": 3}
+    assert again.run_id == first.run_id and again.logged["train/loss"] == {s: {10.0 + s} for s in range(1, 6)}
     for step in range(4, 9):
-        again.log_metrics({"train/loss": 20.0 + step, "lambda": 0.2 * step}, step=step)
+        again.log_metrics({"train/loss": 20.0 + step, "lambda": 0.1 * step}, step=step)
         if step % 3 == 0:
             again.log_metrics({"eval/dev_w_f1": 40.0}, step=step)
     c = MlflowClient(uri)
     loss = [(m.step, m.value) for m in c.get_metric_history(first.run_id, "train/loss")]
-    assert sorted(loss) == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0), (5, 15.0), (6, 26.0), (7, 27.0), (8, 28.0)]
+    assert sorted(loss) == [(1, 11.0), (2, 12.0), (3, 13.0), (4, 14.0), (4, 24.0), (5, 15.0), (5, 25.0), (6, 26.0),
+                            (7, 27.0), (8, 28.0)]
     assert sorted(m.step for m in c.get_metric_history(first.run_id, "lambda")) == list(range(1, 9))
     assert sorted((m.step, m.value) for m in c.get_metric_history(first.run_id, "eval/dev_w_f1")) == \
         [(3, 30.0), (6, 40.0)]
