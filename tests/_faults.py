@@ -2,6 +2,7 @@
 that `run_training`, `build_trainer` and `run_sweep` pass to every worker in the loop config:
 
     run_training(cfg, step_hook=KillAfterStep(5))      # the last rank dies after step 5, once per run dir
+    run_training(cfg, step_hook=KillAfterStep(3, 5))   # ... after step 3, and again after step 5
     run_sweep(spec, step_hook=NanAtStep(7))            # the last rank's first loss of step 7 is NaN
 
 As a script it is `ermgap train` with a fault, a driver a test can SIGKILL:
@@ -24,19 +25,21 @@ FAULT_MARKER = ".fault_fired"
 
 
 class KillAfterStep(StepHook):
-    """The last rank exits without cleanup (like a lost node) after optimizer step `step`, once: the marker
-    file in the (local) run directory keeps a refitted run from dying again."""
+    """The last rank exits without cleanup (like a lost node) after optimizer step `step` (and after each of
+    `more`), once per step: the marker file in the (local) run directory, one line per kill done, keeps a
+    refitted or resumed run that redoes the step from dying there again."""
 
-    def __init__(self, step: int) -> None:
-        self.step = step
+    def __init__(self, step: int, *more: int) -> None:
+        self.steps = {step, *more}
 
     def after_step(self, recipe, step: int) -> None:
-        if step != self.step or recipe.rank != recipe.world - 1 or recipe.run_dir.is_remote:
+        if step not in self.steps or recipe.rank != recipe.world - 1 or recipe.run_dir.is_remote:
             return
         marker = recipe.run_dir.local / FAULT_MARKER
-        if marker.exists():
+        done = marker.read_text() if marker.exists() else ""
+        if f"after step {step}\n" in done:
             return
-        marker.write_text(f"killed rank {recipe.rank} after step {step}\n")
+        marker.write_text(f"{done}killed rank {recipe.rank} after step {step}\n")
         os._exit(1)
 
 

@@ -1,0 +1,146 @@
+"""A refitted or resumed run IS the uninterrupted run: final metrics, every MLflow point, predictions and the
+adapter's tensors equal to the last bit (CPU, 2 workers, LoRA dropout on).
+
+Each case is one uninterrupted run (the oracle) and one interrupted run of the same config: rank 1 is killed
+after step 3 (the driver refits the run in-process from the step-2 checkpoint), then again after step 5 with
+no retry left (the run fails with `--resume` advice) and `run_training(resume_dir=...)` finishes it from the
+step-4 checkpoint, in the middle of the second epoch. Both checkpoints are mid-epoch. The choices that change
+what a checkpoint must restore are covered pairwise (data.sampler × feature cache × objective.kind).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from rich.console import Console
+
+from ermgap.config import load_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
+
+# Values that legitimately differ between the two runs (where and how long, not what was learnt).
+NOT_COMPARED = {"run_dir", "mlflow_run_id", "tracking_uri", "timing", "feature_cache"}
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(synth_corpus, tmp_path_factory) -> Path:
+    """4 train / 2 dev / 2 test rows per (language, gender): 24 / 12 / 12 utterances, 3 steps of 8 per epoch."""
+    df = pd.read_csv(synth_corpus, dtype=str, keep_default_na=False)
+    df["audio"] = [str(Path(synth_corpus).parent / a) for a in df["audio"]]
+    parts = [g.head(4 if split == "train" else 2) for (split, _, _), g in df.groupby(["split", "language", "gender"])]
+    out = tmp_path_factory.mktemp("resume") / "manifest.csv"
+    pd.concat(parts).to_csv(out, index=False)
+    return out
+
+
+def _overrides(root: Path, manifest: Path, model: Path, sampler: str, cache: str, objective: str) -> list[str]:
+    return [
+        f"data.manifest={manifest}", f"model.name_or_path={model}", "model.dtype=fp32",
+        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.storage_path={root}/runs",
+        "optim.lr=1e-3", "optim.scheduler=linear", "optim.warmup_ratio=0.3", "optim.epochs=2",
+        "optim.effective_batch_size=8", "optim.micro_batch_size=4", "lora.dropout=0.1", "eval.every_steps=2",
+        "eval.batch_size=12", "eval.patience=0", f"data.sampler={sampler}", f"data.feature_cache={cache}",
+        f"objective.kind={objective}", "lambda.mode=adaptive", "lambda.eta=5", "objective.group_dro.eta=0.5",
+        "distributed.num_workers=2", "distributed.cpus_per_worker=1", "distributed.max_failures=1",
+    ]
+
+
+def _history(uri: str, run_id: str) -> dict[str, dict[int, list[float]]]:
+    """{metric: {step: [every value logged at that step]}} of an MLflow run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    out: dict[str, dict[int, list[float]]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            out.setdefault(key, {}).setdefault(m.step, []).append(m.value)
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _assert_identical(ref: dict, got: dict) -> None:
+    """Bit-identical outputs: final metrics, metrics.json, predictions, adapter tensors, every MLflow point."""
+    import json
+
+    from safetensors.torch import load_file
+
+    diff = {k: (ref[k], got.get(k)) for k in ref if k not in NOT_COMPARED and not _same(ref[k], got.get(k))}
+    assert not diff, f"final metrics differ (reference, resumed): {diff}"
+    ref_dir, got_dir = Path(ref["run_dir"]), Path(got["run_dir"])
+    mref, mgot = (json.loads((d / "metrics.json").read_text()) for d in (ref_dir, got_dir))
+    for key in set(mref) - NOT_COMPARED:
+        if key == "history":  # one row per evaluation; each row carries its run's MLflow id
+            rows = [[{k: v for k, v in r.items() if k != "mlflow_run_id"} for r in m["history"]] for m in (mref, mgot)]
+            assert _same(*rows), "the evaluation history differs"
+        else:
+            assert _same(mref[key], mgot.get(key)), f"metrics.json {key!r} differs"
+    for name in ("dev_preds.csv", "test_preds.csv"):
+        assert (ref_dir / name).read_bytes() == (got_dir / name).read_bytes(), name
+    wa, wb = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (ref_dir, got_dir))
+    assert sorted(wa) == sorted(wb) and wa
+    unequal = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not unequal, f"adapter tensors differ: {unequal[:4]} (max |Δ| {max((wa[k] - wb[k]).abs().max().item() for k in unequal)})"
+    href, hgot = _history(ref["tracking_uri"], ref["mlflow_run_id"]), _history(got["tracking_uri"], got["mlflow_run_id"])
+    keys = {k for k in href if not k.startswith("feature_cache/")}
+    assert keys == {k for k in hgot if not k.startswith("feature_cache/")} - {"resumed_at_step"}
+    for key in sorted(keys):
+        assert sorted(href[key]) == sorted(hgot[key]), f"{key}: logged steps differ"
+        for step, values in href[key].items():
+            # Every point at a step (a redone step may have been logged by the killed attempt as well).
+            assert set(hgot[key][step]) == set(values), f"{key} at step {step}: {hgot[key][step]} vs {values}"
+
+
+CASES = [  # pairwise over (data.sampler, feature cache, objective.kind)
+    ("length", "on", "minmaxgap"),
+    ("length", "off", "group_dro"),
+    ("stratified", "on", "group_dro"),
+    ("stratified", "off", "minmaxgap"),
+]
+
+
+@pytest.mark.parametrize(("sampler", "cache", "objective"), CASES, ids=["-".join(c) for c in CASES])
+def test_refit_and_resume_equal_the_uninterrupted_run(sampler, cache, objective, tiny_manifest, tiny_model,
+                                                      ray_cluster, tmp_path):
+    from mlflow import MlflowClient
+
+    from _faults import KillAfterStep
+    from ermgap.driver import run_training
+    from ermgap.errors import TrainingError
+
+    cache_value = str(tmp_path / "feature_cache") if cache == "on" else "off"
+    cfg = load_config(None, _overrides(tmp_path, tiny_manifest, tiny_model, sampler, cache_value, objective))
+    quiet = Console(file=io.StringIO())
+    ref = run_training(cfg, run_dir=tmp_path / "runs" / "reference", console=quiet)
+    assert ref["step"] == 6 and ref["eval_round"] == 3
+
+    run_dir = tmp_path / "runs" / "interrupted"
+    seen = Console(file=io.StringIO(), width=200)
+    with pytest.raises(TrainingError, match=rf"continue with `ermgap train --resume {run_dir}`"):
+        run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(3, 5))
+    assert (run_dir / ".fault_fired").read_text().splitlines() == ["killed rank 1 after step 3",
+                                                                    "killed rank 1 after step 5"]
+    got = run_training(None, resume_dir=run_dir, console=seen)
+
+    _assert_identical(ref, got)
+    # Where each attempt continued: the refit from the step-2 checkpoint, the resume from step 4; said on the
+    # console and recorded in MLflow.
+    hist = _history(got["tracking_uri"], got["mlflow_run_id"])
+    assert {s: v for s, v in hist["resumed_at_step"].items()} == {2: [2.0], 4: [4.0]}
+    printed = seen.file.getvalue()
+    assert "resumed at step 2" in printed and "resumed at step 4" in printed, printed
+    run = MlflowClient(got["tracking_uri"]).get_run(got["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and "ermgap.error" not in run.data.tags, run.data.tags
