@@ -26,6 +26,7 @@ from ray.train import RunConfig as RayRunConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from rich.console import Console
 
+from ermgap import checkpointing
 from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten, load_config
 from ermgap.errors import ConfigError, ErmgapError, TrainingError
 from ermgap.failures import RunFault, fit_run
@@ -141,6 +142,8 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         if (run_path / METRICS_FILE).is_file():  # finished already: nothing to resume
             final = json.loads((run_path / METRICS_FILE).read_text())
             return _described({**final, "run_dir": str(run_path), "tracking_uri": default_tracking_uri(cfg)}, cfg)
+        if not run_path.is_remote:  # warns here, where the user sees it, about checkpoints it cannot resume from
+            checkpointing.newest_on_disk(run_path.local, cfg.distributed.num_workers)
         check_inputs(cfg)
         cfg = with_task(cfg, resolve_task(cfg))
     else:

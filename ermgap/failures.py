@@ -18,6 +18,7 @@ here: a new `fit()` with the same storage path and name continues from the lates
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ermgap import errors
-from ermgap.errors import ErmgapError, OutputExistsError
+from ermgap.errors import ErmgapError, NoSpaceError, OutputExistsError
 from ermgap.storage import Location
 from ermgap.tracking import mark_run
 
@@ -58,14 +59,19 @@ def record_error(run_dir: str | os.PathLike | Location, err: ErmgapError, rank: 
         except OutputExistsError:
             return False
     target = loc.local / ERROR_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{ERROR_FILE}.")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{ERROR_FILE}.")
+    except OSError:  # a full disk cannot take the record: the driver finds the error in Ray's (user_error_in)
+        return False
     try:
         with os.fdopen(fd, "w") as f:
             f.write(body)
         os.link(tmp, target)  # atomic and exclusive: fails if another rank's record is already there
         return True
     except FileExistsError:
+        return False
+    except OSError:
         return False
     finally:
         os.unlink(tmp)
@@ -83,6 +89,26 @@ def read_error(run_dir: str | os.PathLike | Location) -> ErmgapError | None:
     return cls(record["message"])
 
 
+def user_error_in(err: BaseException, run_dir: str | os.PathLike | Location) -> ErmgapError | None:
+    """The user error behind a failed fit() that no worker could record (a full disk takes no error.json
+    either): a worker's ermgap error, or a write that failed with ENOSPC/EDQUOT, in Ray's per-rank failures."""
+    failures = getattr(err, "worker_failures", None) or {}
+    for _, failure in sorted(failures.items()):
+        seen: set[int] = set()
+        stack = [failure]
+        while stack:
+            e = stack.pop()
+            if e is None or id(e) in seen:
+                continue
+            seen.add(id(e))
+            if isinstance(e, ErmgapError):
+                return e
+            if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return NoSpaceError(f"no space left on {run_dir} ({os.strerror(e.errno)})")
+            stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
+
+
 def clear_error(run_dir: str | os.PathLike | Location) -> None:
     (Location.of(run_dir) / ERROR_FILE).delete()
 
@@ -94,7 +120,8 @@ def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike | Loc
     `max_failures` times (-1: no limit).
 
     Raises the worker's user error (an ermgap.errors class, with its message) at the first failure that
-    recorded one, or RunFault once the retries are spent. Either way the run's MLflow run is marked FAILED
+    recorded one or that Ray reports (a full disk takes no record: `user_error_in`), or RunFault once the
+    retries are spent. Either way the run's MLflow run is marked FAILED
     with the reason (tag ermgap.error): a worker may die before it can say so itself.
     """
     failures = 0
@@ -105,7 +132,7 @@ def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike | Loc
         except ErmgapError:  # raised here on the driver (building the trainer): nothing to retry
             raise
         except Exception as err:  # Ray Train's TrainingFailedError (WorkerGroupError, ControllerError)
-            user = read_error(run_dir)
+            user = read_error(run_dir) or user_error_in(err, run_dir)
             if user is not None:
                 mark_run(tracking_uri, run_dir, "FAILED", reason=str(user))
                 raise user from None

@@ -46,6 +46,7 @@ calls it.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import shutil
 import tempfile
@@ -54,6 +55,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import ray
 import ray.train
@@ -70,6 +72,7 @@ from ermgap.errors import ErmgapError, TrainingError
 from ermgap.failures import record_error
 from ermgap.feature_cache import CacheStats
 from ermgap.formatting import json_safe
+from ermgap.io import no_space_reported
 from ermgap.model import apply_lora, load_backbone
 from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective, register_objective
 from ermgap.preflight import run_manifest
@@ -210,9 +213,14 @@ class LoRARecipe:
         self.state.mlflow_run_id = self.group.broadcast(self.state.mlflow_run_id)
 
     # ----------------------------------------------------------------------------- helpers
-    def _loader(self, dataset, batches: list[list[int]]) -> torch.utils.data.DataLoader:
+    def _loader(self, dataset, batches: list[list[int]], epoch: int = 0) -> torch.utils.data.DataLoader:
+        # A generator of its own: a DataLoader draws its workers' base seed from the global torch RNG each time
+        # it starts, and a run resumed mid-epoch starts one where the uninterrupted run did not, which shifted
+        # every later dropout mask by one draw. Loading itself is deterministic, so the seed only has to be fixed.
+        seed = int(np.random.SeedSequence([self.cfg.optim.seed, epoch, self.rank]).generate_state(1)[0])
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=self.collator,
-                                           num_workers=self.cfg.data.num_loader_workers)
+                                           num_workers=self.cfg.data.num_loader_workers,
+                                           generator=torch.Generator().manual_seed(seed))
 
     # ----------------------------------------------------------------------------- train
     def train(self) -> None:
@@ -222,7 +230,7 @@ class LoRARecipe:
                            steps_per_epoch=self.plan.steps_per_epoch, epochs=cfg.optim.epochs)
         while not st.done and st.epoch < cfg.optim.epochs:
             steps = self.plan.worker_micro_batches(st.epoch, self.rank, start_step=st.step_in_epoch)
-            loader = iter(self._loader(self.splits["train"].features, [mb for step in steps for mb in step]))
+            loader = iter(self._loader(self.splits["train"].features, [mb for step in steps for mb in step], st.epoch))
             for _ in steps:
                 t0 = time.perf_counter()
                 res = self.optimizer_step([next(loader) for _ in range(self.accum)])
@@ -361,10 +369,15 @@ class LoRARecipe:
     def save_checkpoint(self, metrics: dict[str, Any]) -> None:
         t0 = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f"ermgap-ckpt-r{self.rank}-"))
-        checkpointing.save(tmp, engine=self.engine, rank=self.rank, zero_stage=self.cfg.distributed.zero_stage,
-                           state=self.state, best_adapter=self.best_adapter)
-        ray.train.report(json_safe(metrics, nan_to_none=False), checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            checkpointing.save(tmp, engine=self.engine, rank=self.rank, zero_stage=self.cfg.distributed.zero_stage,
+                               state=self.state, best_adapter=self.best_adapter)
+            # Ray copies the checkpoint into the run directory: a full disk there is a user error (NoSpaceError).
+            with contextlib.nullcontext() if self.run_dir.is_remote else no_space_reported(self.run_dir.local):
+                ray.train.report(json_safe(metrics, nan_to_none=False),
+                                 checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         self.timing["checkpoint_s"] += time.perf_counter() - t0
 
     # ----------------------------------------------------------------------------- finish

@@ -1,11 +1,10 @@
 """A refitted or resumed run IS the uninterrupted run: final metrics, every MLflow point, predictions and the
-adapter's tensors equal to the last bit (CPU, 2 workers, LoRA dropout on).
+adapter's tensors equal to the last bit (CPU, LoRA dropout on).
 
-Each case is one uninterrupted run (the oracle) and one interrupted run of the same config: rank 1 is killed
-after step 3 (the driver refits the run in-process from the step-2 checkpoint), then again after step 5 with
-no retry left (the run fails with `--resume` advice) and `run_training(resume_dir=...)` finishes it from the
-step-4 checkpoint, in the middle of the second epoch. Both checkpoints are mid-epoch. The choices that change
-what a checkpoint must restore are covered pairwise (data.sampler × feature cache × objective.kind).
+Each case is one uninterrupted run (the oracle) and one interrupted run of the same config, stopped right
+after a mid-epoch checkpoint: the driver's in-process refit after a worker is killed, or a failed run
+continued with `--resume`. The choices that change what a checkpoint must restore are covered pairwise
+(data.sampler × feature cache × objective.kind × refit/resume); refits run 2 workers (per-rank RNG).
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ def _overrides(root: Path, manifest: Path, model: Path, sampler: str, cache: str
         "optim.effective_batch_size=8", "optim.micro_batch_size=4", "lora.dropout=0.1", "eval.every_steps=2",
         "eval.batch_size=12", "eval.patience=0", f"data.sampler={sampler}", f"data.feature_cache={cache}",
         f"objective.kind={objective}", "lambda.mode=adaptive", "lambda.eta=5", "objective.group_dro.eta=0.5",
-        "distributed.num_workers=2", "distributed.cpus_per_worker=1", "distributed.max_failures=1",
+        "distributed.cpus_per_worker=1",
     ]
 
 
@@ -104,43 +103,49 @@ def _assert_identical(ref: dict, got: dict) -> None:
             assert set(hgot[key][step]) == set(values), f"{key} at step {step}: {hgot[key][step]} vs {values}"
 
 
-CASES = [  # pairwise over (data.sampler, feature cache, objective.kind)
-    ("length", "on", "minmaxgap"),
-    ("length", "off", "group_dro"),
-    ("stratified", "on", "group_dro"),
-    ("stratified", "off", "minmaxgap"),
+CASES = [  # pairwise over (data.sampler, feature cache, objective.kind, how the run was interrupted)
+    ("length", "on", "minmaxgap", "refit"),
+    ("length", "off", "group_dro", "resume"),
+    ("stratified", "on", "group_dro", "resume"),
+    ("stratified", "off", "minmaxgap", "resume"),
+    ("stratified", "off", "group_dro", "refit"),
 ]
 
 
-@pytest.mark.parametrize(("sampler", "cache", "objective"), CASES, ids=["-".join(c) for c in CASES])
-def test_refit_and_resume_equal_the_uninterrupted_run(sampler, cache, objective, tiny_manifest, tiny_model,
-                                                      ray_cluster, tmp_path):
+@pytest.mark.parametrize(("sampler", "cache", "objective", "interruption"), CASES, ids=["-".join(c) for c in CASES])
+def test_a_refitted_or_resumed_run_is_the_uninterrupted_run(sampler, cache, objective, interruption, tiny_manifest,
+                                                           tiny_model, ray_cluster, tmp_path):
+    """refit: rank 1 of 2 is killed after step 3 and the driver refits the run from the step-2 checkpoint.
+    resume: the only worker is killed after step 5 with no retry allowed, the run fails with `--resume` advice,
+    and `run_training(resume_dir=...)` (what `ermgap train --resume` calls) finishes it from the step-4 one."""
+    from _faults import KillAfterStep
     from mlflow import MlflowClient
 
-    from _faults import KillAfterStep
     from ermgap.driver import run_training
     from ermgap.errors import TrainingError
 
+    refit = interruption == "refit"
     cache_value = str(tmp_path / "feature_cache") if cache == "on" else "off"
-    cfg = load_config(None, _overrides(tmp_path, tiny_manifest, tiny_model, sampler, cache_value, objective))
-    quiet = Console(file=io.StringIO())
-    ref = run_training(cfg, run_dir=tmp_path / "runs" / "reference", console=quiet)
+    overrides = _overrides(tmp_path, tiny_manifest, tiny_model, sampler, cache_value, objective)
+    cfg = load_config(None, overrides + [f"distributed.num_workers={2 if refit else 1}",
+                                         f"distributed.max_failures={1 if refit else 0}"])
+    ref = run_training(cfg, run_dir=tmp_path / "runs" / "reference", console=Console(file=io.StringIO()))
     assert ref["step"] == 6 and ref["eval_round"] == 3
 
     run_dir = tmp_path / "runs" / "interrupted"
     seen = Console(file=io.StringIO(), width=200)
-    with pytest.raises(TrainingError, match=rf"continue with `ermgap train --resume {run_dir}`"):
-        run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(3, 5))
-    assert (run_dir / ".fault_fired").read_text().splitlines() == ["killed rank 1 after step 3",
-                                                                    "killed rank 1 after step 5"]
-    got = run_training(None, resume_dir=run_dir, console=seen)
+    if refit:
+        got = run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(3))
+    else:
+        with pytest.raises(TrainingError, match=rf"continue with `ermgap train --resume {run_dir}`"):
+            run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(5))
+        got = run_training(None, resume_dir=run_dir, console=seen)
+    assert (run_dir / ".fault_fired").read_text() == f"killed rank {1 if refit else 0} after step {3 if refit else 5}\n"
 
     _assert_identical(ref, got)
-    # Where each attempt continued: the refit from the step-2 checkpoint, the resume from step 4; said on the
-    # console and recorded in MLflow.
-    hist = _history(got["tracking_uri"], got["mlflow_run_id"])
-    assert {s: v for s, v in hist["resumed_at_step"].items()} == {2: [2.0], 4: [4.0]}
-    printed = seen.file.getvalue()
-    assert "resumed at step 2" in printed and "resumed at step 4" in printed, printed
+    # Where the run continued, on the console and in MLflow; the attempt's failure is not the finished run's.
+    at = 2 if refit else 4
+    assert _history(got["tracking_uri"], got["mlflow_run_id"])["resumed_at_step"] == {at: [float(at)]}
+    assert f"resumed at step {at}" in seen.file.getvalue(), seen.file.getvalue()
     run = MlflowClient(got["tracking_uri"]).get_run(got["mlflow_run_id"])
     assert run.info.status == "FINISHED" and "ermgap.error" not in run.data.tags, run.data.tags

@@ -93,7 +93,6 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 
 
 def _ray_up() -> bool:
-    import ray
 
     return ray.is_initialized()
 
@@ -185,8 +184,8 @@ def test_pre_flight_catches_worker_side_input_errors(tmp_path, synth_corpus, tin
     """Errors that used to surface only inside Ray workers (after retries) are found before Ray starts."""
     import shutil
 
-    from ermgap.errors import ManifestError
     from ermgap.driver import run_training
+    from ermgap.errors import ManifestError
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
@@ -291,3 +290,17 @@ def test_an_undefined_dev_gap_skips_the_lambda_update(kind):
     if kind == "avg_metric_gap":  # avg_metric_gap() range-checks: an AVG gap above 100 points is a bug upstream
         with pytest.raises(TrainingError, match=r"percentage in \[0, 100\]"):
             recipe.update_objective({"dev_loss_gap": 0.1, "dev_avg_gap": 250.0})
+
+
+def test_starting_an_epoch_leaves_the_global_rng_alone():
+    """A DataLoader draws its workers' base seed from the global torch RNG when an epoch's iterator starts; a
+    run resumed mid-epoch starts one where the uninterrupted run did not, so every later LoRA dropout mask
+    was drawn one step off (the resume divergence of the old code). The recipe's loader has its own seed."""
+    from ermgap.recipe import LoRARecipe
+
+    recipe = LoRARecipe()  # only what _loader reads
+    recipe.cfg, recipe.rank, recipe.collator = load_config(None), 1, list
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    got = list(recipe._loader(list(range(8)), [[0, 1], [5, 2]]))
+    assert got == [[0, 1], [5, 2]] and torch.equal(torch.get_rng_state(), before)

@@ -191,8 +191,8 @@ def test_worker_fault_then_driver_kill_then_resume(reference, base, ray_cluster)
     """Two interruptions of one `ermgap train` run, each costing at most one evaluation interval (3 steps):
     1. rank 1 dies (os._exit) after step 5: the driver refits the run from the step-3 checkpoint;
     2. the driver is SIGKILLed after the step-6 checkpoint; `--resume RUN_DIR` finishes the run.
-    The result equals the uninterrupted reference run (CPU, same seed) in the same MLflow run, whose curves
-    hold each step once although both interruptions redid steps."""
+    The result equals the uninterrupted reference run bit for bit (CPU, same seed) in the same MLflow run,
+    whose curves hold each step once although both interruptions redid steps."""
     run_dir = base["root"] / "runs" / "interrupted"
     cfg_file = base["root"] / "interrupted.yaml"
     cfg_file.write_text("{}\n")
@@ -216,11 +216,16 @@ def test_worker_fault_then_driver_kill_then_resume(reference, base, ray_cluster)
     uri = base["overrides"][3].split("=", 1)[1]
     killed_after = max(_history({"tracking_uri": uri, "mlflow_run_id": run_id}, "train/loss"))[0]
 
+    from mlflow import MlflowClient
+    from test_resume_exact import _assert_identical
+
     from ermgap.driver import run_training
 
     final = run_training(None, resume_dir=run_dir)
     assert final["mlflow_run_id"] == run_id
-    _assert_same_run(reference, final)
+    _assert_identical(reference, final)  # to the last bit, every MLflow point included
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert "ermgap.error" not in tags, tags  # the killed driver's "driver ... died" is not the finished run's
     # Where each attempt continued from: the fault (after step 5) redid 1-3 steps, the kill at most 3.
     resumed = [s for s, _ in sorted(_history(final, "resumed_at_step"))]
     assert len(resumed) == 2 and 1 <= 5 - resumed[0] <= 3 and 0 <= killed_after - resumed[1] <= 3, \

@@ -1,0 +1,79 @@
+"""A full disk is the user's to fix, not a fault: `ermgap train` with its run directory on a real 2 MB
+filesystem (tmpfs, mounted by the test; skipped with the reason where mounting is not allowed) stops at the
+checkpoint that does not fit with one message, exit 2, no retry and no `--resume` advice; once space is freed,
+`--resume` warns about the cut-off checkpoint it skips, finishes the run, and MLflow keeps no stale error.
+
+Calibration: one checkpoint of the tiny model's LoRA (weights, Adam moments, best adapter) is ~1.3 MB, so the
+first one fits in 2 MB and the second, written beside it, is cut off (asserted below).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_resume_exact import _history, tiny_manifest  # noqa: F401  (a module fixture)
+from test_run_failures import _actors
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a 2 MB tmpfs here ({mount.stderr.strip() or 'mount failed'}); needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ermgap.cli.main", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_a_full_disk_is_one_clear_error_and_resume_warns_about_the_cut_off_checkpoint(
+        small_disk, tmp_path, tiny_manifest, tiny_model, ray_cluster):  # noqa: F811
+    from mlflow import MlflowClient
+
+    from ermgap.checkpointing import incomplete_reason
+
+    run_dir = small_disk / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("{}\n")
+    overrides = [f"data.manifest={tiny_manifest}", f"model.name_or_path={tiny_model}", "model.dtype=fp32",
+                 f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.storage_path={tmp_path}/runs",
+                 "optim.epochs=2", "optim.effective_batch_size=8", "optim.micro_batch_size=4", "eval.every_steps=2",
+                 "eval.batch_size=12", "distributed.num_workers=1", "distributed.cpus_per_worker=1",
+                 "distributed.max_failures=2"]
+    controllers = _actors(ray_cluster, "TrainController")
+    proc = _cli("train", str(cfg), *overrides, "--run-dir", str(run_dir), "--address", ray_cluster)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("warning: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on {run_dir}"), out
+    assert "--resume" not in out and "Traceback" not in out and "retrying" not in out, out
+    assert len(_actors(ray_cluster, "TrainController") - controllers) == 1  # no retry
+    checkpoints = sorted(run_dir.glob("checkpoint_*"))
+    assert len(checkpoints) == 2 and incomplete_reason(checkpoints[0], 1) is None, checkpoints
+    cut_off = checkpoints[1]
+    assert incomplete_reason(cut_off, 1) is not None
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)  # space freed
+    proc = _cli("train", "--resume", str(run_dir), "--address", ray_cluster)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warned = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning: skipping checkpoint")]
+    assert len(warned) == 1 and str(cut_off) in warned[0] and "incomplete" in warned[0], proc.stderr
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and "ermgap.error" not in run.data.tags, run.data.tags
+    assert _history(uri, run_id)["resumed_at_step"] == {2: [2.0]}
+    assert (run_dir / "metrics.json").is_file()
