@@ -93,7 +93,6 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 
 
 def _ray_up() -> bool:
-
     return ray.is_initialized()
 
 
