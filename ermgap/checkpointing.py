@@ -219,7 +219,7 @@ def newest_on_disk(experiment_dir: Path, world: int) -> tuple[Path, int] | None:
     more evaluation interval than necessary.
     """
     best: tuple[Path, int] | None = None
-    for d in sorted(experiment_dir.glob("checkpoint_*")):
+    for d in sorted(p for p in experiment_dir.glob("checkpoint_*") if p.is_dir()):  # not Ray's snapshot .json
         reason = incomplete_reason(d, world)
         if reason is None:
             try:
