@@ -23,11 +23,13 @@ import json
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from ermgap import errors
-from ermgap.errors import ErmgapError, NoSpaceError, OutputExistsError
+from ermgap.errors import ErmgapError, ErmgapWarning, NoSpaceError, OutputExistsError
+from ermgap.io import store_full
 from ermgap.storage import Location
 from ermgap.tracking import mark_run
 
@@ -113,6 +115,19 @@ def clear_error(run_dir: str | os.PathLike | Location) -> None:
     (Location.of(run_dir) / ERROR_FILE).delete()
 
 
+def mark_failed(tracking_uri: str, run_dir: str | os.PathLike | Location, reason: str) -> None:
+    """Mark the run's MLflow run FAILED with `reason`. A store on a full disk (the default one lives under
+    ./runs, beside the run) cannot take it: a warning says so and the caller's error stays the one the user
+    sees, instead of MLflow's traceback."""
+    try:
+        mark_run(tracking_uri, run_dir, "FAILED", reason=reason)
+    except Exception as err:
+        if not store_full(err):
+            raise
+        warnings.warn(f"the MLflow run in {tracking_uri} is not marked FAILED: no space left on its store",
+                      ErmgapWarning, stacklevel=2)
+
+
 def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike | Location, tracking_uri: str,
             max_failures: int) -> Any:
     """Fit the trainer `make_trainer()` builds (a Ray Train TorchTrainer with FailureConfig(max_failures=0))
@@ -134,12 +149,12 @@ def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike | Loc
         except Exception as err:  # Ray Train's TrainingFailedError (WorkerGroupError, ControllerError)
             user = read_error(run_dir) or user_error_in(err, run_dir)
             if user is not None:
-                mark_run(tracking_uri, run_dir, "FAILED", reason=str(user))
+                mark_failed(tracking_uri, run_dir, str(user))
                 raise user from None
             failures += 1
             if max_failures != -1 and failures > max_failures:
                 fault = RunFault(err, failures)
-                mark_run(tracking_uri, run_dir, "FAILED", reason=str(fault))
+                mark_failed(tracking_uri, run_dir, str(fault))
                 raise fault from err
             log.warning("training run %s: attempt %d failed (%s); retrying from its latest checkpoint",
                         run_dir, failures, type(err).__name__)

@@ -11,6 +11,7 @@ import contextlib
 import errno
 import os
 import shutil
+import sqlite3
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,6 +47,20 @@ def out_of_space(err: BaseException, path: str | os.PathLike) -> bool:
         return shutil.disk_usage(p).free < MIN_FREE_BYTES
     except OSError:
         return False
+
+
+def store_full(err: BaseException) -> bool:
+    """Whether `err` (or an error it was raised from) says a disk is full: ENOSPC/EDQUOT, or SQLITE_FULL from
+    a sqlite store (MLflow's, raised as an MlflowException with no errno)."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(err, sqlite3.Error) and getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ first one fits in 2 MB and the second, written beside it, is cut off (asserted b
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +17,6 @@ from pathlib import Path
 import pytest
 from test_resume_exact import _history, tiny_manifest  # noqa: F401  (a module fixture)
 from test_run_failures import _actors
-
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +38,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.deepspeed
 def test_a_full_disk_is_one_clear_error_and_resume_warns_about_the_cut_off_checkpoint(
         small_disk, tmp_path, tiny_manifest, tiny_model, ray_cluster):  # noqa: F811
     from mlflow import MlflowClient
@@ -77,3 +79,31 @@ def test_a_full_disk_is_one_clear_error_and_resume_warns_about_the_cut_off_check
     assert run.info.status == "FINISHED" and "ermgap.error" not in run.data.tags, run.data.tags
     assert _history(uri, run_id)["resumed_at_step"] == {2: [2.0]}
     assert (run_dir / "metrics.json").is_file()
+
+
+def test_a_full_mlflow_store_leaves_the_users_error_alone(small_disk):
+    """The default MLflow store (./runs/mlflow.db) shares the run's disk. When that disk is full the driver
+    cannot mark the run FAILED: a warning says so, and the user's 'no space left on <path>' stays the one
+    error (the old code raised MLflow's '(sqlite3.OperationalError) database or disk is full' traceback)."""
+    from mlflow import MlflowClient
+
+    from ermgap.errors import ErmgapWarning
+    from ermgap.failures import mark_failed
+
+    uri = f"sqlite:///{small_disk}/mlflow.db"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    run_dir = small_disk / "run"
+    run_dir.mkdir()
+    (run_dir / "mlflow_run_id").write_text(run_id)
+    with pytest.raises(OSError) as full, open(small_disk / "filler", "wb") as f:
+        while True:
+            f.write(b"x" * 65536)
+            f.flush()
+    assert full.value.errno == errno.ENOSPC
+    with pytest.warns(ErmgapWarning, match=rf"MLflow run in {uri} is not marked FAILED: no space left on its store"):
+        mark_failed(uri, run_dir, "no space left on the run")
+    (small_disk / "filler").unlink()  # space freed: the next failure is recorded
+    mark_failed(uri, run_dir, "a reason")
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and run.data.tags["ermgap.error"] == "a reason"
