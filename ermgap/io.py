@@ -49,18 +49,25 @@ def out_of_space(err: BaseException, path: str | os.PathLike) -> bool:
         return False
 
 
-def store_full(err: BaseException) -> bool:
-    """Whether `err` (or an error it was raised from) says a disk is full: ENOSPC/EDQUOT, or SQLITE_FULL from
-    a sqlite store (MLflow's, raised as an MlflowException with no errno)."""
+def store_full(err: BaseException, *, sqlite_only: bool = False) -> bool:
+    """Whether `err` (or an error it was raised from) says a disk is full: SQLITE_FULL from a sqlite store
+    (MLflow's, raised as an MlflowException with no errno), or (unless `sqlite_only`) ENOSPC/EDQUOT."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT) and not sqlite_only:
             return True
         if isinstance(err, sqlite3.Error) and getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
             return True
         err = err.__cause__ or err.__context__
     return False
+
+
+def full_store_error(err: BaseException, tracking_uri: str) -> NoSpaceError | None:
+    """NoSpaceError naming the MLflow store when `err` is its sqlite database failing on a full disk."""
+    if not store_full(err, sqlite_only=True):
+        return None
+    return NoSpaceError(f"no space left on {tracking_uri.removeprefix('sqlite:///')} (the MLflow store)")
 
 
 @contextlib.contextmanager

@@ -72,7 +72,7 @@ from ermgap.errors import ErmgapError, TrainingError
 from ermgap.failures import record_error
 from ermgap.feature_cache import CacheStats
 from ermgap.formatting import json_safe
-from ermgap.io import no_space_reported
+from ermgap.io import full_store_error, no_space_reported
 from ermgap.model import apply_lora, load_backbone
 from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective, register_objective
 from ermgap.preflight import run_manifest
@@ -432,10 +432,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if not recipe.state.done:
             recipe.train()
         recipe.finish()
-    except ErmgapError as err:
-        # A user error: recorded for the driver, which ends the run without Ray's retry (ermgap.failures).
-        record_error(loop_config["run_dir"], err, ray.train.get_context().get_world_rank())
-        raise
+    except Exception as err:
+        # A user error (a full MLflow store is one): recorded for the driver, which ends the run without Ray's
+        # retry (ermgap.failures).
+        user = err if isinstance(err, ErmgapError) else full_store_error(err, loop_config["mlflow"]["tracking_uri"])
+        if user is None:
+            raise
+        record_error(loop_config["run_dir"], user, ray.train.get_context().get_world_rank())
+        if user is err:
+            raise
+        raise user from err
     finally:
         recipe.cleanup()
 

@@ -86,9 +86,11 @@ def test_a_full_mlflow_store_leaves_the_users_error_alone(small_disk):
     cannot mark the run FAILED: a warning says so, and the user's 'no space left on <path>' stays the one
     error (the old code raised MLflow's '(sqlite3.OperationalError) database or disk is full' traceback)."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from ermgap.errors import ErmgapWarning
     from ermgap.failures import mark_failed
+    from ermgap.io import full_store_error
 
     uri = f"sqlite:///{small_disk}/mlflow.db"
     client = MlflowClient(uri)
@@ -103,6 +105,11 @@ def test_a_full_mlflow_store_leaves_the_users_error_alone(small_disk):
     assert full.value.errno == errno.ENOSPC
     with pytest.warns(ErmgapWarning, match=rf"MLflow run in {uri} is not marked FAILED: no space left on its store"):
         mark_failed(uri, run_dir, "no space left on the run")
+    # A worker's MLflow write on that disk is the same user error, named after the store (not a fault to retry).
+    with pytest.raises(MlflowException) as failed:
+        client.log_metric(run_id, "train/loss", 1.0, step=1)
+    assert str(full_store_error(failed.value, uri)) == f"no space left on {small_disk}/mlflow.db (the MLflow store)"
+    assert full_store_error(OSError(errno.ENOSPC, "No space left on device"), uri) is None  # the run dir's: its path
     (small_disk / "filler").unlink()  # space freed: the next failure is recorded
     mark_failed(uri, run_dir, "a reason")
     run = client.get_run(run_id)
