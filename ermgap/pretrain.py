@@ -5,7 +5,10 @@ frozen). A randomly initialised tiny Qwen2-Audio cannot learn that way: its froz
 no emotion. So the tiny model is first trained in full (encoder, projector and language model) on a
 pretraining corpus of its own: the synthetic corpus generator (`ermgap.data.synth`) with voices and sentences
 that the demo corpus never uses (`PRETRAIN_VOICES`, `PRETRAIN_SENTENCES`), both genders equally represented
-in every language. The result is saved as an ordinary Qwen2-Audio directory (plus `pretraining.json`: what it
+in every language (or one gender only: `PretrainSettings.genders`, `--pretrain-genders`). The pretraining
+corpus always expresses emotion through the generator's shared prosodic mapping (no `cue_shift`, no `bias`):
+the backbone never learns a cue-shifted group's mapping, so a fine-tuning corpus with one (the bias lab's
+positive control) is where that mapping must be learned. The result is saved as an ordinary Qwen2-Audio directory (plus `pretraining.json`: what it
 was trained on and its dev trajectory), so everything that loads a hub id or a local directory loads it, and
 its zero-shot evaluation on the demo corpus is on unseen voices and unseen sentences.
 
@@ -33,6 +36,7 @@ from ermgap.data.manifest import read_manifest
 from ermgap.data.synth import PRETRAIN_SENTENCES, PRETRAIN_VOICES, synthesize
 from ermgap.errors import ConfigError
 from ermgap.io import atomic_dir, check_writable_dir
+from ermgap.labels import GENDERS
 from ermgap.model import build_tiny, load_backbone
 from ermgap.scoring import per_sample_loss, score_labels
 
@@ -55,6 +59,9 @@ class PretrainSettings:
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     seed: int = 0
+    # Which genders' utterances it trains on: both (balanced), or the majority gender of the fine-tuning
+    # corpus only, so the backbone has heard no emotional speech of the minority at all.
+    genders: tuple[str, ...] = GENDERS
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "per_cell", "eval_per_cell"):
@@ -62,6 +69,10 @@ class PretrainSettings:
                 raise ConfigError(f"pretraining {name}={getattr(self, name)} is out of range; expected an integer >= 1")
         if not 0 < self.lr <= 1:
             raise ConfigError(f"pretraining lr={self.lr} is out of range; expected 0 < lr <= 1")
+        bad = [g for g in self.genders if g not in GENDERS]
+        if bad or not self.genders or len(set(self.genders)) != len(self.genders):
+            raise ConfigError(f"pretraining genders={','.join(self.genders) or '(none)'} is not allowed; expected "
+                              f"one or both of {', '.join(GENDERS)}, each once")
 
 
 # progress(event, fields): "corpus" {done, total}; "epoch" {epoch, epochs, train_loss, dev_acc}
@@ -70,16 +81,20 @@ Progress = Callable[[str, dict], None]
 
 def pretrain_corpus(out_dir: str | os.PathLike, settings: PretrainSettings, *, workers: int | None = None,
                     progress: Progress | None = None) -> Path:
-    """Synthesise the pretraining corpus (balanced genders, PRETRAIN_VOICES / PRETRAIN_SENTENCES) → manifest."""
+    """Synthesise the pretraining corpus (balanced genders, shared prosodic mapping, PRETRAIN_VOICES /
+    PRETRAIN_SENTENCES) → manifest. Both genders are synthesised whatever `settings.genders` (the training
+    reads only those), so the utterances of a gender are the same whichever genders are kept."""
     return synthesize(out_dir, per_cell=settings.per_cell, eval_per_cell=settings.eval_per_cell, bias={},
-                      train_share={}, seed=settings.seed + CORPUS_SEED_OFFSET, workers=workers,
+                      train_share={}, cue_shift={}, seed=settings.seed + CORPUS_SEED_OFFSET, workers=workers,
                       voices=PRETRAIN_VOICES, sentences=PRETRAIN_SENTENCES, id_prefix="pre",
                       progress=(lambda d, t: progress("corpus", {"done": d, "total": t})) if progress else None)
 
 
-def _features(processor, manifest: Path, splits: tuple[str, ...]) -> list[list[dict]]:
-    """Featurised examples of each split, the manifest read (and validated) once."""
+def _features(processor, manifest: Path, splits: tuple[str, ...], genders: tuple[str, ...] = GENDERS
+              ) -> list[list[dict]]:
+    """Featurised examples of each split (the given genders' only), the manifest read (and validated) once."""
     df = read_manifest(manifest)
+    df = df[df["gender"].isin(genders)]
     out = []
     for split in splits:
         data = UtteranceDataset(df[df["split"] == split], sample_rate=processor.feature_extractor.sampling_rate)
@@ -103,7 +118,7 @@ def train_full(model, processor, manifest: Path, settings: PretrainSettings, *,
     """Train every parameter on the corpus's train split; keep the weights of the best dev accuracy.
     Returns the per-epoch history [{epoch, train_loss, dev_acc, seconds}]."""
     collator = EmotionCollator(processor, PromptConfig(), "uni")
-    train, dev = _features(processor, manifest, ("train", "dev"))
+    train, dev = _features(processor, manifest, ("train", "dev"), settings.genders)
     for p in model.parameters():
         p.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -156,8 +171,9 @@ def pretrain_tiny(out_dir: str | os.PathLike, *, settings: PretrainSettings = Pr
             (tmp / PRETRAINING_FILE).write_text(json.dumps({
                 "settings": asdict(settings), "architecture": {"d_model": d_model, "layers": layers,
                                                                "audio_seconds": chunk_length_s},
-                "corpus": {k: corpus[k] for k in ("seed", "per_cell", "eval_per_cell", "voices", "num_utterances",
-                                                  "total_duration_s", "espeak_ng")},
+                "corpus": {**{k: corpus[k] for k in ("seed", "per_cell", "eval_per_cell", "voices", "num_utterances",
+                                                     "total_duration_s", "espeak_ng", "cue_shift", "bias")},
+                           "genders_trained": list(settings.genders)},
                 "sentences": PRETRAIN_SENTENCES, "best_epoch": best["epoch"], "best_dev_acc": best["dev_acc"],
                 "history": history, "seconds": round(time.perf_counter() - t0, 1),
             }, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -147,6 +147,8 @@ def run_cli(monkeypatch, capsys, *args):
     (["--lexical-cue-rate", "2"], "lexical_cue_rate=2.0"),
     (["--per-cell", "0"], "per_cell=0"),
     (["--train-share", "deu:F:0"], "--train-share 'deu:F:0'"),
+    (["--cue-shift", "deu:Q"], "--cue-shift 'deu:Q': gender 'Q'"),
+    (["--cue-shift", "deu:M:2"], "expected 0 <= STRENGTH <= 1"),
 ])
 def test_synth_cli_bad_args_write_nothing(tmp_path, monkeypatch, capsys, args, fragment):
     out = tmp_path / "corpus"
@@ -172,9 +174,16 @@ def test_synth_cli_small_corpus_with_force(tmp_path, monkeypatch, capsys):
     out = claim_dir(tmp_path / "corpus", "corpus")  # a corpus ermgap wrote before: --force replaces it
     (out / "old.txt").write_text("old")
     code, text = run_cli(monkeypatch, capsys, "data", "synth", "--out", str(out), "--per-cell", "1",
-                         "--eval-per-cell", "1", "--bias", "none", "--workers", "2", "--force")
+                         "--eval-per-cell", "1", "--bias", "none", "--workers", "2", "--force",
+                         "--cue-shift", "eng:F:0.5", "--cue-shift", "jpn:M")
     assert code == 0, text
+    assert "cue shift eng:F:0.5, jpn:M:1.0" in text
     df = pd.read_csv(out / "manifest.csv", keep_default_na=False)
     assert len(df) == 3 * 42 and df["prosody_neutralised"].sum() == 0
+    assert json.loads((out / "corpus.json").read_text())["cue_shift"] == [
+        {"language": "eng", "gender": "F", "strength": 0.5}, {"language": "jpn", "gender": "M", "strength": 1.0}]
+    assert sorted(df.groupby(["language", "gender"])["cue_shift"].first().items()) == [
+        (("deu", "F"), 0.0), (("deu", "M"), 0.0), (("eng", "F"), 0.5), (("eng", "M"), 0.0),
+        (("jpn", "F"), 0.0), (("jpn", "M"), 1.0)]
     assert not (out / "old.txt").exists()
     assert validate_manifest(Path(out) / "manifest.csv") == []

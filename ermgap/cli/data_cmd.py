@@ -128,33 +128,62 @@ def synth(
     train_share: list[str] = typer.Option(None, "--train-share", help="LANG:GENDER:SHARE, repeatable: keep only "
                                           "SHARE of that group's train utterances, dev/test untouched "
                                           "(default: M at 0.1 in every language; 'none' for balanced)."),
+    cue_shift: list[str] = typer.Option(None, "--cue-shift", help="LANG:GENDER[:STRENGTH], repeatable: that group "
+                                        "expresses the emotions through its own prosodic mapping (emotion e with "
+                                        "the pitch/range/rate/word-gap/amplitude centre the others use for the next "
+                                        "emotion in the label order), in every split; STRENGTH 0..1 (default 1) "
+                                        "interpolates from the shared mapping. Learnable (gender is audible from "
+                                        "pitch) but not transferable from the other gender: combined with "
+                                        "--train-share it makes a minority that needs examples of its own "
+                                        "(default none; 'none' for none)."),
     seed: int = typer.Option(0, "--seed", help="Random seed (same seed: byte-identical corpus)."),
     lexical_cue_rate: float = typer.Option(0.0, "--lexical-cue-rate",
                                            help="Fraction of sentences that state the emotion (0..1)."),
     workers: int = typer.Option(None, "--workers", help="Processes (default: CPU count)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
 ) -> None:
-    """Generate the synthetic multilingual emotional speech corpus with espeak-ng."""
+    """Generate the synthetic multilingual emotional speech corpus with espeak-ng.
+
+    Controlled gender biases, each per (language, gender) and combinable:
+
+    --cue-shift: a group-specific prosodic mapping (learnable, not transferable from the other gender).
+
+    --train-share: under-representation in train (learnable).
+
+    --bias: neutralised prosody (irreducible: the label is not in the audio).
+
+    corpus.json records every setting."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from ermgap.data.synth import DEMO_BIAS, DEMO_TRAIN_SHARE, parse_bias, parse_train_share, synthesize
+    from ermgap.data.synth import (
+        DEMO_BIAS,
+        DEMO_CUE_SHIFT,
+        DEMO_TRAIN_SHARE,
+        parse_bias,
+        parse_cue_shift,
+        parse_train_share,
+        synthesize,
+    )
 
     biases = _group_values(bias, DEMO_BIAS, parse_bias)
     shares = _group_values(train_share, DEMO_TRAIN_SHARE, parse_train_share)
+    shifts = _group_values(cue_shift, DEMO_CUE_SHIFT, parse_cue_shift)
     start = time.perf_counter()
     with Progress(TextColumn("synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=Console(stderr=True)) as bar:
         task = bar.add_task("synth", total=None)
         manifest = synthesize(out, per_cell=per_cell, eval_per_cell=eval_per_cell, bias=biases, train_share=shares,
-                              seed=seed, lexical_cue_rate=lexical_cue_rate, workers=workers, force=force,
+                              cue_shift=shifts, seed=seed, lexical_cue_rate=lexical_cue_rate, workers=workers, force=force,
                               progress=lambda done, total: bar.update(task, completed=done, total=total))
     meta = json.loads((Path(out) / "corpus.json").read_text(encoding="utf-8"))
     shown = ", ".join(f"{k[0]}:{k[1]}:{v}" for k, v in biases.items()) or "none"
     shown_share = ", ".join(f"{k[0]}:{k[1]}:{v}" for k, v in shares.items()) or "none"
+    shown_shift = ", ".join(f"{k[0]}:{k[1]}:{v}" for k, v in shifts.items()) or "none"
     typer.echo(f"wrote {manifest} ({meta['num_utterances']} utterances, {meta['total_duration_s'] / 60:.1f} min "
-               f"of audio, bias {shown}, train share {shown_share}) in {time.perf_counter() - start:.1f} s")
+               f"of audio, bias {shown}, train share {shown_share}, cue shift {shown_shift}) in "
+               f"{time.perf_counter() - start:.1f} s")
 
 
 @app.command("import-meld-st")

@@ -23,10 +23,16 @@ def tiny(
                                       help="Audio window (Qwen2-Audio: longer audio is cropped; Voxtral: chunk length)."),
     arch: str = typer.Option("qwen2-audio", "--arch", help="qwen2-audio | voxtral."),
     pretrain: bool = typer.Option(False, "--pretrain", help="Train the tiny Qwen2-Audio in full on a pretraining corpus "
-                                  "of its own (voices and sentences the demo corpus never uses, genders balanced; "
-                                  "~1.5 min on 2 cores), so LoRA on its language model alone can learn (the paper's setting)."),
+                                  "of its own (voices and sentences the demo corpus never uses, genders balanced, "
+                                  "emotions always expressed through the shared prosodic mapping: never a "
+                                  "`data synth --cue-shift` group's; ~1.5 min on 2 cores), so LoRA on its language "
+                                  "model alone can learn (the paper's setting)."),
     pretrain_epochs: int = typer.Option(None, "--pretrain-epochs", min=1, help="Pretraining epochs (default 10; the "
                                         "weights of the best epoch on the pretraining corpus's dev split are kept)."),
+    pretrain_genders: str = typer.Option(None, "--pretrain-genders", help="Pretrain on these genders' utterances only, "
+                                         "comma-separated (default F,M): e.g. F for a backbone that has heard no "
+                                         "emotional speech of a male minority, so fine-tuning is where the minority "
+                                         "is learned."),
 ) -> None:
     """A tiny Qwen2-Audio or Voxtral with a locally trained BPE tokenizer (no download): random weights, or
     pretrained here with --pretrain."""
@@ -39,23 +45,27 @@ def tiny(
     width = {"d_model": d_model} if d_model else {}
     if pretrain_epochs is not None and not pretrain:
         raise ConfigError("--pretrain-epochs needs --pretrain")
+    if pretrain_genders is not None and not pretrain:
+        raise ConfigError("--pretrain-genders needs --pretrain")
     if pretrain:
         if arch != "qwen2-audio":
             raise ConfigError(f"--pretrain builds a pretrained tiny Qwen2-Audio; --arch {arch!r} has no pretraining")
+        genders = tuple(g.strip() for g in pretrain_genders.split(",")) if pretrain_genders else None
         _pretrain(out, force=force, seed=seed, layers=layers, audio_seconds=audio_seconds, epochs=pretrain_epochs,
-                  **width)
+                  genders=genders, **width)
         return
     path = builders[arch](out, force=force, seed=seed, layers=layers, chunk_length_s=audio_seconds, **width)
     Console().print(f"wrote {path} ({_describe(path)})")
 
 
 def _pretrain(out: Path, *, force: bool, seed: int, layers: int, audio_seconds: int, epochs: int | None,
-              d_model: int = 128) -> None:
+              genders: tuple[str, ...] | None, d_model: int = 128) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ermgap.pretrain import PretrainSettings, pretrain_tiny
 
-    settings = PretrainSettings(seed=seed, **({"epochs": epochs} if epochs else {}))
+    settings = PretrainSettings(seed=seed, **({"epochs": epochs} if epochs else {}),
+                                **({"genders": genders} if genders else {}))
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[note]}"), console=console, transient=False) as bar:
@@ -72,8 +82,9 @@ def _pretrain(out: Path, *, force: bool, seed: int, layers: int, audio_seconds: 
         path = pretrain_tiny(out, settings=settings, force=force, d_model=d_model, layers=layers,
                              chunk_length_s=audio_seconds, progress=progress)
     info = json.loads((path / "pretraining.json").read_text(encoding="utf-8"))
+    trained = "" if len(settings.genders) == 2 else f" ({'+'.join(settings.genders)} only)"
     console.print(f"wrote {path} ({_describe(path)}): pretrained {settings.epochs} epochs on "
-                  f"{info['corpus']['num_utterances']} utterances in {info['seconds']:.0f} s; kept epoch "
+                  f"{info['corpus']['num_utterances']} utterances{trained} in {info['seconds']:.0f} s; kept epoch "
                   f"{info['best_epoch']} (dev acc {100 * info['best_dev_acc']:.1f} % on the pretraining corpus)")
 
 

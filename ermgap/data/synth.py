@@ -10,17 +10,31 @@ the signal because Whisper-style log-mel features normalise loudness per utteran
 Sentences are neutral unless `lexical_cue_rate` > 0, in which case that fraction of utterances
 uses a sentence that states the emotion ("I am so happy about this!").
 
-Two kinds of injected gender bias, both per (language, gender):
+Three kinds of injected gender bias, each per (language, gender), combinable:
 
+- `cue_shift={("deu", "M"): 1.0}` (*a group-specific prosodic mapping*, learnable): that group expresses
+  emotion e with the prosody centre that everyone else uses for CUE_SHIFT[e] (a derangement of the 7
+  emotions), in every split; strength s in [0, 1] interpolates every prosodic control linearly from the
+  shared centre (s = 0) to the shifted one (s = 1). A model that learns the shared mapping from the other
+  groups mispredicts this group (at s = 1 it is systematically wrong, below chance); gender is audible from
+  the voice's pitch, so a model that sees enough of the group's own examples can learn both mappings
+  (tests/test_data_cue_shift.py measures both with a scikit-learn classifier).
 - `train_share={("deu", "F"): 0.25}` (*under-representation*, learnable): that group keeps only 25 % of
-  its train utterances (rounded half up, at least 1 per cell); dev and test stay balanced. The label is
-  in the audio, so a model can close the gap by weighting the group up; ERM, which weights every
-  utterance alike, under-fits it. This is the demo's bias (DEMO_TRAIN_SHARE) and the case where a
-  fairness objective can lower the gap at little cost.
+  its train utterances (rounded half up, at least 1 per cell: the first ones of each cell, so the kept rows
+  are exactly those of the corpus without the share); dev and test stay balanced. The label is in the audio,
+  so a model can close the gap by weighting the group up; ERM, which weights every utterance alike,
+  under-fits it. With a shared mapping a model transfers what it learns from the other gender, so the gap
+  this alone opens is small; with `cue_shift` it is the minority that needs examples of its own.
 - `bias={("deu", "F"): 0.7}` (*neutralised prosody*, irreducible): 70 % of the non-neutral utterances of
-  each (split, emotion) cell of that group get neutral prosody while keeping their emotional label, so
-  the label is simply not in the audio (tests/test_data_learnability.py measures the gap it opens); a fairness
-  objective can only close that gap by levelling the other gender down.
+  each (split, emotion) cell of that group get the group's neutral prosody while keeping their emotional
+  label, so the label is simply not in the audio (tests/test_data_learnability.py measures the gap it opens);
+  a fairness objective can only close that gap by levelling the other gender down.
+
+Every utterance's random draws (voice, sentence, jitter) come from its own stream, keyed by (seed, split,
+language, gender, emotion, index in its cell): corpora that differ only in their biases hold the same
+utterances (same ids, same text, same voice, same jitter), differing only where a bias applies. So a
+corpus and its copy with a train share restored have identical dev and test splits, and their results can
+be compared utterance by utterance (the bias lab's oracle rows).
 
 Sizes: `per_cell` utterances per (language, gender, emotion) in train (before `train_share`),
 `eval_per_cell` (default 2 * per_cell // 3, at least 1) in dev and in test. The defaults (per_cell=24,
@@ -28,7 +42,7 @@ male train share 0.1) give 21 × (24 + 2) + 2 × 42 × 16 = 1,890 utterances (th
 2 cores); dev and test are large because a gender gap is a difference of two noisy accuracies.
 
 Output (written atomically): `manifest.csv` (canonical columns + `prosody_neutralised`,
-`lexical_cue`), `wavs/<split>/<language>/<utt_id>.wav` (16 kHz mono PCM-16) and `corpus.json`
+`lexical_cue`, `cue_shift`), `wavs/<split>/<language>/<utt_id>.wav` (16 kHz mono PCM-16) and `corpus.json`
 (all generation parameters and counts). Same seed and parameters → byte-identical files,
 whatever the number of workers: every random choice is drawn in the parent process.
 """
@@ -62,6 +76,7 @@ DEFAULT_PER_CELL = 24
 # (learnable: the gap it opens can be closed by weighting them up). No neutralised prosody by default.
 DEMO_BIAS: dict[tuple[str, str], float] = {}
 DEMO_TRAIN_SHARE: dict[tuple[str, str], float] = {(lang, "M"): 0.1 for lang in LANGUAGES}
+DEMO_CUE_SHIFT: dict[tuple[str, str], float] = {}
 ESPEAK_LANG = {"deu": "de", "eng": "en-us", "jpn": "ja"}
 
 # espeak-ng variant file names (`espeak-ng --voices=variant`). The f*/female ones have median F0
@@ -110,6 +125,11 @@ EMOTION_PROSODY: dict[str, Prosody] = {
     "disgust": Prosody(pitch=38, range_pct=25, rate=0.82, amplitude=105, word_gap=2),
     "surprise": Prosody(pitch=80, range_pct=100, rate=0.95, amplitude=120, word_gap=0),
 }
+# The cue-shifted mapping: a group with `cue_shift` expresses emotion e with the centre of CUE_SHIFT[e] (a
+# cyclic derangement of EMOTIONS: no emotion keeps its own centre, so the shared mapping is wrong on every
+# one of the group's utterances at strength 1, and the set of centres, hence how separable the emotions are,
+# is the same as everyone else's).
+CUE_SHIFT: dict[str, str] = {e: EMOTIONS[(i + 1) % len(EMOTIONS)] for i, e in enumerate(EMOTIONS)}
 # Per-utterance Gaussian jitter (standard deviations) and per-speaker offsets.
 JITTER = Prosody(pitch=5, range_pct=15, rate=0.07, amplitude=10, word_gap=0.7)
 SPEAKER_JITTER = Prosody(pitch=4, range_pct=8, rate=0.05, amplitude=0, word_gap=0)
@@ -231,13 +251,16 @@ class Job:
     prosody: Prosody
 
 
-def _parse_group_value(spec: str, option: str, name: str, example: str, *, zero_ok: bool
-                       ) -> tuple[tuple[str, str], float]:
+def _parse_group_value(spec: str, option: str, name: str, example: str, *, zero_ok: bool,
+                       default: float | None = None) -> tuple[tuple[str, str], float]:
     parts = spec.split(":")
     where = f"{option} {spec!r}"
     bound = f"0 {'<=' if zero_ok else '<'} {name} <= 1"
+    shape = f"LANG:GENDER[:{name}]" if default is not None else f"LANG:GENDER:{name}"
+    if len(parts) == 2 and default is not None:
+        parts.append(str(default))
     if len(parts) != 3:
-        raise ConfigError(f"{where}: expected LANG:GENDER:{name}, e.g. {example}")
+        raise ConfigError(f"{where}: expected {shape}, e.g. {example}")
     lang, gender, value_s = (p.strip() for p in parts)
     if lang not in LANGUAGES:
         raise ConfigError(f"{where}: language {lang!r} is not allowed; expected one of {', '.join(LANGUAGES)}")
@@ -262,8 +285,13 @@ def parse_train_share(spec: str) -> tuple[tuple[str, str], float]:
     return _parse_group_value(spec, "--train-share", "SHARE", "deu:F:0.25", zero_ok=False)
 
 
+def parse_cue_shift(spec: str) -> tuple[tuple[str, str], float]:
+    """Parse 'LANG:GENDER[:STRENGTH]' (e.g. 'deu:M' = 'deu:M:1') into ((lang, gender), strength)."""
+    return _parse_group_value(spec, "--cue-shift", "STRENGTH", "deu:M or deu:M:0.5", zero_ok=True, default=1.0)
+
+
 def _check_args(per_cell: int, eval_per_cell: int, bias: Mapping, lexical_cue_rate: float, workers: int,
-                train_share: Mapping | None = None) -> None:
+                train_share: Mapping | None = None, cue_shift: Mapping | None = None) -> None:
     if per_cell < 1:
         raise ConfigError(f"per_cell={per_cell} is out of range; expected an integer >= 1")
     if eval_per_cell < 1:
@@ -274,6 +302,7 @@ def _check_args(per_cell: int, eval_per_cell: int, bias: Mapping, lexical_cue_ra
         raise ConfigError(f"workers={workers} is out of range; expected an integer >= 1")
     _check_group_values("bias", bias, "STRENGTH", zero_ok=True)
     _check_group_values("train_share", train_share or {}, "SHARE", zero_ok=False)
+    _check_group_values("cue_shift", cue_shift or {}, "STRENGTH", zero_ok=True)
 
 
 def _check_group_values(what: str, values: Mapping, name: str, *, zero_ok: bool) -> None:
@@ -298,56 +327,78 @@ def _jittered(centre: Prosody, speaker: Prosody, rng: np.random.Generator) -> Pr
     )
 
 
+def expression(emotion: str, shift: float) -> Prosody:
+    """The prosody centre of `emotion` for a group with cue-shift strength `shift` (0: the shared centre,
+    1: the centre of CUE_SHIFT[emotion]; every control interpolated linearly in between)."""
+    shared, shifted = EMOTION_PROSODY[emotion], EMOTION_PROSODY[CUE_SHIFT[emotion]]
+    if shift == 0.0:
+        return shared
+    a, b = asdict(shared), asdict(shifted)
+    return Prosody(**{k: (1.0 - shift) * a[k] + shift * b[k] for k in a})
+
+
+# Independent random streams of plan_corpus (the second entry of every seed key).
+_ROW, _FLAT, _SPEAKER = 0, 1, 2
+
+
 def plan_corpus(*, per_cell: int, eval_per_cell: int, bias: Mapping[tuple[str, str], float], seed: int,
                 lexical_cue_rate: float, dev_per_cell: int | None = None,
                 train_share: Mapping[tuple[str, str], float] | None = None,
+                cue_shift: Mapping[tuple[str, str], float] | None = None,
                 voices: Mapping[str, Mapping[str, tuple[str, ...]]] = VOICES,
                 sentences: Mapping[str, tuple[str, ...]] = SENTENCES,
                 id_prefix: str = "syn") -> tuple[list[dict], list[Job]]:
     """Decide every utterance (rows of the manifest + render jobs) from `seed`; pure, no I/O.
     `voices` ({gender: {"train"|"eval": variants}}) and `sentences` ({language: texts}) default to the
-    demo corpus's; the pretraining corpus passes PRETRAIN_VOICES / PRETRAIN_SENTENCES."""
-    train_share = dict(train_share or {})
-    rng = np.random.default_rng(seed)
+    demo corpus's; the pretraining corpus passes PRETRAIN_VOICES / PRETRAIN_SENTENCES.
+
+    Utterance k of the (split, language, gender, emotion) cell draws from its own stream keyed by those
+    indices, so it is the same utterance in every corpus of that seed, whatever the biases and shares."""
+    train_share, cue_shift = dict(train_share or {}), dict(cue_shift or {})
     speaker_offset: dict[str, Prosody] = {}
     rows: list[dict] = []
     jobs: list[Job] = []
     sizes = {"train": per_cell, "dev": eval_per_cell if dev_per_cell is None else dev_per_cell, "test": eval_per_cell}
-    for split in SPLITS:
-        for lang in LANGUAGES:
-            for gender in GENDERS:
+    for si, split in enumerate(SPLITS):
+        pool_kind = "train" if split == "train" else "eval"
+        for li, lang in enumerate(LANGUAGES):
+            for gi, gender in enumerate(GENDERS):
                 n = sizes[split]
                 if split == "train" and (lang, gender) in train_share:
                     n = max(1, int(np.floor(train_share[(lang, gender)] * n + 0.5)))
-                pool_voices = voices[gender]["train" if split == "train" else "eval"]
+                pool_voices = voices[gender][pool_kind]
                 strength = float(bias.get((lang, gender), 0.0))
-                # Voices rotate over the whole (split, language, gender) block, so every voice is used
-                # even when a cell has fewer utterances than there are voices.
-                turn = 0
-                for emotion in EMOTIONS:
+                shift = float(cue_shift.get((lang, gender), 0.0))
+                for ei, emotion in enumerate(EMOTIONS):
+                    cell = [seed, si, li, gi, ei]
                     # Exactly floor(strength * n + 0.5) utterances of the cell are neutralised (not a coin
                     # flip), so a small corpus still carries the requested bias.
-                    neutralised = set(rng.permutation(n)[: int(np.floor(strength * n + 0.5))].tolist())
+                    flat_rng = np.random.default_rng([seed, _FLAT, *cell[1:]])
+                    neutralised = set(flat_rng.permutation(n)[: int(np.floor(strength * n + 0.5))].tolist())
                     for k in range(n):
-                        variant = pool_voices[turn % len(pool_voices)]
-                        turn += 1
+                        # Voices rotate over the (split, language, gender) block: every voice is used even
+                        # when a cell has fewer utterances than there are voices.
+                        vi = (k * len(EMOTIONS) + ei) % len(pool_voices)
+                        variant = pool_voices[vi]
                         speaker = f"{lang}_{variant}"
                         if speaker not in speaker_offset:
-                            z = rng.standard_normal(3)
+                            z = np.random.default_rng([seed, _SPEAKER, li, gi, int(pool_kind == "eval"), vi]
+                                                      ).standard_normal(3)
                             speaker_offset[speaker] = Prosody(
                                 pitch=SPEAKER_JITTER.pitch * z[0], range_pct=SPEAKER_JITTER.range_pct * z[1],
                                 rate=SPEAKER_JITTER.rate * z[2], amplitude=0, word_gap=0)
+                        rng = np.random.default_rng([seed, _ROW, *cell[1:], k])
                         flat = emotion != "neutral" and k in neutralised
                         cue = bool(rng.random() < lexical_cue_rate)
                         pool = CUE_SENTENCES[lang][emotion] if cue else sentences[lang]
                         text = pool[int(rng.integers(len(pool)))]
-                        centre = EMOTION_PROSODY["neutral" if flat else emotion]
+                        centre = expression("neutral" if flat else emotion, shift)
                         prosody = _jittered(centre, speaker_offset[speaker], rng)
-                        utt_id = f"{id_prefix}_{split}_{lang}_{len(rows):05d}"
+                        utt_id = f"{id_prefix}_{split}_{lang}_{gender}_{ei}_{k:04d}"
                         rel = f"wavs/{split}/{lang}/{utt_id}.wav"
                         rows.append(dict(utt_id=utt_id, split=split, language=lang, emotion=emotion,
                                          speaker=speaker, gender=gender, transcript=text, audio=rel,
-                                         prosody_neutralised=int(flat), lexical_cue=int(cue)))
+                                         prosody_neutralised=int(flat), lexical_cue=int(cue), cue_shift=shift))
                         jobs.append(Job(rel, f"{ESPEAK_LANG[lang]}+{variant}", text, prosody))
     return rows, jobs
 
@@ -398,6 +449,7 @@ def synthesize(
     dev_per_cell: int | None = None,
     bias: Mapping[tuple[str, str], float] | None = None,
     train_share: Mapping[tuple[str, str], float] | None = None,
+    cue_shift: Mapping[tuple[str, str], float] | None = None,
     seed: int = 0,
     lexical_cue_rate: float = 0.0,
     force: bool = False,
@@ -410,21 +462,23 @@ def synthesize(
     """Generate the corpus into `out_dir` (atomically; refuses an existing dir unless force) and return
     the manifest path. bias: {(language, gender): strength in [0, 1]}; None means DEMO_BIAS, {} none.
     train_share: {(language, gender): share in (0, 1]}; None means DEMO_TRAIN_SHARE, {} balanced.
+    cue_shift: {(language, gender): strength in [0, 1]}; None means DEMO_CUE_SHIFT, {} the shared mapping.
     dev_per_cell overrides eval_per_cell for the dev split only.
     workers: processes (default: CPU count). progress(done, total) is called as utterances finish."""
 
     bias = dict(DEMO_BIAS if bias is None else bias)
     train_share = dict(DEMO_TRAIN_SHARE if train_share is None else train_share)
+    cue_shift = dict(DEMO_CUE_SHIFT if cue_shift is None else cue_shift)
     eval_per_cell = max(1, 2 * per_cell // 3) if eval_per_cell is None else eval_per_cell
     workers = workers or os.cpu_count() or 1
-    _check_args(per_cell, eval_per_cell, bias, lexical_cue_rate, workers, train_share)
+    _check_args(per_cell, eval_per_cell, bias, lexical_cue_rate, workers, train_share, cue_shift)
     if dev_per_cell is not None and dev_per_cell < 1:
         raise ConfigError(f"dev_per_cell={dev_per_cell} is out of range; expected an integer >= 1")
     check_writable_dir(out_dir, "corpus", force)
     version = espeak_version()
     rows, jobs = plan_corpus(per_cell=per_cell, eval_per_cell=eval_per_cell, bias=bias, seed=seed,
                              lexical_cue_rate=lexical_cue_rate, dev_per_cell=dev_per_cell, train_share=train_share,
-                             voices=voices, sentences=sentences, id_prefix=id_prefix)
+                             cue_shift=cue_shift, voices=voices, sentences=sentences, id_prefix=id_prefix)
     total = len(jobs)
     with atomic_dir(out_dir, kind="corpus", force=force) as tmp:
         # Chunks keep process overhead low; order of results is the order of jobs, so output is
@@ -462,6 +516,8 @@ def synthesize(
             "lexical_cue_rate": lexical_cue_rate,
             "bias": [{"language": k[0], "gender": k[1], "strength": v} for k, v in sorted(bias.items())],
             "train_share": [{"language": k[0], "gender": k[1], "share": v} for k, v in sorted(train_share.items())],
+            "cue_shift": [{"language": k[0], "gender": k[1], "strength": v} for k, v in sorted(cue_shift.items())],
+            "cue_shift_mapping": CUE_SHIFT,
             "sample_rate": SAMPLE_RATE, "voices": voices, "espeak_language": ESPEAK_LANG,
             "emotion_prosody": {e: asdict(p) for e, p in EMOTION_PROSODY.items()},
             "jitter_sd": asdict(JITTER), "speaker_jitter_sd": asdict(SPEAKER_JITTER),
