@@ -27,7 +27,8 @@ ARGS = dict(per_cell=8, eval_per_cell=6, dev_per_cell=1, bias={}, train_share={}
 
 @pytest.fixture(scope="module")
 def shifted(tmp_path_factory):
-    manifest = synthesize(tmp_path_factory.mktemp("cue") / "c", workers=2, **ARGS)
+    root = tmp_path_factory.mktemp("cue")
+    manifest = synthesize(root / "c", workers=2, render_cache=root / "renders", **ARGS)
     df, x = features(manifest)
     return manifest, df, x
 
@@ -130,3 +131,18 @@ def test_parse_cue_shift(spec, expected):
 def test_bad_cue_shift(spec, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("[", r"\[").replace("]", r"\]")):
         parse_cue_shift(spec)
+
+
+def test_a_corpus_differing_only_in_one_group_renders_only_that_group(shifted):
+    """Through a shared render cache, the unshifted twin of the fixture corpus renders deu M's utterances and
+    links every other file: hand count (8 train + 1 dev + 6 test) × 7 emotions = 105 new renders."""
+    manifest, _, _ = shifted
+    cache = manifest.parent.parent / "renders"
+    before = set(cache.iterdir())
+    twin = synthesize(manifest.parent.parent / "twin", workers=2, render_cache=cache, **{**ARGS, "cue_shift": {}})
+    assert len(set(cache.iterdir()) - before) == 105
+    a, b = pd.read_csv(manifest), pd.read_csv(twin)
+    same = (a["language"] != "deu") | (a["gender"] != "M")
+    assert (a["utt_id"] == b["utt_id"]).all() and (a.loc[same, "duration_s"] == b.loc[same, "duration_s"]).all()
+    for rel in a.loc[same, "audio"].iloc[::29]:
+        assert (manifest.parent / rel).read_bytes() == (twin.parent / rel).read_bytes()

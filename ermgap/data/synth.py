@@ -49,6 +49,7 @@ whatever the number of workers: every random choice is drawn in the parent proce
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -413,8 +414,6 @@ def espeak_command(job: Job) -> list[str]:
 
 def render(job: Job, out_dir: str) -> float:
     """Synthesise one utterance into out_dir/job.rel_path (16 kHz mono PCM-16); returns its duration (s)."""
-
-
     proc = subprocess.run(espeak_command(job), capture_output=True, check=False)
     if proc.returncode != 0 or not proc.stdout:
         raise ErmgapError(f"espeak-ng failed for voice {job.voice!r}, text {job.text!r}: "
@@ -427,8 +426,39 @@ def render(job: Job, out_dir: str) -> float:
     return round(len(y) / SAMPLE_RATE, 4)
 
 
-def _render_chunk(jobs: list[Job], out_dir: str) -> list[float]:
-    return [render(job, out_dir) for job in jobs]
+def render_key(job: Job, espeak: str) -> str:
+    """What determines a rendered file's bytes: the espeak-ng command line, its version and the output rate."""
+    what = json.dumps([espeak, SAMPLE_RATE, espeak_command(job)], ensure_ascii=False)
+    return hashlib.blake2b(what.encode("utf-8"), digest_size=16).hexdigest()
+
+
+def _link(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not supported
+        shutil.copyfile(src, dst)
+
+
+def render_cached(job: Job, out_dir: str, cache: str, espeak: str) -> float:
+    """`render`, through a directory of rendered files keyed by `render_key`: a job rendered before (by this or
+    another corpus) is linked (or copied) from it, a new one is rendered and added (atomically)."""
+    entry = Path(cache) / (render_key(job, espeak) + ".wav")
+    path = Path(out_dir) / job.rel_path
+    if entry.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _link(entry, path)
+        return round(sf.info(str(path)).frames / SAMPLE_RATE, 4)
+    duration = render(job, out_dir)
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.tmp")
+    _link(path, tmp)
+    os.replace(tmp, entry)
+    return duration
+
+
+def _render_chunk(jobs: list[Job], out_dir: str, cache: str | None = None, espeak: str = "") -> list[float]:
+    if cache is None:
+        return [render(job, out_dir) for job in jobs]
+    return [render_cached(job, out_dir, cache, espeak) for job in jobs]
 
 
 def espeak_version() -> str:
@@ -458,13 +488,17 @@ def synthesize(
     voices: Mapping[str, Mapping[str, tuple[str, ...]]] = VOICES,
     sentences: Mapping[str, tuple[str, ...]] = SENTENCES,
     id_prefix: str = "syn",
+    render_cache: str | os.PathLike | None = None,
 ) -> Path:
     """Generate the corpus into `out_dir` (atomically; refuses an existing dir unless force) and return
     the manifest path. bias: {(language, gender): strength in [0, 1]}; None means DEMO_BIAS, {} none.
     train_share: {(language, gender): share in (0, 1]}; None means DEMO_TRAIN_SHARE, {} balanced.
     cue_shift: {(language, gender): strength in [0, 1]}; None means DEMO_CUE_SHIFT, {} the shared mapping.
     dev_per_cell overrides eval_per_cell for the dev split only.
-    workers: processes (default: CPU count). progress(done, total) is called as utterances finish."""
+    workers: processes (default: CPU count). progress(done, total) is called as utterances finish.
+    render_cache: a directory of rendered utterances shared by corpora (`render_cached`): corpora that hold
+    the same utterances (the bias lab's, which differ only where a bias applies) render each once; the
+    corpus's files are hard links to its entries where the filesystem allows. The output is the same."""
 
     bias = dict(DEMO_BIAS if bias is None else bias)
     train_share = dict(DEMO_TRAIN_SHARE if train_share is None else train_share)
@@ -480,6 +514,10 @@ def synthesize(
                              lexical_cue_rate=lexical_cue_rate, dev_per_cell=dev_per_cell, train_share=train_share,
                              cue_shift=cue_shift, voices=voices, sentences=sentences, id_prefix=id_prefix)
     total = len(jobs)
+    cache = None
+    if render_cache is not None:
+        Path(render_cache).mkdir(parents=True, exist_ok=True)
+        cache = str(render_cache)
     with atomic_dir(out_dir, kind="corpus", force=force) as tmp:
         # Chunks keep process overhead low; order of results is the order of jobs, so output is
         # independent of scheduling.
@@ -488,12 +526,12 @@ def synthesize(
         durations: list[float] = []
         if workers == 1:
             for chunk in chunks:
-                durations += _render_chunk(chunk, str(tmp))
+                durations += _render_chunk(chunk, str(tmp), cache, version)
                 if progress:
                     progress(len(durations), total)
         else:
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(_render_chunk, chunk, str(tmp)) for chunk in chunks]
+                futures = [pool.submit(_render_chunk, chunk, str(tmp), cache, version) for chunk in chunks]
                 try:
                     for fut in futures:
                         durations += fut.result()
