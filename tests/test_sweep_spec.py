@@ -266,3 +266,20 @@ def test_demo_seeds_spec_trains_every_objective_on_stratified_batches_over_three
     assert kinds == {"erm", "minmaxgap", "reweight", "group_dro"}
     result = CliRunner().invoke(app, ["sweep", str(SWEEPS / "demo_seeds.yaml"), "--dry-run"], terminal_width=200)
     assert result.exit_code == 0 and "12 trials" in result.output, result.output
+
+
+def test_relative_paths_in_variants_resolve_against_the_driver_cwd(tmp_path, monkeypatch):
+    """A variant that names its own corpus (the bias lab's oracle row) with a relative path: trials start in Tune's
+    working directories, so the sweep ships it absolute, as it does the base config's paths."""
+    from ermgap.sweep.run import run_sweep
+
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep_spec(_spec(tmp_path, variants={"erm": {"lambda.mode": "fixed"},
+                                                     "other": {"data.manifest": "data/other.csv",
+                                                               "model.name_or_path": "data"}}))
+    run_sweep(spec, dry_run=True)
+    cfg = spec.trial_config({"variant": "other", "optim.lr": 1e-4})
+    assert cfg.data.manifest == str(tmp_path / "data" / "other.csv")
+    assert cfg.model.name_or_path == str(tmp_path / "data")
+    assert spec.trial_config({"variant": "erm", "optim.lr": 1e-4}).data.manifest == str(tmp_path / "x.csv")

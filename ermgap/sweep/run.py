@@ -16,7 +16,7 @@ import ray
 from rich.console import Console
 
 from ermgap import tracking
-from ermgap.config import default_tracking_uri, flatten
+from ermgap.config import default_tracking_uri, flatten, set_dotted
 from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingError
 from ermgap.io import discard_aside, restore_aside
 from ermgap.multinode import check_shared_paths, input_paths
@@ -93,6 +93,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
         spec = load_sweep_spec(spec, overrides)
     paths = SweepPaths.of(spec)
     spec.base_tree.update(absolute_paths(spec.base_tree))
+    _absolute_variant_paths(spec)
     tracking_uri = spec.model.mlflow.tracking_uri or default_tracking_uri(spec.trial_config(spec.example_trials()[0]))
     outcome = SweepOutcome(spec.name, paths.root, None, tracking_uri, spec.model.mlflow.experiment)
     if dry_run:
@@ -137,6 +138,19 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
     if failed:
         raise TrialsFailed(failed, outcome)
     return outcome
+
+
+def _absolute_variant_paths(spec: SweepSpec) -> None:
+    """A variant's own local paths (e.g. a corpus of its own), absolute like the base config's (`absolute_paths`)."""
+    for settings in (spec.model.variants or {}).values():
+        tree: dict = {}
+        for key, value in settings.items():
+            set_dotted(tree, key, value)
+        fixed = absolute_paths(tree)
+        for key in settings:
+            section, _, leaf = key.partition(".")
+            if section in ("data", "model") and leaf in fixed.get(section, {}):
+                settings[key] = fixed[section][leaf]
 
 
 def _claim_root(spec: SweepSpec, paths: SweepPaths, *, resume: bool, force: bool) -> dict | None:
