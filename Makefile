@@ -4,6 +4,7 @@
 #   make test    setup, then the test suite
 #   make demo    setup, synthetic corpus + pretrained tiny model (cached), the zero-shot / ERM / ERM-MinMaxGAP demo sweep
 #   make demo-seeds  the same corpus and model: 4 objectives × seeds 42-44, stratified batches, vs ERM with intervals
+#   make bias-lab    positive / irreducible / negative control corpora × 5 rows × seeds 42-44: one table with intervals
 #   make bench   all benchmarks (prints ratios; JSON in bench/results/)
 #   make lint    ruff (unused names, import order) over the package
 #   make docs    regenerate the CLI and config references in docs/, build the docs site into site/ (strict)
@@ -23,7 +24,7 @@ PYTEST_ARGS ?=
 REQUIRED_CMDS := espeak-ng sox
 OPTIONAL_CMDS := chromium
 
-.PHONY: setup system-deps test demo demo-seeds bench lint docs clean-demo help
+.PHONY: setup system-deps test demo demo-seeds bias-lab bias-lab-quick bench lint docs clean-demo help
 
 help:
 	@sed -n '1,11p' Makefile
@@ -80,6 +81,14 @@ demo: setup $(DEMO_CORPUS) $(DEMO_PRETRAINED)
 demo-seeds: setup $(DEMO_CORPUS) $(DEMO_MODEL)
 	$(VENV)/bin/ermgap sweep sweeps/demo_seeds.yaml --force
 
+# The bias lab: builds its corpora (data/bias_lab) and the pretrained backbone when missing, then one sweep;
+# the table goes to the console, bench/results/bias_lab.{json,md,png}. bias-lab-quick: seed 42 only.
+bias-lab: setup
+	$(VENV)/bin/ermgap bias-lab --force
+
+bias-lab-quick: setup
+	$(VENV)/bin/ermgap bias-lab --quick --force
+
 lint: setup
 	$(VENV)/bin/ruff check ermgap
 
@@ -91,4 +100,4 @@ bench: setup
 	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean-demo:
-	rm -rf data/synth models/tiny models/tiny-pretrained runs
+	rm -rf data/synth data/bias_lab models/tiny models/tiny-pretrained runs

@@ -41,6 +41,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("ermgap.cli.serve_cmd", "serve", "serve"),
     ("ermgap.cli.sweep_cmd", "sweep", "sweep"),
     ("ermgap.cli.sweep_cmd", "ui", "ui"),
+    ("ermgap.cli.lab_cmd", "bias_lab", "bias-lab"),
     ("ermgap.cli.submit_cmd", "submit", "submit"),
 ]
 

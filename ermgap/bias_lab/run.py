@@ -1,0 +1,230 @@
+"""`run_lab`: the controlled corpora → the pretrained backbone → one sweep over corpus × row × seed → the table.
+
+    result = run_lab(LabSettings(quick=True))     # what `ermgap bias-lab --quick` does
+    print(result.text)
+
+The rows (objectives, their settings, the training recipe) are the variants of one sweep spec
+(`sweeps/bias_lab.yaml`); the corpora are `ermgap.bias_lab.corpora.CONTROLS`. The driver expands the spec into one
+sweep whose variants are `<corpus>.<row>`: every row on every corpus, the `oracle` row on the corpus's oracle twin.
+Then it reads each finished trial's test predictions from MLflow and builds the table (`ermgap.bias_lab.table`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ermgap.bias_lab.corpora import CONTROLS, Sizes, build_corpus, lab_corpora
+from ermgap.bias_lab.table import format_table, lab_table, markdown_table, verdicts
+from ermgap.errors import ConfigError, TrainingError
+from ermgap.io import atomic_write_text
+
+ORACLE = "oracle"  # the spec's row trained on the corpus's oracle twin (minority share restored)
+SEP = "."  # variant names of the expanded sweep: <corpus>.<row>
+SEEDS, QUICK_SEEDS = (42, 43, 44), (42,)
+
+
+@dataclass
+class LabSettings:
+    """Where the lab reads and writes, and what it runs (paths relative to the working directory)."""
+
+    spec: str = "sweeps/bias_lab.yaml"
+    data_root: str = "data/bias_lab"
+    backbone: str = "models/tiny-pretrained"
+    results: str = "bench/results/bias_lab.json"  # the full lab's; --quick writes beside its sweep instead
+    figure: str = "bench/results/bias_lab.png"
+    sizes: Sizes = field(default_factory=Sizes)
+    quick: bool = False
+    corpora: tuple[str, ...] | None = None  # all CONTROLS when None
+    rows: tuple[str, ...] | None = None     # all the spec's variants when None
+    overrides: list[str] = field(default_factory=list)  # spec overrides, as `ermgap sweep` takes them
+    force: bool = False
+    resume: bool = False  # continue an interrupted lab sweep (same settings)
+    workers: int | None = None
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return QUICK_SEEDS if self.quick else SEEDS
+
+    @property
+    def name(self) -> str:
+        return "bias_lab_quick" if self.quick else "bias_lab"
+
+
+@dataclass
+class LabResult:
+    table: pd.DataFrame
+    text: str
+    verdicts: dict
+    timing: dict[str, float]
+    files: dict[str, str]
+    failed: str | None = None
+
+
+def lab_spec(settings: LabSettings, manifests: dict[str, tuple[Path, Path]]):
+    """The expanded SweepSpec: the spec file (with `settings.overrides`) with a `<corpus>.<row>` variant for every
+    corpus and row. manifests: {corpus: (manifest, oracle twin's manifest)}."""
+    from ermgap.sweep.spec import load_sweep_spec
+
+    overrides = [f"base.model.name_or_path={settings.backbone}", *settings.overrides]
+    spec = load_sweep_spec(settings.spec, overrides)
+    tree = spec.raw  # the spec with its own edits applied; the base.* edits are re-applied below
+    rows = tree.get("variants") or {}
+    chosen = settings.rows or tuple(rows)
+    unknown = [r for r in chosen if r not in rows]
+    if unknown or "erm" not in chosen:
+        raise ConfigError(f"{settings.spec}: rows {', '.join(map(repr, unknown or chosen))}: the lab needs an 'erm' row "
+                          f"(the reference) and knows {', '.join(rows)}")
+    tree["variants"] = {f"{c}{SEP}{r}": {**rows[r], "data.manifest": str(m[1] if r == ORACLE else m[0])}
+                        for c, m in manifests.items() for r in chosen}
+    tree["seeds"] = list(settings.seeds)
+    tree["name"] = settings.name
+    # The base corpus is the first one's (the sweep's parent run logs it as its dataset; every variant sets its own).
+    first = str(next(iter(manifests.values()))[0])
+    return load_sweep_spec(tree, [o for o in overrides if o.startswith("base.")] + [f"base.data.manifest={first}"],
+                           base_dir=Path(settings.spec).parent)
+
+
+def collect_predictions(outcome) -> dict[str, dict[str, dict[int, pd.DataFrame]]]:
+    """{corpus: {row: {seed: test predictions}}} of the sweep's trials that ran to the end."""
+    from ermgap.report import run_test_predictions
+    from ermgap.sweep.leaderboard import run_params
+    from ermgap.tracking import child_runs
+
+    board = outcome.leaderboard
+    done = board[board["test_w_f1"].notna() & board["mlflow_run_id"].notna()] if len(board) else board
+    runs = child_runs(outcome.tracking_uri, outcome.experiment, outcome.parent_run_id)
+    params = {r["run_id"]: run_params(r) for _, r in runs.iterrows()}
+    out: dict[str, dict[str, dict[int, pd.DataFrame]]] = {}
+    with tempfile.TemporaryDirectory(prefix="ermgap-lab-") as tmp:
+        for _, r in done.iterrows():
+            got = run_test_predictions(outcome.tracking_uri, r["mlflow_run_id"], params.get(r["mlflow_run_id"], {}), tmp)
+            if got is not None:
+                corpus, row = r["variant"].split(SEP, 1)
+                out.setdefault(corpus, {}).setdefault(row, {})[int(r["optim.seed"])] = got[0]
+    return out
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def prepare(settings: LabSettings, *, console=None, progress=None):
+    """Validate the spec (every trial config, before any work), then build or reuse the corpora and the backbone.
+    Returns (the expanded SweepSpec, {"corpora_s", "backbone_s"})."""
+    from rich.console import Console
+
+    console = console or Console()
+    controls = lab_corpora(settings.corpora)
+    root = Path(settings.data_root)
+    manifests = {c.name: (root / c.name / "manifest.csv", root / c.oracle().name / "manifest.csv") for c in controls}
+    spec = lab_spec(settings, manifests)
+    corpora_s = _build_corpora(settings, controls, console, progress)
+    backbone_s = _ensure_backbone(settings, console)
+    return spec, {"corpora_s": round(corpora_s, 1), "backbone_s": round(backbone_s, 1)}
+
+
+def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:
+    """Build (or reuse) the corpora and the backbone, run the sweep, write the table. Returns the result; a sweep
+    whose trials partly failed still gives the table of the rest, with `failed` saying which."""
+    from rich.console import Console
+
+    from ermgap.sweep.run import SweepInterrupted, TrialsFailed, run_sweep
+
+    console = console or Console()
+    t0 = time.perf_counter()
+    load_start = machine()["load_avg"]
+    spec, timing = prepare(settings, console=console, progress=progress)
+    t1 = time.perf_counter()
+    failed = None
+    try:
+        outcome = run_sweep(spec, force=settings.force and not settings.resume, resume=settings.resume,
+                            console=console)
+    except TrialsFailed as err:
+        outcome, failed = err.outcome, str(err)
+    except SweepInterrupted as err:
+        raise SweepInterrupted(f"bias lab interrupted ({err}); continue it with the same command and --resume") \
+            from None
+    timing["sweep_s"] = round(time.perf_counter() - t1, 1)
+    preds = collect_predictions(outcome)
+    if not preds:
+        raise TrainingError(f"bias lab: no trial finished{f': {failed}' if failed else ''}")
+    table = lab_table(preds)
+    titles = {c.name: c.title for c in CONTROLS}
+    timing["total_s"] = round(time.perf_counter() - t0, 1)
+    checks = verdicts(table)
+    text = _report(table, titles, checks, timing, settings, load_start)
+    files = _write(settings, table, titles, checks, timing, spec, outcome, load_start)
+    return LabResult(table=table, text=text, verdicts=checks, timing=timing, files=files, failed=failed)
+
+
+def _build_corpora(settings: LabSettings, controls, console, progress) -> float:
+    t = time.perf_counter()
+    cache = Path(settings.data_root) / ".renders"
+    for corpus in [x for c in controls for x in (c, c.oracle())]:
+        _, built = build_corpus(settings.data_root, corpus, settings.sizes, force=settings.force,
+                                workers=settings.workers, progress=progress, render_cache=cache)
+        console.print(f"corpus {corpus.name}: {'synthesised' if built else 'reused'} "
+                      f"({Path(settings.data_root) / corpus.name})")
+    return time.perf_counter() - t
+
+
+def _ensure_backbone(settings: LabSettings, console) -> float:
+    """The backbone directory; when missing, the pretrained tiny one (`ermgap model tiny --pretrain`, default
+    settings) is built there."""
+    t = time.perf_counter()
+    path = Path(settings.backbone)
+    if (path / "config.json").is_file():
+        console.print(f"backbone: reused {path}")
+        return 0.0
+    from ermgap.pretrain import pretrain_tiny
+
+    console.print(f"backbone: pretraining {path} (ermgap model tiny --pretrain)")
+    pretrain_tiny(path, force=settings.force)
+    return time.perf_counter() - t
+
+
+def _report(table, titles, checks, timing, settings, load_start) -> str:
+    lines = [format_table(table, titles), ""]
+    for name, v in checks.items():
+        lines.append(f"target, {name} control: {'MET' if v['met'] else 'NOT met'} — {v['why']}")
+    lines.append(f"wall time {timing['total_s'] / 60:.1f} min (corpora {timing['corpora_s']:.0f} s, backbone "
+                 f"{timing['backbone_s']:.0f} s, sweep {timing['sweep_s'] / 60:.1f} min); seeds "
+                 f"{', '.join(map(str, settings.seeds))}; load average at start {load_start[0]:.1f}, at end "
+                 f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    return "\n".join(lines)
+
+
+def _write(settings, table, titles, checks, timing, spec, outcome, load_start) -> dict[str, str]:
+    """bench/results/bias_lab.json (+ .md and the figure) for the full lab; the quick lab's beside its sweep."""
+    from ermgap.bias_lab.figure import plot_lab
+
+    root = Path(settings.results).parent if not settings.quick else Path(str(outcome.root)) / "lab"
+    stem = Path(settings.results).stem if not settings.quick else "bias_lab_quick"
+    result = {
+        "machine": {**machine(), "load_avg_at_start": load_start},
+        "command": "ermgap bias-lab" + (" --quick" if settings.quick else ""),
+        "seeds": list(settings.seeds), "sizes": asdict(settings.sizes), "timing": timing,
+        "corpora": {c.name: {"title": c.title, "cue_shift": _groups(c.cue_shift), "bias": _groups(c.bias),
+                             "train_share": _groups(c.train_share)} for c in lab_corpora(settings.corpora)},
+        "rows": {k: v for k, v in (spec.raw.get("variants") or {}).items()},
+        "sweep": {"name": spec.name, "parent_run_id": outcome.parent_run_id, "tracking_uri": outcome.tracking_uri},
+        "verdicts": checks, "table": json.loads(table.to_json(orient="records")),
+    }
+    files = {"json": str(atomic_write_text(root / f"{stem}.json", json.dumps(result, indent=1, ensure_ascii=False)
+                                           + "\n", force=True)),
+             "markdown": str(atomic_write_text(root / f"{stem}.md", markdown_table(table, titles) + "\n", force=True))}
+    files["figure"] = str(plot_lab(table, root / f"{stem}.png", titles=titles))
+    return files
+
+
+def _groups(groups: dict) -> list[dict]:
+    return [{"language": k[0], "gender": k[1], "value": v} for k, v in sorted(groups.items())]
