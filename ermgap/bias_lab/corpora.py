@@ -49,8 +49,8 @@ class Sizes:
     seeds, has a 95 % bootstrap interval narrower than ±3 points (docs/bias-lab.md, "Test split size")."""
 
     train: int = 24
-    dev: int = 16
-    test: int = 96
+    dev: int = 8
+    test: int = 48
     seed: int = 0
 
 
