@@ -168,12 +168,14 @@ def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:
 
 def _build_corpora(settings: LabSettings, controls, console, progress) -> float:
     t = time.perf_counter()
-    cache = Path(settings.data_root) / ".renders"
+    cache = Path(settings.data_root) / ".renders"  # the corpora share most utterances: each is rendered once
     for corpus in [x for c in controls for x in (c, c.oracle())]:
-        _, built = build_corpus(settings.data_root, corpus, settings.sizes, force=settings.force,
-                                workers=settings.workers, progress=progress, render_cache=cache)
-        console.print(f"corpus {corpus.name}: {'synthesised' if built else 'reused'} "
-                      f"({Path(settings.data_root) / corpus.name})")
+        t1 = time.perf_counter()
+        manifest, built = build_corpus(settings.data_root, corpus, settings.sizes, force=settings.force,
+                                       workers=settings.workers, progress=progress, render_cache=cache)
+        n = json.loads((manifest.parent / "corpus.json").read_text(encoding="utf-8"))["num_utterances"]
+        what = f"synthesised in {time.perf_counter() - t1:.0f} s" if built else "reused"
+        console.print(f"corpus {corpus.name}: {n:,} utterances, {what} ({manifest.parent})")
     return time.perf_counter() - t
 
 

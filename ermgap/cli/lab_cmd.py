@@ -6,13 +6,11 @@ from pathlib import Path
 
 import typer
 
-from ermgap.cli.sweep_cmd import _OVERRIDES_HELP
-
 
 def bias_lab(
-    overrides: list[str] = typer.Argument(None, help="Spec overrides for every corpus (as `ermgap sweep` takes "
-                                          "them), e.g. base.optim.epochs=4 variants.minmaxgap.lambda.eta=1. "
-                                          + _OVERRIDES_HELP),
+    overrides: list[str] = typer.Argument(None, help="Spec overrides for every corpus, as `ermgap sweep` takes them "
+                                          "(base.<config key>=V, variants.<row>.<config key>=V, ...), e.g. "
+                                          "base.optim.epochs=4 variants.minmaxgap.lambda.lam_max=1."),
     quick: bool = typer.Option(False, "--quick", help="One seed (42) instead of 42, 43, 44, for iteration; its "
                                "table goes beside its sweep (runs/sweeps/bias_lab_quick/lab/), not to bench/results."),
     spec: Path = typer.Option(Path("sweeps/bias_lab.yaml"), "--spec", help="The rows: a sweep spec whose variants "
@@ -26,8 +24,8 @@ def bias_lab(
                                   "(built with `ermgap model tiny --pretrain` defaults when missing)."),
     train_per_cell: int = typer.Option(None, "--train-per-cell", min=1, help="Train utterances per (language, "
                                        "gender, emotion) before the minority's share (default 24)."),
-    dev_per_cell: int = typer.Option(None, "--dev-per-cell", min=1, help="Dev utterances per cell (default 16)."),
-    test_per_cell: int = typer.Option(None, "--test-per-cell", min=1, help="Test utterances per cell (default 96: "
+    dev_per_cell: int = typer.Option(None, "--dev-per-cell", min=1, help="Dev utterances per cell (default 8)."),
+    test_per_cell: int = typer.Option(None, "--test-per-cell", min=1, help="Test utterances per cell (default 48: "
                                       "sized for ±3-point intervals of a 5-point gap difference over 3 seeds)."),
     corpora_only: bool = typer.Option(False, "--corpora-only", help="Build the corpora and the backbone, run nothing."),
     force: bool = typer.Option(False, "--force", help="Replace a previous lab sweep (and corpora built with other "
