@@ -1,14 +1,18 @@
-"""`ermgap bias-lab`: the driver end to end on a miniature lab, and its refusals before any work.
+"""`ermgap bias-lab`: the command end to end on a miniature lab (exit code, printed table, written files), a
+share of the seeds run apart and pooled (--seed, --add-sweep), and its refusals before any work.
 
-The end-to-end case runs the shipped spec's ERM and oracle rows on the positive control (2 train, 1 dev, 2 test
-utterances per cell, one epoch, one seed) with the session's tiny model as the backbone, on a real local Ray
-cluster with MLflow (sqlite). Oracles: the corpora's own manifests (which corpus each trial trained on, that the
-oracle twin holds more minority train rows and the same test utterances) and the trials' own prediction files.
+The end-to-end cases run the shipped spec's ERM and oracle rows on the positive control (4 train before the
+minority's share, 1 dev, 2 test utterances per cell, one epoch) with the session's tiny model as the backbone, on
+a real local Ray cluster with MLflow (sqlite). Oracles: the corpora's own manifests (which corpus each trial
+trained on, that the oracle twin holds more minority train rows and the same test utterances), the sweep's
+leaderboard and the table's own interval bounds.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,34 +23,53 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _settings(tmp_path, tiny_model, **changes):
-    from ermgap.bias_lab.corpora import Sizes
-    from ermgap.bias_lab.run import LabSettings
+def _args(tmp_path, tiny_model) -> list[str]:
+    """`ermgap bias-lab` on a miniature lab: the shipped spec's ERM and oracle rows on the positive control, 4 train
+    / 1 dev / 2 test utterances per cell, one epoch, the session's tiny model as the backbone."""
+    return ["bias-lab", "--quick", "--spec", str(REPO / "sweeps" / "bias_lab.yaml"), "--data-root", str(tmp_path / "data"),
+            "--backbone", str(tiny_model), "--train-per-cell", "4", "--dev-per-cell", "1", "--test-per-cell", "2",
+            "--corpus", "positive", "--row", "erm", "--row", "oracle",
+            f"storage_path={tmp_path / 'sweeps'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            f"base.data.feature_cache={tmp_path / 'features'}", "base.optim.epochs=1",
+            "base.optim.effective_batch_size=12", "base.optim.micro_batch_size=4", "base.eval.batch_size=16"]
 
-    overrides = [f"storage_path={tmp_path / 'sweeps'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                 f"base.data.feature_cache={tmp_path / 'features'}", "base.optim.epochs=1",
-                 "base.optim.effective_batch_size=12", "base.optim.micro_batch_size=4", "base.eval.batch_size=16"]
-    return LabSettings(spec=str(REPO / "sweeps" / "bias_lab.yaml"), data_root=str(tmp_path / "data"),
-                       backbone=str(tiny_model), sizes=Sizes(train=4, dev=1, test=2), quick=True,
-                       corpora=("positive",), rows=("erm", "oracle"), overrides=overrides, **changes)
+
+def _lab(tmp_path, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ermgap.cli.main", *args], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=110, env={**os.environ, "COLUMNS": "100"})
+
+
+@pytest.fixture(scope="module")
+def first_lab(tmp_path_factory, tiny_model):
+    """The miniature lab run once (seed 42); the module's two end-to-end tests read it."""
+    tmp_path = tmp_path_factory.mktemp("lab")
+    return tmp_path, _lab(tmp_path, *_args(tmp_path, tiny_model))
 
 
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.deepspeed
-def test_a_miniature_lab_end_to_end(tmp_path, tiny_model):
-    from rich.console import Console
-
+def test_the_lab_command_end_to_end(first_lab):
     from ermgap.bias_lab.corpora import MINORITY_SHARE
-    from ermgap.bias_lab.run import prepare, run_lab
 
-    settings = _settings(tmp_path, tiny_model)
-    result = run_lab(settings, console=Console(file=open(tmp_path / "console.txt", "w")))
-    table = result.table
-    assert list(table["objective"]) == ["erm", "oracle"] and set(table["corpus"]) == {"positive"}
-    assert table["seeds"].tolist() == [1, 1] and result.failed is None
+    tmp_path, r = first_lab
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    out = r.stdout
+    # the printed table: the corpus's block, its two rows, the oracle's interval against ERM; then the files
+    assert "positive control" in out and "mean ± sd over 1 seed(s)" in out, out
+    erm_line = next(ln for ln in out.splitlines() if ln.startswith("ERM "))
+    oracle_line = next(ln for ln in out.splitlines() if ln.startswith("Oracle "))
+    assert "reference" in erm_line and re.search(r"\[[+-]?\d+\.\d, [+-]?\d+\.\d\]", oracle_line), out
+    assert max(len(ln) for ln in out.splitlines() if ln.startswith(("ERM ", "Oracle ", "objective"))) <= 100
+    assert "table's seeds 42" in " ".join(out.split()), out
+    written = json.loads((tmp_path / "sweeps" / "bias_lab_quick" / "lab" / "bias_lab_quick.json").read_text())
+    assert str(tmp_path / "sweeps" / "bias_lab_quick" / "lab" / "bias_lab_quick.json") in out.replace("\n", "")
+    assert [row["objective"] for row in written["table"]] == ["erm", "oracle"] and written["seeds"] == [42]
+    oracle = written["table"][1]
+    assert oracle["d_gap_lo"] <= oracle["d_gap"] <= oracle["d_gap_hi"]
+    assert (tmp_path / "sweeps" / "bias_lab_quick" / "lab" / "bias_lab_quick.png").stat().st_size > 10_000
     # the oracle trained on the twin: more male train rows, the same test utterances
-    data = Path(settings.data_root)
+    data = tmp_path / "data"
     base, twin = (pd.read_csv(data / n / "manifest.csv") for n in ("positive", "positive_oracle"))
     male_train = lambda df: int(((df["split"] == "train") & (df["gender"] == "M")).sum())  # noqa: E731
     kept = max(1, int(MINORITY_SHARE * 4 + 0.5))  # per cell, rounded half up
@@ -54,16 +77,30 @@ def test_a_miniature_lab_end_to_end(tmp_path, tiny_model):
     assert set(base.loc[base["split"] == "test", "utt_id"]) == set(twin.loc[twin["split"] == "test", "utt_id"])
     board = pd.read_csv(tmp_path / "sweeps" / "bias_lab_quick" / "artifacts" / "leaderboard.csv")
     assert sorted(board["variant"]) == ["positive.erm", "positive.oracle"] and (board["status"] == "done").all()
-    written = json.loads(Path(result.files["json"]).read_text())
-    assert [r["objective"] for r in written["table"]] == ["erm", "oracle"]
-    assert written["rows"]["positive.oracle"]["data.manifest"] == str((data / "positive_oracle" / "manifest.csv"))
-    assert written["rows"]["positive.erm"]["data.manifest"] == str((data / "positive" / "manifest.csv"))
-    oracle = table[table["objective"] == "oracle"].iloc[0]
-    assert oracle["d_gap_lo"] <= oracle["d_gap"] <= oracle["d_gap_hi"]
-    assert Path(result.files["figure"]).stat().st_size > 10_000 and "target" not in result.text.split("\n")[0]
-    # a second look reuses the corpora (nothing synthesised) and validates the same spec
-    spec, timing = prepare(settings, console=Console(file=open(tmp_path / "console2.txt", "w")))
-    assert "synthesised" not in (tmp_path / "console2.txt").read_text() and spec.num_trials() == 2
+    assert written["rows"]["positive.oracle"]["data.manifest"] == str(data / "positive_oracle" / "manifest.csv")
+    assert written["rows"]["positive.erm"]["data.manifest"] == str(data / "positive" / "manifest.csv")
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_another_seed_runs_apart_and_joins_the_table(first_lab, tiny_model):
+    """Seed 43 of ERM as its own sweep, pooled with the first lab's: ERM's row has two seeds, the oracle's one;
+    the corpora are reused (nothing synthesised); the first sweep's table is left as it was."""
+    tmp_path, r = first_lab
+    assert r.returncode == 0
+    first = tmp_path / "sweeps" / "bias_lab_quick"
+    written = json.loads((first / "lab" / "bias_lab_quick.json").read_text())
+    args = _args(tmp_path, tiny_model)
+    args[args.index("oracle") - 1: args.index("oracle") + 1] = []
+    r2 = _lab(tmp_path, *args, "--seed", "43", "--add-sweep", str(first))
+    assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
+    assert "synthesised" not in r2.stdout and "table's seeds 42, 43" in " ".join(r2.stdout.split()), r2.stdout
+    pooled = json.loads((tmp_path / "sweeps" / "bias_lab_quick_seeds_43" / "lab" / "bias_lab_quick.json").read_text())
+    assert {row["objective"]: row["seeds"] for row in pooled["table"]} == {"erm": 2, "oracle": 1}
+    assert pooled["seeds"] == [42, 43] and pooled["sweep_seeds"] == [43]
+    assert pooled["added_sweeps"][0]["parent_run_id"] == written["sweep"]["parent_run_id"]
+    assert json.loads((first / "lab" / "bias_lab_quick.json").read_text()) == written
 
 
 @pytest.mark.parametrize("args,message", [
@@ -71,6 +108,7 @@ def test_a_miniature_lab_end_to_end(tmp_path, tiny_model):
     (["--row", "reweight"], "the lab needs an 'erm' row"),
     (["--row", "erm", "--row", "bogus"], "rows 'bogus'"),
     (["base.optim.epochz=3"], "epochz"),
+    (["--add-sweep", "nowhere"], "--add-sweep nowhere: not a finished lab sweep"),
 ])
 def test_bad_lab_arguments_are_refused_before_any_work(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "bias-lab", "--data-root", str(tmp_path / "d"), *args],
@@ -92,3 +130,15 @@ def test_a_corpus_with_other_settings_is_not_replaced_without_force(tmp_path):
     meta = json.loads((manifest.parent / "corpus.json").read_text())
     assert meta["train_share"] == [{"language": lang, "gender": "M", "share": MINORITY_SHARE}
                                    for lang in ("deu", "eng", "jpn")]
+
+
+def test_pooled_sweeps_add_seeds_and_refuse_a_seed_twice():
+    from ermgap.bias_lab.run import merge_predictions
+    from ermgap.errors import ConfigError
+
+    a, b, c = (pd.DataFrame({"x": [i]}) for i in range(3))
+    into = merge_predictions({"positive": {"erm": {42: a}}}, {"positive": {"erm": {43: b}, "oracle": {42: c}}}, "s")
+    assert {row: sorted(seeds) for row, seeds in into["positive"].items()} == {"erm": [42, 43], "oracle": [42]}
+    assert into["positive"]["erm"][43] is b
+    with pytest.raises(ConfigError, match=r"--add-sweep x: positive\.erm seed 42 is already in the lab's table"):
+        merge_predictions(into, {"positive": {"erm": {42: c}}}, "--add-sweep x")

@@ -48,13 +48,17 @@ class LabSettings:
     force: bool = False
     resume: bool = False  # continue an interrupted lab sweep (same settings)
     workers: int | None = None
+    seed_list: tuple[int, ...] | None = None  # this sweep's seeds (default SEEDS, QUICK_SEEDS with quick)
+    add_sweeps: tuple[str, ...] = ()  # finished lab sweeps (directories) whose trials join the table
 
     @property
     def seeds(self) -> tuple[int, ...]:
-        return QUICK_SEEDS if self.quick else SEEDS
+        return self.seed_list or (QUICK_SEEDS if self.quick else SEEDS)
 
     @property
     def name(self) -> str:
+        if self.seed_list:  # a share of the seeds: its own sweep, so it never replaces the default one
+            return f"bias_lab{'_quick' if self.quick else ''}_seeds_{'_'.join(map(str, self.seeds))}"
         return "bias_lab_quick" if self.quick else "bias_lab"
 
 
@@ -94,18 +98,50 @@ def lab_spec(settings: LabSettings, manifests: dict[str, tuple[Path, Path]]):
 
 def collect_predictions(outcome) -> dict[str, dict[str, dict[int, pd.DataFrame]]]:
     """{corpus: {row: {seed: test predictions}}} of the sweep's trials that ran to the end."""
+    return _predictions(outcome.leaderboard, outcome.tracking_uri, outcome.experiment, outcome.parent_run_id)
+
+
+def finished_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
+    """A finished lab sweep's leaderboard and state (parent run, tracking URI), checked before any work."""
+    from ermgap.sweep.paths import STATE_FILE
+
+    root = Path(path)
+    state, board = root / STATE_FILE, root / "artifacts" / "leaderboard.csv"
+    if not state.is_file() or not board.is_file():
+        raise ConfigError(f"--add-sweep {path}: not a finished lab sweep (want {STATE_FILE} and "
+                          f"artifacts/leaderboard.csv in it)")
+    frame = pd.read_csv(board)
+    bad = [v for v in frame["variant"].astype(str) if SEP not in v]
+    if bad:
+        raise ConfigError(f"--add-sweep {path}: variant {bad[0]!r} is not a lab trial (<corpus>{SEP}<row>)")
+    return frame, json.loads(state.read_text(encoding="utf-8"))
+
+
+def merge_predictions(into: dict, more: dict, source: str) -> dict:
+    """Add another sweep's {corpus: {row: {seed: frame}}}; a (corpus, row, seed) in both is refused (which to
+    keep would be a guess)."""
+    for corpus, rows in more.items():
+        for row, seeds in rows.items():
+            have = into.setdefault(corpus, {}).setdefault(row, {})
+            twice = sorted(set(have) & set(seeds))
+            if twice:
+                raise ConfigError(f"{source}: {corpus}{SEP}{row} seed {twice[0]} is already in the lab's table")
+            have.update(seeds)
+    return into
+
+
+def _predictions(board: pd.DataFrame, tracking_uri: str, experiment: str, parent_run_id: str):
     from ermgap.report import run_test_predictions
     from ermgap.sweep.leaderboard import run_params
     from ermgap.tracking import child_runs
 
-    board = outcome.leaderboard
     done = board[board["test_w_f1"].notna() & board["mlflow_run_id"].notna()] if len(board) else board
-    runs = child_runs(outcome.tracking_uri, outcome.experiment, outcome.parent_run_id)
+    runs = child_runs(tracking_uri, experiment, parent_run_id)
     params = {r["run_id"]: run_params(r) for _, r in runs.iterrows()}
     out: dict[str, dict[str, dict[int, pd.DataFrame]]] = {}
     with tempfile.TemporaryDirectory(prefix="ermgap-lab-") as tmp:
         for _, r in done.iterrows():
-            got = run_test_predictions(outcome.tracking_uri, r["mlflow_run_id"], params.get(r["mlflow_run_id"], {}), tmp)
+            got = run_test_predictions(tracking_uri, r["mlflow_run_id"], params.get(r["mlflow_run_id"], {}), tmp)
             if got is not None:
                 corpus, row = r["variant"].split(SEP, 1)
                 out.setdefault(corpus, {}).setdefault(row, {})[int(r["optim.seed"])] = got[0]
@@ -127,6 +163,8 @@ def prepare(settings: LabSettings, *, console=None, progress=None):
     root = Path(settings.data_root)
     manifests = {c.name: (root / c.name / "manifest.csv", root / c.oracle().name / "manifest.csv") for c in controls}
     spec = lab_spec(settings, manifests)
+    for path in settings.add_sweeps:
+        finished_sweep(path)
     corpora_s = _build_corpora(settings, controls, console, progress)
     backbone_s = _ensure_backbone(settings, console)
     return spec, {"corpora_s": round(corpora_s, 1), "backbone_s": round(backbone_s, 1)}
@@ -155,14 +193,19 @@ def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:
             from None
     timing["sweep_s"] = round(time.perf_counter() - t1, 1)
     preds = collect_predictions(outcome)
+    for path in settings.add_sweeps:
+        board, state = finished_sweep(path)
+        merge_predictions(preds, _predictions(board, state["tracking_uri"], state["experiment"],
+                                              state["parent_run_id"]), f"--add-sweep {path}")
     if not preds:
         raise TrainingError(f"bias lab: no trial finished{f': {failed}' if failed else ''}")
     table = lab_table(preds)
     titles = {c.name: c.title for c in CONTROLS}
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     checks = verdicts(table)
-    text = _report(table, titles, checks, timing, settings, load_start)
-    files = _write(settings, table, titles, checks, timing, spec, outcome, load_start)
+    seeds = sorted({s for rows in preds.values() for runs in rows.values() for s in runs})
+    text = _report(table, titles, checks, timing, settings, load_start, seeds)
+    files = _write(settings, table, titles, checks, timing, spec, outcome, load_start, seeds)
     return LabResult(table=table, text=text, verdicts=checks, timing=timing, files=files, failed=failed)
 
 
@@ -194,18 +237,18 @@ def _ensure_backbone(settings: LabSettings, console) -> float:
     return time.perf_counter() - t
 
 
-def _report(table, titles, checks, timing, settings, load_start) -> str:
+def _report(table, titles, checks, timing, settings, load_start, seeds) -> str:
     lines = [format_table(table, titles), ""]
     for name, v in checks.items():
         lines.append(f"target, {name} control: {'MET' if v['met'] else 'NOT met'} — {v['why']}")
     lines.append(f"wall time {timing['total_s'] / 60:.1f} min (corpora {timing['corpora_s']:.0f} s, backbone "
-                 f"{timing['backbone_s']:.0f} s, sweep {timing['sweep_s'] / 60:.1f} min); seeds "
-                 f"{', '.join(map(str, settings.seeds))}; load average at start {load_start[0]:.1f}, at end "
+                 f"{timing['backbone_s']:.0f} s, sweep {timing['sweep_s'] / 60:.1f} min, seeds "
+                 f"{', '.join(map(str, settings.seeds))}); table's seeds {', '.join(map(str, seeds))}; load average at start {load_start[0]:.1f}, at end "
                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return "\n".join(lines)
 
 
-def _write(settings, table, titles, checks, timing, spec, outcome, load_start) -> dict[str, str]:
+def _write(settings, table, titles, checks, timing, spec, outcome, load_start, seeds) -> dict[str, str]:
     """bench/results/bias_lab.json (+ .md and the figure) for the full lab; the quick lab's beside its sweep."""
     from ermgap.bias_lab.figure import plot_lab
 
@@ -213,12 +256,17 @@ def _write(settings, table, titles, checks, timing, spec, outcome, load_start) -
     stem = Path(settings.results).stem if not settings.quick else "bias_lab_quick"
     result = {
         "machine": {**machine(), "load_avg_at_start": load_start},
-        "command": "ermgap bias-lab" + (" --quick" if settings.quick else ""),
-        "seeds": list(settings.seeds), "sizes": asdict(settings.sizes), "timing": timing,
+        "command": " ".join(["ermgap bias-lab", *(["--quick"] if settings.quick else []),
+                             *(f"--seed {s}" for s in settings.seed_list or ()),
+                             *(f"--add-sweep {p}" for p in settings.add_sweeps)]),
+        "seeds": seeds, "sweep_seeds": list(settings.seeds), "sizes": asdict(settings.sizes), "timing": timing,
         "corpora": {c.name: {"title": c.title, "cue_shift": _groups(c.cue_shift), "bias": _groups(c.bias),
                              "train_share": _groups(c.train_share)} for c in lab_corpora(settings.corpora)},
         "rows": {k: v for k, v in (spec.raw.get("variants") or {}).items()},
         "sweep": {"name": spec.name, "parent_run_id": outcome.parent_run_id, "tracking_uri": outcome.tracking_uri},
+        "added_sweeps": [{"path": str(Path(p).resolve()), **{k: finished_sweep(p)[1][k] for k in
+                                                              ("name", "parent_run_id", "tracking_uri")}}
+                         for p in settings.add_sweeps],
         "verdicts": checks, "table": json.loads(table.to_json(orient="records")),
     }
     files = {"json": str(atomic_write_text(root / f"{stem}.json", json.dumps(result, indent=1, ensure_ascii=False)

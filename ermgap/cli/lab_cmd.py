@@ -31,6 +31,13 @@ def bias_lab(
     force: bool = typer.Option(False, "--force", help="Replace a previous lab sweep (and corpora built with other "
                                "settings)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted lab (same command otherwise)."),
+    seed: list[int] = typer.Option(None, "--seed", help="This run's seeds (repeatable; default 42, 43, 44, or 42 "
+                                   "with --quick); a share of the seeds runs as its own sweep "
+                                   "(runs/sweeps/bias_lab_seeds_43_44/), so seeds can be run apart and pooled with "
+                                   "--add-sweep."),
+    add_sweep: list[Path] = typer.Option(None, "--add-sweep", help="A finished lab sweep (its directory, e.g. "
+                                         "runs/sweeps/bias_lab_quick) whose trials join the table (repeatable; its "
+                                         "seeds must differ from this run's)."),
 ) -> None:
     """The bias lab: positive control (a cue-shifted, under-represented minority: a gap an objective can close),
     irreducible bias (neutralised prosody: it can only level down) and negative control (no bias in the audio:
@@ -50,7 +57,8 @@ def bias_lab(
                                                   ("test", test_per_cell)) if v is not None})
     settings = LabSettings(spec=str(spec), data_root=str(data_root), backbone=str(backbone), quick=quick, sizes=sizes,
                            corpora=tuple(corpus) if corpus else None, rows=tuple(row) if row else None,
-                           overrides=list(overrides or []), force=force, resume=resume)
+                           overrides=list(overrides or []), force=force, resume=resume,
+                           seed_list=tuple(seed) if seed else None, add_sweeps=tuple(map(str, add_sweep or ())))
     console = Console()
     if corpora_only:
         from ermgap.bias_lab.run import prepare
