@@ -101,6 +101,13 @@ def test_another_seed_runs_apart_and_joins_the_table(first_lab, tiny_model):
     assert pooled["seeds"] == [42, 43] and pooled["sweep_seeds"] == [43]
     assert pooled["added_sweeps"][0]["parent_run_id"] == written["sweep"]["parent_run_id"]
     assert json.loads((first / "lab" / "bias_lab_quick.json").read_text()) == written
+    # The same table from the two sweeps' MLflow runs alone, running nothing (bench/results under the cwd).
+    second = tmp_path / "sweeps" / "bias_lab_quick_seeds_43"
+    r3 = _lab(tmp_path, "bias-lab", "--table-only", "--spec", str(REPO / "sweeps" / "bias_lab.yaml"),
+              "--add-sweep", str(second), "--add-sweep", str(first))
+    assert r3.returncode == 0, r3.stdout[-3000:] + r3.stderr[-3000:]
+    again = json.loads((tmp_path / "bench" / "results" / "bias_lab.json").read_text())
+    assert again["table"] == pooled["table"] and again["seeds"] == [42, 43] and again["sweep"] is None
 
 
 @pytest.mark.parametrize("args,message", [
@@ -108,7 +115,8 @@ def test_another_seed_runs_apart_and_joins_the_table(first_lab, tiny_model):
     (["--row", "reweight"], "the lab needs an 'erm' row"),
     (["--row", "erm", "--row", "bogus"], "rows 'bogus'"),
     (["base.optim.epochz=3"], "epochz"),
-    (["--add-sweep", "nowhere"], "--add-sweep nowhere: not a finished lab sweep"),
+    (["--add-sweep", "nowhere"], "--add-sweep nowhere: not a lab sweep"),
+    (["--table-only"], "--table-only builds the table of --add-sweep's sweeps"),
 ])
 def test_bad_lab_arguments_are_refused_before_any_work(tmp_path, args, message):
     r = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "bias-lab", "--data-root", str(tmp_path / "d"), *args],

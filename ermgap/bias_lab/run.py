@@ -49,7 +49,8 @@ class LabSettings:
     resume: bool = False  # continue an interrupted lab sweep (same settings)
     workers: int | None = None
     seed_list: tuple[int, ...] | None = None  # this sweep's seeds (default SEEDS, QUICK_SEEDS with quick)
-    add_sweeps: tuple[str, ...] = ()  # finished lab sweeps (directories) whose trials join the table
+    add_sweeps: tuple[str, ...] = ()  # lab sweeps (directories) whose finished trials join the table
+    table_only: bool = False  # run nothing: the table of add_sweeps' finished trials
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -101,20 +102,37 @@ def collect_predictions(outcome) -> dict[str, dict[str, dict[int, pd.DataFrame]]
     return _predictions(outcome.leaderboard, outcome.tracking_uri, outcome.experiment, outcome.parent_run_id)
 
 
-def finished_sweep(path: str | os.PathLike) -> tuple[pd.DataFrame, dict]:
-    """A finished lab sweep's leaderboard and state (parent run, tracking URI), checked before any work."""
+def finished_sweep(path: str | os.PathLike) -> dict:
+    """A lab sweep's state (parent run, tracking URI, experiment), checked before any work. The sweep may have
+    been interrupted: its trials that ran to the end are in MLflow (`sweep_trials`)."""
     from ermgap.sweep.paths import STATE_FILE
 
-    root = Path(path)
-    state, board = root / STATE_FILE, root / "artifacts" / "leaderboard.csv"
-    if not state.is_file() or not board.is_file():
-        raise ConfigError(f"--add-sweep {path}: not a finished lab sweep (want {STATE_FILE} and "
-                          f"artifacts/leaderboard.csv in it)")
-    frame = pd.read_csv(board)
-    bad = [v for v in frame["variant"].astype(str) if SEP not in v]
+    state = Path(path) / STATE_FILE
+    try:
+        got = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        got = None
+    if not isinstance(got, dict) or not all(got.get(k) for k in ("parent_run_id", "tracking_uri", "experiment")):
+        raise ConfigError(f"--add-sweep {path}: not a lab sweep (want {STATE_FILE} with its parent run, tracking "
+                          f"URI and experiment)")
+    return got
+
+
+def sweep_trials(state: dict) -> pd.DataFrame:
+    """The sweep's trials that ran to the end (MLflow child runs FINISHED with test metrics), as leaderboard
+    rows: variant, optim.seed, mlflow_run_id, test_w_f1."""
+    from ermgap.tracking import child_runs
+
+    runs = child_runs(state["tracking_uri"], state["experiment"], state["parent_run_id"])
+    cols = ["variant", "optim.seed", "mlflow_run_id", "test_w_f1"]
+    if runs.empty or "metrics.best/test_w_f1" not in runs:
+        return pd.DataFrame(columns=cols)
+    done = runs[(runs["status"] == "FINISHED") & runs["metrics.best/test_w_f1"].notna()]
+    bad = [v for v in done["tags.ermgap.param.variant"].astype(str) if SEP not in v]
     if bad:
-        raise ConfigError(f"--add-sweep {path}: variant {bad[0]!r} is not a lab trial (<corpus>{SEP}<row>)")
-    return frame, json.loads(state.read_text(encoding="utf-8"))
+        raise ConfigError(f"sweep {state.get('name')}: variant {bad[0]!r} is not a lab trial (<corpus>{SEP}<row>)")
+    return pd.DataFrame({"variant": done["tags.ermgap.param.variant"], "optim.seed": done["params.optim.seed"],
+                         "mlflow_run_id": done["run_id"], "test_w_f1": done["metrics.best/test_w_f1"]})[cols]
 
 
 def merge_predictions(into: dict, more: dict, source: str) -> dict:
@@ -180,26 +198,33 @@ def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:
     console = console or Console()
     t0 = time.perf_counter()
     load_start = machine()["load_avg"]
-    spec, timing = prepare(settings, console=console, progress=progress)
-    t1 = time.perf_counter()
-    failed = None
-    try:
-        outcome = run_sweep(spec, force=settings.force and not settings.resume, resume=settings.resume,
-                            console=console)
-    except TrialsFailed as err:
-        outcome, failed = err.outcome, str(err)
-    except SweepInterrupted as err:
-        raise SweepInterrupted(f"bias lab interrupted ({err}); continue it with the same command and --resume") \
-            from None
-    timing["sweep_s"] = round(time.perf_counter() - t1, 1)
-    preds = collect_predictions(outcome)
+    failed, spec, outcome, preds, timing = None, None, None, {}, {}
+    if settings.table_only:
+        if not settings.add_sweeps:
+            raise ConfigError("--table-only builds the table of --add-sweep's sweeps: name at least one")
+        for path in settings.add_sweeps:
+            finished_sweep(path)
+    else:
+        spec, timing = prepare(settings, console=console, progress=progress)
+        t1 = time.perf_counter()
+        try:
+            outcome = run_sweep(spec, force=settings.force and not settings.resume, resume=settings.resume,
+                                console=console)
+        except TrialsFailed as err:
+            outcome, failed = err.outcome, str(err)
+        except SweepInterrupted as err:
+            raise SweepInterrupted(f"bias lab interrupted ({err}); continue it with the same command and "
+                                   f"--resume, or build the table of its finished trials with --table-only "
+                                   f"--add-sweep") from None
+        timing["sweep_s"] = round(time.perf_counter() - t1, 1)
+        preds = collect_predictions(outcome)
     for path in settings.add_sweeps:
-        board, state = finished_sweep(path)
-        merge_predictions(preds, _predictions(board, state["tracking_uri"], state["experiment"],
+        state = finished_sweep(path)
+        merge_predictions(preds, _predictions(sweep_trials(state), state["tracking_uri"], state["experiment"],
                                               state["parent_run_id"]), f"--add-sweep {path}")
     if not preds:
         raise TrainingError(f"bias lab: no trial finished{f': {failed}' if failed else ''}")
-    table = lab_table(preds)
+    table = lab_table(_in_lab_order(preds, settings))
     titles = {c.name: c.title for c in CONTROLS}
     timing["total_s"] = round(time.perf_counter() - t0, 1)
     checks = verdicts(table)
@@ -207,6 +232,17 @@ def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:
     text = _report(table, titles, checks, timing, settings, load_start, seeds)
     files = _write(settings, table, titles, checks, timing, spec, outcome, load_start, seeds)
     return LabResult(table=table, text=text, verdicts=checks, timing=timing, files=files, failed=failed)
+
+
+def _in_lab_order(preds: dict, settings: LabSettings) -> dict:
+    """Corpora in CONTROLS' order, rows in the spec's, seeds ascending (pooled sweeps arrive in MLflow's order)."""
+    from ermgap.sweep.spec import load_sweep_spec
+
+    rows = list(load_sweep_spec(settings.spec).raw.get("variants") or {})
+    rank = {r: i for i, r in enumerate(rows)}
+    corpora = [c.name for c in CONTROLS if c.name in preds] + sorted(set(preds) - {c.name for c in CONTROLS})
+    return {c: {r: dict(sorted(preds[c][r].items())) for r in sorted(preds[c], key=lambda r: (rank.get(r, len(rank)), r))}
+            for c in corpora}
 
 
 def _build_corpora(settings: LabSettings, controls, console, progress) -> float:
@@ -241,9 +277,10 @@ def _report(table, titles, checks, timing, settings, load_start, seeds) -> str:
     lines = [format_table(table, titles), ""]
     for name, v in checks.items():
         lines.append(f"target, {name} control: {'MET' if v['met'] else 'NOT met'} — {v['why']}")
-    lines.append(f"wall time {timing['total_s'] / 60:.1f} min (corpora {timing['corpora_s']:.0f} s, backbone "
-                 f"{timing['backbone_s']:.0f} s, sweep {timing['sweep_s'] / 60:.1f} min, seeds "
-                 f"{', '.join(map(str, settings.seeds))}); table's seeds {', '.join(map(str, seeds))}; load average at start {load_start[0]:.1f}, at end "
+    ran = (f"wall time {timing['total_s'] / 60:.1f} min (corpora {timing['corpora_s']:.0f} s, backbone "
+           f"{timing['backbone_s']:.0f} s, sweep {timing['sweep_s'] / 60:.1f} min, seeds "
+           f"{', '.join(map(str, settings.seeds))}); " if "sweep_s" in timing else "no sweep run; ")
+    lines.append(f"{ran}table's seeds {', '.join(map(str, seeds))}; load average at start {load_start[0]:.1f}, at end "
                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     return "\n".join(lines)
 
@@ -252,19 +289,22 @@ def _write(settings, table, titles, checks, timing, spec, outcome, load_start, s
     """bench/results/bias_lab.json (+ .md and the figure) for the full lab; the quick lab's beside its sweep."""
     from ermgap.bias_lab.figure import plot_lab
 
-    root = Path(settings.results).parent if not settings.quick else Path(str(outcome.root)) / "lab"
-    stem = Path(settings.results).stem if not settings.quick else "bias_lab_quick"
+    beside = settings.quick and outcome is not None  # a quick lab's table goes beside its sweep
+    root = Path(str(outcome.root)) / "lab" if beside else Path(settings.results).parent
+    stem = "bias_lab_quick" if beside else Path(settings.results).stem
     result = {
         "machine": {**machine(), "load_avg_at_start": load_start},
         "command": " ".join(["ermgap bias-lab", *(["--quick"] if settings.quick else []),
                              *(f"--seed {s}" for s in settings.seed_list or ()),
+                             *(["--table-only"] if settings.table_only else []),
                              *(f"--add-sweep {p}" for p in settings.add_sweeps)]),
         "seeds": seeds, "sweep_seeds": list(settings.seeds), "sizes": asdict(settings.sizes), "timing": timing,
         "corpora": {c.name: {"title": c.title, "cue_shift": _groups(c.cue_shift), "bias": _groups(c.bias),
                              "train_share": _groups(c.train_share)} for c in lab_corpora(settings.corpora)},
-        "rows": {k: v for k, v in (spec.raw.get("variants") or {}).items()},
-        "sweep": {"name": spec.name, "parent_run_id": outcome.parent_run_id, "tracking_uri": outcome.tracking_uri},
-        "added_sweeps": [{"path": str(Path(p).resolve()), **{k: finished_sweep(p)[1][k] for k in
+        "rows": {k: v for k, v in (spec.raw.get("variants") or {}).items()} if spec else None,
+        "sweep": {"name": spec.name, "parent_run_id": outcome.parent_run_id, "tracking_uri": outcome.tracking_uri}
+        if spec else None,
+        "added_sweeps": [{"path": str(Path(p).resolve()), **{k: finished_sweep(p)[k] for k in
                                                               ("name", "parent_run_id", "tracking_uri")}}
                          for p in settings.add_sweeps],
         "verdicts": checks, "table": json.loads(table.to_json(orient="records")),

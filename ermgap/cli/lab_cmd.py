@@ -35,9 +35,12 @@ def bias_lab(
                                    "with --quick); a share of the seeds runs as its own sweep "
                                    "(runs/sweeps/bias_lab_seeds_43_44/), so seeds can be run apart and pooled with "
                                    "--add-sweep."),
-    add_sweep: list[Path] = typer.Option(None, "--add-sweep", help="A finished lab sweep (its directory, e.g. "
-                                         "runs/sweeps/bias_lab_quick) whose trials join the table (repeatable; its "
-                                         "seeds must differ from this run's)."),
+    add_sweep: list[Path] = typer.Option(None, "--add-sweep", help="A lab sweep (its directory, e.g. "
+                                         "runs/sweeps/bias_lab_quick; finished or interrupted) whose trials that ran "
+                                         "to the end join the table (repeatable; a (corpus, row, seed) may be in "
+                                         "one sweep only)."),
+    table_only: bool = typer.Option(False, "--table-only", help="Run nothing: the table of the --add-sweep "
+                                    "sweeps' finished trials (written to bench/results/)."),
 ) -> None:
     """The bias lab: positive control (a cue-shifted, under-represented minority: a gap an objective can close),
     irreducible bias (neutralised prosody: it can only level down) and negative control (no bias in the audio:
@@ -58,7 +61,7 @@ def bias_lab(
     settings = LabSettings(spec=str(spec), data_root=str(data_root), backbone=str(backbone), quick=quick, sizes=sizes,
                            corpora=tuple(corpus) if corpus else None, rows=tuple(row) if row else None,
                            overrides=list(overrides or []), force=force, resume=resume,
-                           seed_list=tuple(seed) if seed else None, add_sweeps=tuple(map(str, add_sweep or ())))
+                           seed_list=tuple(seed) if seed else None, add_sweeps=tuple(map(str, add_sweep or ())), table_only=table_only)
     console = Console()
     if corpora_only:
         from ermgap.bias_lab.run import prepare
