@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -34,9 +35,20 @@ def _args(tmp_path, tiny_model) -> list[str]:
             "base.optim.effective_batch_size=12", "base.optim.micro_batch_size=4", "base.eval.batch_size=16"]
 
 
-def _lab(tmp_path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ermgap.cli.main", *args], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=110, env={**os.environ, "COLUMNS": "100"})
+def _lab(cwd: Path, *args) -> SimpleNamespace:
+    """`ermgap <args>` in this process (typer's runner: the command's own exit code and printed output; a new
+    interpreter per call would add its start to a test already near its time budget)."""
+    from typer.testing import CliRunner
+
+    from ermgap.cli.main import app
+
+    here = os.getcwd()
+    os.chdir(cwd)
+    try:
+        r = CliRunner().invoke(app, list(args), env={"COLUMNS": "100"})
+    finally:
+        os.chdir(here)
+    return SimpleNamespace(returncode=r.exit_code, stdout=r.output, stderr=repr(r.exception))
 
 
 @pytest.fixture(scope="module")
