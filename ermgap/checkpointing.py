@@ -31,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ermgap.errors import ErmgapWarning
@@ -105,6 +104,8 @@ def gathered(params: list[torch.nn.Parameter], zero_stage: int):
 def adapter_state(peft_model, zero_stage: int) -> dict[str, torch.Tensor]:
     """A CPU copy of the LoRA weights in peft's saved-adapter key format."""
 
+    from peft import get_peft_model_state_dict  # here: the driver reaches this module and never needs peft
+
     params = [p for p in peft_model.parameters() if p.requires_grad]
     with gathered(params, zero_stage):
         sd = get_peft_model_state_dict(peft_model)
@@ -126,6 +127,7 @@ def load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
 def apply_adapter_state(peft_model, state: dict[str, torch.Tensor], zero_stage: int) -> None:
     """Overwrite the model's LoRA weights with `state` (same format as adapter_state)."""
+    from peft import set_peft_model_state_dict
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     if zero_stage == 3:

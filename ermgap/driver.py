@@ -18,7 +18,7 @@ import os
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
@@ -37,10 +37,21 @@ from ermgap.objectives import describe_objective, live_values, objective_class
 from ermgap.preflight import check_cluster_gpus, check_inputs, resolve_task, resolved_config, with_task
 from ermgap.progress import ProgressBox, TrainProgress
 from ermgap.ray_runtime import ensure_ray
-from ermgap.recipe import StepHook, train_loop_per_worker
 from ermgap.run_outputs import CONFIG_FILE, METRICS_FILE
 from ermgap.storage import Location
 from ermgap.tracking import check_server, close_orphaned_runs, driver_tag, mark_run, source_tags
+
+if TYPE_CHECKING:
+    from ermgap.recipe import StepHook
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: the recipe (ermgap.recipe.train_loop_per_worker). Imported there, not
+    here: the driver, a sweep's trial driver and the Train controller never load the model stack (peft,
+    DeepSpeed, the recipe's modules), which only the workers use."""
+    from ermgap.recipe import train_loop_per_worker as run
+
+    run(loop_config)
 
 
 def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | Location, name: str,

@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
@@ -201,6 +199,9 @@ def lora_target_regex(lora_cfg: LoraConfig) -> str:
 def apply_lora(model, lora_cfg: LoraConfig):
     """Wrap with peft LoRA; only the LoRA matrices require grad. Seed torch before calling for a fixed init."""
 
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
     peft_cfg = PeftLoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
                               target_modules=lora_target_regex(lora_cfg), bias="none")
     try:
@@ -215,6 +216,8 @@ def load_adapter(model, adapter_dir: str | os.PathLike, *, trainable: bool = Fal
 
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter_dir}: no adapter_config.json; not a peft adapter directory")
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
 
 

@@ -8,7 +8,6 @@ from math import gcd
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from ermgap.errors import ManifestError
 
@@ -44,6 +43,8 @@ def resample(x: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
         return x.astype(np.float32, copy=False)
 
     g = gcd(orig_sr, target_sr)
+    from scipy.signal import resample_poly  # only when resampling: scipy.signal costs ~1 s of every import
+
     return resample_poly(x, target_sr // g, orig_sr // g).astype(np.float32)
 
 
