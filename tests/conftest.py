@@ -1,23 +1,52 @@
-"""Shared, session-scoped fixtures: a small synthetic corpus and a tiny Qwen2-Audio, built once per test run.
+"""Shared, session-scoped fixtures: what the suite starts or builds once per test run and every test reuses.
 
-Both are expensive enough (espeak-ng synthesis, tokenizer training) that every area reuses them.
-Tests must not modify them; copy first if you need to mutate.
+- `synth_corpus`: a small biased synthetic corpus (manifest path; espeak-ng audio). `small_manifest`: its
+  8 train / 4 dev / 4 test rows per language × gender (48 / 24 / 24 utterances), the end-to-end slice.
+- `tiny_model`: a tiny randomly initialised Qwen2-Audio in the standard layout (directory path).
+- `ray_cluster`: ONE local Ray cluster for every in-process test that needs one (127.0.0.1, 2 CPUs, dashboard on:
+  Train V2 needs it), started as `ermgap train` starts one (`ensure_ray`, with its reaper). Returns its GCS
+  address, for `--address` in subprocesses. Tests are isolated by their own run names, storage paths and MLflow
+  stores (tmp_path), not by restarting Ray: never `ray.shutdown()` it, never start another Ray in this process.
+  Each test that uses it must leave it idle (all CPUs free within 60 s after the test, checked in teardown).
+  Tests that use it run after all others (collection order), so tests that check that nothing started Ray in
+  this process (errors caught before Ray starts) still see no Ray.
+- `reference_run`: THE trained tiny run, produced once per test run by the real CLI (`ermgap train ...
+  --address <ray_cluster>`, stdout a pipe) on `small_manifest` with the 12-step schedule of
+  `_runs.train_overrides` (2 workers, DeepSpeed ZeRO-2, evaluation every 3 steps, adaptive λ, MLflow sqlite).
+  A `_runs.FinishedRun`: `.final` (metrics.json + run_dir + tracking_uri, what `run_training` returns),
+  `.output` (what the CLI printed), `.overrides`, `.root` (its store: `root/mlflow.db`, `root/runs/...`).
+  Tests that only read a finished run (metrics, predictions, MLflow, report, serve, progress output) read this
+  one; tests that need another run compare against it (`_runs.assert_same_run`). Read-only: copy to modify.
+
+Expensive module fixtures stay in their modules; anything two modules need belongs here. Markers: a test that
+uses `ray_cluster` or `reference_run` is `ray` (and `deepspeed`, `slow` for the run) like the runs it starts.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-
 from _procs import free_port  # noqa: F401  (re-exported for tests that import it from conftest)
+from _runs import FinishedRun, finished_run, small_slice, train_overrides
 
 # Keep Ray, tokenizers and BLAS from oversubscribing the 2 cores CI has.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+IDLE_TIMEOUT_S = 60.0
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests on the session's Ray cluster run last (stable: otherwise in their usual order)."""
+    items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +60,12 @@ def synth_corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_manifest(synth_corpus, tmp_path_factory) -> Path:
+    """8 train / 4 dev / 4 test rows per (language, gender): 48 / 24 / 24 utterances."""
+    return small_slice(synth_corpus, tmp_path_factory.mktemp("small") / "manifest.csv")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny randomly initialised Qwen2-Audio saved in the standard layout (directory path)."""
     from ermgap.model import build_tiny
@@ -38,12 +73,60 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("models") / "tiny")
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray cluster on 127.0.0.1 (2 CPUs, dashboard on: Train V2 needs it) for one test module."""
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """The session's local Ray cluster (module docstring); yields its GCS address."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=free_port(), _node_ip_address="127.0.0.1", log_to_driver=False)
+    from ermgap.ray_runtime import ensure_ray
+
+    assert not ray.is_initialized(), "a test started Ray in this process without the ray_cluster fixture"
+    saved = os.environ.pop("RAY_ADDRESS", None)  # a local cluster of its own, never one $RAY_ADDRESS names
+    try:
+        ensure_ray(None, num_cpus=2, log_to_driver=False)
+    finally:
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_cluster_left_idle(request):
+    """After a test on the session's cluster: every CPU is free again (a leaked worker group or placement
+    group would starve the next test, which would then fail far from the cause)."""
+    yield
+    if "ray_cluster" not in request.fixturenames:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    total = ray.cluster_resources().get("CPU", 0.0)
+    deadline = time.monotonic() + IDLE_TIMEOUT_S
+    while (free := ray.available_resources().get("CPU", 0.0)) < total:
+        if time.monotonic() > deadline:
+            pytest.fail(f"{request.node.nodeid} left the session's Ray cluster busy: {free:g} of {total:g} CPUs "
+                        f"free {IDLE_TIMEOUT_S:g} s after it ended")
+        time.sleep(0.25)
+
+
+@pytest.fixture(scope="session")
+def reference_run(ray_cluster, small_manifest, tiny_model, tmp_path_factory) -> FinishedRun:
+    """THE trained tiny run (module docstring): `ermgap train` on the session's cluster, 12 steps, 2 workers."""
+    from ermgap.quiet import QUIET_ENV
+
+    root = tmp_path_factory.mktemp("reference")
+    overrides = train_overrides(small_manifest, tiny_model, root)
+    cfg = root / "run.yaml"
+    cfg.write_text("{}\n")
+    run_dir = root / "runs" / "reference"
+    # The environment a user's shell has: not this process's RAY_ADDRESS, verbosity or quieting (a command run
+    # in-process by another test may have quieted it; the CLI must quiet itself).
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ERMGAP_VERBOSE") and k not in QUIET_ENV}
+    proc = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "train", str(cfg), *overrides,
+                           "--run-dir", str(run_dir), "--address", ray_cluster],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    return finished_run(run_dir, f"sqlite:///{root}/mlflow.db", output, overrides, root)

@@ -246,8 +246,9 @@ def test_evaluate_backend_with_cache_equals_without(tiny_model, rows, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_features_build_cli_fills_the_cache_once(synth_corpus, tiny_model, tmp_path):
-    """`ermgap features build` with 2 Ray actors: every utterance encoded once, a rerun only hits."""
+def test_features_build_cli_fills_the_cache_once(ray_cluster, synth_corpus, tiny_model, tmp_path):
+    """`ermgap features build` with 2 Ray actors (on the session's cluster): every utterance encoded once, a
+    rerun only hits."""
     import os
     import subprocess
     import sys
@@ -255,7 +256,8 @@ def test_features_build_cli_fills_the_cache_once(synth_corpus, tiny_model, tmp_p
     df = read_manifest(synth_corpus)
     cmd = [sys.executable, "-m", "ermgap.cli.main", "features", "build", "configs/tiny.yaml",
            f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}", f"tracking.storage_path={tmp_path}",
-           "distributed.cpus_per_worker=0.5", "optim.effective_batch_size=8", "optim.micro_batch_size=4"]
+           "distributed.cpus_per_worker=0.5", "optim.effective_batch_size=8", "optim.micro_batch_size=4",
+           "--address", ray_cluster]
     env = {**os.environ, "RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
     repo = Path(__file__).resolve().parent.parent
     first = subprocess.run(cmd + ["--workers", "2"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)

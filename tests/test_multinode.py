@@ -31,7 +31,6 @@ import pytest
 import yaml
 from _procs import free_port, kill_pids_with_env, wait_http
 from _ray_head import LocalHead, LocalNode
-from test_train_distributed import small_manifest  # noqa: F401  (48/24/24 utterances of the synthetic corpus)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
 
@@ -254,7 +253,7 @@ def _tune_statuses(stack: Stack) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in trials}
 
 
-def test_guard_rails_refuse_node_local_storage_and_tracking_on_two_nodes(stack, small_manifest, tiny_model):  # noqa: F811
+def test_guard_rails_refuse_node_local_storage_and_tracking_on_two_nodes(stack, small_manifest, tiny_model):
     """`ermgap sweep --address` on the 2-node cluster: refused before any trial starts and before anything
     is written, with what to use instead (exit 2, one error line, no traceback)."""
     def refused(spec: Path) -> str:
@@ -278,7 +277,7 @@ def test_guard_rails_refuse_node_local_storage_and_tracking_on_two_nodes(stack, 
     assert not any(k.startswith("sweeps/mn_guard/") for k in stack.keys("sweeps/"))
 
 
-def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack, small_manifest, tiny_model):  # noqa: F811
+def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack, small_manifest, tiny_model):
     from mlflow import MlflowClient
 
     t0 = time.monotonic()

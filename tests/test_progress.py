@@ -3,13 +3,8 @@ DeepSpeed and the tiny model for the end-to-end check)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-import pandas as pd
 import pytest
 from rich.console import Console
 
@@ -43,30 +38,19 @@ def test_plain_lines_name_epoch_step_rate_eta_and_evaluations():
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.deepspeed
-def test_train_output_shows_progress_and_no_library_noise(tmp_path, synth_corpus, tiny_model):
+def test_train_output_shows_progress_and_no_library_noise(reference_run):
     """`ermgap train` with stdout a pipe (as in CI or `ray job logs`): plain progress lines with steps/s
-    and ETA, one line per evaluation, and none of Ray's, DeepSpeed's or transformers' chatter."""
-    df = pd.read_csv(synth_corpus, dtype=str, keep_default_na=False)
-    df["audio"] = [str(Path(synth_corpus).parent / a) for a in df["audio"]]
-    small = pd.concat(g.head(4 if split == "train" else 2) for (split, _, _), g in df.groupby(["split", "language", "gender"]))
-    manifest = tmp_path / "manifest.csv"
-    small.to_csv(manifest, index=False)  # 24 train rows: 3 optimizer steps of 8
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ERMGAP_VERBOSE")}
-    env.update(OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
-    cmd = [sys.executable, "-m", "ermgap.cli.main", "train", str(Path(__file__).parents[1] / "configs" / "tiny.yaml"),
-           f"data.manifest={manifest}", f"model.name_or_path={tiny_model}", "optim.epochs=1",
-           "optim.effective_batch_size=8", "optim.micro_batch_size=4", "distributed.num_workers=1",
-           "eval.batch_size=12", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-           f"tracking.storage_path={tmp_path / 'runs'}"]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-3000:]
+    and ETA, one line per evaluation, and none of Ray's, DeepSpeed's or transformers' chatter. The command is
+    the session's reference run (tests/conftest.py): 2 epochs × 6 steps, evaluation every 3 steps, 2 workers."""
+    out, final = reference_run.output, reference_run.final
     steps = [m for m in STEP_LINE.finditer(out)]
     assert steps, out[-3000:]
-    assert {(m.group(1), m.group(2)) for m in steps} == {("1", "1")}
-    assert [m.group(4) for m in steps] == ["3"] * len(steps) and steps[-1].group(3) == "3"
+    # the first step, then the end of each epoch (and where the steps stand at each evaluation)
+    assert {(m.group(1), m.group(2)) for m in steps} == {("1", "2"), ("2", "2")}
+    assert [m.group(4) for m in steps] == ["12"] * len(steps) and steps[-1].group(3) == "12"
     assert all(float(m.group(5)) > 0 for m in steps)
-    assert re.search(r"eval 1 @ step 3: dev W-F1 [\d.]+ · dev worst-lang gap", out)
-    assert "final evaluation: best checkpoint (eval 1) on dev and test" in out
+    for k, step in enumerate((3, 6, 9, 12), start=1):
+        assert re.search(rf"eval {k} @ step {step}: dev W-F1 [\d.]+ · dev worst-lang gap", out), k
+    assert f"final evaluation: best checkpoint (eval {final['best_eval_round']}) on dev and test" in out
     assert [n for n in NOISE if n in out] == []
-    assert out.index("eval 1 @ step 3") < out.index("ermgap train: best checkpoint")  # progress, then the table
+    assert out.index("eval 4 @ step 12") < out.index("ermgap train: best checkpoint")  # progress, then the table
