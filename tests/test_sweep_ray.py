@@ -150,14 +150,14 @@ def _cli(spec: Path, marker: str, *args: str) -> subprocess.Popen:
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_resume_after_driver_sigkill(tmp_path, synth_corpus, tiny_model):
+def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
     """Kill the sweep driver (SIGKILL) while trial 2 runs; `--resume` keeps trial 1 as it was and finishes."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = _write(tmp_path, {
         "name": "t_resume",
-        "base": _base(synth_corpus, tiny_model, tmp_path),
+        "base": _base(small_manifest, tiny_model, tmp_path),
         "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0},
                      "adaptive": {"lambda.mode": "adaptive"}},
         "max_concurrent_trials": 1,
