@@ -101,6 +101,10 @@ def gathered(params: list[torch.nn.Parameter], zero_stage: int):
         yield
 
 
+# The attribute name of an objective's own module on the model (ermgap.recipe attaches it).
+OBJECTIVE_MODULE = "objective_module"
+
+
 def adapter_state(peft_model, zero_stage: int) -> dict[str, torch.Tensor]:
     """A CPU copy of the LoRA weights in peft's saved-adapter key format."""
 
@@ -108,7 +112,11 @@ def adapter_state(peft_model, zero_stage: int) -> dict[str, torch.Tensor]:
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
     with gathered(params, zero_stage):
-        sd = get_peft_model_state_dict(peft_model)
+        sd = dict(get_peft_model_state_dict(peft_model))
+        # An objective's own trainable module (an adversary's head) belongs to the same best state.
+        own = getattr(peft_model, OBJECTIVE_MODULE, None)
+        if own is not None:
+            sd.update({f"{OBJECTIVE_MODULE}.{k}": v for k, v in own.state_dict().items()})
         return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
 
 
@@ -117,12 +125,23 @@ def save_adapter(peft_model, state: dict[str, torch.Tensor], out_dir: Path) -> N
 
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.peft_config["default"].save_pretrained(str(out_dir))
-    save_file(state, str(out_dir / "adapter_model.safetensors"))
+    adapter, own = _split_objective_module(state)
+    save_file(adapter, str(out_dir / "adapter_model.safetensors"))
+    if own:  # beside the adapter, not in it: inference (peft's loader) never needs it
+        save_file(own, str(out_dir / f"{OBJECTIVE_MODULE}.safetensors"))
+
+
+def _split_objective_module(state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    prefix = f"{OBJECTIVE_MODULE}."
+    return ({k: v for k, v in state.items() if not k.startswith(prefix)},
+            {k: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def load_adapter_state(adapter_dir: Path) -> dict[str, torch.Tensor]:
 
-    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    own = adapter_dir / f"{OBJECTIVE_MODULE}.safetensors"
+    return {**state, **load_file(str(own))} if own.is_file() else state
 
 
 def apply_adapter_state(peft_model, state: dict[str, torch.Tensor], zero_stage: int) -> None:
@@ -130,14 +149,23 @@ def apply_adapter_state(peft_model, state: dict[str, torch.Tensor], zero_stage: 
     from peft import set_peft_model_state_dict
 
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    state, own = _split_objective_module(state)
+
+    def load_own() -> None:
+        if own:
+            getattr(peft_model, OBJECTIVE_MODULE).load_state_dict(
+                {k.removeprefix(f"{OBJECTIVE_MODULE}."): v for k, v in own.items()})
+
     if zero_stage == 3:
         import deepspeed
 
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
             set_peft_model_state_dict(peft_model, state)
+            load_own()
     else:
         with torch.no_grad():
             result = set_peft_model_state_dict(peft_model, state)
+            load_own()
         missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
         if missing:
             raise RuntimeError(f"adapter state does not fit the model: unexpected keys {missing[:5]}")

@@ -68,7 +68,7 @@ from ermgap.batching import EmotionCollator, to_device
 from ermgap.checkpointing import TrainerState
 from ermgap.config import config_from_dict
 from ermgap.engine import build_engine
-from ermgap.errors import ErmgapError, TrainingError
+from ermgap.errors import ConfigError, ErmgapError, TrainingError
 from ermgap.failures import record_error
 from ermgap.feature_cache import CacheStats
 from ermgap.formatting import json_safe
@@ -77,10 +77,18 @@ from ermgap.model import apply_lora, load_backbone
 from ermgap.objectives import CellGrid, Objective, ObjectiveOutput, build_objective, register_objective
 from ermgap.preflight import run_manifest
 from ermgap.progress import ProgressSender
-from ermgap.run_data import Strata, cell_indices, load_splits, open_feature_cache, predict_split, split_metrics
+from ermgap.run_data import (
+    Strata,
+    cell_indices,
+    load_splits,
+    objective_metrics,
+    open_feature_cache,
+    predict_split,
+    split_metrics,
+)
 from ermgap.run_outputs import open_run_logger, write_outputs
 from ermgap.sampler import BatchCoverage, StratifiedBatchPlan, build_plan
-from ermgap.scoring import FORWARD_INPUTS, per_sample_loss
+from ermgap.scoring import FORWARD_INPUTS, causal_lm, per_sample_loss
 from ermgap.storage import Location
 from ermgap.task import Task
 from ermgap.tracking import EVAL, RunLogger
@@ -173,9 +181,14 @@ class LoRARecipe:
     def _setup_engine(self, model) -> None:
         """AdamW + LR schedule inside a DeepSpeed engine (ermgap.engine), over the LoRA weights and the
         objective's own parameters if it has any."""
-        own = self.objective.module()
+        text = causal_lm(model).config.get_text_config()
+        layer = self.objective.hidden_layer
+        if not -1 <= layer <= text.num_hidden_layers:
+            raise ConfigError(f"objective.kind={self.objective.kind} reads hidden layer {layer}, but the language model "
+                              f"has hidden states 0..{text.num_hidden_layers} (0: the embeddings) and -1 (the last)")
+        own = self.objective.module(text.hidden_size)
         if own is not None:
-            model.add_module("objective_module", own.to(self.device))
+            model.add_module(checkpointing.OBJECTIVE_MODULE, own.to(self.device))
         unknown = set(self.objective.forward_inputs) - set(FORWARD_INPUTS)
         if unknown:
             raise TrainingError(f"objective.kind={self.objective.kind} needs forward inputs {sorted(unknown)}; "
@@ -264,8 +277,9 @@ class LoRARecipe:
         for batch in micro_batches:
             dev_batch = to_device(batch, self.device)
             if wanted:
-                loss, extra = per_sample_loss(self.engine, dev_batch, answer_hidden=True)
-                inputs["answer_hidden"].append(extra)
+                loss, extra = per_sample_loss(self.engine, dev_batch, inputs=wanted, layer=self.objective.hidden_layer)
+                for name in wanted:
+                    inputs[name].append(extra[name])
             else:
                 loss = per_sample_loss(self.engine, dev_batch)
             losses.append(loss)
@@ -314,8 +328,11 @@ class LoRARecipe:
                              world=self.world, device=self.device, gather=self.group.gather)
 
     def split_metrics(self, frame: pd.DataFrame, prefix: str) -> dict[str, float]:
-        """Every reported metric of a predictions frame (ermgap.metric_registry; ermgap.run_data.split_metrics)."""
-        return split_metrics(frame, prefix, self.task, self.cfg.data.modality)
+        """Every reported metric of a predictions frame (ermgap.metric_registry; ermgap.run_data.split_metrics),
+        and the objective's own metrics of that split (`Objective.eval_metrics`, e.g. an adversary's leakage)."""
+        own = objective_metrics(self.engine, self.splits[prefix], prefix, self.collator, self.objective, self.cfg,
+                                rank=self.rank, world=self.world, device=self.device, gather=self.group.gather)
+        return {**split_metrics(frame, prefix, self.task, self.cfg.data.modality), **own}
 
     def _cells(self, frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
         return cell_indices(frame, self.task, self.cfg.data.modality)

@@ -24,9 +24,10 @@ from ermgap.feature_cache import EncodedDataset, FeatureCache, encoder_fingerpri
 from ermgap.metric_registry import METRICS
 from ermgap.metric_registry import split_metrics as reported_metrics
 from ermgap.metrics import compute_metrics, per_key
+from ermgap.objectives import Objective
 from ermgap.objectives.cells import loss_gap
 from ermgap.sampler import shard_for_eval
-from ermgap.scoring import answer_loss_from_scores, score_labels
+from ermgap.scoring import answer_loss_from_scores, per_sample_loss, score_labels
 from ermgap.task import RUN_MODALITY, Task
 
 SPLIT_NAMES = ("train", "dev", "test")
@@ -140,6 +141,30 @@ def predict_split(engine, data: Split, collator: EmotionCollator, task: Task, cf
     return frame
 
 
+def objective_metrics(engine, data: Split, prefix: str, collator: EmotionCollator, objective: Objective,
+                      cfg: RunConfig, *, rank: int, world: int, device, gather: Callable[[Any], list[Any]]
+                      ) -> dict[str, float]:
+    """The objective's own metrics of a split (`Objective.eval_metrics`), `<prefix>_<name>`: one forward pass
+    over this rank's shard for its `forward_inputs`, the batches' (numerator, denominator) sums added over
+    every rank. {} for a kind that has none (no forward pass)."""
+    if not objective.eval_metrics:
+        return {}
+    totals = {name: [0.0, 0.0] for name in objective.eval_metrics}
+    engine.eval()
+    with torch.no_grad():
+        for chunk in shard_for_eval(data.base.lengths, rank=rank, num_workers=world, batch_size=cfg.eval.batch_size):
+            rows = [i for i, keep in chunk if keep]
+            if not rows:
+                continue
+            batch = to_device(collator([data.features[i] for i in rows]), device)
+            _, inputs = per_sample_loss(engine, batch, inputs=objective.forward_inputs, layer=objective.hidden_layer)
+            for name, (num, den) in objective.evaluation_sums(inputs, batch["stratum"], batch["attribute"]).items():
+                totals[name][0] += num
+                totals[name][1] += den
+    summed = {name: [sum(part[name][i] for part in gather(totals)) for i in (0, 1)] for name in totals}
+    return {f"{prefix}_{name}": num / den if den else float("nan") for name, (num, den) in summed.items()}
+
+
 class SplitLosses:
     """A split's per-sample answer losses with their cells: what the `losses` metrics are computed from."""
 
@@ -185,5 +210,6 @@ def preds_only(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=["loss"])
 
 
-__all__ = ["CachedFeatures", "Split", "SplitLosses", "Strata", "cell_indices", "load_splits", "open_feature_cache",
+__all__ = ["CachedFeatures", "Split", "SplitLosses", "Strata", "cell_indices", "load_splits", "objective_metrics",
+           "open_feature_cache",
            "predict_split", "preds_only", "split_metrics"]

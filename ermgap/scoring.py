@@ -90,41 +90,67 @@ def _run(model, select, **inputs):
     return out.logits, out
 
 
-# What the training forward can hand an objective besides the losses (`Objective.forward_inputs`).
-FORWARD_INPUTS = ("answer_hidden",)
+# What the training forward can hand an objective besides the losses (`Objective.forward_inputs`), per example:
+#   answer_hidden  the hidden state at the position that predicts the answer's first token   [B, hidden]
+#   audio_hidden   the mean hidden state over the example's audio positions                   [B, hidden]
+# both from the objective's `hidden_layer` (-1: the last layer after the final norm, what the LM head reads;
+# k ≥ 0: the model's hidden_states[k], 0 the embeddings, k the output of decoder layer k).
+FORWARD_INPUTS = ("answer_hidden", "audio_hidden")
 
 
-def per_sample_loss(model, batch: dict, *, answer_hidden: bool = False):
+def per_sample_loss(model, batch: dict, *, inputs: tuple[str, ...] = (), layer: int = -1):
     """Mean cross-entropy over each example's answer tokens → Tensor[B] (grad flows to trainable params).
 
     Uses `input_ids` / `attention_mask` / `labels` (right-padded; `labels` is -100 outside the answer)
     and the audio (`input_features` or cached `audio_embeds`). Padding and prompt tokens never enter
     the loss, and the LM head runs only on the positions that predict an answer token.
-    answer_hidden: also return the last hidden state at the position that predicts each example's first
-    answer token, [B, hidden] with autograd: (losses, hidden).
+    inputs: names from FORWARD_INPUTS to return as well, from hidden layer `layer`, with autograd:
+    (losses, {name: Tensor[B, hidden]}). IndexError names the layers when `layer` is out of range.
     """
     labels = batch["labels"][:, 1:]  # position t predicts token t+1
     keep = labels != IGNORE
     counts = keep.sum(-1)
     if bool((counts == 0).any()):
         raise ValueError(f"{int((counts == 0).sum())} example(s) in the batch have no answer tokens (labels all -100)")
+    unknown = set(inputs) - set(FORWARD_INPUTS)
+    if unknown:
+        raise ValueError(f"unknown forward inputs {sorted(unknown)}; known: {list(FORWARD_INPUTS)}")
     seen: dict[str, torch.Tensor] = {}
 
     def select(states: torch.Tensor) -> torch.Tensor:
-        states, mask = states[:, :-1], keep.to(states.device)
-        if answer_hidden:
-            first = mask.int().argmax(-1)  # every row has an answer token (checked above)
-            seen["hidden"] = states[torch.arange(states.shape[0], device=states.device), first]
-        return states[mask]
+        if inputs and layer == -1:
+            seen["states"] = states
+        return states[:, :-1][keep.to(states.device)]
 
-    logits, _ = _run(model, select, use_cache=False, **model_inputs(model, batch))  # [N_answer_tokens, V]
+    extra = {"output_hidden_states": True} if inputs and layer != -1 else {}
+    logits, out = _run(model, select, use_cache=False, **model_inputs(model, batch), **extra)  # [N_answer_tokens, V]
     keep = keep.to(logits.device)
     labels = labels.to(logits.device)
     token_ce = F.cross_entropy(logits.float(), labels[keep], reduction="none")
     rows = keep.nonzero()[:, 0]
     sums = torch.zeros(labels.shape[0], dtype=token_ce.dtype, device=token_ce.device).index_add(0, rows, token_ce)
     losses = sums / counts.to(sums.device)
-    return (losses, seen["hidden"]) if answer_hidden else losses
+    if not inputs:
+        return losses
+    if layer != -1:
+        hidden = out.hidden_states
+        if not -len(hidden) <= layer < len(hidden):
+            raise IndexError(f"hidden layer {layer} does not exist: the model has hidden states 0..{len(hidden) - 1} "
+                             "(0 the embeddings) and -1 (the last layer after the final norm)")
+        seen["states"] = hidden[layer]
+    return losses, {name: _pooled(name, seen["states"], batch, keep, model) for name in inputs}
+
+
+def _pooled(name: str, states: torch.Tensor, batch: dict, keep: torch.Tensor, model) -> torch.Tensor:
+    """One vector per example from hidden states [B, T, H] (see FORWARD_INPUTS)."""
+    if name == "answer_hidden":
+        first = keep.int().argmax(-1).to(states.device)  # every row has an answer token (checked by the caller)
+        return states[torch.arange(states.shape[0], device=states.device), first]
+    audio = (batch["input_ids"] == _audio_token_id(causal_lm(model))).to(states.device)
+    n = audio.sum(-1)
+    if bool((n == 0).any()):
+        raise ValueError(f"{int((n == 0).sum())} example(s) in the batch have no audio positions to pool")
+    return (states * audio[..., None].to(states.dtype)).sum(1) / n[:, None].to(states.dtype)
 
 
 def score_labels(model, batch: dict) -> torch.Tensor:

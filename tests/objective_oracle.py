@@ -81,3 +81,14 @@ def oracle_reweight(losses, stratum, attribute, *, train_counts):
     big_n, k = sum(flat), sum(1 for n in flat if n > 0)
     cells = _cells(stratum, attribute)
     return sum(big_n / (k * train_counts[s][a]) * losses[i] for i, (s, a) in enumerate(cells)) / len(cells)
+
+
+def oracle_constrained(losses, stratum, attribute, *, mu, num_strata, num_attrs=2):
+    """erm + Σ_s μ_s·(max_a mean − min_a mean) over the strata with every attribute value in the batch."""
+    means = oracle_group_means(losses, stratum, attribute)
+    total = oracle_erm(losses, stratum, attribute)
+    for s in range(num_strata):
+        group = [means[(s, a)][0] for a in range(num_attrs) if (s, a) in means]
+        if len(group) == num_attrs:
+            total = total + mu[s] * (max(group, key=_val) - min(group, key=_val))
+    return total

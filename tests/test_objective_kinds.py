@@ -24,11 +24,16 @@ pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
 
 REPO = Path(__file__).resolve().parent.parent
 KINDS = tuple(OBJECTIVES)  # every kind the registry ships, read at collection (before the toy registers)
+# The largest tenth of a CPU per worker (at most 0.4) with which every trial (its worker + 0.1 for its driver)
+# runs at once on the module's 2-CPU cluster.
+WORKER_CPUS = min(0.4, (2.0 - 0.1 * len(KINDS)) // (0.1 * len(KINDS)) / 10)
 # What a person reads for each shipped kind under configs/tiny.yaml (p = 2, adaptive λ; Group DRO's default η).
 DESCRIPTIONS = {"erm": "ERM (SFT)", "minmaxgap": "ERM-MinMaxGAP (p=2)", "group_dro": "Group DRO (η=0.01)",
-                "reweight": "Reweighting"}
+                "reweight": "Reweighting", "constrained": "Constrained ERM (ε=0.02)",
+                "adversarial": "Adversarial (α=1)"}
 # What the final line shows of each kind's state (nothing when it has none to show).
-SHOWN = {"erm": "", "minmaxgap": r"λ final \d+\.\d{4} · ", "group_dro": r"max q final \d+\.\d{4} · ", "reweight": ""}
+SHOWN = {"erm": "", "minmaxgap": r"λ final \d+\.\d{4} · ", "group_dro": r"max q final \d+\.\d{4} · ", "reweight": "",
+         "constrained": r"max μ final \d+\.\d{4} · ", "adversarial": r"adv acc final \d+\.\d{4} · "}
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +90,10 @@ def test_sweep_cli_names_each_kind_in_its_trial_line(small, tiny_model, tmp_path
     spec = tmp_path / "kinds.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "kinds", "base": str(REPO / "configs" / "tiny.yaml"),
-        # 0.4 CPU per worker + 0.1 per trial driver: every trial at once on the module's 2-CPU cluster (each is
-        # one optimizer step; most of a trial's time is start-up).
+        # A worker's CPU share + 0.1 per trial driver: every trial at once on the module's 2-CPU cluster (each is
+        # one optimizer step; most of a trial's time is start-up; two waves took 173 s).
         "overrides": {**{k: yaml.safe_load(v) for k, v in base.items() if not k.startswith("tracking.")},
-                      "distributed.cpus_per_worker": 0.4},
+                      "distributed.cpus_per_worker": WORKER_CPUS},
         "variants": {kind: {"objective.kind": kind} for kind in KINDS},
         "max_concurrent_trials": len(KINDS), "storage_path": str(tmp_path / "sweeps"),
         "mlflow": {"experiment": "kinds", "tracking_uri": base["tracking.tracking_uri"]},

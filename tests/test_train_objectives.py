@@ -104,3 +104,67 @@ def test_reweight_trains_on_two_workers(ray_cluster, base, small_manifest, tmp_p
     assert final["test_w_f1"] == pytest.approx(compute_metrics(test)["overall"]["w_f1"])
     run = MlflowClient(final["tracking_uri"]).get_run(final["mlflow_run_id"])
     assert run.data.params["objective.kind"] == "reweight" and run.info.status == "FINISHED"
+
+
+# objective.kind=constrained: η large enough that 4 evaluations move the multipliers visibly.
+CONSTRAINED = ["objective.kind=constrained", "objective.constrained.eta=20", "objective.constrained.epsilon=0.02"]
+
+
+def _mu_history(final) -> list:
+    return json.loads((Path(final["run_dir"]) / "metrics.json").read_text())["objective"]["multipliers"]["history"]
+
+
+def test_constrained_two_workers_with_a_fault_equal_one_worker(ray_cluster, base):  # noqa: F811
+    """Two workers, rank 1 killed after step 5 (resumed from the step-3 checkpoint, whose objective state holds
+    μ after evaluation 1), against one uninterrupted worker: the same μ trajectory, per-step losses and μ in
+    MLflow, outputs and adapter. μ follows the dual update on the dev gaps the run itself reported."""
+    one = _train(base, "constrained_one_worker", [*CONSTRAINED, "distributed.num_workers=1"])
+    two = _train(base, "constrained_fault", CONSTRAINED, step_hook=KillAfterStep(5))
+    assert (Path(two["run_dir"]) / ".fault_fired").is_file()
+    assert len([s for s, _ in _history(two, "resumed_at_step")]) == 1
+    ha, hb = _mu_history(one), _mu_history(two)
+    assert [r for r, _, _ in ha] == [r for r, _, _ in hb] == [1, 2, 3, 4]
+    mu = [0.0] * len(LANGUAGES)
+    for (_, gaps, values), (_, gaps_b, values_b) in zip(ha, hb):
+        assert gaps_b == pytest.approx(gaps, abs=1e-5) and values_b == pytest.approx(values, abs=1e-4)
+        mu = [min(max(m + 20 * (g - 0.02), 0.0), 10.0) if g is not None else m for m, g in zip(mu, gaps)]
+        assert values == pytest.approx(mu, abs=1e-9)
+    assert max(ha[-1][2]) > 0, ha  # the multipliers moved
+    for lg in LANGUAGES:
+        a, b = dict(_history(one, f"mu_{lg}")), dict(_history(two, f"mu_{lg}"))
+        assert sorted(a) == sorted(b) and len(a) >= 12, lg
+        assert [b[s] for s in sorted(b)] == pytest.approx([a[s] for s in sorted(a)], abs=1e-4), lg
+        assert one[f"mu_{lg}"] == pytest.approx(ha[-1][2][LANGUAGES.index(lg)], abs=1e-12)
+    la, lb = dict(_history(one, "train/loss")), dict(_history(two, "train/loss"))
+    assert sorted(la) == sorted(lb) == list(range(1, 13))
+    assert all(lb[s] == pytest.approx(la[s], abs=1e-5, rel=1e-5) for s in la)
+    _assert_same_outputs(one, two)
+
+
+ADVERSARIAL = ["objective.kind=adversarial", "objective.adversarial.strength=1.0",
+               "objective.adversarial.warmup_steps=4", "objective.adversarial.head_size=16"]
+
+
+def test_adversarial_two_workers_equal_one_worker_and_save_the_head(ray_cluster, base):  # noqa: F811
+    """The head's loss is the global batch's mean through the objective's all-reduce and the head trains under
+    DeepSpeed like the adapter: 2 workers give the 1-worker run's per-step losses, head accuracy, dev attribute
+    accuracy and adapter. The head is saved beside the adapter, not in it (peft's file has LoRA keys only)."""
+    from safetensors.torch import load_file
+
+    two = _train(base, "adversarial", ADVERSARIAL)
+    one = _train(base, "adversarial_one_worker", [*ADVERSARIAL, "distributed.num_workers=1"])
+    for key in ("train/loss", "adversary_loss", "adversary_acc", "adversary_strength"):
+        a, b = dict(_history(one, key)), dict(_history(two, key))
+        assert sorted(a) == sorted(b) and set(range(1, 13)) <= set(a), key
+        assert all(b[s] == pytest.approx(a[s], abs=1e-5, rel=1e-5) for s in a), key
+    strength = dict(_history(two, "adversary_strength"))
+    assert [strength[s] for s in (1, 2, 3, 4, 12)] == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0])  # the warm-up
+    dev_acc = dict(_history(two, "eval/dev_attr_acc"))
+    assert len(dev_acc) == 4 and all(0 <= v <= 1 for v in dev_acc.values())
+    assert dev_acc == pytest.approx(dict(_history(one, "eval/dev_attr_acc")), abs=1e-9)
+    assert 0 <= two["test_attr_acc"] <= 1 and two["test_attr_acc"] == pytest.approx(one["test_attr_acc"], abs=1e-9)
+    adapter = Path(two["run_dir"]) / "adapter"
+    head = load_file(str(adapter / "objective_module.safetensors"))
+    assert head and all(k.startswith("objective_module.") for k in head)
+    assert not [k for k in load_file(str(adapter / "adapter_model.safetensors")) if "objective_module" in k]
+    _assert_same_outputs(one, two)

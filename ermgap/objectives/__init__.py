@@ -3,11 +3,12 @@
     cells.py       the cells (stratum × attribute), their global loss sums/counts in ONE all-reduce (THE seam:
                    `all_reduce_sum`), the ERM term, the gap diagnostics every kind logs, `CellGrid`
     base.py        the interface
-    erm.py, minmaxgap.py, group_dro.py, reweight.py        the kinds
+    erm.py, minmaxgap.py, group_dro.py, reweight.py, constrained.py, adversarial.py        the kinds
 
 A kind owns everything about itself: its settings (pydantic models with a help string per field, declared
 as `settings` and composed into the config tree at their user-facing keys: `objective.p` and `lambda.*`
-for MinMaxGAP, `objective.group_dro.*` for Group DRO), its state and checkpoint, its name
+for MinMaxGAP, `objective.group_dro.*` for Group DRO, `objective.constrained.*` for the per-stratum
+constrained kind), its state and checkpoint, its name
 (`describe(params)`: run names, tables, the leaderboard; `table3_rows`: its place in the paper's Table 3),
 the values a live display shows (`live_values`) and its reaction to a dev evaluation (`on_evaluation`).
 The recipe, CLI, sweep, tracking and report only ask. Adding a kind: one module with one `Objective`
@@ -16,7 +17,7 @@ subclass, and one line in OBJECTIVES below (`objective.kind` accepts what OBJECT
 Life cycle on every worker (ermgap.recipe):
 
     objective = build_objective(cfg, CellGrid.count(train_stratum, train_attribute, strata=..., attributes=...))
-    model.add_module(..., objective.module())           # when it has trainable parameters (before DeepSpeed)
+    model.add_module(..., objective.module(hidden_size))   # when it has trainable parameters (before DeepSpeed)
     out = objective(losses, stratum, attribute, inputs={name: tensor for name in objective.forward_inputs})
     engine.backward(out.total); engine.step()
     objective.after_step(out)                           # commits per-step state (Group DRO's q)
@@ -30,7 +31,8 @@ Hooks for kinds that need more than cell losses:
   under DeepSpeed (gradient averaging, ZeRO, checkpoints) like the LoRA weights.
 - inputs from the forward pass: list them in `forward_inputs`; the recipe passes them per sample in
   `inputs` ("answer_hidden": the last hidden state at the position that predicts the answer's first token,
-  [B, hidden], with autograd). Override `__call__` to use them; reduce anything global through
+  [B, hidden], with autograd; "audio_hidden": the mean over the audio positions; both from `hidden_layer`).
+  Override `__call__` to use them; reduce anything global through
   `cells.reduced_cell_stats` / `cells.all_reduce_sum` so every rank agrees.
 - state per stratum or per cell (e.g. one multiplier per stratum): `on_evaluation` receives the dev metrics,
   with the per-stratum gaps (`dev_loss_gap_<stratum>`, `dev_avg_gap_<stratum>`); keep the state in
@@ -46,20 +48,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ermgap.objectives.adversarial import AdversarialERM
 from ermgap.objectives.base import Objective, ObjectiveOutput, Table3Row
 from ermgap.objectives.cells import CellGrid
+from ermgap.objectives.constrained import ConstrainedERM
 from ermgap.objectives.erm import ERM
 from ermgap.objectives.group_dro import GroupDRO
 from ermgap.objectives.minmaxgap import MinMaxGAP
 from ermgap.objectives.reweight import Reweight
 
-OBJECTIVES: dict[str, type[Objective]] = {cls.kind: cls for cls in (ERM, MinMaxGAP, GroupDRO, Reweight)}
+OBJECTIVES: dict[str, type[Objective]] = {cls.kind: cls for cls in (ERM, MinMaxGAP, GroupDRO, Reweight, ConstrainedERM,
+                                                                          AdversarialERM)}
 
 # The paper's Table 3: its first section and where runs no kind places go (kinds add their own sections).
 TABLE3_MAIN, TABLE3_OTHER = "Main components", "Other objectives"
 ZERO_SHOT = "zero-shot"
 
-__all__ = ["ERM", "OBJECTIVES", "TABLE3_MAIN", "TABLE3_OTHER", "ZERO_SHOT", "CellGrid", "GroupDRO", "MinMaxGAP",
+__all__ = ["ERM", "OBJECTIVES", "AdversarialERM", "ConstrainedERM", "TABLE3_MAIN", "TABLE3_OTHER", "ZERO_SHOT", "CellGrid", "GroupDRO", "MinMaxGAP",
            "Objective", "ObjectiveOutput", "Reweight", "Table3Row", "build_objective", "describe_objective",
            "is_zero_shot", "live_values", "objective_class", "objective_kind", "register_objective",
            "trajectory_metric"]

@@ -61,6 +61,8 @@ class Objective(ABC):
     summary: ClassVar[str]                   # what it optimises, in `objective.kind`'s help
     settings: ClassVar[tuple[Setting, ...]] = ()        # its config keys, composed into RunConfig
     forward_inputs: ClassVar[tuple[str, ...]] = ()      # per-sample tensors it needs from the forward pass
+    hidden_layer: int = -1                              # the hidden layer they are read from (scoring.FORWARD_INPUTS)
+    eval_metrics: ClassVar[tuple[str, ...]] = ()        # its own metrics of an evaluated split (`evaluation_sums`)
     table3_sections: ClassVar[tuple[str, ...]] = ()     # Table 3 comparison sections it defines (`table3_rows`)
     trajectory: ClassVar[str | None] = None             # the `log_values` key a report plots over training
 
@@ -92,10 +94,11 @@ class Objective(ABC):
         return []
 
     # ------------------------------------------------------------------------- training
-    def module(self) -> torch.nn.Module | None:
-        """Trainable parameters of the objective itself (e.g. an adversary's head), or None. The recipe
-        attaches the module to the model before the DeepSpeed engine is built, so the same optimiser trains
-        it, DeepSpeed averages its gradients and checkpoints hold it."""
+    def module(self, hidden_size: int) -> torch.nn.Module | None:
+        """Trainable parameters of the objective itself (e.g. an adversary's head), or None; `hidden_size` is
+        the width of the model's hidden states (what `forward_inputs` hold). The recipe attaches the module to
+        the model before the DeepSpeed engine is built, so the same optimiser trains it, DeepSpeed averages
+        its gradients, checkpoints hold it and the best adapter is saved with it."""
         return None
 
     def __call__(self, losses: torch.Tensor, stratum: torch.Tensor, attribute: torch.Tensor, *,
@@ -116,6 +119,14 @@ class Objective(ABC):
     @abstractmethod
     def from_cells(self, sums: torch.Tensor, counts: torch.Tensor) -> ObjectiveOutput:
         """The loss from GLOBAL cell sums (with autograd) and counts, both [num_strata, num_attrs]."""
+
+    def evaluation_sums(self, inputs: Mapping[str, torch.Tensor], stratum: torch.Tensor,
+                        attribute: torch.Tensor) -> dict[str, tuple[float, float]]:
+        """This kind's own metrics (`eval_metrics`) of one batch of an evaluated split, as (numerator,
+        denominator) sums: the recipe adds them over the split's batches and every rank and logs
+        `<split>_<name>` = numerator / denominator (e.g. an adversary's attribute accuracy). Called under
+        no_grad with the model in eval mode; `inputs` as in `__call__`. Default: none."""
+        return {}
 
     def after_step(self, out: ObjectiveOutput) -> None:
         """Called once after the optimizer step that backpropagated `out.total`."""

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from ermgap.errors import TrainingError
 
 __all__ = ["CellGrid", "CellStats", "all_reduce_sum", "cell_stats", "check_cells_in_train", "check_inputs",
-           "erm_mean", "group_stats", "loss_gap", "reduced_cell_stats"]
+           "erm_mean", "group_stats", "loss_gap", "reduced_cell_stats", "reduced_cell_sums", "stratum_gap_terms"]
 
 
 # --------------------------------------------------------------------------- the distributed seam
@@ -144,17 +144,30 @@ def reduced_cell_stats(losses: torch.Tensor, stratum: torch.Tensor, attribute: t
     NaN/inf loss, ValueError when the global batch is empty. Every objective kind builds on this, so
     the number and shape of collectives per step is the same whatever the objective.
     """
-    sums, counts = _group_stats(losses, stratum, attribute, num_strata, num_attrs)
-    n_bad_local = (~torch.isfinite(losses)).sum().to(sums.dtype).reshape(1)
-    # One collective for everything: sums (with grad), counts and the non-finite count.
-    packed = reduce(torch.cat([sums.flatten(), counts.flatten(), n_bad_local]))
-    n = num_strata * num_attrs
-    sums = packed[:n].view(num_strata, num_attrs)
-    counts = packed[n:2 * n].detach().view(num_strata, num_attrs)
-    n_bad, n_total = packed[2 * n].detach(), counts.sum()
+    (sums,), counts = reduced_cell_sums([losses], stratum, attribute, num_strata=num_strata, num_attrs=num_attrs,
+                                        reduce=reduce)
+    return sums, counts
+
+
+def reduced_cell_sums(columns: list[torch.Tensor], stratum: torch.Tensor, attribute: torch.Tensor, *,
+                      num_strata: int, num_attrs: int, reduce) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`reduced_cell_stats` for several per-sample columns at once (the task losses first, then e.g. an
+    adversary's loss): their GLOBAL per-cell sums (with autograd), each [num_strata, num_attrs], and the
+    counts, still in ONE collective. A sample with a non-finite value in any column counts as a bad loss."""
+    parts = [_group_stats(c, stratum, attribute, num_strata, num_attrs) for c in columns]
+    counts = parts[0][1]
+    finite = torch.stack([torch.isfinite(c.detach()) for c in columns]).all(dim=0)
+    n_bad_local = (~finite).sum().to(counts.dtype).reshape(1)
+    # One collective for everything: every column's sums (with grad), counts and the non-finite count.
+    packed = reduce(torch.cat([*(sums.flatten().to(counts.dtype) for sums, _ in parts), counts.flatten(),
+                               n_bad_local]))
+    n, k = num_strata * num_attrs, len(columns)
+    sums = [packed[i * n:(i + 1) * n].view(num_strata, num_attrs) for i in range(k)]
+    counts = packed[k * n:(k + 1) * n].detach().view(num_strata, num_attrs)
+    n_bad, n_total = packed[(k + 1) * n].detach(), counts.sum()
     n_bad_i, n_total_i = (int(v) for v in torch.stack([n_bad, n_total]).tolist())
     if n_bad_i:
-        local = torch.nonzero(~torch.isfinite(losses.detach())).flatten().tolist()
+        local = torch.nonzero(~finite).flatten().tolist()
         raise TrainingError(
             f"{n_bad_i} of {n_total_i} per-sample losses in the global batch are NaN or inf "
             f"(this process: {len(local)}, at batch positions {local[:20]}); refusing to continue")
@@ -204,15 +217,22 @@ class CellStats:
         return float(self.gap_tensor)
 
 
+def stratum_gap_terms(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(means [S, A], gaps [S], valid [S]) from global cell sums/counts, means and gaps with autograd: each
+    stratum's gap max_a mean − min_a mean (Δ_s), valid where every attribute value has examples. An empty
+    cell's mean is 0 and an invalid stratum's gap is meaningless: mask with `valid`."""
+    nonempty = counts > 0
+    # Safe denominators: empty cells get 1 (their sum is 0), so no 0/0 NaN can reach the gradient.
+    means = sums / torch.where(nonempty, counts, torch.ones_like(counts))
+    return means, means.amax(dim=1) - means.amin(dim=1), nonempty.all(dim=1)
+
+
 def cell_terms(sums: torch.Tensor, counts: torch.Tensor, erm_weights: torch.Tensor | None = None):
     """(erm, Δmax, stats) from global cell sums/counts [num_strata, num_attrs]: erm and Δmax carry autograd
     (an objective builds its loss from them), `stats` is their detached `CellStats`."""
     erm = erm_mean(sums, counts, erm_weights)
     nonempty = counts > 0
-    # Safe denominators: empty cells get 1 (their sum is 0), so no 0/0 NaN can reach the gradient.
-    means = sums / torch.where(nonempty, counts, torch.ones_like(counts))
-    valid = nonempty.all(dim=1)
-    gaps = means.amax(dim=1) - means.amin(dim=1)
+    means, gaps, valid = stratum_gap_terms(sums, counts)
     # Gaps are ≥ 0, so a 0 for invalid strata never wins the max over a valid one; with no valid
     # stratum Δmax = 0.
     delta = torch.where(valid, gaps, torch.zeros_like(gaps)).amax()

@@ -1,0 +1,179 @@
+"""Adversarial debiasing: an attribute classifier behind a gradient-reversal layer (Ganin & Lempitsky 2015; for
+speech emotion recognition against gender, Gorrostieta et al., Interspeech 2019).
+
+A small head reads one vector per utterance from the language model (`objective.adversarial.pool`: the mean
+hidden state over the audio positions, or the state that predicts the answer; `layer`: which hidden layer)
+and predicts the protected attribute. Between the features and the head sits a gradient-reversal layer:
+identity forward, −α × the gradient backward. So one loss
+
+    L = erm + mean_i CE(head(GRL_α(h_i)), attribute_i)         (both means over the GLOBAL batch)
+
+trains the head to predict the attribute (its own parameters see the ordinary gradient) while the adapter
+(everything upstream of h) receives −α times that gradient: it learns features from which the attribute is
+hard to predict. The head's per-sample CE is summed per cell in the SAME all-reduce as the task losses
+(`cells.reduced_cell_sums`), so the head's loss is the global batch's mean and 2 workers train what 1 does.
+The head is the objective's `module()`: the recipe attaches it to the model before DeepSpeed is built, so
+the run's optimiser trains it, checkpoints hold it and the best adapter is saved with it
+(`objective_module.safetensors` beside the peft adapter; inference never loads it).
+
+α (`strength`) may ramp up linearly over `warmup_steps` optimizer steps (the adversary first learns what
+leaks, then the reversal acts). Logged: α, the head's train loss and accuracy per step, and the attribute
+accuracy of the head on dev (and on test at the end) as `<split>_attr_acc`: the leakage a reader wants to see
+(chance is the majority attribute value's share).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ermgap.objectives.base import Objective, ObjectiveOutput
+from ermgap.objectives.cells import CellGrid, all_reduce_sum, cell_stats, check_inputs, erm_mean, reduced_cell_sums
+from ermgap.settings import Section, Setting
+
+__all__ = ["AdversarialConfig", "AdversarialERM", "AttributeHead", "grad_reverse"]
+
+
+class AdversarialConfig(Section):
+    strength: float = Field(1.0, ge=0, le=100, description="Reversal strength α: the adapter receives −α × the attribute head's gradient (0: the head only watches).")
+    warmup_steps: int = Field(0, ge=0, description="α rises linearly from α/N at step 1 to α at step N (0: α from the first step).")
+    head_size: int = Field(64, ge=0, description="Hidden units of the attribute head (one ReLU layer; 0: a linear head).")
+    layer: int = Field(-1, ge=-1, description="Hidden layer the head reads: -1 the last (after the final norm, what the LM head reads); k ≥ 0 the model's hidden_states[k] (0: the embeddings, k: decoder layer k's output).")
+    pool: Literal["audio", "answer"] = Field(
+        "audio", description="audio: the mean hidden state over the utterance's audio positions; answer: the hidden state at the position that predicts the answer.")
+
+
+class _GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, alpha: float) -> torch.Tensor:
+        ctx.alpha = alpha
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.alpha * grad, None
+
+
+def grad_reverse(x: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Identity forward; the gradient flowing back through it is multiplied by −alpha."""
+    return _GradReverse.apply(x, float(alpha))
+
+
+class AttributeHead(torch.nn.Module):
+    """hidden [B, H] → attribute logits [B, A]: Linear-ReLU-Linear (or one Linear when head_size is 0)."""
+
+    def __init__(self, hidden: int, num_attrs: int, head_size: int) -> None:
+        super().__init__()
+        if head_size:
+            self.net = torch.nn.Sequential(torch.nn.Linear(hidden, head_size), torch.nn.ReLU(),
+                                           torch.nn.Linear(head_size, num_attrs))
+        else:
+            self.net = torch.nn.Linear(hidden, num_attrs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(next(self.parameters()).dtype))
+
+
+class AdversarialERM(Objective):
+    kind = "adversarial"
+    label = "Adversarial"
+    summary = "erm + an attribute head's CE behind a gradient-reversal layer (`objective.adversarial`)"
+    settings = (Setting("objective.adversarial", AdversarialConfig),)
+    eval_metrics = ("attr_acc",)
+
+    def __init__(self, grid: CellGrid, settings: AdversarialConfig, *, seed: int = 0) -> None:
+        super().__init__(grid)
+        self.settings, self.seed = settings, int(seed)
+        self.hidden_layer = settings.layer
+        self.forward_inputs = ("audio_hidden",) if settings.pool == "audio" else ("answer_hidden",)
+        self.head: AttributeHead | None = None
+        self.steps = 0
+        self.last: dict[str, float] = {}
+
+    @classmethod
+    def from_config(cls, cfg, grid: CellGrid) -> AdversarialERM:
+        return cls(grid, cfg.objective.adversarial, seed=cfg.optim.seed)
+
+    @classmethod
+    def describe(cls, params: Mapping[str, Any]) -> str:
+        alpha = params.get("objective.adversarial.strength")
+        return f"{cls.label} (α={float(alpha):g})" if alpha is not None else cls.label
+
+    @classmethod
+    def live_values(cls, reported: Mapping[str, Any]) -> dict[str, float]:
+        """The head's attribute accuracy on the last training batch (how much it still reads off)."""
+        acc = reported.get("adversary_acc")
+        return {"adv acc": acc} if acc is not None else {}
+
+    def module(self, hidden_size: int) -> torch.nn.Module:
+        # Its own seeded generator: the same head on every rank and for any worker count, whatever the data
+        # set-up drew from the global RNG before.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.head = AttributeHead(hidden_size, self.grid.num_attrs, self.settings.head_size)
+        return self.head
+
+    def alpha(self) -> float:
+        """α of the next optimizer step (step number self.steps + 1)."""
+        s = self.settings
+        if not s.warmup_steps:
+            return s.strength
+        return s.strength * min(1.0, (self.steps + 1) / s.warmup_steps)
+
+    def _logits(self, inputs: Mapping[str, torch.Tensor], alpha: float) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError("the adversarial objective's head does not exist yet: call module(hidden_size) first")
+        return self.head(grad_reverse(inputs[self.forward_inputs[0]], alpha))
+
+    def __call__(self, losses, stratum, attribute, *, inputs=None, process_group=None) -> ObjectiveOutput:
+        g = self.grid
+        check_inputs(losses, stratum, attribute, g.num_strata, g.num_attrs)
+        if not inputs or self.forward_inputs[0] not in inputs:
+            raise ValueError(f"the adversarial objective needs inputs[{self.forward_inputs[0]!r}] from the forward pass")
+        alpha = self.alpha()
+        logits = self._logits(inputs, alpha)
+        target = attribute.to(logits.device).long()
+        ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, reduction="none")
+        hits = (logits.detach().argmax(-1) == target).to(ce.dtype)
+        (sums, head_sums, hit_sums), counts = reduced_cell_sums(
+            [losses, ce.to(losses.device), hits.to(losses.device)], stratum, attribute, num_strata=g.num_strata,
+            num_attrs=g.num_attrs, reduce=lambda t: all_reduce_sum(t, process_group))
+        return self.from_cells(sums, counts, head_sums=head_sums, hit_sums=hit_sums, alpha=alpha)
+
+    def from_cells(self, sums, counts, *, head_sums=None, hit_sums=None, alpha: float | None = None) -> ObjectiveOutput:
+        """erm + the head's mean CE from GLOBAL cell sums of the task losses, of the head's CE and of its hits."""
+        if head_sums is None or hit_sums is None:
+            raise ValueError("the adversarial objective needs the head's cell sums (call the objective with inputs)")
+        n = counts.sum()
+        adv = head_sums.sum() / n
+        total = erm_mean(sums, counts, self.grid.erm_weights) + adv
+        logs = {"adversary_strength": self.alpha() if alpha is None else alpha,
+                "adversary_loss": float(adv.detach()), "adversary_acc": float(hit_sums.detach().sum() / n)}
+        return ObjectiveOutput(total=total, stats=cell_stats(sums, counts, self.grid.erm_weights), logs=logs,
+                               pending=logs)
+
+    def after_step(self, out: ObjectiveOutput) -> None:
+        self.steps += 1
+        self.last = dict(out.pending)
+
+    def evaluation_sums(self, inputs, stratum, attribute) -> dict[str, tuple[float, float]]:
+        logits = self._logits(inputs, 0.0)
+        hits = logits.argmax(-1) == attribute.to(logits.device)
+        return {"attr_acc": (float(hits.sum()), float(hits.numel()))}
+
+    def log_values(self) -> dict[str, float]:
+        """The last step's α, head loss and head accuracy (before any step: the first step's α)."""
+        return {"adversary_strength": self.alpha(), **self.last}
+
+    def hparams(self) -> dict:
+        return self.settings.model_dump()
+
+    def _state(self) -> dict:
+        return {"steps": self.steps, "last": dict(self.last)}
+
+    def _load(self, state: dict) -> None:
+        self.steps, self.last = int(state["steps"]), {k: float(v) for k, v in state.get("last", {}).items()}
