@@ -215,3 +215,51 @@ def test_gloo_ranks_with_uneven_shards_equal_one_process(world, tmp_path):
             assert got["acc"] == pytest.approx(acc, abs=1e-12), (step, r)
             for g, ref in zip(got["grads"], grads):
                 assert torch.allclose(g, ref, rtol=0, atol=1e-10), (step, r, (g - ref).abs().max())
+
+
+# ----------------------------------------------------------------------------- the features, from the real model
+def test_forward_inputs_of_the_tiny_model_equal_its_own_hidden_states(tiny_model):
+    """per_sample_loss's audio_hidden / answer_hidden on a padded batch of the tiny Qwen2-Audio equal what one
+    reads off the model's own forward (output_hidden_states) example by example, unpadded: the mean over the
+    audio placeholder positions and the state before the answer's first token; layer -1 is what the LM head
+    reads (the final norm of the last layer), layer k the model's hidden_states[k]. The head's gradient
+    reaches the LoRA weights through them."""
+    from test_model import _examples, _single
+
+    from ermgap.batching import EmotionCollator
+    from ermgap.config import LoraConfig, ModelConfig, PromptConfig
+    from ermgap.model import apply_lora, load_backbone
+    from ermgap.scoring import causal_lm, per_sample_loss
+
+    torch.manual_seed(0)
+    model, processor = load_backbone(ModelConfig(name_or_path=str(tiny_model)))
+    model = apply_lora(model, LoraConfig(r=2, alpha=4, dropout=0.0))
+    batch = EmotionCollator(processor, PromptConfig(), "uni")(_examples(3))
+    lm = causal_lm(model)
+    audio_id = lm.config.audio_token_id
+    for layer in (-1, 1):
+        losses, got = per_sample_loss(model, batch, inputs=("audio_hidden", "answer_hidden"), layer=layer)
+        assert set(got) == {"audio_hidden", "answer_hidden"} and got["audio_hidden"].shape[0] == 3
+        with torch.no_grad():
+            for i in range(3):
+                one = _single(batch, i)
+                out = model(input_ids=one["input_ids"], input_features=one["input_features"],
+                            feature_attention_mask=one["feature_attention_mask"], output_hidden_states=True)
+                states = out.hidden_states[layer][0]
+                if layer == -1:  # what the LM head reads: hidden_states[-1], or its final norm if it is not normed
+                    head = lm.lm_head.weight.T
+                    if not torch.allclose(states @ head, out.logits[0], atol=1e-5):
+                        states = lm.model.language_model.norm(states)
+                    assert torch.allclose(states @ head, out.logits[0], atol=1e-4)
+                audio = one["input_ids"][0] == audio_id
+                first = int((one["labels"][0][1:] != -100).nonzero()[0, 0])
+                assert torch.allclose(got["audio_hidden"][i], states[audio].mean(0), atol=1e-5), (layer, i)
+                assert torch.allclose(got["answer_hidden"][i], states[first], atol=1e-5), (layer, i)
+    objective = AdversarialERM(_grid(("eng", "deu", "jpn"), ((1, 1), (1, 1), (1, 1))), AdversarialConfig())
+    objective.module(got["audio_hidden"].shape[1])
+    out = objective(losses, batch["stratum"], batch["attribute"], inputs=got)
+    out.total.backward()
+    lora = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora and any(g is not None and bool(g.abs().sum() > 0) for g in lora)
+    with pytest.raises(IndexError, match="hidden layer 9 does not exist"):
+        per_sample_loss(model, batch, inputs=("audio_hidden",), layer=9)

@@ -176,7 +176,9 @@ def test_spec_hash_changes_with_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("name,trials", [("demo", 5), ("paper_main", 3 * 2), ("paper_ablation", 5 * 2 * 2),
-                                         ("fairness_grid", 3 * 3 * 3)])
+                                         ("fairness_grid", 3 * 3 * 3), ("compare_objectives", 6 * 3),
+                                         ("pareto_minmaxgap", 16), ("pareto_constrained", 16),
+                                         ("pareto_adversarial", 16)])
 def test_shipped_specs_validate_and_dry_run(name, trials):
     from typer.testing import CliRunner
 
