@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from _faults import KillAfterStep
 from test_train_distributed import (  # noqa: F401
     _assert_same_outputs,
     _history,
