@@ -130,7 +130,7 @@ def _train_encoder(strength: float, seed: int):
 def test_a_probe_trained_afterwards_reads_the_attribute_worse_with_the_reversal_on():
     """Over 3 seeds, a logistic-regression probe fitted on the learnt train features and scored on fresh data
     reads the attribute at 0.69 on average without the reversal and 0.52 (chance 0.5) with α = 1, while the
-    task accuracy stays above 0.85 (measured 0.91-0.93 and 0.89-0.92)."""
+    task accuracy stays above 0.85 (measured 0.94-0.95 and 0.91-0.94)."""
     from sklearn.linear_model import LogisticRegression
 
     probe = {0.0: [], 1.0: []}
