@@ -52,10 +52,11 @@ def _dominated(i: int, pts: list[tuple[float, float]]) -> bool:
     return any(b[0] >= a[0] and b[1] <= a[1] and (b[0] > a[0] or b[1] < a[1]) for j, b in enumerate(pts) if j != i)
 
 
-def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny_model):
+def test_sweep_parent_children_leaderboard_and_asha(ray_cluster, tmp_path, small_manifest, tiny_model):
     """3 trials, 2 at a time: two that learn (lr 1e-3) and one that cannot (lr 1e-9). ASHA on dev loss
     with a rung after the first evaluation stops the frozen one: it starts after a learning trial has
-    passed that rung, so its dev loss is above the cutoff."""
+    passed that rung, so its dev loss is above the cutoff. In this process, on the session's Ray cluster
+    (`run_sweep` joins the cluster this process is connected to)."""
     import numpy as np
 
     # Independent check of the rung layout this test relies on (Ray's ASHA formula, max_t + 1).
@@ -67,7 +68,7 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = _write(tmp_path, {
         "name": "t_asha",
-        "base": _base(synth_corpus, tiny_model, tmp_path),
+        "base": _base(small_manifest, tiny_model, tmp_path),
         "overrides": {"optim.epochs": 3},
         "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0},
                      "adaptive": {"lambda.mode": "adaptive", "lambda.eta": 2.0},
@@ -117,7 +118,7 @@ def test_sweep_parent_children_leaderboard_and_asha(tmp_path, synth_corpus, tiny
         assert child.data.tags["mlflow.source.name"] == "ermgap sweep" and child.data.tags.get("mlflow.note.content")
         assert len(child.data.tags.get("mlflow.source.git.commit", "")) == 40
         inputs = client.get_run(child.info.run_id).inputs.dataset_inputs
-        assert [i.dataset.source for i in inputs] and Path(synth_corpus).name in inputs[0].dataset.source
+        assert [i.dataset.source for i in inputs] and Path(small_manifest).name in inputs[0].dataset.source
         assert child.info.artifact_uri.startswith((tmp_path / "artifacts").as_uri())  # beside the sqlite store
 
     # Pareto marks and the best trial follow the documented rules (oracles written here).
