@@ -209,15 +209,16 @@ def test_token_cluster_end_to_end(token_head, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 @pytest.mark.deepspeed
-def test_tiny_training_job_logs_to_mlflow(token_head, synth_corpus, tiny_model, tmp_path):
+def test_tiny_training_job_logs_to_mlflow(token_head, small_manifest, tiny_model, tmp_path):
     """`ermgap submit configs/tiny.yaml --follow`: a real `ermgap train` job on the head, its MLflow run checked."""
     head = token_head
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = _client_env(tmp_path, RAY_AUTH_TOKEN=head.token, MLFLOW_TRACKING_URI=store)
-    small = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}",
+    small = [f"data.manifest={small_manifest}", f"model.name_or_path={tiny_model}",
              f"tracking.storage_path={tmp_path / 'runs'}", "tracking.experiment=submit-test",
              "optim.epochs=1", "distributed.num_workers=1", "optim.micro_batch_size=4",
-             "optim.effective_batch_size=8", "eval.batch_size=32", "data.languages=[eng]"]  # one language: 3× less work
+             "optim.effective_batch_size=8", "eval.batch_size=32",
+             "data.languages=[eng]"]  # the small slice, one language: 16 / 8 / 8 utterances
     r = _cli("submit", str(ROOT / "configs" / "tiny.yaml"), "--address", head.address, "--follow",
              "--env", "MLFLOW_TRACKING_URI", "--", *small, env=env, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
