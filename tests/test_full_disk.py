@@ -41,6 +41,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 @pytest.mark.ray
 @pytest.mark.deepspeed
+@pytest.mark.xfail(strict=False, reason="open (#29 item 3): when Ray Train's controller, not a worker, hits the full "
+                   "disk (an empty checkpoint_manager_snapshot.json), the run is retried as a ControllerError "
+                   "(CheckpointManagerInitializationError: JSONDecodeError) and ends with --resume advice")
 def test_a_full_disk_is_one_clear_error_and_resume_warns_about_the_cut_off_checkpoint(
         small_disk, tmp_path, tiny_manifest, tiny_model, ray_cluster):  # noqa: F811
     from mlflow import MlflowClient
