@@ -79,3 +79,13 @@ def test_a_zero_shot_trial_is_shown_as_zero_shot():
     erm = progress.cells({**row, "label": "erm", "epochs": 5, "epoch": 2.0})
     at = progress.headers().index("epoch")
     assert zero[at] == "zero-shot" and erm[at] == "2.0/5"
+
+
+def test_a_trials_line_names_its_state_once_and_omits_an_empty_one():
+    """'λ 0.268' for MinMaxGAP, nothing for ERM: not 'state λ 0.268' nor 'state -'."""
+    progress = SweepProgress(load_sweep_spec(SWEEPS / "demo.yaml"), Console(file=io.StringIO()))
+    row = {"status": "running", "start": time.time() - 30, "epochs": 5, "epoch": 2.0}
+    erm = progress.line({**row, "label": "erm", "objective": "ERM (SFT)", "shown": {}})
+    ours = progress.line({**row, "label": "adaptive", "objective": "ERM-MinMaxGAP (p=2)", "shown": {"λ": 0.268}})
+    assert erm.startswith("erm · objective ERM (SFT) · status running · epoch 2.0/5 · dev W-F1") and "state" not in erm
+    assert "· epoch 2.0/5 · λ 0.268 · dev W-F1" in ours and "state" not in ours

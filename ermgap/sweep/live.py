@@ -161,11 +161,20 @@ class SweepProgress(Callback):
         if not force and now - self._last_print < self.interval_s:
             return
         self._last_print = now
-        heads = self.headers()
         for row in self.rows.values():
             if row["status"] == "running":
-                self.console.print(" · ".join(f"{h} {c}" if i else c for i, (h, c) in enumerate(zip(heads, self.cells(row)))),
-                                   highlight=False, soft_wrap=True)
+                self.console.print(self.line(row), highlight=False, soft_wrap=True)
+
+    def line(self, row: dict[str, Any]) -> str:
+        """One trial as a console line of 'column value' pairs; the objective's state under its own names
+        ('λ 0.268', 'max q 0.31'), left out for a kind that has none."""
+        parts = []
+        for i, (head, cell) in enumerate(zip(self.headers(), self.cells(row))):
+            if head == "state":
+                parts += [cell] if cell != "-" else []
+            else:
+                parts.append(f"{head} {cell}" if i else cell)
+        return " · ".join(parts)
 
     def _say(self, text: str) -> None:
         (self._live.console if self._live is not None else self.console).print(text, highlight=False, soft_wrap=True)
