@@ -89,3 +89,12 @@ def test_a_trials_line_names_its_state_once_and_omits_an_empty_one():
     ours = progress.line({**row, "label": "adaptive", "objective": "ERM-MinMaxGAP (p=2)", "shown": {"λ": 0.268}})
     assert erm.startswith("erm · objective ERM (SFT) · status running · epoch 2.0/5 · dev W-F1") and "state" not in erm
     assert "· epoch 2.0/5 · λ 0.268 · dev W-F1" in ours and "state" not in ours
+
+
+def test_a_zero_shot_trial_shows_no_objective_state():
+    """The demo's zero-shot trial keeps the sweep's MinMaxGAP settings but trained nothing: no 'λ 0.000'."""
+    from ermgap.objectives import live_values
+
+    params = {"objective.kind": "minmaxgap", "lambda.mode": "adaptive", "optim.epochs": 0}
+    assert live_values(params, {"lambda": 0.0}) == {}
+    assert live_values({**params, "optim.epochs": 5}, {"lambda": 0.25}) == {"λ": 0.25}

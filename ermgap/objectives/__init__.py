@@ -130,5 +130,7 @@ def trajectory_metric(params: Mapping[str, Any]) -> str | None:
 def live_values(params: Mapping[str, Any], reported: Mapping[str, Any]) -> dict[str, float]:
     """What a live display shows of a run's objective state ({"max q": 0.31}; {} for ERM), from the
     run's flattened config params and a report of its `log_values`."""
+    if is_zero_shot(params):  # trained nothing: its kind's settings did nothing either
+        return {}
     cls = OBJECTIVES.get(objective_kind(params))
     return cls.live_values(reported) if cls is not None else {}
