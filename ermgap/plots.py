@@ -21,7 +21,8 @@ from ermgap.metric_registry import label as metric_label  # noqa: E402
 from ermgap.metrics import pareto_front  # noqa: E402
 
 
-def _save(fig, out_path: str | os.PathLike, force: bool) -> Path:
+def save_figure(fig, out_path: str | os.PathLike, force: bool) -> Path:
+    """Write `fig` as a PNG atomically (replacing only with `force`) and close it; returns the path."""
     try:
         with atomic_path(out_path, force=force) as tmp:
             fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
@@ -108,7 +109,7 @@ def fairness_accuracy_scatter(
     """
     fig = trade_off_figure(points, labels, split=split, title=title, xlabel=xlabel, ylabel=ylabel, errors=errors,
                            note=note)
-    return _save(fig, out_path, force)
+    return save_figure(fig, out_path, force)
 
 
 def pareto_plot(frame, out_path: str | os.PathLike, *, x: str, y: str, label: str, split: str | None = None,
@@ -176,7 +177,7 @@ def gender_gap_bars(
     errors: {system label: {subset: (lo, hi)}} bootstrap intervals, drawn as error bars.
     note: a second title line (e.g. n per group).
     """
-    return _save(gap_bars_figure(gaps, metric=metric, split=split, stratum=stratum, errors=errors, note=note),
+    return save_figure(gap_bars_figure(gaps, metric=metric, split=split, stratum=stratum, errors=errors, note=note),
                  out_path, force)
 
 
@@ -196,7 +197,7 @@ def lambda_trajectories(
     if series:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, out_path, force)
+    return save_figure(fig, out_path, force)
 
 
 def confusion_matrices(
@@ -213,7 +214,7 @@ def confusion_matrices(
 
     matrices: {"F": int array [K, K+1], "M": ...} (the last column counts invalid answers).
     """
-    return _save(confusion_figure(matrices, title=title, labels=labels), out_path, force)
+    return save_figure(confusion_figure(matrices, title=title, labels=labels), out_path, force)
 
 
 def confusion_figure(matrices: Mapping[str, np.ndarray], *, title: str = "", labels: Sequence[str] = EMOTIONS):

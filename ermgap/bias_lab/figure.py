@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ermgap.bias_lab.table import NAMES  # noqa: E402
-from ermgap.io import atomic_path  # noqa: E402
+from ermgap.plots import save_figure  # noqa: E402
 
 MARKERS = {"erm": "o", "minmaxgap": "D", "group_dro": "s", "reweight": "^", "oracle": "*"}
 
@@ -42,9 +42,4 @@ def plot_lab(table: pd.DataFrame, out_path: str | os.PathLike, *, titles: Mappin
     fig.suptitle(f"Bias lab: mean ± sd over {seeds} seed(s); the gap is in the language ERM leaves widest",
                  fontsize=10)
     fig.tight_layout()
-    try:
-        with atomic_path(out_path, force=True) as tmp:
-            fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return Path(out_path)
+    return save_figure(fig, out_path, force=True)
