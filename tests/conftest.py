@@ -130,3 +130,16 @@ def reference_run(ray_cluster, small_manifest, tiny_model, tmp_path_factory) -> 
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
     return finished_run(run_dir, f"sqlite:///{root}/mlflow.db", output, overrides, root)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB tmpfs (a disk that fills up); skipped where mounting needs root."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a 2 MB tmpfs here ({mount.stderr.strip() or 'mount failed'}); needs root")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=True)

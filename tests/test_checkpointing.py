@@ -146,20 +146,12 @@ SAVE_ON_FULL_DISK = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.deepspeed
-def test_deepspeed_checkpoint_on_a_full_disk(tmp_path):
+def test_deepspeed_checkpoint_on_a_full_disk(small_disk):
     from _procs import free_port
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
-                           text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a 2 MB tmpfs here ({mount.stderr.strip() or 'mount failed'}); needs root")
-    try:
-        proc = subprocess.run([sys.executable, "-c", SAVE_ON_FULL_DISK, str(disk), str(free_port())],
-                              capture_output=True, text=True, timeout=600)
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    disk = small_disk
+    proc = subprocess.run([sys.executable, "-c", SAVE_ON_FULL_DISK, str(disk), str(free_port())],
+                          capture_output=True, text=True, timeout=600)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[-1].removeprefix("RESULT "))

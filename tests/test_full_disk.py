@@ -21,18 +21,6 @@ from test_run_failures import _actors
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True,
-                           text=True)
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a 2 MB tmpfs here ({mount.stderr.strip() or 'mount failed'}); needs root")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=True)
-
-
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ermgap.cli.main", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=300)

@@ -13,9 +13,9 @@ import io
 import math
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
+from _runs import small_slice
 from rich.console import Console
 
 from ermgap.config import load_config
@@ -29,12 +29,7 @@ NOT_COMPARED = {"run_dir", "mlflow_run_id", "tracking_uri", "timing", "feature_c
 @pytest.fixture(scope="module")
 def tiny_manifest(synth_corpus, tmp_path_factory) -> Path:
     """4 train / 2 dev / 2 test rows per (language, gender): 24 / 12 / 12 utterances, 3 steps of 8 per epoch."""
-    df = pd.read_csv(synth_corpus, dtype=str, keep_default_na=False)
-    df["audio"] = [str(Path(synth_corpus).parent / a) for a in df["audio"]]
-    parts = [g.head(4 if split == "train" else 2) for (split, _, _), g in df.groupby(["split", "language", "gender"])]
-    out = tmp_path_factory.mktemp("resume") / "manifest.csv"
-    pd.concat(parts).to_csv(out, index=False)
-    return out
+    return small_slice(synth_corpus, tmp_path_factory.mktemp("resume") / "manifest.csv", train=4, held_out=2)
 
 
 def _overrides(root: Path, manifest: Path, model: Path, sampler: str, cache: str, objective: str) -> list[str]:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 from _faults import NanAtStep
+from _runs import assert_same_run, history, train_overrides
 
 from ermgap.config import load_config
 
@@ -29,27 +29,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def small_manifest(synth_corpus, tmp_path_factory) -> Path:
-    """8 train / 4 dev / 4 test rows per (language, gender): 48 / 24 / 24 utterances."""
-    df = pd.read_csv(synth_corpus, dtype=str, keep_default_na=False)
-    df["audio"] = [str(Path(synth_corpus).parent / a) for a in df["audio"]]
-    parts = [g.head(8 if split == "train" else 4) for (split, _, _), g in df.groupby(["split", "language", "gender"])]
-    out = tmp_path_factory.mktemp("small") / "manifest.csv"
-    pd.concat(parts).to_csv(out, index=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def base(small_manifest, tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
-    overrides = [
-        f"data.manifest={small_manifest}", f"model.name_or_path={tiny_model}", "model.dtype=fp32",
-        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.storage_path={root}/runs",
-        "optim.lr=5e-4", "optim.scheduler=constant", "optim.epochs=2", "optim.effective_batch_size=8",
-        "optim.micro_batch_size=4", "lora.dropout=0", "eval.every_steps=3", "eval.batch_size=12",
-        "eval.patience=0", "lambda.mode=adaptive", "lambda.eta=20", "objective.p=2",
-        "distributed.num_workers=2", "distributed.cpus_per_worker=1", "distributed.zero_stage=2",
-    ]
+    overrides = train_overrides(small_manifest, tiny_model, root)
     return {"root": root, "overrides": overrides}
 
 
@@ -58,41 +40,6 @@ def _train(base, name, extra=(), **kw):
 
     cfg = load_config(None, base["overrides"] + list(extra))
     return run_training(cfg, run_dir=base["root"] / "runs" / name, **kw)
-
-
-def _history(final, key):
-    from mlflow import MlflowClient
-
-    client = MlflowClient(final["tracking_uri"])
-    return [(m.step, m.value) for m in client.get_metric_history(final["mlflow_run_id"], key)]
-
-
-def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def _assert_same_run(a, b, *, tol=1e-5):
-    """Same per-step training losses, λ trajectory, dev/test metrics and best adapter."""
-    la, lb = dict(_history(a, "train/loss")), dict(_history(b, "train/loss"))
-    assert sorted(la) == sorted(lb) == list(range(1, 13))
-    for step in la:
-        assert la[step] == pytest.approx(lb[step], abs=tol, rel=tol), f"train loss differs at step {step}"
-    assert len(a["lambda_history"]) == len(b["lambda_history"]) == 4
-    for (ia, ga, va), (ib, gb, vb) in zip(a["lambda_history"], b["lambda_history"]):
-        assert ia == ib and ga == pytest.approx(gb, abs=tol) and va == pytest.approx(vb, abs=1e-4)
-    _assert_same_outputs(a, b)
-
-
-def _assert_same_outputs(a, b):
-    """Same final dev/test losses, loss gaps and W-F1, and the same best adapter."""
-    for key in ("dev_loss", "dev_loss_gap", "test_loss", "test_loss_gap", "dev_w_f1", "test_w_f1"):
-        assert a[key] == pytest.approx(b[key], abs=1e-4), key
-    wa, wb = _adapter(Path(a["run_dir"])), _adapter(Path(b["run_dir"]))
-    assert sorted(wa) == sorted(wb) and wa
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -129,14 +76,14 @@ def test_reference_run_outputs(reference):
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
     assert arts == {"predictions/dev_preds.csv", "predictions/test_preds.csv"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"adapter", "config.yaml"}
-    assert len(_history(reference, "eval/dev_w_f1")) == 4 and len(_history(reference, "train/gap")) == 12
+    assert len(history(reference, "eval/dev_w_f1")) == 4 and len(history(reference, "train/gap")) == 12
 
 
 def test_two_workers_equal_one_worker(reference, base):
     """The all-reduce in the objective + DeepSpeed's gradient averaging give the single-process result:
     1 worker × 2 accumulation steps of 4 == 2 workers × 1 step of 4."""
     one = _train(base, "one_worker", ["distributed.num_workers=1"])
-    _assert_same_run(reference, one)
+    assert_same_run(reference, one)
 
 
 def test_cached_encoder_outputs_give_the_same_run_as_recomputing_them(reference, base):
@@ -151,7 +98,7 @@ def test_cached_encoder_outputs_give_the_same_run_as_recomputing_them(reference,
     assert len(list((base["root"] / "runs" / "feature_cache").rglob("*.safetensors"))) == 96
     off = _train(base, "cache_off", ["data.feature_cache=off"])
     assert off["feature_cache"] is None
-    _assert_same_run(reference, off)
+    assert_same_run(reference, off)
 
 
 def test_a_zero_epoch_run_is_the_backbone_zero_shot(reference, base, small_manifest, tiny_model):
@@ -214,7 +161,7 @@ def test_worker_fault_then_driver_kill_then_resume(reference, base, ray_cluster)
     assert not (run_dir / "metrics.json").exists()
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     uri = base["overrides"][3].split("=", 1)[1]
-    killed_after = max(_history({"tracking_uri": uri, "mlflow_run_id": run_id}, "train/loss"))[0]
+    killed_after = max(history({"tracking_uri": uri, "mlflow_run_id": run_id}, "train/loss"))[0]
 
     from mlflow import MlflowClient
     from test_resume_exact import _assert_identical
@@ -227,13 +174,13 @@ def test_worker_fault_then_driver_kill_then_resume(reference, base, ray_cluster)
     tags = MlflowClient(uri).get_run(run_id).data.tags
     assert "ermgap.error" not in tags, tags  # the killed driver's "driver ... died" is not the finished run's
     # Where each attempt continued from: the fault (after step 5) redid 1-3 steps, the kill at most 3.
-    resumed = [s for s, _ in sorted(_history(final, "resumed_at_step"))]
+    resumed = [s for s, _ in sorted(history(final, "resumed_at_step"))]
     assert len(resumed) == 2 and 1 <= 5 - resumed[0] <= 3 and 0 <= killed_after - resumed[1] <= 3, \
         (resumed, killed_after)
     # ... and yet each step of the per-step curves is in MLflow once (the redone steps are not logged again).
     for key in ("train/loss", "lambda", "lr"):
-        assert sorted(s for s, _ in _history(final, key)) == list(range(1, 13)), key
-    evals = [s for s, _ in _history(final, "eval/dev_w_f1")]
+        assert sorted(s for s, _ in history(final, key)) == list(range(1, 13)), key
+    evals = [s for s, _ in history(final, "eval/dev_w_f1")]
     assert sorted(evals) == [3, 6, 9, 12], evals
 
 
@@ -261,8 +208,8 @@ def test_minmaxgap_shrinks_the_train_gap_relative_to_erm(ray_cluster, base):
               "eval.every_steps=8", "objective.p=1", "lambda.mode=fixed"]
     erm = _train(base, "erm", common + ["lambda.init=0"])
     mmg = _train(base, "minmaxgap", common + ["lambda.init=5"])
-    gap_erm = [v for s, v in _history(erm, "train/gap") if s > 3]
-    gap_mmg = [v for s, v in _history(mmg, "train/gap") if s > 3]
+    gap_erm = [v for s, v in history(erm, "train/gap") if s > 3]
+    gap_mmg = [v for s, v in history(mmg, "train/gap") if s > 3]
     assert len(gap_erm) == len(gap_mmg) == 5
     mean_erm, mean_mmg = sum(gap_erm) / 5, sum(gap_mmg) / 5
     assert mean_erm > 0.05, mean_erm
