@@ -14,13 +14,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from _faults import KillAfterStep
-from test_train_distributed import (  # noqa: F401
-    _assert_same_outputs,
-    _history,
-    _train,
-    base,
-    small_manifest,
-)
+from _runs import assert_same_outputs as _assert_same_outputs
+from _runs import history as _history
+from test_train_distributed import _train, base  # noqa: F401  (a module fixture)
 
 from ermgap.labels import GENDERS, LANGUAGES
 
