@@ -1,6 +1,6 @@
 """A sweep's wall time with and without the encoder-output cache, side by side in one run.
 
-The demo's four training trials (ERM, fixed λ = 3, adaptive p = 2 and p = 1; no zero-shot trial) on the
+The four training trials of sweeps/synth_lm.yaml (ERM, fixed λ = 3, adaptive p = 2 and p = 1; no zero-shot trial) on the
 pretrained tiny backbone with a frozen encoder, two at a time on a local Ray cluster: once with
 `data.feature_cache=off` (every step and every evaluation re-decodes the audio and reruns the encoder), once
 with a cold cache of its own (so the cached sweep pays for filling it). Reports each sweep's wall time and
@@ -9,7 +9,8 @@ feature_cache {hits, misses, encoder_s}) against one encoder pass over the corpu
 process), and whether the two sweeps' results agree (their dev/test W-F1 per trial).
 
     .venv/bin/python bench/feature_cache_sweep.py [--epochs 2]
-(needs data/synth and models/tiny-pretrained: `make demo` builds them.) JSON in
+(needs data/synth and models/tiny-pretrained: `ermgap data synth --out data/synth` and
+`ermgap model tiny --pretrain --out models/tiny-pretrained`.) JSON in
 bench/results/feature_cache_sweep.json.
 """
 
@@ -79,7 +80,7 @@ def sweep(spec_path: Path, variants: dict, name: str, root: Path, epochs: int, c
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--spec", default=str(ROOT / "sweeps" / "demo.yaml"))
+    ap.add_argument("--spec", default=str(ROOT / "sweeps" / "synth_lm.yaml"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "feature_cache_sweep.json"))
     args = ap.parse_args()
     spec = load_sweep_spec(args.spec)

@@ -1,7 +1,7 @@
 """A run's fixed cost: where the seconds of one `ermgap train` process go besides training and evaluating.
 
 The job (the issue's comparison job): the pretrained tiny Qwen2-Audio with LoRA on its language model (encoder
-frozen), the demo corpus's 546 train utterances, 3 epochs of micro-batch 4 × accumulation 4 on one Ray Train
+frozen), the default synthetic corpus's 546 train utterances, 3 epochs of micro-batch 4 × accumulation 4 on one Ray Train
 worker, dev evaluated every epoch, dev and test predictions at the end. Each variant is a real `ermgap train`
 process (the CLI, starting its own local Ray cluster, MLflow on sqlite) timed from outside and from inside:
 
@@ -20,7 +20,7 @@ from `git worktree add`), interleaved, so before and after are measured side by 
     .venv/bin/python bench/fixed_cost.py [--variants cold,warm,off,zero_shot]
     .venv/bin/python bench/fixed_cost.py --tree before=/tmp/ermgap-before --tree after=.
 
-Needs data/synth and models/tiny-pretrained (`make demo` builds them, or `ermgap data synth --out data/synth`
+Needs data/synth and models/tiny-pretrained (`ermgap data synth --out data/synth`
 and `ermgap model tiny --pretrain --out models/tiny-pretrained`). JSON in bench/results/fixed_cost.json
 (with the machine, its load and each tree's commit); prints the breakdown table last.
 """
@@ -281,7 +281,7 @@ def main() -> None:
     args = ap.parse_args()
     for need in (args.manifest, args.model / "config.json"):
         if not need.is_file():
-            raise SystemExit(f"{need} is missing: `make demo` builds data/synth and models/tiny-pretrained")
+            raise SystemExit(f"{need} is missing: `ermgap data synth --out data/synth` and `ermgap model tiny --pretrain --out models/tiny-pretrained` build it")
     trees = {t.split("=", 1)[0]: Path(t.split("=", 1)[1]).resolve() for t in args.tree} or {"this": ROOT}
     variants = args.variants.split(",")
     for v in variants:

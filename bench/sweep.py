@@ -1,6 +1,6 @@
-"""The demo sweep as a benchmark: where a sweep's wall time goes, and ASHA vs the full grid.
+"""A small comparison sweep as a benchmark: where a sweep's wall time goes, and ASHA vs the full grid.
 
-Runs sweeps/demo.yaml twice on a local Ray cluster, side by side in one process: the full grid,
+Runs sweeps/synth_lm.yaml twice on a local Ray cluster, side by side in one process: the full grid,
 then the same grid with ASHA on dev W-F1. Reports
 - the share of the sweep's CPU-slot time spent inside train/eval steps (goal ≥ 90 %), from each
   finished run's own timing (metrics.json: train_s, eval_s);
@@ -11,7 +11,8 @@ then the same grid with ASHA on dev W-F1. Reports
 JSON in bench/results/sweep.json; the ASHA/full compute ratio is printed last.
 
     .venv/bin/python bench/sweep.py [--epochs N] [--grace 2]
-(needs data/synth and models/tiny: `make demo` builds them.)
+(needs data/synth and models/tiny-pretrained: `ermgap data synth --out data/synth` and
+`ermgap model tiny --pretrain --out models/tiny-pretrained`.)
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def _evals_after_stop(out) -> list[int]:
 
 
 def run(label: str, overrides: list[str], store: Path) -> dict:
-    spec = load_sweep_spec(ROOT / "sweeps" / "demo.yaml",
+    spec = load_sweep_spec(ROOT / "sweeps" / "synth_lm.yaml",
                            [f"name=bench_{label}", f"storage_path={store / 'sweeps'}",
                             f"mlflow.tracking_uri=sqlite:///{store / 'mlflow.db'}", *overrides])
     slots = spec.model.max_concurrent_trials or 1
@@ -90,13 +91,13 @@ def run(label: str, overrides: list[str], store: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=None, help="Override the demo's epochs (default: the spec's).")
+    ap.add_argument("--epochs", type=int, default=None, help="Override the spec's epochs (default: the spec's).")
     ap.add_argument("--grace", type=int, default=2, help="ASHA grace period in evaluations.")
     args = ap.parse_args()
     import torch
 
     common = [f"base.optim.epochs={args.epochs}"] if args.epochs else []
-    epochs = args.epochs or load_sweep_spec(ROOT / "sweeps" / "demo.yaml").trial_config({"variant": "erm"}).optim.epochs
+    epochs = args.epochs or load_sweep_spec(ROOT / "sweeps" / "synth_lm.yaml").trial_config({"variant": "erm"}).optim.epochs
     asha = (f"scheduler={{type: asha, metric: dev_w_f1, mode: max, grace_period: {args.grace}, "
             f"reduction_factor: 2, max_t: {epochs}}}")
     with tempfile.TemporaryDirectory(prefix="ermgap-bench-sweep-") as tmp:

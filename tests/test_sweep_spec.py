@@ -134,16 +134,43 @@ def test_existing_sweep_needs_resume_or_force_and_resume_needs_state(tmp_path):
 def test_trial_config_equals_independently_loaded_config():
     """Oracle: config.load_config(base, dotted overrides) built by hand for one demo trial."""
     spec = load_sweep_spec(SWEEPS / "demo.yaml")
-    got = spec.trial_config({"variant": "adaptive_p1"})
-    want = load_config(TINY, ["model.name_or_path=models/tiny-pretrained", "lora.train_audio_encoder=false",
-                              "optim.epochs=5", "optim.scheduler=cosine",
-                              "eval.patience=0", "lambda.eta=5.0", "distributed.num_workers=1",
+    got = spec.trial_config({"variant": "minmaxgap", "optim.seed": 42})
+    want = load_config(TINY, ["data.manifest=data/bias_lab/positive/manifest.csv",
+                              "model.name_or_path=models/tiny-pretrained", "lora.train_audio_encoder=false",
+                              "optim.epochs=12", "optim.lr=1e-3", "optim.scheduler=cosine",
+                              "optim.effective_batch_size=24", "optim.micro_batch_size=8",
+                              "eval.patience=0", "eval.batch_size=32", "distributed.num_workers=1",
                               "distributed.cpus_per_worker=0.9", "distributed.use_gpu=false",
-                              "lambda.mode=adaptive", "lambda.init=0.0", "objective.p=1"])
+                              "objective.kind=minmaxgap", "lambda.mode=adaptive", "lambda.init=0.0", "objective.p=2",
+                              "lambda.lam_max=0.6", "data.sampler=stratified", "data.min_per_cell=4",
+                              "optim.seed=42"])
     assert got.to_dict() == want.to_dict()
     # The zero-shot trial is the same config with nothing trained.
-    zero = spec.trial_config({"variant": "zero_shot"}).to_dict()
+    zero = spec.trial_config({"variant": "zero_shot", "optim.seed": 42}).to_dict()
     assert zero["optim"]["epochs"] == 0 and zero["model"] == want.to_dict()["model"]
+
+
+def test_the_demo_runs_the_bias_labs_rows_on_its_positive_control():
+    """The demo's trained rows are the bias lab's rows on the corpus and backbone the lab builds: each demo trial
+    equals the lab's trial of the same row and seed (sweeps/bias_lab.yaml expanded by the lab's own driver), and its
+    corpus is the lab's positive control, cue-shifted and under-represented."""
+    from ermgap.bias_lab.corpora import CONTROLS
+    from ermgap.bias_lab.run import LabSettings, lab_spec
+
+    settings = LabSettings(corpora=("positive",), seed_list=(42,))
+    root = Path(settings.data_root)
+    lab = lab_spec(settings, {"positive": (root / "positive" / "manifest.csv",
+                                           root / "positive_oracle" / "manifest.csv")})
+    demo = load_sweep_spec(SWEEPS / "demo.yaml")
+    assert [p["optim.seed"] for p in demo.example_trials()] == [42] * 4
+    for row in ("erm", "minmaxgap", "group_dro"):
+        got = demo.trial_config({"variant": row, "optim.seed": 42}).to_dict()
+        want = lab.trial_config({"variant": f"positive.{row}", "optim.seed": 42}).to_dict()
+        got.pop("tracking"), want.pop("tracking")  # each its own MLflow experiment
+        assert got == want, row
+    positive = next(c for c in CONTROLS if c.name == "positive")
+    assert positive.cue_shift and positive.train_share and not positive.bias
+    assert demo.first_trial_config().model.name_or_path == settings.backbone
 
 
 def test_grid_is_the_cartesian_product(tmp_path):
@@ -175,7 +202,7 @@ def test_spec_hash_changes_with_overrides(tmp_path):
 # --------------------------------------------------------------------------- shipped specs
 
 
-@pytest.mark.parametrize("name,trials", [("demo", 5), ("paper_main", 3 * 2), ("paper_ablation", 5 * 2 * 2),
+@pytest.mark.parametrize("name,trials", [("demo", 4), ("synth_lm", 5), ("paper_main", 3 * 2), ("paper_ablation", 5 * 2 * 2),
                                          ("fairness_grid", 3 * 3 * 3), ("compare_objectives", 6 * 3),
                                          ("pareto_minmaxgap", 16), ("pareto_constrained", 16),
                                          ("pareto_adversarial", 16)])
