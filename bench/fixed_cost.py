@@ -145,7 +145,9 @@ def breakdown(events: list[dict], driver_pid: int, exit_t: float, metrics_t: flo
     """Seconds of each phase, from the trace of one run (see the module docstring)."""
     start = next(e["t_start"] for e in events if e["ev"] == "process_start" and e["pid"] == driver_pid)
     rt_in = _ev(events, ".run_training:in", driver_pid)
-    ray_in, ray_out = _ev(events, "ray.init:in", driver_pid), _ev(events, "ray.init:out", driver_pid)
+    # ray/__init__ re-exports ray._private.worker.init: the trace names it after whichever module wrapped it first.
+    ray_in = _ev(events, "ray.init:in", driver_pid) or _ev(events, "ray._private.worker.init:in", driver_pid)
+    ray_out = _ev(events, "ray.init:out", driver_pid) or _ev(events, "ray._private.worker.init:out", driver_pid)
     fit_in = _ev(events, "DataParallelTrainer.fit:in", driver_pid)
     rt_out = max((e["t"] for e in events if e["pid"] == driver_pid and e["ev"].endswith(".run_training:out")),
                  default=None)
