@@ -29,7 +29,7 @@ from rich.console import Console
 from ermgap import checkpointing
 from ermgap.config import RunConfig, config_from_dict, default_tracking_uri, dump_yaml, flatten, load_config
 from ermgap.errors import ConfigError, ErmgapError, TrainingError
-from ermgap.failures import RunFault, fit_run
+from ermgap.failures import RunFault, fit_run, set_aside_cut_off_snapshot
 from ermgap.feature_cache import cache_dir
 from ermgap.io import discard_aside, restore_aside
 from ermgap.multinode import check_shared_paths, input_paths
@@ -157,6 +157,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
             checkpointing.newest_on_disk(run_path.local, cfg.distributed.num_workers)
         check_inputs(cfg)
         cfg = with_task(cfg, resolve_task(cfg))
+        set_aside_cut_off_snapshot(run_path)  # else Ray's controller cannot start on it
     else:
         cfg = resolved_config(cfg)
         if run_dir is None:

@@ -93,9 +93,11 @@ def read_error(run_dir: str | os.PathLike | Location) -> ErmgapError | None:
 
 def user_error_in(err: BaseException, run_dir: str | os.PathLike | Location) -> ErmgapError | None:
     """The user error behind a failed fit() that no worker could record (a full disk takes no error.json
-    either): a worker's ermgap error, or a write that failed with ENOSPC/EDQUOT, in Ray's per-rank failures."""
-    failures = getattr(err, "worker_failures", None) or {}
-    for _, failure in sorted(failures.items()):
+    either): a worker's ermgap error, or a write that failed with ENOSPC/EDQUOT, in Ray's per-rank failures
+    or in its controller's (a ControllerError: the controller writes the run's checkpoint list,
+    checkpoint_manager_snapshot.json, into the run directory, and may be the first to meet the full disk)."""
+    failures = [f for _, f in sorted((getattr(err, "worker_failures", None) or {}).items())]
+    for failure in [*failures, getattr(err, "controller_failure", None)]:
         seen: set[int] = set()
         stack = [failure]
         while stack:
@@ -109,6 +111,31 @@ def user_error_in(err: BaseException, run_dir: str | os.PathLike | Location) -> 
                 return NoSpaceError(f"no space left on {run_dir} ({os.strerror(e.errno)})")
             stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     return None
+
+
+def set_aside_cut_off_snapshot(run_dir: str | os.PathLike | Location) -> None:
+    """Move Ray Train's checkpoint list of the run in local `run_dir` aside when it is unreadable, with a
+    warning, so that a resume can start: Ray rewrites checkpoint_manager_snapshot.json in place after every
+    registered checkpoint, a full disk leaves it empty or cut off, and a new controller refuses to start on
+    it (CheckpointManagerInitializationError: JSONDecodeError). Without it Ray starts a fresh list and the
+    workers resume from the newest complete checkpoint on disk (ermgap.worker.checkpoint_to_resume); an
+    object store writes whole objects, so only a local (or NFS) run directory can hold a cut-off one."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    loc = Location.of(run_dir)
+    path = None if loc.is_remote else loc.local / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+    if path is None or not path.is_file():
+        return
+    try:
+        json.loads(path.read_bytes())
+        return
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are
+        reason = "empty" if path.stat().st_size == 0 else f"cut off ({err})"
+    aside = path.with_name(path.name + ".unreadable")
+    os.replace(path, aside)
+    warnings.warn(f"Ray Train's checkpoint list {path} is {reason}, as a full disk leaves it; moved aside to "
+                  f"{aside.name}: resuming from the newest complete checkpoint in {loc.local}",
+                  ErmgapWarning, stacklevel=2)
 
 
 def clear_error(run_dir: str | os.PathLike | Location) -> None:

@@ -3,13 +3,18 @@ back as its ermgap.errors class; the leaderboard's failed trials. End-to-end run
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
+import pickle
 
 import pandas as pd
+import pyarrow.fs
+import pytest
 
-from ermgap.errors import ErmgapError, ManifestError, NoSpaceError, TrainingError
-from ermgap.failures import ERROR_FILE, clear_error, read_error, record_error
+from ermgap.errors import ErmgapError, ErmgapWarning, ManifestError, NoSpaceError, TrainingError
+from ermgap.failures import (ERROR_FILE, clear_error, read_error, record_error, set_aside_cut_off_snapshot,
+                             user_error_in)
 
 
 def _record(args) -> bool:
@@ -68,3 +73,68 @@ def test_failed_trials_are_listed_with_their_reason(tmp_path):
 
     assert failure_reason(Wrapped("Traceback (most recent call last): ...")) == nan
     assert failure_reason(TrainingError(nan)) == nan
+
+
+def _pyarrow_enospc() -> OSError:
+    """The error Ray Train's controller meets writing its checkpoint list on a full disk: pyarrow's, real."""
+    with pytest.raises(OSError) as full, pyarrow.fs.LocalFileSystem().open_output_stream("/dev/full") as f:
+        f.write(b"{}")
+    assert full.value.errno == errno.ENOSPC
+    return full.value
+
+
+def test_a_full_disk_met_by_ray_train_s_controller_is_the_user_s_error_not_a_fault(tmp_path):
+    """The controller writes checkpoint_manager_snapshot.json into the run directory after each registered
+    checkpoint; when it, not a worker, meets the full disk, fit() raises a ControllerError with no worker
+    failures. The old code looked at worker failures only and retried it as a fault (then ended with
+    `--resume` advice)."""
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+
+    run = tmp_path / "run"
+    # As the driver receives it: pickled by the controller actor (the errno survives).
+    err = pickle.loads(pickle.dumps(ControllerError(_pyarrow_enospc())))
+    user = user_error_in(err, run)
+    assert type(user) is NoSpaceError and str(user) == f"no space left on {run} (No space left on device)"
+    # Anything else from the controller stays a fault (retried by fit_run), the cut-off list's refusal included.
+    refused = CheckpointManagerInitializationError(json.JSONDecodeError("Expecting value", "", 0))
+    assert user_error_in(pickle.loads(pickle.dumps(ControllerError(refused))), run) is None
+    # A worker's own user error is named before the controller's full disk.
+    both = WorkerGroupError("failed", {0: ManifestError("a.wav cannot be decoded")})
+    both.controller_failure = _pyarrow_enospc()
+    assert type(user_error_in(both, run)) is ManifestError
+
+
+@pytest.mark.parametrize("cut_off", [b"", b'{"checkpoint_results": [{"checkpoint_dir_'])
+def test_ray_s_cut_off_checkpoint_list_is_moved_aside_so_its_controller_can_start(tmp_path, cut_off):
+    """Ray Train's own checkpoint manager (what a resumed run's controller builds first) refuses the run
+    directory with an empty or cut-off checkpoint_manager_snapshot.json, and starts on it once the list is
+    set aside; a readable list is left alone."""
+    from ray.train import CheckpointConfig
+    from ray.train.v2._internal.exceptions import CheckpointManagerInitializationError
+    from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import CheckpointManager
+    from ray.train.v2._internal.execution.storage import StorageContext
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def ray_manager() -> CheckpointManager:
+        storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="run",
+                                 storage_filesystem=pyarrow.fs.LocalFileSystem())
+        return CheckpointManager(checkpoint_config=CheckpointConfig(), storage_context=storage)
+
+    ray_manager()._write_state_to_storage()  # Ray's own readable list (no checkpoints yet)
+    snapshot = run / "checkpoint_manager_snapshot.json"
+    readable = snapshot.read_bytes()
+    set_aside_cut_off_snapshot(run)
+    assert snapshot.read_bytes() == readable
+
+    snapshot.write_bytes(cut_off)
+    with pytest.raises(CheckpointManagerInitializationError):
+        ray_manager()
+    reason = "empty" if not cut_off else "cut off"
+    with pytest.warns(ErmgapWarning, match=rf"checkpoint list {snapshot} is {reason}.*moved aside to "
+                      rf"checkpoint_manager_snapshot.json.unreadable: resuming from the newest complete checkpoint"):
+        set_aside_cut_off_snapshot(run)
+    assert not snapshot.exists() and (run / "checkpoint_manager_snapshot.json.unreadable").read_bytes() == cut_off
+    assert ray_manager().latest_checkpoint_result is None  # starts: the workers pick the newest checkpoint on disk
