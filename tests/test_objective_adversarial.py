@@ -8,14 +8,12 @@ trained afterwards on the learnt features (the attribute must be harder to read 
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from test_objective_distributed import TRAIN_COUNTS, _average_grads, global_batch, step_indices
+from test_objective_distributed import TRAIN_COUNTS, _average_grads, global_batch, start_gloo, step_indices
 
 from ermgap.objectives import OBJECTIVES, AdversarialERM, CellGrid
 from ermgap.objectives.adversarial import AdversarialConfig, grad_reverse
@@ -160,9 +158,7 @@ def _objective():
 
 
 def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    start_gloo(rank, world, init_file)
     try:
         x, y, stratum, attr = global_batch()
         encoder, classifier = _encoder()

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from objective_oracle import oracle_constrained
-from test_objective_distributed import TRAIN_COUNTS, _average_grads, _per_sample, global_batch, make_model, step_indices
+from test_objective_distributed import (
+    TRAIN_COUNTS,
+    _average_grads,
+    _per_sample,
+    global_batch,
+    make_model,
+    start_gloo,
+    step_indices,
+)
 
 from ermgap.errors import ErmgapWarning
 from ermgap.objectives import OBJECTIVES, CellGrid, ConstrainedERM, MinMaxGAP
@@ -155,9 +162,7 @@ def _objective():
 def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import warnings
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    start_gloo(rank, world, init_file)
     try:
         x, y, stratum, attr = global_batch()
         objective, model = _objective(), make_model()

@@ -86,13 +86,18 @@ def _average_grads(model, world):
         p.grad /= world
 
 
+def start_gloo(rank: int, world: int, init_file: str) -> None:
+    """Join the test's gloo group of `world` processes (one thread each: the ranks share 2 cores)."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     from ermgap.errors import TrainingError
     from ermgap.objectives.minmaxgap import erm_minmaxgap_loss, sample_weights
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    start_gloo(rank, world, init_file)
     try:
         x, y, stratum, attr = global_batch()
         idx = rank_indices(world)[rank]
