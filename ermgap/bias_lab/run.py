@@ -16,12 +16,12 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
 
-from ermgap.bias_lab.corpora import CONTROLS, Sizes, build_corpus, lab_corpora
+from ermgap.bias_lab.corpora import CONTROLS, ORACLE_SUFFIX, Sizes, build_corpus, lab_corpora
 from ermgap.bias_lab.table import format_table, lab_table, markdown_table, verdicts
 from ermgap.errors import ConfigError, TrainingError
 from ermgap.io import atomic_write_text
@@ -120,19 +120,62 @@ def finished_sweep(path: str | os.PathLike) -> dict:
 
 def sweep_trials(state: dict) -> pd.DataFrame:
     """The sweep's trials that ran to the end (MLflow child runs FINISHED with test metrics), as leaderboard
-    rows: variant, optim.seed, mlflow_run_id, test_w_f1."""
+    rows: variant, optim.seed, mlflow_run_id, test_w_f1, digest (of the data it trained on)."""
     from ermgap.tracking import child_runs
 
     runs = child_runs(state["tracking_uri"], state["experiment"], state["parent_run_id"])
-    cols = ["variant", "optim.seed", "mlflow_run_id", "test_w_f1"]
+    cols = ["variant", "optim.seed", "mlflow_run_id", "test_w_f1", "digest"]
     if runs.empty or "metrics.best/test_w_f1" not in runs:
         return pd.DataFrame(columns=cols)
     done = runs[(runs["status"] == "FINISHED") & runs["metrics.best/test_w_f1"].notna()]
     bad = [v for v in done["tags.ermgap.param.variant"].astype(str) if SEP not in v]
     if bad:
         raise ConfigError(f"sweep {state.get('name')}: variant {bad[0]!r} is not a lab trial (<corpus>{SEP}<row>)")
+    from ermgap.tracking import client
+
+    mlflow = client(state["tracking_uri"])
+    digests = []
+    for run_id in done["run_id"]:  # the digest of the data each trial trained on (log_manifest_input)
+        inputs = mlflow.get_run(run_id).inputs.dataset_inputs
+        digests.append(next((d.dataset.digest for d in inputs if any(t.value == "training" for t in d.tags)), None))
     return pd.DataFrame({"variant": done["tags.ermgap.param.variant"], "optim.seed": done["params.optim.seed"],
-                         "mlflow_run_id": done["run_id"], "test_w_f1": done["metrics.best/test_w_f1"]})[cols]
+                         "mlflow_run_id": done["run_id"], "test_w_f1": done["metrics.best/test_w_f1"],
+                         "digest": digests})[cols]
+
+
+def corpus_digests(settings: LabSettings) -> dict[str, str]:
+    """{corpus directory (a control or its oracle twin): the digest MLflow records for its manifest as a trial
+    reads it}, for the lab's corpora on disk under `settings.data_root`."""
+    from mlflow.data.digest_utils import compute_pandas_digest  # what a trial's dataset input records
+
+    from ermgap.config import set_dotted, validate_tree
+    from ermgap.preflight import run_manifest
+
+    root = Path(settings.data_root)
+    controls = lab_corpora()
+    manifests = {c.name: (root / c.name / "manifest.csv", root / c.oracle().name / "manifest.csv") for c in controls}
+    spec = lab_spec(replace(settings, corpora=None, rows=("erm",)), manifests)
+    out = {}
+    for c in controls:
+        tree = spec.trial_tree({"variant": f"{c.name}{SEP}erm"})
+        for name in (c.name, c.oracle().name):
+            if (root / name / "manifest.csv").is_file():
+                set_dotted(tree, "data.manifest", str(root / name / "manifest.csv"))
+                out[name] = compute_pandas_digest(run_manifest(validate_tree(tree, str(root / name))))
+    return out
+
+
+def current_trials(trials: pd.DataFrame, digests: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
+    """(the trials that trained on the corpus the lab builds now, the variants of the others): a sweep run before a
+    corpus's definition changed must not join its table. A corpus not on disk (no digest to compare) is kept."""
+    def corpus_dir(variant: str) -> str:
+        corpus, row = variant.split(SEP, 1)
+        return corpus + ORACLE_SUFFIX if row == ORACLE else corpus
+
+    stale = pd.Series([d is not None and digests.get(corpus_dir(v), d) != d
+                       for v, d in zip(trials["variant"], trials["digest"])], index=trials.index, dtype=bool)
+    gone = trials[stale]
+    return trials[~stale], [f"{v} seed {s}" for v, s in zip(gone["variant"], gone["optim.seed"])]
 
 
 def merge_predictions(into: dict, more: dict, source: str) -> dict:
@@ -218,9 +261,16 @@ def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:
                                    f"--add-sweep") from None
         timing["sweep_s"] = round(time.perf_counter() - t1, 1)
         preds = collect_predictions(outcome)
+    digests = corpus_digests(settings) if settings.add_sweeps else {}
+    left_out: list[str] = []
     for path in settings.add_sweeps:
         state = finished_sweep(path)
-        merge_predictions(preds, _predictions(sweep_trials(state), state["tracking_uri"], state["experiment"],
+        trials, stale = current_trials(sweep_trials(state), digests)
+        if stale:
+            console.print(f"--add-sweep {path}: left out {len(stale)} trial(s) that trained on another version of "
+                          f"their corpus than {settings.data_root} holds now: {', '.join(stale)}")
+            left_out += [f"{path}: {v}" for v in stale]
+        merge_predictions(preds, _predictions(trials, state["tracking_uri"], state["experiment"],
                                               state["parent_run_id"]), f"--add-sweep {path}")
     if not preds:
         raise TrainingError(f"bias lab: no trial finished{f': {failed}' if failed else ''}")
@@ -230,7 +280,7 @@ def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:
     checks = verdicts(table)
     seeds = sorted({s for rows in preds.values() for runs in rows.values() for s in runs})
     text = _report(table, titles, checks, timing, settings, load_start, seeds)
-    files = _write(settings, table, titles, checks, timing, spec, outcome, load_start, seeds)
+    files = _write(settings, table, titles, checks, timing, spec, outcome, load_start, seeds, left_out)
     return LabResult(table=table, text=text, verdicts=checks, timing=timing, files=files, failed=failed)
 
 
@@ -285,7 +335,7 @@ def _report(table, titles, checks, timing, settings, load_start, seeds) -> str:
     return "\n".join(lines)
 
 
-def _write(settings, table, titles, checks, timing, spec, outcome, load_start, seeds) -> dict[str, str]:
+def _write(settings, table, titles, checks, timing, spec, outcome, load_start, seeds, left_out) -> dict[str, str]:
     """bench/results/bias_lab.json (+ .md and the figure) for the full lab; the quick lab's beside its sweep."""
     from ermgap.bias_lab.figure import plot_lab
 
@@ -307,6 +357,7 @@ def _write(settings, table, titles, checks, timing, spec, outcome, load_start, s
         "added_sweeps": [{"path": str(Path(p).resolve()), **{k: finished_sweep(p)[k] for k in
                                                               ("name", "parent_run_id", "tracking_uri")}}
                          for p in settings.add_sweeps],
+        "left_out": left_out,  # added sweeps' trials of a corpus since redefined (current_trials)
         "verdicts": checks, "table": json.loads(table.to_json(orient="records")),
     }
     files = {"json": str(atomic_write_text(root / f"{stem}.json", json.dumps(result, indent=1, ensure_ascii=False)
