@@ -112,6 +112,7 @@ def test_another_seed_runs_apart_and_joins_the_table(first_lab, tiny_model):
     assert {row["objective"]: row["seeds"] for row in pooled["table"]} == {"erm": 2, "oracle": 1}
     assert pooled["seeds"] == [42, 43] and pooled["sweep_seeds"] == [43]
     assert pooled["added_sweeps"][0]["parent_run_id"] == written["sweep"]["parent_run_id"]
+    assert pooled["left_out"] == []  # the first sweep's corpora are the ones on disk (same MLflow dataset digests)
     assert json.loads((first / "lab" / "bias_lab_quick.json").read_text()) == written
     # The same table from the two sweeps' MLflow runs alone, running nothing (bench/results under the cwd).
     second = tmp_path / "sweeps" / "bias_lab_quick_seeds_43"
@@ -162,3 +163,18 @@ def test_pooled_sweeps_add_seeds_and_refuse_a_seed_twice():
     assert into["positive"]["erm"][43] is b
     with pytest.raises(ConfigError, match=r"--add-sweep x: positive\.erm seed 42 is already in the lab's table"):
         merge_predictions(into, {"positive": {"erm": {42: c}}}, "--add-sweep x")
+
+
+def test_trials_of_a_corpus_since_redefined_are_left_out_of_the_table():
+    """An added sweep's trial joins only if the data it trained on (its MLflow dataset digest) is the corpus the lab
+    holds now; a corpus not on disk cannot be checked and is kept; the oracle row trained on the oracle twin."""
+    from ermgap.bias_lab.run import current_trials
+
+    trials = pd.DataFrame({"variant": ["negative.erm", "negative.oracle", "positive.erm", "irreducible.erm",
+                                       "positive.reweight"],
+                           "optim.seed": ["43", "43", "43", "43", "44"], "mlflow_run_id": list("abcde"),
+                           "test_w_f1": [0.5] * 5, "digest": ["old1", "old2", "p1", "i1", None]})
+    kept, left = current_trials(trials, {"negative": "new1", "negative_oracle": "old2", "positive": "p1"})
+    assert list(kept["mlflow_run_id"]) == ["b", "c", "d", "e"] and left == ["negative.erm seed 43"]
+    kept, left = current_trials(trials.iloc[:0], {"negative": "new1"})
+    assert kept.empty and left == []

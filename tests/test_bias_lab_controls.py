@@ -1,6 +1,7 @@
 """The lab's own controls carry what they claim: in the positive control the minority's emotions are spoken through
 a mapping the majority's examples do not teach (a classifier of the female voices fails on the male ones) but
-their own examples do; in the negative control the majority's examples transfer to the minority.
+their own examples do, and gender is audible; in the negative control gender is a label only (one voice pool: it
+cannot be told from the audio) and a classifier of either group's examples serves both alike.
 
 The corpora are the lab's `CONTROLS` as `ermgap bias-lab` builds them (`build_corpus`), small: 8 train, 1 dev,
 6 test utterances per cell, the oracle twins (every group's train utterances kept, so "both groups" has the
@@ -25,7 +26,8 @@ SIZES = Sizes(train=8, dev=1, test=6)
 
 @pytest.fixture(scope="module")
 def accuracies(tmp_path_factory):
-    """{control: {"majority only" | "both": {gender: pooled test accuracy}}} for the positive and negative controls."""
+    """{control: {"majority only" | "both": {gender: pooled test accuracy}, "gender": test accuracy of a gender
+    classifier}} for the positive and negative controls."""
     from sklearn.ensemble import RandomForestClassifier
 
     root = tmp_path_factory.mktemp("controls")
@@ -45,6 +47,11 @@ def accuracies(tmp_path_factory):
                     test = ((df["split"] == "test") & (df["gender"] == g)).to_numpy() & here
                     right[name][g].extend(clf.predict(x[test]) == y[test])
         out[control.name] = {k: {g: float(np.mean(v)) for g, v in r.items()} for k, r in right.items()}
+        test = (df["split"] == "test").to_numpy()
+        g = df["gender"].to_numpy()
+        clf = RandomForestClassifier(n_estimators=300, random_state=0).fit(x[train], g[train])
+        out[control.name]["gender"] = float(np.mean(clf.predict(x[test]) == g[test]))
+        out[control.name]["manifest"] = str(manifest)
     return out
 
 
@@ -60,11 +67,26 @@ def test_positive_control_the_minority_needs_its_own_examples(accuracies):
     assert pos["both"]["F"] > 0.45, report
 
 
-def test_negative_control_the_majority_transfers_to_the_minority(accuracies):
+def test_gender_is_audible_in_the_positive_control_only(accuracies):
+    """The negative control's groups speak with the same voices, so nothing in its audio tells them apart."""
+    report = json.dumps(accuracies)
+    assert accuracies["positive"]["gender"] > 0.9, report
+    assert abs(accuracies["negative"]["gender"] - 0.5) < 0.1, report
+
+
+def test_negative_control_either_group_is_served_alike(accuracies):
     neg, pos, report = accuracies["negative"], accuracies["positive"], json.dumps(accuracies)
-    # The same utterances as the positive control's (per-utterance random streams): the female voices are
-    # identical, so the majority-only classifier is the same one; only the minority's mapping differs.
-    assert neg["majority only"]["F"] == pos["majority only"]["F"], report
-    assert neg["majority only"]["M"] > 0.3, report
-    assert neg["majority only"]["M"] > 0.6 * neg["both"]["M"], report
+    # The female-only classifier serves the male-labelled utterances as well as the female ones (in the positive
+    # control it fails them), and so does the classifier of both groups.
+    for k in ("majority only", "both"):
+        assert neg[k]["M"] > 0.3 and abs(neg[k]["M"] - neg[k]["F"]) < 0.12, report
     assert neg["majority only"]["M"] - pos["majority only"]["M"] > 0.2, report
+
+
+def test_negative_control_groups_share_every_voice(accuracies):
+    import pandas as pd
+
+    df = pd.read_csv(accuracies["negative"]["manifest"])
+    for (split, lang), d in df.groupby(["split", "language"]):
+        female, male = (set(d.loc[d["gender"] == g, "speaker"]) for g in ("F", "M"))
+        assert female == male and len(female) >= 7, (split, lang, sorted(female), sorted(male))

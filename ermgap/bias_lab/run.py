@@ -167,12 +167,12 @@ def corpus_digests(settings: LabSettings) -> dict[str, str]:
 
 def current_trials(trials: pd.DataFrame, digests: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
     """(the trials that trained on the corpus the lab builds now, the variants of the others): a sweep run before a
-    corpus's definition changed must not join its table. A corpus not on disk (no digest to compare) is kept."""
+    corpus's definition changed must not join its table. A corpus not on disk, or a trial that logged no dataset, cannot be checked and is kept."""
     def corpus_dir(variant: str) -> str:
         corpus, row = variant.split(SEP, 1)
         return corpus + ORACLE_SUFFIX if row == ORACLE else corpus
 
-    stale = pd.Series([d is not None and digests.get(corpus_dir(v), d) != d
+    stale = pd.Series([isinstance(d, str) and digests.get(corpus_dir(v), d) != d
                        for v, d in zip(trials["variant"], trials["digest"])], index=trials.index, dtype=bool)
     gone = trials[stale]
     return trials[~stale], [f"{v} seed {s}" for v, s in zip(gone["variant"], gone["optim.seed"])]
