@@ -6,10 +6,19 @@ load and waits, forever and silently, while that file exists. A process killed i
 (a fault-injection test, a preempted worker, Ctrl-C during set-up) leaves the file behind, and from
 then on every training run on the machine hangs in `deepspeed.initialize`. This module removes such
 a lock when it is provably stale, and prebuilds the op once for `make setup`.
+
+torch keeps one build per op name under ~/.cache/torch_extensions and rebuilds it whenever the compile
+command changes. Two installations (two virtual environments, a CI clone beside a checkout) compile with
+different include paths, so on a shared machine each load by the other one rebuilt the op (25-50 s on two
+loaded cores, in whichever set-up came next). `pin_build_dir` gives each installation its own build
+directory, so each builds once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -18,8 +27,22 @@ OP_NAME = "deepspeed_shm_comm"
 STALE_AFTER_S = 120.0
 
 
+def pin_build_dir() -> None:
+    """Point torch's extension cache (TORCH_EXTENSIONS_DIR, unless set) at a directory of this installation's
+    own, named by where torch and DeepSpeed are installed (what the compile command depends on). In the
+    environment, so Ray workers and subprocesses started from here use the same one."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return
+    where = "\n".join(str(importlib.util.find_spec(m).origin) for m in ("torch", "deepspeed"))
+    key = hashlib.sha256(where.encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(cache / "torch_extensions" / key)
+
+
 def _build_dir(name: str = OP_NAME) -> Path:
     from torch.utils.cpp_extension import _get_build_directory
+
+    pin_build_dir()
 
     return Path(_get_build_directory(name, verbose=False))
 

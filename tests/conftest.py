@@ -34,11 +34,16 @@ import pytest
 from _procs import free_port  # noqa: F401  (re-exported for tests that import it from conftest)
 from _runs import FinishedRun, finished_run, small_slice, train_overrides
 
+from ermgap import deepspeed_ops
+
 # Keep Ray, tokenizers and BLAS from oversubscribing the 2 cores CI has.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# DeepSpeed's CPU op built once for this checkout's installation, not rebuilt whenever another checkout on the
+# machine loaded it (ermgap.deepspeed_ops); in the environment, so every Ray cluster and subprocess uses it too.
+deepspeed_ops.pin_build_dir()
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_S = 60.0
