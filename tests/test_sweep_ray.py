@@ -159,7 +159,8 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
     spec = _write(tmp_path, {
         "name": "t_resume",
         "base": _base(small_manifest, tiny_model, tmp_path),
-        "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0},
+        # Trial 1 only has to finish before the kill: one epoch. Trial 2 needs two (a checkpoint to resume from).
+        "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0, "optim.epochs": 1},
                      "adaptive": {"lambda.mode": "adaptive"}},
         "max_concurrent_trials": 1,
         "storage_path": str(tmp_path / "sweeps"),
