@@ -426,9 +426,11 @@ class LoRARecipe:
                           best_round=st.best_round, adapter=None if self.best_adapter is None
                           else (self.engine.module, self.best_adapter))
         st.objective = self.objective.state_dict()
-        self.save_checkpoint(final)
+        # Before the final report: in a sweep, Tune ends the trial when it receives a result with done=True and
+        # may stop this worker before the report call returns, leaving the MLflow run RUNNING forever.
         if self.logger is not None:
             self.logger.end("FINISHED")
+        self.save_checkpoint(final)
         return final
 
     def _feature_cache_stats(self) -> dict[str, Any] | None:

@@ -87,3 +87,22 @@ def test_experiments_open_on_their_runs_and_summaries_are_exact(tmp_path):
     m = c.get_run(logger.run_id).data.metrics
     assert (m["best/test_w_f1"], m["best/dev_loss_gap"], m["best/eval_round"]) == (53.98765432, 0.123456789, 4.0)
     assert m["eval/dev_w_f1"] == 53.98765432
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_the_run_is_finished_in_mlflow_before_its_final_report(reference_run):
+    """In a sweep, Tune ends a trial as soon as the final result (done=True) reaches it and may stop the worker
+    inside that report call: a run ended after it stayed RUNNING in MLflow (seen in a 15-trial bias-lab sweep).
+    The worker ends the run first: its MLflow end time precedes the final checkpoint, which Ray names with the
+    time the report call made it."""
+    from datetime import datetime
+
+    final = reference_run.final
+    info = MlflowClient(final["tracking_uri"]).get_run(final["mlflow_run_id"]).info
+    assert info.status == "FINISHED" and info.end_time is not None
+    checkpoints = sorted(p.name for p in reference_run.root.glob("runs/**/checkpoint_*") if p.is_dir())
+    assert checkpoints, sorted(str(p) for p in reference_run.root.rglob("*"))[:50]
+    last = datetime.strptime(checkpoints[-1].removeprefix("checkpoint_"), "%Y-%m-%d_%H-%M-%S.%f").timestamp()
+    assert info.end_time / 1000 < last, (info.end_time / 1000, checkpoints[-1])
