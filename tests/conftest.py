@@ -44,6 +44,10 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # DeepSpeed's CPU op built once for this checkout's installation, not rebuilt whenever another checkout on the
 # machine loaded it (ermgap.deepspeed_ops); in the environment, so every Ray cluster and subprocess uses it too.
 deepspeed_ops.pin_build_dir()
+# Ray Train's controller collects reports and notices a finished or dead worker group once per poll (default 2 s):
+# a tiny run's last reports and its end then waited 2-4 s for nothing, in every Train run of the suite.
+# Propagated by Ray to every controller (drivers in subprocesses inherit it); a missed poll only waits longer.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_S = 60.0
