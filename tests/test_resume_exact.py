@@ -32,10 +32,18 @@ def tiny_manifest(synth_corpus, tmp_path_factory) -> Path:
     return small_slice(synth_corpus, tmp_path_factory.mktemp("resume") / "manifest.csv", train=4, held_out=2)
 
 
-def _overrides(root: Path, manifest: Path, model: Path, sampler: str, cache: str, objective: str) -> list[str]:
+@pytest.fixture(scope="module")
+def tracking_uri(tmp_path_factory) -> str:
+    """One MLflow store for the module's runs (each case reads its own runs by id): a new sqlite store is
+    created by running every schema migration, seconds per case that no assertion needs."""
+    return f"sqlite:///{tmp_path_factory.mktemp('resume_mlflow')}/mlflow.db"
+
+
+def _overrides(root: Path, uri: str, manifest: Path, model: Path, sampler: str, cache: str,
+               objective: str) -> list[str]:
     return [
         f"data.manifest={manifest}", f"model.name_or_path={model}", "model.dtype=fp32",
-        f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.storage_path={root}/runs",
+        f"tracking.tracking_uri={uri}", f"tracking.storage_path={root}/runs",
         "optim.lr=1e-3", "optim.scheduler=linear", "optim.warmup_ratio=0.3", "optim.epochs=2",
         "optim.effective_batch_size=8", "optim.micro_batch_size=4", "lora.dropout=0.1", "eval.every_steps=2",
         "eval.batch_size=12", "eval.patience=0", f"data.sampler={sampler}", f"data.feature_cache={cache}",
@@ -109,7 +117,7 @@ CASES = [  # pairwise over (data.sampler, feature cache, objective.kind, how the
 
 @pytest.mark.parametrize(("sampler", "cache", "objective", "interruption"), CASES, ids=["-".join(c) for c in CASES])
 def test_a_refitted_or_resumed_run_is_the_uninterrupted_run(sampler, cache, objective, interruption, tiny_manifest,
-                                                           tiny_model, ray_cluster, tmp_path):
+                                                           tiny_model, tracking_uri, ray_cluster, tmp_path):
     """refit: rank 1 of 2 is killed after step 3 and the driver refits the run from the step-2 checkpoint.
     resume: the only worker is killed after step 5 with no retry allowed, the run fails with `--resume` advice,
     and `run_training(resume_dir=...)` (what `ermgap train --resume` calls) finishes it from the step-4 one."""
@@ -121,7 +129,7 @@ def test_a_refitted_or_resumed_run_is_the_uninterrupted_run(sampler, cache, obje
 
     refit = interruption == "refit"
     cache_value = str(tmp_path / "feature_cache") if cache == "on" else "off"
-    overrides = _overrides(tmp_path, tiny_manifest, tiny_model, sampler, cache_value, objective)
+    overrides = _overrides(tmp_path, tracking_uri, tiny_manifest, tiny_model, sampler, cache_value, objective)
     cfg = load_config(None, overrides + [f"distributed.num_workers={2 if refit else 1}",
                                          f"distributed.max_failures={1 if refit else 0}"])
     ref = run_training(cfg, run_dir=tmp_path / "runs" / "reference", console=Console(file=io.StringIO()))
