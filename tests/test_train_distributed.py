@@ -43,9 +43,11 @@ def _train(base, name, extra=(), **kw):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_cluster, base):
-    """The uninterrupted 2-worker run (12 optimizer steps, evaluation every 3 steps)."""
-    return _train(base, "reference")
+def reference(reference_run):
+    """The uninterrupted 2-worker run (12 optimizer steps, evaluation every 3 steps): the session's reference
+    run (tests/conftest.py), `ermgap train` with this module's schedule in a store of its own (`base`'s runs
+    are compared with it, never written into it)."""
+    return reference_run.final
 
 
 def test_reference_run_outputs(reference):
@@ -86,7 +88,7 @@ def test_two_workers_equal_one_worker(reference, base):
     assert_same_run(reference, one)
 
 
-def test_cached_encoder_outputs_give_the_same_run_as_recomputing_them(reference, base):
+def test_cached_encoder_outputs_give_the_same_run_as_recomputing_them(reference, reference_run, base):
     """The reference run (frozen encoder: the cache is on by default) read every utterance's encoder
     output from the cache; a run that recomputes the encoder every step is the same run."""
     cache = reference["feature_cache"]
@@ -95,7 +97,7 @@ def test_cached_encoder_outputs_give_the_same_run_as_recomputing_them(reference,
     assert cache["misses"] <= 96 and cache["corrupt"] == 0
     assert cache["hits"] + cache["misses"] >= 96 + 2 * 48 + 4 * 24
     assert cache["misses"] == 0 or cache["encoder_s"] > 0
-    assert len(list((base["root"] / "runs" / "feature_cache").rglob("*.safetensors"))) == 96
+    assert len(list((reference_run.root / "runs" / "feature_cache").rglob("*.safetensors"))) == 96
     off = _train(base, "cache_off", ["data.feature_cache=off"])
     assert off["feature_cache"] is None
     assert_same_run(reference, off)
