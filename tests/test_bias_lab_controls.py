@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from _prosody import features
 
@@ -84,8 +85,6 @@ def test_negative_control_either_group_is_served_alike(accuracies):
 
 
 def test_negative_control_groups_share_every_voice(accuracies):
-    import pandas as pd
-
     df = pd.read_csv(accuracies["negative"]["manifest"])
     for (split, lang), d in df.groupby(["split", "language"]):
         female, male = (set(d.loc[d["gender"] == g, "speaker"]) for g in ("F", "M"))

@@ -121,7 +121,7 @@ def finished_sweep(path: str | os.PathLike) -> dict:
 def sweep_trials(state: dict) -> pd.DataFrame:
     """The sweep's trials that ran to the end (MLflow child runs FINISHED with test metrics), as leaderboard
     rows: variant, optim.seed, mlflow_run_id, test_w_f1, digest (of the data it trained on)."""
-    from ermgap.tracking import child_runs
+    from ermgap.tracking import child_runs, client
 
     runs = child_runs(state["tracking_uri"], state["experiment"], state["parent_run_id"])
     cols = ["variant", "optim.seed", "mlflow_run_id", "test_w_f1", "digest"]
@@ -131,8 +131,6 @@ def sweep_trials(state: dict) -> pd.DataFrame:
     bad = [v for v in done["tags.ermgap.param.variant"].astype(str) if SEP not in v]
     if bad:
         raise ConfigError(f"sweep {state.get('name')}: variant {bad[0]!r} is not a lab trial (<corpus>{SEP}<row>)")
-    from ermgap.tracking import client
-
     mlflow = client(state["tracking_uri"])
     digests = []
     for run_id in done["run_id"]:  # the digest of the data each trial trained on (log_manifest_input)
@@ -151,23 +149,28 @@ def corpus_digests(settings: LabSettings) -> dict[str, str]:
     from ermgap.config import set_dotted, validate_tree
     from ermgap.preflight import run_manifest
 
-    root = Path(settings.data_root)
-    controls = lab_corpora()
-    manifests = {c.name: (root / c.name / "manifest.csv", root / c.oracle().name / "manifest.csv") for c in controls}
+    manifests = _manifests(settings.data_root, lab_corpora())
     spec = lab_spec(replace(settings, corpora=None, rows=("erm",)), manifests)
     out = {}
-    for c in controls:
-        tree = spec.trial_tree({"variant": f"{c.name}{SEP}erm"})
-        for name in (c.name, c.oracle().name):
-            if (root / name / "manifest.csv").is_file():
-                set_dotted(tree, "data.manifest", str(root / name / "manifest.csv"))
-                out[name] = compute_pandas_digest(run_manifest(validate_tree(tree, str(root / name))))
+    for corpus, paths in manifests.items():
+        tree = spec.trial_tree({"variant": f"{corpus}{SEP}erm"})
+        for manifest in paths:  # the corpus and its oracle twin
+            if manifest.is_file():
+                set_dotted(tree, "data.manifest", str(manifest))
+                out[manifest.parent.name] = compute_pandas_digest(run_manifest(validate_tree(tree, str(manifest))))
     return out
+
+
+def _manifests(data_root: str | os.PathLike, controls) -> dict[str, tuple[Path, Path]]:
+    """{corpus: (its manifest, its oracle twin's)} under data_root."""
+    root = Path(data_root)
+    return {c.name: (root / c.name / "manifest.csv", root / c.oracle().name / "manifest.csv") for c in controls}
 
 
 def current_trials(trials: pd.DataFrame, digests: dict[str, str]) -> tuple[pd.DataFrame, list[str]]:
     """(the trials that trained on the corpus the lab builds now, the variants of the others): a sweep run before a
-    corpus's definition changed must not join its table. A corpus not on disk, or a trial that logged no dataset, cannot be checked and is kept."""
+    corpus's definition changed must not join its table. A corpus not on disk, or a trial that logged no dataset,
+    cannot be checked and is kept."""
     def corpus_dir(variant: str) -> str:
         corpus, row = variant.split(SEP, 1)
         return corpus + ORACLE_SUFFIX if row == ORACLE else corpus
@@ -221,9 +224,7 @@ def prepare(settings: LabSettings, *, console=None, progress=None):
 
     console = console or Console()
     controls = lab_corpora(settings.corpora)
-    root = Path(settings.data_root)
-    manifests = {c.name: (root / c.name / "manifest.csv", root / c.oracle().name / "manifest.csv") for c in controls}
-    spec = lab_spec(settings, manifests)
+    spec = lab_spec(settings, _manifests(settings.data_root, controls))
     for path in settings.add_sweeps:
         finished_sweep(path)
     corpora_s = _build_corpora(settings, controls, console, progress)
