@@ -272,7 +272,8 @@ def _resample_cell_counts(
     return out
 
 
-def _percentile_ci(samples: np.ndarray, level: float) -> list[float]:
+def percentile_ci(samples: np.ndarray, level: float) -> list[float]:
+    """[lo, hi] percentile interval of the finite samples at `level` (0.95: 2.5th and 97.5th); NaNs if none."""
     finite = samples[np.isfinite(samples)]
     if finite.size == 0:
         return [math.nan, math.nan]
@@ -289,13 +290,14 @@ def _present(codes: dict[str, np.ndarray], task: Task) -> list[int]:
     return [si for si in range(len(task.stratum_values)) if (codes["stratum"] == si).any()]
 
 
-def bootstrap_ci(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                 task: Task | None = None) -> dict:
-    """Percentile CIs: ``{"overall": {metric: [lo, hi]}, "per_<stratum>": {value: {metric: [lo, hi]}}}``.
+def bootstrap_samples(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
+                      task: Task | None = None) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Every counts metric on `n_boot` resamples: ({metric: [n_boot, S + 1]}, indices of the strata present).
 
-    Utterances are resampled with replacement within each stratum (the pooled "overall" resample is the
-    union of the per-stratum ones), n_boot times, seeded. Resamples where a metric is undefined are
-    ignored for that metric's interval. Percent units, as compute_metrics.
+    Column si is stratum si of task.stratum_values (NaN where absent), the last column all strata pooled.
+    Utterances are resampled with replacement within each stratum (the pooled resample is the union of the
+    per-stratum ones), seeded. Percent units, as compute_metrics. A metric of the per-stratum values (the
+    registry's `strata` metrics) is then its formula applied resample by resample.
     """
     task = task or DEFAULT_TASK
     codes = encode(validate_predictions(df, source="predictions frame", task=task), task)
@@ -303,11 +305,22 @@ def bootstrap_ci(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: 
     rng = np.random.default_rng(seed)
     n_cells = a * k * (k + 1)
     cells = _resample_cell_counts(codes["stratum"], s, _cells(codes, k, codes["pred"]), n_cells, n_boot, rng)
-    samples = metrics_from_counts(_with_overall(cells).reshape(n_boot, s + 1, a, k, k + 1))
+    return metrics_from_counts(_with_overall(cells).reshape(n_boot, s + 1, a, k, k + 1)), _present(codes, task)
+
+
+def bootstrap_ci(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                 task: Task | None = None) -> dict:
+    """Percentile CIs: ``{"overall": {metric: [lo, hi]}, "per_<stratum>": {value: {metric: [lo, hi]}}}``.
+
+    The resamples of bootstrap_samples; resamples where a metric is undefined are ignored for that metric's
+    interval. Percent units, as compute_metrics.
+    """
+    task = task or DEFAULT_TASK
+    samples, present = bootstrap_samples(df, n_boot=n_boot, seed=seed, task=task)
     return {
-        "overall": {m: _percentile_ci(v[:, -1], level) for m, v in samples.items()},
-        per_key(task): {task.stratum_values[si]: {m: _percentile_ci(v[:, si], level) for m, v in samples.items()}
-                        for si in _present(codes, task)},
+        "overall": {m: percentile_ci(v[:, -1], level) for m, v in samples.items()},
+        per_key(task): {task.stratum_values[si]: {m: percentile_ci(v[:, si], level) for m, v in samples.items()}
+                        for si in present},
     }
 
 
@@ -365,9 +378,9 @@ def paired_bootstrap(
         p = min(1.0, 2 * min(np.mean(finite <= 0), np.mean(finite >= 0))) if finite.size else math.nan
         with np.errstate(divide="ignore", invalid="ignore"):
             rel = d / base
-        return {"diff": float(pb[key] - pa[key]), "ci": _percentile_ci(d, level), "p_value": float(p),
+        return {"diff": float(pb[key] - pa[key]), "ci": percentile_ci(d, level), "p_value": float(p),
                 "rel": float((pb[key] - pa[key]) / pa[key]) if pa[key] else math.nan,
-                "rel_ci": _percentile_ci(rel, level)}
+                "rel_ci": percentile_ci(rel, level)}
 
     per = per_key(task)
     return {

@@ -42,6 +42,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("ermgap.cli.sweep_cmd", "sweep", "sweep"),
     ("ermgap.cli.sweep_cmd", "ui", "ui"),
     ("ermgap.cli.lab_cmd", "bias_lab", "bias-lab"),
+    ("ermgap.cli.fronts_cmd", "fronts", "fronts"),
     ("ermgap.cli.submit_cmd", "submit", "submit"),
 ]
 
