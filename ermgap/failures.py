@@ -45,6 +45,11 @@ class RunFault(Exception):
         super().__init__(f"{type(cause).__name__} after {attempts} attempt(s): {cause}")
         self.cause, self.attempts = cause, attempts
 
+    def __reduce__(self):
+        # Ray pickles a failed trial's exception to the sweep driver; the default rebuilds it from the message
+        # alone, and a RunFault cannot be built from that (the trial's reason became a TypeError).
+        return type(self), (self.cause, self.attempts)
+
 
 def record_error(run_dir: str | os.PathLike | Location, err: ErmgapError, rank: int) -> bool:
     """Record a worker's user error for the driver; only the first rank's record is kept (the others

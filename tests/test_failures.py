@@ -13,8 +13,8 @@ import pyarrow.fs
 import pytest
 
 from ermgap.errors import ErmgapError, ErmgapWarning, ManifestError, NoSpaceError, TrainingError
-from ermgap.failures import (ERROR_FILE, clear_error, read_error, record_error, set_aside_cut_off_snapshot,
-                             user_error_in)
+from ermgap.failures import (ERROR_FILE, RunFault, clear_error, read_error, record_error,
+                             set_aside_cut_off_snapshot, user_error_in)
 
 
 def _record(args) -> bool:
@@ -81,6 +81,14 @@ def _pyarrow_enospc() -> OSError:
         f.write(b"{}")
     assert full.value.errno == errno.ENOSPC
     return full.value
+
+
+def test_a_run_fault_reaches_the_sweep_driver_with_its_reason():
+    """Ray pickles a failed trial's exception to the driver: a RunFault must survive it (it became a TypeError,
+    "missing 1 required positional argument: 'attempts'", in place of the trial's reason)."""
+    fault = pickle.loads(pickle.dumps(RunFault(OSError(28, "No space left on device"), 3)))
+    assert str(fault) == "OSError after 3 attempt(s): [Errno 28] No space left on device"
+    assert fault.attempts == 3 and isinstance(fault.cause, OSError) and fault.cause.errno == 28
 
 
 def test_a_full_disk_met_by_ray_train_s_controller_is_the_user_s_error_not_a_fault(tmp_path):
