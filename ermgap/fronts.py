@@ -213,13 +213,13 @@ def fronts_table(trials: Sequence[Trial], references: Sequence[Trial] = (), *, n
 
 
 def settings_text(settings: Mapping[str, str]) -> str:
-    """`objective.adversarial.strength=0.2288` → `strength 0.229`: each searched key's last part, 3 digits."""
+    """`objective.adversarial.strength=0.2288` → `strength 0.229`: each searched key's last part (sorted), 3 digits."""
     def short(v: str) -> str:
         try:
             return f"{float(v):.3g}"
         except ValueError:
             return v
-    return " ".join(f"{k.rsplit('.', 1)[-1]} {short(v)}" for k, v in settings.items() if k != "optim.seed")
+    return " ".join(f"{k.rsplit('.', 1)[-1]} {short(v)}" for k, v in sorted(settings.items()) if k != "optim.seed")
 
 
 # ----------------------------------------------------------------------------------------------- display
@@ -308,6 +308,7 @@ def fronts_figure(table: pd.DataFrame):
     ax.set_ylabel(f"{label('test_' + Y)} [{METRICS[Y].unit}] {METRICS[Y].arrow}")
     ax.set_title(f"Trade-off per objective family: {_caption(table).split(';')[0]}\n"
                  "bootstrap 95 % intervals over test utterances (resampled within language)", fontsize=10)
+    ax.set_xlim(left=0.0)  # a gap's natural origin: a 1-point difference is not drawn as a chasm
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
