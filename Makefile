@@ -5,7 +5,7 @@
 #   make demo    setup, the bias lab's positive control + pretrained tiny model (cached), then zero-shot / ERM /
 #                ERM-MinMaxGAP / Group DRO on it (seed 42): the gap each objective closes, with its interval
 #   make demo-seeds  the plain synthetic corpus + random tiny model: 4 objectives × seeds 42-44 vs ERM
-#   make bias-lab    positive / irreducible / negative control corpora × 5 rows × seeds 42-44: one table with intervals
+#   make bias-lab    positive / irreducible / negative control corpora × 7 rows × seeds 42-44: one table with intervals
 #   make bench   all benchmarks (prints ratios; JSON in bench/results/)
 #   make lint    ruff (unused names, import order) over the package
 #   make docs    regenerate the CLI and config references in docs/, build the docs site into site/ (strict)

@@ -123,9 +123,96 @@ def test_another_seed_runs_apart_and_joins_the_table(first_lab, tiny_model):
     assert again["table"] == pooled["table"] and again["seeds"] == [42, 43] and again["sweep"] is None
 
 
+@pytest.mark.slow
+@pytest.mark.ray
+@pytest.mark.deepspeed
+def test_rows_without_erm_take_the_reference_from_added_sweeps(first_lab, tiny_model):
+    """Rows run without `erm` are paired with an added sweep's ERM trials: accepted when the added sweep holds ERM
+    on this run's corpus and seed (checked on MLflow, nothing run here), refused before any sweep starts when it
+    does not, naming what is missing."""
+    from ermgap.bias_lab.run import LabSettings, _check_added_reference
+
+    tmp_path, r = first_lab
+    assert r.returncode == 0
+    first = tmp_path / "sweeps" / "bias_lab_quick"
+    data = str(tmp_path / "data")
+    sizes = replace_sizes(train=4, dev=1, test=2)
+    _check_added_reference(LabSettings(data_root=data, sizes=sizes, seed_list=(42,), rows=("oracle",),
+                                       add_sweeps=(str(first),)), ["positive"])
+    args = _args(tmp_path, tiny_model)
+    args[args.index("erm") - 1: args.index("erm") + 1] = []
+    r2 = _lab(tmp_path, *args, "--seed", "44", "--add-sweep", str(first))  # main() turns it into exit 2
+    assert r2.stderr.startswith("ConfigError(") and "missing positive.erm seed 44" in r2.stderr, r2.stderr
+    assert not (tmp_path / "sweeps" / "bias_lab_quick_seeds_44").exists()
+
+
+def replace_sizes(**sizes):
+    from dataclasses import replace
+
+    from ermgap.bias_lab.corpora import Sizes
+
+    return replace(Sizes(), **sizes)
+
+
+def test_the_new_rows_settings_and_the_constrained_cap():
+    """The constrained and adversarial rows expand on every corpus into the configs their comments state (oracle:
+    config.load_config of the tiny recipe with the overrides written out by hand), and the constrained row's cap
+    is what its comment claims: on the lab's group-balanced, importance-weighted batches, the majority cell's ERM
+    weight is its train share, 168 / 630 by hand, so at μ = μmax the better-served group's loss still descends
+    (∂total/∂mean ≥ 0), while 0.05 more would push it up."""
+    import torch
+
+    from ermgap.bias_lab.corpora import CONTROLS, MINORITY_SHARE, Sizes
+    from ermgap.bias_lab.run import LabSettings, lab_spec
+    from ermgap.config import load_config
+    from ermgap.objectives.constrained import constrained_from_cells
+    from ermgap.sampler import StratifiedBatchPlan
+
+    root = Path("lab-data")
+    spec = lab_spec(LabSettings(), {c.name: (root / c.name / "manifest.csv", root / c.oracle().name / "manifest.csv")
+                                    for c in CONTROLS})
+    recipe = ["model.name_or_path=models/tiny-pretrained", "lora.train_audio_encoder=false", "optim.epochs=12",
+              "optim.lr=1e-3", "optim.scheduler=cosine", "optim.effective_batch_size=24", "optim.micro_batch_size=8",
+              "eval.patience=0", "eval.batch_size=32", "distributed.num_workers=1", "distributed.cpus_per_worker=0.9",
+              "distributed.use_gpu=false", "optim.seed=43"]
+    rows = {"constrained": ["objective.kind=constrained", "objective.constrained.init=0", "objective.constrained.eta=0.5",
+                            "objective.constrained.epsilon=0.02", "objective.constrained.mu_max=0.25",
+                            "data.sampler=stratified", "data.min_per_cell=4"],
+            "adversarial": ["objective.kind=adversarial", "objective.adversarial.strength=1",
+                            "objective.adversarial.warmup_steps=20", "objective.adversarial.pool=audio",
+                            "objective.adversarial.layer=-1"]}
+    for corpus in CONTROLS:
+        for row, extra in rows.items():
+            got = spec.trial_config({"variant": f"{corpus.name}.{row}", "optim.seed": 43}).to_dict()
+            want = load_config(REPO / "configs" / "tiny.yaml",
+                               [f"data.manifest={root / corpus.name / 'manifest.csv'}", *recipe, *extra]).to_dict()
+            got.pop("tracking"), want.pop("tracking")
+            assert got == want, (corpus.name, row)
+    # the lab's train split per language: 24 female utterances per emotion, 6 (the minority's share) male
+    n_f, n_m = Sizes().train * 7, round(Sizes().train * MINORITY_SHARE) * 7
+    cells = [2 * lang + g for lang in range(3) for g, n in ((0, n_f), (1, n_m)) for _ in range(n)]
+    plan = StratifiedBatchPlan([1] * len(cells), cells, effective_batch=24, num_workers=1, accum=3, seed=0,
+                               min_per_cell=4)
+    weights = torch.tensor([plan.importance_weights()[c] for c in range(6)], dtype=torch.float64).view(3, 2)
+    counts = torch.full((3, 2), 4.0, dtype=torch.float64)
+    assert weights[0, 0] * 4 / 24 == pytest.approx(168 / 630)  # the ERM weight of a female cell's mean loss
+
+    def better_cells_slope(mu: float) -> float:
+        means = torch.tensor([[0.5, 1.5]] * 3, dtype=torch.float64, requires_grad=True)  # women better served
+        total, _ = constrained_from_cells(means * counts, counts, torch.full((3,), mu, dtype=torch.float64),
+                                          erm_weights=weights)
+        total.backward()
+        return float(means.grad[0, 0])
+
+    mu_max = spec.trial_config({"variant": "positive.constrained", "optim.seed": 42}).objective.constrained.mu_max
+    assert better_cells_slope(mu_max) >= 0 > better_cells_slope(mu_max + 0.05)
+    assert better_cells_slope(mu_max) == pytest.approx(168 / 630 - mu_max)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--corpus", "nope"], "unknown corpus 'nope'"),
     (["--row", "reweight"], "the lab needs an 'erm' row"),
+    (["--row", "constrained", "--row", "adversarial"], "or --add-sweep sweeps that hold its trials"),
     (["--row", "erm", "--row", "bogus"], "rows 'bogus'"),
     (["base.optim.epochz=3"], "epochz"),
     (["--add-sweep", "nowhere"], "--add-sweep nowhere: not a lab sweep"),

@@ -124,3 +124,58 @@ def test_verdicts_text_and_markdown(table):
 def test_a_corpus_without_the_reference_is_refused():
     with pytest.raises(PredictionsError, match="corpus 'x': no 'erm' runs"):
         lab_table({"x": {"minmaxgap": {42: preds(0, seed=42)}}})
+
+
+def test_every_row_of_the_shipped_spec_is_named_drawn_checked_and_fits(tmp_path):
+    """The seven rows of sweeps/bias_lab.yaml, in its order: each has a display name and a figure marker of its
+    own, the printed table fits 100 columns even with every cell at its widest form, and the negative-control
+    verdict checks every objective (the oracle, data rather than an objective, excepted): one row whose gap
+    interval excludes 0 fails it and is named."""
+    from pathlib import Path
+
+    import yaml
+
+    from ermgap.bias_lab.figure import MARKERS, plot_lab
+    from ermgap.bias_lab.table import NAMES
+
+    spec = Path(__file__).resolve().parent.parent / "sweeps" / "bias_lab.yaml"
+    rows = list(yaml.safe_load(spec.read_text())["variants"])
+    assert rows == ["erm", "minmaxgap", "constrained", "group_dro", "reweight", "adversarial", "oracle"]
+    assert set(rows) <= set(NAMES) and set(rows) <= set(MARKERS)
+    assert len({MARKERS[r] for r in rows}) == len(rows) and len({NAMES[r] for r in rows}) == len(rows)
+    k = {r: i * 3 for i, r in enumerate(rows)}  # male German utterances right, per seed: every row differs
+    # the new rows with one seed, the others with two (pooled sweeps need not hold every row's seeds)
+    lab = {c: {r: {s: preds(min(N, k[r]), seed=s) for s in (SEEDS[:1] if r in ("constrained", "adversarial")
+                                                              else SEEDS[:2])} for r in rows}
+           for c in ("positive", "negative")}
+    seven = lab_table(lab, n_boot=200, seed=1)
+    assert list(seven["objective"]) == rows * 2 and seven["d_gap"].notna().sum() == 2 * (len(rows) - 1)
+    text = format_table(seven, {"positive": "positive control", "negative": "negative control"})
+    assert all(any(line.startswith(NAMES[r] + " ") for line in text.splitlines()) for r in rows), text
+    assert "mean ± sd over 2 seed(s) (Constrained, Adversarial: 1)" in text and max(map(len, text.splitlines())) <= 100
+    md = markdown_table(seven).splitlines()
+    assert md[0].split(" | ")[2] == "seeds" and [ln.split(" | ")[2] for ln in md[2:9]] == ["2", "2", "1", "2", "2", "1", "2"]
+    # the widest forms: means < 100 with two-digit sds, differences and bounds above −100, three-digit changes
+    wide = seven.copy()
+    for col in [c for c in wide.columns if c.endswith("_mean")]:
+        wide[col] = 99.9
+    for col in [c for c in wide.columns if c.endswith("_sd")]:
+        wide[col] = 44.4
+    diffs = [c for c in wide.columns if c.startswith("d_") and not c.startswith("d_gap_rel") and c != "d_acc_F"]
+    wide.loc[wide["d_gap"].notna(), diffs] = -99.9
+    wide.loc[wide["d_gap"].notna(), "d_gap_rel"] = -9.99  # −999 %
+    lines = format_table(wide, {"positive": "positive control"}).splitlines()
+    assert max(len(line) for line in lines) <= 100, "\n".join(lines)
+    assert any("−99.9 [−99.9, −99.9]" in line.replace("-", "−") for line in lines)
+    # negative control: every objective checked, the oracle not
+    checks = verdicts(seven)["negative"]["checks"]
+    assert sorted(checks) == sorted(r for r in rows if r not in ("erm", "oracle"))
+    calm = seven.copy()
+    calm.loc[calm["d_gap"].notna(), ["d_gap_lo", "d_gap_hi"]] = [-1.0, 1.0]
+    assert verdicts(calm)["negative"]["met"]
+    for row_name in ("constrained", "adversarial"):
+        bad = calm.copy()
+        bad.loc[(bad["corpus"] == "negative") & (bad["objective"] == row_name), ["d_gap_lo", "d_gap_hi"]] = [0.5, 3.0]
+        v = verdicts(bad)["negative"]
+        assert not v["met"] and not v["checks"][row_name] and f"{NAMES[row_name]} [+0.5, +3.0]" in v["why"]
+    assert plot_lab(seven, tmp_path / "seven.png").stat().st_size > 10_000

@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from ermgap.bias_lab.corpora import CONTROLS, ORACLE_SUFFIX, Sizes, build_corpus, lab_corpora
-from ermgap.bias_lab.table import format_table, lab_table, markdown_table, verdicts
+from ermgap.bias_lab.table import REFERENCE, format_table, lab_table, markdown_table, verdicts
 from ermgap.errors import ConfigError, TrainingError
 from ermgap.io import atomic_write_text
 
@@ -84,9 +84,9 @@ def lab_spec(settings: LabSettings, manifests: dict[str, tuple[Path, Path]]):
     rows = tree.get("variants") or {}
     chosen = settings.rows or tuple(rows)
     unknown = [r for r in chosen if r not in rows]
-    if unknown or "erm" not in chosen:
+    if unknown or (REFERENCE not in chosen and not settings.add_sweeps):
         raise ConfigError(f"{settings.spec}: rows {', '.join(map(repr, unknown or chosen))}: the lab needs an 'erm' row "
-                          f"(the reference) and knows {', '.join(rows)}")
+                          f"(the reference; or --add-sweep sweeps that hold its trials) and knows {', '.join(rows)}")
     tree["variants"] = {f"{c}{SEP}{r}": {**rows[r], "data.manifest": str(m[1] if r == ORACLE else m[0])}
                         for c, m in manifests.items() for r in chosen}
     tree["seeds"] = list(settings.seeds)
@@ -228,8 +228,26 @@ def prepare(settings: LabSettings, *, console=None, progress=None):
     for path in settings.add_sweeps:
         finished_sweep(path)
     corpora_s = _build_corpora(settings, controls, console, progress)
+    if REFERENCE not in (settings.rows or (REFERENCE,)):
+        _check_added_reference(settings, [c.name for c in controls])
     backbone_s = _ensure_backbone(settings, console)
     return spec, {"corpora_s": round(corpora_s, 1), "backbone_s": round(backbone_s, 1)}
+
+
+def _check_added_reference(settings: LabSettings, corpora: list[str]) -> None:
+    """Rows run without 'erm' are compared with the added sweeps' ERM trials: every corpus and seed of this run
+    must have one there (trained on the corpus now on disk), or the table could not pair them. Checked before the
+    sweep starts."""
+    digests = corpus_digests(settings)
+    have = set()
+    for path in settings.add_sweeps:
+        trials, _ = current_trials(sweep_trials(finished_sweep(path)), digests)
+        have |= {(v.split(SEP, 1)[0], int(s)) for v, s in zip(trials["variant"], trials["optim.seed"])
+                 if v.split(SEP, 1)[1] == REFERENCE}
+    missing = [f"{c}{SEP}{REFERENCE} seed {s}" for c in corpora for s in settings.seeds if (c, s) not in have]
+    if missing:
+        raise ConfigError(f"no --row {REFERENCE}: the added sweeps must hold the reference's finished trials on the "
+                          f"corpora under {settings.data_root}; missing {', '.join(missing)}")
 
 
 def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:

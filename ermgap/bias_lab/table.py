@@ -81,8 +81,8 @@ def lab_table(preds: Mapping[str, Mapping[str, Mapping[int, pd.DataFrame]]], *, 
 
 # ----------------------------------------------------------------------------------------------- display
 
-NAMES = {"erm": "ERM", "minmaxgap": "MinMaxGAP", "group_dro": "Group DRO", "reweight": "Reweight",
-         "oracle": "Oracle"}
+NAMES = {"erm": "ERM", "minmaxgap": "MinMaxGAP", "constrained": "Constrained", "group_dro": "Group DRO",
+         "reweight": "Reweight", "adversarial": "Adversarial", "oracle": "Oracle"}
 
 
 def _num(x: float, digits: int = 1, sign: bool = False) -> str:
@@ -112,8 +112,20 @@ def _values(table: pd.DataFrame) -> tuple[str, ...]:
     return tuple(c[len("acc_"):-len("_mean")] for c in table.columns if c.startswith("acc_") and c.endswith("_mean"))
 
 
+def seed_counts(part: pd.DataFrame) -> str:
+    """"3 seed(s)", or "3 seed(s) (Adversarial: 1)" when some rows have fewer seeds than the most (pooled sweeps
+    need not hold every row's seeds; a row's Δ pairs the seeds it shares with ERM)."""
+    most = int(part["seeds"].max())
+    fewer = {}
+    for _, r in part[part["seeds"] < most].iterrows():
+        fewer.setdefault(int(r["seeds"]), []).append(NAMES.get(r["objective"], r["objective"]))
+    return f"{most} seed(s)" + "".join(f" ({', '.join(names)}: {n})" for n, names in sorted(fewer.items()))
+
+
 def format_table(table: pd.DataFrame, titles: Mapping[str, str] | None = None) -> str:
-    """The table as plain text (≤ 100 columns): a block per corpus headed by its title and worst language."""
+    """The table as plain text: a block per corpus headed by its title and worst language. ≤ 100 columns for any
+    row name in NAMES and values of the widest forms (means < 100 with two-digit sds, differences and intervals
+    above −100, relative changes of three digits)."""
     values = _values(table)
     head = ["objective", "W-F1", "gap", *(f"acc {v}" for v in values), "Δgap [95 % CI]", "Δgap", "ΔW-F1 [95 % CI]"]
     blocks = []
@@ -121,10 +133,10 @@ def format_table(table: pd.DataFrame, titles: Mapping[str, str] | None = None) -
         cells = [head] + [_cells(r, values) for _, r in part.iterrows()]
         widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
         lines = [f"{(titles or {}).get(corpus, corpus)}",
-                 f"  gap (AVG) and accuracies in {part['worst_language'].iloc[0]}, ERM's widest; "
-                 f"mean ± sd over {int(part['seeds'].max())} seed(s); Δ vs ERM"]
+                 f"  gap (AVG) and accuracies in {part['worst_language'].iloc[0]}, ERM's widest",
+                 f"  mean ± sd over {seed_counts(part)}; Δ vs ERM on the seeds both ran"]
         for i, c in enumerate(cells):
-            lines.append(c[0].ljust(widths[0]) + "  " + " ".join(x.rjust(w) for x, w in zip(c[1:], widths[1:])))
+            lines.append(" ".join([c[0].ljust(widths[0]), *(x.rjust(w) for x, w in zip(c[1:], widths[1:]))]))
             if i == 0:
                 lines.append(" ".join("-" * w for w in widths))
         blocks.append("\n".join(lines))
@@ -134,12 +146,13 @@ def format_table(table: pd.DataFrame, titles: Mapping[str, str] | None = None) -
 def markdown_table(table: pd.DataFrame, titles: Mapping[str, str] | None = None) -> str:
     """The same numbers as one Markdown table (corpus and worst language as the first columns)."""
     values = _values(table)
-    head = ["corpus (worst language)", "objective", "test W-F1", "gap", *(f"acc {v}" for v in values),
+    head = ["corpus (worst language)", "objective", "seeds", "test W-F1", "gap", *(f"acc {v}" for v in values),
             "Δ gap vs ERM [95 % CI]", "Δ gap %", "Δ W-F1 vs ERM [95 % CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---", "---"] + ["---:"] * (len(head) - 2)) + "|"]
     for _, r in table.iterrows():
         name = f"{(titles or {}).get(r['corpus'], r['corpus'])} ({r['worst_language']})"
-        lines.append("| " + " | ".join([name, *_cells(r, values)]) + " |")
+        cells = _cells(r, values)
+        lines.append("| " + " | ".join([name, cells[0], str(int(r["seeds"])), *cells[1:]]) + " |")
     return "\n".join(lines)
 
 

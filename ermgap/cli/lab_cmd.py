@@ -17,7 +17,9 @@ def bias_lab(
                               "are the objectives (one named 'erm', the reference; 'oracle' runs on the oracle twin)."),
     corpus: list[str] = typer.Option(None, "--corpus", help="Only these corpora (repeatable): positive, irreducible, "
                                      "negative."),
-    row: list[str] = typer.Option(None, "--row", help="Only these rows of the spec (repeatable; erm is needed)."),
+    row: list[str] = typer.Option(None, "--row", help="Only these rows of the spec (repeatable; erm is needed, "
+                                  "unless --add-sweep sweeps hold its finished trials for this run's corpora and "
+                                  "seeds: the new rows are then compared with those)."),
     data_root: Path = typer.Option(Path("data/bias_lab"), "--data-root", help="Where the corpora are written (a "
                                    "corpus already there with the same settings is reused)."),
     backbone: Path = typer.Option(Path("models/tiny-pretrained"), "--backbone", help="The pretrained tiny backbone "
@@ -44,9 +46,9 @@ def bias_lab(
 ) -> None:
     """The bias lab: positive control (a cue-shifted, under-represented minority: a gap an objective can close),
     irreducible bias (neutralised prosody: it can only level down) and negative control (no bias in the audio:
-    nothing to close), each with ERM, adaptive ERM-MinMaxGAP, Group DRO, reweighting and an oracle (the minority's
-    share restored), over seeds; prints one table with seed-paired bootstrap intervals against ERM and writes
-    bench/results/bias_lab.json, .md and .png."""
+    nothing to close), each with ERM, adaptive ERM-MinMaxGAP, per-language constrained ERM, Group DRO, reweighting,
+    adversarial debiasing and an oracle (the minority's share restored), over seeds; prints one table with
+    seed-paired bootstrap intervals against ERM and writes bench/results/bias_lab.json, .md and .png."""
     from dataclasses import replace
 
     from rich.console import Console
