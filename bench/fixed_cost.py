@@ -192,10 +192,24 @@ def breakdown(events: list[dict], driver_pid: int, exit_t: float, metrics_t: flo
         "start_to_first_step_s": _d(start, first_step),
         "metrics_to_exit_s": _d(metrics_t, exit_t),
         "after_metrics": {"outputs_to_finish_s": _d(write_out, finish_out), "finish_to_loop_exit_s": _d(finish_out, loop_out),
-                          "loop_exit_to_run_training_exit_s": _d(loop_out, rt_out), "run_training_exit_to_exit_s": _d(rt_out, exit_t)},
+                          "loop_exit_to_run_training_exit_s": _d(loop_out, rt_out), "run_training_exit_to_exit_s": _d(rt_out, exit_t),
+                          **_driver_exit(events, driver_pid, rt_out, exit_t)},
         "whole_process_s": exit_t - start,
     })
     return out
+
+
+def _driver_exit(events: list[dict], pid: int, rt_out: float | None, exit_t: float) -> dict:
+    """Where the driver's seconds after run_training go: to its atexit handlers, inside them (ray.shutdown, traced
+    wherever it is called from), and from the last handler to the process's exit (interpreter teardown)."""
+    handlers = sorted((e for e in events if e["pid"] == pid and e["ev"].startswith("atexit ")), key=lambda e: e["t"])
+    done = _ev(events, "atexit_done", pid)
+    first = handlers[0]["t"] if handlers else done
+    labels = dict.fromkeys(e["ev"][:-len(":in")] for e in handlers if e["ev"].endswith(":in"))
+    spans = {label[len("atexit "):]: round(_spans(events, label, pid), 3) for label in labels}
+    shutdown = sum(_spans(events, n, pid) for n in ("ray.shutdown", "ray._private.worker.shutdown"))
+    return {"run_training_exit_to_atexit_s": _d(rt_out, first), "atexit_s": _d(first, done),
+            "ray_shutdown_s": round(shutdown, 3), "atexit_handlers_s": spans, "atexit_done_to_exit_s": _d(done, exit_t)}
 
 
 def _d(a: float | None, b: float | None) -> float | None:

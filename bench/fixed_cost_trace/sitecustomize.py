@@ -31,8 +31,8 @@ _CALLS = {
     "ermgap.model": ("load_backbone", "apply_lora"),
     "ermgap.feature_cache": ("EncodedDataset.fill",),
     "ermgap.tracking": ("RunLogger.open", "RunLogger.end"),
-    "ray": ("init",),
-    "ray._private.worker": ("init",),
+    "ray": ("init", "shutdown"),
+    "ray._private.worker": ("init", "shutdown"),
     "ray.train.v2.api.data_parallel_trainer": ("DataParallelTrainer.fit",),
     "deepspeed": ("initialize",),
     "deepspeed.runtime.engine": ("DeepSpeedEngine.step",),
@@ -126,7 +126,33 @@ class _Finder(importlib.abc.MetaPathFinder):
         return None
 
 
+def _traced_atexit(register):
+    """atexit.register whose handlers emit "atexit <module>.<name>:in/out" (Ray's ray.shutdown is one: it is
+    registered while ray._private.worker executes, before _patch can wrap it)."""
+
+    @functools.wraps(register)
+    def traced(fn, *args, **kwargs):
+        label = f"atexit {getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+        @functools.wraps(fn)
+        def handler(*a, **kw):
+            _emit(f"{label}:in")
+            try:
+                return fn(*a, **kw)
+            finally:
+                _emit(f"{label}:out")
+
+        register(handler, *args, **kwargs)
+        return fn
+
+    return traced
+
+
 if _PATH:
+    import atexit
+
+    atexit.register(lambda: _emit("atexit_done"))  # registered first: runs last
+    atexit.register = _traced_atexit(atexit.register)
     with open("/proc/self/cmdline", "rb") as _f:
         _argv = [a.decode(errors="replace") for a in _f.read().split(b"\0") if a]
     _emit("process_start", t_start=_process_start(), ppid=os.getppid(), argv=_argv[:6])
