@@ -24,6 +24,13 @@ import ray
 from ermgap.quiet import drop_raylet_notices
 
 DEFAULT_DASHBOARD_PORT = 8265
+# Ray Train's controller polls its workers every $RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s): a poll is where
+# it collects each `ray.train.report` (a worker's next report waits for it: the queue holds one) and where it
+# notices that training has ended, so every run ended up to 2 s after its final metrics. A poll is one small actor
+# call per worker, and one slower than the interval is no failure (a worker is declared dead after a poll hangs
+# for $RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). A value the user set is kept.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_S = "0.5"
 REAPER_START_S = 30.0  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
 # The reapers this process started: held so that their Popen objects are not collected (and reaped) early.
 _REAPERS: list[subprocess.Popen] = []
@@ -67,6 +74,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
 
     if ray.is_initialized():
         return
+    # The job's environment: every task and actor of this driver gets it (Train controllers and a sweep's trial
+    # drivers included; an actor's own env_vars are merged with it).
+    env_vars = {} if TRAIN_POLL_ENV in os.environ else {TRAIN_POLL_ENV: TRAIN_POLL_S}
     if not log_to_driver:
         drop_raylet_notices()
     level = logging.INFO if log_to_driver else logging.WARNING
@@ -77,7 +87,8 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
         # machine's loopback: without naming it, Ray registers this driver under the host's own IP and
         # never reaches the GCS ("Timed out while waiting for GCS to become available").
         local = {"_node_ip_address": "127.0.0.1"} if is_loopback_host(host) else {}
-        ray.init(address=address, log_to_driver=log_to_driver, logging_level=level, **local)
+        ray.init(address=address, log_to_driver=log_to_driver, logging_level=level,
+                 runtime_env={"env_vars": env_vars} if env_vars else None, **local)
         return
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
     context = ray.init(
@@ -93,7 +104,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
         # Left to auto-detect the cluster, it fails when a second Ray instance runs on the machine
         # (another user, a test head), so a finished run's placement group is never removed and the
         # next worker group times out. Naming this cluster's dashboard avoids that.
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **env_vars}},
     )
     _REAPERS.append(start_reaper(context.address_info["session_dir"]))
 

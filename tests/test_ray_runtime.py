@@ -77,3 +77,40 @@ def test_the_local_cluster_stops_when_its_driver_ends(how, tmp_path):
         if proc.poll() is None:
             proc.kill()
         kill_pids_with_env(MARKER, marker)
+
+
+POLL_DRIVER = """
+import os, ray
+from ray.train.v2._internal.constants import get_env_vars_to_propagate
+from ermgap.ray_runtime import ensure_ray
+ensure_ray(None, num_cpus=1, log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+class Controller:  # created as Ray Train creates its TrainController: its own env_vars, from the driver's
+    def interval(self):
+        return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+@ray.remote(num_cpus=0)
+def trial_driver():  # a sweep's trial driver builds its TorchTrainer in a Ray task
+    return get_env_vars_to_propagate().get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+
+controller = Controller.options(runtime_env={"env_vars": {**get_env_vars_to_propagate(), "X": "1"}}).remote()
+print("POLL", ray.get(controller.interval.remote()), ray.get(trial_driver.remote()), flush=True)
+"""
+
+
+def test_train_controllers_poll_every_half_second(tmp_path):
+    """Ray Train's controller polls its workers every $RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s),
+    and a run ends only at the poll after its final report: a driver's cluster gives every controller 0.5 s,
+    those of a sweep's trial drivers included (a value the user set is kept: ensure_ray only fills it in)."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # the suite's conftest sets it for its own runs
+    try:
+        out = subprocess.run([sys.executable, "-c", POLL_DRIVER], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=110)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "POLL 0.5 0.5" in out.stdout, out.stdout + out.stderr[-2000:]
+    finally:
+        kill_pids_with_env(MARKER, marker)
