@@ -42,14 +42,12 @@ from ray.util import ActorPool
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
-from transformers.masking_utils import create_bidirectional_mask
 
 from ermgap.batching import compute_features
 from ermgap.config import config_from_dict
 from ermgap.data.dataset import UtteranceDataset
 from ermgap.errors import ConfigError
 from ermgap.io import atomic_write_bytes
-from ermgap.model import load_backbone
 from ermgap.scoring import causal_lm
 from ermgap.storage import Location, is_uri
 
@@ -63,6 +61,8 @@ def cache_dir(cfg) -> Path | Location | None:
 
     Off when the audio encoder is trained (its output changes every step) or `data.feature_cache: off`.
     Default: `<tracking.storage_path>/feature_cache`, which every trial of a sweep shares.
+    Drivers ask this (ermgap.driver), so the module leaves transformers and the model stack to the functions
+    that run a model: a driver, a sweep's trial driver and Ray Train's controller never load them.
     """
     if cfg.lora.train_audio_encoder or cfg.data.feature_cache == OFF:
         return None
@@ -123,6 +123,8 @@ def encode(model, input_features: torch.Tensor, feature_attention_mask: torch.Te
     The same computation as Qwen2AudioModel.forward's audio branch (the padded window goes through the
     encoder with the padding masked out; the output is cut to the clip's audio-token count).
     """
+    from transformers.masking_utils import create_bidirectional_mask  # only where a model runs: see cache_dir
+
     m = causal_lm(model).model
     tower = m.audio_tower
     feats = input_features.to(tower.device, tower.dtype)
@@ -292,6 +294,8 @@ class _Encoder:
     """A Ray actor holding the backbone once and filling the cache for chunks of manifest rows."""
 
     def __init__(self, cfg_tree: dict, directory: str | Location, device: str, threads: int) -> None:
+        from ermgap.model import load_backbone  # see cache_dir
+
         torch.set_num_threads(threads)
         self.cfg = config_from_dict(cfg_tree, source="features build")
         self.device = device

@@ -23,7 +23,6 @@ import ray
 from ermgap.config import RunConfig, config_from_dict, default_tracking_uri
 from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, ManifestError
-from ermgap.model import check_model
 from ermgap.sampler import cell_quotas
 from ermgap.task import Task, TaskSpec
 
@@ -89,6 +88,10 @@ def check_inputs(cfg: RunConfig) -> None:
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file():
         raise ConfigError(f"data.manifest: {manifest} does not exist (generate one with `ermgap data synth`)")
+    # Imported here: the modules a driver imports (ermgap.driver, a sweep's trial drivers) never load
+    # transformers, and only this check of the driver's pre-flight needs it.
+    from ermgap.model import check_model
+
     check_model(cfg.model)  # a missing local path, a folder that is not Qwen2-Audio, no processor
     # Every audio file is opened once here (header + first frames; float files whole, for NaN/inf): a file
     # that cannot be decoded would otherwise fail inside a worker, after Ray's retries.

@@ -1,0 +1,37 @@
+"""What an entry point loads when it is imported: a process pays seconds and hundreds of MB for every heavy
+library it imports, whether it uses it or not.
+
+- `ermgap.cli.main` is imported by every `ermgap` command (`--help`, `data validate`, `config show`): Ray, MLflow
+  and the model stack are for the commands that use them.
+- `ermgap.driver` is what `ermgap train`'s driver imports, and `ermgap.sweep.tune` what each of a sweep's trial
+  drivers (a Ray task per trial) imports: they build and watch a TorchTrainer and never run a model, so
+  transformers, peft and DeepSpeed stay in the Train workers (the driver's pre-flight imports transformers only
+  when it opens the model's processor).
+
+Each import runs in a fresh interpreter; the check is sys.modules after it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_STACK = ("transformers", "peft", "deepspeed")
+NOT_LOADED = {
+    "ermgap.driver": MODEL_STACK,
+    "ermgap.sweep.tune": MODEL_STACK,
+}
+
+
+@pytest.mark.parametrize("module", sorted(NOT_LOADED))
+def test_importing_an_entry_point_leaves_out_what_it_does_not_use(module):
+    code = (f"import json, sys, {module}; "
+            f"print(json.dumps(sorted(m for m in {list(NOT_LOADED[module])!r} if m in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [], f"importing {module} loaded these"
