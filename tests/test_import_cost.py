@@ -23,6 +23,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 MODEL_STACK = ("transformers", "peft", "deepspeed")
 NOT_LOADED = {
+    "ermgap.cli.main": ("ray", "mlflow", *MODEL_STACK),
     "ermgap.driver": MODEL_STACK,
     "ermgap.sweep.tune": MODEL_STACK,
 }
