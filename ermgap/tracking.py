@@ -337,9 +337,20 @@ def child_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> pd.Dat
     exp = client(tracking_uri).get_experiment_by_name(experiment)
     if exp is None:
         return pd.DataFrame()
+    # mlflow.search_runs reads the process-wide tracking URI, and set_tracking_uri also exports it as
+    # $MLFLOW_TRACKING_URI, which default_tracking_uri reads: both are put back, or reading another store's runs
+    # (the bias lab's --add-sweep, before its own sweep) would send this process's next runs to that store.
+    env, previous = os.environ.get("MLFLOW_TRACKING_URI"), mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
-                              max_results=10000)
+    try:
+        return mlflow.search_runs([exp.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+                                  max_results=10000)
+    finally:
+        mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def close_unfinished(tracking_uri: str, run_ids: list[str], status: str = "KILLED") -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from mlflow import MlflowClient
 
 from ermgap.errors import ErmgapWarning
-from ermgap.tracking import DRIVER_TAG, RunLogger, close_orphaned_runs, driver_tag
+from ermgap.tracking import DRIVER_TAG, RunLogger, child_runs, close_orphaned_runs, driver_tag
 
 
 def test_runs_of_a_dead_driver_are_marked_killed_and_live_ones_kept(tmp_path):
@@ -37,6 +39,33 @@ def test_runs_of_a_dead_driver_are_marked_killed_and_live_ones_kept(tmp_path):
         driver_tag()[DRIVER_TAG]
     assert "ermgap.error" not in c.get_run(orphan).data.tags  # why the killed attempt ended is no longer true
     assert close_orphaned_runs(uri, "e") == [] and close_orphaned_runs(uri, "no-such-experiment") == []
+
+
+@pytest.mark.parametrize("env", [None, "sqlite:///elsewhere.db"])
+def test_reading_a_sweeps_runs_leaves_the_tracking_uri_as_it_was(tmp_path, monkeypatch, env):
+    """child_runs reads another store's runs; the URI this process logs to next ($MLFLOW_TRACKING_URI, which
+    config.default_tracking_uri reads, and MLflow's own) is the one it had before. It was left pointing at the
+    store read: a bias lab with --add-sweep logged its own sweep into the added sweep's store."""
+    import os
+
+    import mlflow
+
+    from ermgap.config import default_tracking_uri
+
+    if env is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    before = mlflow.get_tracking_uri()
+    uri = f"sqlite:///{tmp_path / 'other.db'}"
+    c = MlflowClient(uri)
+    parent = c.create_run(c.create_experiment("e")).info.run_id
+    child = c.create_run(c.get_experiment_by_name("e").experiment_id, tags={"mlflow.parentRunId": parent})
+    runs = child_runs(uri, "e", parent)
+    assert list(runs["run_id"]) == [child.info.run_id]
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env and mlflow.get_tracking_uri() == before
+    unset = SimpleNamespace(tracking=SimpleNamespace(tracking_uri=None))  # a config that names no store
+    assert default_tracking_uri(unset) == (env or f"sqlite:///{(Path('runs') / 'mlflow.db').resolve()}")
 
 
 def test_a_resumed_run_logs_each_step_of_each_metric_once(tmp_path):
