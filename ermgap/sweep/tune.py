@@ -22,7 +22,7 @@ from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
 from ermgap.driver import build_trainer
-from ermgap.failures import fit_run
+from ermgap.failures import fit_run, set_aside_cut_off_snapshot
 from ermgap.objectives import OBJECTIVES, register_objective
 from ermgap.sweep.leaderboard import FAILED, TrialRecord, failure_reason
 from ermgap.sweep.live import SweepProgress, trial_label
@@ -103,6 +103,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     cfg.tracking.storage_path = str(ctx.paths.train)
     # A restored (interrupted) trial continues its Train run from the last checkpoint.
     resume = (ctx.paths.train / trial_id).exists()
+    if resume:
+        set_aside_cut_off_snapshot(ctx.paths.train / trial_id)  # else Ray's controller cannot start on it
     run_dir = ctx.paths.runs / trial_id
 
     def make_trainer():
