@@ -11,7 +11,6 @@ SIGKILLed driver).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import select
@@ -21,6 +20,7 @@ import sys
 
 import ray
 
+from ermgap.loopback import is_loopback_host
 from ermgap.quiet import drop_raylet_notices
 
 DEFAULT_DASHBOARD_PORT = 8265
@@ -34,16 +34,6 @@ TRAIN_POLL_S = "0.5"
 REAPER_START_S = 30.0  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
 # The reapers this process started: held so that their Popen objects are not collected (and reaped) early.
 _REAPERS: list[subprocess.Popen] = []
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for localhost and loopback IPs (what ermgap binds by default); anything else is exposed."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _port_free(port: int) -> bool:

@@ -51,7 +51,7 @@ from starlette.routing import Route
 
 from ermgap.data.audio import resample
 from ermgap.errors import ConfigError
-from ermgap.ray_runtime import is_loopback_host
+from ermgap.loopback import is_loopback_host
 
 AUDIO_FORMATS = ("wav", "flac", "mp3")
 MAX_TOKENS_LIMIT = 256

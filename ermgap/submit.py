@@ -29,6 +29,7 @@ from urllib.parse import urlparse
 
 from ermgap.config import RunConfig, load_config, read_yaml
 from ermgap.errors import ConfigError, ErmgapError
+from ermgap.loopback import is_loopback_host
 from ermgap.sweep.spec import SweepSpecModel, load_sweep_spec
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -99,10 +100,6 @@ def resolve_token(token_env: str = DEFAULT_TOKEN_ENV, *, environ: dict[str, str]
 
 
 def _is_loopback(address: str) -> bool:
-    # Ray's modules (here and in _translate, connect) are imported where a cluster is talked to: every `ermgap`
-    # command imports this module through the CLI, and importing Ray costs ~1 s that most commands never use.
-    from ermgap.ray_runtime import is_loopback_host
-
     return is_loopback_host(urlparse(address if "://" in address else f"http://{address}").hostname or "")
 
 
@@ -123,8 +120,9 @@ def _auth_message(address: str, token: Token | None, text: str, token_env: str) 
 
 def _translate(err: Exception, address: str, token: Token | None, token_env: str) -> ErmgapError | None:
     """Ray's auth, connection and HTTP errors as one-line ErmgapErrors (None: not one of ours)."""
-
-    from ray.exceptions import AuthenticationError  # see _is_loopback
+    # Ray is imported where a cluster is talked to: every `ermgap` command imports this module through the CLI,
+    # and importing Ray costs ~1 s that most commands never use.
+    from ray.exceptions import AuthenticationError
 
     text = str(err)
     if token is not None:
@@ -168,7 +166,7 @@ def connect(address: str = DEFAULT_ADDRESS, *, token: Token | None = None,
     if token is None and not _is_loopback(address) and warn is not None:
         print(f"warning: no Ray auth token for {address}; anyone who can reach a cluster without token "
               "authentication can run code on it (see cluster/README.md)", file=warn)
-    from ray.job_submission import JobSubmissionClient  # see _is_loopback
+    from ray.job_submission import JobSubmissionClient  # imported here: see _translate
 
     headers = {"Authorization": f"Bearer {token.value}"} if token else None
     try:

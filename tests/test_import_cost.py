@@ -36,3 +36,22 @@ def test_importing_an_entry_point_leaves_out_what_it_does_not_use(module):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [], f"importing {module} loaded these"
+
+
+def test_every_deferred_import_of_ermgap_names_exists():
+    """Imports inside functions (deferred so that entry points stay light) fail only when the function runs: each
+    `from ermgap.X import name` anywhere in the package must name something X has (a moved helper left `ermgap ui`
+    importing it from its old module)."""
+    import ast
+    import importlib
+
+    missing = []
+    for path in sorted((REPO / "ermgap").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("ermgap"):
+                module = importlib.import_module(node.module)
+                missing += [f"{path.relative_to(REPO)}:{node.lineno}: {node.module}.{a.name}" for a in node.names
+                            if a.name != "*" and not hasattr(module, a.name)
+                            and not (hasattr(module, "__path__")  # a package's submodule is found, not an attribute
+                                     and importlib.util.find_spec(f"{node.module}.{a.name}"))]
+    assert missing == []

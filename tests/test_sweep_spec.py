@@ -254,7 +254,7 @@ def test_paper_specs_use_paper_hyperparameters():
 
 
 def test_ui_host_check():
-    from ermgap.submit import is_loopback_host as _is_loopback
+    from ermgap.loopback import is_loopback_host as _is_loopback
 
     assert _is_loopback("127.0.0.1") and _is_loopback("localhost") and _is_loopback("::1")
     assert not _is_loopback("0.0.0.0") and not _is_loopback("10.1.2.3")

@@ -68,7 +68,7 @@ def ui(
     if serve and uri.startswith(("http://", "https://")):
         raise ConfigError(f"--tracking-uri {uri}: --serve needs a backend store (sqlite:///…, postgresql://…), "
                           "not another server")
-    from ermgap.submit import is_loopback_host
+    from ermgap.loopback import is_loopback_host
 
     what = "MLflow tracking server" if serve else "MLflow UI"
     if not is_loopback_host(host):
