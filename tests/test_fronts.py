@@ -8,12 +8,12 @@ miniature MLflow store (sqlite, real client) holding two sweeps and a lab-style 
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score  # the oracle's oracle
+from test_user_errors import run_cli
 
 from ermgap.labels import EMOTIONS
 
@@ -200,17 +200,8 @@ def _store(tmp_path):
 
 
 def _run(monkeypatch, capsys, *args):
-    from ermgap.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["ermgap", "fronts", *map(str, args)])
     monkeypatch.setenv("COLUMNS", "100")
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    return run_cli(monkeypatch, capsys, "fronts", *map(str, args))
 
 
 def test_the_command_prints_the_table_and_writes_its_files_then_refuses_bad_input(tmp_path, monkeypatch, capsys):
