@@ -198,7 +198,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
     try:
         with TrainProgress(box, console or Console()):
             fit_run(lambda: first.pop() if first else make_trainer(), run_dir=run_path, tracking_uri=uri,
-                    max_failures=cfg.distributed.max_failures)
+                    max_failures=cfg.distributed.max_failures, finished=(run_path / METRICS_FILE).is_file)
     except KeyboardInterrupt:
         mark_run(uri, run_path, "KILLED")
         raise

@@ -161,7 +161,7 @@ def mark_failed(tracking_uri: str, run_dir: str | os.PathLike | Location, reason
 
 
 def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike | Location, tracking_uri: str,
-            max_failures: int) -> Any:
+            max_failures: int, finished: Callable[[], bool] = lambda: False) -> Any:
     """Fit the trainer `make_trainer()` builds (a Ray Train TorchTrainer with FailureConfig(max_failures=0))
     and return its Result; after a fault, fit a new one (it continues from the latest checkpoint), at most
     `max_failures` times (-1: no limit).
@@ -170,6 +170,10 @@ def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike | Loc
     recorded one or that Ray reports (a full disk takes no record: `user_error_in`), or RunFault once the
     retries are spent. Either way the run's MLflow run is marked FAILED
     with the reason (tag ermgap.error): a worker may die before it can say so itself.
+
+    `finished()` says whether the run has written its final metrics: a fault after that (Tune ends a sweep's
+    trial at its final report and removes its workers and controller with it) is no failure of the run, which
+    is complete and has ended its MLflow run FINISHED; fit_run then returns None.
     """
     failures = 0
     while True:
@@ -183,6 +187,10 @@ def fit_run(make_trainer: Callable[[], Any], *, run_dir: str | os.PathLike | Loc
             if user is not None:
                 mark_failed(tracking_uri, run_dir, str(user))
                 raise user from None
+            if finished():
+                log.info("training run %s: %s after its final metrics; the run is complete", run_dir,
+                         type(err).__name__)
+                return None
             failures += 1
             if max_failures != -1 and failures > max_failures:
                 fault = RunFault(err, failures)

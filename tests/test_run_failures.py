@@ -116,3 +116,37 @@ def test_a_trial_whose_loss_turns_nan_is_a_failed_trial(corpus, tiny_model, tmp_
     assert parent.info.status == "FAILED" and reason in parent.data.tags["ermgap.error"]
     written = pd.read_csv(caught.value.outcome.artifacts["leaderboard_csv"]).set_index("variant")
     assert written.loc["long", "status"] == "failed" and written.loc["long", "reason"] == reason
+
+
+def test_a_fault_after_the_final_metrics_leaves_the_finished_run_finished(tmp_path, ray_cluster):
+    """Tune ends a sweep trial at its final report (done=True) and removes its placement group: the trial's Train
+    controller dies under its driver's fit(). That fault came after the run wrote its final metrics and ended its
+    MLflow run FINISHED; fit_run must not raise nor mark the run FAILED (a two-node sweep's finished trial showed
+    FAILED: "ActorDiedError after 1 attempt(s)"). Here the real worker group fails right after writing them."""
+    from mlflow import MlflowClient
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ermgap.failures import fit_run
+    from ermgap.tracking import RUN_ID_FILE
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    client.set_terminated(run_id, status="FINISHED")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / RUN_ID_FILE).write_text(run_id)
+
+    def metrics_then_die(config) -> None:  # defined here: the workers receive it by value
+        Path(config["run_dir"], "metrics.json").write_text("{}\n")
+        raise RuntimeError("the worker group fails after the final metrics")  # not a user error: a fault
+
+    def make_trainer():
+        return TorchTrainer(metrics_then_die, train_loop_config={"run_dir": str(run_dir)},
+                            scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 0.5}),
+                            run_config=RunConfig(name="after", storage_path=str(tmp_path / "ray")))
+
+    assert fit_run(make_trainer, run_dir=run_dir, tracking_uri=uri, max_failures=0,
+                   finished=(run_dir / "metrics.json").is_file) is None
+    assert client.get_run(run_id).info.status == "FINISHED"

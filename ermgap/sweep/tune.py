@@ -24,6 +24,7 @@ from rich.console import Console
 from ermgap.driver import build_trainer
 from ermgap.failures import fit_run, set_aside_cut_off_snapshot
 from ermgap.objectives import OBJECTIVES, register_objective
+from ermgap.run_outputs import METRICS_FILE
 from ermgap.sweep.leaderboard import FAILED, TrialRecord, failure_reason
 from ermgap.sweep.live import SweepProgress, trial_label
 from ermgap.sweep.paths import SweepPaths
@@ -117,7 +118,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
 
     # The same driver as `ermgap train`: a worker's user error (a NaN loss) fails the trial with its message
     # (Tune records it: the trial is FAILED, not "stopped"), faults are retried from the last checkpoint.
-    fit_run(make_trainer, run_dir=run_dir, tracking_uri=ctx.tracking_uri, max_failures=cfg.distributed.max_failures)
+    fit_run(make_trainer, run_dir=run_dir, tracking_uri=ctx.tracking_uri, max_failures=cfg.distributed.max_failures,
+            finished=(run_dir / METRICS_FILE).is_file)
 
 
 def trainable(ctx: TrialContext):
