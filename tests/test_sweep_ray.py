@@ -155,7 +155,8 @@ EPOCHS_2 = 8  # trial 2 of test_resume_after_driver_sigkill
 
 
 def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
-    """Kill the sweep driver (SIGKILL) while trial 2 runs; `--resume` keeps trial 1 as it was and finishes."""
+    """Kill the sweep driver (SIGKILL) while trial 2 runs; `--resume` keeps trial 1 as it was and finishes trial 2
+    from its checkpoint, even with trial 2's checkpoint list cut off."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -195,6 +196,12 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
         kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)  # the driver's local Ray node dies with it, as when the driver's machine is lost
         before = {r["run_id"]: r["start_time"] for _, r in _children(uri, "r", parent).iterrows()}
         first_id = first.iloc[0]["run_id"]
+        # Ray writes a trial's checkpoint list in place after each checkpoint; a kill or a full disk can leave it
+        # cut off: leave trial 2's so, and the resume must set it aside as `ermgap train --resume` does.
+        from ermgap.tracking import TAG_TRIAL
+
+        trial2 = _children(uri, "r", parent).set_index("run_id").drop(first_id)[f"tags.{TAG_TRIAL}"].item()
+        (tmp_path / "sweeps" / "t_resume" / "train" / trial2 / "checkpoint_manager_snapshot.json").write_text('{"ch')
 
         proc = _cli(spec, marker, "--resume")
         output, _ = proc.communicate(timeout=420)
