@@ -60,30 +60,16 @@ class Trial:
 
 def sweep_state(path: str | os.PathLike) -> dict:
     """A sweep directory's state (parent run, tracking URI, experiment), checked before any work."""
-    from ermgap.sweep.paths import STATE_FILE
+    from ermgap.sweep.paths import read_state
 
-    state = Path(path) / STATE_FILE
-    if not state.is_file():
-        raise ConfigError(f"{path}: not a sweep directory (no {STATE_FILE} in it; want e.g. "
-                          f"runs/sweeps/pareto_minmaxgap)")
-    try:
-        got = json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{state}: unreadable sweep state ({err})") from None
-    missing = [k for k in ("parent_run_id", "tracking_uri", "experiment") if not (isinstance(got, dict) and got.get(k))]
-    if missing:
-        raise ConfigError(f"{state}: lacks {', '.join(missing)} (a sweep writes them when it starts)")
-    return got
+    return read_state(path)
 
 
 def _finished_runs(state: dict) -> pd.DataFrame:
     """The sweep's MLflow child runs that ran to the end (FINISHED, with test metrics)."""
-    from ermgap.tracking import child_runs
+    from ermgap.tracking import finished_child_runs
 
-    runs = child_runs(state["tracking_uri"], state["experiment"], state["parent_run_id"])
-    if runs.empty or "metrics.best/test_w_f1" not in runs:
-        return runs.iloc[:0]
-    return runs[(runs["status"] == "FINISHED") & runs["metrics.best/test_w_f1"].notna()]
+    return finished_child_runs(state["tracking_uri"], state["experiment"], state["parent_run_id"])
 
 
 def _trials(path, runs: pd.DataFrame, state: dict, family_of) -> tuple[list[Trial], list[str]]:

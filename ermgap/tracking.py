@@ -353,6 +353,15 @@ def child_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> pd.Dat
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
+
+def finished_child_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> pd.DataFrame:
+    """The sweep's child runs that ran to the end: FINISHED, with test metrics (an interrupted sweep's too)."""
+    runs = child_runs(tracking_uri, experiment, parent_run_id)
+    if runs.empty or "metrics.best/test_w_f1" not in runs:
+        return runs.iloc[:0]
+    return runs[(runs["status"] == "FINISHED") & runs["metrics.best/test_w_f1"].notna()]
+
+
 def close_unfinished(tracking_uri: str, run_ids: list[str], status: str = "KILLED") -> None:
     """Mark runs still RUNNING (a trial whose workers the scheduler killed mid-run) as `status`."""
     c = client(tracking_uri)

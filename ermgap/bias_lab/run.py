@@ -105,29 +105,23 @@ def collect_predictions(outcome) -> dict[str, dict[str, dict[int, pd.DataFrame]]
 def finished_sweep(path: str | os.PathLike) -> dict:
     """A lab sweep's state (parent run, tracking URI, experiment), checked before any work. The sweep may have
     been interrupted: its trials that ran to the end are in MLflow (`sweep_trials`)."""
-    from ermgap.sweep.paths import STATE_FILE
+    from ermgap.sweep.paths import read_state
 
-    state = Path(path) / STATE_FILE
     try:
-        got = json.loads(state.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        got = None
-    if not isinstance(got, dict) or not all(got.get(k) for k in ("parent_run_id", "tracking_uri", "experiment")):
-        raise ConfigError(f"--add-sweep {path}: not a lab sweep (want {STATE_FILE} with its parent run, tracking "
-                          f"URI and experiment)")
-    return got
+        return read_state(path)
+    except ConfigError as err:
+        raise ConfigError(f"--add-sweep {path}: not a lab sweep ({err})") from None
 
 
 def sweep_trials(state: dict) -> pd.DataFrame:
     """The sweep's trials that ran to the end (MLflow child runs FINISHED with test metrics), as leaderboard
     rows: variant, optim.seed, mlflow_run_id, test_w_f1, digest (of the data it trained on)."""
-    from ermgap.tracking import child_runs, client
+    from ermgap.tracking import client, finished_child_runs
 
-    runs = child_runs(state["tracking_uri"], state["experiment"], state["parent_run_id"])
+    done = finished_child_runs(state["tracking_uri"], state["experiment"], state["parent_run_id"])
     cols = ["variant", "optim.seed", "mlflow_run_id", "test_w_f1", "digest"]
-    if runs.empty or "metrics.best/test_w_f1" not in runs:
+    if done.empty:
         return pd.DataFrame(columns=cols)
-    done = runs[(runs["status"] == "FINISHED") & runs["metrics.best/test_w_f1"].notna()]
     bad = [v for v in done["tags.ermgap.param.variant"].astype(str) if SEP not in v]
     if bad:
         raise ConfigError(f"sweep {state.get('name')}: variant {bad[0]!r} is not a lab trial (<corpus>{SEP}<row>)")

@@ -19,6 +19,25 @@ from ermgap.sweep.spec import SweepSpec
 STATE_FILE = "sweep_state.json"
 
 
+def read_state(path) -> dict:
+    """A finished or interrupted sweep directory's state (parent run, tracking URI, experiment), checked before any
+    work: ConfigError naming the directory or its state file otherwise."""
+    from pathlib import Path
+
+    state = Path(path) / STATE_FILE
+    if not state.is_file():
+        raise ConfigError(f"{path}: not a sweep directory (no {STATE_FILE} in it; want e.g. "
+                          f"runs/sweeps/pareto_minmaxgap)")
+    try:
+        got = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{state}: unreadable sweep state ({err})") from None
+    missing = [k for k in ("parent_run_id", "tracking_uri", "experiment") if not (isinstance(got, dict) and got.get(k))]
+    if missing:
+        raise ConfigError(f"{state}: lacks {', '.join(missing)} (a sweep writes them when it starts)")
+    return got
+
+
 @dataclass
 class SweepPaths:
     root: Location
