@@ -145,13 +145,29 @@ def test_sweep_parent_children_leaderboard_and_asha(ray_cluster, tmp_path, small
 
 
 def _cli(spec: Path, marker: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, ERMGAP_TEST_SWEEP=marker, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1")
+    # TUNE_GLOBAL_CHECKPOINT_S: Tune saves its experiment state every 2 s instead of every 10-20 s ("auto"), so
+    # a test sees a trial's end in it soon after the trial ended.
+    env = dict(os.environ, ERMGAP_TEST_SWEEP=marker, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
+               TUNE_GLOBAL_CHECKPOINT_S="2")
     env.pop("RAY_ADDRESS", None)
     return subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "sweep", str(spec), *args], cwd=spec.parent,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-EPOCHS_2 = 8  # trial 2 of test_resume_after_driver_sigkill
+EPOCHS_2 = 20  # trial 2 of test_resume_after_driver_sigkill
+
+
+def _tune_statuses(tune_dir: Path) -> dict[str, str]:
+    """Trial id → status in the newest Tune experiment state of a sweep (Tune's own file)."""
+    states = sorted(tune_dir.glob("experiment_state*.json"))
+    if not states:
+        return {}
+    try:
+        body = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # being rewritten
+        return {}
+    trials = [json.loads(t[0]) if isinstance(t[0], str) else t[0] for t in body["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
 
 
 def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
@@ -159,25 +175,31 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
     from its checkpoint, even with trial 2's checkpoint list cut off."""
     from mlflow import MlflowClient
 
+    from ermgap.tracking import TAG_TRIAL
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = _write(tmp_path, {
         "name": "t_resume",
         "base": _base(small_manifest, tiny_model, tmp_path),
-        # Trial 1 only has to finish before the kill: one epoch. Trial 2 needs a checkpoint to resume from and
-        # must still be running when the test sees it: on an idle machine an epoch of the small slice takes well
-        # under a second, so 2 epochs could end between two polls; 8 leave several seconds.
+        # Both trials start together: a trial's start-up is most of its time, and is paid once for both. Trial 1
+        # only has to finish before the kill: one epoch. Trial 2 needs a checkpoint to resume from and must still
+        # be running once trial 1 has ended and Tune has saved it as ended (its end, test predictions and MLflow
+        # run, took 3-14 s, while trial 2 ran an epoch every 0.7-1.5 s); the epochs that are left at the
+        # kill are what --resume pays, whatever EPOCHS_2 is.
         "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0, "optim.epochs": 1},
                      "adaptive": {"lambda.mode": "adaptive", "optim.epochs": EPOCHS_2}},
-        "max_concurrent_trials": 1,
+        "max_concurrent_trials": 2,
         "storage_path": str(tmp_path / "sweeps"),
         "mlflow": {"experiment": "r", "tracking_uri": uri},
     })
     state_file = tmp_path / "sweeps" / "t_resume" / "sweep_state.json"
+    tune_dir = tmp_path / "sweeps" / "t_resume" / "tune"
     marker = uuid.uuid4().hex
     proc = _cli(spec, marker)
     try:
-        # Wait until trial 2's run has logged its first dev evaluation (so trial 1 is complete and
-        # trial 2 has a checkpoint), then kill the driver and, with it, the Ray processes it started.
+        # Wait until trial 1's run has finished and Tune's experiment state says so (else --resume runs trial 1
+        # again), and trial 2's run has logged a dev evaluation (so it has a checkpoint); then kill the driver
+        # and, with it, the Ray processes it started.
         deadline = time.monotonic() + 420
         first = None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -186,11 +208,14 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
                 continue
             parent = json.loads(state_file.read_text())["parent_run_id"]
             runs = _children(uri, "r", parent)
-            if len(runs) == 2 and "metrics.eval/dev_w_f1" in runs and runs["metrics.eval/dev_w_f1"].notna().all():
-                first = runs[runs["status"] == "FINISHED"]
+            done = runs[runs["status"] == "FINISHED"] if len(runs) else runs
+            if len(runs) == 2 and "metrics.eval/dev_w_f1" in runs and runs["metrics.eval/dev_w_f1"].notna().all() \
+                    and len(done) == 1 and _tune_statuses(tune_dir).get(done.iloc[0][f"tags.{TAG_TRIAL}"]) == "TERMINATED":
+                first = done
                 break
         assert proc.poll() is None, proc.stdout.read()[-3000:]
         assert first is not None and len(first) == 1, "trial 1 never finished before the deadline"
+        assert first.iloc[0]["tags.mlflow.runName"] == "t_resume/erm"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
         kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)  # the driver's local Ray node dies with it, as when the driver's machine is lost
@@ -198,8 +223,6 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
         first_id = first.iloc[0]["run_id"]
         # Ray writes a trial's checkpoint list in place after each checkpoint; a kill or a full disk can leave it
         # cut off: leave trial 2's so, and the resume must set it aside as `ermgap train --resume` does.
-        from ermgap.tracking import TAG_TRIAL
-
         trial2 = _children(uri, "r", parent).set_index("run_id").drop(first_id)[f"tags.{TAG_TRIAL}"].item()
         (tmp_path / "sweeps" / "t_resume" / "train" / trial2 / "checkpoint_manager_snapshot.json").write_text('{"ch')
 
