@@ -75,3 +75,50 @@ def test_pooled_features_name_what_is_wrong(reference_run, tmp_path):
         pooled_features(tmp_path, "test")
     with pytest.raises(ConfigError, match="pool 'mean' is unknown; choose one of audio, answer"):
         pooled_features(reference_run.run_dir, "test", pool="mean")
+
+
+def test_the_leakage_command_probes_runs_pairs_them_and_refuses_bad_input(reference_run, tmp_path, monkeypatch,
+                                                                         capsys):
+    """`ermgap leakage`: its number is scikit-learn's logistic regression fitted on the run's dev features and
+    scored by balanced accuracy on test (independently recomputed here); a run compared with itself differs by
+    exactly 0 on every paired resample; the table fits 100 columns; bad input exits 2 before any model loads."""
+    import json
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.preprocessing import StandardScaler
+    from test_data_synth import run_cli
+
+    from ermgap.leakage import pooled_features
+
+    monkeypatch.setenv("COLUMNS", "100")
+    run = reference_run.run_dir
+    out = tmp_path / "probe.json"
+    code, text = run_cli(monkeypatch, capsys, "leakage", str(run), str(run), "--n-boot", "200", "--out", str(out))
+    assert code == 0, text
+    assert max(map(len, text.splitlines())) <= 100, text
+    assert "gender read by a fresh probe: logistic regression fitted on dev (n = 24)" in text and "test (n = 24), chance 50.0 %" in text
+    assert "Loading weights" not in text and "Traceback" not in text
+    first, second = json.loads(out.read_text())["runs"]
+    dev, dev_x = pooled_features(run, "dev")
+    test, test_x = pooled_features(run, "test")
+    scale = StandardScaler().fit(dev_x)
+    lr = LogisticRegression(class_weight="balanced", max_iter=5000).fit(scale.transform(dev_x), dev["gender"])
+    want = balanced_accuracy_score(test["gender"], lr.predict(scale.transform(test_x)))
+    assert first["balanced_acc"] == pytest.approx(want) and first["n_fit"] == 24 and first["n_score"] == 24
+    assert first["ci"][0] <= want <= first["ci"][1] and first["delta"] is None
+    assert second["delta"] == 0 and second["delta_ci"] == [0, 0]
+
+    def error(*bad):
+        code, text = run_cli(monkeypatch, capsys, "leakage", *map(str, bad))
+        assert code == 2 and "Traceback" not in text, text
+        return " ".join(text.split())
+
+    assert f"{out} already exists; pass --force" in error(run, "--out", out)
+    notours = tmp_path / "mine.json"
+    notours.write_text("{}")
+    assert "was not written by ermgap leakage" in error(run, "--out", notours, "--force")
+    assert f"{tmp_path}: no config.yaml; not a run directory" in error(run, tmp_path)
+    assert "--fit and --score are both 'test'" in error(run, "--fit", "test")
+    assert "no rows in split 'valid'" in error(run, "--score", "valid")
+    assert "pool 'mean' is unknown" in error(run, "--pool", "mean")

@@ -44,6 +44,7 @@ _COMMANDS: list[tuple[str, str, str]] = [
     ("ermgap.cli.sweep_cmd", "ui", "ui"),
     ("ermgap.cli.lab_cmd", "bias_lab", "bias-lab"),
     ("ermgap.cli.fronts_cmd", "fronts", "fronts"),
+    ("ermgap.cli.leakage_cmd", "leakage", "leakage"),
     ("ermgap.cli.submit_cmd", "submit", "submit"),
 ]
 
