@@ -209,8 +209,10 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
             parent = json.loads(state_file.read_text())["parent_run_id"]
             runs = _children(uri, "r", parent)
             done = runs[runs["status"] == "FINISHED"] if len(runs) else runs
-            if len(runs) == 2 and "metrics.eval/dev_w_f1" in runs and runs["metrics.eval/dev_w_f1"].notna().all() \
-                    and len(done) == 1 and _tune_statuses(tune_dir).get(done.iloc[0][f"tags.{TAG_TRIAL}"]) == "TERMINATED":
+            evals = runs["metrics.eval/dev_w_f1"] if "metrics.eval/dev_w_f1" in runs else None
+            evaluated = len(runs) == 2 and evals is not None and evals.notna().all()
+            ended = len(done) == 1 and _tune_statuses(tune_dir).get(done.iloc[0][f"tags.{TAG_TRIAL}"]) == "TERMINATED"
+            if evaluated and ended:
                 first = done
                 break
         assert proc.poll() is None, proc.stdout.read()[-3000:]
@@ -221,6 +223,8 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
         kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)  # the driver's local Ray node dies with it, as when the driver's machine is lost
         before = {r["run_id"]: r["start_time"] for _, r in _children(uri, "r", parent).iterrows()}
         first_id = first.iloc[0]["run_id"]
+        first_metrics = tmp_path / "sweeps" / "t_resume" / "runs" / first.iloc[0][f"tags.{TAG_TRIAL}"] / "metrics.json"
+        first_written = (first_metrics.stat().st_mtime_ns, first_metrics.read_bytes())
         # Ray writes a trial's checkpoint list in place after each checkpoint; a kill or a full disk can leave it
         # cut off: leave trial 2's so, and the resume must set it aside as `ermgap train --resume` does.
         trial2 = _children(uri, "r", parent).set_index("run_id").drop(first_id)[f"tags.{TAG_TRIAL}"].item()
@@ -240,6 +244,7 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
     assert set(after["run_id"]) == set(before)
     row1 = after.set_index("run_id").loc[first_id]
     assert row1["start_time"] == before[first_id] and row1["status"] == "FINISHED"
+    assert (first_metrics.stat().st_mtime_ns, first_metrics.read_bytes()) == first_written  # not run again
     assert (after["status"] == "FINISHED").all()
     client = MlflowClient(uri)
     assert client.get_run(parent).info.status == "FINISHED"
