@@ -11,8 +11,11 @@ ZeRO-2. LoRA dropout is 0: dropout masks are drawn per rank, so runs on differen
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -42,6 +45,16 @@ def train_overrides(manifest: Path, model: Path, root: Path) -> list[str]:
         "eval.patience=0", "lambda.mode=adaptive", "lambda.eta=20", "objective.p=2",
         "distributed.num_workers=2", "distributed.cpus_per_worker=1", "distributed.zero_stage=2",
     ]
+
+
+def side_by_side(first: Callable[[], Any], second: Callable[[], Any]) -> tuple[Any, Any]:
+    """(first(), second()) with `first` run in a thread while `second` runs here: two runs of 1 worker each on the
+    session's 2-CPU cluster, where one run alone leaves a CPU idle through most of its start-up (actors started
+    one after another, each importing Ray Train). Returns once both have ended; an error of either is raised."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(first)
+        second_result = second()
+        return pending.result(), second_result
 
 
 @dataclass(frozen=True)

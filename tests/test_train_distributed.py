@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from _faults import NanAtStep
-from _runs import assert_same_run, history, train_overrides
+from _runs import assert_same_run, history, side_by_side, train_overrides
 
 from ermgap.config import load_config
 
@@ -207,9 +207,11 @@ def test_minmaxgap_shrinks_the_train_gap_relative_to_erm(ray_cluster, base):
     learnt (steps 4-8: ~0.07); with λ=5, p=1 it falls to ~0.03.
     """
     common = ["optim.micro_batch_size=8", "optim.effective_batch_size=48", "optim.epochs=8",
-              "eval.every_steps=8", "objective.p=1", "lambda.mode=fixed"]
-    erm = _train(base, "erm", common + ["lambda.init=0"])
-    mmg = _train(base, "minmaxgap", common + ["lambda.init=5"])
+              "eval.every_steps=8", "objective.p=1", "lambda.mode=fixed", "distributed.num_workers=1"]
+    # One worker each, side by side on the session's 2 CPUs (a run's losses do not depend on its worker count:
+    # test_two_workers_equal_one_worker).
+    erm, mmg = side_by_side(lambda: _train(base, "erm", common + ["lambda.init=0"]),
+                            lambda: _train(base, "minmaxgap", common + ["lambda.init=5"]))
     gap_erm = [v for s, v in history(erm, "train/gap") if s > 3]
     gap_mmg = [v for s, v in history(mmg, "train/gap") if s > 3]
     assert len(gap_erm) == len(gap_mmg) == 5
