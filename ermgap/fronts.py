@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ermgap.errors import ConfigError, OutputExistsError, PredictionsError
+from ermgap.errors import ConfigError, PredictionsError
+from ermgap.io import check_own_file
 from ermgap.metric_registry import METRICS, direction
 from ermgap.metrics import bootstrap_samples, compute_metrics, pareto_front, per_key, percentile_ci
 from ermgap.objective_comparison import worst_language
@@ -325,11 +326,7 @@ def output_paths(stem: str | os.PathLike, *, force: bool) -> dict[str, Path]:
     for p in paths.values():
         if p.is_dir():
             raise ConfigError(f"{p} is a directory; --out takes a file stem (writes .json, .md and .png)")
-        if p.exists() and not force:
-            raise OutputExistsError(f"{p} already exists; pass --force to replace it")
-        if p.exists() and not _ours(p):
-            raise ConfigError(f"{p} was not written by {OUTPUT}; --force only replaces its own outputs: choose "
-                              f"another --out or remove {p} yourself")
+        check_own_file(p, force, owner=OUTPUT, ours=_ours)
     return paths
 
 

@@ -30,6 +30,16 @@ def check_writable(path: str | os.PathLike, force: bool) -> Path:
     return p
 
 
+def check_own_file(path: str | os.PathLike, force: bool, *, owner: str, ours) -> Path:
+    """Before writing an output file of `owner` (e.g. "ermgap fronts"): OutputExistsError if it exists without
+    `force`, ConfigError if it exists and `ours(path)` is false (--force replaces only the owner's own files)."""
+    p = check_writable(path, force)
+    if p.exists() and not ours(p):
+        raise ConfigError(f"{p} was not written by {owner}; --force only replaces its own outputs: choose "
+                          f"another --out or remove {p} yourself")
+    return p
+
+
 def out_of_space(err: BaseException, path: str | os.PathLike) -> bool:
     """Whether `err`, raised while writing under `path`, means that path's filesystem is full.
 

@@ -56,19 +56,15 @@ def leakage(
 
     from rich.console import Console
 
-    from ermgap.errors import ConfigError, OutputExistsError
+    from ermgap.errors import ConfigError
     from ermgap.formatting import json_safe
-    from ermgap.io import atomic_write_text
+    from ermgap.io import atomic_write_text, check_own_file
     from ermgap.leakage import probe_runs
 
     if out is not None:  # checked before any model loads
         if out.is_dir():
             raise ConfigError(f"{out} is a directory; --out takes a JSON file path")
-        if out.exists() and not force:
-            raise OutputExistsError(f"{out} already exists; pass --force to replace it")
-        if out.exists() and not _ours(out):
-            raise ConfigError(f"{out} was not written by ermgap leakage; --force only replaces its own outputs: "
-                              f"choose another --out or remove {out} yourself")
+        check_own_file(out, force, owner="ermgap leakage", ours=_ours)
     err = Console(stderr=True)
     results = probe_runs(runs, fit=fit, score=score, pool=pool, layer=layer, n_boot=n_boot,
                          progress=lambda text: err.print(text, highlight=False, soft_wrap=True))
