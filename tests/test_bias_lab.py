@@ -248,7 +248,8 @@ def test_pooled_sweeps_add_seeds_and_refuse_a_seed_twice():
     into = merge_predictions({"positive": {"erm": {42: a}}}, {"positive": {"erm": {43: b}, "oracle": {42: c}}}, "s")
     assert {row: sorted(seeds) for row, seeds in into["positive"].items()} == {"erm": [42, 43], "oracle": [42]}
     assert into["positive"]["erm"][43] is b
-    with pytest.raises(ConfigError, match=r"--add-sweep x: positive\.erm seed 42 is already in the lab's table"):
+    with pytest.raises(ConfigError, match=r"--add-sweep x: positive\.erm seed 42 is already in the lab's table "
+                       r"\(.*pass --data-root so the lab can see the corpus it builds now"):
         merge_predictions(into, {"positive": {"erm": {42: c}}}, "--add-sweep x")
 
 

@@ -183,7 +183,10 @@ def merge_predictions(into: dict, more: dict, source: str) -> dict:
             have = into.setdefault(corpus, {}).setdefault(row, {})
             twice = sorted(set(have) & set(seeds))
             if twice:
-                raise ConfigError(f"{source}: {corpus}{SEP}{row} seed {twice[0]} is already in the lab's table")
+                raise ConfigError(f"{source}: {corpus}{SEP}{row} seed {twice[0]} is already in the lab's table (each "
+                                  "corpus, row and seed comes from one sweep; if one of them trained on a corpus "
+                                  "rebuilt since, pass --data-root so the lab can see the corpus it builds now and "
+                                  "leave that sweep's trials out)")
             have.update(seeds)
     return into
 
