@@ -59,18 +59,13 @@ class Trial:
     source: str = ""  # the sweep directory it came from
 
 
-def sweep_state(path: str | os.PathLike) -> dict:
-    """A sweep directory's state (parent run, tracking URI, experiment), checked before any work."""
+def _finished_sweep(path: str | os.PathLike) -> tuple[dict, pd.DataFrame]:
+    """A sweep directory's state, checked (`read_state`), and its MLflow child runs that ran to the end."""
     from ermgap.sweep.paths import read_state
-
-    return read_state(path)
-
-
-def _finished_runs(state: dict) -> pd.DataFrame:
-    """The sweep's MLflow child runs that ran to the end (FINISHED, with test metrics)."""
     from ermgap.tracking import finished_child_runs
 
-    return finished_child_runs(state["tracking_uri"], state["experiment"], state["parent_run_id"])
+    state = read_state(path)
+    return state, finished_child_runs(state["tracking_uri"], state["experiment"], state["parent_run_id"])
 
 
 def _trials(path, runs: pd.DataFrame, state: dict, family_of) -> tuple[list[Trial], list[str]]:
@@ -99,8 +94,7 @@ def sweep_trials(path: str | os.PathLike) -> tuple[list[Trial], list[str]]:
     in words). ConfigError if the directory is no sweep or none of its trials finished."""
     from ermgap.objectives import OBJECTIVES
 
-    state = sweep_state(path)
-    runs = _finished_runs(state)
+    state, runs = _finished_sweep(path)
     if runs.empty:
         raise ConfigError(f"{path}: sweep {state.get('name', '?')} has no trial that ran to the end yet")
 
@@ -119,8 +113,7 @@ def reference_trial(text: str) -> Trial:
     if not sep or not where or not variant or (at and not seed.isdigit()):
         raise ConfigError(f"--reference {text!r}: expected DIR:VARIANT or DIR:VARIANT@SEED, e.g. "
                           f"runs/sweeps/bias_lab_quick:positive.erm@42")
-    state = sweep_state(where)
-    runs = _finished_runs(state)
+    state, runs = _finished_sweep(where)
     variants = runs.get(f"{PARAM_TAG}variant", pd.Series(dtype=str))
     seeds = runs.get("params.optim.seed", pd.Series(dtype=str))
     pick = runs[(variants == variant) & ((seeds == seed) if at else True)]
@@ -359,8 +352,10 @@ def build_fronts(sweeps: Sequence[str | os.PathLike], references: Sequence[str] 
     """`ermgap fronts`: read the sweeps' finished trials and the reference runs, build the table, write it.
     Returns (table, {kind: path}, the trials left out in words). Every input and the outputs are checked before
     anything is computed or written."""
+    from ermgap.sweep.paths import read_state
+
     output_paths(out, force=force)
-    states = {str(p): sweep_state(p) for p in sweeps}
+    states = {str(p): read_state(p) for p in sweeps}
     trials, skipped = [], []
     for p in sweeps:
         got, left = sweep_trials(p)

@@ -50,15 +50,26 @@ def pooled_features(run_dir: str | os.PathLike, split: str = "test", *, manifest
     pooled hidden state per row, float32 [N, hidden], from the run's backbone with its best adapter
     (`run_dir/adapter`). pool ("audio" | "answer") and layer default to the run's `objective.adversarial`
     keys; batch_size to its `eval.batch_size`. ConfigError names what is missing or unknown."""
-    return split_features(run_dir, (split,), manifest=manifest, pool=pool, layer=layer, batch_size=batch_size,
-                          device=device)[split]
+    inputs = _run_inputs(run_dir, (split,), manifest=manifest, pool=pool, layer=layer)
+    return _features(inputs, batch_size=batch_size, device=device)[split]
 
 
-def split_features(run_dir: str | os.PathLike, splits: tuple[str, ...], *, manifest: str | os.PathLike | None = None,
-                   pool: str | None = None, layer: int | None = None, batch_size: int | None = None,
-                   device: str = "cpu") -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
-    """pooled_features of several splits with one model load: {split: (rows, features)}, every split checked
-    (present, non-empty) before the model loads."""
+@dataclass(frozen=True)
+class _RunInputs:
+    """What a run's features are read from, checked without loading a model."""
+
+    run_dir: Path
+    cfg: object
+    task: object
+    pool: str
+    layer: int
+    rows: dict[str, pd.DataFrame]  # split → its manifest rows, in manifest order
+
+
+def _run_inputs(run_dir: str | os.PathLike, splits: Sequence[str], *, manifest: str | os.PathLike | None = None,
+                pool: str | None = None, layer: int | None = None) -> _RunInputs:
+    """The run's config, task, pool/layer (defaults: its `objective.adversarial` keys) and each split's rows;
+    ConfigError naming what is missing or unknown (no config.yaml, an unknown pool, an empty split)."""
     run_dir = Path(run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{run_dir}: no {CONFIG_FILE}; not a run directory of `ermgap train`")
@@ -67,29 +78,34 @@ def split_features(run_dir: str | os.PathLike, splits: tuple[str, ...], *, manif
     pool = adversarial.pool if pool is None else pool
     if pool not in POOLS:
         raise ConfigError(f"pool {pool!r} is unknown; choose one of {', '.join(POOLS)}")
-    layer = adversarial.layer if layer is None else layer
     df = run_manifest(cfg)
     task = resolve_task(cfg, df)  # the run's config.yaml declares its task: the same indices as in training
-    chosen = {}
+    rows = {}
     for split in splits:
-        rows = df[df["split"] == split].reset_index(drop=True)
-        if rows.empty:
+        rows[split] = df[df["split"] == split].reset_index(drop=True)
+        if rows[split].empty:
             raise ConfigError(f"{cfg.data.manifest}: no rows in split {split!r}")
-        chosen[split] = rows
+    return _RunInputs(run_dir, cfg, task, pool, adversarial.layer if layer is None else layer, rows)
+
+
+def _features(inputs: _RunInputs, *, batch_size: int | None = None,
+              device: str = "cpu") -> dict[str, tuple[pd.DataFrame, np.ndarray]]:
+    """{split: (rows, pooled features float32 [N, hidden])} with one load of the backbone and the run's adapter."""
+    cfg, task, name = inputs.cfg, inputs.task, POOLS[inputs.pool]
     model, processor = load_backbone(cfg.model, device=device)
-    model = load_adapter(model, run_dir / "adapter").to(device).eval()
+    model = load_adapter(model, inputs.run_dir / "adapter").to(device).eval()
     collator = EmotionCollator(processor, cfg.prompt, cfg.data.modality, sample_rate=cfg.data.sample_rate, task=task)
     step = batch_size or cfg.eval.batch_size
     result = {}
-    for split, rows in chosen.items():
+    for split, rows in inputs.rows.items():
         data = UtteranceDataset(rows, sample_rate=cfg.data.sample_rate, max_audio_s=cfg.data.max_audio_s,
                                 extra_columns=(task.attribute, *task.stratum))
         out = []
         with torch.no_grad():
             for start in range(0, len(data), step):
                 batch = to_device(collator([data[i] for i in range(start, min(start + step, len(data)))]), device)
-                _, inputs = per_sample_loss(model, batch, inputs=(POOLS[pool],), layer=layer)
-                out.append(inputs[POOLS[pool]].float().cpu())
+                _, pooled = per_sample_loss(model, batch, inputs=(name,), layer=inputs.layer)
+                out.append(pooled[name].float().cpu())
         result[split] = (rows, torch.cat(out).numpy())
     return result
 
@@ -167,56 +183,56 @@ def probe_runs(run_dirs: Sequence[str | os.PathLike], *, fit: str = "dev", score
                pool: str | None = None, layer: int | None = None, n_boot: int = 1000, seed: int = 0,
                progress=None) -> list[ProbeResult]:
     """A fresh probe of each run's protected attribute (see the module docstring). Every run is checked before
-    any model loads (a run directory with config.yaml and its best adapter; fit ≠ score). Runs scored on the
-    same utterances get their difference from the first run with a paired interval. `progress(text)` hears
-    of each run as it starts."""
+    any model loads (a run directory with config.yaml and its best adapter, both splits present, two attribute
+    values to fit on; fit ≠ score). Runs scored on the same utterances get their difference from the first run
+    with a paired interval. `progress(text)` hears of each run as it starts."""
     from ermgap.config import flatten
     from ermgap.objectives import describe_objective
 
     if fit == score:
         raise ConfigError(f"--fit and --score are both {fit!r}: a probe scored on the utterances it was fitted on "
                           "measures memory, not leakage; choose two splits")
-    if pool is not None and pool not in POOLS:
-        raise ConfigError(f"pool {pool!r} is unknown; choose one of {', '.join(POOLS)}")
-    runs = [Path(r) for r in run_dirs]
-    for run in runs:
-        if not (run / CONFIG_FILE).is_file():
-            raise ConfigError(f"{run}: no {CONFIG_FILE}; not a run directory of `ermgap train`")
+    checked = []
+    for run in map(Path, run_dirs):
+        inputs = _run_inputs(run, (fit, score), pool=pool, layer=layer)
         if not (run / "adapter").is_dir():
             raise ConfigError(f"{run}: no adapter/; the run has not finished (its best adapter is written at the end)")
-    found = []
-    for run in runs:
+        values = inputs.rows[fit][inputs.task.attribute]
+        if values.nunique() < 2:
+            raise ConfigError(f"{run}: split {fit!r} has one {inputs.task.attribute} value only "
+                              f"({values.iloc[0]!r}); a probe needs two to fit")
+        checked.append(inputs)
+    preds = []
+    for inputs in checked:
         if progress is not None:
-            progress(f"{run}: pooled features of {fit} and {score}")
-        cfg = load_config(run / CONFIG_FILE)
-        attribute = resolve_task(cfg).attribute
-        feats = split_features(run, (fit, score), pool=pool, layer=layer)
-        (fit_rows, fit_x), (score_rows, score_x) = feats[fit], feats[score]
-        if fit_rows[attribute].nunique() < 2:
-            raise ConfigError(f"{run}: split {fit!r} has one {attribute} value only "
-                              f"({fit_rows[attribute].iloc[0]!r}); a probe needs two to fit")
-        pred = fit_probe(fit_x, fit_rows[attribute].to_numpy(), score_x, seed=seed)
-        metrics = run / "metrics.json"
-        head = json.loads(metrics.read_text()).get(f"{score}_attr_acc") if metrics.is_file() else None
-        found.append((run, describe_objective(flatten(cfg.to_dict())), attribute, fit_rows, score_rows, pred, head))
-    first_ids = found[0][4]["utt_id"].tolist()
-    paired = [i for i, f in enumerate(found) if f[4]["utt_id"].tolist() == first_ids and f[2] == found[0][2]]
-    y = found[0][4][found[0][2]].to_numpy()
-    points, cis, deltas = balanced_accuracy_ci(y, [found[i][5] for i in paired], n_boot=n_boot, seed=seed)
+            progress(f"{inputs.run_dir}: pooled features of {fit} and {score}")
+        feats = _features(inputs)
+        attribute = inputs.task.attribute
+        preds.append(fit_probe(feats[fit][1], feats[fit][0][attribute].to_numpy(), feats[score][1], seed=seed))
+
+    def labels(inputs: _RunInputs) -> pd.Series:
+        return inputs.rows[score][inputs.task.attribute]
+
+    first = checked[0]
+    paired = [i for i, inputs in enumerate(checked) if inputs.task.attribute == first.task.attribute
+              and inputs.rows[score]["utt_id"].tolist() == first.rows[score]["utt_id"].tolist()]
+    points, cis, deltas = balanced_accuracy_ci(labels(first).to_numpy(), [preds[i] for i in paired], n_boot=n_boot,
+                                               seed=seed)
     by_run = {i: (points[j], cis[j], None if j == 0 else deltas[j - 1]) for j, i in enumerate(paired)}
     results = []
-    for i, (run, objective, attribute, fit_rows, score_rows, pred, head) in enumerate(found):
+    for i, (inputs, pred) in enumerate(zip(checked, preds)):
         if i in by_run:
             point, ci, delta_ci = by_run[i]
         else:  # other utterances: its own interval, no difference from the first run
-            (point,), (ci,), _ = balanced_accuracy_ci(score_rows[attribute].to_numpy(), [pred], n_boot=n_boot,
-                                                      seed=seed)
+            (point,), (ci,), _ = balanced_accuracy_ci(labels(inputs).to_numpy(), [pred], n_boot=n_boot, seed=seed)
             delta_ci = None
-        delta = None if delta_ci is None else point - by_run[0][0]
+        metrics = inputs.run_dir / "metrics.json"
+        head = json.loads(metrics.read_text()).get(f"{score}_attr_acc") if metrics.is_file() else None
         results.append(ProbeResult(
-            run=str(run), objective=objective, attribute=attribute,
-            values=tuple(str(v) for v in sorted(score_rows[attribute].unique())), fit=fit, n_fit=len(fit_rows),
-            score=score, n_score=len(score_rows), balanced_acc=point, ci=(ci[0], ci[1]),
-            head_acc=None if head is None else float(head), delta=delta,
+            run=str(inputs.run_dir), objective=describe_objective(flatten(inputs.cfg.to_dict())),
+            attribute=inputs.task.attribute, values=tuple(str(v) for v in sorted(labels(inputs).unique())), fit=fit,
+            n_fit=len(inputs.rows[fit]), score=score, n_score=len(inputs.rows[score]), balanced_acc=point,
+            ci=(ci[0], ci[1]), head_acc=None if head is None else float(head),
+            delta=None if delta_ci is None else point - by_run[0][0],
             delta_ci=None if delta_ci is None else (delta_ci[0], delta_ci[1])))
     return results

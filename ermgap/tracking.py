@@ -353,7 +353,6 @@ def child_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> pd.Dat
             os.environ["MLFLOW_TRACKING_URI"] = env
 
 
-
 def finished_child_runs(tracking_uri: str, experiment: str, parent_run_id: str) -> pd.DataFrame:
     """The sweep's child runs that ran to the end: FINISHED, with test metrics (an interrupted sweep's too)."""
     runs = child_runs(tracking_uri, experiment, parent_run_id)
