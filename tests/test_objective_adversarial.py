@@ -55,6 +55,33 @@ def test_reversal_gradient_is_minus_alpha_times_the_ordinary_one_by_hand():
     assert x.grad.tolist() == [-2.5, -2.5]
 
 
+def test_the_head_s_loss_weighs_every_attribute_value_alike_by_hand():
+    """Train split 6 F, 2 M (shares 3/4, 1/4): weights 1/(2 × share) = 2/3 and 2, so the head's loss is
+    Σ w_(a_i) CE_i / Σ w_(a_i) (torch's cross_entropy with weight=) and its gradient Σ w_(a_i) (p_i − y_i) h_iᵀ /
+    Σ w_(a_i): a head that predicts F for everyone no longer has the lowest loss. balanced=false: the plain mean."""
+    h = torch.tensor([[0.5, -1.0], [1.5, 0.2], [-0.7, 0.9], [0.0, 1.1]], dtype=torch.float64)
+    losses = torch.tensor([0.3, 1.2, 0.8, 0.5], dtype=torch.float64)
+    stratum, attribute = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 0])
+    per_sample = {True: torch.tensor([2 / 3, 2, 2 / 3, 2 / 3], dtype=torch.float64), False: torch.ones(4, dtype=torch.float64)}
+    for balanced, w in per_sample.items():
+        objective = AdversarialERM(_grid(counts=((4, 1), (2, 1))), AdversarialConfig(head_size=0, balanced=balanced))
+        head = objective.module(2).double()
+        out = objective(losses, stratum, attribute, inputs={"audio_hidden": h})
+        out.total.backward()
+        W, b = head.net.weight.detach(), head.net.bias.detach()
+        logits = h @ W.T + b
+        p = torch.exp(logits) / torch.exp(logits).sum(1, keepdim=True)
+        y = torch.eye(2, dtype=torch.float64)[attribute]
+        ce = -(y * torch.log(p)).sum(1)
+        want = (w * ce).sum() / w.sum()
+        assert out.logs["adversary_loss"] == pytest.approx(want.item(), abs=1e-12), balanced
+        assert out.total.item() == pytest.approx(losses.mean().item() + want.item(), abs=1e-12)
+        assert head.net.weight.grad.numpy() == pytest.approx(((w[:, None] * (p - y)).T @ h / w.sum()).numpy(), abs=1e-12)
+        if balanced:
+            assert want.item() == pytest.approx(F.cross_entropy(logits, attribute, weight=torch.tensor(
+                [2 / 3, 2], dtype=torch.float64)).item(), abs=1e-12)
+
+
 def test_warm_up_ramps_alpha_and_the_state_resumes_it():
     objective = AdversarialERM(_grid(), AdversarialConfig(strength=2.0, warmup_steps=4, head_size=8))
     head = objective.module(3).double()
@@ -201,7 +228,9 @@ def test_gloo_ranks_with_uneven_shards_equal_one_process(world, tmp_path):
         h = encoder(x[idx])
         reversed_h = h.detach() + (-alpha) * (h - h.detach())  # value h, gradient −α
         logits = head(reversed_h)
-        total = F.cross_entropy(classifier(h), y[idx]) + F.cross_entropy(logits, attr[idx])
+        # The head's CE weighs each attribute value by 1 / (2 × its train share): F 28 / 41, M 13 / 41
+        weight = torch.tensor([41 / 56, 41 / 26], dtype=torch.float64)
+        total = F.cross_entropy(classifier(h), y[idx]) + F.cross_entropy(logits, attr[idx], weight=weight)
         total.backward()
         grads = [p.grad for p in (*encoder.parameters(), *classifier.parameters(), *head.parameters())]
         acc = float((logits.argmax(1) == attr[idx]).double().mean())

@@ -6,7 +6,10 @@ hidden state over the audio positions, or the state that predicts the answer; `l
 and predicts the protected attribute. Between the features and the head sits a gradient-reversal layer:
 identity forward, −α × the gradient backward. So one loss
 
-    L = erm + mean_i CE(head(GRL_α(h_i)), attribute_i)         (both means over the GLOBAL batch)
+    L = erm + Σ_i w_(a_i) CE(head(GRL_α(h_i)), a_i) / Σ_i w_(a_i)     (both over the GLOBAL batch)
+
+with w_a = 1 / (A × value a's train share) (`balanced`, the default; all 1 otherwise): with a plain mean the
+head's CE is lowest for the majority value's prior, and on an imbalanced train split that is all it learns.
 
 trains the head to predict the attribute (its own parameters see the ordinary gradient) while the adapter
 (everything upstream of h) receives −α times that gradient: it learns features from which the attribute is
@@ -45,6 +48,7 @@ class AdversarialConfig(Section):
     layer: int = Field(-1, ge=-1, description="Hidden layer the head reads: -1 the last (after the final norm, what the LM head reads); k ≥ 0 the model's hidden_states[k] (0: the embeddings, k: decoder layer k's output).")
     pool: Literal["audio", "answer"] = Field(
         "audio", description="audio: the mean hidden state over the utterance's audio positions; answer: the hidden state at the position that predicts the answer.")
+    balanced: bool = Field(True, description="Weigh the head's CE so every attribute value counts alike (weight 1/(A × its train share), scikit-learn's class_weight='balanced'); false: a plain mean, which a head can minimise by predicting the majority value.")
 
 
 class _GradReverse(torch.autograd.Function):
@@ -149,12 +153,23 @@ class AdversarialERM(Objective):
         if head_sums is None or hit_sums is None:
             raise ValueError("the adversarial objective needs the head's cell sums (call the objective with inputs)")
         n = counts.sum()
-        adv = head_sums.sum() / n
+        if self.settings.balanced:
+            # A weighted mean as F.cross_entropy(weight=w) takes it: the majority value's prior no longer wins
+            w = self._attr_weights().to(head_sums)
+            adv = (head_sums.sum(0) * w).sum() / (counts.sum(0).to(head_sums) * w).sum()
+        else:
+            adv = head_sums.sum() / n
         total = erm_mean(sums, counts, self.grid.erm_weights) + adv
         logs = {"adversary_strength": self.alpha() if alpha is None else alpha,
                 "adversary_loss": float(adv.detach()), "adversary_acc": float(hit_sums.detach().sum() / n)}
         return ObjectiveOutput(total=total, stats=cell_stats(sums, counts, self.grid.erm_weights), logs=logs,
                                pending=logs)
+
+    def _attr_weights(self) -> torch.Tensor:
+        """[A] 1 / (A × each attribute value's train share); 0 for a value the train split lacks."""
+        per_value = self.grid.train_counts.sum(0)
+        share = per_value / per_value.sum()
+        return torch.where(share > 0, 1 / (len(share) * share.clamp_min(1e-12)), torch.zeros_like(share))
 
     def after_step(self, out: ObjectiveOutput) -> None:
         self.steps += 1
