@@ -41,6 +41,7 @@ from ermgap.scoring import per_sample_loss
 __all__ = ["POOLS", "ProbeResult", "balanced_accuracy_ci", "fit_probe", "pooled_features", "probe_runs"]
 
 POOLS = {"audio": "audio_hidden", "answer": "answer_hidden"}  # objective.adversarial.pool → forward input
+RESAMPLE_BLOCK = 1 << 20  # bootstrap draws held at once (balanced_accuracy_ci)
 
 
 def pooled_features(run_dir: str | os.PathLike, split: str = "test", *, manifest: str | os.PathLike | None = None,
@@ -169,11 +170,19 @@ def balanced_accuracy_ci(y: np.ndarray, preds: Sequence[np.ndarray], *, n_boot: 
     preds = [np.asarray(p) for p in preds]
     values = np.unique(y)
     n = len(y)
-    draws = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
-    weights = np.zeros((n_boot, n))
-    np.add.at(weights, (np.repeat(np.arange(n_boot), n), draws.ravel()), 1.0)
+    rng = np.random.default_rng(seed)
+    # Resamples in blocks of about RESAMPLE_BLOCK draws: memory O(block), not O(n_boot × n). Drawing block by
+    # block gives the same draws as one (n_boot, n) call.
+    rows = max(1, RESAMPLE_BLOCK // max(n, 1))
+    parts: list[list[np.ndarray]] = [[] for _ in preds]
+    for start in range(0, n_boot, rows):
+        k = min(rows, n_boot - start)
+        draws = rng.integers(0, n, size=(k, n))
+        weights = np.bincount((draws + n * np.arange(k)[:, None]).ravel(), minlength=k * n).reshape(k, n)
+        for part, p in zip(parts, preds):
+            part.append(_balanced(weights, y, p, values))
     points = [float(_balanced(np.ones((1, n)), y, p, values)[0]) for p in preds]
-    samples = [_balanced(weights, y, p, values) for p in preds]
+    samples = [np.concatenate(part) for part in parts]
     cis = [percentile_ci(s, level) for s in samples]
     deltas = [percentile_ci(s - samples[0], level) for s in samples[1:]]
     return points, cis, deltas

@@ -32,6 +32,31 @@ def test_intervals_and_paired_differences_equal_scikit_learn_on_the_same_resampl
     assert deltas[0] == pytest.approx(list(np.percentile(sk[:, 1] - sk[:, 0], [2.5, 97.5])))
 
 
+def test_resamples_in_blocks_equal_scikit_learn_and_hold_only_a_block(monkeypatch):
+    """n = 20,000 with blocks of 2^16 draws: 3 resamples per block, 40 resamples in 14 blocks, the same draws as
+    one (40, n) call (scikit-learn on each). Peak memory while it runs: a few blocks, not the 40 × n matrices
+    (6.4 MB each) that holding every resample at once takes."""
+    import tracemalloc
+
+    from ermgap import leakage
+
+    rng = np.random.default_rng(5)
+    n = 20_000
+    y = rng.choice(["F", "M"], size=n, p=[0.6, 0.4])
+    a = np.where(rng.random(n) < 0.7, y, rng.choice(["F", "M"], size=n))
+    monkeypatch.setattr(leakage, "RESAMPLE_BLOCK", 1 << 16, raising=False)
+    tracemalloc.start()
+    try:
+        _, (ci,), _ = leakage.balanced_accuracy_ci(y, [a], n_boot=40, seed=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    draws = np.random.default_rng(2).integers(0, n, size=(40, n))
+    sk = [balanced_accuracy_score(y[d], a[d]) for d in draws]
+    assert ci == pytest.approx(list(np.percentile(sk, [2.5, 97.5])))
+    assert peak < 6_400_000, peak
+
+
 def test_a_probe_reads_an_attribute_that_is_there_and_not_one_that_is_not():
     rng = np.random.default_rng(0)
     n, d = 400, 16
