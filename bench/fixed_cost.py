@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -103,6 +104,37 @@ def role(p: psutil.Process, root: psutil.Process) -> str:
         if arg.startswith("ermgap."):
             return arg
     return (cmd[0].rsplit("/", 1)[-1] if cmd else p.name())[:40]
+
+
+def leftovers(marker: str, wait_s: float = 30.0) -> dict:
+    """The run's processes still alive when its `ermgap train` process has exited (by the marker in their
+    environment), and how long until none is left (None: some still run after `wait_s`)."""
+    needle = f"ERMGAP_FIXED_COST_RUN={marker}".encode()
+
+    def alive() -> list[psutil.Process]:
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE and needle in Path(f"/proc/{p.pid}/environ").read_bytes().split(b"\0"):
+                    found.append(p)
+            except (OSError, psutil.Error):
+                continue
+        return found
+
+    t0 = time.monotonic()
+    first = alive()
+    names = []
+    for p in first:
+        try:
+            names.append(" ".join(a.rsplit("/", 1)[-1] for a in p.cmdline()[:3]))
+        except psutil.Error:
+            continue
+    left = first
+    while left and time.monotonic() - t0 < wait_s:
+        time.sleep(0.1)
+        left = alive()
+    return {"processes_left_at_exit": sorted(names),
+            "processes_gone_after_s": None if left else round(time.monotonic() - t0, 2)}
 
 
 def read_trace(path: Path) -> list[dict]:
@@ -194,9 +226,44 @@ def breakdown(events: list[dict], driver_pid: int, exit_t: float, metrics_t: flo
         "after_metrics": {"outputs_to_finish_s": _d(write_out, finish_out), "finish_to_loop_exit_s": _d(finish_out, loop_out),
                           "loop_exit_to_run_training_exit_s": _d(loop_out, rt_out), "run_training_exit_to_exit_s": _d(rt_out, exit_t),
                           **_driver_exit(events, driver_pid, rt_out, exit_t)},
+        "train_teardown": _train_teardown(events, driver_pid, loop_out),
         "whole_process_s": exit_t - start,
     })
     return out
+
+
+def _train_teardown(events: list[dict], driver_pid: int, loop_out: float | None) -> dict:
+    """Where Ray Train's seconds go between the train function's return and fit()'s: until the controller's next
+    poll notices it, the worker group's shutdown, the rest of the controller's shutdown (its callbacks: the
+    placement-group cleaner's stop) and back to the driver."""
+    ctl = [e for e in events if e["ev"].endswith("TrainController._shutdown:in")]
+    if not ctl:
+        return {}
+    cpid = ctl[0]["pid"]
+    shut_in, shut_out = _ev(events, "TrainController._shutdown:in", cpid), _ev(events, "TrainController._shutdown:out", cpid)
+    wg = _spans(events, _full(events, "WorkerGroup.shutdown") or "-", cpid)
+    fit_out = _ev(events, "DataParallelTrainer.fit:out", driver_pid)
+    return {"loop_exit_to_controller_shutdown_s": _d(loop_out, shut_in), "worker_group_shutdown_s": round(wg, 3),
+            "controller_shutdown_other_s": None if shut_out is None else round(shut_out - shut_in - wg, 3),
+            "controller_shutdown_to_fit_exit_s": _d(shut_out, fit_out)}
+
+
+def _ray_shutdown(events: list[dict], pid: int) -> dict:
+    """ray.shutdown in the driver: seconds before it stops the cluster's processes (disconnect; the exit hook's
+    own pause) and the seconds each kind of process took to stop (Ray stops them one after another)."""
+    shut = [e for e in events if e["pid"] == pid and e["ev"] in (
+        "ray.shutdown:in", "ray._private.worker.shutdown:in", "atexit ray._private.worker.shutdown:in")]
+    kill_in = _ev(events, "Node.kill_all_processes:in", pid)
+    stops: dict[str, float] = {}
+    since, what = None, None
+    for e in sorted((e for e in events if e["pid"] == pid and "Node._kill_process_type" in e["ev"]), key=lambda e: e["t"]):
+        if e["ev"].endswith(":in"):
+            since, what = e["t"], e.get("what", "?")
+        elif since is not None:
+            stops[what] = round(stops.get(what, 0.0) + e["t"] - since, 3)
+            since = None
+    return {"ray_shutdown_to_kill_s": _d(min((e["t"] for e in shut), default=None), kill_in),
+            "ray_process_stop_s": stops}
 
 
 def _driver_exit(events: list[dict], pid: int, rt_out: float | None, exit_t: float) -> dict:
@@ -209,7 +276,7 @@ def _driver_exit(events: list[dict], pid: int, rt_out: float | None, exit_t: flo
     spans = {label[len("atexit "):]: round(_spans(events, label, pid), 3) for label in labels}
     shutdown = sum(_spans(events, n, pid) for n in ("ray.shutdown", "ray._private.worker.shutdown"))
     return {"run_training_exit_to_atexit_s": _d(rt_out, first), "atexit_s": _d(first, done),
-            "ray_shutdown_s": round(shutdown, 3), "atexit_handlers_s": spans, "atexit_done_to_exit_s": _d(done, exit_t)}
+            "ray_shutdown_s": round(shutdown, 3), **_ray_shutdown(events, pid), "atexit_handlers_s": spans, "atexit_done_to_exit_s": _d(done, exit_t)}
 
 
 def _d(a: float | None, b: float | None) -> float | None:
@@ -225,7 +292,8 @@ def run_variant(name: str, tree: Path, workdir: Path, manifest: Path, model: Pat
         f"tracking.tracking_uri=sqlite:///{workdir / 'mlflow.db'}", f"tracking.storage_path={workdir / 'runs'}",
         f"data.feature_cache={cache}", *VARIANTS[name]]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ERMGAP_VERBOSE")}
-    env.update(ERMGAP_TRACE=str(trace), PYTHONPATH=os.pathsep.join([str(TRACE), str(tree)]),
+    marker = uuid.uuid4().hex  # every process of the run inherits it: what is left of the run after its exit
+    env.update(ERMGAP_FIXED_COST_RUN=marker, ERMGAP_TRACE=str(trace), PYTHONPATH=os.pathsep.join([str(TRACE), str(tree)]),
                RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "ermgap.cli.main", "train", str(tree / "configs" / "tiny.yaml"), *overrides,
            "--run-dir", str(run_dir)]
@@ -238,6 +306,7 @@ def run_variant(name: str, tree: Path, workdir: Path, manifest: Path, model: Pat
         rc = proc.wait()
         exit_t = time.time()
         sampler.done.set()
+        left = leftovers(marker)
         sampler.join()
     if rc != 0:
         raise RunFailed(f"{name}: ermgap train exited {rc}:\n{log.read_text()[-3000:]}")
@@ -252,6 +321,7 @@ def run_variant(name: str, tree: Path, workdir: Path, manifest: Path, model: Pat
         "steps": metrics.get("step"),
         "metrics": {k: metrics.get(k) for k in ("dev_w_f1", "test_w_f1", "dev_loss", "test_loss", "test_avg_gap")},
         "feature_cache": metrics.get("feature_cache"),
+        **left,
     })
     work = (out["train_s"] or 0.0) + (out["eval_s"] or 0.0)
     out["whole_over_work"] = round(out["whole_process_s"] / work, 3) if work else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib.abc
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -36,6 +37,15 @@ _CALLS = {
     "ray.train.v2.api.data_parallel_trainer": ("DataParallelTrainer.fit",),
     "deepspeed": ("initialize",),
     "deepspeed.runtime.engine": ("DeepSpeedEngine.step",),
+    # After the train function returns: the controller notices, shuts the worker group down and returns.
+    "ray.train.v2._internal.execution.controller.controller": ("TrainController.run", "TrainController._shutdown",
+                                                              "TrainController.get_result"),
+    "ray.train.v2._internal.execution.worker_group.worker_group": ("WorkerGroup.shutdown",),
+    "ray.train.v2._internal.execution.worker_group.state": ("WorkerGroupState.shutdown", "_shutdown_workers"),
+    "ray.train.v2._internal.execution.worker_group.worker": ("RayTrainWorker.shutdown",),
+    "ray._private.node": ("Node.kill_all_processes", "Node._kill_process_type"),
+    "ermgap.progress": ("TrainProgress.__exit__",),
+    "ermgap.ray_runtime": ("shutdown_ray",),
 }
 # Modules whose first import is timed (begin/end) in each process.
 _IMPORTS = {"ermgap.cli.main", "ermgap.train", "ermgap.driver", "ermgap.recipe", "torch", "transformers", "ray.train",
@@ -60,18 +70,34 @@ def _process_start() -> float:
     return btime + ticks / os.sysconf("SC_CLK_TCK")
 
 
+def _detail(label: str, args: tuple) -> dict:
+    """Which of Ray's processes Node._kill_process_type stops (its first argument after self)."""
+    if label.endswith("_kill_process_type") and len(args) > 1:
+        return {"what": str(args[1])}
+    return {}
+
+
 def _wrap(owner, attr: str, label: str) -> None:
     fn = getattr(owner, attr, None)
     if fn is None or getattr(fn, "_traced", False):
         return
 
-    @functools.wraps(fn)
-    def traced(*args, **kwargs):
-        _emit(f"{label}:in")
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            _emit(f"{label}:out")
+    if inspect.iscoroutinefunction(fn):  # the controller's methods: timed while awaited, not while created
+        @functools.wraps(fn)
+        async def traced(*args, **kwargs):
+            _emit(f"{label}:in")
+            try:
+                return await fn(*args, **kwargs)
+            finally:
+                _emit(f"{label}:out")
+    else:
+        @functools.wraps(fn)
+        def traced(*args, **kwargs):
+            _emit(f"{label}:in", **_detail(label, args))
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                _emit(f"{label}:out")
 
     traced._traced = True
     setattr(owner, attr, traced)
