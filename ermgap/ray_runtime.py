@@ -17,6 +17,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 
 import ray
 
@@ -31,6 +32,8 @@ DEFAULT_DASHBOARD_PORT = 8265
 # for $RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). A value the user set is kept.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.5"
+# Ray's exit hook (ray._private.worker.shutdown, atexit) sleeps this long before stopping a cluster it started.
+RAY_EXIT_OUTPUT_PAUSE_S = 0.5
 REAPER_START_S = 30.0  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
 # The reapers this process started: held so that their Popen objects are not collected (and reaped) early.
 _REAPERS: list[subprocess.Popen] = []
@@ -113,8 +116,14 @@ def start_reaper(session_dir: str) -> subprocess.Popen:
     return proc
 
 
-def shutdown_ray() -> None:
-    """Shut down the Ray connection this process holds (stops a local cluster it started)."""
+def shutdown_ray(*, wait_for_output: bool = False) -> None:
+    """Shut down the Ray connection this process holds (stops a local cluster it started, as Ray's exit hook would).
+
+    A command calls this once it is done rather than leaving it to that hook, which first pauses
+    (`RAY_EXIT_OUTPUT_PAUSE_S`) so that worker output still on its way reaches the console: output a quiet run
+    does not show (ensure_ray's `log_to_driver=False`). `wait_for_output` keeps the pause (--verbose)."""
 
     if ray.is_initialized():
+        if wait_for_output:
+            time.sleep(RAY_EXIT_OUTPUT_PAUSE_S)
         ray.shutdown()

@@ -5,6 +5,7 @@ everything it starts), so the check sees exactly this cluster, never another one
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from _procs import kill_pids_with_env, pids_with_env
+from _runs import train_overrides
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -114,3 +116,67 @@ def test_train_controllers_poll_every_half_second(tmp_path):
         assert "POLL 0.5 0.5" in out.stdout, out.stdout + out.stderr[-2000:]
     finally:
         kill_pids_with_env(MARKER, marker)
+
+
+# What may outlive the driver by a moment: ermgap's reaper (it exits once it sees the driver gone) and the
+# multiprocessing helpers of the cluster's Python processes (they exit once their parent has).
+HELPERS = ("-m ermgap.ray_reaper ", "from multiprocessing.resource_tracker import main",
+           "from multiprocessing.forkserver import main")
+
+
+def _cmdlines(pids: list[int]) -> list[str]:
+    out = []
+    for pid in pids:
+        try:
+            out.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip())
+        except OSError:
+            pass
+    return [c for c in out if c]
+
+
+def test_train_stops_the_cluster_it_started_before_it_exits(tmp_path, small_manifest, tiny_model):
+    """`ermgap train` without --address starts a local cluster and stops it itself when the run is done (not in
+    Ray's exit hook): when the process exits, none of the cluster's processes is left to the reaper (the
+    safety net for a killed driver) and seconds later nothing of it runs. The run is complete and reported as
+    before: exit 0, its table, metrics.json, the MLflow run FINISHED with its params, metrics and artifacts."""
+    from mlflow import MlflowClient
+
+    from ermgap.tracking import BEST
+
+    marker = uuid.uuid4().hex
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ERMGAP_VERBOSE")}
+    env.update({MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"})
+    run_dir = tmp_path / "run"
+    # One worker, one optimizer step, one evaluation: the shortest run with every output.
+    overrides = [o for o in train_overrides(small_manifest, tiny_model, tmp_path) if not o.startswith(
+        ("optim.epochs=", "optim.effective_batch_size=", "optim.micro_batch_size=", "distributed.num_workers="))]
+    overrides += ["optim.epochs=1", "optim.effective_batch_size=48", "optim.micro_batch_size=48",
+                  "distributed.num_workers=1"]
+    (tmp_path / "run.yaml").write_text("{}\n")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "train", str(tmp_path / "run.yaml"),
+                               *overrides, "--run-dir", str(run_dir)],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        at_exit = _cmdlines(pids_with_env(MARKER, marker))
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-3000:]
+        # Ray's own processes (GCS, raylet, dashboard and its agents, monitors, workers) are gone already; a
+        # driver that exited without stopping them would leave the agents to the reaper, seconds later.
+        assert [c for c in at_exit if not any(h in c for h in HELPERS)] == [], at_exit
+        deadline = time.monotonic() + 30
+        while pids_with_env(MARKER, marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _names(pids_with_env(MARKER, marker)) == [], at_exit
+    finally:
+        kill_pids_with_env(MARKER, marker)
+    assert "ermgap train: best checkpoint" in out and "Traceback" not in out
+    final = json.loads((run_dir / "metrics.json").read_text())
+    assert final["done"] and final["step"] == 1
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(final["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["distributed.num_workers"] == "1"
+    assert run.data.metrics[f"{BEST}test_w_f1"] == pytest.approx(final["test_w_f1"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
+    assert {"metrics.json", "predictions/dev_preds.csv", "predictions/test_preds.csv"} <= artifacts, artifacts

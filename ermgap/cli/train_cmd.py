@@ -47,6 +47,7 @@ def train(
     from ermgap.config import load_config
     from ermgap.driver import run_training
     from ermgap.errors import ConfigError
+    from ermgap.ray_runtime import shutdown_ray
 
     if resume is None and config is None:
         raise ConfigError("give a CONFIG.yaml, or --resume RUN_DIR to continue a run")
@@ -55,13 +56,16 @@ def train(
         raise ConfigError("--resume uses the run's saved config.yaml; do not pass a config or overrides")
     cfg = load_config(config, overrides or []) if resume is None else None
     console = Console()
-    final = run_training(cfg, address=address, resume_dir=resume, run_dir=run_dir, force=force, console=console,
-                         verbose=verbose, allow_local_paths=allow_local_paths)
-
-    console.print(final_table(final))
-    shown = "".join(f"{name} final {value:.4f} · " for name, value in final["objective_shown"].items())
-    console.print(f"objective {final['objective_name']} · {shown}steps {final['step']} · evaluations "
-                  f"{final['eval_round']} · best round {final.get('best_eval_round')}"
-                  + (" · stopped early" if final.get("stopped_early") else ""))
-    console.print(f"run directory: {final['run_dir']}  (predictions: dev_preds.csv, test_preds.csv; adapter/)")
-    console.print(f"MLflow run {final['mlflow_run_id']} in {final['tracking_uri']}  (open with `ermgap ui`)")
+    try:
+        final = run_training(cfg, address=address, resume_dir=resume, run_dir=run_dir, force=force, console=console,
+                             verbose=verbose, allow_local_paths=allow_local_paths)
+        console.print(final_table(final))
+        shown = "".join(f"{name} final {value:.4f} · " for name, value in final["objective_shown"].items())
+        console.print(f"objective {final['objective_name']} · {shown}steps {final['step']} · evaluations "
+                      f"{final['eval_round']} · best round {final.get('best_eval_round')}"
+                      + (" · stopped early" if final.get("stopped_early") else ""))
+        console.print(f"run directory: {final['run_dir']}  (predictions: dev_preds.csv, test_preds.csv; adapter/)")
+        console.print(f"MLflow run {final['mlflow_run_id']} in {final['tracking_uri']}  (open with `ermgap ui`)")
+    finally:
+        # Here rather than in Ray's exit hook, which pauses for worker output first (shown only with --verbose).
+        shutdown_ray(wait_for_output=verbose)
