@@ -134,6 +134,7 @@ def _cmdlines(pids: list[int]) -> list[str]:
     return [c for c in out if c]
 
 
+@pytest.mark.deepspeed
 def test_train_stops_the_cluster_it_started_before_it_exits(tmp_path, small_manifest, tiny_model):
     """`ermgap train` without --address starts a local cluster and stops it itself when the run is done (not in
     Ray's exit hook): when the process exits, none of the cluster's processes is left to the reaper (the
