@@ -1,7 +1,8 @@
 """Shared, session-scoped fixtures: what the suite starts or builds once per test run and every test reuses.
 
 - `synth_corpus`: a small biased synthetic corpus (manifest path; espeak-ng audio). `small_manifest`: its
-  8 train / 4 dev / 4 test rows per language × gender (48 / 24 / 24 utterances), the end-to-end slice.
+  8 train / 4 dev / 4 test rows per language × gender (48 / 24 / 24 utterances), the end-to-end slice;
+  `smallest_manifest` half of it (24 / 12 / 12), for tests of the machinery around a run (resume, storage).
 - `tiny_model`: a tiny randomly initialised Qwen2-Audio in the standard layout (directory path).
 - `ray_cluster`: ONE local Ray cluster for every in-process test that needs one (127.0.0.1, 2 CPUs, dashboard on:
   Train V2 needs it), started as `ermgap train` starts one (`ensure_ray`, with its reaper). Returns its GCS
@@ -72,6 +73,13 @@ def synth_corpus(tmp_path_factory) -> Path:
 def small_manifest(synth_corpus, tmp_path_factory) -> Path:
     """8 train / 4 dev / 4 test rows per (language, gender): 48 / 24 / 24 utterances."""
     return small_slice(synth_corpus, tmp_path_factory.mktemp("small") / "manifest.csv")
+
+
+@pytest.fixture(scope="session")
+def smallest_manifest(synth_corpus, tmp_path_factory) -> Path:
+    """4 train / 2 dev / 2 test rows per (language, gender): 24 / 12 / 12 utterances, every cell still in each
+    split. For end-to-end tests whose assertions are about the machinery (resume, storage, nodes), not learning."""
+    return small_slice(synth_corpus, tmp_path_factory.mktemp("smallest") / "manifest.csv", train=4, held_out=2)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ driver hands to Ray. Ray's token authentication stays on (its default): the node
 the token in their environment. Both nodes share this machine's disk, so "a worker cannot read it" is
 not what the guard rails can test here; they refuse by the cluster's node count.
 
-Kept small for a loaded 2-core machine: 1 CPU per node (fewer idle Ray workers), 48/24/24 utterances,
+Kept small for a loaded 2-core machine: 1 CPU per node (fewer idle Ray workers), 24/12/12 utterances,
 1 epoch, 2 trials one after the other. The test process never joins the cluster itself: it asks the
 head's state API (HTTP, with the token) which nodes are alive.
 """
@@ -279,11 +279,11 @@ def test_guard_rails_refuse_node_local_storage_and_tracking_on_two_nodes(stack, 
     assert not any(k.startswith("sweeps/mn_guard/") for k in stack.keys("sweeps/"))
 
 
-def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack, small_manifest, tiny_model):
+def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack, smallest_manifest, tiny_model):
     from mlflow import MlflowClient
 
     t0 = time.monotonic()
-    spec = _spec(stack, small_manifest, tiny_model)
+    spec = _spec(stack, smallest_manifest, tiny_model)
     driver_log = stack.tmp / "driver1.log"
     proc = _cli(stack, spec, log=driver_log)
     try:
@@ -293,7 +293,7 @@ def test_two_node_sweep_on_s3_with_tracking_server_resumes_from_the_bucket(stack
         deadline = time.monotonic() + 900
         parent = first = None
         while time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(2)
+            time.sleep(1)
             if "sweeps/mn/sweep_state.json" not in stack.keys("sweeps/mn/"):
                 continue
             body = stack.s3().get_object(Bucket=BUCKET, Key="sweeps/mn/sweep_state.json")["Body"].read()

@@ -144,17 +144,21 @@ def test_sweep_parent_children_leaderboard_and_asha(ray_cluster, tmp_path, small
     assert {"report/table2.md", "report/table3.md"} <= report
 
 
-def _cli(spec: Path, marker: str, *args: str) -> subprocess.Popen:
+def _cli(spec: Path, marker: str, *args: str, hold: tuple[int, str] | None = None) -> subprocess.Popen:
+    """`ermgap sweep SPEC ARGS`; with `hold` (epoch, run name), that trial waits after that epoch until the
+    driver is killed (tests/_faults.py hold-after-epoch: the CLI with a step hook)."""
     # TUNE_GLOBAL_CHECKPOINT_S: Tune saves its experiment state every 2 s instead of every 10-20 s ("auto"), so
     # a test sees a trial's end in it soon after the trial ended.
     env = dict(os.environ, ERMGAP_TEST_SWEEP=marker, RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
                TUNE_GLOBAL_CHECKPOINT_S="2")
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "sweep", str(spec), *args], cwd=spec.parent,
+    cli = ["-m", "ermgap.cli.main"] if hold is None else [str(ROOT / "tests" / "_faults.py"), "hold-after-epoch",
+                                                          str(hold[0]), hold[1]]
+    return subprocess.Popen([sys.executable, *cli, "sweep", str(spec), *args], cwd=spec.parent,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-EPOCHS_2 = 20  # trial 2 of test_resume_after_driver_sigkill
+EPOCHS_2 = 3  # trial 2 of test_resume_after_driver_sigkill: 1 before the driver is killed, 2 after
 
 
 def _tune_statuses(tune_dir: Path) -> dict[str, str]:
@@ -170,7 +174,7 @@ def _tune_statuses(tune_dir: Path) -> dict[str, str]:
     return {t["trial_id"]: t["status"] for t in trials}
 
 
-def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
+def test_resume_after_driver_sigkill(tmp_path, smallest_manifest, tiny_model):
     """Kill the sweep driver (SIGKILL) while trial 2 runs; `--resume` keeps trial 1 as it was and finishes trial 2
     from its checkpoint, even with trial 2's checkpoint list cut off."""
     from mlflow import MlflowClient
@@ -180,12 +184,13 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = _write(tmp_path, {
         "name": "t_resume",
-        "base": _base(small_manifest, tiny_model, tmp_path),
+        "base": _base(smallest_manifest, tiny_model, tmp_path),
         # Both trials start together: a trial's start-up is most of its time, and is paid once for both. Trial 1
         # only has to finish before the kill: one epoch. Trial 2 needs a checkpoint to resume from and must still
-        # be running once trial 1 has ended and Tune has saved it as ended (its end, test predictions and MLflow
-        # run, took 3-14 s, while trial 2 ran an epoch every 0.7-1.5 s); the epochs that are left at the
-        # kill are what --resume pays, whatever EPOCHS_2 is.
+        # be running once trial 1 has ended and Tune has saved it as ended (3-14 s after its last epoch): it
+        # waits after its first epoch until the kill (the first driver's step hook, _cli's `hold`), so --resume
+        # pays EPOCHS_2 - 1 epochs. (Without the hold, trial 2 needed epochs to outlast trial 1's end, and
+        # --resume paid for all of them but the few done at the kill.)
         "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0, "optim.epochs": 1},
                      "adaptive": {"lambda.mode": "adaptive", "optim.epochs": EPOCHS_2}},
         "max_concurrent_trials": 2,
@@ -195,7 +200,7 @@ def test_resume_after_driver_sigkill(tmp_path, small_manifest, tiny_model):
     state_file = tmp_path / "sweeps" / "t_resume" / "sweep_state.json"
     tune_dir = tmp_path / "sweeps" / "t_resume" / "tune"
     marker = uuid.uuid4().hex
-    proc = _cli(spec, marker)
+    proc = _cli(spec, marker, hold=(1, "t_resume/adaptive"))
     try:
         # Wait until trial 1's run has finished and Tune's experiment state says so (else --resume runs trial 1
         # again), and trial 2's run has logged a dev evaluation (so it has a checkpoint); then kill the driver
