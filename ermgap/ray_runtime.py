@@ -19,12 +19,14 @@ import subprocess
 import sys
 import time
 
+import psutil
 import ray
 
 from ermgap.loopback import is_loopback_host
 from ermgap.quiet import drop_raylet_notices
 
 DEFAULT_DASHBOARD_PORT = 8265
+DASHBOARD_PORT_TRIES = 3  # ray.init attempts when the dashboard's port is taken between the check and the bind
 # Ray Train's controller polls its workers every $RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s): a poll is where
 # it collects each `ray.train.report` (a worker's next report waits for it: the queue holds one) and where it
 # notices that training has ended, so every run ended up to 2 s after its final metrics. A poll is one small actor
@@ -84,22 +86,44 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
                  runtime_env={"env_vars": env_vars} if env_vars else None, **local)
         return
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
-    context = ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=port,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=log_to_driver,
-        logging_level=level,
-        # Train V2's placement-group cleaner asks the dashboard whether a run's controller is alive.
-        # Left to auto-detect the cluster, it fails when a second Ray instance runs on the machine
-        # (another user, a test head), so a finished run's placement group is never removed and the
-        # next worker group times out. Naming this cluster's dashboard avoids that.
-        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **env_vars}},
-    )
+    for attempt in range(DASHBOARD_PORT_TRIES):
+        before = {p.pid for p in psutil.Process().children()}
+        try:
+            context = ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                _node_ip_address="127.0.0.1",
+                log_to_driver=log_to_driver,
+                logging_level=level,
+                # Train V2's placement-group cleaner asks the dashboard whether a run's controller is alive.
+                # Left to auto-detect the cluster, it fails when a second Ray instance runs on the machine
+                # (another user, a test head), so a finished run's placement group is never removed and the
+                # next worker group times out. Naming this cluster's dashboard avoids that.
+                runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **env_vars}},
+            )
+            break
+        except ValueError as err:
+            # The port was free when checked and taken before Ray's dashboard bound it (another cluster starting
+            # at the same moment): Ray raises after starting the head's GCS. Stop what this attempt started, then
+            # take another free port.
+            if "already occupied" not in str(err) or attempt == DASHBOARD_PORT_TRIES - 1:
+                raise
+            _stop_new_children(before)
+            port = _free_port()
     _REAPERS.append(start_reaper(context.address_info["session_dir"]))
+
+
+def _stop_new_children(before: set[int]) -> None:
+    """Terminate (then kill) the child processes of this process that are not in `before`."""
+    new = [p for p in psutil.Process().children() if p.pid not in before]
+    for p in new:
+        p.terminate()
+    _, alive = psutil.wait_procs(new, timeout=5)
+    for p in alive:
+        p.kill()
 
 
 def start_reaper(session_dir: str) -> subprocess.Popen:

@@ -181,3 +181,39 @@ def test_train_stops_the_cluster_it_started_before_it_exits(tmp_path, small_mani
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     artifacts |= {a.path for a in client.list_artifacts(run.info.run_id, "predictions")}
     assert {"metrics.json", "predictions/dev_preds.csv", "predictions/test_preds.csv"} <= artifacts, artifacts
+
+
+RACE_DRIVER = """
+import os, socket, psutil, ray
+from ermgap import ray_runtime
+held = socket.socket()
+held.bind(("127.0.0.1", 0))
+held.listen()
+# The default port is free when checked and taken before Ray's dashboard binds it (another cluster starting).
+ray_runtime.DEFAULT_DASHBOARD_PORT = held.getsockname()[1]
+ray_runtime._port_free = lambda port: True
+ray_runtime.ensure_ray(None, num_cpus=1, log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+def api_server():
+    return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+gcs = [p for p in psutil.Process().children() if p.name() == "gcs_server"]
+dashboard = ray._private.worker.get_dashboard_url()
+print("RACE", held.getsockname()[1], dashboard, ray.get(api_server.remote()), len(gcs), flush=True)
+"""
+
+
+def test_a_dashboard_port_taken_after_the_check_gets_another_port(tmp_path):
+    """ensure_ray checks that 8265 is free, then Ray binds it: a cluster starting in between takes it, and Ray
+    raises after starting the head's GCS. The driver starts its cluster on another free port, with no GCS of the
+    failed attempt left, and the runtime env names the dashboard that serves this cluster."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", RACE_DRIVER], cwd=REPO, env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
+                          capture_output=True, text=True, timeout=180)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RACE ")), None)
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    _, held, dashboard, api_server, gcs = line.split()
+    assert dashboard.startswith("127.0.0.1:") and dashboard != f"127.0.0.1:{held}", line
+    assert api_server == f"http://{dashboard}", line
+    assert gcs == "1", line
