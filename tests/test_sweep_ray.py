@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from _procs import kill_pids_with_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
@@ -225,7 +224,8 @@ def test_resume_after_driver_sigkill(tmp_path, smallest_manifest, tiny_model):
         assert first.iloc[0]["tags.mlflow.runName"] == "t_resume/erm"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
-        kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)  # the driver's local Ray node dies with it, as when the driver's machine is lost
+        # The driver's local Ray node dies with it, as when the driver's machine is lost
+        kill_pids_with_env("ERMGAP_TEST_SWEEP", marker)
         before = {r["run_id"]: r["start_time"] for _, r in _children(uri, "r", parent).iterrows()}
         first_id = first.iloc[0]["run_id"]
         first_metrics = tmp_path / "sweeps" / "t_resume" / "runs" / first.iloc[0][f"tags.{TAG_TRIAL}"] / "metrics.json"
