@@ -94,6 +94,12 @@ class AdversarialERM(Objective):
         self.settings, self.seed = settings, int(seed)
         self.hidden_layer = settings.layer
         self.forward_inputs = ("audio_hidden",) if settings.pool == "audio" else ("answer_hidden",)
+        # [A] the head's CE weight per attribute value: 1 / (A × its train share) when balanced (0 for a value the
+        # train split lacks), else 1
+        per_value = grid.train_counts.sum(0)
+        share = per_value / per_value.sum()
+        self.attr_weights = (torch.where(share > 0, 1 / (len(share) * share.clamp_min(1e-12)), torch.zeros_like(share))
+                             if settings.balanced else torch.ones_like(share))
         self.head: AttributeHead | None = None
         self.steps = 0
         self.last: dict[str, float] = {}
@@ -153,23 +159,14 @@ class AdversarialERM(Objective):
         if head_sums is None or hit_sums is None:
             raise ValueError("the adversarial objective needs the head's cell sums (call the objective with inputs)")
         n = counts.sum()
-        if self.settings.balanced:
-            # A weighted mean as F.cross_entropy(weight=w) takes it: the majority value's prior no longer wins
-            w = self._attr_weights().to(head_sums)
-            adv = (head_sums.sum(0) * w).sum() / (counts.sum(0).to(head_sums) * w).sum()
-        else:
-            adv = head_sums.sum() / n
+        # A weighted mean as F.cross_entropy(weight=w) takes it (balanced: the majority value's prior no longer wins)
+        w = self.attr_weights.to(head_sums)
+        adv = (head_sums.sum(0) * w).sum() / (counts.sum(0).to(head_sums) * w).sum()
         total = erm_mean(sums, counts, self.grid.erm_weights) + adv
         logs = {"adversary_strength": self.alpha() if alpha is None else alpha,
                 "adversary_loss": float(adv.detach()), "adversary_acc": float(hit_sums.detach().sum() / n)}
         return ObjectiveOutput(total=total, stats=cell_stats(sums, counts, self.grid.erm_weights), logs=logs,
                                pending=logs)
-
-    def _attr_weights(self) -> torch.Tensor:
-        """[A] 1 / (A × each attribute value's train share); 0 for a value the train split lacks."""
-        per_value = self.grid.train_counts.sum(0)
-        share = per_value / per_value.sum()
-        return torch.where(share > 0, 1 / (len(share) * share.clamp_min(1e-12)), torch.zeros_like(share))
 
     def after_step(self, out: ObjectiveOutput) -> None:
         self.steps += 1
