@@ -22,6 +22,7 @@ import time
 import psutil
 import ray
 
+from ermgap import ray_reaper as reaper
 from ermgap.loopback import is_loopback_host
 from ermgap.quiet import drop_raylet_notices
 
@@ -87,7 +88,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
         return
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
     for attempt in range(DASHBOARD_PORT_TRIES):
-        before = {p.pid for p in psutil.Process().children()}
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         try:
             context = ray.init(
                 address="local",
@@ -111,19 +112,9 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
             # take another free port.
             if "already occupied" not in str(err) or attempt == DASHBOARD_PORT_TRIES - 1:
                 raise
-            _stop_new_children(before)
+            reaper.stop([p for p in psutil.Process().children(recursive=True) if p.pid not in before])
             port = _free_port()
     _REAPERS.append(start_reaper(context.address_info["session_dir"]))
-
-
-def _stop_new_children(before: set[int]) -> None:
-    """Terminate (then kill) the child processes of this process that are not in `before`."""
-    new = [p for p in psutil.Process().children() if p.pid not in before]
-    for p in new:
-        p.terminate()
-    _, alive = psutil.wait_procs(new, timeout=5)
-    for p in alive:
-        p.kill()
 
 
 def start_reaper(session_dir: str) -> subprocess.Popen:
