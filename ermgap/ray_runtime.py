@@ -106,15 +106,23 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
                 runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}", **env_vars}},
             )
             break
-        except ValueError as err:
+        except Exception as err:
             # The port was free when checked and taken before Ray's dashboard bound it (another cluster starting
-            # at the same moment): Ray raises after starting the head's GCS. Stop what this attempt started, then
-            # take another free port.
-            if "already occupied" not in str(err) or attempt == DASHBOARD_PORT_TRIES - 1:
+            # at the same moment): Ray raises after starting the head's GCS, a ValueError from its own check of
+            # the port or, if the port went after that check, a plain Exception quoting the dashboard's log.
+            # Stop what this attempt started, then take another free port.
+            if not _dashboard_port_taken(err) or attempt == DASHBOARD_PORT_TRIES - 1:
                 raise
             reaper.stop([p for p in psutil.Process().children(recursive=True) if p.pid not in before])
             port = _free_port()
     _REAPERS.append(start_reaper(context.address_info["session_dir"]))
+
+
+def _dashboard_port_taken(err: Exception) -> bool:
+    """Whether ray.init failed because the dashboard's port was taken (Ray's two ways of saying so)."""
+    text = str(err)
+    return (isinstance(err, ValueError) and "already occupied" in text) or (
+        "Failed to find a valid port for dashboard" in text and "address already in use" in text)
 
 
 def start_reaper(session_dir: str) -> subprocess.Popen:

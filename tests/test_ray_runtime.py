@@ -192,6 +192,17 @@ held.listen()
 # The default port is free when checked and taken before Ray's dashboard binds it (another cluster starting).
 ray_runtime.DEFAULT_DASHBOARD_PORT = held.getsockname()[1]
 ray_runtime._port_free = lambda port: True
+if {after_ray_check}:
+    # ... and taken even after Ray's own check in this process: only the dashboard's process fails to bind it.
+    # Ray's check is a bind of a test socket; it binds port 0 instead, as if the port were still free then.
+    import types
+    import ray._private.services as services
+
+    class _Socket(socket.socket):
+        def bind(self, address):
+            return super().bind((address[0], 0) if address[1] == held.getsockname()[1] else address)
+
+    services.socket = types.SimpleNamespace(**{{**vars(socket), "socket": _Socket}})
 ray_runtime.ensure_ray(None, num_cpus=1, log_to_driver=False)
 
 @ray.remote(num_cpus=0)
@@ -204,12 +215,16 @@ print("RACE", held.getsockname()[1], dashboard, ray.get(api_server.remote()), le
 """
 
 
-def test_a_dashboard_port_taken_after_the_check_gets_another_port(tmp_path):
+@pytest.mark.parametrize("after_ray_check", [False, True], ids=["before-ray-s-check", "after-ray-s-check"])
+def test_a_dashboard_port_taken_after_the_check_gets_another_port(after_ray_check, tmp_path):
     """ensure_ray checks that 8265 is free, then Ray binds it: a cluster starting in between takes it, and Ray
-    raises after starting the head's GCS. The driver starts its cluster on another free port, with no GCS of the
-    failed attempt left, and the runtime env names the dashboard that serves this cluster."""
+    raises after starting the head's GCS: a ValueError from its own check of the port, or, when the port went
+    after that check (two `ermgap train` started at once), the dashboard process's bind error. Either way the
+    driver starts its cluster on another free port, with no GCS of the failed attempt left, and the runtime env
+    names the dashboard that serves this cluster."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", RACE_DRIVER], cwd=REPO, env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
+    driver = RACE_DRIVER.replace("{after_ray_check}", str(after_ray_check)).replace("{{", "{").replace("}}", "}")
+    proc = subprocess.run([sys.executable, "-c", driver], cwd=REPO, env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
                           capture_output=True, text=True, timeout=180)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RACE ")), None)
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
