@@ -12,6 +12,8 @@ Errors are `ConfigError`/`ManifestError` naming the key, the file and the value 
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
 from pathlib import Path
 from typing import Any
@@ -20,9 +22,10 @@ import numpy as np
 import pandas as pd
 import ray
 
-from ermgap.config import RunConfig, config_from_dict, default_tracking_uri
+from ermgap.config import ModelConfig, RunConfig, config_from_dict, default_tracking_uri
 from ermgap.data.manifest import read_manifest
 from ermgap.errors import ConfigError, ManifestError
+from ermgap.io import atomic_write_text
 from ermgap.sampler import cell_quotas
 from ermgap.task import Task, TaskSpec
 
@@ -88,11 +91,7 @@ def check_inputs(cfg: RunConfig) -> None:
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file():
         raise ConfigError(f"data.manifest: {manifest} does not exist (generate one with `ermgap data synth`)")
-    # Imported here: the modules a driver imports (ermgap.driver, a sweep's trial drivers) never load
-    # transformers, and only this check of the driver's pre-flight needs it.
-    from ermgap.model import check_model
-
-    check_model(cfg.model)  # a missing local path, a folder that is not Qwen2-Audio, no processor
+    check_model_once(cfg.model)  # a missing local path, a folder that is not Qwen2-Audio, no processor
     # Every audio file is opened once here (header + first frames; float files whole, for NaN/inf): a file
     # that cannot be decoded would otherwise fail inside a worker, after Ray's retries.
     df = run_manifest(cfg.model_copy(update={"data": cfg.data.model_copy(update={"languages": None})}),
@@ -112,6 +111,43 @@ def check_inputs(cfg: RunConfig) -> None:
         raise ManifestError(f"{manifest}: no dev rows; dev evaluation drives the objective's updates and early stopping")
     if cfg.data.sampler == "stratified":
         check_stratified(cfg, task, df[df["split"] == "train"])
+
+
+def check_model_once(model_cfg: ModelConfig) -> None:
+    """ermgap.model.check_model, skipped for a local model directory that passed it before unchanged (every file's
+    name, size and mtime) under the same transformers and tokenizers: the check only opens the config and the
+    processor, so its answer cannot differ. It is what loads transformers into the driver (seconds of a run's
+    start); the workers load the model themselves."""
+    stamp = _model_check_stamp(model_cfg.name_or_path)
+    if stamp is not None and stamp.is_file():
+        return
+    # Imported here: the modules a driver imports (ermgap.driver, a sweep's trial drivers) never load
+    # transformers, and only this check of the driver's pre-flight needs it.
+    from ermgap.model import check_model
+
+    check_model(model_cfg)
+    if stamp is not None:
+        try:
+            atomic_write_text(stamp, "", force=True)
+        except OSError:  # an unwritable cache only costs the next run the check again
+            pass
+
+
+def _model_check_stamp(name_or_path: str) -> Path | None:
+    """The file that records a passed check_model of this model directory as it is now (None: a hub id, which
+    the check resolves over the network or the hub cache, or no such directory)."""
+    root = Path(name_or_path).expanduser()
+    if not root.is_dir():
+        return None
+    key = hashlib.sha256()
+    for lib in ("transformers", "tokenizers"):
+        key.update(f"{lib}={importlib.metadata.version(lib)}\n".encode())
+    key.update(f"{root.resolve()}\n".encode())
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        st = f.stat()
+        key.update(f"{f.relative_to(root)}\t{st.st_size}\t{st.st_mtime_ns}\t{st.st_ino}\n".encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ermgap" / "model-checks" / key.hexdigest()
 
 
 def check_stratified(cfg: RunConfig, task: Task, train: pd.DataFrame) -> None:
@@ -142,5 +178,5 @@ def check_cluster_gpus(cfg: RunConfig, where: str = "the Ray cluster") -> None:
                           "(--address), or set distributed.use_gpu=false")
 
 
-__all__ = ["absolute_paths", "check_cluster_gpus", "check_inputs", "check_stratified", "resolve_task",
+__all__ = ["absolute_paths", "check_cluster_gpus", "check_inputs", "check_model_once", "check_stratified", "resolve_task",
            "resolved_config", "run_manifest", "with_task"]

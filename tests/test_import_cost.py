@@ -6,7 +6,7 @@ library it imports, whether it uses it or not.
 - `ermgap.driver` is what `ermgap train`'s driver imports, and `ermgap.sweep.tune` what each of a sweep's trial
   drivers (a Ray task per trial) imports: they build and watch a TorchTrainer and never run a model, so
   transformers, peft and DeepSpeed stay in the Train workers (the driver's pre-flight imports transformers only
-  when it opens the model's processor).
+  when it opens the model's processor, and only for a model directory that has not passed that check before).
 
 Each import runs in a fresh interpreter; the check is sys.modules after it.
 """
@@ -14,11 +14,16 @@ Each import runs in a fresh interpreter; the check is sys.modules after it.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from ermgap.config import ModelConfig
+from ermgap.errors import ConfigError
+from ermgap.preflight import check_model_once
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_STACK = ("transformers", "peft", "deepspeed")
@@ -36,6 +41,23 @@ def test_importing_an_entry_point_leaves_out_what_it_does_not_use(module):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=110)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [], f"importing {module} loaded these"
+
+
+def test_a_model_directory_checked_before_loads_no_transformers_into_the_driver(tiny_model, tmp_path, monkeypatch):
+    """The pre-flight's model check (config + processor) is what loads transformers into a driver: a directory that
+    passed it, unchanged since, is not checked again (ermgap.preflight.check_model_once); a changed file is."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    check_model_once(ModelConfig(name_or_path=str(model)))  # checked here, in this process
+    code = ("import json, sys; from ermgap.config import ModelConfig; from ermgap.preflight import check_model_once; "
+            f"check_model_once(ModelConfig(name_or_path={str(model)!r})); print(json.dumps('transformers' in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) is False, "a driver checking that directory again loaded it"
+    (model / "processor_config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="cannot load the processor"):
+        check_model_once(ModelConfig(name_or_path=str(model)))
 
 
 def test_every_deferred_import_of_ermgap_names_exists():
