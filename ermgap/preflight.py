@@ -5,6 +5,7 @@
     resolve_task(cfg)      the run's Task (labels, stratum, attribute values) from config + manifest, once
     with_task(cfg, task)   the config declaring that Task explicitly (config.yaml and MLflow reproduce it)
     check_inputs(cfg)      the manifest, every audio file, the model directory, batch size vs the train split
+    check_model_once       the model directory's check, skipped when it passed unchanged before (a stamp)
     check_cluster_gpus     after joining a cluster: a GPU per worker when distributed.use_gpu
 
 Errors are `ConfigError`/`ManifestError` naming the key, the file and the value (exit 2, no traceback).
