@@ -92,6 +92,7 @@ def test_evaluate_cli_with_voxtral_on_the_synthetic_corpus(tiny_voxtral, synth_c
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_ermgap_serve_serves_voxtral_like_the_local_backend(tiny_voxtral, synth_corpus, tmp_path):
     srv = ServerProcess(tiny_voxtral, tmp_path / "serve.log", token="voxtral-token-123456", served="vox")
     rows = load_split(synth_corpus, "test", modality="uni", limit=6).to_dict("records")

@@ -46,6 +46,7 @@ def test_the_paper_systems_file_lists_the_five_systems():
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_benchmark_writes_table2_for_the_reachable_systems(synth_corpus, tiny_model, tmp_path, monkeypatch):
     voxtral = build_tiny_voxtral(tmp_path / "voxtral")
     srv = ServerProcess(tiny_model, tmp_path / "serve.log", token="bench-token-123456", served="tiny")

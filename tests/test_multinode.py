@@ -32,7 +32,7 @@ import yaml
 from _procs import free_port, kill_pids_with_env, wait_http
 from _ray_head import LocalHead, LocalNode
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.server]
 
 BUCKET = "ermgap-mn"
 CREDS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}

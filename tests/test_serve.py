@@ -228,6 +228,7 @@ def _post(server, body: bytes, token: str | None = TOKEN) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_structured_predictions_equal_the_local_backend(server, rows, local_scores, tiny_model):
     local_pred, local_sc = local_scores
     base = Qwen2AudioBackend(ModelConfig(name_or_path=str(tiny_model)), PromptConfig(), modality="multi")
@@ -248,6 +249,7 @@ def test_structured_predictions_equal_the_local_backend(server, rows, local_scor
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_free_generation_equals_the_local_backend(server, rows, tiny_model, adapter):
     local = Qwen2AudioBackend(ModelConfig(name_or_path=str(tiny_model)), PromptConfig(), modality="multi",
                               mode="generate", adapter=str(adapter), max_new_tokens=8)
@@ -258,6 +260,7 @@ def test_free_generation_equals_the_local_backend(server, rows, tiny_model, adap
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_wrong_or_missing_token_is_refused(server, rows):
     row = rows.head(1).to_dict("records")
     with pytest.raises(BackendError, match="HTTP 401.*invalid bearer token"):
@@ -269,6 +272,7 @@ def test_wrong_or_missing_token_is_refused(server, rows):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_malformed_and_oversized_audio_get_a_4xx_with_a_message(server):
     body = _body(server.model_id)
     body["messages"][0]["content"][0]["input_audio"]["data"] = base64.b64encode(b"not a wav at all").decode()
@@ -284,6 +288,7 @@ def test_malformed_and_oversized_audio_get_a_4xx_with_a_message(server):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_request_budget_stops_the_client(server, rows):
     client = _client(server, concurrency=1, max_requests=3)
     with pytest.raises(BackendError, match="request budget of 3 requests is spent"):
@@ -307,6 +312,7 @@ class _KillAfter:
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_server_killed_mid_run_then_restarted_resumes_cleanly(tiny_model, adapter, rows, local_scores, tmp_path):
     srv = ServerProcess(tiny_model, tmp_path / "serve.log", adapter=adapter, token=TOKEN, served=SERVED)
     srv.model_id = SERVED
@@ -372,6 +378,7 @@ TEXT = "Which emotion does the speaker express?"
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_sdk_defaults_model_id_usage_and_label_scores(sdk, server, oracle, clip, tiny_model):
     from transformers import AutoProcessor
 
@@ -395,6 +402,7 @@ def test_sdk_defaults_model_id_usage_and_label_scores(sdk, server, oracle, clip,
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 0.0])
 def test_sdk_temperature_is_accepted_and_decoding_stays_greedy(sdk, server, oracle, clip, temperature):
     out = sdk.chat.completions.create(model=server.model_id, messages=[_user(_wav_b64(clip), TEXT)],
@@ -409,6 +417,7 @@ def test_sdk_temperature_is_accepted_and_decoding_stays_greedy(sdk, server, orac
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_sdk_system_message_is_prepended_to_the_instruction(sdk, server, oracle, clip):
     fmt = label_schema(PromptConfig())
 
@@ -427,6 +436,7 @@ def test_sdk_system_message_is_prepended_to_the_instruction(sdk, server, oracle,
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_sdk_logprobs_come_from_the_label_scores(sdk, server, oracle, clip):
     import openai
 
@@ -443,6 +453,7 @@ def test_sdk_logprobs_come_from_the_label_scores(sdk, server, oracle, clip):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 @pytest.mark.parametrize("option, message", [
     ({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, "text only"),
     ({"audio": {"voice": "alloy", "format": "wav"}}, "audio output is not supported"),
@@ -458,6 +469,7 @@ def test_sdk_refuses_what_it_cannot_return(sdk, server, clip, option, message):
 
 
 @pytest.mark.slow
+@pytest.mark.server
 def test_sdk_nan_audio_is_refused_and_stereo_is_mixed_down(sdk, server, oracle, clip, tmp_path):
     import openai
 

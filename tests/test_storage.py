@@ -51,6 +51,7 @@ def _get(s3, key: str) -> bytes:
     return s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
+@pytest.mark.server
 def test_s3_location_reads_writes_lists_uploads(s3, tmp_path, moto_endpoint):
     from ermgap.storage import Location
 
@@ -89,6 +90,7 @@ def test_s3_location_reads_writes_lists_uploads(s3, tmp_path, moto_endpoint):
     assert s3.list_objects_v2(Bucket=BUCKET, Prefix="a/run/").get("KeyCount", 0) == 0
 
 
+@pytest.mark.server
 def test_location_pickles_with_endpoint_but_without_credentials(s3):
     from ermgap.storage import Location
 
@@ -145,6 +147,7 @@ def test_unreachable_store_or_tracking_server_is_refused_at_once(tmp_path, synth
     assert not (tmp_path / "sw").exists() and not (tmp_path / "m.db").exists()
 
 
+@pytest.mark.server
 def test_feature_cache_entries_are_objects_and_a_corrupt_one_is_recomputed(s3, moto_endpoint):
     import torch
 
@@ -171,6 +174,7 @@ def test_feature_cache_entries_are_objects_and_a_corrupt_one_is_recomputed(s3, m
     assert reader.stats.corrupt == 1
 
 
+@pytest.mark.server
 def test_force_replaces_only_a_prefix_ermgap_wrote(s3):
     from ermgap.errors import ConfigError
     from ermgap.storage import Location

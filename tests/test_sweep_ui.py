@@ -21,6 +21,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 pytestmark = [
     pytest.mark.chromium,
+    pytest.mark.server,
     pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed "
                                                "(apt-get install -y chromium; `make setup` does it as root)"),
 ]
