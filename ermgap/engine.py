@@ -8,6 +8,7 @@ nor reduces gradients mid-step.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import torch
 import transformers
@@ -19,8 +20,23 @@ from ermgap.config import RunConfig
 SCHEDULERS = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
-def build_engine(model: torch.nn.Module, cfg: RunConfig, *, accum: int, total_steps: int):
-    """AdamW over `model`'s trainable parameters + the LR schedule, inside a DeepSpeed engine.
+def param_groups(model: torch.nn.Module, lr: float, lr_scales: Mapping[str, float] | None = None) -> list[dict]:
+    """The optimiser's parameter groups: `model`'s trainable parameters at `lr`, except those of a direct
+    submodule named in `lr_scales` ({name: multiple}), which get lr × multiple (an adversary's head must keep
+    up with the adapter it is trained against). The schedule scales every group alike. Groups in the model's
+    parameter order, the default group first; an empty one is left out."""
+    scales = dict(lr_scales or {})
+    groups: dict[float, list[torch.nn.Parameter]] = {1.0: []}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault(float(scales.get(name.split(".", 1)[0], 1.0)), []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in groups.items() if ps]
+
+
+def build_engine(model: torch.nn.Module, cfg: RunConfig, *, accum: int, total_steps: int,
+                 lr_scales: Mapping[str, float] | None = None):
+    """AdamW over `model`'s trainable parameters + the LR schedule, inside a DeepSpeed engine; the direct
+    submodules named in `lr_scales` train at that multiple of `optim.lr` (`param_groups`).
 
     Returns (engine, scheduler, seconds deepspeed.initialize took)."""
     # Imported here, not at module top: importing DeepSpeed takes seconds and logs accelerator
@@ -29,8 +45,8 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, *, accum: int, total_st
 
     # A lock left by a killed process would hang deepspeed.initialize forever (see ermgap.deepspeed_ops).
     deepspeed_ops.clear_stale_lock()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.optim.lr, lr_scales), lr=cfg.optim.lr,
+                                  weight_decay=cfg.optim.weight_decay)
     scheduler = transformers.get_scheduler(
         SCHEDULERS[cfg.optim.scheduler], optimizer,
         num_warmup_steps=int(cfg.optim.warmup_ratio * total_steps),
@@ -52,4 +68,4 @@ def build_engine(model: torch.nn.Module, cfg: RunConfig, *, accum: int, total_st
     return engine, scheduler, time.perf_counter() - t0
 
 
-__all__ = ["SCHEDULERS", "build_engine"]
+__all__ = ["SCHEDULERS", "build_engine", "param_groups"]

@@ -186,14 +186,16 @@ class LoRARecipe:
             raise ConfigError(f"objective.kind={self.objective.kind} reads hidden layer {layer}, but the language model "
                               f"has hidden states 0..{text.num_hidden_layers} (0: the embeddings) and -1 (the last)")
         own = self.objective.module(text.hidden_size)
+        lr_scales = {}
         if own is not None:
             model.add_module(checkpointing.OBJECTIVE_MODULE, own.to(self.device))
+            lr_scales[checkpointing.OBJECTIVE_MODULE] = self.objective.module_lr_scale
         unknown = set(self.objective.forward_inputs) - set(FORWARD_INPUTS)
         if unknown:
             raise TrainingError(f"objective.kind={self.objective.kind} needs forward inputs {sorted(unknown)}; "
                                 f"the recipe provides {list(FORWARD_INPUTS)}")
         self.engine, self.scheduler, self.timing["deepspeed_init_s"] = build_engine(
-            model, self.cfg, accum=self.accum, total_steps=self.total_steps)
+            model, self.cfg, accum=self.accum, total_steps=self.total_steps, lr_scales=lr_scales)
         # Dropout masks differ across ranks (a checkpoint restores each rank's own RNG state).
         torch.manual_seed(self.cfg.optim.seed + 1 + self.rank)
 

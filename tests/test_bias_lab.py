@@ -180,7 +180,8 @@ def test_the_new_rows_settings_and_the_constrained_cap():
                             "data.sampler=stratified", "data.min_per_cell=4"],
             "adversarial": ["objective.kind=adversarial", "objective.adversarial.strength=1",
                             "objective.adversarial.warmup_steps=20", "objective.adversarial.pool=audio",
-                            "objective.adversarial.layer=-1", "objective.adversarial.balanced=false"]}
+                            "objective.adversarial.layer=-1", "objective.adversarial.balanced=false",
+                            "objective.adversarial.input_norm=none", "objective.adversarial.head_lr_scale=1.0"]}
     for corpus in CONTROLS:
         for row, extra in rows.items():
             got = spec.trial_config({"variant": f"{corpus.name}.{row}", "optim.seed": 43}).to_dict()

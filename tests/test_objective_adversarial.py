@@ -27,7 +27,7 @@ def test_reversal_gradient_is_minus_alpha_times_the_ordinary_one_by_hand():
     """A linear head W [2, 3], b on features h [5, 3]: the head's mean CE has dCE/dh_i = Wᵀ(p_i − y_i)/N and
     dCE/dW = Σ_i (p_i − y_i) h_iᵀ / N. Through the objective with α = 0.7: the features get −0.7 × the first,
     the head's weights exactly the second; the total is erm + the mean CE."""
-    objective = AdversarialERM(_grid(), AdversarialConfig(strength=0.7, head_size=0))
+    objective = AdversarialERM(_grid(), AdversarialConfig(strength=0.7, head_size=0, input_norm="none"))
     head = objective.module(3)
     h = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.2, -0.3], [-0.7, 0.9, 0.1], [0.0, 1.1, -1.2], [2.0, -0.5, 0.4]],
                      dtype=torch.float64, requires_grad=True)
@@ -64,7 +64,7 @@ def test_the_head_s_loss_weighs_every_attribute_value_alike_by_hand():
     stratum, attribute = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 0])
     per_sample = {True: torch.tensor([2 / 3, 2, 2 / 3, 2 / 3], dtype=torch.float64), False: torch.ones(4, dtype=torch.float64)}
     for balanced, w in per_sample.items():
-        objective = AdversarialERM(_grid(counts=((4, 1), (2, 1))), AdversarialConfig(head_size=0, balanced=balanced))
+        objective = AdversarialERM(_grid(counts=((4, 1), (2, 1))), AdversarialConfig(head_size=0, balanced=balanced, input_norm="none"))
         head = objective.module(2).double()
         out = objective(losses, stratum, attribute, inputs={"audio_hidden": h})
         out.total.backward()
@@ -115,6 +115,64 @@ def test_registered_with_its_keys_and_description():
     assert AdversarialERM.describe({"objective.adversarial.strength": "0.5"}) == "Adversarial (α=0.5)"
 
 
+def test_the_head_trains_at_its_own_multiple_of_the_learning_rate():
+    """objective.adversarial.head_lr_scale gives the head (the model's objective_module) its own parameter group.
+    Oracle: AdamW's first step moves every parameter by lr × sign(gradient) (weight decay 0), so after one step
+    the head's weights moved by 1e-3 × 10 and the adapter's by 1e-3; frozen weights are in no group."""
+    from ermgap.checkpointing import OBJECTIVE_MODULE
+    from ermgap.config import load_config
+    from ermgap.engine import param_groups
+
+    cfg = load_config(None, ["objective.kind=adversarial", "objective.adversarial.head_lr_scale=10",
+                             "objective.adversarial.head_size=0"])  # linear: no dead ReLU, every gradient ≠ 0
+    objective = AdversarialERM.from_config(cfg, _grid())
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.frozen, model.adapter = torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)
+    model.frozen.requires_grad_(False)
+    model.add_module(OBJECTIVE_MODULE, objective.module(3))
+    groups = param_groups(model, 1e-3, {OBJECTIVE_MODULE: objective.module_lr_scale})
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in model.adapter.parameters()]
+    assert [id(p) for p in groups[1]["params"]] == [id(p) for p in objective.head.parameters()]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randn(5, 3)
+    h = model.adapter(model.frozen(x))
+    (objective.head(h).logsumexp(-1).sum() + h.square().sum()).backward()
+    torch.optim.AdamW(groups, lr=1e-3, weight_decay=0.0).step()
+    for n, p in model.named_parameters():
+        want = 0.0 if n.startswith("frozen") else 1e-2 if n.startswith(OBJECTIVE_MODULE) else 1e-3
+        assert (p.detach() - before[n]).abs() == pytest.approx(torch.full_like(p, want), rel=1e-3, abs=1e-9), n
+    assert param_groups(model, 1e-3) == [{"params": [*model.adapter.parameters(), *objective.head.parameters()],
+                                          "lr": 1e-3}]
+
+
+def test_batch_input_norm_is_batchnorm_without_affine_in_training_and_at_evaluation():
+    """objective.adversarial.input_norm=batch: the head reads what torch's BatchNorm1d(affine=False) makes of its
+    input: the batch's statistics in training (the head's loss and accuracy equal the oracle's), the running
+    averages the committed steps left at evaluation (attr_acc). A step never committed (no after_step) leaves
+    the running averages alone."""
+    torch.manual_seed(0)
+    objective = AdversarialERM(_grid(), AdversarialConfig(head_size=0, input_norm="batch", balanced=False))
+    head = objective.module(4).double()
+    norm = torch.nn.BatchNorm1d(4, affine=False).double()
+    for step in range(3):
+        h = torch.randn(6, 4, dtype=torch.float64) * 3 + torch.arange(4.0, dtype=torch.float64)
+        stratum, attr = torch.tensor([0, 0, 0, 1, 1, 1]), torch.tensor([0, 1, 0, 1, 0, 1])
+        out = objective(torch.zeros(6, dtype=torch.float64), stratum, attr, inputs={"audio_hidden": h})
+        logits = head.net(norm.train()(h))
+        assert out.logs["adversary_loss"] == pytest.approx(float(F.cross_entropy(logits, attr).detach()), abs=1e-12)
+        assert out.logs["adversary_acc"] == pytest.approx(float((logits.argmax(1) == attr).double().mean()))
+        objective.after_step(out)
+    objective(torch.zeros(6, dtype=torch.float64), stratum, attr, inputs={"audio_hidden": h * 9})  # not committed
+    assert torch.allclose(head.running_mean, norm.running_mean, atol=1e-12)
+    assert torch.allclose(head.running_var, norm.running_var, atol=1e-12)
+    h = torch.randn(50, 4, dtype=torch.float64) + 2
+    attr = torch.randint(0, 2, (50,))
+    hits, n = objective.evaluation_sums({"audio_hidden": h}, torch.zeros(50, dtype=torch.long), attr)["attr_acc"]
+    assert n == 50 and hits == float((head.net(norm.eval()(h)).argmax(1) == attr).sum())
+
+
 # ----------------------------------------------------------------------------- the reversal removes what leaks
 def _toy(seed=0, n=400):
     """x: 4 task dims (the label is their argmax) and 4 noisy dims that carry the attribute (±1 shift)."""
@@ -126,14 +184,16 @@ def _toy(seed=0, n=400):
 
 
 def _train_encoder(strength: float, seed: int):
-    """A 4-unit tanh encoder + task classifier + the objective's head (64 units, α warming up over 100 steps),
+    """A 4-unit tanh encoder + task classifier + the objective's head (64 units on the raw features: with
+    input_norm=batch one seed of three reads 0.75 at α 1; α warming up over 100 steps),
     600 Adam steps of 40; returns the encoder's features of the train and of a fresh set, and task accuracy."""
     torch.manual_seed(seed)
     x, y, attr = _toy()
     encoder = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh())
     classifier = torch.nn.Linear(4, 4)
     objective = AdversarialERM(_grid(("all",), ((200, 200),)),
-                               AdversarialConfig(strength=strength, head_size=64, warmup_steps=100), seed=1)
+                               AdversarialConfig(strength=strength, head_size=64, warmup_steps=100,
+                                                 input_norm="none"), seed=1)
     head = objective.module(4)
     opt = torch.optim.Adam([*encoder.parameters(), *classifier.parameters(), *head.parameters()], lr=0.01)
     stratum = torch.zeros(len(y), dtype=torch.long)
@@ -177,19 +237,20 @@ def _encoder():
     return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh()).double(), torch.nn.Linear(5, 7).double()
 
 
-def _objective():
+def _objective(input_norm="none"):
     grid = CellGrid(tuple("abcd"), ("F", "M"), torch.tensor(TRAIN_COUNTS, dtype=torch.float64))
-    objective = AdversarialERM(grid, AdversarialConfig(strength=ALPHA, warmup_steps=2, head_size=4), seed=3)
+    objective = AdversarialERM(grid, AdversarialConfig(strength=ALPHA, warmup_steps=2, head_size=4,
+                                                       input_norm=input_norm), seed=3)
     objective.module(5).double()
     return objective
 
 
-def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str, input_norm: str) -> None:
     start_gloo(rank, world, init_file)
     try:
         x, y, stratum, attr = global_batch()
         encoder, classifier = _encoder()
-        objective = _objective()
+        objective = _objective(input_norm)
         params = [*encoder.parameters(), *classifier.parameters(), *objective.head.parameters()]
         rows = []
         for shards in step_indices(world):
@@ -206,20 +267,21 @@ def _gloo_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             _average_grads(torch.nn.ModuleList([encoder, classifier, objective.head]), world)
             objective.after_step(res)
             rows.append({"grads": [p.grad.detach().clone() for p in params], "total": res.total.item(),
-                         "acc": res.logs["adversary_acc"]})
+                         "acc": res.logs["adversary_acc"], "buffers": [b.clone() for b in objective.head.buffers()]})
         torch.save(rows, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_gloo_ranks_with_uneven_shards_equal_one_process(world, tmp_path):
+@pytest.mark.parametrize(("world", "input_norm"), [(2, "none"), (3, "none"), (2, "batch"), (3, "batch")])
+def test_gloo_ranks_with_uneven_shards_equal_one_process(world, input_norm, tmp_path):
     """Three steps (α warming up 0.4 → 0.8; the second step with cells absent; with 3 ranks one is empty):
     every rank's loss, head accuracy and averaged gradients (encoder, task classifier, attribute head) equal
     the single process's on the concatenated batch with a reversal written as the detach trick."""
-    mp.spawn(_gloo_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_gloo_worker, args=(world, str(tmp_path / "init"), str(tmp_path), input_norm), nprocs=world, join=True)
     outs = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     x, y, stratum, attr = global_batch()
+    norm = torch.nn.BatchNorm1d(5, affine=False).double()  # input_norm=batch's running averages
     for step, shards in enumerate(step_indices(world)):
         alpha = ALPHA * min(1.0, (step + 1) / 2)
         idx = [i for r in shards for i in r]
@@ -227,7 +289,10 @@ def test_gloo_ranks_with_uneven_shards_equal_one_process(world, tmp_path):
         head = _objective().head
         h = encoder(x[idx])
         reversed_h = h.detach() + (-alpha) * (h - h.detach())  # value h, gradient −α
-        logits = head(reversed_h)
+        if input_norm == "batch":  # the global batch's mean and variance, constants to the gradient
+            norm(h.detach())
+            reversed_h = (reversed_h - h.detach().mean(0)) / (h.detach().var(0, unbiased=False) + 1e-5).sqrt()
+        logits = head.net(reversed_h)
         # The head's CE weighs each attribute value by 1 / (2 × its train share): F 28 / 41, M 13 / 41
         weight = torch.tensor([41 / 56, 41 / 26], dtype=torch.float64)
         total = F.cross_entropy(classifier(h), y[idx]) + F.cross_entropy(logits, attr[idx], weight=weight)
@@ -238,6 +303,9 @@ def test_gloo_ranks_with_uneven_shards_equal_one_process(world, tmp_path):
             got = out[step]
             assert got["total"] == pytest.approx(total.item(), abs=1e-12), (step, r)
             assert got["acc"] == pytest.approx(acc, abs=1e-12), (step, r)
+            want = [norm.running_mean, norm.running_var] if input_norm == "batch" else []
+            assert len(got["buffers"]) == len(want) and all(
+                torch.allclose(b, ref, rtol=0, atol=1e-12) for b, ref in zip(got["buffers"], want)), (step, r)
             for g, ref in zip(got["grads"], grads):
                 assert torch.allclose(g, ref, rtol=0, atol=1e-10), (step, r, (g - ref).abs().max())
 

@@ -58,6 +58,9 @@ def test_the_sweep_test_covers_every_kind_once():
     assert sorted(k for half in SWEEP_KINDS for k in half) == sorted(KINDS) and all(SWEEP_KINDS)
 
 
+RAW_HEAD = {"objective.adversarial.input_norm": "none", "objective.adversarial.head_lr_scale": 1.0}
+
+
 def _overrides(manifest: Path, model: Path, root: Path) -> list[str]:
     return [f"data.manifest={manifest}", f"model.name_or_path={model}", "optim.epochs=1",
             "optim.effective_batch_size=24", "optim.micro_batch_size=24", "distributed.num_workers=1",
@@ -105,13 +108,19 @@ def test_sweep_cli_names_each_kind_in_its_trial_line(kinds, small, tiny_model, t
         # one optimizer step; most of a trial's time is start-up; two waves took 173 s).
         "overrides": {**{k: yaml.safe_load(v) for k, v in base.items() if not k.startswith("tracking.")},
                       "distributed.cpus_per_worker": _worker_cpus(len(kinds))},
-        "variants": {kind: {"objective.kind": kind} for kind in kinds},
+        # The adversary's non-default head (raw input, the adapter's lr) goes through the CLI here; the train-CLI
+        # test above runs the defaults.
+        "variants": {kind: {"objective.kind": kind, **(RAW_HEAD if kind == "adversarial" else {})} for kind in kinds},
         "max_concurrent_trials": len(kinds), "storage_path": str(tmp_path / "sweeps"),
         "mlflow": {"experiment": "kinds", "tracking_uri": base["tracking.tracking_uri"]},
     }, sort_keys=False))
     res = _cli("sweep", str(spec), "--address", ray_cluster, cwd=tmp_path)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
+    if "adversarial" in kinds:  # its trial ran with the raw head
+        configs = [yaml.safe_load(p.read_text())["objective"] for p in (tmp_path / "sweeps").rglob("config.yaml")]
+        (head,) = [c["adversarial"] for c in configs if c["kind"] == "adversarial"]
+        assert (head["input_norm"], head["head_lr_scale"]) == ("none", 1.0), head
     for kind in kinds:
         described = DESCRIPTIONS.get(kind, OBJECTIVES[kind].label)
         assert any(line.startswith(f"trial {kind} (") and f" · {described} finished in " in line

@@ -138,8 +138,11 @@ def test_constrained_two_workers_with_a_fault_equal_one_worker(ray_cluster, base
     _assert_same_outputs(one, two)
 
 
+# The head standardises its input by the global batch (one more all-reduce) and trains at 10× the adapter's lr
+# (its own parameter group): the defaults (none, 1×) go through the CLI in test_objective_kinds's every-kind tests.
 ADVERSARIAL = ["objective.kind=adversarial", "objective.adversarial.strength=1.0",
-               "objective.adversarial.warmup_steps=4", "objective.adversarial.head_size=16"]
+               "objective.adversarial.warmup_steps=4", "objective.adversarial.head_size=16",
+               "objective.adversarial.input_norm=batch", "objective.adversarial.head_lr_scale=10"]
 
 
 def test_adversarial_two_workers_equal_one_worker_and_save_the_head(ray_cluster, base):  # noqa: F811
@@ -163,5 +166,6 @@ def test_adversarial_two_workers_equal_one_worker_and_save_the_head(ray_cluster,
     adapter = Path(two["run_dir"]) / "adapter"
     head = load_file(str(adapter / "objective_module.safetensors"))
     assert head and all(k.startswith("objective_module.") for k in head)
+    assert {"objective_module.running_mean", "objective_module.running_var"} <= set(head)  # input_norm's averages
     assert not [k for k in load_file(str(adapter / "adapter_model.safetensors")) if "objective_module" in k]
     _assert_same_outputs(one, two)

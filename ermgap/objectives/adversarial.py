@@ -19,6 +19,15 @@ The head is the objective's `module()`: the recipe attaches it to the model befo
 the run's optimiser trains it, checkpoints hold it and the best adapter is saved with it
 (`objective_module.safetensors` beside the peft adapter; inference never loads it).
 
+What the head can read decides what the reversal can remove: a head that reads no gender gives the adapter
+nothing to push against. Two keys help it read: `input_norm: batch` standardises each feature by the global
+batch's mean and variance (an LM's hidden states carry large per-feature offsets that a small head's plain
+gradient steps barely see past; BatchNorm1d without its affine part, the discriminator's input layer in the
+domain-adversarial literature), and `head_lr_scale` trains the head faster than the adapter (its own
+parameter group). The batch statistics are all-reduced (one more collective of 2H + 1 sums) and enter as
+constants, so the gradient stays every rank's exact share of one process's; the running averages at
+evaluation are buffers of the head, updated in `after_step`, in checkpoints and in the saved head.
+
 α (`strength`) may ramp up linearly over `warmup_steps` optimizer steps (the adversary first learns what
 leaks, then the reversal acts). Logged: α, the head's train loss and accuracy per step, and the attribute
 accuracy of the head on dev (and on test at the end) as `<split>_attr_acc`: the leakage a reader wants to see
@@ -48,6 +57,10 @@ class AdversarialConfig(Section):
     layer: int = Field(-1, ge=-1, description="Hidden layer the head reads: -1 the last (after the final norm, what the LM head reads); k ≥ 0 the model's hidden_states[k] (0: the embeddings, k: decoder layer k's output).")
     pool: Literal["audio", "answer"] = Field(
         "audio", description="audio: the mean hidden state over the utterance's audio positions; answer: the hidden state at the position that predicts the answer.")
+    input_norm: Literal["none", "batch"] = Field(
+        "batch", description="batch: standardise every feature the head reads by the global batch's mean and std (constants to the gradient; running averages at evaluation), BatchNorm without its affine part, synchronised over the workers; none: the raw hidden states.")
+    head_lr_scale: float = Field(
+        10.0, gt=0, le=1000, description="The head's learning rate as a multiple of optim.lr (its own parameter group; the adversary must keep up with the adapter it is trained against).")
     balanced: bool = Field(True, description="Weigh the head's CE so every attribute value counts alike (weight 1/(A × its train share), scikit-learn's class_weight='balanced'); false: a plain mean, which a head can minimise by predicting the majority value.")
 
 
@@ -67,19 +80,40 @@ def grad_reverse(x: torch.Tensor, alpha: float) -> torch.Tensor:
     return _GradReverse.apply(x, float(alpha))
 
 
-class AttributeHead(torch.nn.Module):
-    """hidden [B, H] → attribute logits [B, A]: Linear-ReLU-Linear (or one Linear when head_size is 0)."""
+MOMENTUM, EPS = 0.1, 1e-5  # torch.nn.BatchNorm1d's defaults
 
-    def __init__(self, hidden: int, num_attrs: int, head_size: int) -> None:
+
+class AttributeHead(torch.nn.Module):
+    """hidden [B, H] → attribute logits [B, A]: Linear-ReLU-Linear (or one Linear when head_size is 0),
+    optionally behind a per-feature standardisation (`standardize`): the caller passes the global batch's
+    mean and variance in training; without them the running averages (buffers, so checkpoints and the saved
+    head hold them) are used, as BatchNorm1d(affine=False) does at evaluation."""
+
+    def __init__(self, hidden: int, num_attrs: int, head_size: int, standardize: bool = False) -> None:
         super().__init__()
         if head_size:
             self.net = torch.nn.Sequential(torch.nn.Linear(hidden, head_size), torch.nn.ReLU(),
                                            torch.nn.Linear(head_size, num_attrs))
         else:
             self.net = torch.nn.Linear(hidden, num_attrs)
+        self.standardize = standardize
+        if standardize:
+            self.register_buffer("running_mean", torch.zeros(hidden))
+            self.register_buffer("running_var", torch.ones(hidden))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x.to(next(self.parameters()).dtype))
+    def forward(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        dtype = next(self.parameters()).dtype
+        if self.standardize:
+            mean, var = stats if stats is not None else (self.running_mean, self.running_var)
+            x = (x.to(mean.dtype) - mean) / (var + EPS).sqrt()
+        return self.net(x.to(dtype))
+
+    @torch.no_grad()
+    def update_running(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
+        """BatchNorm1d's update from one global batch of n: running ← (1 − m)·running + m·batch, the variance
+        unbiased (× n / (n − 1))."""
+        self.running_mean.lerp_(mean.to(self.running_mean), MOMENTUM)
+        self.running_var.lerp_((var * n / max(n - 1.0, 1.0)).to(self.running_var), MOMENTUM)
 
 
 class AdversarialERM(Objective):
@@ -93,6 +127,7 @@ class AdversarialERM(Objective):
         super().__init__(grid)
         self.settings, self.seed = settings, int(seed)
         self.hidden_layer = settings.layer
+        self.module_lr_scale = settings.head_lr_scale
         self.forward_inputs = ("audio_hidden",) if settings.pool == "audio" else ("answer_hidden",)
         # [A] the head's CE weight per attribute value: 1 / (A × its train share) when balanced (0 for a value the
         # train split lacks), else 1
@@ -124,7 +159,8 @@ class AdversarialERM(Objective):
         # set-up drew from the global RNG before.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.head = AttributeHead(hidden_size, self.grid.num_attrs, self.settings.head_size)
+            self.head = AttributeHead(hidden_size, self.grid.num_attrs, self.settings.head_size,
+                                      standardize=self.settings.input_norm == "batch")
         return self.head
 
     def alpha(self) -> float:
@@ -134,10 +170,20 @@ class AdversarialERM(Objective):
             return s.strength
         return s.strength * min(1.0, (self.steps + 1) / s.warmup_steps)
 
-    def _logits(self, inputs: Mapping[str, torch.Tensor], alpha: float) -> torch.Tensor:
+    def _logits(self, inputs: Mapping[str, torch.Tensor], alpha: float, stats=None) -> torch.Tensor:
         if self.head is None:
             raise RuntimeError("the adversarial objective's head does not exist yet: call module(hidden_size) first")
-        return self.head(grad_reverse(inputs[self.forward_inputs[0]], alpha))
+        return self.head(grad_reverse(inputs[self.forward_inputs[0]], alpha), stats)
+
+    def _batch_stats(self, h: torch.Tensor, process_group) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """The global batch's per-feature mean and (biased) variance and its size, detached: constants to the
+        gradient, so every rank's gradient is exactly its share of one process's (float64 sums, one all-reduce)."""
+        x = h.detach().to(torch.float64)
+        sums = all_reduce_sum(torch.cat([x.sum(0), x.square().sum(0), x.new_tensor([len(x)])]), process_group)
+        width = x.shape[1]
+        n = float(sums[-1])
+        mean = sums[:width] / max(n, 1.0)
+        return mean, (sums[width:2 * width] / max(n, 1.0) - mean.square()).clamp_min(0), n
 
     def __call__(self, losses, stratum, attribute, *, inputs=None, process_group=None) -> ObjectiveOutput:
         g = self.grid
@@ -145,14 +191,21 @@ class AdversarialERM(Objective):
         if not inputs or self.forward_inputs[0] not in inputs:
             raise ValueError(f"the adversarial objective needs inputs[{self.forward_inputs[0]!r}] from the forward pass")
         alpha = self.alpha()
-        logits = self._logits(inputs, alpha)
+        stats = None
+        if self.settings.input_norm == "batch":
+            mean, var, n = self._batch_stats(inputs[self.forward_inputs[0]], process_group)
+            stats = (mean, var)
+        logits = self._logits(inputs, alpha, stats)
         target = attribute.to(logits.device).long()
         ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, reduction="none")
         hits = (logits.detach().argmax(-1) == target).to(ce.dtype)
         (sums, head_sums, hit_sums), counts = reduced_cell_sums(
             [losses, ce.to(losses.device), hits.to(losses.device)], stratum, attribute, num_strata=g.num_strata,
             num_attrs=g.num_attrs, reduce=lambda t: all_reduce_sum(t, process_group))
-        return self.from_cells(sums, counts, head_sums=head_sums, hit_sums=hit_sums, alpha=alpha)
+        out = self.from_cells(sums, counts, head_sums=head_sums, hit_sums=hit_sums, alpha=alpha)
+        if stats is not None:  # committed in after_step, as every kind's state
+            out.pending = {**out.pending, "_batch_stats": (*stats, n)}
+        return out
 
     def from_cells(self, sums, counts, *, head_sums=None, hit_sums=None, alpha: float | None = None) -> ObjectiveOutput:
         """erm + the head's mean CE from GLOBAL cell sums of the task losses, of the head's CE and of its hits."""
@@ -170,7 +223,10 @@ class AdversarialERM(Objective):
 
     def after_step(self, out: ObjectiveOutput) -> None:
         self.steps += 1
-        self.last = dict(out.pending)
+        pending = dict(out.pending)
+        if (stats := pending.pop("_batch_stats", None)) is not None:
+            self.head.update_running(*stats)
+        self.last = pending
 
     def evaluation_sums(self, inputs, stratum, attribute) -> dict[str, tuple[float, float]]:
         logits = self._logits(inputs, 0.0)

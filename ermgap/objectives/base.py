@@ -62,6 +62,7 @@ class Objective(ABC):
     settings: ClassVar[tuple[Setting, ...]] = ()        # its config keys, composed into RunConfig
     forward_inputs: ClassVar[tuple[str, ...]] = ()      # per-sample tensors it needs from the forward pass
     hidden_layer: int = -1                              # the hidden layer they are read from (scoring.FORWARD_INPUTS)
+    module_lr_scale: float = 1.0                        # `module()`'s learning rate as a multiple of optim.lr
     eval_metrics: ClassVar[tuple[str, ...]] = ()        # its own metrics of an evaluated split (`evaluation_sums`)
     table3_sections: ClassVar[tuple[str, ...]] = ()     # Table 3 comparison sections it defines (`table3_rows`)
     trajectory: ClassVar[str | None] = None             # the `log_values` key a report plots over training
