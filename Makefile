@@ -19,9 +19,6 @@ PY          := $(VENV)/bin/python
 PIP         := $(PY) -m pip
 STAMP       := $(VENV)/.ermgap-setup
 PYTEST_ARGS ?=
-# Two test processes (pytest-xdist): the heavy tests (Ray, DeepSpeed, training runs, servers) one after the other on
-# one, the rest on the other (tests/_groups.py). TEST_PROCESSES= runs the suite on one process.
-TEST_PROCESSES ?= -n 2 --dist loadgroup
 
 # Commands the project needs from Debian: espeak-ng (the synthetic corpus), sox (audio tools),
 # chromium (the MLflow UI screenshot test; optional for non-root users).
@@ -62,7 +59,7 @@ system-deps:
 	fi
 
 test: setup
-	$(PY) -m pytest -q --durations=15 $(TEST_PROCESSES) $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 SYNTH_CORPUS := data/synth/manifest.csv
 TINY_MODEL   := models/tiny/config.json

@@ -21,8 +21,6 @@
 
 Expensive module fixtures stay in their modules; anything two modules need belongs here. Markers: a test that
 uses `ray_cluster` or `reference_run` is `ray` (and `deepspeed`, `slow` for the run) like the runs it starts.
-
-`make test` runs the heavy tests on one process and the others on another: `_groups`.
 """
 
 from __future__ import annotations
@@ -33,7 +31,6 @@ import sys
 import time
 from pathlib import Path
 
-import _groups
 import pytest
 from _procs import free_port  # noqa: F401  (re-exported for tests that import it from conftest)
 from _runs import FinishedRun, finished_run, small_slice, train_overrides
@@ -60,17 +57,6 @@ IDLE_TIMEOUT_S = 60.0
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests on the session's Ray cluster run last (stable: otherwise in their usual order)."""
     items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
-    _groups.write_heavy_ids(config, items)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_configure_node(node) -> None:
-    _groups.configure_node(node)
-
-
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    return _groups.make_scheduler(config, log)
 
 
 @pytest.fixture(scope="session")
