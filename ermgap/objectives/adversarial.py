@@ -191,11 +191,9 @@ class AdversarialERM(Objective):
         if not inputs or self.forward_inputs[0] not in inputs:
             raise ValueError(f"the adversarial objective needs inputs[{self.forward_inputs[0]!r}] from the forward pass")
         alpha = self.alpha()
-        stats = None
-        if self.settings.input_norm == "batch":
-            mean, var, n = self._batch_stats(inputs[self.forward_inputs[0]], process_group)
-            stats = (mean, var)
-        logits = self._logits(inputs, alpha, stats)
+        batch = (self._batch_stats(inputs[self.forward_inputs[0]], process_group)
+                 if self.settings.input_norm == "batch" else None)  # (mean, var, n)
+        logits = self._logits(inputs, alpha, batch[:2] if batch else None)
         target = attribute.to(logits.device).long()
         ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), target, reduction="none")
         hits = (logits.detach().argmax(-1) == target).to(ce.dtype)
@@ -203,8 +201,8 @@ class AdversarialERM(Objective):
             [losses, ce.to(losses.device), hits.to(losses.device)], stratum, attribute, num_strata=g.num_strata,
             num_attrs=g.num_attrs, reduce=lambda t: all_reduce_sum(t, process_group))
         out = self.from_cells(sums, counts, head_sums=head_sums, hit_sums=hit_sums, alpha=alpha)
-        if stats is not None:  # committed in after_step, as every kind's state
-            out.pending = {**out.pending, "_batch_stats": (*stats, n)}
+        if batch is not None:  # committed in after_step, as every kind's state
+            out.pending = {**out.pending, "_batch_stats": batch}
         return out
 
     def from_cells(self, sums, counts, *, head_sums=None, hit_sums=None, alpha: float | None = None) -> ObjectiveOutput:
