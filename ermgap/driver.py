@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -155,8 +156,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
             return _described({**final, "run_dir": str(run_path), "tracking_uri": default_tracking_uri(cfg)}, cfg)
         if not run_path.is_remote:  # warns here, where the user sees it, about checkpoints it cannot resume from
             checkpointing.newest_on_disk(run_path.local, cfg.distributed.num_workers)
-        check_inputs(cfg)
-        cfg = with_task(cfg, resolve_task(cfg))
+        cfg = with_task(cfg, check_inputs(cfg))
         set_aside_cut_off_snapshot(run_path)  # else Ray's controller cannot start on it
     else:
         cfg = resolved_config(cfg)
@@ -169,8 +169,7 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
                               f"or --resume {run_path} to continue it")
         if force:
             run_path.check_replaceable("run")
-        check_inputs(cfg)  # before anything on disk changes
-        cfg = with_task(cfg, resolve_task(cfg))
+        cfg = with_task(cfg, check_inputs(cfg))  # before anything on disk changes
     uri = default_tracking_uri(cfg)
     run_path.check_reachable("the driver")
     check_server(uri, "the driver")
@@ -180,11 +179,15 @@ def run_training(cfg: RunConfig, *, address: str | None = None, resume_dir: str 
         run_path.claim("run")
         if resume_dir is None:
             (run_path / CONFIG_FILE).write_text(dump_yaml(cfg), force=True)
-        ensure_ray(address, num_cpus=num_cpus, log_to_driver=verbose)
-        check_cluster_gpus(cfg, f"the Ray cluster at {address}" if address else "the local Ray cluster")
-        check_shared_paths(storage=str(run_path), tracking_uri=uri, inputs=input_paths(cfg),
-                           allow_local_paths=allow_local_paths)
-        close_orphaned_runs(uri, cfg.tracking.experiment)
+        # The store's first open runs beside Ray's start, which mostly waits on the processes it starts: a fresh
+        # sqlite store costs seconds there (MLflow creates its tables and runs every migration).
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ermgap-mlflow") as pool:
+            orphans = pool.submit(close_orphaned_runs, uri, cfg.tracking.experiment)
+            ensure_ray(address, num_cpus=num_cpus, log_to_driver=verbose)
+            check_cluster_gpus(cfg, f"the Ray cluster at {address}" if address else "the local Ray cluster")
+            check_shared_paths(storage=str(run_path), tracking_uri=uri, inputs=input_paths(cfg),
+                               allow_local_paths=allow_local_paths)
+        orphans.result()
         box = ProgressBox.remote()
         make_trainer = partial(build_trainer, cfg, run_dir=run_path, name=run_path.name, storage_path=run_path.parent,
                                mlflow_parent_run_id=mlflow_parent_run_id,

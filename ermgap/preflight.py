@@ -87,8 +87,9 @@ def with_task(cfg: RunConfig, task: Task) -> RunConfig:
     return config_from_dict(tree, source="resolved config")
 
 
-def check_inputs(cfg: RunConfig) -> None:
-    """Everything that can be checked before a Ray worker starts (errors name the key and value)."""
+def check_inputs(cfg: RunConfig) -> Task:
+    """Everything that can be checked before a Ray worker starts (errors name the key and value); returns the
+    run's Task (resolve_task(cfg), from the rows read here: the caller need not read the manifest again)."""
     manifest = Path(cfg.data.manifest)
     if not manifest.is_file():
         raise ConfigError(f"data.manifest: {manifest} does not exist (generate one with `ermgap data synth`)")
@@ -112,6 +113,7 @@ def check_inputs(cfg: RunConfig) -> None:
         raise ManifestError(f"{manifest}: no dev rows; dev evaluation drives the objective's updates and early stopping")
     if cfg.data.sampler == "stratified":
         check_stratified(cfg, task, df[df["split"] == "train"])
+    return task
 
 
 def check_model_once(model_cfg: ModelConfig) -> None:

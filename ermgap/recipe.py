@@ -158,7 +158,9 @@ class LoRARecipe:
         """The three splits, the collator and the global batch plan (same batches for any worker count)."""
         cfg, task = self.cfg, self.task
         self.feature_cache = open_feature_cache(self.loop_config["feature_cache"], cfg, model, processor)
-        self.splits = load_splits(run_manifest(cfg), cfg, task, processor, model, cache=self.feature_cache,
+        # Kept for _setup_tracking (the run's MLflow input): read once per worker.
+        self.manifest = run_manifest(cfg)
+        self.splits = load_splits(self.manifest, cfg, task, processor, model, cache=self.feature_cache,
                                   rank=self.rank, world=self.world, device=self.device)
         self.collator = EmotionCollator(processor, cfg.prompt, cfg.data.modality, sample_rate=cfg.data.sample_rate,
                                         task=task)
@@ -221,7 +223,7 @@ class LoRARecipe:
                 task=self.task, nodes=nodes, split_sizes={k: len(v.rows) for k, v in self.splits.items()},
                 derived={"derived.grad_accum_steps": self.accum, "derived.world_size": self.world,
                          "derived.steps_per_epoch": self.plan.steps_per_epoch},
-                manifest=None if resumed else run_manifest(self.cfg),
+                manifest=None if resumed else self.manifest,
                 resumed_at=self.state.global_step if resumed else None)
             self.state.mlflow_run_id = self.logger.run_id
         self.state.mlflow_run_id = self.group.broadcast(self.state.mlflow_run_id)
