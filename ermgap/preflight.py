@@ -4,7 +4,8 @@
     run_manifest(cfg)      the run's manifest rows, validated for its task, `data.languages` applied
     resolve_task(cfg)      the run's Task (labels, stratum, attribute values) from config + manifest, once
     with_task(cfg, task)   the config declaring that Task explicitly (config.yaml and MLflow reproduce it)
-    check_inputs(cfg)      the manifest, every audio file, the model directory, batch size vs the train split
+    check_inputs(cfg)      the manifest, every audio file, the model directory, batch size vs the train split;
+                           returns the run's Task
     check_model_once       the model directory's check, skipped when it passed unchanged before (a stamp)
     check_cluster_gpus     after joining a cluster: a GPU per worker when distributed.use_gpu
 
