@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
 import psutil
 import ray
@@ -35,6 +36,11 @@ DASHBOARD_PORT_TRIES = 3  # ray.init attempts when the dashboard's port is taken
 # for $RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S, 10 min). A value the user set is kept.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = "0.5"
+# Ray Train starts a preemption watcher per run (an actor, one more Python process beside the workers, ~1.5 s of a
+# 2-core machine's start-up) that polls the cluster's nodes for a preemption notice (a spot node about to go).
+# The local cluster ermgap starts is this machine alone: nothing to watch. A joined cluster keeps Ray's default
+# (its GCS listens on every interface, and an autoscaler may add spot nodes later). A value the user set is kept.
+PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Ray's exit hook (ray._private.worker.shutdown, atexit) sleeps this long before stopping a cluster it started.
 RAY_EXIT_OUTPUT_PAUSE_S = 0.5
 REAPER_START_S = 30.0  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
@@ -70,22 +76,22 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
 
     if ray.is_initialized():
         return
-    # The job's environment: every task and actor of this driver gets it (Train controllers and a sweep's trial
-    # drivers included; an actor's own env_vars are merged with it).
-    env_vars = {} if TRAIN_POLL_ENV in os.environ else {TRAIN_POLL_ENV: TRAIN_POLL_S}
     if not log_to_driver:
         drop_raylet_notices()
     level = logging.INFO if log_to_driver else logging.WARNING
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+        loopback = is_loopback_host(host)
+        env_vars = job_env_vars(local=False)
         # A head bound to 127.0.0.1 (cluster/start-local-head.sh's default) is only reachable from this
         # machine's loopback: without naming it, Ray registers this driver under the host's own IP and
         # never reaches the GCS ("Timed out while waiting for GCS to become available").
-        local = {"_node_ip_address": "127.0.0.1"} if is_loopback_host(host) else {}
+        local = {"_node_ip_address": "127.0.0.1"} if loopback else {}
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=level,
                  runtime_env={"env_vars": env_vars} if env_vars else None, **local)
         return
+    env_vars = job_env_vars(local=True)
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
     for attempt in range(DASHBOARD_PORT_TRIES):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -116,6 +122,14 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
             reaper.stop([p for p in psutil.Process().children(recursive=True) if p.pid not in before])
             port = _free_port()
     _REAPERS.append(start_reaper(context.address_info["session_dir"]))
+
+
+def job_env_vars(*, local: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The job's environment: every task and actor of this driver gets it (Train controllers and a sweep's trial
+    drivers included; an actor's own env_vars are merged with it). `local`: the cluster is the one this process
+    starts on this machine. Variables set in `environ` (the user's) are left to it."""
+    wanted = {TRAIN_POLL_ENV: TRAIN_POLL_S, **({PREEMPTION_ENV: "0"} if local else {})}
+    return {key: value for key, value in wanted.items() if key not in environ}
 
 
 def _dashboard_port_taken(err: Exception) -> bool:

@@ -49,6 +49,9 @@ deepspeed_ops.pin_build_dir()
 # a tiny run's last reports and its end then waited 2-4 s for nothing, in every Train run of the suite.
 # Propagated by Ray to every controller (drivers in subprocesses inherit it); a missed poll only waits longer.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# The session's cluster is a local one, as `ermgap train` starts for itself: its runs do without Ray Train's
+# preemption watcher as those do (ermgap.ray_runtime.PREEMPTION_ENV), though their drivers join it by address.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_S = 60.0

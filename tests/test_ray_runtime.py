@@ -92,30 +92,60 @@ class Controller:  # created as Ray Train creates its TrainController: its own e
     def interval(self):
         return os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
+    def preemption_watcher(self):
+        return os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+
 @ray.remote(num_cpus=0)
 def trial_driver():  # a sweep's trial driver builds its TorchTrainer in a Ray task
     return get_env_vars_to_propagate().get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
 
 controller = Controller.options(runtime_env={"env_vars": {**get_env_vars_to_propagate(), "X": "1"}}).remote()
 print("POLL", ray.get(controller.interval.remote()), ray.get(trial_driver.remote()), flush=True)
+print("PREEMPTION", ray.get(controller.preemption_watcher.remote()), flush=True)
 """
 
 
 def test_train_controllers_poll_every_half_second(tmp_path):
     """Ray Train's controller polls its workers every $RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default 2 s),
     and a run ends only at the poll after its final report: a driver's cluster gives every controller 0.5 s,
-    those of a sweep's trial drivers included (a value the user set is kept: ensure_ray only fills it in)."""
+    those of a sweep's trial drivers included (a value the user set is kept: ensure_ray only fills it in).
+    On the local cluster, controllers also get Ray Train's preemption watcher turned off."""
     marker = uuid.uuid4().hex
     env = {**os.environ, MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    env.pop("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", None)  # the suite's conftest sets it for its own runs
+    for name in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        env.pop(name, None)  # the suite's conftest sets them for its own runs
     try:
         out = subprocess.run([sys.executable, "-c", POLL_DRIVER], cwd=REPO, env=env, capture_output=True, text=True,
                              timeout=110)
         assert out.returncode == 0, out.stderr[-3000:]
         assert "POLL 0.5 0.5" in out.stdout, out.stdout + out.stderr[-2000:]
+        assert "PREEMPTION 0" in out.stdout, out.stdout + out.stderr[-2000:]
     finally:
         kill_pids_with_env(MARKER, marker)
+
+
+@pytest.mark.parametrize(("local", "environ", "expected"), [
+    (True, {}, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}),
+    (False, {}, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}),  # a joined cluster may have spot nodes
+    (True, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}),
+    (True, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2"}, {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}),
+])
+def test_the_job_environment_keeps_what_the_user_set(local, environ, expected):
+    from ermgap.ray_runtime import job_env_vars
+
+    assert job_env_vars(local=local, environ=environ) == expected
+
+
+def test_the_suites_runs_start_no_preemption_watcher(reference_run, ray_cluster):
+    """The variable turns Ray Train's watcher off in a real run: the reference run (`ermgap train`, a driver
+    joining the session's cluster, RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0 from conftest as ermgap's own local
+    clusters set it) has its controller and worker in Ray's record of every actor the cluster started (alive or
+    dead), and no watcher."""
+    from ray.util.state import list_actors
+
+    started = {a.class_name for a in list_actors(address=ray_cluster, limit=10_000, raise_on_missing_output=False)}
+    assert {"TrainController", "RayTrainWorker"} <= started and "PreemptionWatcher" not in started, started
 
 
 # What may outlive the driver by a moment: ermgap's reaper (it exits once it sees the driver gone) and the
