@@ -31,17 +31,20 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-from _procs import free_port  # noqa: F401  (re-exported for tests that import it from conftest)
-from _runs import FinishedRun, finished_run, small_slice, train_overrides
-
-from ermgap import deepspeed_ops
-
-# Keep Ray, tokenizers and BLAS from oversubscribing the 2 cores CI has.
+# Keep Ray, tokenizers and BLAS from oversubscribing the 2 cores CI has. Set before anything imports torch: torch
+# reads OMP_NUM_THREADS once, at import, and the suite's own process (its pure tests) ran with a thread per core
+# when _runs imported it first (a second thread on tiny tensors only waits: one toy training 34 s -> 2 s).
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+from _procs import free_port  # noqa: E402, F401  (re-exported for tests that import it from conftest)
+from _runs import FinishedRun, finished_run, small_slice, train_overrides  # noqa: E402
+
+from ermgap import deepspeed_ops  # noqa: E402
+
 # DeepSpeed's CPU op built once for this checkout's installation, not rebuilt whenever another checkout on the
 # machine loaded it (ermgap.deepspeed_ops); in the environment, so every Ray cluster and subprocess uses it too.
 deepspeed_ops.pin_build_dir()

@@ -14,6 +14,7 @@ Each import runs in a fresh interpreter; the check is sys.modules after it.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -77,3 +78,11 @@ def test_every_deferred_import_of_ermgap_names_exists():
                             and not (hasattr(module, "__path__")  # a package's submodule is found, not an attribute
                                      and importlib.util.find_spec(f"{node.module}.{a.name}"))]
     assert missing == []
+
+
+def test_the_suites_process_runs_torch_on_one_thread():
+    """conftest sets OMP_NUM_THREADS=1 before anything imports torch (torch reads it once, at import): the pure
+    tests' tiny tensors ran 10-17x slower with a second thread that only waits (the toy probe test 190 s -> 17 s)."""
+    import torch
+
+    assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1

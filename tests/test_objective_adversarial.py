@@ -219,19 +219,11 @@ def test_a_probe_trained_afterwards_reads_the_attribute_worse_with_the_reversal_
     from sklearn.linear_model import LogisticRegression
 
     probe = {0.0: [], 1.0: []}
-    # One intra-op thread: 3,600 steps on [40, 8] tensors, where a second thread only waits on the first (the
-    # test process imports torch before conftest's OMP_NUM_THREADS=1, so it has one per core). Measured at load
-    # average 4-5 on the 2-core machine: 190 s with 2 threads, 17 s with one (one _train_encoder: 34 s / 2 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for seed in (0, 1, 2):
-            for strength in probe:
-                h, a, ht, at, task_acc = _train_encoder(strength, seed)
-                probe[strength].append(LogisticRegression(max_iter=2000).fit(h, a).score(ht, at))
-                assert task_acc > 0.85, (strength, seed, task_acc)
-    finally:
-        torch.set_num_threads(threads)
+    for seed in (0, 1, 2):
+        for strength in probe:
+            h, a, ht, at, task_acc = _train_encoder(strength, seed)
+            probe[strength].append(LogisticRegression(max_iter=2000).fit(h, a).score(ht, at))
+            assert task_acc > 0.85, (strength, seed, task_acc)
     off, on = (sum(v) / len(v) for v in probe.values())
     assert on < 0.6 and on < off - 0.1, probe
 
