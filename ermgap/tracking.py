@@ -49,6 +49,7 @@ from ermgap.errors import ConfigError, ErmgapWarning, StorageError
 from ermgap.mlflow_ui import SUMMARY_PREFIX as BEST  # the best/ namespace
 from ermgap.mlflow_ui import chart_sections, mark_kind, runs_view_fragment
 from ermgap.storage import Location
+from ermgap.store_lock import first_open_lock
 
 RUN_ID_FILE = "mlflow_run_id"
 PARENT_TAG = MLFLOW_PARENT_RUN_ID
@@ -96,7 +97,8 @@ def check_store_exists(tracking_uri: str) -> None:
 
 
 def client(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri)
+    with first_open_lock(tracking_uri):  # MlflowClient opens (a new one: creates) the store
+        return MlflowClient(tracking_uri=tracking_uri)
 
 
 def _param(key: str, value: Any) -> Param:
