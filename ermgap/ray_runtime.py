@@ -82,12 +82,11 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
         host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
-        loopback = is_loopback_host(host)
         env_vars = job_env_vars(local=False)
         # A head bound to 127.0.0.1 (cluster/start-local-head.sh's default) is only reachable from this
         # machine's loopback: without naming it, Ray registers this driver under the host's own IP and
         # never reaches the GCS ("Timed out while waiting for GCS to become available").
-        local = {"_node_ip_address": "127.0.0.1"} if loopback else {}
+        local = {"_node_ip_address": "127.0.0.1"} if is_loopback_host(host) else {}
         ray.init(address=address, log_to_driver=log_to_driver, logging_level=level,
                  runtime_env={"env_vars": env_vars} if env_vars else None, **local)
         return

@@ -152,9 +152,10 @@ def test_a_probe_reads_gender_worse_after_training_with_the_reversal_on(ray_clus
     difference [paired 95 % interval]): seed 42 100.0 → 86.9 %, -13.1 [-20.2, -6.2]; seed 43 98.8 → 83.3 %,
     -15.5 [-23.2, -7.7]; seed 44 98.8 → 90.5 %, -8.3 [-15.3, -2.3]; seed 45 97.6 → 85.7 %,
     -11.9 [-19.8, -3.7]. Test W-F1 α = 0 / α = 2: 33.9 / 16.6, 16.7 / 7.4, 17.4 / 15.8, 20.4 / 6.3 (the
-    random-init backbone barely learns emotion in 126 steps; the reversal costs some). Runs are deterministic on CPU: this test reads seed 42's numbers. Its call took 89 s and 98 s on the
-    2-core machine at load average 3-3.7 (`pytest tests/test_leakage.py -k probe_reads_gender --durations=3`;
-    the session's corpus, model and cluster aside): the two runs side by side ~70 s, the probe ~15 s."""
+    random-init backbone barely learns emotion in 126 steps; the reversal costs some). Runs are deterministic on
+    CPU: this test reads seed 42's numbers. Its call took 89 s and 98 s on the 2-core machine at load average
+    3-3.7 (`pytest tests/test_leakage.py -k probe_reads_gender --durations=3`; the session's corpus, model and
+    cluster aside): the two runs side by side ~70 s, the probe ~15 s."""
     import json
     import os
     import subprocess
@@ -169,7 +170,7 @@ def test_a_probe_reads_gender_worse_after_training_with_the_reversal_on(ray_clus
     (tmp_path / "run.yaml").write_text("{}\n")
 
     def train(name: str, strength: float) -> str:
-        # A store per run: two `ermgap train` creating one new sqlite store at once race in MLflow's migrations.
+        # A store per run: each run's MLflow contents apart (one shared new store is test_tracking's case).
         overrides = [f"data.manifest={synth_corpus}", f"model.name_or_path={tiny_model}", *PROBE_E2E,
                      f"objective.adversarial.strength={strength}", f"tracking.tracking_uri=sqlite:///{tmp_path}/{name}.db",
                      f"tracking.storage_path={tmp_path}/runs"]
