@@ -15,12 +15,16 @@ Only psutil is imported: this process should start in milliseconds and stay smal
 from __future__ import annotations
 
 import os
+import select
 import sys
 import time
+from collections import defaultdict
+from collections.abc import Callable
 
 import psutil
 
-POLL_S = 0.5     # how often the record is refreshed (and how late the reaper may notice the driver's exit)
+RECORD_S = 2.0   # how often the record is refreshed (the driver's exit is seen at once: _exit_waiter)
+POLL_S = 0.5     # how late the driver's exit is seen where the system has no pidfd
 GRACE_S = 3.0    # between SIGTERM and SIGKILL
 
 
@@ -35,21 +39,31 @@ def _in_session(p: psutil.Process, session_dir: str) -> bool:
         return False
 
 
+def _children_by_parent() -> dict[int, list[psutil.Process]]:
+    """{ppid: [its children]} for every process on the machine, read once (psutil's children() reads every
+    process again for each call)."""
+    tree: dict[int, list[psutil.Process]] = defaultdict(list)
+    for p in psutil.process_iter(["ppid"]):
+        tree[p.info["ppid"]].append(p)
+    return tree
+
+
 def cluster_processes(driver: psutil.Process | None, session_dir: str) -> dict[int, psutil.Process]:
     """{pid: process} of the cluster's head processes (the driver's children naming `session_dir`) and
     their descendants; with driver None (it is gone), every process on the machine that belongs to it."""
     me = os.getpid()
     found: dict[int, psutil.Process] = {}
-    candidates = driver.children() if driver is not None else psutil.process_iter()
+    tree = _children_by_parent() if driver is not None else {}
+    candidates = tree.get(driver.pid, []) if driver is not None else psutil.process_iter()
     for p in candidates:
         if p.pid == me or not _in_session(p, session_dir):
             continue
         found[p.pid] = p
-        if driver is not None:
-            try:
-                found.update({c.pid: c for c in p.children(recursive=True)})
-            except psutil.Error:
-                continue
+        below = list(tree.get(p.pid, []))
+        while below:
+            child = below.pop()
+            found[child.pid] = child
+            below.extend(tree.get(child.pid, []))
     return found
 
 
@@ -77,6 +91,30 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
+def _exit_waiter(driver: psutil.Process) -> Callable[[float], bool]:
+    """wait(timeout) -> whether the driver has exited. On Linux a pidfd wakes this process when the driver exits
+    (no polling: an idle cluster's reaper costs no CPU between records); elsewhere its liveness is polled."""
+    try:
+        fd = os.pidfd_open(driver.pid)
+    except (AttributeError, OSError):  # not Linux >= 5.3, or the driver is gone already
+        fd = None
+    if fd is not None and not _alive(driver):  # the pid was reused between psutil's look and the pidfd
+        os.close(fd)
+        return lambda timeout: True
+    if fd is not None:
+        return lambda timeout: bool(select.select([fd], [], [], timeout)[0])
+
+    def poll(timeout: float) -> bool:
+        end = time.monotonic() + timeout
+        while _alive(driver):
+            if time.monotonic() >= end:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    return poll
+
+
 def watch(driver_pid: int, session_dir: str) -> None:
     """Record the cluster while the driver lives; once it is gone, stop what is left of it. Prints one
     line when the first record is taken (`ensure_ray` waits for it)."""
@@ -85,8 +123,9 @@ def watch(driver_pid: int, session_dir: str) -> None:
     except psutil.NoSuchProcess:
         driver = None
     record: dict[int, psutil.Process] = {}
+    exited = _exit_waiter(driver) if driver is not None else (lambda timeout: True)
     ready = False
-    while driver is not None and _alive(driver):
+    while driver is not None:
         now = cluster_processes(driver, session_dir)
         if record and not now:
             return  # the driver shut its cluster down itself
@@ -95,7 +134,8 @@ def watch(driver_pid: int, session_dir: str) -> None:
         if not ready:
             print("watching", flush=True)
             ready = True
-        time.sleep(POLL_S)
+        if exited(RECORD_S):
+            break
     # Agents or workers started after the last record, orphaned by now, still hold the session's files open.
     record.update(cluster_processes(None, session_dir))
     stop([p for p in record.values() if _alive(p)])
