@@ -2,8 +2,8 @@
 (real Ray on 127.0.0.1, DeepSpeed, MLflow sqlite), and a kind defined and registered inside a test trained
 through the recipe and named by its own description in the leaderboard: proof that a new kind is one class.
 
-Cheap on purpose: 24 train utterances = one optimizer step per epoch, one epoch, one worker, one Ray cluster
-for the module (the CLI joins it with --address).
+Cheap on purpose: 24 train utterances = one optimizer step per epoch, one epoch, one worker, the session's Ray
+cluster (the CLI joins it with --address), two train runs at once.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -68,30 +69,76 @@ def _overrides(manifest: Path, model: Path, root: Path) -> list[str]:
             f"tracking.storage_path={root}/runs"]
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "ERMGAP_VERBOSE")}
     env["COLUMNS"] = "200"  # one line per message: the assertions read whole lines
-    return subprocess.run([sys.executable, "-m", "ermgap.cli.main", *args], env=env, capture_output=True, text=True,
+    return env
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ermgap.cli.main", *args], env=_env(), capture_output=True, text=True,
                           timeout=300, cwd=cwd)
 
 
+class TrainRuns:
+    """`ermgap train` of each kind, two at a time on the session's 2-CPU cluster (a worker of 1 CPU each): a run
+    alone leaves a core idle through most of its start-up. Asking for a kind starts it beside the next selected
+    kind not started yet, and waits for it; each kind's run has a store and folder of its own."""
+
+    def __init__(self, selected: list[str], small: Path, tiny_model: Path, tmp: Callable[[str], Path],
+                 address: str) -> None:
+        self.selected, self.small, self.tiny_model, self.tmp, self.address = selected, small, tiny_model, tmp, address
+        self.started: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+    def _start(self, kind: str) -> None:
+        root = self.tmp(f"kind_{kind}")
+        with open(root / "output.txt", "w") as out:  # a file, not a pipe: two runs print at once
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "ermgap.cli.main", "train", str(REPO / "configs" / "tiny.yaml"),
+                 f"objective.kind={kind}", *_overrides(self.small, self.tiny_model, root), "--run-dir",
+                 str(root / "run"), "--address", self.address],
+                env=_env(), stdout=out, stderr=subprocess.STDOUT, cwd=root)
+        self.started[kind] = (proc, root)
+
+    def result(self, kind: str) -> tuple[int, str, Path]:
+        """(exit code, what the CLI printed, the run's root: root/run, root/mlflow.db) of `kind`'s run."""
+        if kind not in self.started:
+            self._start(kind)
+            later = [k for k in self.selected if k not in self.started]
+            if later:
+                self._start(later[0])
+        proc, root = self.started[kind]
+        proc.wait(timeout=300)
+        return proc.returncode, (root / "output.txt").read_text(), root
+
+    def close(self) -> None:
+        for proc, _ in self.started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def train_runs(request, small, tiny_model, tmp_path_factory, ray_cluster):
+    selected = [item.callspec.params["kind"] for item in request.session.items
+                if item.originalname == "test_train_cli_every_kind_prints_its_table_and_names_its_objective"]
+    runs = TrainRuns(selected, small, tiny_model, tmp_path_factory.mktemp, ray_cluster)
+    yield runs
+    runs.close()
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_train_cli_every_kind_prints_its_table_and_names_its_objective(kind, small, tiny_model, tmp_path,
-                                                                      ray_cluster):
+def test_train_cli_every_kind_prints_its_table_and_names_its_objective(kind, train_runs):
     from mlflow import MlflowClient
 
-    run_dir = tmp_path / "run"
-    res = _cli("train", str(REPO / "configs" / "tiny.yaml"), f"objective.kind={kind}",
-               *_overrides(small, tiny_model, tmp_path), "--run-dir", str(run_dir), "--address", ray_cluster,
-               cwd=tmp_path)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-3000:]
+    code, out, root = train_runs.result(kind)
+    assert code == 0, out[-3000:]
     assert "Traceback" not in out
     described = DESCRIPTIONS.get(kind, OBJECTIVES[kind].label)
     assert "ermgap train: best checkpoint" in out and "w_f1" in out and "loss_gap" in out
     assert re.search(rf"objective {re.escape(described)} · {SHOWN.get(kind, '')}steps 1 · evaluations 1 ", out), \
         out[-2000:]
-    run = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run((run_dir / "mlflow_run_id").read_text().strip())
+    run = MlflowClient(f"sqlite:///{root}/mlflow.db").get_run((root / "run" / "mlflow_run_id").read_text().strip())
     assert run.info.run_name == f"run · {described}"
     assert run.data.params["objective.kind"] == kind and run.data.params["objective"] == described
 
