@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runs import side_by_side, small_slice
+from _runs import small_slice
 from rich.console import Console
 
 from ermgap.config import load_config
@@ -48,7 +48,7 @@ def _overrides(root: Path, uri: str, manifest: Path, model: Path, sampler: str, 
         "optim.effective_batch_size=8", "optim.micro_batch_size=4", "lora.dropout=0.1", "eval.every_steps=2",
         "eval.batch_size=12", "eval.patience=0", f"data.sampler={sampler}", f"data.feature_cache={cache}",
         f"objective.kind={objective}", "lambda.mode=adaptive", "lambda.eta=5", "objective.group_dro.eta=0.5",
-        "distributed.cpus_per_worker=0.5",
+        "distributed.cpus_per_worker=1",
     ]
 
 
@@ -132,24 +132,16 @@ def test_a_refitted_or_resumed_run_is_the_uninterrupted_run(sampler, cache, obje
     overrides = _overrides(tmp_path, tracking_uri, tiny_manifest, tiny_model, sampler, cache_value, objective)
     cfg = load_config(None, overrides + [f"distributed.num_workers={2 if refit else 1}",
                                          f"distributed.max_failures={1 if refit else 0}"])
+    ref = run_training(cfg, run_dir=tmp_path / "runs" / "reference", console=Console(file=io.StringIO()))
+    assert ref["step"] == 6 and ref["eval_round"] == 3
+
     run_dir = tmp_path / "runs" / "interrupted"
     seen = Console(file=io.StringIO(), width=200)
-
-    def reference() -> dict:
-        return run_training(cfg, run_dir=tmp_path / "runs" / "reference", console=Console(file=io.StringIO()))
-
-    def interrupted() -> dict | None:
-        if refit:
-            return run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(3))
+    if refit:
+        got = run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(3))
+    else:
         with pytest.raises(TrainingError, match=rf"continue with `ermgap train --resume {run_dir}`"):
             run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(5))
-        return None
-
-    # The oracle and the interrupted run side by side (independent runs; each alone leaves a core idle through
-    # most of its start-up): half a CPU per worker lets two 2-worker runs share the 2-CPU session cluster.
-    ref, got = side_by_side(reference, interrupted)
-    assert ref["step"] == 6 and ref["eval_round"] == 3
-    if not refit:
         got = run_training(None, resume_dir=run_dir, console=seen)
     assert (run_dir / ".fault_fired").read_text() == f"killed rank {1 if refit else 0} after step {3 if refit else 5}\n"
 
