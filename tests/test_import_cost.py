@@ -1,8 +1,9 @@
 """What an entry point loads when it is imported: a process pays seconds and hundreds of MB for every heavy
 library it imports, whether it uses it or not.
 
-- `ermgap.cli.main` is imported by every `ermgap` command (`--help`, `data validate`, `config show`): Ray, MLflow
-  and the model stack are for the commands that use them.
+- `ermgap.cli.main` is imported by every `ermgap` command (`--help`, `data validate`, `config show`, a refused
+  argument): torch, Ray, MLflow and the model stack are for the commands that use them (torch alone is ~2.6 s;
+  the config imports the objective kinds for their settings, and their math imports torch on first use).
 - `ermgap.driver` is what `ermgap train`'s driver imports, and `ermgap.sweep.tune` what each of a sweep's trial
   drivers (a Ray task per trial) imports: they build and watch a TorchTrainer and never run a model, so
   transformers, peft and DeepSpeed stay in the Train workers (the driver's pre-flight imports transformers only
@@ -29,7 +30,7 @@ from ermgap.preflight import check_model_once
 REPO = Path(__file__).resolve().parent.parent
 MODEL_STACK = ("transformers", "peft", "deepspeed")
 NOT_LOADED = {
-    "ermgap.cli.main": ("ray", "mlflow", *MODEL_STACK),
+    "ermgap.cli.main": ("torch", "ray", "mlflow", *MODEL_STACK),
     "ermgap.driver": MODEL_STACK,
     "ermgap.sweep.tune": MODEL_STACK,
 }
@@ -86,3 +87,14 @@ def test_the_suites_process_runs_torch_on_one_thread():
     import torch
 
     assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
+
+
+def test_ermgap_train_refuses_a_bad_setting_before_loading_torch_ray_or_mlflow():
+    """A mistyped key is the commonest error: `ermgap train` reports it (exit 2) before importing what a run needs
+    (torch, Ray, MLflow: seconds), so the user waits about a second for it."""
+    code = ("import json, runpy, sys; sys.argv = ['ermgap', 'train', 'configs/tiny.yaml', 'optim.epochz=3']\n"
+            "try:\n    runpy.run_module('ermgap.cli.main', run_name='__main__')\nexcept SystemExit as e:\n"
+            "    print(json.dumps([e.code, sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules)]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=110)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [2, []], out.stdout[-2000:] + out.stderr[-2000:]
+    assert "epochz" in out.stderr and "Traceback" not in out.stderr

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from test_objective_distributed import TRAIN_COUNTS, _average_grads, global_batch, start_gloo, step_indices
 
 from ermgap.objectives import OBJECTIVES, AdversarialERM, CellGrid
-from ermgap.objectives.adversarial import AdversarialConfig, grad_reverse
+from ermgap.objectives.adversarial import AdversarialConfig
+from ermgap.objectives.adversarial_head import grad_reverse
 
 
 def _grid(strata=("a", "b"), counts=((3, 2), (2, 3))):

@@ -45,9 +45,7 @@ def train(
 
     quiet_console(verbose)  # before the imports below: they load transformers and Ray
     from ermgap.config import load_config
-    from ermgap.driver import run_training
     from ermgap.errors import ConfigError
-    from ermgap.ray_runtime import shutdown_ray
 
     if resume is None and config is None:
         raise ConfigError("give a CONFIG.yaml, or --resume RUN_DIR to continue a run")
@@ -55,6 +53,10 @@ def train(
         # The run's own config.yaml is authoritative: a resumed run must continue the same experiment.
         raise ConfigError("--resume uses the run's saved config.yaml; do not pass a config or overrides")
     cfg = load_config(config, overrides or []) if resume is None else None
+    # Only now: a config error is reported in a second, without the seconds of torch, Ray and MLflow imports.
+    from ermgap.driver import run_training
+    from ermgap.ray_runtime import shutdown_ray
+
     console = Console()
     try:
         final = run_training(cfg, address=address, resume_dir=resume, run_dir=run_dir, force=force, console=console,

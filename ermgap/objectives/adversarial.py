@@ -37,17 +37,23 @@ accuracy of the head on dev (and on test at the end) as `<split>_attr_acc`: the 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from ermgap.lazy import LazyModule
 from ermgap.objectives.base import Objective, ObjectiveOutput
 from ermgap.objectives.cells import CellGrid, all_reduce_sum, cell_stats, check_inputs, erm_mean, reduced_cell_sums
 from ermgap.settings import Section, Setting
 
-__all__ = ["AdversarialConfig", "AdversarialERM", "AttributeHead", "grad_reverse"]
+if TYPE_CHECKING:
+    from ermgap.objectives.adversarial_head import AttributeHead
+
+# Imported by the first method that uses them (ermgap.lazy): `ermgap.config` imports this module.
+torch = LazyModule("torch")
+F = LazyModule("torch.nn.functional")
+
+__all__ = ["AdversarialConfig", "AdversarialERM"]
 
 
 class AdversarialConfig(Section):
@@ -62,58 +68,6 @@ class AdversarialConfig(Section):
     head_lr_scale: float = Field(
         10.0, gt=0, le=1000, description="The head's learning rate as a multiple of optim.lr (its own parameter group; the adversary must keep up with the adapter it is trained against).")
     balanced: bool = Field(True, description="Weigh the head's CE so every attribute value counts alike (weight 1/(A × its train share), scikit-learn's class_weight='balanced'); false: a plain mean, which a head can minimise by predicting the majority value.")
-
-
-class _GradReverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, alpha: float) -> torch.Tensor:
-        ctx.alpha = alpha
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return -ctx.alpha * grad, None
-
-
-def grad_reverse(x: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Identity forward; the gradient flowing back through it is multiplied by −alpha."""
-    return _GradReverse.apply(x, float(alpha))
-
-
-MOMENTUM, EPS = 0.1, 1e-5  # torch.nn.BatchNorm1d's defaults
-
-
-class AttributeHead(torch.nn.Module):
-    """hidden [B, H] → attribute logits [B, A]: Linear-ReLU-Linear (or one Linear when head_size is 0),
-    optionally behind a per-feature standardisation (`standardize`): the caller passes the global batch's
-    mean and variance in training; without them the running averages (buffers, so checkpoints and the saved
-    head hold them) are used, as BatchNorm1d(affine=False) does at evaluation."""
-
-    def __init__(self, hidden: int, num_attrs: int, head_size: int, standardize: bool = False) -> None:
-        super().__init__()
-        if head_size:
-            self.net = torch.nn.Sequential(torch.nn.Linear(hidden, head_size), torch.nn.ReLU(),
-                                           torch.nn.Linear(head_size, num_attrs))
-        else:
-            self.net = torch.nn.Linear(hidden, num_attrs)
-        self.standardize = standardize
-        if standardize:
-            self.register_buffer("running_mean", torch.zeros(hidden))
-            self.register_buffer("running_var", torch.ones(hidden))
-
-    def forward(self, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        dtype = next(self.parameters()).dtype
-        if self.standardize:
-            mean, var = stats if stats is not None else (self.running_mean, self.running_var)
-            x = (x.to(mean.dtype) - mean) / (var + EPS).sqrt()
-        return self.net(x.to(dtype))
-
-    @torch.no_grad()
-    def update_running(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
-        """BatchNorm1d's update from one global batch of n: running ← (1 − m)·running + m·batch, the variance
-        unbiased (× n / (n − 1))."""
-        self.running_mean.lerp_(mean.to(self.running_mean), MOMENTUM)
-        self.running_var.lerp_((var * n / max(n - 1.0, 1.0)).to(self.running_var), MOMENTUM)
 
 
 class AdversarialERM(Objective):
@@ -155,6 +109,8 @@ class AdversarialERM(Objective):
         return {"adv acc": acc} if acc is not None else {}
 
     def module(self, hidden_size: int) -> torch.nn.Module:
+        from ermgap.objectives.adversarial_head import AttributeHead
+
         # Its own seeded generator: the same head on every rank and for any worker count, whatever the data
         # set-up drew from the global RNG before.
         with torch.random.fork_rng(devices=[]):
@@ -173,6 +129,8 @@ class AdversarialERM(Objective):
     def _logits(self, inputs: Mapping[str, torch.Tensor], alpha: float, stats=None) -> torch.Tensor:
         if self.head is None:
             raise RuntimeError("the adversarial objective's head does not exist yet: call module(hidden_size) first")
+        from ermgap.objectives.adversarial_head import grad_reverse
+
         return self.head(grad_reverse(inputs[self.forward_inputs[0]], alpha), stats)
 
     def _batch_stats(self, h: torch.Tensor, process_group) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -7,10 +7,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
+from ermgap.lazy import LazyModule
 from ermgap.objectives.cells import CellGrid, CellStats, all_reduce_sum, check_inputs, reduced_cell_stats
 from ermgap.settings import Setting
+
+torch = LazyModule("torch")  # imported by the first function that uses it (ermgap.lazy)
 
 __all__ = ["Objective", "ObjectiveOutput", "Table3Row"]
 

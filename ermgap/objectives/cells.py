@@ -20,13 +20,16 @@ attribute value has at least one example in the global batch — the paper's "ma
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-import torch
-import torch.distributed as dist
-
 from ermgap.errors import TrainingError
+from ermgap.lazy import LazyModule
+
+# Imported by the first function that uses them (ermgap.lazy): `ermgap.config` imports this module.
+torch = LazyModule("torch")
+dist = LazyModule("torch.distributed")
 
 __all__ = ["CellGrid", "CellStats", "all_reduce_sum", "cell_stats", "check_cells_in_train", "check_inputs",
            "erm_mean", "group_stats", "loss_gap", "reduced_cell_stats", "reduced_cell_sums", "stratum_gap_terms"]
@@ -35,27 +38,33 @@ __all__ = ["CellGrid", "CellStats", "all_reduce_sum", "cell_stats", "check_cells
 # --------------------------------------------------------------------------- the distributed seam
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Forward: sum over ranks. Backward: this rank's incoming gradient times world size.
+@functools.cache
+def _all_reduce_function() -> type:
+    """The autograd function of `all_reduce_sum`, defined on first use (its base class is torch's)."""
 
-    Why ×W and not an all-reduce of the gradient (the exact adjoint of all-reduce, as in
-    `torch.distributed.nn.functional.all_reduce`): everything downstream of the reduced tensor in this
-    module is a function of reduced (rank-identical) values and of the objective's state and hyperparameters
-    (identical by contract), so every
-    rank receives the same upstream gradient g. The true adjoint would sum W identical copies = W·g; we
-    produce W·g locally and save a second collective (and a hang if a rank skipped backward).
-    """
+    class AllReduceSum(torch.autograd.Function):
+        """Forward: sum over ranks. Backward: this rank's incoming gradient times world size.
 
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
-        ctx.world_size = dist.get_world_size(group)
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
+        Why ×W and not an all-reduce of the gradient (the exact adjoint of all-reduce, as in
+        `torch.distributed.nn.functional.all_reduce`): everything downstream of the reduced tensor in this
+        module is a function of reduced (rank-identical) values and of the objective's state and
+        hyperparameters (identical by contract), so every rank receives the same upstream gradient g. The true
+        adjoint would sum W identical copies = W·g; we produce W·g locally and save a second collective (and a
+        hang if a rank skipped backward).
+        """
 
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        return grad_output * ctx.world_size, None
+        @staticmethod
+        def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+            ctx.world_size = dist.get_world_size(group)
+            out = tensor.clone()
+            dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_output: torch.Tensor):
+            return grad_output * ctx.world_size, None
+
+    return AllReduceSum
 
 
 def all_reduce_sum(tensor: torch.Tensor, process_group=None) -> torch.Tensor:
@@ -73,7 +82,7 @@ def all_reduce_sum(tensor: torch.Tensor, process_group=None) -> torch.Tensor:
     """
     if not (dist.is_available() and dist.is_initialized()):
         return tensor
-    return _AllReduceSum.apply(tensor, process_group)
+    return _all_reduce_function().apply(tensor, process_group)
 
 
 # --------------------------------------------------------------------------- group statistics

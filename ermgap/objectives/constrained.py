@@ -29,13 +29,15 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from ermgap.errors import ErmgapWarning, TrainingError
+from ermgap.lazy import LazyModule
 from ermgap.objectives.base import Objective, ObjectiveOutput
 from ermgap.objectives.cells import CellGrid, cell_stats, erm_mean, stratum_gap_terms
 from ermgap.settings import Section, Setting
+
+torch = LazyModule("torch")  # imported by the first function that uses it (ermgap.lazy)
 
 __all__ = ["ConstrainedConfig", "ConstrainedERM", "Multipliers", "constrained_from_cells"]
 

@@ -22,12 +22,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from pydantic import Field
 
+from ermgap.lazy import LazyModule
 from ermgap.objectives.base import Objective, ObjectiveOutput
 from ermgap.objectives.cells import CellGrid, cell_stats, check_cells_in_train
 from ermgap.settings import Section, Setting
+
+torch = LazyModule("torch")  # imported by the first function that uses it (ermgap.lazy)
 
 
 class GroupDROConfig(Section):

@@ -29,13 +29,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from ermgap.errors import ErmgapWarning, TrainingError
+from ermgap.lazy import LazyModule
 from ermgap.objectives.base import Objective, ObjectiveOutput, Table3Row
 from ermgap.objectives.cells import CellGrid, CellStats, all_reduce_sum, cell_terms, check_inputs, reduced_cell_stats
 from ermgap.settings import Section, Setting
+
+torch = LazyModule("torch")  # imported by the first function that uses it (ermgap.lazy)
 
 __all__ = ["AdaptiveLambda", "LambdaConfig", "MinMaxGAP", "ObjectiveResult", "avg_metric_gap", "erm_minmaxgap_loss",
            "lambda_drive", "minmaxgap_from_cells", "sample_weights"]

@@ -3,10 +3,11 @@ for under-representation; e.g. Idrissi et al. 2022 "Simple data balancing", rewe
 
 from __future__ import annotations
 
-import torch
-
+from ermgap.lazy import LazyModule
 from ermgap.objectives.base import Objective, ObjectiveOutput
 from ermgap.objectives.cells import CellGrid, cell_stats, check_cells_in_train, erm_mean
+
+torch = LazyModule("torch")  # imported by the first function that uses it (ermgap.lazy)
 
 
 class Reweight(Objective):
