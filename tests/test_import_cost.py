@@ -89,12 +89,17 @@ def test_the_suites_process_runs_torch_on_one_thread():
     assert os.environ["OMP_NUM_THREADS"] == "1" and torch.get_num_threads() == 1
 
 
-def test_ermgap_train_refuses_a_bad_setting_before_loading_torch_ray_or_mlflow():
-    """A mistyped key is the commonest error: `ermgap train` reports it (exit 2) before importing what a run needs
-    (torch, Ray, MLflow: seconds), so the user waits about a second for it."""
-    code = ("import json, runpy, sys; sys.argv = ['ermgap', 'train', 'configs/tiny.yaml', 'optim.epochz=3']\n"
+@pytest.mark.parametrize(("argv", "named"), [
+    (["train", "configs/tiny.yaml", "optim.epochz=3"], "epochz"),
+    (["bias-lab", "--data-root", "{tmp}/lab", "--row", "erm", "--row", "bogus"], "bogus"),
+], ids=["train", "bias-lab"])
+def test_a_refused_setting_is_reported_before_torch_ray_or_mlflow_load(argv, named, tmp_path):
+    """A mistyped key or value is the commonest error: the command reports it (exit 2) before importing what a
+    run needs (torch, Ray, MLflow: seconds), so the user waits about a second for it."""
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code = (f"import json, runpy, sys; sys.argv = ['ermgap', *{argv!r}]\n"
             "try:\n    runpy.run_module('ermgap.cli.main', run_name='__main__')\nexcept SystemExit as e:\n"
             "    print(json.dumps([e.code, sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules)]))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=110)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [2, []], out.stdout[-2000:] + out.stderr[-2000:]
-    assert "epochz" in out.stderr and "Traceback" not in out.stderr
+    assert named in out.stderr and "Traceback" not in out.stderr

@@ -252,8 +252,6 @@ def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:
     whose trials partly failed still gives the table of the rest, with `failed` saying which."""
     from rich.console import Console
 
-    from ermgap.sweep.run import SweepInterrupted, TrialsFailed, run_sweep
-
     console = console or Console()
     t0 = time.perf_counter()
     load_start = machine()["load_avg"]
@@ -265,6 +263,9 @@ def run_lab(settings: LabSettings, *, console=None, progress=None) -> LabResult:
             finished_sweep(path)
     else:
         spec, timing = prepare(settings, console=console, progress=progress)
+        # Ray Tune and the training stack (seconds of imports) once the lab's arguments have passed their checks.
+        from ermgap.sweep.run import SweepInterrupted, TrialsFailed, run_sweep
+
         t1 = time.perf_counter()
         try:
             outcome = run_sweep(spec, force=settings.force and not settings.resume, resume=settings.resume,
