@@ -53,8 +53,11 @@ def cluster_processes(driver: psutil.Process | None, session_dir: str) -> dict[i
     their descendants; with driver None (it is gone), every process on the machine that belongs to it."""
     me = os.getpid()
     found: dict[int, psutil.Process] = {}
-    tree = _children_by_parent() if driver is not None else {}
-    candidates = tree.get(driver.pid, []) if driver is not None else psutil.process_iter()
+    if driver is not None:
+        tree = _children_by_parent()
+        candidates = tree.get(driver.pid, [])
+    else:  # orphans: no parent links them to the cluster any more
+        tree, candidates = {}, psutil.process_iter()
     for p in candidates:
         if p.pid == me or not _in_session(p, session_dir):
             continue
@@ -123,19 +126,19 @@ def watch(driver_pid: int, session_dir: str) -> None:
     except psutil.NoSuchProcess:
         driver = None
     record: dict[int, psutil.Process] = {}
-    exited = _exit_waiter(driver) if driver is not None else (lambda timeout: True)
-    ready = False
-    while driver is not None:
-        now = cluster_processes(driver, session_dir)
-        if record and not now:
-            return  # the driver shut its cluster down itself
-        record.update(now)
-        record = {pid: p for pid, p in record.items() if _alive(p)}
-        if not ready:
-            print("watching", flush=True)
-            ready = True
-        if exited(RECORD_S):
-            break
+    if driver is not None:
+        exited, ready = _exit_waiter(driver), False
+        while True:
+            now = cluster_processes(driver, session_dir)
+            if record and not now:
+                return  # the driver shut its cluster down itself
+            record.update(now)
+            record = {pid: p for pid, p in record.items() if _alive(p)}
+            if not ready:
+                print("watching", flush=True)
+                ready = True
+            if exited(RECORD_S):
+                break
     # Agents or workers started after the last record, orphaned by now, still hold the session's files open.
     record.update(cluster_processes(None, session_dir))
     stop([p for p in record.values() if _alive(p)])
