@@ -10,7 +10,8 @@ interleaved, so before and after are measured in one run:
     .venv/bin/python bench/cli_startup.py [--repeats 3]
     .venv/bin/python bench/cli_startup.py --tree before=/tmp/ermgap-before --tree after=.
 
-JSON in bench/results/cli_startup.json (with the machine, its load and each tree's commit); prints a table.
+JSON in bench/results/cli_startup.json (with the machine, its load and each tree's commit); prints a table with each
+other tree's time as a ratio to the first tree's.
 """
 
 from __future__ import annotations
@@ -90,13 +91,18 @@ def main() -> None:
         "imported": loaded,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     names = list(trees)
-    print("| command | " + " | ".join(f"{n} (s)" for n in names) + " | " + " | ".join(f"{n} imports" for n in names)
-          + " |")
-    print("|---|" + "---:|" * len(names) + "---|" * len(names))
+    first, others = names[0], names[1:]  # each other tree's time as a ratio to the first's
+    for n in others:
+        result.setdefault("ratio_to_" + first, {})[n] = {
+            c: round(result["wall_s"][n][c]["median"] / result["wall_s"][first][c]["median"], 2) for c in COMMANDS}
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print("| command | " + " | ".join(f"{n} (s)" for n in names) + "".join(f" | {n} / {first}" for n in others)
+          + " | " + " | ".join(f"{n} imports" for n in names) + " |")
+    print("|---|" + "---:|" * (len(names) + len(others)) + "---|" * len(names))
     for command in COMMANDS:
-        print(f"| {command} | " + " | ".join(f"{result['wall_s'][n][command]['median']:.2f}" for n in names) + " | "
+        print(f"| {command} | " + " | ".join(f"{result['wall_s'][n][command]['median']:.2f}" for n in names)
+              + "".join(f" | {result['ratio_to_' + first][n][command]:.2f}×" for n in others) + " | "
               + " | ".join(", ".join(loaded[n][command]) or "–" for n in names) + " |")
     print(f"\nmedian of {args.repeats}; load average {load_before[0]:.1f} → {os.getloadavg()[0]:.1f}; {args.out}")
 
