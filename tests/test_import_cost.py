@@ -92,7 +92,8 @@ def test_the_suites_process_runs_torch_on_one_thread():
 @pytest.mark.parametrize(("argv", "named"), [
     (["train", "configs/tiny.yaml", "optim.epochz=3"], "epochz"),
     (["bias-lab", "--data-root", "{tmp}/lab", "--row", "erm", "--row", "bogus"], "bogus"),
-], ids=["train", "bias-lab"])
+    (["sweep", "sweeps/demo.yaml", "base.optim.epochz=3"], "optim.epochz"),
+], ids=["train", "bias-lab", "sweep"])
 def test_a_refused_setting_is_reported_before_torch_ray_or_mlflow_load(argv, named, tmp_path):
     """A mistyped key or value is the commonest error: the command reports it (exit 2) before importing what a
     run needs (torch, Ray, MLflow: seconds), so the user waits about a second for it."""

@@ -62,6 +62,14 @@ def test_unknown_spec_key_and_unknown_variant_key(tmp_path):
     assert "variants.a" in msg and "did you mean 'lambda.eta'" in msg
 
 
+def test_a_training_key_without_base_prefix_is_named_with_the_fix(tmp_path):
+    """`ermgap sweep spec.yaml optim.epochs=2` (a key as on `ermgap train`) was refused as "optim: unknown key",
+    naming neither the key nor the spelling that works."""
+    msg = _error(_spec(tmp_path), ["optim.epochz=3"])
+    assert "'optim.epochz' is a training config key" in msg and "base.optim.epochz=3" in msg
+    assert "did you mean 'optim.epochs'" in _error(_spec(tmp_path), ["base.optim.epochz=3"])
+
+
 def test_empty_grid_and_empty_seeds(tmp_path):
     msg = _error(_spec(tmp_path, space={"optim.lr": {"grid": []}}))
     assert "space.optim.lr" in msg and "at least one value" in msg

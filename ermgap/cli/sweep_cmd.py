@@ -34,11 +34,15 @@ def sweep(
 ) -> None:
     """Run a hyperparameter sweep: one Ray Train run per trial, a leaderboard and Pareto front at the end."""
     from ermgap.quiet import quiet_console
+    from ermgap.sweep.spec import load_sweep_spec
 
+    # The spec and every trial config it makes are checked first: a refused key is reported in about a second,
+    # not after the sweep's imports (Ray Tune, MLflow, torch: seconds).
+    loaded = load_sweep_spec(spec, overrides or [])
     quiet_console(verbose)  # before importing the sweep: it loads Ray Tune and transformers
     from ermgap.sweep import run_sweep
 
-    run_sweep(spec, overrides=overrides or [], address=address, resume=resume, dry_run=dry_run, force=force,
+    run_sweep(loaded, address=address, resume=resume, dry_run=dry_run, force=force,
               allow_local_paths=allow_local_paths, verbose=verbose)
 
 

@@ -373,6 +373,10 @@ def _split_overrides(overrides: list[str], source: str) -> tuple[dict[str, Any],
             base_edits.append(f"{key[5:]}={raw}")
         elif not key:
             raise ConfigError(f"{source}: override '{item}' has an empty key")
+        elif key.split(".")[0] not in SweepSpecModel.model_fields and key.split(".")[0] in RunConfig.model_fields:
+            # A training key typed as on `ermgap train` would otherwise be reported as "optim: unknown key".
+            raise ConfigError(f"{source}: '{key}' is a training config key, not a sweep spec key; set it on the "
+                              f"sweep's base config as base.{key}={raw}")
         else:
             spec_edits[key] = parse_scalar(raw)
     return spec_edits, base_edits
