@@ -1,0 +1,89 @@
+"""pytest plugin: how busy the machine was during each test, to tell a test that computes from one that waits.
+
+    make test PYTEST_ARGS="-p bench.suite_cpu"        # JSON: $ERMGAP_SUITE_CPU or bench/results/suite_cpu.json
+
+For each test (set-up, call and teardown together): its wall time, the CPU seconds the whole machine spent
+in that time (/proc/stat: every process, Ray's daemons and the servers a test starts included), the pytest
+process's own share (with the children it waited for), and the idle core-seconds (wall × cores − busy).
+A suite that is CPU-bound gains only from less work; a test with many idle core-seconds waits (a poll, a
+timeout, a sleep) and gains from less waiting. The JSON lists the tests by idle core-seconds; the console
+shows the top 15 and the totals.
+Linux only (/proc/stat); elsewhere the plugin does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+OUT = Path(os.environ.get("ERMGAP_SUITE_CPU", Path(__file__).resolve().parent / "results" / "suite_cpu.json"))
+_started: dict[str, tuple[float, tuple[int, int], float]] = {}
+_rows: list[dict] = []
+
+
+def _machine_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all cores since boot; idle and iowait count as not busy."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+def _own_cpu() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def pytest_runtest_logstart(nodeid, location) -> None:
+    jiffies = _machine_jiffies()
+    if jiffies is not None:
+        _started[nodeid] = (time.monotonic(), jiffies, _own_cpu())
+
+
+def pytest_runtest_logfinish(nodeid, location) -> None:
+    if nodeid not in _started:
+        return
+    t0, (busy0, total0), own0 = _started.pop(nodeid)
+    wall, (busy1, total1) = time.monotonic() - t0, _machine_jiffies()
+    hz, cores = os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1
+    busy_s = (busy1 - busy0) / hz
+    _rows.append({"test": nodeid, "wall_s": round(wall, 2), "busy_cpu_s": round(busy_s, 2),
+                  "busy_share": round((busy1 - busy0) / max(total1 - total0, 1), 3),
+                  "pytest_cpu_s": round(_own_cpu() - own0, 2),
+                  "idle_core_s": round(max(wall * cores - busy_s, 0.0), 2)})
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    if not _rows:
+        return
+    rows = sorted(_rows, key=lambda r: -r["idle_core_s"])
+    cores = os.cpu_count() or 1
+    totals = {k: round(sum(r[k] for r in rows), 1) for k in ("wall_s", "busy_cpu_s", "pytest_cpu_s", "idle_core_s")}
+    totals["busy_share"] = round(totals["busy_cpu_s"] / max(totals["wall_s"] * cores, 1e-9), 3)
+    doc = {"machine": {"platform": platform.platform(), "cores": cores, "load_avg_after": os.getloadavg()},
+           "tests": len(rows), "totals": totals, "rows": rows}
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    os.replace(tmp, OUT)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _rows:
+        return
+    tr = terminalreporter
+    rows = sorted(_rows, key=lambda r: -r["idle_core_s"])[:15]
+    wall = sum(r["wall_s"] for r in _rows)
+    busy = sum(r["busy_cpu_s"] for r in _rows)
+    tr.write_sep("=", f"machine CPU per test ({OUT})")
+    tr.write_line(f"{len(_rows)} tests, {wall:.0f} s wall, machine busy {busy:.0f} CPU-s "
+                  f"({busy / max(wall * (os.cpu_count() or 1), 1e-9):.0%} of its cores)")
+    tr.write_line(f"{'idle core-s':>11} {'wall s':>7} {'busy':>5}  test (most idle first)")
+    for r in rows:
+        name = r["test"].removeprefix("tests/")[:72]
+        tr.write_line(f"{r['idle_core_s']:11.1f} {r['wall_s']:7.1f} {r['busy_share']:5.0%}  {name}")
