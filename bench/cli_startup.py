@@ -1,6 +1,7 @@
 """How long an `ermgap` command takes when it does no work: `--help`, `config show`, and a setting the command
-refuses (`ermgap train` with a mistyped key, `ermgap bias-lab` with an unknown row). A user waits this long for
-every such answer, and the suite pays it in each of its CLI tests that expect a refusal.
+refuses (`ermgap train` with a mistyped key, `ermgap bias-lab` with an unknown row, `ermgap sweep` with a mistyped
+base key). A user waits this long for every such answer, and the suite pays it in each of its CLI tests that
+expect a refusal.
 
 Each command is a fresh interpreter (`python -c` running `ermgap.cli.main` as `ermgap` would), timed from outside
 (wall) and asked which of torch, Ray and MLflow it imported. `--tree NAME=DIR` (repeated) runs the commands with
@@ -34,9 +35,11 @@ COMMANDS = {
     "config show": ["config", "show", "configs/tiny.yaml"],
     "train, a mistyped key": ["train", "configs/tiny.yaml", "optim.epochz=3"],
     "bias-lab, an unknown row": ["bias-lab", "--data-root", "{tmp}/lab", "--row", "erm", "--row", "bogus"],
+    "sweep, a mistyped key": ["sweep", "sweeps/demo.yaml", "base.optim.epochz=3"],
 }
 # What each command must answer: its exit code (the measurement is of the answer, not of a crash).
-EXIT = {"--help": 0, "config show": 0, "train, a mistyped key": 2, "bias-lab, an unknown row": 2}
+EXIT = {"--help": 0, "config show": 0, "train, a mistyped key": 2, "bias-lab, an unknown row": 2,
+        "sweep, a mistyped key": 2}
 
 
 def _time(tree: Path, argv: list[str]) -> tuple[float, list[str], int]:
