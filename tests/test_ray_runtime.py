@@ -5,6 +5,7 @@ everything it starts), so the check sees exactly this cluster, never another one
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -51,8 +52,8 @@ def _descendants(pid: int) -> dict[int, float]:
         return {}
 
 
-def _running(procs: dict[int, float]) -> list[str]:
-    """Names of the processes of `procs` still running (zombies waiting to be reaped are not)."""
+def _running(procs: dict[int, float]) -> list[int]:
+    """The pids of `procs` still running (zombies waiting to be reaped are not)."""
     import psutil
 
     out = []
@@ -60,7 +61,7 @@ def _running(procs: dict[int, float]) -> list[str]:
         try:
             p = psutil.Process(pid)
             if p.create_time() == started and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p.name())
+                out.append(pid)
         except psutil.NoSuchProcess:
             continue
     return out
@@ -76,6 +77,7 @@ def test_the_local_cluster_stops_when_its_driver_ends(how, tmp_path):
     env = {**os.environ, MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "driver.err"
+    cluster: dict[int, float] = {}
     with log.open("w") as err:
         proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=REPO, env=env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=err, text=True)
@@ -86,7 +88,7 @@ def test_the_local_cluster_stops_when_its_driver_ends(how, tmp_path):
         # loaded machine they may take longer than this; the check below then still covers whatever the cluster
         # has started by the time the driver ends.
         deadline = time.monotonic() + 30
-        while (not {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= set(_running(_descendants(proc.pid)))
+        while (not {"ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= set(_names(_running(_descendants(proc.pid))))
                and time.monotonic() < deadline):
             time.sleep(0.5)
         cluster = _descendants(proc.pid)
@@ -103,12 +105,15 @@ def test_the_local_cluster_stops_when_its_driver_ends(how, tmp_path):
         deadline = time.monotonic() + wait_s
         while (pids_with_env(MARKER, marker) or _running(cluster)) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = _names(pids_with_env(MARKER, marker)) + _running(cluster)
+        left = _names(sorted(set(pids_with_env(MARKER, marker)) | set(_running(cluster))))
         assert left == [], f"still running {time.monotonic() - deadline + wait_s:.0f} s after the driver ended: {left}"
     finally:
         if proc.poll() is None:
             proc.kill()
         kill_pids_with_env(MARKER, marker)
+        for pid in _running(cluster):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 POLL_DRIVER = """
@@ -214,22 +219,36 @@ def test_train_stops_the_cluster_it_started_before_it_exits(tmp_path, small_mani
     overrides += ["optim.epochs=1", "optim.effective_batch_size=48", "optim.micro_batch_size=48",
                   "distributed.num_workers=1"]
     (tmp_path / "run.yaml").write_text("{}\n")
+    # The run's processes: by the marker in their environment, and (for Ray's agents, whose process title
+    # overwrites their environment: test_the_local_cluster_stops_when_its_driver_ends) as the driver's descendants.
+    seen: dict[int, float] = {}
+    log = tmp_path / "train.out"
     try:
-        proc = subprocess.run([sys.executable, "-m", "ermgap.cli.main", "train", str(tmp_path / "run.yaml"),
-                               *overrides, "--run-dir", str(run_dir)],
-                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        at_exit = _cmdlines(pids_with_env(MARKER, marker))
-        out = proc.stdout + proc.stderr
-        assert proc.returncode == 0, out[-3000:]
+        with log.open("w") as sink:
+            proc = subprocess.Popen([sys.executable, "-m", "ermgap.cli.main", "train", str(tmp_path / "run.yaml"),
+                                     *overrides, "--run-dir", str(run_dir)],
+                                    cwd=tmp_path, env=env, stdout=sink, stderr=subprocess.STDOUT, text=True)
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline:
+                seen.update(_descendants(proc.pid))
+                time.sleep(0.5)
+        if proc.poll() is None:
+            proc.kill()
+        at_exit = _cmdlines(sorted(set(pids_with_env(MARKER, marker)) | set(_running(seen))))
+        out = log.read_text()
+        assert proc.wait(30) == 0, out[-3000:]
         # Ray's own processes (GCS, raylet, dashboard and its agents, monitors, workers) are gone already; a
         # driver that exited without stopping them would leave the agents to the reaper, seconds later.
         assert [c for c in at_exit if not any(h in c for h in HELPERS)] == [], at_exit
         deadline = time.monotonic() + 30
-        while pids_with_env(MARKER, marker) and time.monotonic() < deadline:
+        while (pids_with_env(MARKER, marker) or _running(seen)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _names(pids_with_env(MARKER, marker)) == [], at_exit
+        assert _names(sorted(set(pids_with_env(MARKER, marker)) | set(_running(seen)))) == [], at_exit
     finally:
         kill_pids_with_env(MARKER, marker)
+        for pid in _running(seen):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
     assert "ermgap train: best checkpoint" in out and "Traceback" not in out
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["done"] and final["step"] == 1
