@@ -36,10 +36,10 @@ def sweep(
     from ermgap.quiet import quiet_console
     from ermgap.sweep.spec import load_sweep_spec
 
+    quiet_console(verbose)  # before importing the sweep: it loads Ray Tune and transformers
     # The spec and every trial config it makes are checked first: a refused key is reported in about a second,
     # not after the sweep's imports (Ray Tune, MLflow, torch: seconds).
     loaded = load_sweep_spec(spec, overrides or [])
-    quiet_console(verbose)  # before importing the sweep: it loads Ray Tune and transformers
     from ermgap.sweep import run_sweep
 
     run_sweep(loaded, address=address, resume=resume, dry_run=dry_run, force=force,
