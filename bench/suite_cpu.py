@@ -2,6 +2,9 @@
 
     make test PYTEST_ARGS="-p bench.suite_cpu"        # JSON: $ERMGAP_SUITE_CPU or bench/results/suite_cpu.json
 
+Without $ERMGAP_SUITE_CPU, a run of part of the suite (test paths, -k or -m given) writes
+bench/results/suite_cpu.partial.json, so it never replaces the whole suite's file.
+
 For each test (set-up, call and teardown together): its wall time, the CPU seconds the whole machine spent
 in that time (/proc/stat: every process, Ray's daemons and the servers a test starts included), the pytest
 process's own share (with the children it waited for), and the idle core-seconds (wall × cores − busy).
@@ -19,7 +22,7 @@ import platform
 import time
 from pathlib import Path
 
-OUT = Path(os.environ.get("ERMGAP_SUITE_CPU", Path(__file__).resolve().parent / "results" / "suite_cpu.json"))
+RESULTS = Path(__file__).resolve().parent / "results"
 _started: dict[str, tuple[float, tuple[int, int], float]] = {}
 _rows: list[dict] = []
 
@@ -58,19 +61,30 @@ def pytest_runtest_logfinish(nodeid, location) -> None:
                   "idle_core_s": round(max(wall * cores - busy_s, 0.0), 2)})
 
 
+def _out(config) -> Path:
+    if os.environ.get("ERMGAP_SUITE_CPU"):
+        return Path(os.environ["ERMGAP_SUITE_CPU"])
+    import pytest
+
+    whole = (config.args_source != pytest.Config.ArgsSource.ARGS and not config.option.keyword
+             and not config.option.markexpr)
+    return RESULTS / ("suite_cpu.json" if whole else "suite_cpu.partial.json")
+
+
 def pytest_sessionfinish(session, exitstatus) -> None:
     if not _rows:
         return
+    out = _out(session.config)
     rows = sorted(_rows, key=lambda r: -r["idle_core_s"])
     cores = os.cpu_count() or 1
     totals = {k: round(sum(r[k] for r in rows), 1) for k in ("wall_s", "busy_cpu_s", "pytest_cpu_s", "idle_core_s")}
     totals["busy_share"] = round(totals["busy_cpu_s"] / max(totals["wall_s"] * cores, 1e-9), 3)
     doc = {"machine": {"platform": platform.platform(), "cores": cores, "load_avg_after": os.getloadavg()},
            "tests": len(rows), "totals": totals, "rows": rows}
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    tmp = OUT.with_suffix(".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, OUT)
+    os.replace(tmp, out)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -80,7 +94,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
     rows = sorted(_rows, key=lambda r: -r["idle_core_s"])[:15]
     wall = sum(r["wall_s"] for r in _rows)
     busy = sum(r["busy_cpu_s"] for r in _rows)
-    tr.write_sep("=", f"machine CPU per test ({OUT})")
+    tr.write_sep("=", f"machine CPU per test ({_out(tr.config)})")
     tr.write_line(f"{len(_rows)} tests, {wall:.0f} s wall, machine busy {busy:.0f} CPU-s "
                   f"({busy / max(wall * (os.cpu_count() or 1), 1e-9):.0%} of its cores)")
     tr.write_line(f"{'idle core-s':>11} {'wall s':>7} {'busy':>5}  test (most idle first)")
