@@ -61,6 +61,13 @@ def pytest_runtest_logfinish(nodeid, location) -> None:
                   "idle_core_s": round(max(wall * cores - busy_s, 0.0), 2)})
 
 
+def _totals(rows: list[dict]) -> dict[str, float]:
+    """The rows' sums, and the share of the machine's cores busy over their wall time."""
+    totals = {k: round(sum(r[k] for r in rows), 1) for k in ("wall_s", "busy_cpu_s", "pytest_cpu_s", "idle_core_s")}
+    totals["busy_share"] = round(totals["busy_cpu_s"] / max(totals["wall_s"] * (os.cpu_count() or 1), 1e-9), 3)
+    return totals
+
+
 def _out(config) -> Path:
     if os.environ.get("ERMGAP_SUITE_CPU"):
         return Path(os.environ["ERMGAP_SUITE_CPU"])
@@ -76,11 +83,8 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         return
     out = _out(session.config)
     rows = sorted(_rows, key=lambda r: -r["idle_core_s"])
-    cores = os.cpu_count() or 1
-    totals = {k: round(sum(r[k] for r in rows), 1) for k in ("wall_s", "busy_cpu_s", "pytest_cpu_s", "idle_core_s")}
-    totals["busy_share"] = round(totals["busy_cpu_s"] / max(totals["wall_s"] * cores, 1e-9), 3)
-    doc = {"machine": {"platform": platform.platform(), "cores": cores, "load_avg_after": os.getloadavg()},
-           "tests": len(rows), "totals": totals, "rows": rows}
+    machine = {"platform": platform.platform(), "cores": os.cpu_count() or 1, "load_avg_after": os.getloadavg()}
+    doc = {"machine": machine, "tests": len(rows), "totals": _totals(rows), "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
@@ -92,11 +96,10 @@ def pytest_terminal_summary(terminalreporter) -> None:
         return
     tr = terminalreporter
     rows = sorted(_rows, key=lambda r: -r["idle_core_s"])[:15]
-    wall = sum(r["wall_s"] for r in _rows)
-    busy = sum(r["busy_cpu_s"] for r in _rows)
+    totals = _totals(_rows)
     tr.write_sep("=", f"machine CPU per test ({_out(tr.config)})")
-    tr.write_line(f"{len(_rows)} tests, {wall:.0f} s wall, machine busy {busy:.0f} CPU-s "
-                  f"({busy / max(wall * (os.cpu_count() or 1), 1e-9):.0%} of its cores)")
+    tr.write_line(f"{len(_rows)} tests, {totals['wall_s']:.0f} s wall, machine busy {totals['busy_cpu_s']:.0f} CPU-s "
+                  f"({totals['busy_share']:.0%} of its cores)")
     tr.write_line(f"{'idle core-s':>11} {'wall s':>7} {'busy':>5}  test (most idle first)")
     for r in rows:
         name = r["test"].removeprefix("tests/")[:72]

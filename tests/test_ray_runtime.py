@@ -67,6 +67,17 @@ def _running(procs: dict[int, float]) -> list[int]:
     return out
 
 
+def _left(marker: str, procs: dict[int, float]) -> list[int]:
+    """The pids still running of a cluster: those with the marker in their environment and those of `procs`."""
+    return sorted(set(pids_with_env(MARKER, marker)) | set(_running(procs)))
+
+
+def _kill_left(marker: str, procs: dict[int, float]) -> None:
+    for pid in _left(marker, procs):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.mark.parametrize("how", ["sigkill", "sigterm", "exit"])
 def test_the_local_cluster_stops_when_its_driver_ends(how, tmp_path):
     """Every process the driver's cluster started is gone soon after the driver ends, however it ends. The
@@ -103,17 +114,14 @@ def test_the_local_cluster_stops_when_its_driver_ends(how, tmp_path):
         # Seconds on an idle machine; a loaded 2-core one (a full suite beside other work) needs longer.
         wait_s = 90
         deadline = time.monotonic() + wait_s
-        while (pids_with_env(MARKER, marker) or _running(cluster)) and time.monotonic() < deadline:
+        while _left(marker, cluster) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = _names(sorted(set(pids_with_env(MARKER, marker)) | set(_running(cluster))))
+        left = _names(_left(marker, cluster))
         assert left == [], f"still running {time.monotonic() - deadline + wait_s:.0f} s after the driver ended: {left}"
     finally:
         if proc.poll() is None:
             proc.kill()
-        kill_pids_with_env(MARKER, marker)
-        for pid in _running(cluster):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_left(marker, cluster)
 
 
 POLL_DRIVER = """
@@ -234,21 +242,18 @@ def test_train_stops_the_cluster_it_started_before_it_exits(tmp_path, small_mani
                 time.sleep(0.5)
         if proc.poll() is None:
             proc.kill()
-        at_exit = _cmdlines(sorted(set(pids_with_env(MARKER, marker)) | set(_running(seen))))
+        at_exit = _cmdlines(_left(marker, seen))
         out = log.read_text()
         assert proc.wait(30) == 0, out[-3000:]
         # Ray's own processes (GCS, raylet, dashboard and its agents, monitors, workers) are gone already; a
         # driver that exited without stopping them would leave the agents to the reaper, seconds later.
         assert [c for c in at_exit if not any(h in c for h in HELPERS)] == [], at_exit
         deadline = time.monotonic() + 30
-        while (pids_with_env(MARKER, marker) or _running(seen)) and time.monotonic() < deadline:
+        while _left(marker, seen) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert _names(sorted(set(pids_with_env(MARKER, marker)) | set(_running(seen)))) == [], at_exit
+        assert _names(_left(marker, seen)) == [], at_exit
     finally:
-        kill_pids_with_env(MARKER, marker)
-        for pid in _running(seen):
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        _kill_left(marker, seen)
     assert "ermgap train: best checkpoint" in out and "Traceback" not in out
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["done"] and final["step"] == 1

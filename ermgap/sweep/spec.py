@@ -361,7 +361,8 @@ def _check_key(key: str, where: str) -> None:
 
 def _split_overrides(overrides: list[str], source: str) -> tuple[dict[str, Any], list[str]]:
     """CLI overrides: `base.<key>=v` edits the base config; `space.<key>=<yaml>` replaces a dimension
-    (a list means a grid); anything else is a dotted key of the spec itself (e.g. `num_samples=4`)."""
+    (a list means a grid); anything else is a dotted key of the spec itself (e.g. `num_samples=4`), and a
+    training key without `base.` (`optim.epochs=2`, as on `ermgap train`) is refused with that spelling."""
     spec_edits: dict[str, Any] = {}
     base_edits: list[str] = []
     for item in overrides:
@@ -373,7 +374,7 @@ def _split_overrides(overrides: list[str], source: str) -> tuple[dict[str, Any],
             base_edits.append(f"{key[5:]}={raw}")
         elif not key:
             raise ConfigError(f"{source}: override '{item}' has an empty key")
-        elif key.split(".")[0] not in SweepSpecModel.model_fields and key.split(".")[0] in RunConfig.model_fields:
+        elif (head := key.partition(".")[0]) in RunConfig.model_fields and head not in SweepSpecModel.model_fields:
             # A training key typed as on `ermgap train` would otherwise be reported as "optim: unknown key".
             raise ConfigError(f"{source}: '{key}' is a training config key, not a sweep spec key; set it on the "
                               f"sweep's base config as base.{key}={raw}")
