@@ -77,6 +77,7 @@ def test_cli_refuses_bad_pretrain_options_before_any_work(tmp_path, args, messag
 def test_pretrained_backbone_beats_the_random_one_zero_shot_on_unseen_voices(synth_corpus, tiny_model, tmp_path):
     """Pretrained on its own corpus (short schedule here), the backbone predicts the emotions of the demo-style
     corpus's held-out voices and sentences far above chance; the randomly initialised one does not."""
+    import torch
     from sklearn.metrics import accuracy_score
 
     from ermgap.backends.qwen2_audio import Qwen2AudioBackend
@@ -85,7 +86,14 @@ def test_pretrained_backbone_beats_the_random_one_zero_shot_on_unseen_voices(syn
     from ermgap.pretrain import PRETRAINING_FILE, PretrainSettings, pretrain_tiny
 
     settings = PretrainSettings(epochs=6, per_cell=8, eval_per_cell=2)
-    path = pretrain_tiny(tmp_path / "pretrained", settings=settings, workers=2)
+    # Two threads, as `ermgap model pretrain` has on this machine (the suite's process runs with one,
+    # conftest): the pretraining's batches are big enough to use both (90 -> 67 s measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        path = pretrain_tiny(tmp_path / "pretrained", settings=settings, workers=2)
+    finally:
+        torch.set_num_threads(threads)
     info = json.loads((path / PRETRAINING_FILE).read_text(encoding="utf-8"))
     assert len(info["history"]) == 6 and info["best_dev_acc"] == max(h["dev_acc"] for h in info["history"])
     assert info["corpus"]["num_utterances"] == 3 * 2 * 7 * (8 + 2 + 2)
