@@ -264,21 +264,22 @@ def test_resume_after_driver_sigkill(tmp_path, smallest_manifest, tiny_model):
     assert [n for n in noise if n in output] == [], output[-3000:]
 
 
-def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, synth_corpus, tiny_model):
+def test_sigterm_stops_the_sweep_like_ctrl_c(tmp_path, smallest_manifest, tiny_model):
     """SIGTERM while a trial trains: the driver exits 130 with the resume hint, and neither the parent nor
     the trial's run is left RUNNING (before: Ray's handler ended the driver at once, every run RUNNING);
-    --resume then finishes that trial in its own run."""
+    --resume then finishes that trial in its own run. The trial holds after its first epoch until it is
+    stopped, so it is still running when the signal comes on any machine, on the smallest corpus."""
     from mlflow import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = _write(tmp_path, {
-        "name": "t_term", "base": _base(synth_corpus, tiny_model, tmp_path),
+        "name": "t_term", "base": _base(smallest_manifest, tiny_model, tmp_path),
         "variants": {"erm": {"lambda.mode": "fixed", "lambda.init": 0.0}},
         "storage_path": str(tmp_path / "sweeps"), "mlflow": {"experiment": "term", "tracking_uri": uri},
     })
     state_file = tmp_path / "sweeps" / "t_term" / "sweep_state.json"
     marker = uuid.uuid4().hex
-    proc = _cli(spec, marker)
+    proc = _cli(spec, marker, hold=(1, "t_term/erm"))
     try:
         deadline = time.monotonic() + 300
         parent, started = None, False
