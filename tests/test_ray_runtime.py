@@ -309,8 +309,8 @@ def test_a_dashboard_port_taken_after_the_check_gets_another_port(after_ray_chec
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if after_ray_check:
         # The dashboard process logs its bind error but does not exit, so Ray's ray.init waits its whole
-        # dashboard start-up timeout (60 s) before the retry: 77 s of a 2 % busy machine per run. A dashboard
-        # that binds starts in 2-5 s here; 20 s still leaves the retry's dashboard four times that.
+        # dashboard start-up timeout (60 s) before the retry: 77 s per run, the machine 18 % busy. A dashboard
+        # that binds is up well within 20 s here (the whole before-ray-s-check case takes 14 s).
         env["RAY_DASHBOARD_STARTUP_TIMEOUT_S"] = "20"
     driver = RACE_DRIVER.replace("{after_ray_check}", str(after_ray_check)).replace("{{", "{").replace("}}", "}")
     proc = subprocess.run([sys.executable, "-c", driver], cwd=REPO, env={**env, "RAY_USAGE_STATS_ENABLED": "0"},
