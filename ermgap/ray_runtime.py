@@ -11,14 +11,17 @@ SIGKILLed driver).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import select
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import psutil
 import ray
@@ -29,6 +32,10 @@ from ermgap.quiet import drop_raylet_notices
 
 DEFAULT_DASHBOARD_PORT = 8265
 DASHBOARD_PORT_TRIES = 3  # ray.init attempts when the dashboard's port is taken between the check and the bind
+# Held by a driver from its check of the dashboard's port until its cluster is up: drivers on this machine that
+# start at the same moment then start one after the other, the later one seeing the port taken, instead of both
+# choosing it (the loser's dashboard cannot bind, and Ray waits up to 60 s for it before ermgap retries).
+START_LOCK = "ermgap-ray-start.lock"
 # Ray Train's controller polls its workers every $RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s): a poll is where
 # it collects each `ray.train.report` (a worker's next report waits for it: the queue holds one) and where it
 # notices that training has ended, so every run ended up to 2 s after its final metrics. A poll is one small actor
@@ -91,6 +98,29 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
                  runtime_env={"env_vars": env_vars} if env_vars else None, **local)
         return
     env_vars = job_env_vars(local=True)
+    with _start_lock():
+        context = _start_local(num_cpus, log_to_driver, level, env_vars)
+    _REAPERS.append(start_reaper(context.address_info["session_dir"]))
+
+
+@contextlib.contextmanager
+def _start_lock() -> Iterator[None]:
+    """START_LOCK, shared by every user of the machine (the ports are). One that cannot be opened (another
+    user's file of another mode, a link put there) leaves the race to the retry in _start_local."""
+    try:
+        fd = os.open(os.path.join(tempfile.gettempdir(), START_LOCK), os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        logging.getLogger(__name__).debug("starting Ray without the start lock: %s", err)
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _start_local(num_cpus: int | None, log_to_driver: bool, level: int, env_vars: dict[str, str]):
     port = DEFAULT_DASHBOARD_PORT if _port_free(DEFAULT_DASHBOARD_PORT) else _free_port()
     for attempt in range(DASHBOARD_PORT_TRIES):
         before = {p.pid for p in psutil.Process().children(recursive=True)}
@@ -120,7 +150,7 @@ def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_t
                 raise
             reaper.stop([p for p in psutil.Process().children(recursive=True) if p.pid not in before])
             port = _free_port()
-    _REAPERS.append(start_reaper(context.address_info["session_dir"]))
+    return context
 
 
 def job_env_vars(*, local: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:

@@ -321,3 +321,71 @@ def test_a_dashboard_port_taken_after_the_check_gets_another_port(after_ray_chec
     assert dashboard.startswith("127.0.0.1:") and dashboard != f"127.0.0.1:{held}", line
     assert api_server == f"http://{dashboard}", line
     assert gcs == "1", line
+
+
+TWIN_DRIVER = """
+import sys, time
+from pathlib import Path
+import ray
+from ermgap import ray_runtime
+ray_runtime.DEFAULT_DASHBOARD_PORT = int(sys.argv[1])
+go = Path(sys.argv[2])
+Path(sys.argv[3]).touch()  # ready: imports done
+while not go.exists():
+    time.sleep(0.01)
+ray_runtime.ensure_ray(None, num_cpus=1, log_to_driver=False)
+
+@ray.remote(num_cpus=0)
+def api_server():
+    import os
+    return os.environ.get("RAY_API_SERVER_ADDRESS")
+
+print("STARTED", ray._private.worker.get_dashboard_url(), ray.get(api_server.remote()), flush=True)
+sys.stdin.read()  # the cluster stays up until the test closes stdin
+"""
+
+
+def test_two_drivers_starting_at_once_do_not_race_for_the_dashboard_port(tmp_path):
+    """Two `ermgap train` started at the same moment both find the dashboard's port free: without a lock on the
+    choice, the second's dashboard fails to bind it and Ray waits for it up to its start-up timeout (60 s) before
+    ermgap retries on another port, after starting a whole head for nothing. Each attempt makes a session
+    directory in $RAY_TMPDIR/ray: two drivers, two sessions, no failed third."""
+    import tempfile
+
+    from _procs import free_port
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rtw", dir="/tmp"))  # Ray's socket paths must stay short
+    go = tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", RAY_DASHBOARD_STARTUP_TIMEOUT_S="20",
+               **{MARKER: uuid.uuid4().hex})
+    port = str(free_port())
+    logs = [tmp_path / f"driver{i}.err" for i in range(2)]
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", TWIN_DRIVER, port, str(go), str(r)], cwd=REPO, env=env,
+                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log.open("w"))
+             for r, log in zip(ready, logs)]
+    try:
+        deadline = time.monotonic() + 60
+        while not all(r.exists() for r in ready) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        go.touch()  # both start their clusters now
+        lines = [p.stdout.readline().strip() for p in procs]
+        for p in procs:
+            p.stdin.close()
+            p.wait(60)
+        errors = [log.read_text()[-2000:] for log in logs]
+        assert all(line.startswith("STARTED 127.0.0.1:") for line in lines), (lines, errors)
+        dashboards = [line.split()[1] for line in lines]
+        assert len(set(dashboards)) == 2 and f"127.0.0.1:{port}" in dashboards, lines  # one on the port both wanted
+        assert all(line.split()[2] == f"http://{line.split()[1]}" for line in lines), lines  # each names its own
+        sessions = sorted(d.name for d in (ray_tmp / "ray").iterdir() if d.name.startswith("session_2"))
+        assert len(sessions) == 2, sessions
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        kill_pids_with_env(MARKER, env[MARKER])
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)
