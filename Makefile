@@ -58,8 +58,11 @@ system-deps:
 		echo "note: optional '$$missing' missing (the MLflow UI screenshot test will be skipped): apt-get install -y$$missing" >&2; \
 	fi
 
+# Two pytest-xdist workers: one runs every heavy test (Ray, trainings, DeepSpeed, servers) one after another, the
+# other the light ones beside it (tests/conftest.py). PYTEST_WORKERS=0: everything in this process, in order.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 SYNTH_CORPUS := data/synth/manifest.csv
 TINY_MODEL   := models/tiny/config.json

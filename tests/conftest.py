@@ -60,9 +60,27 @@ REPO = Path(__file__).resolve().parents[1]
 IDLE_TIMEOUT_S = 60.0
 
 
+# What makes a test heavy: it starts Ray, a training, DeepSpeed, a server or a browser (its markers), or it uses
+# the session's Ray cluster or reference run (its fixtures).
+HEAVY_MARKERS = frozenset({"ray", "slow", "deepspeed", "server", "chromium", "gpu"})
+HEAVY_FIXTURES = frozenset({"ray_cluster", "reference_run"})
+
+
+def is_heavy(item) -> bool:
+    return bool({m.name for m in item.iter_markers()} & HEAVY_MARKERS
+                or set(getattr(item, "fixturenames", ())) & HEAVY_FIXTURES)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Tests on the session's Ray cluster run last (stable: otherwise in their usual order)."""
+    """Tests on the session's Ray cluster run last (stable: otherwise in their usual order). Under pytest-xdist
+    (`make test`: -n 2 --dist loadgroup), every heavy test is in one group, run one after another by one worker
+    in this order, as without xdist (two trainings at once starved each other on 2 cores); the other tests
+    (pure math, parsing, the CLI's refusals, MLflow on sqlite, the tiny model's forward passes) run on the
+    other worker meanwhile, in the cores the heavy ones leave idle."""
     items.sort(key=lambda item: "ray_cluster" in getattr(item, "fixturenames", ()))
+    for item in items:
+        if is_heavy(item):
+            item.add_marker(pytest.mark.xdist_group("heavy"))
 
 
 @pytest.fixture(scope="session")
