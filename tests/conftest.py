@@ -71,6 +71,7 @@ def is_heavy(item) -> bool:
                 or set(getattr(item, "fixturenames", ())) & HEAVY_FIXTURES)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups (a worker registers it late)
 def pytest_collection_modifyitems(config, items) -> None:
     """Tests on the session's Ray cluster run last (stable: otherwise in their usual order). Under pytest-xdist
     (`make test`: -n 2 --dist loadgroup), every heavy test is in one group, run one after another by one worker
