@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_resume_exact import _history, tiny_manifest  # noqa: F401  (a module fixture)
+from test_resume_exact import _history
 from test_run_failures import _actors
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 @pytest.mark.ray
 @pytest.mark.deepspeed
 def test_a_full_disk_is_one_clear_error_and_resume_warns_about_the_cut_off_checkpoint(
-        small_disk, tmp_path, tiny_manifest, tiny_model, ray_cluster):  # noqa: F811
+        small_disk, tmp_path, smallest_manifest, tiny_model, ray_cluster):
     from mlflow import MlflowClient
 
     from ermgap.checkpointing import incomplete_reason
@@ -38,7 +38,7 @@ def test_a_full_disk_is_one_clear_error_and_resume_warns_about_the_cut_off_check
     run_dir = small_disk / "run"
     cfg = tmp_path / "run.yaml"
     cfg.write_text("{}\n")
-    overrides = [f"data.manifest={tiny_manifest}", f"model.name_or_path={tiny_model}", "model.dtype=fp32",
+    overrides = [f"data.manifest={smallest_manifest}", f"model.name_or_path={tiny_model}", "model.dtype=fp32",
                  f"tracking.tracking_uri=sqlite:///{tmp_path}/mlflow.db", f"tracking.storage_path={tmp_path}/runs",
                  "optim.epochs=2", "optim.effective_batch_size=8", "optim.micro_batch_size=4", "eval.every_steps=2",
                  "eval.batch_size=12", "distributed.num_workers=1", "distributed.cpus_per_worker=1",

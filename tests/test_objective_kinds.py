@@ -43,18 +43,6 @@ SHOWN = {"erm": "", "minmaxgap": r"λ final \d+\.\d{4} · ", "group_dro": r"max 
          "constrained": r"max μ final \d+\.\d{4} · ", "adversarial": r"adv acc final \d+\.\d{4} · "}
 
 
-@pytest.fixture(scope="module")
-def small(synth_corpus, tmp_path_factory) -> Path:
-    """24 train rows (4 per language × gender), 12 dev and 12 test: one optimizer step of 24 per epoch."""
-    df = pd.read_csv(synth_corpus, dtype=str, keep_default_na=False)
-    df["audio"] = [str(Path(synth_corpus).parent / a) for a in df["audio"]]
-    part = pd.concat(g.head(4 if split == "train" else 2)
-                     for (split, _, _), g in df.groupby(["split", "language", "gender"]))
-    out = tmp_path_factory.mktemp("kinds") / "manifest.csv"
-    part.to_csv(out, index=False)
-    return out
-
-
 def test_the_sweep_test_covers_every_kind_once():
     assert sorted(k for half in SWEEP_KINDS for k in half) == sorted(KINDS) and all(SWEEP_KINDS)
 
@@ -85,9 +73,10 @@ class TrainRuns:
     alone leaves a core idle through most of its start-up. Asking for a kind starts it beside the next selected
     kind not started yet, and waits for it; each kind's run has a store and folder of its own."""
 
-    def __init__(self, selected: list[str], small: Path, tiny_model: Path, tmp: Callable[[str], Path],
+    def __init__(self, selected: list[str], manifest: Path, tiny_model: Path, tmp: Callable[[str], Path],
                  address: str) -> None:
-        self.selected, self.small, self.tiny_model, self.tmp, self.address = selected, small, tiny_model, tmp, address
+        self.selected, self.manifest, self.tiny_model = selected, manifest, tiny_model
+        self.tmp, self.address = tmp, address
         self.started: dict[str, tuple[subprocess.Popen, Path]] = {}
 
     def _start(self, kind: str) -> None:
@@ -95,7 +84,7 @@ class TrainRuns:
         with open(root / "output.txt", "w") as out:  # a file, not a pipe: two runs print at once
             proc = subprocess.Popen(
                 [sys.executable, "-m", "ermgap.cli.main", "train", str(REPO / "configs" / "tiny.yaml"),
-                 f"objective.kind={kind}", *_overrides(self.small, self.tiny_model, root), "--run-dir",
+                 f"objective.kind={kind}", *_overrides(self.manifest, self.tiny_model, root), "--run-dir",
                  str(root / "run"), "--address", self.address],
                 env=_env(), stdout=out, stderr=subprocess.STDOUT, cwd=root)
         self.started[kind] = (proc, root)
@@ -119,10 +108,10 @@ class TrainRuns:
 
 
 @pytest.fixture(scope="module")
-def train_runs(request, small, tiny_model, tmp_path_factory, ray_cluster):
+def train_runs(request, smallest_manifest, tiny_model, tmp_path_factory, ray_cluster):
     selected = [item.callspec.params["kind"] for item in request.session.items
                 if item.originalname == "test_train_cli_every_kind_prints_its_table_and_names_its_objective"]
-    runs = TrainRuns(selected, small, tiny_model, tmp_path_factory.mktemp, ray_cluster)
+    runs = TrainRuns(selected, smallest_manifest, tiny_model, tmp_path_factory.mktemp, ray_cluster)
     yield runs
     runs.close()
 
@@ -144,10 +133,10 @@ def test_train_cli_every_kind_prints_its_table_and_names_its_objective(kind, tra
 
 
 @pytest.mark.parametrize("kinds", SWEEP_KINDS, ids="-".join)
-def test_sweep_cli_names_each_kind_in_its_trial_line(kinds, small, tiny_model, tmp_path, ray_cluster):
+def test_sweep_cli_names_each_kind_in_its_trial_line(kinds, smallest_manifest, tiny_model, tmp_path, ray_cluster):
     """One trial per registered kind (half of them in each of two sweeps): each trial's line names the kind's
     own description, and so does the leaderboard's objective column."""
-    base = {k: v for k, v in (o.split("=", 1) for o in _overrides(small, tiny_model, tmp_path))}
+    base = {k: v for k, v in (o.split("=", 1) for o in _overrides(smallest_manifest, tiny_model, tmp_path))}
     spec = tmp_path / "kinds.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "kinds", "base": str(REPO / "configs" / "tiny.yaml"),
@@ -178,7 +167,8 @@ def test_sweep_cli_names_each_kind_in_its_trial_line(kinds, small, tiny_model, t
                                                                      for k in kinds}
 
 
-def test_a_kind_defined_in_a_test_trains_and_is_named_in_the_leaderboard(small, tiny_model, tmp_path, ray_cluster):
+def test_a_kind_defined_in_a_test_trains_and_is_named_in_the_leaderboard(smallest_manifest, tiny_model, tmp_path,
+                                                                         ray_cluster):
     """A toy kind (half the ERM loss), one class registered here and nowhere else: the recipe trains with it
     (its loss is what the run logs: train/loss = erm / 2 at every step) and the leaderboard names it by its
     own description."""
@@ -207,7 +197,7 @@ def test_a_kind_defined_in_a_test_trains_and_is_named_in_the_leaderboard(small, 
 
     register_objective(HalfERM)
     try:
-        base = {k: v for k, v in (o.split("=", 1) for o in _overrides(small, tiny_model, tmp_path))}
+        base = {k: v for k, v in (o.split("=", 1) for o in _overrides(smallest_manifest, tiny_model, tmp_path))}
         uri = base.pop("tracking.tracking_uri")
         spec = tmp_path / "toy.yaml"
         spec.write_text(yaml.safe_dump({

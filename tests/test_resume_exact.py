@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _runs import small_slice
 from rich.console import Console
 
 from ermgap.config import load_config
@@ -24,12 +23,6 @@ pytestmark = [pytest.mark.ray, pytest.mark.deepspeed, pytest.mark.slow]
 
 # Values that legitimately differ between the two runs (where and how long, not what was learnt).
 NOT_COMPARED = {"run_dir", "mlflow_run_id", "tracking_uri", "timing", "feature_cache"}
-
-
-@pytest.fixture(scope="module")
-def tiny_manifest(synth_corpus, tmp_path_factory) -> Path:
-    """4 train / 2 dev / 2 test rows per (language, gender): 24 / 12 / 12 utterances, 3 steps of 8 per epoch."""
-    return small_slice(synth_corpus, tmp_path_factory.mktemp("resume") / "manifest.csv", train=4, held_out=2)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +109,7 @@ CASES = [  # pairwise over (data.sampler, feature cache, objective.kind, how the
 
 
 @pytest.mark.parametrize(("sampler", "cache", "objective", "interruption"), CASES, ids=["-".join(c) for c in CASES])
-def test_a_refitted_or_resumed_run_is_the_uninterrupted_run(sampler, cache, objective, interruption, tiny_manifest,
+def test_a_refitted_or_resumed_run_is_the_uninterrupted_run(sampler, cache, objective, interruption, smallest_manifest,
                                                            tiny_model, tracking_uri, ray_cluster, tmp_path):
     """refit: rank 1 of 2 is killed after step 3 and the driver refits the run from the step-2 checkpoint.
     resume: the only worker is killed after step 5 with no retry allowed, the run fails with `--resume` advice,
@@ -129,7 +122,7 @@ def test_a_refitted_or_resumed_run_is_the_uninterrupted_run(sampler, cache, obje
 
     refit = interruption == "refit"
     cache_value = str(tmp_path / "feature_cache") if cache == "on" else "off"
-    overrides = _overrides(tmp_path, tracking_uri, tiny_manifest, tiny_model, sampler, cache_value, objective)
+    overrides = _overrides(tmp_path, tracking_uri, smallest_manifest, tiny_model, sampler, cache_value, objective)
     cfg = load_config(None, overrides + [f"distributed.num_workers={2 if refit else 1}",
                                          f"distributed.max_failures={1 if refit else 0}"])
     ref = run_training(cfg, run_dir=tmp_path / "runs" / "reference", console=Console(file=io.StringIO()))
