@@ -25,12 +25,16 @@ from collections.abc import Iterator, Mapping
 
 import psutil
 import ray
+from ray._private import ray_constants
 
 from ermgap import ray_reaper as reaper
 from ermgap.loopback import is_loopback_host
 from ermgap.quiet import drop_raylet_notices
 
 DEFAULT_DASHBOARD_PORT = 8265
+# Ports a local cluster's own processes take whatever the driver asks for (the dashboard agent's HTTP server):
+# ray.init refuses a dashboard port among them ("... is trying to use a port number ... used by other components").
+RAY_FIXED_PORTS = frozenset({ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT})
 DASHBOARD_PORT_TRIES = 3  # ray.init attempts when the dashboard's port is taken between the check and the bind
 # Held by a driver from its check of the dashboard's port until its cluster is up: drivers on this machine that
 # start at the same moment then start one after the other, the later one seeing the port taken, instead of both
@@ -65,9 +69,14 @@ def _port_free(port: int) -> bool:
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port on 127.0.0.1 from the OS, never one of RAY_FIXED_PORTS: one it hands out is held while it is
+    asked again, so it hands out another."""
+    with contextlib.ExitStack() as held:
+        while True:
+            s = held.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] not in RAY_FIXED_PORTS:
+                return s.getsockname()[1]
 
 
 def ensure_ray(address: str | None = None, *, num_cpus: int | None = None, log_to_driver: bool = True) -> None:

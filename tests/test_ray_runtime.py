@@ -326,6 +326,38 @@ def test_a_dashboard_port_taken_after_the_check_gets_another_port(after_ray_chec
     assert gcs == "1", line
 
 
+PORT_PICKER = """
+import socket
+from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT as agent
+from ermgap import ray_runtime
+with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:  # this network namespace's only
+    f.write(f"{agent} {agent + 4}")
+# The OS then hands out the agent's port, or agent + 2 or + 4 (the kernel's search here skips the two held).
+held = [socket.socket() for _ in range(2)]
+for s, port in zip(held, (agent + 1, agent + 3)):
+    s.bind(("127.0.0.1", port))
+print("PORTS", agent, *(ray_runtime._free_port() for _ in range(20)), flush=True)
+"""
+
+
+def test_the_fallback_dashboard_port_is_never_one_ray_takes_itself():
+    """The dashboard's fallback port comes from the OS, which may hand out 52365: the port of the dashboard agent's
+    HTTP server, which Ray takes whatever it is asked, so ray.init refused the cluster (seen once in a full suite,
+    in the dashboard-port race test). In a network namespace of its own whose ephemeral range leaves the OS that
+    port and two others, the fallback never picks Ray's (the OS handed it out 8 times of 10 before)."""
+    unshare = shutil.which("unshare")
+    probe = subprocess.run([unshare, "--net", "true"], capture_output=True, text=True) if unshare else None
+    if probe is None or probe.returncode != 0:
+        pytest.skip(f"cannot make a network namespace here ({probe.stderr.strip() if probe else 'no unshare'}); "
+                    "needs root")
+    proc = subprocess.run([unshare, "--net", sys.executable, "-c", PORT_PICKER], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("PORTS ")), None)
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    agent, *ports = (int(x) for x in line.split()[1:])
+    assert len(ports) == 20 and set(ports) <= {agent + 2, agent + 4}, line
+
+
 TWIN_DRIVER = """
 import sys, time
 from pathlib import Path
