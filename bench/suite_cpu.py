@@ -45,6 +45,12 @@ def _own_cpu() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def plain_id(nodeid: str) -> str:
+    """A test's id without the xdist group pytest-xdist appends under `make test` ("…::test_x@heavy",
+    tests/conftest.py); a parametrized id keeps any "@" inside its brackets."""
+    return re.sub(r"@[A-Za-z_]+$", "", nodeid)
+
+
 def pytest_runtest_logstart(nodeid, location) -> None:
     jiffies = _machine_jiffies()
     if jiffies is not None:
@@ -58,8 +64,7 @@ def pytest_runtest_logfinish(nodeid, location) -> None:
     wall, (busy1, total1) = time.monotonic() - t0, _machine_jiffies()
     hz, cores = os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1
     busy_s = (busy1 - busy0) / hz
-    # Under `make test`'s xdist groups a heavy test's id ends in "@heavy" (tests/conftest.py).
-    _rows.append({"test": re.sub(r"@[A-Za-z_]+$", "", nodeid), "wall_s": round(wall, 2), "busy_cpu_s": round(busy_s, 2),
+    _rows.append({"test": plain_id(nodeid), "wall_s": round(wall, 2), "busy_cpu_s": round(busy_s, 2),
                   "busy_share": round((busy1 - busy0) / max(total1 - total0, 1), 3),
                   "pytest_cpu_s": round(_own_cpu() - own0, 2),
                   "idle_core_s": round(max(wall * cores - busy_s, 0.0), 2)})

@@ -24,6 +24,8 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
 
+from suite_cpu import plain_id  # bench/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The first category that matches is a test's own; order = what dominates the time.
@@ -123,8 +125,7 @@ def read_junit(path: Path) -> dict[str, float]:
         parts = cls.split(".")
         # classname is tests.test_x[.Class]: the file is the first two parts, a class the rest.
         file = "/".join(parts[:2]) + ".py"
-        # Under `make test`'s xdist groups a heavy test's name ends in "@heavy" (tests/conftest.py).
-        nodeid = "::".join([file, *parts[2:], re.sub(r"@[A-Za-z_]+$", "", name)])
+        nodeid = plain_id("::".join([file, *parts[2:], name]))
         out[nodeid] = out.get(nodeid, 0.0) + float(case.get("time", 0.0))
     return out
 
