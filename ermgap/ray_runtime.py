@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping
 
 import psutil
 import ray
+import ray._private.worker
 from ray._private import ray_constants
 
 from ermgap import ray_reaper as reaper
@@ -54,7 +55,8 @@ TRAIN_POLL_S = "0.5"
 PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Ray's exit hook (ray._private.worker.shutdown, atexit) sleeps this long before stopping a cluster it started.
 RAY_EXIT_OUTPUT_PAUSE_S = 0.5
-REAPER_START_S = 30.0  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
+REAPER_START_S = 30.0
+REAP_S = 10.0  # the longest shutdown_ray waits for a SIGKILLed process it stopped itself to be reaped  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
 # The reapers this process started: held so that their Popen objects are not collected (and reaped) early.
 _REAPERS: list[subprocess.Popen] = []
 
@@ -201,4 +203,22 @@ def shutdown_ray(*, wait_for_output: bool = False) -> None:
     if ray.is_initialized():
         if wait_for_output:
             time.sleep(RAY_EXIT_OUTPUT_PAUSE_S)
+        _stop_autoscaler_monitor()
         ray.shutdown()
+
+
+def _stop_autoscaler_monitor() -> None:
+    """SIGKILL the autoscaler monitor of the local cluster this process started, while the cluster's GCS still runs.
+
+    ray.shutdown stops the raylet and the GCS first and the monitor after them; the monitor's SIGTERM handler
+    reports its "failure" to the GCS, waits on the stopped GCS, and Ray SIGKILLs it after its 1-s grace: a
+    second at the end of every command that started its cluster. The monitor holds nothing to save (it only
+    publishes the autoscaler's status into the GCS the cluster is about to lose). A joined cluster's processes
+    are not this process's: nothing is stopped."""
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is None or not node.is_head():
+        return
+    for info in node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, ()):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(REAP_S)

@@ -120,7 +120,7 @@ def ray_cluster() -> str:
     """The session's local Ray cluster (module docstring); yields its GCS address."""
     import ray
 
-    from ermgap.ray_runtime import ensure_ray
+    from ermgap.ray_runtime import ensure_ray, shutdown_ray
 
     assert not ray.is_initialized(), "a test started Ray in this process without the ray_cluster fixture"
     saved = os.environ.pop("RAY_ADDRESS", None)  # a local cluster of its own, never one $RAY_ADDRESS names
@@ -130,7 +130,7 @@ def ray_cluster() -> str:
         if saved is not None:
             os.environ["RAY_ADDRESS"] = saved
     yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture(autouse=True)

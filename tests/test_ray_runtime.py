@@ -174,6 +174,54 @@ def test_train_controllers_poll_every_half_second(tmp_path):
         kill_pids_with_env(MARKER, marker)
 
 
+MONITOR_DRIVER = """
+import json, sys, threading, time
+import psutil, ray, ray._private.worker
+from ray._private import ray_constants
+from ermgap.ray_runtime import ensure_ray, shutdown_ray
+ensure_ray(None, num_cpus=1, log_to_driver=False)
+procs = ray._private.worker._global_node.all_processes
+watched = {"monitor": procs[ray_constants.PROCESS_TYPE_MONITOR][0].process.pid,
+           "gcs": procs[ray_constants.PROCESS_TYPE_GCS_SERVER][0].process.pid}
+ended = []
+
+def ended_yet(pid):
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+def watch():
+    while len(ended) < len(watched):
+        ended.extend(name for name, pid in watched.items() if name not in ended and ended_yet(pid))
+        time.sleep(0.002)
+
+thread = threading.Thread(target=watch)
+thread.start()
+shutdown_ray()
+thread.join(30)
+print("ENDED", json.dumps(ended), flush=True)
+"""
+
+
+def test_the_autoscaler_monitor_is_stopped_while_the_gcs_still_runs(tmp_path):
+    """shutdown_ray on a cluster this driver started stops Ray's autoscaler monitor before the GCS. Ray's own order
+    (raylet, GCS, then the rest) left the monitor's SIGTERM handler waiting on the stopped GCS until Ray SIGKILLed
+    it a second later, at the end of every command that started its cluster (bench/fixed_cost.py: metrics
+    written → exit). Nothing about the monitor reaches the console."""
+    marker = uuid.uuid4().hex
+    env = {**os.environ, MARKER: marker, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        out = subprocess.run([sys.executable, "-c", MONITOR_DRIVER], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=110)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert 'ENDED ["monitor", "gcs"]' in out.stdout, out.stdout + out.stderr[-2000:]
+        assert "autoscaler" not in (out.stdout + out.stderr).lower(), out.stdout + out.stderr[-2000:]
+    finally:
+        kill_pids_with_env(MARKER, marker)
+
+
 @pytest.mark.parametrize(("local", "environ", "expected"), [
     (True, {}, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}),
     (False, {}, {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}),  # a joined cluster may have spot nodes

@@ -21,7 +21,7 @@ from ermgap.errors import ConfigError, ErmgapError, OutputExistsError, TrainingE
 from ermgap.io import discard_aside, restore_aside
 from ermgap.multinode import check_shared_paths, input_paths
 from ermgap.preflight import absolute_paths, run_manifest
-from ermgap.ray_runtime import ensure_ray
+from ermgap.ray_runtime import ensure_ray, shutdown_ray
 from ermgap.report import report_from_mlflow, run_test_predictions
 from ermgap.storage import Location
 from ermgap.sweep import render
@@ -132,7 +132,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, overrides: list[str] | Non
         failed = _summarise(spec, paths, outcome, results, out)
     finally:
         if started_here:
-            ray.shutdown()
+            shutdown_ray()
     outcome.wall_s = time.perf_counter() - t0
     render.print_outcome(outcome, spec, out)
     if failed:
