@@ -115,6 +115,7 @@ def test_a_refitted_or_resumed_run_is_the_uninterrupted_run(sampler, cache, obje
     resume: the only worker is killed after step 5 with no retry allowed, the run fails with `--resume` advice,
     and `run_training(resume_dir=...)` (what `ermgap train --resume` calls) finishes it from the step-4 one."""
     from _faults import KillAfterStep
+    from _runs import side_by_side
     from mlflow import MlflowClient
 
     from ermgap.driver import run_training
@@ -125,17 +126,23 @@ def test_a_refitted_or_resumed_run_is_the_uninterrupted_run(sampler, cache, obje
     overrides = _overrides(tmp_path, tracking_uri, smallest_manifest, tiny_model, sampler, cache_value, objective)
     cfg = load_config(None, overrides + [f"distributed.num_workers={2 if refit else 1}",
                                          f"distributed.max_failures={1 if refit else 0}"])
-    ref = run_training(cfg, run_dir=tmp_path / "runs" / "reference", console=Console(file=io.StringIO()))
-    assert ref["step"] == 6 and ref["eval_round"] == 3
-
     run_dir = tmp_path / "runs" / "interrupted"
     seen = Console(file=io.StringIO(), width=200)
-    if refit:
-        got = run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(3))
-    else:
+
+    def reference() -> dict:
+        return run_training(cfg, run_dir=tmp_path / "runs" / "reference", console=Console(file=io.StringIO()))
+
+    def interrupted() -> dict:
+        if refit:
+            return run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(3))
         with pytest.raises(TrainingError, match=rf"continue with `ermgap train --resume {run_dir}`"):
             run_training(cfg, run_dir=run_dir, console=seen, step_hook=KillAfterStep(5))
-        got = run_training(None, resume_dir=run_dir, console=seen)
+        return run_training(None, resume_dir=run_dir, console=seen)
+
+    # A 1-worker reference trains beside the interrupted run on the session's 2 CPUs (their stores, caches and
+    # runs are their own, or shared as a sweep's concurrent trials share them); 2-worker runs one after the other.
+    ref, got = (reference(), interrupted()) if refit else side_by_side(reference, interrupted)
+    assert ref["step"] == 6 and ref["eval_round"] == 3
     assert (run_dir / ".fault_fired").read_text() == f"killed rank {1 if refit else 0} after step {3 if refit else 5}\n"
 
     _assert_identical(ref, got)

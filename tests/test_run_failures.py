@@ -78,7 +78,7 @@ def test_a_user_error_inside_a_worker_ends_the_run_once_with_one_message(corpus,
     assert len(_actors(ray_cluster, "RayTrainWorker") - workers) == 1
 
 
-def test_a_trial_whose_loss_turns_nan_is_a_failed_trial(corpus, tiny_model, tmp_path, ray_cluster):
+def test_a_trial_whose_loss_turns_nan_is_a_failed_trial(small_manifest, tiny_model, tmp_path, ray_cluster):
     """Two trials: "short" (1 epoch) ends before the injected NaN (the first step of epoch 2), "long" (2 epochs)
     reaches it. The leaderboard says failed with the NaN message for "long" and done for "short"; the child
     run is FAILED with that reason; run_sweep raises (the CLI exits 2) naming the failed trial."""
@@ -87,13 +87,14 @@ def test_a_trial_whose_loss_turns_nan_is_a_failed_trial(corpus, tiny_model, tmp_
     from ermgap.sweep import run_sweep
     from ermgap.sweep.run import TrialsFailed
 
-    df = pd.read_csv(corpus, dtype=str, keep_default_na=False)
+    df = pd.read_csv(small_manifest, dtype=str, keep_default_na=False)
     steps_per_epoch = int((df["split"] == "train").sum()) // 16
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     spec = tmp_path / "t_nan.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "t_nan",
-        "base": {"data": {"manifest": str(corpus)}, "model": {"name_or_path": str(tiny_model), "dtype": "fp32"},
+        "base": {"data": {"manifest": str(small_manifest)},
+                 "model": {"name_or_path": str(tiny_model), "dtype": "fp32"},
                  "optim": {"effective_batch_size": 16, "micro_batch_size": 8}, "eval": {"batch_size": 16},
                  "distributed": {"num_workers": 1, "cpus_per_worker": 0.9}},
         "variants": {"short": {"optim.epochs": 1}, "long": {"optim.epochs": 2}},
