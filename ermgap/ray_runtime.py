@@ -55,8 +55,8 @@ TRAIN_POLL_S = "0.5"
 PREEMPTION_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 # Ray's exit hook (ray._private.worker.shutdown, atexit) sleeps this long before stopping a cluster it started.
 RAY_EXIT_OUTPUT_PAUSE_S = 0.5
-REAPER_START_S = 30.0
-REAP_S = 10.0  # the longest shutdown_ray waits for a SIGKILLed process it stopped itself to be reaped  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
+REAPER_START_S = 30.0  # how long ensure_ray waits for the reaper to say it watches (a loaded machine)
+REAP_S = 10.0  # the longest shutdown_ray waits for a process it SIGKILLed itself to be reaped
 # The reapers this process started: held so that their Popen objects are not collected (and reaped) early.
 _REAPERS: list[subprocess.Popen] = []
 
