@@ -29,25 +29,18 @@ from collections import defaultdict
 from pathlib import Path
 
 import psutil
+from fixed_cost import role  # bench/, beside this script
 
 ROOT = Path(__file__).resolve().parents[1]
-DAEMONS = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env")
+# What `role` calls a worker process before an actor takes it and retitles it ("ray::<Class>.<method>").
+UNTAKEN = frozenset({"setup_worker.py", "default_worker.py", "ray::IDLE"})
 
 
-def role(proc: psutil.Process) -> str:
-    """A process's kind: a Ray actor by its title ("ray::TrainController"), this process, or a Ray daemon."""
-    if proc.pid == os.getpid():
-        return "driver (this process)"
-    try:
-        cmd = proc.cmdline()
-    except psutil.Error:
-        return "other"
-    line = " ".join(cmd)
-    if line.startswith("ray::"):  # "ray::Class.method": the title names the method the actor runs now
-        return cmd[0].split()[0].split(".")[0]
-    if "default_worker.py" in line:
-        return "ray::IDLE"
-    return next((d for d in DAEMONS if d in line), "other")
+def kind(proc: psutil.Process) -> str:
+    """A process's kind as bench/fixed_cost.py names it (`role`), an actor by its class: the title of an actor's
+    process names the method it runs now ("ray::TrainController.run")."""
+    name = role(proc, psutil.Process())
+    return name.split(".")[0] if name.startswith("ray::") else name
 
 
 class Sampler(threading.Thread):
@@ -67,8 +60,8 @@ class Sampler(threading.Thread):
                     key, t = (p.pid, p.create_time()), p.cpu_times()
                     entry = self.seen.setdefault(key, [None, 0.0])
                     entry[1] = t.user + t.system
-                    if entry[0] in (None, "ray::IDLE", "other"):  # an idle worker becomes an actor: retitled
-                        entry[0] = role(p)
+                    if entry[0] is None or entry[0] in UNTAKEN:
+                        entry[0] = kind(p)
                 except psutil.Error:
                     continue
             time.sleep(self.every)
