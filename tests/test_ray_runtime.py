@@ -175,7 +175,7 @@ def test_train_controllers_poll_every_half_second(tmp_path):
 
 
 MONITOR_DRIVER = """
-import json, sys, threading, time
+import json, threading, time
 import psutil, ray, ray._private.worker
 from ray._private import ray_constants
 from ermgap.ray_runtime import ensure_ray, shutdown_ray
@@ -204,7 +204,7 @@ print("ENDED", json.dumps(ended), flush=True)
 """
 
 
-def test_the_autoscaler_monitor_is_stopped_while_the_gcs_still_runs(tmp_path):
+def test_the_autoscaler_monitor_is_stopped_while_the_gcs_still_runs():
     """shutdown_ray on a cluster this driver started stops Ray's autoscaler monitor before the GCS. Ray's own order
     (raylet, GCS, then the rest) left the monitor's SIGTERM handler waiting on the stopped GCS until Ray SIGKILLed
     it a second later, at the end of every command that started its cluster (bench/fixed_cost.py: metrics
